@@ -1,0 +1,482 @@
+"""The gateway to libvirt: the only module in kvmweb that imports libvirt.
+
+Everything above this module works with plain dicts and the exceptions defined here.
+Rules kept here so nobody else has to remember them:
+
+* Every connect and every operation is bounded by a timeout (settings
+  LIBVIRT_CONNECT_TIMEOUT / LIBVIRT_CALL_TIMEOUT). libvirt calls block and cannot be
+  interrupted, so an operation runs in a daemon thread and the caller stops waiting when
+  the timeout passes; the abandoned connection is closed when (if) the call returns.
+  An unreachable or hanging host therefore never hangs a page or a worker.
+* libvirt errors become HypervisorError with a message a person can act on.
+* Never call this from async code: wrap it in sync_to_async / a worker thread.
+* libvirt's default error handler prints every error to stderr; we silence it and read
+  the exception instead.
+* The libvirt event loop is registered before the first connection is opened (pitfall:
+  callbacks and keepalive never fire otherwise).
+"""
+
+import threading
+import xml.etree.ElementTree as ET
+from contextlib import contextmanager
+
+import libvirt
+from django.conf import settings
+
+libvirt.registerErrorHandler(lambda ctx, err: None, None)
+
+# ---------------------------------------------------------------------------- errors
+
+
+class HypervisorError(Exception):
+    """A libvirt operation failed. ``str(exc)`` is meant for people; ``remedy`` says
+    what to do about it; ``code`` is libvirt's error code (or None)."""
+
+    def __init__(self, message, *, code=None, remedy=""):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.remedy = remedy
+
+
+class HypervisorTimeout(HypervisorError):
+    """The host did not answer within the timeout."""
+
+
+class DomainNotFound(HypervisorError):
+    """No domain with that UUID or name on this host."""
+
+
+def _explain(exc, uri, what):
+    """Turn a libvirtError into a HypervisorError a person can act on."""
+    code = exc.get_error_code()
+    raw = (exc.get_error_message() or str(exc)).strip()
+    lowered = raw.lower()
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return DomainNotFound(f"{what}: no such VM on {uri} ({raw})", code=code)
+    if "connection refused" in lowered:
+        return HypervisorError(
+            f"Cannot reach libvirtd at {uri}: connection refused.",
+            code=code,
+            remedy="Check that libvirtd (or virtproxyd) runs on the host and listens on "
+            "this transport and port, and that no firewall blocks it.",
+        )
+    if "no route to host" in lowered or "network is unreachable" in lowered:
+        return HypervisorError(
+            f"Cannot reach {uri}: no network route to the host.",
+            code=code,
+            remedy="Check the host address and the network between kvmweb and the host.",
+        )
+    if "name or service not known" in lowered or "could not resolve" in lowered:
+        return HypervisorError(
+            f"Cannot resolve the host name in {uri}.",
+            code=code,
+            remedy="Use a name that resolves from the kvmweb machine, or an IP address.",
+        )
+    if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED) or ("authentication" in lowered):
+        return HypervisorError(
+            f"libvirt at {uri} refused the credentials: {raw}",
+            code=code,
+            remedy="Check the SSH key or TLS client certificate kvmweb uses for this host.",
+        )
+    if "host key verification failed" in lowered:
+        return HypervisorError(
+            f"SSH host key verification failed for {uri}.",
+            code=code,
+            remedy="Add the host's key to known_hosts of the user kvmweb runs as.",
+        )
+    if code == libvirt.VIR_ERR_NO_SUPPORT:
+        return HypervisorError(f"{what} is not supported by {uri}: {raw}", code=code)
+    if code == libvirt.VIR_ERR_OPERATION_ABORTED:
+        return HypervisorError(f"{what} was aborted: {raw}", code=code)
+    return HypervisorError(f"{what} failed on {uri}: {raw}", code=code)
+
+
+# ------------------------------------------------------------------ bounded calls
+
+
+def _bounded(fn, timeout, what):
+    """Run fn() in a daemon thread; give up waiting after ``timeout`` seconds."""
+    box = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"libvirt: {what}", daemon=True).start()
+    if not done.wait(timeout):
+        raise HypervisorTimeout(
+            f"{what} did not answer within {timeout:g} s.",
+            remedy="The host or its libvirtd may be overloaded or hung; check it and retry.",
+        )
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def ensure_event_loop():
+    """Register libvirt's default event implementation and run it in a daemon thread.
+
+    Must happen before connections are opened: keepalive and domain event callbacks only
+    work on connections opened after registration.
+    """
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+# ------------------------------------------------------------------ connections
+
+
+class HostConnection:
+    """An open libvirt connection whose every operation has a timeout.
+
+    Use ``with connect(uri) as conn:``. ``conn.call(what, fn)`` runs ``fn(virConnect)``
+    bounded by the call timeout and translates errors; the higher-level methods below
+    return plain data.
+    """
+
+    def __init__(self, uri, raw, call_timeout):
+        self.uri = uri
+        self._raw = raw
+        self.call_timeout = call_timeout
+        self._abandoned = False
+
+    def call(self, what, fn, timeout=None):
+        if self._abandoned:
+            raise HypervisorError(f"{what}: the connection to {self.uri} was abandoned after a timeout.")
+        try:
+            return _bounded(lambda: fn(self._raw), timeout or self.call_timeout, what)
+        except HypervisorTimeout:
+            # The thread may still be inside libvirt using this connection: do not reuse
+            # it, and close it only from that thread's side (close() below is skipped).
+            self._abandoned = True
+            raise
+        except libvirt.libvirtError as exc:
+            raise _explain(exc, self.uri, what) from None
+
+    def close(self):
+        if self._abandoned:
+            return
+        try:
+            self._raw.close()
+        except libvirt.libvirtError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- host facts and inventory ------------------------------------------------
+
+    def facts(self):
+        """Hostname, host UUID, CPU, memory, versions, transports, pools and networks."""
+        return self.call("Reading host facts", _read_facts)
+
+    def domains(self):
+        """Every domain on the host as an inventory record (see _domain_record)."""
+        return self.call("Listing VMs", _read_domains)
+
+    def domain_record(self, uuid):
+        """The inventory record of one domain, or raise DomainNotFound."""
+        return self.call("Reading VM", lambda c: _domain_record(c.lookupByUUIDString(str(uuid))))
+
+    def domain_xml(self, uuid, migratable=False, inactive=False):
+        flags = 0
+        if migratable:
+            flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
+        if inactive:
+            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+        return self.call("Reading VM definition", lambda c: c.lookupByUUIDString(str(uuid)).XMLDesc(flags))
+
+    def domain_state(self, uuid):
+        """(state name, reason name) of a domain, or raise DomainNotFound."""
+
+        def read(c):
+            state, reason = c.lookupByUUIDString(str(uuid)).state()
+            return _state_names(state, reason)
+
+        return self.call("Reading VM state", read)
+
+    def find_domain(self, uuid):
+        """(state, reason) when the domain exists on this host, else None."""
+        try:
+            return self.domain_state(uuid)
+        except DomainNotFound:
+            return None
+
+    # -- preflight queries (owned by the preflight engineer) ----------------------
+
+    # -- migration (owned by the migration-jobs engineer) -------------------------
+
+
+def connect(uri, timeout=None, call_timeout=None):
+    """Open a connection to ``uri`` within ``timeout`` seconds; returns HostConnection."""
+    ensure_event_loop()
+    timeout = timeout or settings.LIBVIRT_CONNECT_TIMEOUT
+    call_timeout = call_timeout or settings.LIBVIRT_CALL_TIMEOUT
+
+    def open_():
+        raw = libvirt.open(uri)
+        if not uri.startswith("test:"):
+            # Detect a dead peer within ~15 s even while no call is in flight.
+            try:
+                raw.setKeepAlive(5, 3)
+            except libvirt.libvirtError:
+                pass
+        return raw
+
+    try:
+        raw = _bounded(open_, timeout, f"Connecting to {uri}")
+    except libvirt.libvirtError as exc:
+        raise _explain(exc, uri, f"Connecting to {uri}") from None
+    return HostConnection(uri, raw, call_timeout)
+
+
+@contextmanager
+def session(uri, **kwargs):
+    """``with session(uri) as conn:`` — connect, yield, always close."""
+    conn = connect(uri, **kwargs)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ parsing helpers
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+# Reason codes per state, in libvirt's enum order (the constants of different states
+# share numeric values, so they must be mapped per state, never through one dict).
+REASON_NAMES = {
+    "running": [
+        "unknown",
+        "booted",
+        "migrated",
+        "restored",
+        "from_snapshot",
+        "unpaused",
+        "migration_canceled",
+        "save_canceled",
+        "wakeup",
+        "crashed",
+        "postcopy",
+        "postcopy_failed",
+    ],
+    "paused": [
+        "unknown",
+        "user",
+        "migration",
+        "save",
+        "dump",
+        "ioerror",
+        "watchdog",
+        "from_snapshot",
+        "shutting_down",
+        "snapshot",
+        "crashed",
+        "starting_up",
+        "postcopy",
+        "postcopy_failed",
+        "api_error",
+    ],
+    "shutoff": [
+        "unknown",
+        "shutdown",
+        "destroyed",
+        "crashed",
+        "migrated",
+        "saved",
+        "failed",
+        "from_snapshot",
+        "daemon",
+    ],
+    "shutdown": ["unknown", "user"],
+    "crashed": ["unknown", "panicked"],
+    "pmsuspended": ["unknown"],
+    "blocked": ["unknown"],
+    "nostate": ["unknown"],
+}
+
+
+def _state_names(state, reason):
+    name = STATE_NAMES.get(state, "nostate")
+    reasons = REASON_NAMES.get(name, [])
+    return name, reasons[reason] if 0 <= reason < len(reasons) else str(reason)
+
+
+def _text(node, path, default=""):
+    found = node.find(path)
+    return found.text.strip() if found is not None and found.text else default
+
+
+def _read_facts(c):
+    caps = ET.fromstring(c.getCapabilities())
+    info = c.getInfo()  # [arch, memory MiB, cpus, mhz, nodes, sockets, cores, threads]
+    host = caps.find("host")
+    try:
+        free = c.getFreeMemory()
+    except libvirt.libvirtError:
+        free = None
+    try:
+        hostname = c.getHostname()
+    except libvirt.libvirtError:
+        hostname = ""
+    pools = []
+    for pool in c.listAllStoragePools():
+        try:
+            xml = ET.fromstring(pool.XMLDesc(0))
+            _state, capacity, allocation, available = pool.info()
+            pools.append(
+                {
+                    "name": pool.name(),
+                    "type": xml.get("type", ""),
+                    "path": _text(xml, "target/path"),
+                    "capacity": capacity,
+                    "allocation": allocation,
+                    "available": available,
+                    "active": bool(pool.isActive()),
+                }
+            )
+        except libvirt.libvirtError:
+            continue
+    networks = []
+    for net in c.listAllNetworks():
+        try:
+            bridge = net.bridgeName()
+        except libvirt.libvirtError:
+            bridge = ""
+        networks.append({"name": net.name(), "bridge": bridge, "active": bool(net.isActive())})
+    return {
+        "hostname": hostname,
+        "host_uuid": _text(host, "uuid"),
+        "arch": _text(host, "cpu/arch") or info[0],
+        "cpu_model": _text(host, "cpu/model"),
+        "cpu_vendor": _text(host, "cpu/vendor"),
+        "cpus": info[2],
+        "memory_total": info[1] * 1024 * 1024,
+        "memory_free": free,
+        "libvirt_version": c.getLibVersion(),
+        "hypervisor_version": c.getVersion(),
+        "hypervisor_type": c.getType(),
+        "migration_transports": [
+            t.text for t in host.findall("migration_features/uri_transports/uri_transport")
+        ],
+        "pools": sorted(pools, key=lambda p: p["name"]),
+        "networks": sorted(networks, key=lambda n: n["name"]),
+    }
+
+
+def _read_domains(c):
+    records = []
+    for dom in c.listAllDomains():
+        try:
+            records.append(_domain_record(dom))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined between listing and reading: skip it
+            raise
+    return records
+
+
+def _domain_record(dom):
+    """Plain-data description of a domain for the inventory."""
+    xml = ET.fromstring(dom.XMLDesc(0))
+    state, reason = _state_names(*dom.state())
+    running = state != "shutoff"
+    disks = []
+    for disk in xml.findall("devices/disk"):
+        source = disk.find("source")
+        path = ""
+        if source is not None:
+            path = source.get("file") or source.get("dev") or source.get("name") or ""
+        driver = disk.find("driver")
+        target = disk.find("target")
+        entry = {
+            "target": target.get("dev", "") if target is not None else "",
+            "bus": target.get("bus", "") if target is not None else "",
+            "device": disk.get("device", "disk"),
+            "type": disk.get("type", ""),
+            "source": path,
+            "format": driver.get("type", "") if driver is not None else "",
+            "cache": driver.get("cache", "") if driver is not None else "",
+            "capacity": None,
+        }
+        if entry["target"] and path and entry["device"] == "disk":
+            try:
+                entry["capacity"] = dom.blockInfo(entry["target"])[0]
+            except libvirt.libvirtError:
+                pass
+        disks.append(entry)
+    interfaces = []
+    for iface in xml.findall("devices/interface"):
+        source = iface.find("source")
+        mac = iface.find("mac")
+        model = iface.find("model")
+        interfaces.append(
+            {
+                "type": iface.get("type", ""),
+                "network": source.get("network", "") if source is not None else "",
+                "bridge": source.get("bridge", "") if source is not None else "",
+                "mac": mac.get("address", "") if mac is not None else "",
+                "model": model.get("type", "") if model is not None else "",
+            }
+        )
+    cpu = xml.find("cpu")
+    os_type = xml.find("os/type")
+    try:
+        snapshots = dom.snapshotNum(0)
+    except libvirt.libvirtError:
+        snapshots = 0
+    try:
+        autostart = bool(dom.autostart())
+    except libvirt.libvirtError:
+        autostart = False
+    vcpu = xml.find("vcpu")
+    return {
+        "uuid": dom.UUIDString(),
+        "name": dom.name(),
+        "state": state,
+        "state_reason": reason,
+        "vcpus": int(vcpu.get("current", vcpu.text)) if vcpu is not None else 0,
+        "memory": int(dom.maxMemory()) * 1024,
+        "persistent": bool(dom.isPersistent()),
+        "autostart": autostart,
+        "active": running,
+        "machine_type": os_type.get("machine", "") if os_type is not None else "",
+        "cpu_mode": cpu.get("mode", "") if cpu is not None else "",
+        "cpu_model": _text(cpu, "model") if cpu is not None else "",
+        "disks": disks,
+        "interfaces": interfaces,
+        "snapshot_count": snapshots,
+        "hostdev_count": len(xml.findall("devices/hostdev")),
+    }

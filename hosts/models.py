@@ -1,0 +1,252 @@
+"""Hosts (libvirt connections), host groups, VMs and where each VM has been."""
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+
+class HostGroup(models.Model):
+    """A set of hosts; self-service policies are expressed between host groups."""
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    description = models.TextField(_("description"), blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class HostQuerySet(models.QuerySet):
+    def restrict(self, user, action="view"):
+        """Scope rule for hosts. Staff roles see all hosts. A self-service user sees the
+        hosts their VMs are on plus the hosts their policy lets them migrate to."""
+        from kvmweb.accounts.roles import is_self_service, sees_everything
+
+        if not user.is_authenticated:
+            return self.none()
+        if sees_everything(user):
+            return self
+        if is_self_service(user):
+            own_vms = VM.objects.restrict(user)
+            from kvmweb.accounts.scope import self_service_target_hosts
+
+            return self.filter(
+                Q(pk__in=own_vms.values("host")) | Q(pk__in=self_service_target_hosts(user))
+            ).distinct()
+        return self.none()
+
+
+class Host(models.Model):
+    """A libvirt host, known by its URI. Facts are refreshed by probing it."""
+
+    UNKNOWN, REACHABLE, UNREACHABLE = "unknown", "reachable", "unreachable"
+    STATUSES = [
+        (UNKNOWN, _("unknown")),
+        (REACHABLE, _("reachable")),
+        (UNREACHABLE, _("unreachable")),
+    ]
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    uri = models.CharField(_("libvirt URI"), max_length=500, unique=True)
+    group = models.ForeignKey(
+        HostGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="hosts"
+    )
+    description = models.TextField(_("description"), blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    status = models.CharField(max_length=16, choices=STATUSES, default=UNKNOWN)
+    last_error = models.TextField(blank=True)
+    last_probe_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    last_sync_at = models.DateTimeField(null=True, blank=True)
+
+    # Facts from the last successful probe.
+    hostname = models.CharField(max_length=255, blank=True)
+    host_uuid = models.CharField(max_length=64, blank=True)
+    arch = models.CharField(max_length=32, blank=True)
+    cpu_model = models.CharField(max_length=100, blank=True)
+    cpu_vendor = models.CharField(max_length=100, blank=True)
+    cpus = models.PositiveIntegerField(null=True, blank=True)
+    memory_total = models.BigIntegerField(null=True, blank=True)  # bytes
+    memory_free = models.BigIntegerField(null=True, blank=True)  # bytes
+    libvirt_version = models.PositiveBigIntegerField(null=True, blank=True)
+    hypervisor_version = models.PositiveBigIntegerField(null=True, blank=True)
+    hypervisor_type = models.CharField(max_length=32, blank=True)
+    migration_transports = models.JSONField(default=list, blank=True)
+    pools = models.JSONField(default=list, blank=True)
+    networks = models.JSONField(default=list, blank=True)
+
+    objects = HostQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        permissions = [("sync_host", "Can probe a host and sync its inventory")]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def is_reachable(self):
+        return self.status == self.REACHABLE
+
+    @staticmethod
+    def version_text(number):
+        """libvirt encodes versions as major*1e6 + minor*1e3 + micro."""
+        if not number:
+            return ""
+        return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+    @property
+    def libvirt_version_text(self):
+        return self.version_text(self.libvirt_version)
+
+    @property
+    def hypervisor_version_text(self):
+        return self.version_text(self.hypervisor_version)
+
+    def mark_unreachable(self, error, when):
+        self.status = self.UNREACHABLE
+        self.last_error = error
+        self.last_probe_at = when
+
+    def apply_facts(self, facts, when):
+        """Store a probe's facts (a dict from hypervisor.HostConnection.facts())."""
+        for field in (
+            "hostname",
+            "host_uuid",
+            "arch",
+            "cpu_model",
+            "cpu_vendor",
+            "cpus",
+            "memory_total",
+            "memory_free",
+            "libvirt_version",
+            "hypervisor_version",
+            "hypervisor_type",
+            "migration_transports",
+            "pools",
+            "networks",
+        ):
+            setattr(self, field, facts.get(field, getattr(self, field)))
+        self.status = self.REACHABLE
+        self.last_error = ""
+        self.last_probe_at = when
+        self.last_seen_at = when
+
+
+class VMQuerySet(models.QuerySet):
+    def restrict(self, user, action="view"):
+        """Scope rule for VMs: staff roles see all; self-service users see the VMs owned
+        by them or by one of their groups; anyone else sees nothing."""
+        from kvmweb.accounts.roles import is_self_service, sees_everything
+
+        if not user.is_authenticated:
+            return self.none()
+        if sees_everything(user):
+            return self
+        if is_self_service(user):
+            return self.filter(Q(owner_user=user) | Q(owner_group__in=user.groups.all()))
+        return self.none()
+
+
+class VM(models.Model):
+    """A libvirt domain, identified by its UUID wherever it runs.
+
+    The row follows the UUID: when the domain shows up on another host (moved by kvmweb or
+    by hand) the row keeps its owner and history and gains a VMLocation entry. A domain
+    that disappears from every host is marked gone, never deleted.
+    """
+
+    RUNNING, PAUSED, SHUTOFF, CRASHED, PMSUSPENDED, BLOCKED, SHUTDOWN, NOSTATE = (
+        "running",
+        "paused",
+        "shutoff",
+        "crashed",
+        "pmsuspended",
+        "blocked",
+        "shutdown",
+        "nostate",
+    )
+    STATES = [
+        (RUNNING, _("running")),
+        (PAUSED, _("paused")),
+        (SHUTOFF, _("shut off")),
+        (CRASHED, _("crashed")),
+        (PMSUSPENDED, _("suspended")),
+        (BLOCKED, _("blocked")),
+        (SHUTDOWN, _("shutting down")),
+        (NOSTATE, _("no state")),
+    ]
+
+    uuid = models.UUIDField(unique=True)
+    name = models.CharField(max_length=255, db_index=True)
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="vms")
+    state = models.CharField(max_length=16, choices=STATES, default=NOSTATE, db_index=True)
+    state_reason = models.CharField(max_length=64, blank=True)
+    vcpus = models.PositiveIntegerField(default=0)
+    memory = models.BigIntegerField(default=0)  # bytes (maximum memory)
+    persistent = models.BooleanField(default=True)
+    autostart = models.BooleanField(default=False)
+    machine_type = models.CharField(max_length=64, blank=True)
+    cpu_mode = models.CharField(max_length=32, blank=True)
+    cpu_model = models.CharField(max_length=64, blank=True)
+    disks = models.JSONField(default=list, blank=True)
+    interfaces = models.JSONField(default=list, blank=True)
+    snapshot_count = models.PositiveIntegerField(default=0)
+    hostdev_count = models.PositiveIntegerField(default=0)
+
+    gone = models.BooleanField(default=False, db_index=True)
+    # Other hosts that hold a definition with the same UUID (a stale copy left by a
+    # migration without --undefinesource): starting it there would run the VM twice.
+    stale_hosts = models.JSONField(default=list, blank=True)
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    owner_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="owned_vms",
+    )
+    owner_group = models.ForeignKey(
+        Group, null=True, blank=True, on_delete=models.SET_NULL, related_name="owned_vms"
+    )
+
+    objects = VMQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "VM"
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def is_running(self):
+        return self.state in (self.RUNNING, self.PAUSED, self.BLOCKED)
+
+    @property
+    def is_shut_off(self):
+        return self.state == self.SHUTOFF
+
+
+class VMLocation(models.Model):
+    """One entry of a VM's location trail: it was seen on ``host`` from ``at`` on."""
+
+    vm = models.ForeignKey(VM, on_delete=models.CASCADE, related_name="locations")
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL)
+    host_name = models.CharField(max_length=100)
+    at = models.DateTimeField()
+    via = models.CharField(max_length=32, default="sync")  # sync | migration | gone
+    note = models.CharField(max_length=255, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self):
+        return f"{self.vm} on {self.host_name} at {self.at}"

@@ -1,0 +1,270 @@
+"""State changes for hosts and the VM inventory. Each writes its audit event in the same
+transaction. libvirt is never called inside a transaction: a slow host must not hold the
+database write lock, so every service reads from libvirt first, then writes atomically.
+"""
+
+import logging
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from hosts import hypervisor
+from hosts.models import VM, Host, VMLocation
+from hosts.uris import InvalidURI, validate_uri
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+VM_FIELDS = [
+    "name",
+    "state",
+    "state_reason",
+    "vcpus",
+    "memory",
+    "persistent",
+    "autostart",
+    "machine_type",
+    "cpu_mode",
+    "cpu_model",
+    "disks",
+    "interfaces",
+    "snapshot_count",
+    "hostdev_count",
+]
+
+
+class HostError(Exception):
+    """A host operation was refused; the message is meant for people."""
+
+
+def _check_unique(name, uri, exclude_pk=None):
+    others = Host.objects.exclude(pk=exclude_pk)
+    if others.filter(name=name).exists():
+        raise HostError(_("A host named %(name)s is already registered.") % {"name": name})
+    if others.filter(uri=uri).exists():
+        raise HostError(_("The URI %(uri)s is already registered.") % {"uri": uri})
+
+
+def do_register_host(name, uri, *, actor=None, request=None, group=None, description="", sync=True):
+    """Register a host by libvirt URI, then probe it and sync its VMs.
+
+    The host row is created even when the host is unreachable right now (it is shown as
+    unreachable with the reason); bad or duplicate names/URIs are refused with HostError.
+    """
+    name = (name or "").strip()
+    if not name:
+        raise HostError(_("Enter a name for the host."))
+    try:
+        uri = validate_uri(uri)
+    except InvalidURI as exc:
+        with transaction.atomic():
+            record(
+                "host.register",
+                actor=actor,
+                request=request,
+                target_type="hosts.host",
+                target_name=name,
+                outcome=AuditEvent.FAILURE,
+                details={"uri": uri, "error": str(exc)},
+            )
+        raise HostError(str(exc)) from None
+    _check_unique(name, uri)
+    try:
+        with transaction.atomic():
+            host = Host.objects.create(name=name, uri=uri, group=group, description=description)
+            record(
+                "host.register",
+                actor=actor,
+                request=request,
+                target=host,
+                details={"uri": uri, "group": str(group or "")},
+            )
+    except IntegrityError:
+        # Lost a race with a concurrent registration of the same name or URI.
+        raise HostError(_("That name or URI was registered at the same moment by someone else.")) from None
+    if sync:
+        do_sync_inventory(host, actor=actor, request=request)
+    else:
+        do_probe_host(host)
+    host.refresh_from_db()
+    return host
+
+
+def do_update_host(host, *, name, uri, group=None, description="", actor=None, request=None):
+    """Change a host's name, URI, group or description (audited with before/after)."""
+    name = (name or "").strip()
+    try:
+        uri = validate_uri(uri)
+    except InvalidURI as exc:
+        raise HostError(str(exc)) from None
+    _check_unique(name, uri, exclude_pk=host.pk)
+    before = {
+        "name": host.name,
+        "uri": host.uri,
+        "group": str(host.group or ""),
+        "description": host.description,
+    }
+    with transaction.atomic():
+        host.name, host.uri, host.group, host.description = name, uri, group, description
+        host.save(update_fields=["name", "uri", "group", "description"])
+        after = {"name": name, "uri": uri, "group": str(group or ""), "description": description}
+        changes = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+        record("host.change", actor=actor, request=request, target=host, details={"changes": changes})
+    return host
+
+
+def do_remove_host(host, *, actor=None, request=None):
+    """Forget a host. Its VMs keep their rows (and history) and are marked gone."""
+    with transaction.atomic():
+        vm_count = VM.objects.filter(host=host, gone=False).update(gone=True)
+        record(
+            "host.remove",
+            actor=actor,
+            request=request,
+            target=host,
+            details={"uri": host.uri, "vms_marked_gone": vm_count},
+        )
+        host.delete()
+
+
+def do_probe_host(host, *, actor=None, request=None):
+    """Probe a host and store its facts, or mark it unreachable with the reason."""
+    try:
+        with hypervisor.session(host.uri) as conn:
+            facts = conn.facts()
+    except hypervisor.HypervisorError as exc:
+        _store_unreachable(host, exc)
+        return False
+    _store_facts(host, facts)
+    return True
+
+
+def _store_unreachable(host, exc):
+    now = timezone.now()
+    message = exc.message + (f" {exc.remedy}" if exc.remedy else "")
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(pk=host.pk)
+        was = host.status
+        host.mark_unreachable(message, now)
+        host.save(update_fields=["status", "last_error", "last_probe_at"])
+        if was != Host.UNREACHABLE:
+            record(
+                "host.status",
+                target=host,
+                outcome=AuditEvent.FAILURE,
+                details={"from": was, "to": host.status, "error": message},
+            )
+
+
+def _store_facts(host, facts):
+    now = timezone.now()
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(pk=host.pk)
+        was = host.status
+        host.apply_facts(facts, now)
+        host.save()
+        if was != Host.REACHABLE:
+            record("host.status", target=host, details={"from": was, "to": host.status})
+    return host
+
+
+def do_sync_inventory(host, *, actor=None, request=None):
+    """Probe the host and reconcile its VMs with the inventory, by UUID.
+
+    Returns a summary dict (added, moved, gone, updated, error). When the host cannot be
+    reached nothing about its VMs is changed: we do not know where they are.
+    """
+    try:
+        with hypervisor.session(host.uri) as conn:
+            facts = conn.facts()
+            records = conn.domains()
+    except hypervisor.HypervisorError as exc:
+        _store_unreachable(host, exc)
+        return {"added": [], "moved": [], "gone": [], "updated": 0, "error": exc.message}
+    host = _store_facts(host, facts)
+    return apply_inventory(host, records, actor=actor, request=request)
+
+
+def apply_inventory(host, records, *, actor=None, request=None, via="sync"):
+    """Reconcile the VM rows with the domains found on ``host`` (one transaction)."""
+    now = timezone.now()
+    by_uuid = {r["uuid"]: r for r in records}
+    summary = {"added": [], "moved": [], "gone": [], "updated": 0, "error": ""}
+    with transaction.atomic():
+        existing = {
+            str(vm.uuid): vm for vm in VM.objects.filter(uuid__in=list(by_uuid)).select_related("host")
+        }
+        to_create, to_update, locations = [], [], []
+        for uuid, rec in by_uuid.items():
+            vm = existing.get(uuid)
+            if vm is None:
+                vm = VM(uuid=uuid, host=host, last_seen_at=now)
+                _copy(vm, rec)
+                to_create.append(vm)
+                locations.append((vm, "new"))
+                summary["added"].append(rec["name"])
+                continue
+            if vm.host_id != host.pk:
+                if not rec["active"] and vm.host_id and not vm.gone and vm.is_running:
+                    # A shut-off copy of a VM that runs elsewhere: a stale definition left
+                    # by a migration without undefine-source. Do not move the row; flag it.
+                    if host.name not in vm.stale_hosts:
+                        vm.stale_hosts = sorted(vm.stale_hosts + [host.name])
+                        to_update.append(vm)
+                    continue
+                summary["moved"].append(rec["name"])
+                locations.append((vm, f"from {vm.host.name if vm.host else 'unknown'}"))
+                vm.host = host
+            elif host.name in vm.stale_hosts:
+                vm.stale_hosts = [h for h in vm.stale_hosts if h != host.name]
+            _copy(vm, rec)
+            vm.gone = False
+            vm.last_seen_at = now
+            to_update.append(vm)
+        VM.objects.bulk_create(to_create)
+        if to_update:
+            VM.objects.bulk_update(
+                to_update, VM_FIELDS + ["host", "gone", "last_seen_at", "stale_hosts"], batch_size=500
+            )
+            summary["updated"] = len(to_update)
+        # Stale copies that vanished from this host.
+        for vm in VM.objects.exclude(stale_hosts=[]).exclude(uuid__in=list(by_uuid)):
+            if host.name in vm.stale_hosts:
+                vm.stale_hosts = [h for h in vm.stale_hosts if h != host.name]
+                vm.save(update_fields=["stale_hosts"])
+        missing = VM.objects.filter(host=host, gone=False).exclude(uuid__in=list(by_uuid))
+        summary["gone"] = list(missing.values_list("name", flat=True))
+        missing.update(gone=True)
+        VMLocation.objects.bulk_create(
+            VMLocation(vm=vm, host=host, host_name=host.name, at=now, via=via, note=note)
+            for vm, note in locations
+        )
+        Host.objects.filter(pk=host.pk).update(last_sync_at=now)
+        if summary["added"] or summary["moved"] or summary["gone"]:
+            record(
+                "inventory.sync",
+                actor=actor,
+                request=request,
+                target=host,
+                details={k: summary[k][:200] for k in ("added", "moved", "gone")},
+            )
+    return summary
+
+
+def _copy(vm, rec):
+    for field in VM_FIELDS:
+        setattr(vm, field, rec[field])
+
+
+def do_sync_all():
+    """Sync every registered host (the periodic schedule calls this)."""
+    results = {}
+    for host in Host.objects.all():
+        try:
+            results[host.name] = do_sync_inventory(host)
+        except Exception as exc:  # one broken host must not stop the others
+            log.exception("inventory sync of %s failed", host.name)
+            results[host.name] = {"error": str(exc)}
+    return results

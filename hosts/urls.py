@@ -1,0 +1,15 @@
+from django.urls import path
+
+from hosts import views
+
+app_name = "hosts"
+urlpatterns = [
+    path("hosts/", views.host_list, name="list"),
+    path("hosts/add/", views.host_add, name="add"),
+    path("hosts/<int:pk>/", views.host_detail, name="detail"),
+    path("hosts/<int:pk>/edit/", views.host_edit, name="edit"),
+    path("hosts/<int:pk>/remove/", views.host_remove, name="remove"),
+    path("hosts/<int:pk>/sync/", views.host_sync, name="sync"),
+    path("vms/", views.vm_list, name="vm_list"),
+    path("vms/<int:pk>/", views.vm_detail, name="vm_detail"),
+]

@@ -1,0 +1,12 @@
+"""Append-only, HMAC-chained audit history.
+
+Import ``record`` from here: ``from kvmweb.audit import record``. It must be called by a
+service function inside the same transaction as the change it describes.
+"""
+
+
+def record(*args, **kwargs):
+    """Write one audit event (see kvmweb.audit.services.record)."""
+    from kvmweb.audit.services import record as _record
+
+    return _record(*args, **kwargs)

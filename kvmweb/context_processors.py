@@ -1,0 +1,13 @@
+from django.conf import settings
+
+from kvmweb.accounts import roles
+
+
+def site(request):
+    """Role flags for the navigation; the views still check permissions themselves."""
+    user = request.user
+    return {
+        "sees_everything": roles.sees_everything(user),
+        "is_self_service": roles.is_self_service(user),
+        "debug": settings.DEBUG,
+    }

@@ -1,0 +1,115 @@
+"""Environment helpers for settings: every value is read here and fails loudly when bad.
+
+A secret can come from ``NAME`` or from a file named by ``NAME_FILE`` (Docker/systemd
+credentials style). Both set is an error, so nobody wonders which one won.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+
+class ConfigError(RuntimeError):
+    """A configuration value in the environment is missing or malformed."""
+
+
+def env_str(name, default=None):
+    value = os.environ.get(name)
+    return default if value is None or value == "" else value
+
+
+def env_bool(name, default=False):
+    value = env_str(name)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def env_int(name, default, minimum=None):
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a whole number") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name}={number} must be at least {minimum}")
+    return number
+
+
+def env_float(name, default, minimum=None):
+    value = env_str(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a number") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name}={number} must be at least {minimum}")
+    return number
+
+
+def env_list(name, default=()):
+    value = env_str(name)
+    if value is None:
+        return list(default)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def env_secret(name, fallback_file=None):
+    """Read a secret from NAME or NAME_FILE; else from (or into) ``fallback_file``.
+
+    The fallback keeps `make run` zero-configuration: a random secret is generated once,
+    stored with mode 0600 and reused, so sessions and the audit chain survive restarts.
+    """
+    direct, path = env_str(name), env_str(f"{name}_FILE")
+    if direct and path:
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE={path}: cannot read ({exc.strerror})") from None
+        if not value:
+            raise ConfigError(f"{name}_FILE={path} is empty")
+        return value
+    if direct:
+        return direct
+    if fallback_file is None:
+        raise ConfigError(f"{name} (or {name}_FILE) must be set")
+    fallback_file = Path(fallback_file)
+    if not fallback_file.exists():
+        fallback_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(fallback_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(50))
+    return fallback_file.read_text().strip()
+
+
+def database_from_url(url):
+    """Turn DATABASE_URL (postgres://user:pass@host:port/name) into a DATABASES entry."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgres", "postgresql", "pgsql"):
+        raise ConfigError(f"DATABASE_URL scheme {parsed.scheme!r} is not supported: use postgres://")
+    name = parsed.path.lstrip("/")
+    if not name:
+        raise ConfigError("DATABASE_URL has no database name (postgres://user@host/NAME)")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(name),
+        "USER": unquote(parsed.username or ""),
+        "PASSWORD": unquote(parsed.password or ""),
+        "HOST": parsed.hostname or "",
+        "PORT": str(parsed.port or ""),
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
+    }

@@ -1,0 +1,3 @@
+"""WebSocket URL routes (each consumer checks scope itself)."""
+
+websocket_urlpatterns = []

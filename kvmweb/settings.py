@@ -1,0 +1,196 @@
+"""kvmweb settings: one module, every value from the environment via kvmweb.env.
+
+Embedded default (no variables set): SQLite in WAL mode with IMMEDIATE transactions under
+./var/, django-q2's ORM broker, an in-process channel layer. Scale-out: set DATABASE_URL
+(PostgreSQL) and REDIS_URL (channels-redis). See README.md for the full list.
+"""
+
+from pathlib import Path
+
+from django.utils.translation import gettext_lazy as _
+
+from kvmweb.env import (
+    database_from_url,
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_secret,
+    env_str,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("KVMWEB_DATA_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("KVMWEB_DEBUG", False)
+SECRET_KEY = env_secret("KVMWEB_SECRET_KEY", fallback_file=DATA_DIR / "secret_key")
+# The audit chain is keyed separately from SECRET_KEY: rotating the session key must not
+# break verification of years of audit history, and leaking one must not forge the other.
+AUDIT_HMAC_KEY = env_secret("KVMWEB_AUDIT_KEY", fallback_file=DATA_DIR / "audit_key")
+ALLOWED_HOSTS = env_list("KVMWEB_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("KVMWEB_CSRF_TRUSTED_ORIGINS", [])
+SECURE_COOKIES = env_bool("KVMWEB_SECURE_COOKIES", False)
+SESSION_COOKIE_SECURE = SECURE_COOKIES
+CSRF_COOKIE_SECURE = SECURE_COOKIES
+SESSION_COOKIE_HTTPONLY = True
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("KVMWEB_BEHIND_PROXY", False) else None
+)
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "django_htmx",
+    "kvmweb.audit",
+    "kvmweb.accounts",
+    "hosts",
+    "migrations_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "kvmweb.urls"
+ASGI_APPLICATION = "kvmweb.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.i18n",
+                "kvmweb.context_processors.site",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL")
+if DATABASE_URL:
+    DATABASES = {"default": database_from_url(DATABASE_URL)}
+else:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": env_str("KVMWEB_SQLITE_PATH", str(DATA_DIR / "kvmweb.sqlite3")),
+            "OPTIONS": {
+                # IMMEDIATE: a write transaction takes the write lock when it begins, so two
+                # writers queue on busy_timeout instead of one failing with "database is
+                # locked" when it upgrades a read lock (the classic SQLite deadlock).
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": (
+                    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
+                    "PRAGMA foreign_keys=ON; PRAGMA busy_timeout=20000;"
+                ),
+            },
+            "TEST": {"NAME": env_str("KVMWEB_TEST_SQLITE_PATH")},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# django-q2 with the ORM broker. The default cluster runs short housekeeping tasks
+# (inventory sync). Migrations run on their own cluster (Q_CLUSTER_NAME=migrations): one
+# attempt only, and `retry` far above the longest migration, because the ORM broker
+# re-delivers any task still running after `retry` seconds (seen: a 9 s task ran three
+# times with retry=3). The job row claim is the second line of defence.
+MIGRATION_TIMEOUT = env_int("KVMWEB_MIGRATION_TIMEOUT", 6 * 3600, minimum=60)
+Q_CLUSTER = {
+    "name": "kvmweb",
+    "orm": "default",
+    "workers": env_int("KVMWEB_WORKERS", 2, minimum=1),
+    "timeout": 600,
+    "retry": 900,
+    "max_attempts": 1,
+    "catch_up": False,
+    "save_limit": 500,
+    "poll": 0.2,
+    "ALT_CLUSTERS": {
+        "migrations": {
+            "workers": env_int("KVMWEB_MIGRATION_WORKERS", 4, minimum=1),
+            "timeout": MIGRATION_TIMEOUT,
+            "retry": MIGRATION_TIMEOUT + 600,
+            "max_attempts": 1,
+            "poll": 0.1,
+        },
+    },
+}
+INVENTORY_SYNC_MINUTES = env_int("KVMWEB_INVENTORY_SYNC_MINUTES", 5, minimum=1)
+
+# Every libvirt connect and call from web-facing code is bounded by these (seconds).
+LIBVIRT_CONNECT_TIMEOUT = env_float("KVMWEB_LIBVIRT_CONNECT_TIMEOUT", 5.0, minimum=0.1)
+LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.1)
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+# Sign-in rate limit: failures per (username, address) within the window.
+LOGIN_MAX_FAILURES = env_int("KVMWEB_LOGIN_MAX_FAILURES", 5, minimum=1)
+LOGIN_FAILURE_WINDOW = env_int("KVMWEB_LOGIN_FAILURE_WINDOW", 300, minimum=1)
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", _("English")), ("zh-hans", _("Simplified Chinese"))]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = env_str("KVMWEB_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("KVMWEB_LOG_LEVEL", "INFO")},
+    "loggers": {"django_q": {"level": "WARNING"}},
+}

@@ -1,0 +1,199 @@
+"""Migration jobs: one row per requested migration, the single source of truth for its
+state and progress. Workers write it; web pages and WebSockets read it."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+
+class MigrationJobQuerySet(models.QuerySet):
+    def restrict(self, user, action="view"):
+        """Scope rule for jobs: staff roles see all; self-service users see jobs of the
+        VMs they own; anyone else sees nothing."""
+        from hosts.models import VM
+        from kvmweb.accounts.roles import is_self_service, sees_everything
+
+        if not user.is_authenticated:
+            return self.none()
+        if sees_everything(user):
+            return self
+        if is_self_service(user):
+            return self.filter(vm__in=VM.objects.restrict(user))
+        return self.none()
+
+    def active(self):
+        return self.filter(status__in=MigrationJob.ACTIVE_STATES)
+
+
+class MigrationJob(models.Model):
+    """A migration of one VM from its source host to a target host.
+
+    States: pending_approval -> queued -> preflight -> running -> (cancelling) ->
+    succeeded | failed | cancelled; rejected (approval refused); needs_reconcile when the
+    worker's heartbeat stopped and nobody knows yet what libvirt did.
+    At most one active job per VM, enforced by a conditional unique constraint.
+    """
+
+    PENDING_APPROVAL = "pending_approval"
+    QUEUED = "queued"
+    PREFLIGHT = "preflight"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    NEEDS_RECONCILE = "needs_reconcile"
+    STATUSES = [
+        (PENDING_APPROVAL, _("waiting for approval")),
+        (QUEUED, _("queued")),
+        (PREFLIGHT, _("preflight")),
+        (RUNNING, _("running")),
+        (CANCELLING, _("cancelling")),
+        (SUCCEEDED, _("succeeded")),
+        (FAILED, _("failed")),
+        (CANCELLED, _("cancelled")),
+        (REJECTED, _("rejected")),
+        (NEEDS_RECONCILE, _("needs reconcile")),
+    ]
+    ACTIVE_STATES = [PENDING_APPROVAL, QUEUED, PREFLIGHT, RUNNING, CANCELLING, NEEDS_RECONCILE]
+    FINAL_STATES = [SUCCEEDED, FAILED, CANCELLED, REJECTED]
+
+    LIVE, LIVE_COPY, COLD, OFFLINE = "live", "live-copy", "cold", "offline"
+    MODES = [
+        (LIVE, _("Live")),
+        (LIVE_COPY, _("Live with storage copy")),
+        (COLD, _("Cold")),
+        (OFFLINE, _("Offline (definition only)")),
+    ]
+
+    vm = models.ForeignKey("hosts.VM", on_delete=models.PROTECT, related_name="jobs")
+    vm_name = models.CharField(max_length=255)
+    source = models.ForeignKey("hosts.Host", null=True, on_delete=models.SET_NULL, related_name="+")
+    source_name = models.CharField(max_length=100)
+    target = models.ForeignKey("hosts.Host", null=True, on_delete=models.SET_NULL, related_name="+")
+    target_name = models.CharField(max_length=100)
+    mode = models.CharField(max_length=16, choices=MODES)
+    options = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=20, choices=STATUSES, default=QUEUED, db_index=True)
+
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_name = models.CharField(max_length=150, blank=True)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.TextField(blank=True)  # why requested / why rejected
+    preflight = models.JSONField(default=dict, blank=True)  # the stored checklist report
+    acknowledged = models.JSONField(default=list, blank=True)  # warnings acknowledged
+    overridden = models.JSONField(default=list, blank=True)  # fails overridden by an admin
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=100, blank=True)
+
+    # Requests from the controls, picked up by the worker loop.
+    cancel_requested = models.BooleanField(default=False)
+    requested_bandwidth = models.PositiveIntegerField(null=True, blank=True)  # MiB/s
+    requested_downtime = models.PositiveIntegerField(null=True, blank=True)  # ms
+    postcopy_requested = models.BooleanField(default=False)
+
+    # Live progress (written by the worker about four times a second).
+    phase = models.CharField(max_length=32, blank=True)
+    percent = models.FloatField(default=0)
+    data_total = models.BigIntegerField(default=0)
+    data_processed = models.BigIntegerField(default=0)
+    data_remaining = models.BigIntegerField(default=0)
+    memory_total = models.BigIntegerField(default=0)
+    memory_processed = models.BigIntegerField(default=0)
+    memory_remaining = models.BigIntegerField(default=0)
+    disk_total = models.BigIntegerField(default=0)
+    disk_processed = models.BigIntegerField(default=0)
+    disk_remaining = models.BigIntegerField(default=0)
+    rate = models.BigIntegerField(default=0)  # bytes/s
+    dirty_rate = models.BigIntegerField(default=0)  # bytes/s
+    iteration = models.PositiveIntegerField(default=0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    progress_at = models.DateTimeField(null=True, blank=True)
+    progress_seq = models.PositiveIntegerField(default=0)
+
+    # Final figures (from libvirt's completed-job statistics).
+    downtime_ms = models.PositiveIntegerField(null=True, blank=True)
+    elapsed_ms = models.PositiveIntegerField(null=True, blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+
+    objects = MigrationJobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        permissions = [
+            ("cancel_migrationjob", "Can cancel a migration"),
+            ("control_migrationjob", "Can change bandwidth/downtime/post-copy of a migration"),
+            ("approve_migrationjob", "Can approve or reject migration requests"),
+            ("override_preflight", "Can override an overridable preflight failure"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=Q(
+                    status__in=[
+                        "pending_approval",
+                        "queued",
+                        "preflight",
+                        "running",
+                        "cancelling",
+                        "needs_reconcile",
+                    ]
+                ),
+                name="one_active_job_per_vm",
+            )
+        ]
+
+    def __str__(self):
+        return f"#{self.pk} {self.vm_name} {self.source_name} -> {self.target_name} ({self.mode})"
+
+    @property
+    def is_active(self):
+        return self.status in self.ACTIVE_STATES
+
+    @property
+    def is_final(self):
+        return self.status in self.FINAL_STATES
+
+
+class ProgressSample(models.Model):
+    """One progress sample, kept for the job page's chart."""
+
+    job = models.ForeignKey(MigrationJob, on_delete=models.CASCADE, related_name="samples")
+    t = models.FloatField()  # seconds since the job started
+    rate = models.BigIntegerField(default=0)
+    remaining = models.BigIntegerField(default=0)
+    processed = models.BigIntegerField(default=0)
+    dirty_rate = models.BigIntegerField(default=0)
+    iteration = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["job", "t"]
+
+    def __str__(self):
+        return f"job {self.job_id} t={self.t:.2f}s"
+
+
+class JobEvent(models.Model):
+    """A line of a job's event log (phase changes, controls used, libvirt events)."""
+
+    job = models.ForeignKey(MigrationJob, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True)
+    level = models.CharField(max_length=8, default="info")  # info | warn | error
+    message = models.TextField()
+
+    class Meta:
+        ordering = ["at", "id"]
+
+    def __str__(self):
+        return f"job {self.job_id} {self.level}: {self.message[:60]}"

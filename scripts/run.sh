@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# run.sh — the site (daphne) and its workers (django-q2: default + migrations clusters)
+# in one foreground command. Ctrl-C stops all of them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=${KVMWEB_PORT:-8000}
+ADDR=${KVMWEB_BIND:-127.0.0.1}
+PY=.venv/bin/python
+pids=()
+stop() {
+  trap - INT TERM EXIT
+  echo; echo "stopping kvmweb..."
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop INT TERM EXIT
+if (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; then
+  echo "port $ADDR:$PORT is already in use; set KVMWEB_PORT to another port"; exit 1
+fi
+$PY manage.py qcluster & pids+=($!)
+Q_CLUSTER_NAME=migrations $PY manage.py qcluster & pids+=($!)
+.venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
+echo
+echo "kvmweb is running at http://$ADDR:$PORT/"
+echo "Sign in as the administrator created at first setup (user 'admin' unless KVMWEB_ADMIN_USER was set)."
+echo "Press Ctrl-C to stop."
+wait -n "${pids[@]}" || true

@@ -1,0 +1,102 @@
+"""Shared fixtures: personas, test-driver hosts, and the audit-guard dance for
+transactional tests.
+
+Personas: admin (Administrator), operator, auditor, alice and bob (Self-service), mallory
+(signed in, no role). Each is a real user in the real role group created by the data
+migration, so tests exercise the real permission wiring.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import Group, User
+
+from kvmweb.accounts.roles import ADMINISTRATOR, AUDITOR, OPERATOR, SELF_SERVICE
+
+PASSWORD = "correct horse battery staple"
+TESTNODE = Path(__file__).parent / "data" / "testnode.xml"
+
+
+def _persona(username, role=None):
+    user = User.objects.create_user(username=username, password=PASSWORD)
+    if role:
+        user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def admin(db):
+    return _persona("admin", ADMINISTRATOR)
+
+
+@pytest.fixture
+def operator(db):
+    return _persona("operator", OPERATOR)
+
+
+@pytest.fixture
+def auditor(db):
+    return _persona("auditor", AUDITOR)
+
+
+@pytest.fixture
+def alice(db):
+    return _persona("alice", SELF_SERVICE)
+
+
+@pytest.fixture
+def bob(db):
+    return _persona("bob", SELF_SERVICE)
+
+
+@pytest.fixture
+def mallory(db):
+    return _persona("mallory")
+
+
+@pytest.fixture
+def login(client):
+    """login(user) -> a test client signed in as that user."""
+
+    def _login(user):
+        client.force_login(user)
+        return client
+
+    return _login
+
+
+@pytest.fixture
+def node_xml(tmp_path):
+    """node_xml(name="a", **edits) -> path of a fresh copy of the test-driver node file.
+
+    Each test:///path.xml connection is an independent in-process hypervisor, so every
+    test (and every simulated host) gets its own state.
+    """
+
+    def _make(name="a", text=None):
+        path = tmp_path / f"node-{name}.xml"
+        if text is None:
+            shutil.copy(TESTNODE, path)
+        else:
+            path.write_text(text)
+        return path
+
+    return _make
+
+
+@pytest.fixture(autouse=True)
+def _audit_guards_for_transactional_tests(request):
+    """Transactional tests end with a table flush (DELETE on SQLite), which the audit
+    table's append-only triggers refuse. Install the guards for the test, drop them just
+    before the flush."""
+    if "transactional_db" not in request.fixturenames and "live_server" not in request.fixturenames:
+        yield
+        return
+    from django.db import connection
+
+    from kvmweb.audit import guards
+
+    guards.install(connection)
+    yield
+    guards.remove(connection)

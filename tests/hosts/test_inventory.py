@@ -1,0 +1,93 @@
+"""Inventory sync against libvirt's test driver: facts, VMs, moves by UUID, gone VMs."""
+
+import pytest
+
+from hosts import services
+from hosts.models import VM, Host, VMLocation
+from kvmweb.audit.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+
+def register(name, path):
+    return services.do_register_host(name, f"test://{path}")
+
+
+def test_it_stores_host_facts(node_xml):
+    host = register("a", node_xml("a"))
+    assert host.status == Host.REACHABLE
+    assert host.cpus == 32 and host.memory_total == 64 * 1024**3
+    assert host.hypervisor_type == "TEST" and host.libvirt_version >= 9_000_000
+    assert host.hostname  # the test driver reports no host UUID; the lab tests check it
+    assert host.pools[0]["name"] == "shared" and host.pools[0]["path"] == "/var/lib/libvirt/shared"
+    assert 0 < host.pools[0]["available"] <= host.pools[0]["capacity"]
+    assert host.networks == [{"name": "default", "bridge": "virbr0", "active": True}]
+    event = AuditEvent.objects.get(action="host.register")
+    assert event.target_name == "a" and event.details["uri"] == host.uri
+
+
+def test_it_syncs_every_vm_with_its_details(node_xml):
+    host = register("a", node_xml("a"))
+    vms = {vm.name: vm for vm in VM.objects.all()}
+    assert set(vms) == {"web1", "db1", "batch1"}
+    web = vms["web1"]
+    assert web.host == host and web.state == "running" and web.vcpus == 2
+    assert web.memory == 2048 * 1024**2
+    assert web.disks[0]["source"] == "/var/lib/libvirt/shared/web1.qcow2"
+    assert web.disks[0]["cache"] == "none" and web.disks[0]["format"] == "qcow2"
+    assert web.interfaces == [
+        {"type": "network", "network": "default", "bridge": "", "mac": "52:54:00:aa:bb:01", "model": "virtio"}
+    ]
+    assert vms["db1"].state == "shutoff" and vms["batch1"].state == "paused"
+    assert VMLocation.objects.filter(vm=web, host=host, via="sync").count() == 1
+    sync_event = AuditEvent.objects.get(action="inventory.sync")
+    assert sorted(sync_event.details["added"]) == ["batch1", "db1", "web1"]
+
+
+def test_it_follows_a_vm_moved_to_another_host_by_uuid(node_xml, alice):
+    text = node_xml("a").read_text()
+    a = register("a", node_xml("a"))
+    web = VM.objects.get(name="web1")
+    web.owner_user = alice
+    web.save()
+    # Host b now holds web1 (same UUID), host a no longer does.
+    start = text.index('<domain type="test">')
+    end = text.index("</domain>", start) + len("</domain>")
+    node_xml("a", text[:start] + text[end:])
+    b_text = text.replace("<name>db1</name>", "<name>db1-b</name>").replace("555555555502", "555555555592")
+    b_text = b_text.replace("<name>batch1</name>", "<name>batch1-b</name>").replace(
+        "555555555503", "555555555593"
+    )
+    b = register("b", node_xml("b", b_text))
+    web.refresh_from_db()
+    assert web.host == b and not web.gone and web.owner_user == alice
+    assert list(web.locations.values_list("host_name", flat=True)) == ["b", "a"]
+    assert VM.objects.filter(uuid=web.uuid).count() == 1
+    services.do_sync_inventory(a)
+    web.refresh_from_db()
+    assert web.host == b and not web.gone  # a's sync does not claim it back
+
+
+def test_it_marks_vanished_vms_gone_and_keeps_them(node_xml):
+    path = node_xml("a")
+    host = register("a", path)
+    text = path.read_text()
+    start = text.index('<domain type="test" xmlns:test')
+    end = text.index("</domain>", start) + len("</domain>")
+    path.write_text(text[:start] + text[end:])
+    summary = services.do_sync_inventory(host)
+    assert summary["gone"] == ["db1"]
+    db1 = VM.objects.get(name="db1")
+    assert db1.gone and db1.host == host
+    assert AuditEvent.objects.filter(action="inventory.sync", details__gone=["db1"]).exists()
+
+
+def test_it_keeps_vms_when_the_host_is_unreachable(node_xml):
+    path = node_xml("a")
+    host = register("a", path)
+    Host.objects.filter(pk=host.pk).update(uri="qemu+tcp://127.0.0.1:1/system")
+    host.refresh_from_db()
+    summary = services.do_sync_inventory(host)
+    host.refresh_from_db()
+    assert host.status == Host.UNREACHABLE and "connection refused" in host.last_error.lower()
+    assert summary["error"] and VM.objects.filter(gone=False).count() == 3
