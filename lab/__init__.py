@@ -37,7 +37,17 @@ from .core import (
     uri,
 )
 from .core import down as _down
-from .guests import conn, create_guest, disk_path, read_counter, remove_guest, virt_type, wait_counter_moves
+from .guests import (
+    conn,
+    create_guest,
+    disk_path,
+    read_counter,
+    remove_guest,
+    start_guest,
+    virt_type,
+    wait_counter_moves,
+    where,
+)
 
 
 def down(purge: bool = False, hosts=None) -> list[str]:
@@ -72,9 +82,11 @@ __all__ = [
     "session",
     "shared_dir",
     "skip_reason",
+    "start_guest",
     "status",
     "up",
     "uri",
     "virt_type",
     "wait_counter_moves",
+    "where",
 ]

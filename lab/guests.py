@@ -209,6 +209,18 @@ def _find(name: str) -> list[tuple[str, object]]:
     return found
 
 
+def where(name: str) -> dict:
+    """{host: 'running' | 'shut off'} for every running lab host that defines this guest."""
+    return {host: ("running" if dom.isActive() else "shut off") for host, dom in _find(name)}
+
+
+def start_guest(name: str, host: str) -> None:
+    """Start a defined, shut-off guest on a lab host (no-op when it already runs)."""
+    dom = conn(host).lookupByName(name)
+    if not dom.isActive():
+        dom.create()
+
+
 def disk_path(name: str, storage: str, host: str) -> tuple[Path, str]:
     """(path in the root namespace, path inside the lab host) of a guest's disk."""
     if storage == "shared":
