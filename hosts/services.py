@@ -219,16 +219,17 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync"):
                 vm.host = host
             elif host.name in vm.stale_hosts:
                 vm.stale_hosts = [h for h in vm.stale_hosts if h != host.name]
+            elif not vm.gone and all(getattr(vm, f) == rec[f] for f in VM_FIELDS):
+                continue  # unchanged: only last_seen_at moves (one UPDATE for all below)
             _copy(vm, rec)
             vm.gone = False
-            vm.last_seen_at = now
             to_update.append(vm)
         VM.objects.bulk_create(to_create)
         if to_update:
-            VM.objects.bulk_update(
-                to_update, VM_FIELDS + ["host", "gone", "last_seen_at", "stale_hosts"], batch_size=500
-            )
+            # bulk_update writes CASE expressions per field: keep it to the rows that changed.
+            VM.objects.bulk_update(to_update, VM_FIELDS + ["host", "gone", "stale_hosts"], batch_size=200)
             summary["updated"] = len(to_update)
+        VM.objects.filter(host=host, uuid__in=list(by_uuid)).update(last_seen_at=now)
         # Stale copies that vanished from this host.
         for vm in VM.objects.exclude(stale_hosts=[]).exclude(uuid__in=list(by_uuid)):
             if host.name in vm.stale_hosts:
