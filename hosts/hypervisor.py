@@ -25,6 +25,42 @@ from django.conf import settings
 
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
 
+# ----------------------------------------------------- migrate flags and params
+# (used by migrations_app/plan.py, which must not import libvirt)
+
+MIGRATE_FLAGS = {
+    "live": libvirt.VIR_MIGRATE_LIVE,
+    "peer2peer": libvirt.VIR_MIGRATE_PEER2PEER,
+    "tunnelled": libvirt.VIR_MIGRATE_TUNNELLED,
+    "persist_dest": libvirt.VIR_MIGRATE_PERSIST_DEST,
+    "undefine_source": libvirt.VIR_MIGRATE_UNDEFINE_SOURCE,
+    "paused": libvirt.VIR_MIGRATE_PAUSED,
+    "non_shared_disk": libvirt.VIR_MIGRATE_NON_SHARED_DISK,
+    "non_shared_inc": libvirt.VIR_MIGRATE_NON_SHARED_INC,
+    "change_protection": libvirt.VIR_MIGRATE_CHANGE_PROTECTION,
+    "unsafe": libvirt.VIR_MIGRATE_UNSAFE,
+    "offline": libvirt.VIR_MIGRATE_OFFLINE,
+    "compressed": libvirt.VIR_MIGRATE_COMPRESSED,
+    "abort_on_error": libvirt.VIR_MIGRATE_ABORT_ON_ERROR,
+    "auto_converge": libvirt.VIR_MIGRATE_AUTO_CONVERGE,
+    "postcopy": libvirt.VIR_MIGRATE_POSTCOPY,
+    "parallel": libvirt.VIR_MIGRATE_PARALLEL,
+}
+# Typed parameters of migrateToURI3 (names are libvirt's strings, e.g. "bandwidth").
+# Max downtime is NOT a migrate parameter: it is set with migrateSetMaxDowntime() once the
+# job runs; the completion timeout is enforced by kvmweb's runner, not by libvirt.
+MIGRATE_PARAMS = {
+    "bandwidth": libvirt.VIR_MIGRATE_PARAM_BANDWIDTH,  # MiB/s (ulong)
+    "parallel_connections": libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS,  # int
+    "uri": libvirt.VIR_MIGRATE_PARAM_URI,  # string: the data-stream URI (tcp://addr)
+    "dest_name": libvirt.VIR_MIGRATE_PARAM_DEST_NAME,
+    "dest_xml": libvirt.VIR_MIGRATE_PARAM_DEST_XML,
+    "persist_xml": libvirt.VIR_MIGRATE_PARAM_PERSIST_XML,
+    "migrate_disks": libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS,  # list of target devs
+    "compression": libvirt.VIR_MIGRATE_PARAM_COMPRESSION,
+    "bandwidth_postcopy": libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY,
+}
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -228,6 +264,164 @@ class HostConnection:
     # -- preflight queries (owned by the preflight engineer) ----------------------
 
     # -- migration (owned by the migration-jobs engineer) -------------------------
+    #
+    # The migration runner opens two connections to the source: one whose helper thread
+    # blocks in migrateToURI3 (or a volume copy) for the whole migration, and one for the
+    # ~4/s job-stats polls and the controls. libvirt connections are thread-safe, but a
+    # poll that times out abandons its connection; keeping them apart means a slow poll
+    # never takes the migration's connection with it.
+
+    def migrate(self, uuid, dest_uri, flags, params, timeout=None):
+        """Blocking ``migrateToURI3`` of the domain to ``dest_uri``.
+
+        With PEER2PEER the source libvirtd connects to ``dest_uri`` and drives the whole
+        migration itself, so it carries on (and concludes) even if this process dies.
+        Bounded only by the migration limit: call it from a helper thread.
+        """
+
+        def run(c):
+            c.lookupByUUIDString(str(uuid)).migrateToURI3(dest_uri, dict(params), int(flags))
+
+        return self.call("Migration", run, timeout=timeout or settings.MIGRATION_TIMEOUT)
+
+    def job_stats(self, uuid, completed=False):
+        """jobStats() of the domain as a plain dict; ``type`` is the job type name
+        ("none", "bounded", "unbounded", "completed", "failed", "cancelled").
+
+        Only the source of a migration has live stats; ``completed=True`` reads the
+        statistics of the last completed job (on the target after a migration)."""
+
+        def read(c):
+            dom = c.lookupByUUIDString(str(uuid))
+            flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+            stats = dict(dom.jobStats(flags))
+            stats["type"] = JOB_TYPES.get(stats.get("type", 0), str(stats.get("type")))
+            return stats
+
+        return self.call("Reading migration progress", read)
+
+    def migration_snapshot(self, uuid):
+        """One poll of a running migration: (job stats dict, (state, reason))."""
+
+        def read(c):
+            dom = c.lookupByUUIDString(str(uuid))
+            stats = dict(dom.jobStats(0))
+            stats["type"] = JOB_TYPES.get(stats.get("type", 0), str(stats.get("type")))
+            return stats, _state_names(*dom.state())
+
+        return self.call("Reading migration progress", read)
+
+    def abort_job(self, uuid):
+        """Abort the domain's running job (the migrate call then fails with
+        VIR_ERR_OPERATION_ABORTED about 0.2 s later; the guest stays on the source)."""
+        return self.call("Cancelling the migration", lambda c: c.lookupByUUIDString(str(uuid)).abortJob())
+
+    def set_max_speed(self, uuid, mib_per_s):
+        """Change the bandwidth cap of a running migration (MiB/s; 0 = unlimited)."""
+        return self.call(
+            "Changing the bandwidth",
+            lambda c: c.lookupByUUIDString(str(uuid)).migrateSetMaxSpeed(int(mib_per_s), 0),
+        )
+
+    def set_max_downtime(self, uuid, ms):
+        """Change the tolerated downtime of a running migration (milliseconds)."""
+        return self.call(
+            "Changing the maximum downtime",
+            lambda c: c.lookupByUUIDString(str(uuid)).migrateSetMaxDowntime(int(ms), 0),
+        )
+
+    def start_postcopy(self, uuid):
+        """Switch a running migration (started with POSTCOPY) to post-copy."""
+        return self.call(
+            "Switching to post-copy", lambda c: c.lookupByUUIDString(str(uuid)).migrateStartPostCopy(0)
+        )
+
+    def shutdown(self, uuid):
+        """Ask the guest to shut down (ACPI); returns at once."""
+        return self.call("Shutting the VM down", lambda c: c.lookupByUUIDString(str(uuid)).shutdown())
+
+    def destroy(self, uuid):
+        """Force the VM off (like pulling the plug)."""
+        return self.call("Forcing the VM off", lambda c: c.lookupByUUIDString(str(uuid)).destroy())
+
+    def start(self, uuid):
+        """Start a defined, shut-off VM."""
+        return self.call("Starting the VM", lambda c: c.lookupByUUIDString(str(uuid)).create())
+
+    def define(self, xml):
+        """Define (persist) a domain from XML; returns its UUID."""
+        return self.call("Defining the VM", lambda c: c.defineXML(xml).UUIDString())
+
+    def undefine(self, uuid):
+        """Remove the domain's definition (its disks are left alone)."""
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        return self.call(
+            "Removing the VM definition", lambda c: c.lookupByUUIDString(str(uuid)).undefineFlags(flags)
+        )
+
+    def volume_at(self, path):
+        """The storage volume at ``path`` as {name, pool, path, capacity, allocation,
+        physical, format}, or None when no pool holds a volume there."""
+
+        def read(c):
+            try:
+                vol = c.storageVolLookupByPath(path)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    return None
+                raise
+            _type, capacity, allocation = vol.info()
+            physical = vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+            xml = ET.fromstring(vol.XMLDesc(0))
+            fmt = xml.find("target/format")
+            return {
+                "name": vol.name(),
+                "pool": vol.storagePoolLookupByVolume().name(),
+                "path": vol.path(),
+                "capacity": capacity,
+                "allocation": allocation,
+                "physical": physical,
+                "format": fmt.get("type", "") if fmt is not None else "",
+            }
+
+        return self.call("Looking up a disk volume", read)
+
+    def pool_for_dir(self, directory):
+        """Name of the active storage pool whose target path is ``directory``, or None
+        (libvirt pre-creates copy-storage target volumes in such a pool)."""
+
+        def read(c):
+            try:
+                pool = c.storagePoolLookupByTargetPath(directory)
+            except libvirt.libvirtError:
+                return None
+            return pool.name() if pool.isActive() else None
+
+        return self.call("Looking up a storage pool", read)
+
+    def delete_volume(self, path):
+        """Delete the volume at ``path`` (used for the source disk after a storage-copy
+        migration, only when the user asked, and for half-copied target volumes)."""
+
+        def run(c):
+            vol = c.storageVolLookupByPath(path)
+            pool = vol.storagePoolLookupByVolume()
+            vol.delete(0)
+            try:
+                pool.refresh(0)
+            except libvirt.libvirtError:
+                pass
+
+        return self.call("Deleting a disk volume", run)
+
+    def refresh_pool_of(self, directory):
+        def run(c):
+            try:
+                c.storagePoolLookupByTargetPath(directory).refresh(0)
+            except libvirt.libvirtError:
+                pass
+
+        return self.call("Refreshing a storage pool", run)
 
 
 def connect(uri, timeout=None, call_timeout=None):
@@ -480,3 +674,110 @@ def _domain_record(dom):
         "snapshot_count": snapshots,
         "hostdev_count": len(xml.findall("devices/hostdev")),
     }
+
+
+# ------------------------------------------------------------------ migration helpers
+
+JOB_TYPES = {
+    libvirt.VIR_DOMAIN_JOB_NONE: "none",
+    libvirt.VIR_DOMAIN_JOB_BOUNDED: "bounded",
+    libvirt.VIR_DOMAIN_JOB_UNBOUNDED: "unbounded",
+    libvirt.VIR_DOMAIN_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_JOB_CANCELLED: "cancelled",
+}
+
+# libvirt error codes the migration runner tells apart.
+ERR_OPERATION_ABORTED = libvirt.VIR_ERR_OPERATION_ABORTED
+ERR_NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
+
+
+def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=4 << 20):
+    """Copy the volume at ``path`` on ``source`` to the same path on ``target`` through
+    libvirt storage-volume streams (virStorageVolDownload / virStorageVolUpload).
+
+    The bytes are the file as stored (a qcow2 stays qcow2), so the target volume is
+    created raw with the source's physical size and the pool refresh then detects the
+    format. ``progress(done, total)`` is called after every chunk; ``should_stop()``
+    returning True aborts the copy. A half-written target volume is deleted. Runs for as
+    long as the copy takes: call it from a helper thread. Returns the bytes copied.
+    """
+    import os.path
+
+    directory, name = os.path.split(path)
+    src, dst = source._raw, target._raw
+    try:
+        src_vol = src.storageVolLookupByPath(path)
+        total = src_vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+        try:
+            pool = dst.storagePoolLookupByTargetPath(directory)
+        except libvirt.libvirtError:
+            raise HypervisorError(
+                f"{target.uri} has no storage pool at {directory}, so the disk {path} cannot be copied there.",
+                remedy="Define and start a directory pool at that path on the target host.",
+            ) from None
+        try:
+            dst.storageVolLookupByPath(path)
+        except libvirt.libvirtError:
+            pass
+        else:
+            raise HypervisorError(
+                f"{target.uri} already has a disk at {path}; kvmweb will not overwrite it.",
+                remedy="Remove or rename that volume on the target host first.",
+            )
+        vol_xml = (
+            f"<volume><name>{_xml_escape(name)}</name><capacity unit='bytes'>{total}</capacity>"
+            "<allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>"
+        )
+        dst_vol = pool.createXML(vol_xml, 0)
+    except libvirt.libvirtError as exc:
+        raise _explain(exc, target.uri, f"Preparing the copy of {path}") from None
+    done = 0
+    down = up = None
+    try:
+        down = src.newStream(0)
+        src_vol.download(down, 0, total, 0)
+        up = dst.newStream(0)
+        dst_vol.upload(up, 0, total, 0)
+        while done < total:
+            if should_stop is not None and should_stop():
+                raise HypervisorError(
+                    f"The copy of {path} was cancelled.", code=libvirt.VIR_ERR_OPERATION_ABORTED
+                )
+            data = down.recv(min(chunk, total - done))
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                sent = up.send(bytes(view))
+                view = view[sent:]
+            done += len(data)
+            if progress is not None:
+                progress(done, total)
+        down.finish()
+        down = None
+        up.finish()
+        up = None
+        pool.refresh(0)
+    except BaseException as exc:
+        for stream in (down, up):
+            if stream is not None:
+                try:
+                    stream.abort()
+                except libvirt.libvirtError:
+                    pass
+        try:
+            dst_vol.delete(0)
+            pool.refresh(0)
+        except libvirt.libvirtError:
+            pass
+        if isinstance(exc, libvirt.libvirtError):
+            raise _explain(exc, target.uri, f"Copying the disk {path}") from None
+        raise
+    return done
+
+
+def _xml_escape(text):
+    from xml.sax.saxutils import escape
+
+    return escape(text, {"'": "&apos;", '"': "&quot;"})
