@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from kvmweb import views
+from kvmweb import health, views
 from kvmweb.accounts import views as account_views
 
 urlpatterns = [
@@ -12,4 +12,5 @@ urlpatterns = [
     path("", include("hosts.urls")),
     path("migrations/", include("migrations_app.urls")),
     path("admin/", admin.site.urls),
+    path("health/", health.health, name="health"),
 ]

@@ -18,3 +18,6 @@ class Command(BaseCommand):
         )
         verb = "created" if created else "updated"
         self.stdout.write(f"{verb} schedule inventory-sync every {schedule.minutes} min")
+        from kvmweb.health import ensure_heartbeat_schedules  # worker liveness for /health/
+
+        self.stdout.write(f"ensured schedules {', '.join(ensure_heartbeat_schedules())} every 1 min")
