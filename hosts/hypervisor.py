@@ -262,6 +262,368 @@ class HostConnection:
             return None
 
     # -- preflight queries (owned by the preflight engineer) ----------------------
+    # Each returns plain data for migrations_app/preflight.py. They are safe to call from
+    # several threads at once on one connection (libvirt connections are thread-safe).
+
+    def is_alive(self):
+        """True when the connection still answers (virConnectIsAlive)."""
+        return bool(self.call("Checking the connection", lambda c: c.isAlive()))
+
+    def preflight_host(self):
+        """Host UUID, hostname, arch, versions, free memory, CPUs and the guest
+        architectures, machine types and domain types the hypervisor offers."""
+
+        def read(c):
+            caps = ET.fromstring(c.getCapabilities())
+            host = caps.find("host")
+            guests = {}
+            for guest in caps.findall("guest"):
+                arch = guest.find("arch")
+                if arch is None:
+                    continue
+                entry = guests.setdefault(arch.get("name"), {"machines": set(), "domain_types": set()})
+                for machine in arch.iter("machine"):
+                    entry["machines"].add(machine.text)
+                    if machine.get("canonical"):
+                        entry["machines"].add(machine.get("canonical"))
+                for domain in arch.findall("domain"):
+                    entry["domain_types"].add(domain.get("type"))
+            info = c.getInfo()
+            try:
+                free = c.getFreeMemory()
+            except libvirt.libvirtError:
+                free = None
+            try:
+                hostname = c.getHostname()
+            except libvirt.libvirtError:
+                hostname = ""
+            return {
+                "host_uuid": _text(host, "uuid"),
+                "hostname": hostname,
+                "arch": _text(host, "cpu/arch") or info[0],
+                "cpu_vendor": _text(host, "cpu/vendor"),
+                "cpu_model": _text(host, "cpu/model"),
+                "cpus": info[2],
+                "memory_free": free,
+                "libvirt_version": c.getLibVersion(),
+                "hypervisor_version": c.getVersion(),
+                "hypervisor_type": c.getType(),
+                "guests": {
+                    name: {"machines": sorted(g["machines"]), "domain_types": sorted(g["domain_types"])}
+                    for name, g in guests.items()
+                },
+            }
+
+        return self.call("Reading host facts", read)
+
+    def preflight_domain(self, uuid):
+        """Everything the checklist needs to know about one domain on this (source) host:
+        state, persistence, the migratable XML, running jobs and block jobs, snapshots,
+        checkpoints, managed save, memory and per-disk sizes. Raises DomainNotFound."""
+
+        def read(c):
+            dom = c.lookupByUUIDString(str(uuid))
+            state, reason = _state_names(*dom.state())
+            active = bool(dom.isActive())
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+            root = ET.fromstring(xml)
+            job_type = 0
+            block_jobs = {}
+            rss = None
+            if active:
+                try:
+                    job_type = dom.jobInfo()[0]
+                except libvirt.libvirtError:
+                    job_type = 0
+                try:
+                    rss = dict(dom.memoryStats()).get("rss")
+                except libvirt.libvirtError:
+                    rss = None
+            disks = {}
+            for disk in root.findall("devices/disk"):
+                target = disk.find("target")
+                dev = target.get("dev", "") if target is not None else ""
+                if not dev:
+                    continue
+                if active:
+                    try:
+                        info = dom.blockJobInfo(dev, 0)
+                    except libvirt.libvirtError:
+                        info = {}
+                    if info:
+                        block_jobs[dev] = {k: int(v) for k, v in info.items()}
+                try:
+                    capacity, allocation, physical = dom.blockInfo(dev)
+                    disks[dev] = {"capacity": capacity, "allocation": allocation, "physical": physical}
+                except libvirt.libvirtError:
+                    disks[dev] = {}
+            try:
+                snapshots = sorted(dom.snapshotListNames(0))
+            except libvirt.libvirtError:
+                snapshots = []
+            try:
+                checkpoints = sorted(cp.getName() for cp in dom.listAllCheckpoints(0))
+            except (libvirt.libvirtError, AttributeError):
+                checkpoints = []
+            try:
+                managed_save = bool(dom.hasManagedSaveImage(0))
+            except libvirt.libvirtError:
+                managed_save = False
+            return {
+                "uuid": dom.UUIDString(),
+                "name": dom.name(),
+                "state": state,
+                "state_reason": reason,
+                "active": active,
+                "persistent": bool(dom.isPersistent()),
+                "xml": xml,
+                "job_type": job_type,
+                "block_jobs": block_jobs,
+                "snapshots": snapshots,
+                "checkpoints": checkpoints,
+                "managed_save": managed_save,
+                "memory": int(dom.maxMemory()) * 1024,
+                "rss": int(rss) * 1024 if rss else None,
+                "disk_sizes": disks,
+            }
+
+        return self.call("Reading the VM for preflight", read)
+
+    def domain_capabilities(self, arch, machine, virttype, emulator=None):
+        """What this host's hypervisor offers for (arch, machine, virttype): the canonical
+        machine name, the vCPU maximum and the host-model CPU as a full <cpu> XML (for
+        compareHypervisorCPU). Raises HypervisorError when the combination is unsupported."""
+
+        def read(c):
+            root = ET.fromstring(c.getDomainCapabilities(emulator, arch, machine, virttype, 0))
+            vcpu = root.find("vcpu")
+            host_model = root.find("cpu/mode[@name='host-model']")
+            cpu_xml = ""
+            if host_model is not None and host_model.get("supported") == "yes":
+                cpu = ET.Element("cpu", {"mode": "custom", "match": "exact"})
+                for child in host_model:
+                    cpu.append(child)
+                cpu_xml = ET.tostring(cpu, encoding="unicode")
+            modes = [m.get("name") for m in root.findall("cpu/mode") if m.get("supported") == "yes"]
+            return {
+                "path": _text(root, "path"),
+                "machine": _text(root, "machine"),
+                "arch": _text(root, "arch"),
+                "vcpu_max": int(vcpu.get("max")) if vcpu is not None and vcpu.get("max") else None,
+                "host_model_cpu": cpu_xml,
+                "cpu_modes": modes,
+            }
+
+        return self.call("Reading domain capabilities", read)
+
+    def compare_cpu(self, cpu_xml, arch, machine, virttype, emulator=None):
+        """compareHypervisorCPU of a <cpu> definition on this host: a dict with result
+        ('incompatible' | 'identical' | 'superset') and libvirt's reason when incompatible
+        (the missing features)."""
+        names = {
+            libvirt.VIR_CPU_COMPARE_INCOMPATIBLE: "incompatible",
+            libvirt.VIR_CPU_COMPARE_IDENTICAL: "identical",
+            libvirt.VIR_CPU_COMPARE_SUPERSET: "superset",
+        }
+
+        def read(c):
+            try:
+                code = c.compareHypervisorCPU(
+                    emulator,
+                    arch,
+                    machine,
+                    virttype,
+                    cpu_xml,
+                    libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE,
+                )
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+                    return {"result": "incompatible", "reason": (exc.get_error_message() or "").strip()}
+                raise
+            return {"result": names.get(code, str(code)), "reason": ""}
+
+        return self.call("Comparing the CPU", read)
+
+    def max_vcpus(self, virttype):
+        """getMaxVcpus(virttype) of this host, or None when libvirt cannot tell."""
+
+        def read(c):
+            try:
+                return c.getMaxVcpus(virttype)
+            except libvirt.libvirtError:
+                return None
+
+        return self.call("Reading the vCPU limit", read)
+
+    def networks_status(self, names):
+        """{network name: {exists, active, bridge, autostart}} for libvirt networks."""
+
+        def read(c):
+            out = {}
+            for name in names:
+                try:
+                    net = c.networkLookupByName(name)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+                        raise
+                    out[name] = {"exists": False, "active": False, "bridge": "", "autostart": False}
+                    continue
+                active = bool(net.isActive())
+                try:
+                    bridge = net.bridgeName() if active else ""
+                except libvirt.libvirtError:
+                    bridge = ""
+                out[name] = {
+                    "exists": True,
+                    "active": active,
+                    "bridge": bridge,
+                    "autostart": bool(net.autostart()),
+                }
+            return out
+
+        return self.call("Looking up networks", read)
+
+    def host_interfaces(self):
+        """Names of the host's network devices (bridges, NICs) as libvirt sees them, from
+        the interface driver and the node-device list; None when neither can tell."""
+
+        def read(c):
+            names, answered = set(), False
+            try:
+                names |= {i.name() for i in c.listAllInterfaces(0)}
+                answered = True
+            except libvirt.libvirtError:
+                pass
+            try:
+                for dev in c.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET):
+                    iface = ET.fromstring(dev.XMLDesc(0)).find("capability/interface")
+                    if iface is not None and iface.text:
+                        names.add(iface.text.strip())
+                answered = True
+            except libvirt.libvirtError:
+                pass
+            return sorted(names) if answered else None
+
+        return self.call("Listing host network devices", read)
+
+    def storage_lookup(self, paths):
+        """For each path: whether this host sees a storage volume there (and its sizes),
+        and the storage pool whose target directory holds the path (for pre-creating a
+        copy). A pool that does not list a volume yet is refreshed once: files created
+        after its last refresh are otherwise invisible to storageVolLookupByPath."""
+        import os.path
+
+        def pool_record(pool):
+            _state, capacity, allocation, available = pool.info()
+            return {
+                "name": pool.name(),
+                "active": bool(pool.isActive()),
+                "capacity": capacity,
+                "available": available,
+            }
+
+        def read(c):
+            out = {}
+            for path in paths:
+                entry = {
+                    "visible": False,
+                    "capacity": None,
+                    "allocation": None,
+                    "pool": None,
+                    "dir_pool": None,
+                }
+                try:
+                    dir_pool = c.storagePoolLookupByTargetPath(os.path.dirname(path))
+                    entry["dir_pool"] = pool_record(dir_pool)
+                except libvirt.libvirtError:
+                    dir_pool = None
+                vol = None
+                try:
+                    vol = c.storageVolLookupByPath(path)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+                        raise
+                    if dir_pool is not None and dir_pool.isActive():
+                        try:
+                            dir_pool.refresh(0)
+                            vol = c.storageVolLookupByPath(path)
+                        except libvirt.libvirtError:
+                            vol = None
+                if vol is not None:
+                    _type, capacity, allocation = vol.info()
+                    entry.update(visible=True, capacity=capacity, allocation=allocation)
+                    try:
+                        entry["pool"] = vol.storagePoolLookupByVolume().name()
+                    except libvirt.libvirtError:
+                        pass
+                out[path] = entry
+            return out
+
+        return self.call("Looking up storage", read)
+
+    def domain_collisions(self, uuid, name):
+        """Domains on this host that share the UUID or the name of a VM:
+        {"by_uuid": {...} | None, "by_name": {...} | None}."""
+
+        def describe(dom):
+            state, reason = _state_names(*dom.state())
+            return {
+                "name": dom.name(),
+                "uuid": dom.UUIDString(),
+                "state": state,
+                "state_reason": reason,
+                "persistent": bool(dom.isPersistent()),
+            }
+
+        def read(c):
+            found = {"by_uuid": None, "by_name": None}
+            for key, lookup in (
+                ("by_uuid", lambda: c.lookupByUUIDString(str(uuid))),
+                ("by_name", lambda: c.lookupByName(name)),
+            ):
+                try:
+                    found[key] = describe(lookup())
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return found
+
+        return self.call("Looking for name/UUID collisions", read)
+
+    def measure_dirty_rate(self, uuid, seconds=1, mode="page-sampling"):
+        """Measure how fast the running guest dirties its RAM (virDomainStartDirtyRateCalc,
+        libvirt >= 7.2, QEMU >= 5.2). Returns {"mib_per_s", "mode", "period"}; raises
+        HypervisorError (code VIR_ERR_NO_SUPPORT...) where the host cannot measure."""
+        import time
+
+        flags = {
+            "page-sampling": 0,
+            "dirty-bitmap": libvirt.VIR_DOMAIN_DIRTYRATE_MODE_DIRTY_BITMAP,
+            "dirty-ring": libvirt.VIR_DOMAIN_DIRTYRATE_MODE_DIRTY_RING,
+        }[mode]
+        seconds = max(1, int(seconds))
+        self.call(
+            "Starting the dirty-rate measurement",
+            lambda c: c.lookupByUUIDString(str(uuid)).startDirtyRateCalc(seconds, flags),
+        )
+
+        def read(c):
+            dom = c.lookupByUUIDString(str(uuid))
+            return c.domainListGetStats([dom], libvirt.VIR_DOMAIN_STATS_DIRTYRATE)[0][1]
+
+        time.sleep(seconds)
+        deadline = time.monotonic() + max(2.0, seconds)
+        while True:
+            stats = self.call("Reading the dirty rate", read)
+            if stats.get("dirtyrate.calc_status") == libvirt.VIR_DOMAIN_DIRTYRATE_MEASURED:
+                return {
+                    "mib_per_s": int(stats.get("dirtyrate.megabytes_per_second", 0)),
+                    "mode": stats.get("dirtyrate.calc_mode", mode),
+                    "period": int(stats.get("dirtyrate.calc_period", seconds)),
+                }
+            if time.monotonic() > deadline:
+                raise HypervisorTimeout("The dirty-rate measurement did not finish in time.")
+            time.sleep(0.02)
 
     # -- migration (owned by the migration-jobs engineer) -------------------------
     #
