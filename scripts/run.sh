@@ -17,9 +17,12 @@ trap stop INT TERM EXIT
 if (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; then
   echo "port $ADDR:$PORT is already in use; set KVMWEB_PORT to another port"; exit 1
 fi
-$PY manage.py qcluster & pids+=($!)
-Q_CLUSTER_NAME=migrations $PY manage.py qcluster & pids+=($!)
-.venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
+# Each child runs in its own session: a Ctrl-C reaches only this script, which then
+# stops every child exactly once with SIGTERM. (django-q2's cluster hangs in shutdown
+# when it gets the terminal's SIGINT and a SIGTERM on top of it.)
+setsid $PY manage.py qcluster & pids+=($!)
+Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
+setsid .venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
 echo
 echo "kvmweb is running at http://$ADDR:$PORT/"
 echo "Sign in as the administrator created at first setup (user 'admin' unless KVMWEB_ADMIN_USER was set)."
