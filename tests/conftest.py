@@ -90,9 +90,15 @@ def _audit_guards_for_transactional_tests(request):
     """Transactional tests end with a table flush (DELETE on SQLite), which the audit
     table's append-only triggers refuse. Install the guards for the test, drop them just
     before the flush."""
-    if "transactional_db" not in request.fixturenames and "live_server" not in request.fixturenames:
+    marker = request.node.get_closest_marker("django_db")
+    by_marker = marker is not None and bool(marker.kwargs.get("transaction", marker.args[:1] == (True,)))
+    by_fixture = {"transactional_db", "live_server"} & set(request.fixturenames)
+    if not by_marker and not by_fixture:
         yield
         return
+    # Set the database up from inside this fixture, so that its teardown (the flush) runs
+    # after ours (autouse fixtures are set up first, so otherwise the flush came first).
+    request.getfixturevalue("transactional_db")
     from django.db import connection
 
     from kvmweb.audit import guards
