@@ -2,4 +2,27 @@
 # test.sh — run every test. pytest's exit code is ours (5 = no tests ran = failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/pytest "$@"
+# With arguments: just that pytest run. KVMWEB_SCALEOUT=0 skips the second pass below,
+# KVMWEB_SCALEOUT=only runs only the second pass.
+if [ $# -gt 0 ] || [ "${KVMWEB_SCALEOUT:-1}" = 0 ]; then exec .venv/bin/pytest "$@"; fi
+
+# Pass 1: everything on the embedded default (SQLite, in-process channel layer).
+status=0
+[ "${KVMWEB_SCALEOUT:-1}" = only ] || .venv/bin/pytest || status=$?
+
+# Pass 2: the scale-out tests plus the database-, worker- and streaming-related files,
+# again on a throwaway PostgreSQL + Redis (scripts/services.sh, loopback, own temp dir,
+# stopped on any exit). Lab and browser tests ran in pass 1 and are not repeated.
+shopt -s nullglob
+also=(tests/audit/test_*.py tests/kvmweb/test_health.py
+  tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,consumer,progress}*.py)
+shopt -u nullglob
+KVMWEB_SERVICES_DIR=$(mktemp -d /tmp/kvmweb-services.XXXXXX)
+export KVMWEB_SERVICES_DIR
+trap 'bash scripts/services.sh stop' EXIT
+echo "test: pass 2 on PostgreSQL + Redis: tests/scaleout ${also[*]}"
+eval "$(bash scripts/services.sh start)"
+scaleout=0
+.venv/bin/pytest -m "not lab and not browser" tests/scaleout "${also[@]}" || scaleout=$?
+echo "test: pass 1 (SQLite) exit $status, pass 2 (PostgreSQL + Redis) exit $scaleout"
+exit $((status != 0 ? status : scaleout))
