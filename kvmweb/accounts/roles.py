@@ -17,6 +17,7 @@ _READ_ALL = [
     "hosts.view_vm",
     "migrations_app.view_migrationjob",
     "audit.view_auditevent",
+    "accounts.view_selfservicepolicy",
 ]
 ROLE_PERMISSIONS = {
     ADMINISTRATOR: _READ_ALL
@@ -34,9 +35,13 @@ ROLE_PERMISSIONS = {
         "migrations_app.control_migrationjob",
         "migrations_app.approve_migrationjob",
         "migrations_app.override_preflight",
+        "accounts.add_selfservicepolicy",
+        "accounts.change_selfservicepolicy",
+        "accounts.delete_selfservicepolicy",
         "auth.view_user",
         "auth.add_user",
         "auth.change_user",
+        "auth.view_group",
     ],
     OPERATOR: _READ_ALL
     + [

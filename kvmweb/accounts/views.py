@@ -1,15 +1,25 @@
+"""Sign-in, users and roles, host groups and self-service policies (administration)."""
+
 from django import forms
-from django.shortcuts import redirect, render
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.utils.translation import gettext_lazy as _
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from kvmweb.accounts import services
+from hosts.models import Host
+from kvmweb.access import get_scoped_or_404, require, scoped
+from kvmweb.accounts import scope, services
+from kvmweb.accounts.forms import HostGroupForm, PolicyForm, RolesForm
+from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.roles import ROLES
 
 
 class LoginForm(forms.Form):
-    username = forms.CharField(label=_("Username"), max_length=150)
-    password = forms.CharField(label=_("Password"), widget=forms.PasswordInput)
+    username = forms.CharField(label=gettext_lazy("Username"), max_length=150)
+    password = forms.CharField(label=gettext_lazy("Password"), widget=forms.PasswordInput)
 
 
 def login(request):
@@ -31,3 +41,119 @@ def login(request):
 def logout(request):
     services.do_logout(request)
     return redirect("login")
+
+
+# --- Users and roles ------------------------------------------------------------------
+
+
+@login_required
+def user_list(request):
+    require(request.user, "auth.view_user")
+    users = scope.users(request.user).order_by("username").prefetch_related("groups")
+    rows = [(u, sorted(g.name for g in u.groups.all() if g.name in ROLES)) for u in users]
+    return render(request, "accounts/user_list.html", {"rows": rows})
+
+
+@login_required
+def user_roles(request, pk):
+    target = get_object_or_404(scope.users(request.user, "change"), pk=pk)
+    require(request.user, "auth.change_user")
+    form = RolesForm(request.POST or None, initial={"roles": services.user_roles(target)})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.do_set_roles(target, form.cleaned_data["roles"], actor=request.user, request=request)
+        except services.AccountError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("Roles of %(name)s saved.") % {"name": target.get_username()})
+            return redirect("accounts:users")
+    return render(request, "accounts/user_roles.html", {"form": form, "target": target})
+
+
+# --- Host groups and self-service policies --------------------------------------------
+
+
+@login_required
+def host_groups(request):
+    require(request.user, "hosts.view_hostgroup")
+    groups = scope.host_groups(request.user).prefetch_related("hosts")
+    policies = {
+        p.source_group_id: p
+        for p in scoped(SelfServicePolicy, request.user).prefetch_related("target_groups")
+    }
+    rows = [(group, policies.get(group.pk)) for group in groups]
+    ungrouped = scoped(Host, request.user).filter(group__isnull=True)
+    return render(request, "accounts/host_groups.html", {"rows": rows, "ungrouped": ungrouped})
+
+
+@login_required
+def host_group_edit(request, pk=None):
+    group = None
+    if pk is None:
+        require(request.user, "hosts.add_hostgroup")
+    else:
+        group = get_object_or_404(scope.host_groups(request.user, "change"), pk=pk)
+        require(request.user, "hosts.change_hostgroup")
+    initial = {}
+    if group is not None:
+        initial = {"name": group.name, "description": group.description, "hosts": list(group.hosts.all())}
+    form = HostGroupForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.do_save_host_group(group, actor=request.user, request=request, **form.cleaned_data)
+        except services.AccountError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("Host group saved."))
+            return redirect("accounts:host_groups")
+    return render(request, "accounts/host_group_form.html", {"form": form, "group": group})
+
+
+@login_required
+@require_POST
+def host_group_delete(request, pk):
+    group = get_object_or_404(scope.host_groups(request.user, "delete"), pk=pk)
+    require(request.user, "hosts.delete_hostgroup")
+    services.do_delete_host_group(group, actor=request.user, request=request)
+    messages.success(request, _("Host group deleted; its hosts are now ungrouped."))
+    return redirect("accounts:host_groups")
+
+
+@login_required
+def policy_edit(request, pk=None):
+    policy = None
+    if pk is None:
+        require(request.user, "accounts.add_selfservicepolicy")
+        initial = {"source_group": request.GET.get("group"), "requires_approval": True}
+    else:
+        policy = get_scoped_or_404(
+            SelfServicePolicy, request.user, "change", perm="accounts.change_selfservicepolicy", pk=pk
+        )
+        initial = {
+            "source_group": policy.source_group,
+            "target_groups": list(policy.target_groups.all()),
+            "allowed_modes": policy.allowed_modes,
+            "max_bandwidth": policy.max_bandwidth,
+            "requires_approval": policy.requires_approval,
+        }
+    form = PolicyForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.do_save_policy(policy, actor=request.user, request=request, **form.cleaned_data)
+        except services.AccountError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("Self-service policy saved."))
+            return redirect("accounts:host_groups")
+    return render(request, "accounts/policy_form.html", {"form": form, "policy": policy})
+
+
+@login_required
+@require_POST
+def policy_delete(request, pk):
+    policy = get_scoped_or_404(
+        SelfServicePolicy, request.user, "delete", perm="accounts.delete_selfservicepolicy", pk=pk
+    )
+    services.do_delete_policy(policy, actor=request.user, request=request)
+    messages.success(request, _("Self-service policy removed."))
+    return redirect("accounts:host_groups")

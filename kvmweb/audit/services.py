@@ -103,11 +103,16 @@ def record(
     return event
 
 
-def verify_chain():
-    """Walk the chain in order. Returns (checked_count, first_bad_event_or_None, reason)."""
+def verify_chain(using="default"):
+    """Walk the chain in order. Returns (checked_count, first_bad_event_or_None, reason).
+
+    Catches an edited row (its hash no longer matches its fields), a removed or inserted
+    row (the next prev_hash no longer matches). Removing rows from the very end leaves a
+    shorter valid chain: only an external copy of the last hash (an export) shows that.
+    """
     prev = GENESIS
     count = 0
-    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
+    for event in AuditEvent.objects.using(using).order_by("id").iterator(chunk_size=2000):
         if event.prev_hash != prev:
             return count, event, "prev_hash does not match the previous event (row removed or inserted)"
         if not hmac.compare_digest(event.hash, compute_hash(prev, event)):

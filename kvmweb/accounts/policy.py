@@ -1,0 +1,147 @@
+"""May this person ask for this migration? The self-service policy check.
+
+``check_request`` is the one gate every migration request passes (the wizard calls it
+before creating a job, the service calls it again inside its transaction). Staff roles
+are always allowed; self-service users are held to the policy of the host group their
+VM runs in; everyone else is refused.
+
+Reasons are shown to the requester as they are. They name only things the requester can
+already see (their VM, its host, their chosen mode and bandwidth, target groups their
+policy lists), never a host or VM outside their scope: a target outside the policy gets
+the same sentence whether it exists or not.
+"""
+
+from dataclasses import dataclass
+
+from django.utils.translation import gettext as _
+
+from kvmweb.accounts.roles import ADMINISTRATOR, OPERATOR, has_role, is_self_service
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to a migration request: allowed or not, waits for approval or not, and
+    a sentence for the requester (empty when allowed without conditions)."""
+
+    allowed: bool
+    needs_approval: bool = False
+    reason: str = ""
+
+    def __bool__(self):
+        return self.allowed
+
+
+def is_staff_migrator(user):
+    """Administrators and operators may migrate any VM anywhere, no approval needed."""
+    return user.is_authenticated and (has_role(user, ADMINISTRATOR) or has_role(user, OPERATOR))
+
+
+def policy_for(vm):
+    """The self-service policy that covers ``vm`` where it runs now, or None."""
+    from kvmweb.accounts.models import SelfServicePolicy
+
+    host = vm.host
+    if host is None or host.group_id is None:
+        return None
+    return (
+        SelfServicePolicy.objects.filter(source_group_id=host.group_id)
+        .prefetch_related("target_groups")
+        .first()
+    )
+
+
+def allowed_targets(user, vm):
+    """Hosts ``user`` may pick as the target for ``vm`` (a Host queryset).
+
+    Staff: every host except the VM's current one. Self-service: the hosts of the target
+    groups of the policy covering the VM's current host group (the VM must be theirs).
+    Anyone else: none. Use it to fill the wizard's target choice.
+    """
+    from hosts.models import VM, Host
+
+    if is_staff_migrator(user):
+        return Host.objects.exclude(pk=vm.host_id)
+    if not is_self_service(user) or not VM.objects.restrict(user).filter(pk=vm.pk).exists():
+        return Host.objects.none()
+    policy = policy_for(vm)
+    if policy is None:
+        return Host.objects.none()
+    return Host.objects.filter(group__in=policy.target_groups.all()).exclude(pk=vm.host_id)
+
+
+def _bandwidth(options):
+    """The requested cap in MiB/s, None for unlimited (absent, empty or 0, as in libvirt)."""
+    value = (options or {}).get("bandwidth")
+    if value in (None, "", 0, "0"):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(value) from None
+    if number < 0:
+        raise ValueError(value)
+    return number or None
+
+
+def check_request(user, vm, target, mode, options=None):
+    """Decide whether ``user`` may migrate ``vm`` to ``target`` with ``mode`` and
+    ``options`` (options["bandwidth"] in MiB/s; None or 0 = unlimited).
+
+    Returns a Decision. Never raises for a refusal: the caller audits the refusal as a
+    failure with the reason and shows the reason.
+    """
+    if not user.is_authenticated:
+        return Decision(False, reason=_("Sign in to request a migration."))
+    if is_staff_migrator(user):
+        return Decision(True)
+    if not is_self_service(user) or not user.has_perm("migrations_app.add_migrationjob"):
+        return Decision(False, reason=_("Your role does not allow migration requests."))
+
+    from hosts.models import VM
+
+    # Same sentence for "not yours" and "does not exist": nothing to learn from it.
+    if vm is None or not VM.objects.restrict(user).filter(pk=vm.pk).exists():
+        return Decision(False, reason=_("That VM is not available to you."))
+    policy = policy_for(vm)
+    if policy is None:
+        return Decision(
+            False,
+            reason=_(
+                "No self-service policy covers the host this VM runs on, so it can only be "
+                "moved by an operator."
+            ),
+        )
+    allowed_group_ids = {g.pk for g in policy.target_groups.all()}
+    if target is None or target.group_id not in allowed_group_ids or target.pk == vm.host_id:
+        names = ", ".join(sorted(g.name for g in policy.target_groups.all()))
+        return Decision(
+            False,
+            reason=_("That target is not available to you. This VM may move to hosts of: %(groups)s.")
+            % {"groups": names or _("no group")},
+        )
+    if mode not in policy.allowed_modes:
+        return Decision(
+            False,
+            reason=_("The mode %(mode)s is not allowed for this VM. Allowed: %(allowed)s.")
+            % {"mode": mode, "allowed": ", ".join(policy.mode_labels()) or _("none")},
+        )
+    try:
+        bandwidth = _bandwidth(options)
+    except ValueError:
+        return Decision(False, reason=_("The bandwidth must be a whole number of MiB/s."))
+    if policy.max_bandwidth is not None:
+        if bandwidth is None:
+            return Decision(
+                False,
+                reason=_("Set a bandwidth limit of at most %(cap)d MiB/s; unlimited is not allowed.")
+                % {"cap": policy.max_bandwidth},
+            )
+        if bandwidth > policy.max_bandwidth:
+            return Decision(
+                False,
+                reason=_("The bandwidth %(asked)d MiB/s is above the allowed %(cap)d MiB/s.")
+                % {"asked": bandwidth, "cap": policy.max_bandwidth},
+            )
+    if policy.requires_approval:
+        return Decision(True, True, _("This request waits for an operator's approval."))
+    return Decision(True)

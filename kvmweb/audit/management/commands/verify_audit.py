@@ -1,0 +1,44 @@
+"""manage.py verify_audit: is the audit history intact?
+
+Checks that the append-only guards (database triggers) are installed and walks the HMAC
+chain from the first event. Prints the first broken link (id, time, action, reason) and
+exits 1 on any problem, 0 when everything holds, so cron or monitoring can alert on it.
+"""
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+
+from kvmweb.audit import guards
+from kvmweb.audit.services import verify_chain
+
+
+class Command(BaseCommand):
+    help = "Verify the audit history: HMAC chain and append-only guards. Exit 1 on any problem."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--database", default="default", help="database alias (default: default)")
+
+    def handle(self, *args, database="default", **options):
+        connection = connections[database]
+        problems = []
+        if not guards.installed(connection):
+            problems.append(
+                "append-only guards are missing: the audit table accepts UPDATE/DELETE "
+                "(re-run `manage.py migrate audit` or reinstall them)"
+            )
+        try:
+            count, bad, reason = verify_chain(using=database)
+        except (ValueError, TypeError) as exc:
+            # A row edited into something unreadable (e.g. invalid JSON in details).
+            count, bad, reason = 0, None, ""
+            problems.append(f"chain unreadable: {exc.__class__.__name__}: {exc}")
+        if bad is not None:
+            problems.append(
+                f"chain broken at event id={bad.pk} at={bad.at.isoformat()} action={bad.action}: {reason}"
+                f" ({count} events before it verified)"
+            )
+        if problems:
+            for problem in problems:
+                self.stderr.write(f"FAIL {problem}")
+            raise CommandError(f"audit history NOT intact: {len(problems)} problem(s)", returncode=1)
+        self.stdout.write(f"OK {count} events, chain intact, append-only guards installed")
