@@ -1,6 +1,34 @@
+import threading
+
 from django.apps import AppConfig
 
 
 class MigrationsAppConfig(AppConfig):
     name = "migrations_app"
     verbose_name = "Migrations"
+
+    def ready(self):
+        from django_q.signals import post_spawn
+
+        post_spawn.connect(_reconcile_at_worker_start, dispatch_uid="kvmweb-reconcile-at-start")
+
+
+def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
+    """A migrations worker that starts (e.g. after a crash) first reconciles jobs whose
+    worker died. In a thread: the worker must not wait for slow hosts before serving."""
+    from django_q.conf import Conf
+
+    if Conf.CLUSTER_NAME != "migrations":
+        return
+
+    def run():
+        from migrations_app.reconcile import reconcile_jobs
+
+        try:
+            reconcile_jobs()
+        except Exception:  # logged; the scheduled pass will try again
+            import logging
+
+            logging.getLogger(__name__).exception("reconcile at worker start failed")
+
+    threading.Thread(target=run, name="reconcile-at-start", daemon=True).start()

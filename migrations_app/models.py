@@ -165,6 +165,40 @@ class MigrationJob(models.Model):
     def is_final(self):
         return self.status in self.FINAL_STATES
 
+    @property
+    def is_cancellable(self):
+        """Waiting, queued, preflight or running jobs can be cancelled."""
+        return self.status in (self.PENDING_APPROVAL, self.QUEUED, self.PREFLIGHT, self.RUNNING)
+
+    @property
+    def is_controllable(self):
+        """Bandwidth, downtime and post-copy only change a live migration that runs."""
+        return self.status == self.RUNNING and self.mode in (self.LIVE, self.LIVE_COPY)
+
+    @property
+    def postcopy_enabled(self):
+        return bool((self.options or {}).get("postcopy")) and self.mode in (self.LIVE, self.LIVE_COPY)
+
+    @property
+    def bandwidth(self):
+        """The bandwidth cap in effect (MiB/s; None = unlimited)."""
+        if self.requested_bandwidth is not None:
+            return self.requested_bandwidth or None
+        return (self.options or {}).get("bandwidth")
+
+    @property
+    def max_downtime(self):
+        return self.requested_downtime or (self.options or {}).get("max_downtime")
+
+    @property
+    def duration_seconds(self):
+        """Seconds from start to finish (or to now while it runs)."""
+        if not self.started_at:
+            return None
+        from django.utils import timezone
+
+        return ((self.finished_at or timezone.now()) - self.started_at).total_seconds()
+
 
 class ProgressSample(models.Model):
     """One progress sample, kept for the job page's chart."""

@@ -1,0 +1,169 @@
+"""`manage.py migrate_vm VM TARGET --mode MODE [options] [--wait] [--json]`.
+
+The same service and job path as the wizard: preflight, do_create_job (policy, audit,
+one-active-job constraint), the job queued on the "migrations" cluster and run by a
+worker (`Q_CLUSTER_NAME=migrations manage.py qcluster`, started by scripts/run.sh).
+--wait follows the job row until it ends; exit status 0 only when it succeeded.
+"""
+
+import json
+import sys
+import time
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from hosts.models import VM, Host
+from migrations_app.models import MigrationJob
+from migrations_app.services import JobError, do_create_job
+
+
+def job_json(job):
+    return {
+        "id": job.pk,
+        "vm": job.vm_name,
+        "source": job.source_name,
+        "target": job.target_name,
+        "mode": job.mode,
+        "status": job.status,
+        "phase": job.phase,
+        "percent": job.percent,
+        "downtime_ms": job.downtime_ms,
+        "elapsed_ms": job.elapsed_ms,
+        "error": job.error,
+        "result": job.result,
+    }
+
+
+class Command(BaseCommand):
+    help = "Migrate a VM through a kvmweb job (same path as the wizard)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("vm", help="VM name or UUID")
+        parser.add_argument("target", help="target host name")
+        parser.add_argument("--mode", required=True, choices=["live", "live-copy", "cold", "offline"])
+        parser.add_argument("--user", default="admin", help="act as this kvmweb user (default admin)")
+        parser.add_argument("--bandwidth", type=int, help="MiB/s")
+        parser.add_argument("--max-downtime", type=int, help="ms")
+        parser.add_argument("--auto-converge", action="store_true")
+        parser.add_argument("--compression", action="store_true")
+        parser.add_argument("--parallel", type=int, help="parallel connections")
+        parser.add_argument("--postcopy", action="store_true", help="enable post-copy")
+        parser.add_argument("--completion-timeout", type=int, help="seconds")
+        parser.add_argument("--completion-action", choices=["abort", "postcopy"])
+        parser.add_argument("--tunnelled", action="store_true")
+        parser.add_argument("--migrate-uri")
+        parser.add_argument("--no-persist", action="store_true", help="do not persist on the target")
+        parser.add_argument("--keep-source", action="store_true", help="do not undefine the source")
+        parser.add_argument("--copy-storage", choices=["all", "inc"])
+        parser.add_argument("--remove-source-disks", action="store_true")
+        parser.add_argument("--shutdown-timeout", type=int, help="cold: seconds to wait for shutdown")
+        parser.add_argument("--force-off", action="store_true", help="cold: force off after the timeout")
+        start = parser.add_mutually_exclusive_group()
+        start.add_argument("--start", dest="start", action="store_true", default=None)
+        start.add_argument("--no-start", dest="start", action="store_false")
+        parser.add_argument("--ack", action="append", default=[], help="acknowledge a warning (id)")
+        parser.add_argument("--ack-all", action="store_true", help="acknowledge every warning")
+        parser.add_argument("--override", action="append", default=[], help="override a failed check (id)")
+        parser.add_argument("--reason", default="")
+        parser.add_argument("--wait", action="store_true", help="follow the job until it ends")
+        parser.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    def handle(self, *args, **o):
+        from migrations_app.plan import MigrationPlan, PlanError
+        from migrations_app.preflight import run_preflight
+
+        user = get_user_model().objects.filter(username=o["user"]).first()
+        if user is None:
+            raise CommandError(f"no kvmweb user {o['user']!r} (use --user)")
+        vms = VM.objects.restrict(user).filter(gone=False)
+        vm = vms.filter(name=o["vm"]).first()
+        if vm is None:
+            try:
+                vm = vms.filter(uuid=o["vm"]).first()
+            except Exception:
+                vm = None
+        if vm is None:
+            raise CommandError(f"no VM {o['vm']!r} visible to {user}")
+        target = Host.objects.restrict(user).filter(name=o["target"]).first()
+        if target is None:
+            raise CommandError(f"no host {o['target']!r} visible to {user}")
+        options = options_from_args(o)
+        try:
+            plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
+            plan.validate()
+        except PlanError as exc:
+            raise CommandError(str(exc)) from None
+        report = run_preflight(plan)
+        acks = list(o["ack"])
+        if o["ack_all"]:
+            acks += warning_ids(report)
+        try:
+            job = do_create_job(
+                vm,
+                target,
+                o["mode"],
+                options,
+                actor=user,
+                report=report,
+                acknowledged=acks,
+                overridden=o["override"],
+                reason=o["reason"],
+            )
+        except JobError as exc:
+            if o["json"]:
+                self.stdout.write(json.dumps({"error": str(exc)}))
+            raise CommandError(str(exc)) from None
+        if not o["json"]:
+            self.stdout.write(
+                f"job #{job.pk}: {job.get_status_display()}  ({plan.virsh_command().splitlines()[0]})"
+            )
+        if o["wait"]:
+            job = self.follow(job, quiet=o["json"])
+        if o["json"]:
+            self.stdout.write(json.dumps(job_json(job)))
+        if o["wait"] and job.status != MigrationJob.SUCCEEDED:
+            sys.exit(1)
+
+    def follow(self, job, quiet=False):
+        last = None
+        while True:
+            job.refresh_from_db()
+            line = f"#{job.pk} {job.status} {job.phase} {job.percent:.0f}%"
+            if not quiet and line != last:
+                self.stdout.write(line)
+                last = line
+            if job.is_final:
+                if not quiet:
+                    self.stdout.write(job.error or f"succeeded: {job.vm_name} is on {job.target_name}")
+                return job
+            time.sleep(0.05)
+
+
+def options_from_args(o):
+    options = {}
+    for key in ("bandwidth", "max_downtime", "parallel", "completion_timeout", "shutdown_timeout"):
+        if o.get(key) is not None:
+            options[key] = o[key]
+    for key in ("completion_action", "migrate_uri", "copy_storage"):
+        if o.get(key):
+            options[key] = o[key]
+    for key in ("auto_converge", "compression", "postcopy", "tunnelled", "force_off", "remove_source_disks"):
+        if o.get(key):
+            options[key] = True
+    if o.get("no_persist"):
+        options["persist"] = False
+    if o.get("keep_source"):
+        options["undefine_source"] = False
+    if o.get("start") is not None:
+        options["start_on_target"] = o["start"]
+    mode = o["mode"]
+    from migrations_app.plan import MODE_KEYS
+
+    return {k: v for k, v in options.items() if k in MODE_KEYS[mode]}
+
+
+def warning_ids(report):
+    data = report.to_dict()
+    checks = data.get("checks") or data.get("results") or []
+    return [c.get("id") for c in checks if c.get("status") == "warn" and c.get("id")]

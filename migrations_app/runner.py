@@ -1,0 +1,860 @@
+"""The migration worker: runs one MigrationJob against real libvirt.
+
+Shape of a run (DESIGN §4):
+
+1. Claim: ``filter(pk=…, status=QUEUED).update(status=PREFLIGHT, worker=…)``. 0 rows means
+   another delivery of the same message (or a cancel) got there first: do nothing. This is
+   what makes a redelivered or duplicated task harmless; a migration is never started twice.
+2. Preflight again, right before starting (the world may have changed since the wizard);
+   a blocking result fails the job with the new report stored.
+3. The blocking libvirt operation (migrateToURI3, or the cold-mode volume copy) runs in a
+   helper thread; this thread polls the source's jobStats about 4×/s, writes progress to
+   the job row (+ a ProgressSample, + JobEvents), heartbeats, and applies the controls
+   (cancel → abortJob, bandwidth, max downtime, post-copy) requested on the row.
+4. Conclude from what libvirt says: completed stats from the target, inventory of both
+   hosts synced (location trail "migration"), audit event with the final figures, and a
+   failure message that says in plain words where the VM is.
+
+Only the helper thread talks to libvirt for the long call; only this thread touches the
+database. libvirt is never called inside a transaction.
+"""
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from hosts import hypervisor as hv
+from hosts.models import Host
+from hosts.services import apply_inventory, do_sync_inventory
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import MigrationJob, ProgressSample
+from migrations_app.services import add_event, publish_job
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+SHUTDOWN_POLL_SECONDS = 0.25
+ACTIVE_RUN_STATES = [MigrationJob.PREFLIGHT, MigrationJob.RUNNING, MigrationJob.CANCELLING]
+
+
+def worker_name():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Cancelled(Exception):
+    """The user cancelled; the message says where the VM is."""
+
+
+class Failed(Exception):
+    """The job failed; the message says what happened and where the VM is."""
+
+
+class Operation:
+    """A blocking call in a helper thread; ``wait(t)`` returns True once it ended."""
+
+    def __init__(self, fn, name):
+        self.fn = fn
+        self.error = None
+        self.value = None
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to the monitoring thread
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout):
+        return self._done.wait(timeout)
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+
+# ---------------------------------------------------------------------- progress maths
+
+
+def progress_from_stats(stats, state=None):
+    """Job-row progress fields from one jobStats() dict (and the domain's (state, reason)).
+
+    libvirt facts this relies on: data_total is 0 for the first ~250 ms (setup);
+    processed/total never reaches 100 % because zero pages are skipped, so the percentage
+    comes from data_remaining; with storage copy a disk phase comes first and data_total
+    grows when the RAM phase starts; memory_dirty_rate is in pages per second.
+    """
+    g = stats.get
+    data_total, data_remaining = g("data_total", 0), g("data_remaining", 0)
+    disk_total, disk_remaining = g("disk_total", 0), g("disk_remaining", 0)
+    memory_processed = g("memory_processed", 0)
+    iteration = g("memory_iteration", 0)
+    page = g("memory_page_size", 4096) or 4096
+    dirty = int(g("memory_dirty_rate", 0) * page)
+    rate = g("memory_bps", 0) or g("disk_bps", 0)
+    state_name, reason = state or ("", "")
+    if state_name == "paused" and reason == "postcopy" or reason == "postcopy":
+        phase = "post-copy"
+    elif state_name == "paused" and reason == "migration":
+        phase = "completing"
+    elif data_total == 0:
+        phase = "setup"
+    elif disk_total and disk_remaining and not memory_processed:
+        phase = "disk copy"
+    else:
+        phase = "memory"
+    percent = 0.0
+    if data_total:
+        percent = max(0.0, min(99.9, 100.0 * (data_total - data_remaining) / data_total))
+    eta = None
+    if rate and data_total:
+        if iteration > 1 and dirty >= rate:
+            eta = None  # dirtying as fast as we copy: no honest ETA (may never converge)
+        else:
+            eta = round(data_remaining / rate, 1)
+    return {
+        "phase": phase,
+        "percent": round(percent, 1),
+        "data_total": data_total,
+        "data_processed": g("data_processed", 0),
+        "data_remaining": data_remaining,
+        "memory_total": g("memory_total", 0),
+        "memory_processed": memory_processed,
+        "memory_remaining": g("memory_remaining", 0),
+        "disk_total": disk_total,
+        "disk_processed": g("disk_processed", 0),
+        "disk_remaining": disk_remaining,
+        "rate": int(rate),
+        "dirty_rate": dirty,
+        "iteration": iteration,
+        "eta_seconds": eta,
+    }
+
+
+def _flags_value(flags):
+    """plan.flags() may be an int or a list of flag names (VIR_MIGRATE_* suffixes)."""
+    if isinstance(flags, int):
+        return flags
+    import libvirt
+
+    value = 0
+    for name in flags:
+        name = name if name.startswith("VIR_MIGRATE_") else f"VIR_MIGRATE_{name}"
+        value |= getattr(libvirt, name)
+    return value
+
+
+# ---------------------------------------------------------------------- the job context
+
+
+class JobRun:
+    """Everything one run of one job needs; the methods write the row and wake watchers."""
+
+    def __init__(self, job, worker):
+        self.job = job
+        self.job_id = job.pk
+        self.worker = worker
+        self.t0 = time.monotonic()
+        self.applied = {}  # control requests already applied
+        self.stop_copy = threading.Event()
+        self.last_phase = None
+        self.last_iteration = 0
+
+    # -- row writes
+
+    def update(self, **fields):
+        now = timezone.now()
+        MigrationJob.objects.filter(pk=self.job_id).update(
+            **fields, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+        )
+        publish_job(self.job_id)
+
+    def event(self, message, level="info"):
+        add_event(self.job_id, message, level)
+        publish_job(self.job_id)
+
+    def progress(self, fields, sample=True):
+        """One progress write (row + chart sample) and the phase/iteration events."""
+        now = timezone.now()
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=self.job_id).update(
+                **fields, progress_at=now, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+            )
+            if sample:
+                ProgressSample.objects.create(
+                    job_id=self.job_id,
+                    t=round(time.monotonic() - self.t0, 3),
+                    rate=fields.get("rate", 0),
+                    remaining=fields.get("memory_remaining") or fields.get("data_remaining", 0),
+                    processed=fields.get("data_processed", 0),
+                    dirty_rate=fields.get("dirty_rate", 0),
+                    iteration=fields.get("iteration", 0),
+                )
+        phase = fields.get("phase")
+        if phase and phase != self.last_phase:
+            self.last_phase = phase
+            add_event(self.job_id, f"Phase: {phase}.")
+        iteration = fields.get("iteration", 0)
+        if iteration > self.last_iteration and iteration > 1:
+            add_event(
+                self.job_id, f"Memory pass {iteration} (pages dirtied during the last pass are resent)."
+            )
+        self.last_iteration = max(self.last_iteration, iteration)
+        publish_job(self.job_id)
+
+    def heartbeat(self):
+        MigrationJob.objects.filter(pk=self.job_id).update(heartbeat_at=timezone.now())
+
+    def controls(self):
+        """The control fields as they are on the row now."""
+        return (
+            MigrationJob.objects.filter(pk=self.job_id)
+            .values(
+                "status",
+                "cancel_requested",
+                "requested_bandwidth",
+                "requested_downtime",
+                "postcopy_requested",
+            )
+            .first()
+        )
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def run_job(job_id, worker=None):
+    """The task body: claim the job, run it, conclude it. Returns the final status, or
+    None when the claim found nothing to do (redelivery, duplicate, cancelled)."""
+    worker = worker or worker_name()
+    now = timezone.now()
+    claimed = MigrationJob.objects.filter(pk=job_id, status=MigrationJob.QUEUED).update(
+        status=MigrationJob.PREFLIGHT,
+        worker=worker,
+        heartbeat_at=now,
+        started_at=now,
+        progress_seq=F("progress_seq") + 1,
+    )
+    if not claimed:
+        log.info("job %s: not claimed (already taken, cancelled or gone); nothing to do", job_id)
+        return None
+    publish_job(job_id)
+    job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
+    run = JobRun(job, worker)
+    add_event(job_id, f"Picked up by worker {worker}.")
+    try:
+        _run(run)
+    except Cancelled as exc:
+        return _finish(run, MigrationJob.CANCELLED, str(exc))
+    except Failed as exc:
+        return _finish(run, MigrationJob.FAILED, str(exc))
+    except Exception as exc:  # never leave a job hanging in an active state
+        log.exception("job %s crashed", job_id)
+        return _finish(run, MigrationJob.FAILED, f"Internal error in the worker: {exc}")
+    return MigrationJob.objects.filter(pk=job_id).values_list("status", flat=True).first()
+
+
+def _run(run):
+    from migrations_app.plan import MigrationPlan
+    from migrations_app.preflight import run_preflight
+
+    job = run.job
+    if job.source is None or job.target is None:
+        raise Failed("The source or target host was removed from kvmweb before the job started.")
+    plan = MigrationPlan.from_job(job)
+    report = run_preflight(plan)
+    blocking = report.blocking_reasons(job.acknowledged, job.overridden)
+    run.update(preflight=report.to_dict())
+    if blocking:
+        raise Failed(
+            "The preflight checklist now blocks this migration (checked again right before "
+            f"starting): {'; '.join(blocking)}. Nothing was changed; the VM is still on {job.source_name}."
+        )
+    run.event("Preflight passed again on the worker.")
+    now = timezone.now()
+    started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
+        status=MigrationJob.RUNNING, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+    )
+    if not started:
+        raise Cancelled(
+            f"Cancelled before the migration started; the VM was not touched and is on {job.source_name}."
+        )
+    publish_job(job.pk)
+    if job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY):
+        _run_live(run, plan)
+    elif job.mode == MigrationJob.COLD:
+        _run_cold(run, plan)
+    elif job.mode == MigrationJob.OFFLINE:
+        _run_offline(run, plan)
+    else:
+        raise Failed(f"Unknown mode {job.mode!r}.")
+
+
+# ---------------------------------------------------------------------- live modes
+
+
+def _disk_paths(vm):
+    return [d["source"] for d in vm.disks if d.get("device", "disk") == "disk" and d.get("source")]
+
+
+def _run_live(run, plan):
+    job = run.job
+    uuid = str(job.vm.uuid)
+    src_uri, dst_uri = job.source.uri, job.target.uri
+    flags = _flags_value(plan.flags())
+    params = dict(plan.params())
+    if job.mode == MigrationJob.LIVE_COPY:
+        _prepare_target_volumes(run)
+    try:
+        mig = hv.connect(src_uri, call_timeout=settings.MIGRATION_TIMEOUT)
+        mon = hv.connect(src_uri)
+    except hv.HypervisorError as exc:
+        raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
+    op = None
+    try:
+        run.event(f"Migration started: {plan.virsh_command()}")
+        op = Operation(lambda: mig.migrate(uuid, dst_uri, flags, params), f"migrate job {job.pk}")
+        _monitor(run, mon, op)
+    finally:
+        mon.close()
+        if op is None or op.done:
+            mig.close()
+    if op.error is not None:
+        _explain_failure(run, op.error)
+    _conclude_success(run)
+
+
+def _prepare_target_volumes(run):
+    """Storage copy needs each disk's file to exist on the target, or an active pool
+    whose target path is the disk's directory (libvirt then pre-creates the volume,
+    lab pitfall 6). Check that now rather than let libvirt fail halfway."""
+    job = run.job
+    try:
+        with hv.session(job.target.uri) as dst:
+            for path in _disk_paths(job.vm):
+                if dst.volume_at(path) is None and dst.pool_for_dir(os.path.dirname(path)) is None:
+                    raise Failed(
+                        f"{job.target_name} has no storage pool at {os.path.dirname(path)}, so the disk "
+                        f"{path} cannot be created there. Define and start a directory pool at that "
+                        f"path on {job.target_name}. The VM is still on {job.source_name}."
+                    )
+    except hv.HypervisorError as exc:
+        raise Failed(f"Cannot prepare the target volumes on {job.target_name}: {exc}") from None
+    run.event("Target volumes: an active pool at each disk's directory will hold the copies.")
+
+
+def _monitor(run, mon, op=None):
+    """Poll the source's job stats ~4×/s until the operation ends (``op``) or, when
+    re-attaching without an operation, until libvirt says the job is over."""
+    job = run.job
+    uuid = str(job.vm.uuid)
+    errors = 0
+    started = time.monotonic()
+    timeout = (job.options or {}).get("completion_timeout") or 0
+    timeout_action = (job.options or {}).get("completion_action") or "abort"
+    timed_out = False
+    while True:
+        if op is not None:
+            if op.wait(POLL_SECONDS):
+                return
+        else:
+            time.sleep(POLL_SECONDS)
+        try:
+            stats, state = mon.migration_snapshot(uuid)
+            errors = 0
+        except hv.DomainNotFound:
+            return  # the domain left the source: the migration completed
+        except hv.HypervisorError as exc:
+            errors += 1
+            if errors in (1, 20):
+                log.warning("job %s: progress poll failed: %s", job.pk, exc)
+            run.heartbeat()
+            if mon._abandoned:
+                try:
+                    mon = hv.connect(job.source.uri)
+                except hv.HypervisorError:
+                    pass
+            if op is None and errors > 40:
+                raise Failed(f"Lost contact with {job.source_name} while re-attaching: {exc}") from None
+            continue
+        if op is None and stats["type"] in ("none", "completed", "failed", "cancelled"):
+            return
+        if stats["type"] in ("bounded", "unbounded"):
+            run.progress(progress_from_stats(stats, state))
+        else:
+            run.heartbeat()
+        row = run.controls()
+        if row is None:
+            return
+        _apply_controls(run, mon, uuid, row)
+        if timeout and not timed_out and time.monotonic() - started > timeout:
+            timed_out = True
+            if timeout_action == "postcopy" and (job.options or {}).get("postcopy"):
+                run.event(f"Completion timeout ({timeout} s) reached: switching to post-copy.", "warn")
+                _safe(run, "Switching to post-copy", lambda m=mon: m.start_postcopy(uuid))
+            else:
+                run.event(f"Completion timeout ({timeout} s) reached: aborting the migration.", "warn")
+                run.applied["timeout_abort"] = True
+                _safe(run, "Aborting", lambda m=mon: m.abort_job(uuid))
+
+
+def _safe(run, what, fn):
+    try:
+        fn()
+        return True
+    except hv.HypervisorError as exc:
+        run.event(f"{what} failed: {exc}", "error")
+        return False
+
+
+def _apply_controls(run, mon, uuid, row):
+    if row["cancel_requested"] and not run.applied.get("cancel"):
+        run.applied["cancel"] = True
+        run.stop_copy.set()
+        run.event("Aborting the migration (cancel).", "warn")
+        _safe(run, "Aborting the migration", lambda: mon.abort_job(uuid))
+    bw = row["requested_bandwidth"]
+    if bw is not None and run.applied.get("bandwidth") != bw:
+        run.applied["bandwidth"] = bw
+        if _safe(run, "Changing the bandwidth", lambda: mon.set_max_speed(uuid, bw)):
+            run.event(f"Bandwidth now {bw} MiB/s." if bw else "Bandwidth now unlimited.")
+    ms = row["requested_downtime"]
+    if ms is None:
+        ms = (run.job.options or {}).get("max_downtime")  # a plan option, applied once the job runs
+    if ms is not None and run.applied.get("downtime") != ms:
+        run.applied["downtime"] = ms
+        if _safe(run, "Changing the maximum downtime", lambda: mon.set_max_downtime(uuid, ms)):
+            run.event(f"Maximum downtime now {ms} ms.")
+    if row["postcopy_requested"] and not run.applied.get("postcopy"):
+        run.applied["postcopy"] = True
+        if _safe(run, "Switching to post-copy", lambda: mon.start_postcopy(uuid)):
+            run.event("Switched to post-copy: the VM now runs on the target while memory follows.")
+
+
+def where_is(job):
+    """Ask both hosts about the VM: {"source": (state, reason)|None|"unreachable", ...}."""
+    uuid = str(job.vm.uuid)
+    found = {}
+    for side, host in (("source", job.source), ("target", job.target)):
+        try:
+            with hv.session(host.uri, timeout=3) as c:
+                found[side] = c.find_domain(uuid)
+                if found[side] is not None:
+                    found[side + "_job"] = c.job_stats(uuid)["type"]
+        except hv.HypervisorError as exc:
+            found[side] = "unreachable"
+            found[side + "_error"] = str(exc)
+    return found
+
+
+def _state_words(state):
+    if state in (None, "unreachable"):
+        return ""
+    name, _reason = state
+    return {"running": "running", "paused": "paused", "shutoff": "shut off"}.get(name, name)
+
+
+def _explain_failure(run, error):
+    """Turn a failed migrate call into Cancelled/Failed with where the VM is now."""
+    job = run.job
+    code = getattr(error, "code", None)
+    raw = str(error)
+    if code == hv.ERR_OPERATION_ABORTED and run.applied.get("timeout_abort"):
+        raise Failed(
+            f"The migration did not complete within the completion timeout and was aborted; "
+            f"the VM is still running on {job.source_name}."
+        )
+    where = where_is(job)
+    src, dst = where.get("source"), where.get("target")
+    on_src = src not in (None, "unreachable")
+    if dst not in (None, "unreachable") and _state_words(dst) == "running" and not on_src:
+        # The call failed after the guest already switched over (e.g. in the finish
+        # phase); libvirt's own answer about where it runs wins.
+        run.event(f"The migrate call reported an error ({raw}) but the VM runs on the target.", "warn")
+        return
+    place = (
+        f"the VM is still {_state_words(src)} on {job.source_name}"
+        if on_src
+        else f"the VM was not found on {job.source_name}"
+    )
+    if code == hv.ERR_OPERATION_ABORTED and run.applied.get("cancel"):
+        raise Cancelled(f"Cancelled; {place}.")
+    if dst == "unreachable":
+        raise Failed(f"The target host's libvirtd went away during the migration; {place}.")
+    if src == "unreachable":
+        raise Failed(
+            f"The source host {job.source_name} stopped answering during the migration ({raw}); "
+            f"check it before retrying."
+        )
+    raise Failed(f"The migration failed: {raw.rstrip('.')}. {place[0].upper()}{place[1:]}.")
+
+
+def _completed_figures(job):
+    """Downtime, total time and data moved from the completed-job statistics, read on
+    the target (destination hosts keep them; the source's domain is gone)."""
+    uuid = str(job.vm.uuid)
+    for host in (job.target, job.source):
+        try:
+            with hv.session(host.uri, timeout=3) as c:
+                stats = c.job_stats(uuid, completed=True)
+        except hv.HypervisorError:
+            continue
+        if stats.get("type") == "completed" or stats.get("time_elapsed"):
+            return stats
+    return {}
+
+
+def _conclude_success(run, stats=None, extra=None):
+    job = run.job
+    if stats is None:
+        stats = _completed_figures(job) if job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY) else {}
+    result = {
+        "downtime_ms": stats.get("downtime"),
+        "elapsed_ms": stats.get("time_elapsed"),
+        "data_processed": stats.get("data_processed"),
+        "memory_processed": stats.get("memory_processed"),
+        "disk_processed": stats.get("disk_processed"),
+        "memory_iterations": stats.get("memory_iteration"),
+    }
+    result.update(extra or {})
+    if job.mode == MigrationJob.LIVE_COPY and (job.options or {}).get("remove_source_disks"):
+        result["removed_source_disks"] = _remove_source_disks(run)
+    _sync_hosts(run)
+    fields = {
+        "phase": "done",
+        "percent": 100.0,
+        "data_remaining": 0,
+        "memory_remaining": 0,
+        "disk_remaining": 0,
+        "eta_seconds": 0,
+        "downtime_ms": stats.get("downtime"),
+        "elapsed_ms": stats.get("time_elapsed") or int((time.monotonic() - run.t0) * 1000),
+        "result": {k: v for k, v in result.items() if v is not None},
+    }
+    if stats.get("data_processed"):
+        fields["data_processed"] = stats["data_processed"]
+    _finish(run, MigrationJob.SUCCEEDED, "", **fields)
+
+
+def _remove_source_disks(run):
+    """After a successful storage copy, and only when the user asked: delete the source
+    copies libvirt leaves behind (lab pitfall 6)."""
+    job = run.job
+    removed = []
+    try:
+        with hv.session(job.source.uri) as src:
+            for path in _disk_paths(job.vm):
+                if src.volume_at(path) is not None:
+                    src.delete_volume(path)
+                    removed.append(path)
+    except hv.HypervisorError as exc:
+        run.event(f"Removing the source disks failed: {exc}", "error")
+    if removed:
+        run.event(f"Removed the source disks on {job.source_name}: {', '.join(removed)}.")
+    return removed
+
+
+def _sync_hosts(run):
+    """Inventory of the target (location trail entry "migration") and the source."""
+    job = run.job
+    try:
+        with hv.session(job.target.uri) as c:
+            records = c.domains()
+        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
+    except hv.HypervisorError as exc:
+        run.event(f"Inventory sync of {job.target_name} failed: {exc}", "warn")
+    summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
+    if summary.get("error"):
+        run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
+
+
+def _finish(run, status, error, **fields):
+    """Conclude the job (first finisher wins) and write the audit event."""
+    job = run.job
+    now = timezone.now()
+    with transaction.atomic():
+        done = MigrationJob.objects.filter(
+            pk=job.pk, status__in=ACTIVE_RUN_STATES + [MigrationJob.NEEDS_RECONCILE]
+        ).update(
+            status=status,
+            error=error,
+            finished_at=now,
+            heartbeat_at=now,
+            progress_seq=F("progress_seq") + 1,
+            **fields,
+        )
+        if not done:
+            return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+        job.refresh_from_db()
+        level = {MigrationJob.SUCCEEDED: "info", MigrationJob.CANCELLED: "warn"}.get(status, "error")
+        if status == MigrationJob.SUCCEEDED:
+            figures = []
+            if job.downtime_ms is not None:
+                figures.append(f"downtime {job.downtime_ms} ms")
+            if job.elapsed_ms is not None:
+                figures.append(f"total {job.elapsed_ms / 1000:.2f} s")
+            if job.result.get("data_processed"):
+                figures.append(f"{job.result['data_processed'] / 1048576:.1f} MiB moved")
+            message = f"Succeeded: the VM is on {job.target_name}" + (
+                f" ({', '.join(figures)})." if figures else "."
+            )
+        else:
+            message = error
+        add_event(job.pk, message, level)
+        record(
+            "migration.finish",
+            target=job,
+            outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
+            details={
+                "job": job.pk,
+                "vm": job.vm_name,
+                "source": job.source_name,
+                "target": job.target_name,
+                "mode": job.mode,
+                "status": status,
+                "error": error,
+                "downtime_ms": job.downtime_ms,
+                "elapsed_ms": job.elapsed_ms,
+                "result": job.result,
+                "worker": run.worker,
+            },
+        )
+    publish_job(job.pk)
+    return status
+
+
+# ---------------------------------------------------------------------- cold / offline
+
+
+def _storage_is_shared(job, dst):
+    """Every disk is visible at the same path on the target (shared storage)."""
+    paths = _disk_paths(job.vm)
+    return all(dst.volume_at(p) is not None for p in paths)
+
+
+def _run_offline(run, plan):
+    """Definition only: OFFLINE + PERSIST_DEST + UNDEFINE_SOURCE of a shut-off VM."""
+    job = run.job
+    uuid = str(job.vm.uuid)
+    try:
+        with hv.session(job.source.uri, call_timeout=60) as src:
+            run.event(f"Offline migration: {plan.virsh_command()}")
+            op = Operation(
+                lambda: src.migrate(uuid, job.target.uri, _flags_value(plan.flags()), dict(plan.params())),
+                f"offline job {job.pk}",
+            )
+            while not op.wait(POLL_SECONDS):
+                run.heartbeat()
+    except hv.HypervisorError as exc:
+        raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
+    if op.error is not None:
+        raise Failed(
+            f"The offline migration failed: {op.error}. The VM is still defined on {job.source_name}."
+        )
+    _verify_moved(run, running=False)
+    _conclude_success(run, stats={})
+
+
+def _run_cold(run, plan):
+    """Shut down (gracefully, with a timeout, optionally forced), move the definition
+    (offline migration on shared storage, or volume copy + define when local), undefine
+    the source, optionally start on the target, verify. On failure after the shutdown the
+    VM is started again on the source when it was running before."""
+    job = run.job
+    uuid = str(job.vm.uuid)
+    options = job.options or {}
+    try:
+        src = hv.connect(job.source.uri)
+        dst = hv.connect(job.target.uri)
+    except hv.HypervisorError as exc:
+        raise Failed(f"Cannot reach a host: {exc}") from None
+    try:
+        state = src.find_domain(uuid)
+        if state is None:
+            raise Failed(f"The VM is not on {job.source_name} any more.")
+        was_running = state[0] != "shutoff"
+        if was_running:
+            _shutdown(run, src, uuid, options)
+        try:
+            shared = _storage_is_shared(job, dst)
+            if shared:
+                run.event("Disks are on shared storage: moving the definition (offline migration).")
+                flags = _flags_value(plan.flags())
+                _blocking(
+                    run, lambda: src.migrate(uuid, job.target.uri, flags, dict(plan.params())), "offline"
+                )
+            else:
+                _copy_disks(run, src, dst)
+                xml = src.domain_xml(uuid, migratable=True, inactive=True)
+                dst.define(xml)
+                run.event(f"Defined the VM on {job.target_name}.")
+                if options.get("undefine_source", True):
+                    src.undefine(uuid)
+                    run.event(f"Removed the definition from {job.source_name}.")
+                if options.get("remove_source_disks"):
+                    for path in _disk_paths(job.vm):
+                        src.delete_volume(path)
+                    run.event(f"Removed the source disks on {job.source_name}.")
+        except (Failed, Cancelled, hv.HypervisorError) as exc:
+            restarted = ""
+            if was_running and src.find_domain(uuid) is not None and dst.find_domain(uuid) is None:
+                try:
+                    src.start(uuid)
+                    restarted = f" It was started again on {job.source_name}."
+                except hv.HypervisorError as start_exc:
+                    restarted = f" Starting it again on {job.source_name} failed: {start_exc}"
+            if isinstance(exc, Cancelled):
+                raise Cancelled(f"{exc}{restarted}") from None
+            if isinstance(exc, Failed):
+                raise Failed(f"{exc}{restarted}") from None
+            raise Failed(
+                f"The cold migration failed: {exc}. The VM is still on {job.source_name}.{restarted}"
+            ) from None
+        if options.get("start_on_target", was_running):
+            dst.start(uuid)
+            run.event(f"Started the VM on {job.target_name}.")
+    except hv.HypervisorError as exc:
+        raise Failed(f"The cold migration failed: {exc}") from None
+    finally:
+        src.close()
+        dst.close()
+    _verify_moved(run, running=bool(options.get("start_on_target", was_running)))
+    _conclude_success(
+        run, stats={}, extra={"was_running": was_running, "storage": "shared" if shared else "copied"}
+    )
+
+
+def _blocking(run, fn, what):
+    op = Operation(fn, f"{what} job {run.job_id}")
+    while not op.wait(POLL_SECONDS):
+        run.heartbeat()
+    if op.error is not None:
+        raise op.error
+    return op.value
+
+
+def _shutdown(run, src, uuid, options):
+    job = run.job
+    timeout = float(options.get("shutdown_timeout") or 60)
+    force = bool(options.get("force_off"))
+    run.update(phase="shutdown")
+    run.event(f"Asking the guest to shut down (waiting up to {timeout:g} s).")
+    try:
+        src.shutdown(uuid)
+    except hv.HypervisorError as exc:
+        run.event(f"The shutdown request failed: {exc}", "warn")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = src.find_domain(uuid)
+        if state is not None and state[0] == "shutoff":
+            run.event("The guest shut down.")
+            return
+        row = run.controls()
+        if row and row["cancel_requested"]:
+            raise Cancelled(
+                f"Cancelled during the shutdown; the VM is on {job.source_name} "
+                f"({_state_words(src.find_domain(uuid)) or 'unknown state'})."
+            )
+        run.heartbeat()
+        time.sleep(SHUTDOWN_POLL_SECONDS)
+    if not force:
+        raise Failed(
+            f"The guest did not shut down within {timeout:g} s and forcing it off was not "
+            f"allowed; it is still running on {job.source_name}."
+        )
+    run.event(f"The guest did not shut down within {timeout:g} s: forcing it off.", "warn")
+    src.destroy(uuid)
+
+
+def _copy_disks(run, src, dst):
+    """Copy each disk through libvirt volume streams, with its own progress."""
+    job = run.job
+    paths = _disk_paths(job.vm)
+    sizes = {}
+    for path in paths:
+        vol = src.volume_at(path)
+        if vol is None:
+            raise Failed(
+                f"The disk {path} is not in a storage pool on {job.source_name}, so it cannot be copied."
+            )
+        sizes[path] = vol["physical"]
+    total = sum(sizes.values())
+    state = {"done": 0}
+    base = 0
+    run.update(
+        phase="disk copy", disk_total=total, data_total=total, disk_remaining=total, data_remaining=total
+    )
+    for path in paths:
+        run.event(f"Copying {path} ({sizes[path] / 1048576:.1f} MiB) to {job.target_name}.")
+
+        def progress(done, _total, base=base):
+            state["done"] = base + done
+
+        op = Operation(
+            lambda path=path, progress=progress: hv.copy_volume(
+                src, dst, path, progress=progress, should_stop=run.stop_copy.is_set
+            ),
+            f"copy job {job.pk}",
+        )
+        last = time.monotonic()
+        while not op.wait(POLL_SECONDS):
+            now = time.monotonic()
+            done = state["done"]
+            rate = int(done / max(now - run.t0, 0.001))
+            run.progress(
+                {
+                    "phase": "disk copy",
+                    "percent": round(min(99.9, 100.0 * done / total), 1) if total else 0,
+                    "disk_processed": done,
+                    "disk_remaining": total - done,
+                    "data_processed": done,
+                    "data_remaining": total - done,
+                    "rate": rate,
+                    "eta_seconds": round((total - done) / rate, 1) if rate else None,
+                }
+            )
+            row = run.controls()
+            if row and row["cancel_requested"]:
+                run.stop_copy.set()
+            last = now
+        del last
+        if op.error is not None:
+            if run.stop_copy.is_set():
+                raise Cancelled(f"Cancelled during the disk copy; the VM is on {job.source_name}.")
+            raise Failed(f"Copying the disk {path} failed: {op.error}. The VM is still on {job.source_name}.")
+        base += sizes[path]
+        state["done"] = base
+    run.progress(
+        {
+            "phase": "disk copy",
+            "percent": 99.9,
+            "disk_processed": total,
+            "disk_remaining": 0,
+            "data_remaining": 0,
+        }
+    )
+
+
+def _verify_moved(run, running):
+    """After the move: the target has the VM (running when asked), the source does not."""
+    job = run.job
+    where = where_is(job)
+    dst, src = where.get("target"), where.get("source")
+    if dst in (None, "unreachable"):
+        raise Failed(f"Verification failed: {job.target_name} does not report the VM after the move.")
+    if running and dst[0] != "running":
+        raise Failed(f"Verification failed: the VM is {_state_words(dst)} on {job.target_name}, not running.")
+    if src not in (None, "unreachable") and job.options.get("undefine_source", True):
+        run.event(f"A definition of the VM is still on {job.source_name} ({_state_words(src)}).", "warn")
+    run.event(f"Verified: the VM is {_state_words(dst)} on {job.target_name}.")

@@ -1,0 +1,396 @@
+"""State changes of migration jobs: request, approve/reject, cancel and the live controls.
+
+Each ``do_*`` writes its audit event inside the same transaction as the change. libvirt is
+never called inside a transaction (preflight runs before the transaction opens). The
+worker picks control requests up from the job row (see runner.py); these functions only
+record what was asked, so they answer at once even while a host is slow.
+"""
+
+import logging
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import JobEvent, MigrationJob
+
+log = logging.getLogger(__name__)
+
+try:  # the streaming engineer's fan-out; a no-op until it exists
+    from migrations_app.streaming import publish_job
+except ImportError:  # pragma: no cover - removed once streaming.py lands
+
+    def publish_job(job_id):
+        return None
+
+
+class JobError(Exception):
+    """A job request or control was refused; the message is meant for people.
+    ``active_job`` is set when the refusal is "this VM already has an active job"."""
+
+    def __init__(self, message, *, active_job=None, report=None):
+        super().__init__(message)
+        self.active_job = active_job
+        self.report = report
+
+
+def _policy_check(user, vm, target, mode, options):
+    """kvmweb.accounts.policy.check_request when it exists (else: staff rules only)."""
+    try:
+        from kvmweb.accounts.policy import check_request
+    except ImportError:  # pragma: no cover - the roles engineer's module
+        return None
+    return check_request(user, vm, target, mode, options)
+
+
+def add_event(job_id, message, level="info"):
+    """Append a line to the job's event log and wake the watchers."""
+    JobEvent.objects.create(job_id=job_id, message=message[:2000], level=level)
+    MigrationJob.objects.filter(pk=job_id).update(progress_seq=F("progress_seq") + 1)
+
+
+def _audit_job(action, job, *, actor=None, request=None, outcome=AuditEvent.SUCCESS, details=None):
+    base = {
+        "job": job.pk,
+        "vm": job.vm_name,
+        "source": job.source_name,
+        "target": job.target_name,
+        "mode": job.mode,
+    }
+    base.update(details or {})
+    return record(
+        action,
+        actor=actor,
+        request=request,
+        target=job,
+        outcome=outcome,
+        details=base,
+    )
+
+
+def enqueue(job):
+    """Queue the job's task on the dedicated "migrations" cluster once the surrounding
+    transaction commits (a worker must never see a job id whose row is not there yet).
+    The message carries only the id; the worker's conditional claim makes a redelivered
+    or duplicated message harmless."""
+    job_id = job.pk
+
+    def push():
+        from django_q.tasks import async_task
+
+        async_task(
+            "migrations_app.tasks.run_migration",
+            job_id,
+            cluster="migrations",
+            task_name=f"migration-{job_id}",
+            group="migrations",
+        )
+
+    transaction.on_commit(push)
+
+
+def check_can_request(user, vm, target, mode, options):
+    """Raise JobError unless ``user`` may ask for this migration. Returns the policy
+    decision (or None when no policy module exists)."""
+    if not user.has_perm("migrations_app.add_migrationjob"):
+        raise JobError(_("Your role does not allow starting migrations."))
+    decision = _policy_check(user, vm, target, mode, options)
+    if decision is not None and not decision.allowed:
+        raise JobError(decision.reason or _("This migration is not allowed."))
+    return decision
+
+
+def check_overrides(user, report, overridden):
+    """Only users with override_preflight may override a failed check, and only checks
+    the report marks overridable."""
+    if not overridden:
+        return
+    if not user.has_perm("migrations_app.override_preflight"):
+        raise JobError(_("Only an administrator may override a failed preflight check."))
+
+
+def do_create_job(
+    vm,
+    target,
+    mode,
+    options=None,
+    *,
+    actor,
+    request=None,
+    report=None,
+    acknowledged=(),
+    overridden=(),
+    reason="",
+):
+    """Create the migration job for ``vm`` to ``target`` and queue it (or park it for
+    approval when the requester's policy says so).
+
+    Runs the preflight (unless ``report`` is given) before the transaction; refuses with
+    JobError when a check blocks (fail not overridden, warning not acknowledged). The
+    database's one-active-job-per-VM constraint makes double clicks and two browsers
+    submitting at once create exactly one job: the loser gets JobError with active_job.
+    """
+    from migrations_app.plan import MigrationPlan, PlanError, parse_options
+    from migrations_app.preflight import run_preflight
+
+    source = vm.host
+    acknowledged, overridden = list(acknowledged or []), list(overridden or [])
+    try:
+        options = parse_options(mode, options or {})
+        plan = MigrationPlan(vm, source, target, mode, options)
+        plan.validate()
+    except PlanError as exc:
+        raise JobError(str(exc)) from None
+    try:
+        decision = check_can_request(actor, vm, target, mode, options)
+        check_overrides(actor, report, overridden)
+    except JobError as exc:
+        with transaction.atomic():
+            record(
+                "migration.request",
+                actor=actor,
+                request=request,
+                target=vm,
+                outcome=AuditEvent.DENIED,
+                details={"target": getattr(target, "name", ""), "mode": mode, "error": str(exc)},
+            )
+        raise
+    active = MigrationJob.objects.active().filter(vm=vm).first()
+    if active is not None:
+        raise JobError(
+            _("%(vm)s already has an active migration (job #%(job)d).") % {"vm": vm.name, "job": active.pk},
+            active_job=active,
+        )
+    if report is None:
+        report = run_preflight(plan)  # libvirt: outside any transaction
+    blocking = report.blocking_reasons(acknowledged, overridden)
+    if blocking:
+        with transaction.atomic():
+            record(
+                "migration.request",
+                actor=actor,
+                request=request,
+                target=vm,
+                outcome=AuditEvent.FAILURE,
+                details={"target": target.name, "mode": mode, "blocking": list(blocking)},
+            )
+        raise JobError(
+            _("The preflight checklist blocks this migration: %(why)s") % {"why": "; ".join(blocking)},
+            report=report,
+        )
+    needs_approval = bool(decision is not None and decision.needs_approval)
+    status = MigrationJob.PENDING_APPROVAL if needs_approval else MigrationJob.QUEUED
+    try:
+        with transaction.atomic():
+            job = MigrationJob.objects.create(
+                vm=vm,
+                vm_name=vm.name,
+                source=source,
+                source_name=source.name if source else "",
+                target=target,
+                target_name=target.name,
+                mode=mode,
+                options=options,
+                status=status,
+                requested_by=actor,
+                requested_by_name=actor.get_username() if actor else "",
+                reason=reason,
+                preflight=report.to_dict(),
+                acknowledged=acknowledged,
+                overridden=overridden,
+            )
+            JobEvent.objects.create(
+                job=job,
+                message=(
+                    _("Requested by %(user)s; waiting for approval.")
+                    if needs_approval
+                    else _("Requested by %(user)s; queued.")
+                )
+                % {"user": job.requested_by_name or "-"},
+            )
+            _audit_job(
+                "migration.request",
+                job,
+                actor=actor,
+                request=request,
+                details={
+                    "options": options,
+                    "virsh": plan.virsh_command(),
+                    "status": status,
+                    "acknowledged": acknowledged,
+                    "overridden": overridden,
+                    "preflight": report.to_dict(),
+                },
+            )
+            if not needs_approval:
+                enqueue(job)
+    except IntegrityError:
+        # Lost the race against a concurrent request for the same VM: the conditional
+        # unique constraint let exactly one of us in.
+        active = MigrationJob.objects.active().filter(vm=vm).first()
+        raise JobError(
+            _("%(vm)s already has an active migration (job #%(job)s).")
+            % {"vm": vm.name, "job": active.pk if active else "?"},
+            active_job=active,
+        ) from None
+    publish_job(job.pk)
+    return job
+
+
+def do_approve_job(job, actor, request=None):
+    """PENDING_APPROVAL -> QUEUED (and enqueue). Refuses if someone else decided first."""
+    with transaction.atomic():
+        moved = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PENDING_APPROVAL).update(
+            status=MigrationJob.QUEUED, approved_by=actor, progress_seq=F("progress_seq") + 1
+        )
+        if not moved:
+            raise JobError(_("This request is no longer waiting for approval."))
+        job.refresh_from_db()
+        JobEvent.objects.create(job=job, message=_("Approved by %(user)s.") % {"user": actor.get_username()})
+        _audit_job("migration.approve", job, actor=actor, request=request)
+        enqueue(job)
+    publish_job(job.pk)
+    return job
+
+
+def do_reject_job(job, actor, reason="", request=None):
+    """PENDING_APPROVAL -> REJECTED with the reason shown to the requester."""
+    with transaction.atomic():
+        now = timezone.now()
+        moved = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PENDING_APPROVAL).update(
+            status=MigrationJob.REJECTED,
+            approved_by=actor,
+            reason=reason,
+            finished_at=now,
+            progress_seq=F("progress_seq") + 1,
+        )
+        if not moved:
+            raise JobError(_("This request is no longer waiting for approval."))
+        job.refresh_from_db()
+        JobEvent.objects.create(
+            job=job,
+            level="warn",
+            message=_("Rejected by %(user)s: %(reason)s") % {"user": actor.get_username(), "reason": reason},
+        )
+        _audit_job("migration.reject", job, actor=actor, request=request, details={"reason": reason})
+    publish_job(job.pk)
+    return job
+
+
+def do_cancel_job(job, actor, request=None):
+    """Cancel a job. Not started yet (waiting or queued): cancelled at once. Running: the
+    worker sees cancel_requested within a poll (~0.25 s) and aborts the libvirt job; the
+    VM stays on the source."""
+    with transaction.atomic():
+        now = timezone.now()
+        early = MigrationJob.objects.filter(
+            pk=job.pk, status__in=[MigrationJob.PENDING_APPROVAL, MigrationJob.QUEUED]
+        ).update(
+            status=MigrationJob.CANCELLED,
+            cancel_requested=True,
+            finished_at=now,
+            error=_("Cancelled before it started; the VM was not touched."),
+            progress_seq=F("progress_seq") + 1,
+        )
+        if not early:
+            running = MigrationJob.objects.filter(
+                pk=job.pk, status__in=[MigrationJob.PREFLIGHT, MigrationJob.RUNNING]
+            ).update(
+                status=MigrationJob.CANCELLING, cancel_requested=True, progress_seq=F("progress_seq") + 1
+            )
+            if not running:
+                job.refresh_from_db()
+                record(
+                    "migration.cancel",
+                    actor=actor,
+                    request=request,
+                    target=job,
+                    outcome=AuditEvent.FAILURE,
+                    details={"job": job.pk, "status": job.status, "error": "not cancellable"},
+                )
+                raise JobError(
+                    _("Job #%(job)d cannot be cancelled: it is %(status)s.")
+                    % {"job": job.pk, "status": job.get_status_display()}
+                )
+        job.refresh_from_db()
+        JobEvent.objects.create(
+            job=job, level="warn", message=_("Cancel requested by %(user)s.") % {"user": actor.get_username()}
+        )
+        _audit_job("migration.cancel", job, actor=actor, request=request, details={"status": job.status})
+    publish_job(job.pk)
+    return job
+
+
+def _control(job, actor, request, action, fields, message, details):
+    """Record a control request for the worker (only while the migration runs)."""
+    with transaction.atomic():
+        changed = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.RUNNING).update(
+            **fields, progress_seq=F("progress_seq") + 1
+        )
+        if not changed:
+            job.refresh_from_db()
+            record(
+                action,
+                actor=actor,
+                request=request,
+                target=job,
+                outcome=AuditEvent.FAILURE,
+                details={"job": job.pk, "status": job.status, **details},
+            )
+            raise JobError(_("The migration is not running any more."))
+        job.refresh_from_db()
+        JobEvent.objects.create(job=job, message=message)
+        _audit_job(action, job, actor=actor, request=request, details=details)
+    publish_job(job.pk)
+    return job
+
+
+def do_set_bandwidth(job, mib_per_s, actor, request=None):
+    """Ask the worker to change the bandwidth cap (MiB/s, 0 = unlimited)."""
+    mib_per_s = int(mib_per_s)
+    if mib_per_s < 0:
+        raise JobError(_("The bandwidth must be 0 (unlimited) or more MiB/s."))
+    return _control(
+        job,
+        actor,
+        request,
+        "migration.bandwidth",
+        {"requested_bandwidth": mib_per_s},
+        _("%(user)s set the bandwidth to %(bw)s.")
+        % {"user": actor.get_username(), "bw": f"{mib_per_s} MiB/s" if mib_per_s else _("unlimited")},
+        {"bandwidth": mib_per_s},
+    )
+
+
+def do_set_downtime(job, ms, actor, request=None):
+    """Ask the worker to change the maximum tolerated downtime (ms)."""
+    ms = int(ms)
+    if ms < 1:
+        raise JobError(_("The maximum downtime must be at least 1 ms."))
+    return _control(
+        job,
+        actor,
+        request,
+        "migration.downtime",
+        {"requested_downtime": ms},
+        _("%(user)s set the maximum downtime to %(ms)d ms.") % {"user": actor.get_username(), "ms": ms},
+        {"downtime_ms": ms},
+    )
+
+
+def do_switch_postcopy(job, actor, request=None):
+    """Ask the worker to switch to post-copy (only when the job enabled post-copy)."""
+    if not job.postcopy_enabled:
+        raise JobError(_("Post-copy was not enabled for this migration."))
+    return _control(
+        job,
+        actor,
+        request,
+        "migration.postcopy",
+        {"postcopy_requested": True},
+        _("%(user)s asked to switch to post-copy.") % {"user": actor.get_username()},
+        {},
+    )

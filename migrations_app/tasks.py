@@ -1,0 +1,34 @@
+"""django-q2 entry points of the migrations app.
+
+``run_migration`` runs on the dedicated "migrations" cluster (Q_CLUSTER_NAME=migrations:
+one attempt, retry above the longest migration); the message carries only the job id and
+the runner's conditional claim makes a second delivery do nothing.
+``reconcile_watch`` runs on the default cluster from a schedule: it checks for stale
+heartbeats every few seconds for about a minute (django-q2 schedules have minute
+granularity, so each run covers the minute until the next).
+"""
+
+import time
+
+from migrations_app import reconcile, runner
+
+
+def run_migration(job_id):
+    """Run one migration job (the worker's whole code path)."""
+    return runner.run_job(job_id)
+
+
+def reconcile_jobs():
+    """One reconcile pass (also run when a migrations worker starts)."""
+    return reconcile.reconcile_jobs()
+
+
+def reconcile_watch(duration=55.0, every=3.0):
+    """Reconcile every ``every`` seconds for ``duration`` seconds."""
+    deadline = time.monotonic() + duration
+    results = []
+    while True:
+        results.append(reconcile.reconcile_jobs())
+        if time.monotonic() + every > deadline:
+            return [r for r in results if r]
+        time.sleep(every)
