@@ -90,11 +90,12 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def daphne(self, name="daphne"):
+    def daphne(self, name="daphne", **env):
         port = free_port()
         proc = self.start(
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
             name,
+            **env,
         )
         wait_port(port, proc)
         proc.port = port
