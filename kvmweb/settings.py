@@ -158,6 +158,18 @@ INVENTORY_SYNC_MINUTES = env_int("KVMWEB_INVENTORY_SYNC_MINUTES", 5, minimum=1)
 LIBVIRT_CONNECT_TIMEOUT = env_float("KVMWEB_LIBVIRT_CONNECT_TIMEOUT", 5.0, minimum=0.1)
 LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.1)
 
+# Preflight checklist (migrations_app/preflight.py): free memory the target must keep
+# beyond the guest's size; the whole checklist's time limit and its libvirt timeouts; the
+# dirty-rate measurement (period, reuse window); the link speed assumed when no earlier
+# migration between two hosts tells us better.
+KVMWEB_PREFLIGHT_MEMORY_MARGIN_MIB = env_int("KVMWEB_PREFLIGHT_MEMORY_MARGIN_MIB", 256, minimum=0)
+PREFLIGHT_TIMEOUT = env_float("KVMWEB_PREFLIGHT_TIMEOUT", 20.0, minimum=1)
+PREFLIGHT_CONNECT_TIMEOUT = env_float("KVMWEB_PREFLIGHT_CONNECT_TIMEOUT", 3.0, minimum=0.1)
+PREFLIGHT_CALL_TIMEOUT = env_float("KVMWEB_PREFLIGHT_CALL_TIMEOUT", 8.0, minimum=0.1)
+PREFLIGHT_DIRTY_RATE_SECONDS = env_int("KVMWEB_PREFLIGHT_DIRTY_RATE_SECONDS", 1, minimum=1)
+PREFLIGHT_DIRTY_RATE_MAX_AGE = env_float("KVMWEB_PREFLIGHT_DIRTY_RATE_MAX_AGE", 60.0, minimum=0)
+PREFLIGHT_ASSUMED_BANDWIDTH_MIBS = env_int("KVMWEB_PREFLIGHT_ASSUMED_BANDWIDTH_MIBS", 117, minimum=1)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
