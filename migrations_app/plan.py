@@ -397,7 +397,7 @@ class MigrationPlan:
     def to_dict(self):
         """A JSON-able description (stored with the job and the preflight report)."""
         return {
-            "vm": {"uuid": str(self.vm.uuid), "name": self.vm.name},
+            "vm": {"id": getattr(self.vm, "pk", None), "uuid": str(self.vm.uuid), "name": self.vm.name},
             "source": {"id": self.source.pk, "name": self.source.name, "uri": self.source.uri},
             "target": {"id": self.target.pk, "name": self.target.name, "uri": self.target.uri},
             "mode": self.mode,

@@ -100,6 +100,21 @@ class Report:
     def counts(self):
         return {s: sum(1 for r in self.results if r.status == s) for s in STATUSES}
 
+    @property
+    def rerun_query(self):
+        """The dry-run endpoint's query string for this report's plan (re-run button)."""
+        from urllib.parse import urlencode
+
+        plan = self.plan or {}
+        if not plan.get("vm", {}).get("id") or not plan.get("target", {}).get("id"):
+            return ""
+        query = {"vm": plan["vm"]["id"], "target": plan["target"]["id"], "mode": plan.get("mode", "")}
+        for key, value in (plan.get("options") or {}).items():
+            if value is None or value is False:
+                continue
+            query[key] = "1" if value is True else value
+        return urlencode(query)
+
     def result(self, check_id):
         return next((r for r in self.results if r.id == check_id), None)
 
@@ -1127,7 +1142,7 @@ def check_storage(ctx):
             # the credentials; pool volumes are named per host and not verified here.
             row["shared"] = d["kind"] == "network"
             notes.append(
-                _("%(dev)s is %(k)s storage (%(p)s), not checked by path")
+                _("disk %(dev)s is %(k)s storage (%(p)s), not checked by path")
                 % {"dev": d["dev"], "k": d["kind"], "p": d["path"]}
             )
             continue
@@ -1146,7 +1161,7 @@ def check_storage(ctx):
         if t.get("visible") and not same_file:
             row["shared"] = False
             problems.append(
-                _("%(dev)s: %(t)s has a different file at %(p)s (capacity %(a)s vs %(b)s bytes)")
+                _("disk %(dev)s: %(t)s has a different file at %(p)s (capacity %(a)s vs %(b)s bytes)")
                 % {
                     "dev": d["dev"],
                     "t": ctx.target.name,
@@ -1171,7 +1186,7 @@ def check_storage(ctx):
             continue
         if d["device"] == "cdrom" or d["readonly"]:
             problems.append(
-                _("%(dev)s: the CD-ROM/read-only image %(p)s is not on %(t)s")
+                _("disk %(dev)s: the CD-ROM/read-only image %(p)s is not on %(t)s")
                 % {"dev": d["dev"], "p": d["path"], "t": ctx.target.name}
             )
             remedies.append(
@@ -1185,7 +1200,7 @@ def check_storage(ctx):
     if to_copy and ctx.mode in ("live", "offline"):
         for d, _row, _t in to_copy:
             problems.append(
-                _("%(dev)s (%(p)s) is on storage %(t)s cannot see")
+                _("disk %(dev)s (%(p)s) is on storage %(t)s cannot see")
                 % {"dev": d["dev"], "p": d["path"], "t": ctx.target.name}
             )
         if ctx.mode == "live":
@@ -1208,7 +1223,7 @@ def check_storage(ctx):
             row["copy_to_pool"] = pool["name"] if pool else None
             if not pool:
                 problems.append(
-                    _("%(dev)s: %(t)s has no storage pool at %(dir)s to receive the copy")
+                    _("disk %(dev)s: %(t)s has no storage pool at %(dir)s to receive the copy")
                     % {"dev": d["dev"], "t": ctx.target.name, "dir": d["path"].rsplit("/", 1)[0]}
                 )
                 remedies.append(
@@ -1220,7 +1235,7 @@ def check_storage(ctx):
                 continue
             if not pool["active"]:
                 problems.append(
-                    _("%(dev)s: pool %(p)s on %(t)s is not active")
+                    _("disk %(dev)s: pool %(p)s on %(t)s is not active")
                     % {"dev": d["dev"], "p": pool["name"], "t": ctx.target.name}
                 )
                 remedies.append(

@@ -1,0 +1,64 @@
+"""The preflight dry run: pick a VM, a target and a mode, see the checklist.
+
+GET /migrations/preflight/?vm=PK&target=PK&mode=live[&options...]
+An htmx request (the wizard's "Re-run checks", or its target/mode change) gets the
+checklist partial; a plain request gets the full dry-run page (operators use it alone).
+"""
+
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_GET
+
+from hosts.models import VM, Host
+from kvmweb.access import get_scoped_or_404, require, scoped
+from migrations_app.models import MigrationJob
+from migrations_app.plan import DEFAULTS, MigrationPlan, PlanError
+from migrations_app.preflight import run_preflight
+
+
+def _pk(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Http404 from None
+
+
+@login_required
+@require_GET
+def preflight_check(request):
+    """Run the checklist for the plan in the query string (read-only: nothing moves)."""
+    require(request.user, "migrations_app.add_migrationjob")
+    context = {
+        "modes": MigrationJob.MODES,
+        "mode": request.GET.get("mode") or MigrationJob.LIVE,
+        "options": {},
+        "vms": scoped(VM, request.user).filter(gone=False).select_related("host"),
+        "targets": scoped(Host, request.user),
+    }
+    if request.GET.get("vm") and request.GET.get("target"):
+        vm = get_scoped_or_404(VM, request.user, "migrate", pk=_pk(request.GET["vm"]))
+        target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(request.GET["target"]))
+        options = {k: v for k, v in request.GET.items() if k in DEFAULTS}
+        context.update(vm=vm, target=target, options=options, rerun_url=request.get_full_path())
+        if vm.host is None or vm.gone:
+            context["error"] = _("%(vm)s is not on any known host; sync the inventory first.") % {
+                "vm": vm.name
+            }
+        else:
+            try:
+                plan = MigrationPlan.for_vm(vm, target, context["mode"], options)
+                plan.validate_options()
+            except PlanError as exc:
+                context["error"] = str(exc)
+            else:
+                context["options"] = plan.options
+                context["report"] = run_preflight(plan)
+    if request.htmx:
+        if "report" not in context:
+            return render(request, "migrations_app/partials/preflight_error.html", context, status=400)
+        return render(request, "migrations_app/partials/checklist.html", context)
+    return render(
+        request, "migrations_app/preflight.html", context, status=400 if context.get("error") else 200
+    )
