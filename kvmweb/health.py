@@ -41,8 +41,9 @@ from django.views.decorators.http import require_GET
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FUNC = "kvmweb.health.heartbeat"
-# A heartbeat is scheduled every minute and django-q2's scheduler looks every ~15 s, so a
-# cluster unseen for three minutes has missed at least two beats.
+# A heartbeat is scheduled every minute and each cluster's scheduler looks every ~30 s
+# (django-q2's guard loop), so beats are 60-90 s apart: three minutes unseen means at least
+# one beat was missed.
 WORKER_MAX_AGE = timedelta(minutes=3)
 # Heartbeat results older than this are pruned by the heartbeat itself, so they do not
 # crowd real task results out of django-q2's save_limit.

@@ -10,6 +10,7 @@ process sees). Every process is stopped by its PID when the test ends.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,7 +123,9 @@ class Processes:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                # Its own session (start_new_session): the group is exactly this child
+                # and what it forked (qcluster workers), nothing else.
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
             proc.log.close()
 
