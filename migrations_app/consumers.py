@@ -1,0 +1,89 @@
+"""WebSocket consumers for live job progress (job page) and live job states (lists).
+
+Both are thin: authenticate, scope-check through ``MigrationJob.objects.restrict(user)``,
+send a snapshot rendered from the DB, then register with the process's JobHub, which
+pushes changes (see streaming.py). Nothing is ever read from the client.
+
+Close codes (sent after accepting, so the browser sees the code; the htmx ws extension
+reconnects only on 1006/1011/1012/1013, so these end the retries):
+4401 not signed in; 4404 no such job OR not in the user's scope (one answer for both, so
+guessing ids reveals nothing). Origins outside ALLOWED_HOSTS are refused at the handshake
+by AllowedHostsOriginValidator (kvmweb/asgi.py).
+"""
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from kvmweb.accounts.roles import sees_everything
+from migrations_app import streaming
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_NOT_FOUND = 4404
+
+
+class _HubConsumer(AsyncWebsocketConsumer):
+    sub = None
+
+    def _user(self):
+        user = self.scope.get("user")
+        return user if user is not None and user.is_authenticated else None
+
+    async def _send_text(self, text):
+        await self.send(text_data=text)
+
+    async def disconnect(self, code):
+        if self.sub is not None:
+            streaming.get_hub().unsubscribe(self.sub)
+            self.sub = None
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """Watchers only listen; anything sent is ignored."""
+
+
+class JobProgressConsumer(_HubConsumer):
+    """ws/jobs/<id>/: one job's progress, figures and event log."""
+
+    async def connect(self):
+        await self.accept()
+        user = self._user()
+        if user is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        job_id = self.scope["url_route"]["kwargs"]["job_id"]
+        lang = streaming.scope_language(self.scope)
+        # Register before reading the snapshot, but not ready: the hub pushes nothing to
+        # it until the scope check below passed; what the poller produces meanwhile is
+        # kept and sent by activate() if it is newer than the snapshot.
+        self.sub = streaming.Subscriber(send=self._send_text, lang=lang, job_id=job_id, user=user)
+        hub = streaming.get_hub()
+        hub.subscribe(self.sub)
+        snapshot = await database_sync_to_async(streaming.job_snapshot)(user, job_id, lang)
+        if snapshot is None:
+            hub.unsubscribe(self.sub)
+            self.sub = None
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.send(text_data=snapshot.html)
+        await hub.activate(self.sub, snapshot.seq, snapshot.last_event_id)
+
+
+class JobListConsumer(_HubConsumer):
+    """ws/jobs/: state changes of the jobs the user may see (job list, dashboard)."""
+
+    async def connect(self):
+        await self.accept()
+        user = self._user()
+        if user is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        lang = streaming.scope_language(self.scope)
+        sees_all = await database_sync_to_async(sees_everything)(user)
+        self.sub = streaming.Subscriber(
+            send=self._send_text, lang=lang, job_id=None, user=user, sees_all=sees_all
+        )
+        hub = streaming.get_hub()
+        hub.subscribe(self.sub)
+        html = await database_sync_to_async(streaming.list_snapshot)(user, lang)
+        if html:
+            await self.send(text_data=html)
+        await hub.activate(self.sub)

@@ -1,0 +1,485 @@
+"""Live job progress for WebSocket watchers: one DB poller per process, fanned out.
+
+The database row is the truth. Every watcher first gets a snapshot rendered from it; after
+that the process's single :class:`JobHub` notices changes and pushes them.
+
+Why a poller: the embedded default (SQLite, no Redis) has no mature cross-process channel
+layer (InMemoryChannelLayer lives inside one process), and the worker that writes progress
+is another process. So each daphne process runs ONE asyncio task, started with its first
+watcher and stopped when the last one leaves, that reads the changed jobs every
+``POLL_INTERVAL`` seconds with one query (plus one for new event-log lines when somebody
+watches a job page), renders each changed job's partial once per language, and sends that
+same text to every local watcher of the job. The cost per tick does not depend on the
+number of watchers; only the socket writes do.
+
+Scale-out (REDIS_URL set, channels-redis): the worker also calls :func:`publish_job`
+after each progress write; the hub of every daphne process listens on ONE channel of its
+own that it adds to the groups ``job-<id>`` / ``jobs`` it needs, and a message only wakes
+the poller at once. The poller still reads the row, so a lost or late message costs at
+most one poll interval, and a message never carries state the DB has not got.
+
+Payloads are HTML rendered from the same partials as the first page load; the htmx ws
+extension swaps them into the page by id (hx-swap-oob).
+
+Never call libvirt from here: everything below is DB reads and template rendering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+from channels.db import database_sync_to_async
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from django.conf import settings
+from django.db.models import Max, Q
+from django.http import HttpRequest
+from django.template.loader import render_to_string
+from django.utils import translation
+
+from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+
+log = logging.getLogger(__name__)
+
+# Seconds between two DB reads of the poller. Embedded default: this is the latency
+# budget (a sample waits on average half of it). With a real channel layer the worker's
+# message wakes the poller at once and this only bounds catch-up after a lost message.
+POLL_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL", 0.12))
+POLL_INTERVAL_WITH_LAYER = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL_LAYER", 1.0))
+# How many of a user's most recent jobs a job list / dashboard snapshot refreshes.
+LIST_SNAPSHOT_LIMIT = 20
+
+PROGRESS_TEMPLATE = "migrations_app/partials/job_progress.html"
+EVENTS_TEMPLATE = "migrations_app/partials/job_events.html"
+ROWS_TEMPLATE = "migrations_app/partials/job_list_rows.html"
+
+
+def group_for_job(job_id):
+    return f"job-{int(job_id)}"
+
+
+JOBS_GROUP = "jobs"
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render_progress(job, lang, oob=True):
+    """The live progress block of one job (the same partial the job page includes)."""
+    with translation.override(lang):
+        return render_to_string(PROGRESS_TEMPLATE, {"job": job, "oob": oob})
+
+
+def render_events(job_id, events, lang, *, append):
+    """Event log lines; append=True wraps them to be added at the end of the log."""
+    with translation.override(lang):
+        return render_to_string(
+            EVENTS_TEMPLATE, {"job_id": job_id, "events": events, "oob": True, "append": append}
+        )
+
+
+def render_rows(jobs, lang):
+    """Job list / dashboard rows, each swapped by its id."""
+    with translation.override(lang):
+        return render_to_string(ROWS_TEMPLATE, {"jobs": jobs, "oob": True})
+
+
+def scope_language(scope):
+    """The UI language of a WebSocket connection, chosen like LocaleMiddleware does for
+    pages (language cookie, then Accept-Language), so live fragments match the page."""
+    request = HttpRequest()
+    request.COOKIES = dict(scope.get("cookies") or {})
+    for name, value in scope.get("headers") or []:
+        if name == b"accept-language":
+            request.META["HTTP_ACCEPT_LANGUAGE"] = value.decode("latin-1")
+    return translation.get_language_from_request(request)
+
+
+@dataclass
+class Snapshot:
+    html: str
+    seq: int
+    last_event_id: int
+
+
+def job_snapshot(user, job_id, lang):
+    """Everything a job page needs to be current: progress, the whole event log and the
+    chart's samples. None when the job does not exist OR is outside the user's scope:
+    the caller answers both the same way, so an id reveals nothing."""
+    job = MigrationJob.objects.restrict(user).filter(pk=job_id).first()
+    if job is None:
+        return None
+    events = list(JobEvent.objects.filter(job=job))
+    samples = list(ProgressSample.objects.filter(job=job).values("t", "rate", "remaining"))
+    with translation.override(lang):
+        html = render_to_string(
+            "migrations_app/partials/job_snapshot.html",
+            {"job": job, "events": events, "samples": samples, "oob": True},
+        )
+    return Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
+
+
+def list_snapshot(user, lang):
+    """Rows of the user's most recent jobs (active ones first) for a list that (re)connects."""
+    scoped = MigrationJob.objects.restrict(user)
+    jobs = list(scoped.filter(status__in=MigrationJob.ACTIVE_STATES)[:LIST_SNAPSHOT_LIMIT])
+    jobs += list(scoped.exclude(pk__in=[j.pk for j in jobs])[: max(0, LIST_SNAPSHOT_LIMIT - len(jobs))])
+    jobs.sort(key=lambda j: j.pk, reverse=True)
+    return render_rows(jobs, lang) if jobs else ""
+
+
+# ---------------------------------------------------------------------------- the hub
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One WebSocket watcher. ``send`` is the consumer's coroutine function; ``ready``
+    stays False until its scope check and snapshot are done, so nothing is pushed to a
+    socket that has not been authorised."""
+
+    send: object
+    lang: str
+    job_id: int | None = None  # None: a job list / dashboard watcher
+    user: object = None
+    sees_all: bool = False
+    ready: bool = False
+    seq: int = -1  # progress_seq of the last state this watcher got
+    last_event_id: int = 0
+    # What arrived while the snapshot was being read (sent, if newer, once ready).
+    pending_progress: tuple | None = None
+    pending_events: list = field(default_factory=list)
+    pending_rows: list = field(default_factory=list)
+
+
+@dataclass
+class TickResult:
+    progress: dict = field(default_factory=dict)  # (job_id, lang) -> (seq, html)
+    events: dict = field(default_factory=dict)  # job_id -> [(event_id, {lang: html})]
+    rows: dict = field(default_factory=dict)  # lang -> [(job_id, html)]
+    visible: dict = field(default_factory=dict)  # user pk -> set of visible changed job ids
+
+
+class JobHub:
+    """The per-process (per event loop) fan-out point between the DB and the watchers."""
+
+    def __init__(self):
+        self.jobs = {}  # job_id -> set[Subscriber]
+        self.lists = set()  # job list / dashboard watchers
+        self.task = None
+        self.poller_starts = 0
+        self.ticks = 0
+        self.renders = 0
+        self.wake = asyncio.Event()
+        # What the poller last saw: job_id -> (progress_seq, status).
+        self.seen = {}
+        self.active_ids = set()
+        self.max_pk = None
+        self.last_event_id = None
+        # Real (cross-process) channel layer: one channel per process, not per watcher.
+        layer = get_channel_layer()
+        self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
+        self.channel = None
+        self.listener = None
+        self.groups = set()
+
+    # -- subscriptions (all on the event loop thread) --
+
+    def subscribe(self, sub):
+        if sub.job_id is None:
+            self.lists.add(sub)
+        else:
+            self.jobs.setdefault(sub.job_id, set()).add(sub)
+        self._ensure_running()
+
+    def unsubscribe(self, sub):
+        if sub.job_id is None:
+            self.lists.discard(sub)
+        else:
+            subs = self.jobs.get(sub.job_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self.jobs[sub.job_id]
+        self.wake.set()  # let the poller notice at once when the last one left
+
+    async def activate(self, sub, seq=-1, last_event_id=0):
+        """Mark a watcher ready after its snapshot went out, then send whatever the
+        poller produced for it in between and is newer than that snapshot. No await
+        before `ready` is set, so no tick can be dispatched in between and lost."""
+        sub.seq, sub.last_event_id, sub.ready = seq, last_event_id, True
+        parts = []
+        if sub.pending_progress is not None and sub.pending_progress[0] >= seq:
+            sub.seq = sub.pending_progress[0]
+            parts.append(sub.pending_progress[1])
+        for eid, html in sub.pending_events:
+            if eid > sub.last_event_id:
+                sub.last_event_id = eid
+                parts.append(html)
+        parts += sub.pending_rows
+        sub.pending_progress, sub.pending_events, sub.pending_rows = None, [], []
+        if parts:
+            await sub.send("".join(parts))
+
+    @property
+    def watcher_count(self):
+        return len(self.lists) + sum(len(s) for s in self.jobs.values())
+
+    @property
+    def is_polling(self):
+        return self.task is not None and not self.task.done()
+
+    def _ensure_running(self):
+        if not self.is_polling:
+            self.poller_starts += 1
+            self.wake.clear()
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="kvmweb-job-poller")
+        elif self.layer is not None:
+            self.wake.set()  # a new watcher: join its channel group promptly
+
+    # -- the poller --
+
+    async def _run(self):
+        try:
+            while self.watcher_count:
+                await self._sync_groups()
+                try:
+                    await self._tick()
+                except Exception:  # a DB hiccup must not kill streaming for everyone
+                    log.exception("job progress poller tick failed")
+                interval = POLL_INTERVAL_WITH_LAYER if self.layer else POLL_INTERVAL
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=interval)
+                except TimeoutError:
+                    pass
+                self.wake.clear()
+        finally:
+            # No await between the last watcher check and here: a subscribe() cannot slip
+            # in between and find a poller that is about to stop.
+            self.task = None
+            self.seen.clear()
+            self.active_ids.clear()
+            self.max_pk = self.last_event_id = None
+            if self.listener is not None:
+                self.listener.cancel()
+                self.listener = None
+            if self.layer is not None and self.groups:
+                groups, channel, self.groups = self.groups, self.channel, set()
+                asyncio.get_running_loop().create_task(self._discard(groups, channel))
+
+    async def _discard(self, groups, channel):
+        for group in groups:
+            try:
+                await self.layer.group_discard(group, channel)
+            except Exception:
+                log.warning("could not leave channel group %s", group, exc_info=True)
+
+    async def _sync_groups(self):
+        """Join exactly the groups this process's watchers need (scale-out only)."""
+        if self.layer is None:
+            return
+        if self.channel is None:
+            self.channel = await self.layer.new_channel()
+        if self.listener is None or self.listener.done():
+            self.listener = asyncio.get_running_loop().create_task(self._listen(), name="kvmweb-job-listener")
+        wanted = {group_for_job(j) for j in self.jobs}
+        if self.lists:
+            wanted.add(JOBS_GROUP)
+        for group in wanted - self.groups:
+            await self.layer.group_add(group, self.channel)
+        for group in self.groups - wanted:
+            await self.layer.group_discard(group, self.channel)
+        self.groups = wanted
+
+    async def _listen(self):
+        """A 'job changed' message only wakes the poller; the DB read follows."""
+        while True:
+            try:
+                await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("channel layer receive failed; relying on polling", exc_info=True)
+                await asyncio.sleep(POLL_INTERVAL_WITH_LAYER)
+                continue
+            self.wake.set()
+
+    async def _tick(self):
+        # Copy what the worker thread needs: the sets change on the loop meanwhile.
+        job_langs = {}
+        for job_id, subs in self.jobs.items():
+            job_langs[job_id] = {s.lang for s in subs}
+        list_langs = {s.lang for s in self.lists}
+        restricted_users = {s.user.pk: s.user for s in self.lists if not s.sees_all}
+        if not job_langs and not list_langs:
+            return
+        result = await database_sync_to_async(self._read_and_render)(job_langs, list_langs, restricted_users)
+        self.ticks += 1
+        await self._dispatch(result)
+
+    def _read_and_render(self, job_langs, list_langs, restricted_users):
+        """One tick, in a worker thread: one query for the jobs that may have changed,
+        one for new event-log lines (only when job pages are watched), then one render
+        per changed job and language."""
+        result = TickResult()
+        if self.max_pk is None:
+            self.max_pk = MigrationJob.objects.aggregate(m=Max("pk"))["m"] or 0
+            self.last_event_id = JobEvent.objects.aggregate(m=Max("pk"))["m"] or 0
+        cond = Q(pk__in=list(job_langs))
+        if list_langs:
+            # Lists change when a job is created, or when an active job changes (also
+            # into a final state, hence the ids that were active on the previous tick).
+            cond |= Q(status__in=MigrationJob.ACTIVE_STATES) | Q(pk__in=list(self.active_ids))
+            cond |= Q(pk__gt=self.max_pk)
+        jobs = list(MigrationJob.objects.filter(cond))
+        changed = []
+        for job in jobs:
+            state = (job.progress_seq, job.status)
+            if self.seen.get(job.pk) != state:
+                self.seen[job.pk] = state
+                changed.append(job)
+            if job.pk > self.max_pk:
+                self.max_pk = job.pk
+        self.active_ids = {j.pk for j in jobs if j.is_active}
+        for job in changed:
+            for lang in job_langs.get(job.pk, ()):
+                result.progress[(job.pk, lang)] = (job.progress_seq, render_progress(job, lang))
+                self.renders += 1
+        if list_langs and changed:
+            for lang in list_langs:
+                result.rows[lang] = [(job.pk, render_rows([job], lang)) for job in changed]
+                self.renders += len(changed)
+            ids = [j.pk for j in changed]
+            for user_pk, user in restricted_users.items():
+                result.visible[user_pk] = set(
+                    MigrationJob.objects.restrict(user).filter(pk__in=ids).values_list("pk", flat=True)
+                )
+        if job_langs:
+            new_events = list(JobEvent.objects.filter(pk__gt=self.last_event_id, job_id__in=list(job_langs)))
+            if new_events:
+                self.last_event_id = max(self.last_event_id, max(e.pk for e in new_events))
+            for event in new_events:
+                langs = job_langs[event.job_id]
+                html = {lang: render_events(event.job_id, [event], lang, append=True) for lang in langs}
+                result.events.setdefault(event.job_id, []).append((event.pk, html))
+        # Forget jobs nobody can receive any more (keeps `seen` bounded).
+        keep = set(job_langs) | self.active_ids
+        for pk in [pk for pk in self.seen if pk not in keep]:
+            del self.seen[pk]
+        return result
+
+    async def _dispatch(self, result):
+        sends = []
+        payload_cache = {}
+        for job_id, subs in list(self.jobs.items()):
+            events = result.events.get(job_id, [])
+            for sub in list(subs):
+                progress = result.progress.get((job_id, sub.lang))
+                if not sub.ready:
+                    if progress is not None:
+                        sub.pending_progress = progress
+                    sub.pending_events += [(eid, html[sub.lang]) for eid, html in events]
+                    continue
+                with_progress = progress is not None and progress[0] >= sub.seq
+                new = [(eid, html) for eid, html in events if eid > sub.last_event_id]
+                if not with_progress and not new:
+                    continue
+                # Watchers of one job that are at the same point share one payload string.
+                key = (job_id, sub.lang, with_progress, sub.last_event_id)
+                text = payload_cache.get(key)
+                if text is None:
+                    parts = [progress[1]] if with_progress else []
+                    parts.extend(html[sub.lang] for _eid, html in new)
+                    text = payload_cache[key] = "".join(parts)
+                if with_progress:
+                    sub.seq = progress[0]
+                if new:
+                    sub.last_event_id = new[-1][0]
+                sends.append(sub.send(text))
+        for sub in list(self.lists):
+            rows = result.rows.get(sub.lang)
+            if not rows:
+                continue
+            if sub.sees_all:
+                text = payload_cache.get(("rows", sub.lang))
+                if text is None:
+                    text = payload_cache[("rows", sub.lang)] = "".join(html for _pk, html in rows)
+            else:
+                visible = result.visible.get(sub.user.pk, set())
+                text = "".join(html for pk, html in rows if pk in visible)
+            if text and not sub.ready:
+                sub.pending_rows.append(text)
+            elif text:
+                sends.append(sub.send(text))
+        if sends:
+            # A socket that went away raises here; that watcher's disconnect cleans up.
+            for outcome in await asyncio.gather(*sends, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.debug("sending job progress failed: %r", outcome)
+
+
+_hubs = weakref.WeakKeyDictionary()
+
+
+def get_hub():
+    """The hub of the running event loop (daphne runs one loop per process; tests run
+    one loop per test, and a hub must never outlive its loop)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = JobHub()
+    return hub
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+class _Publisher:
+    """Sends 'job changed' messages from sync code without blocking it.
+
+    channels-redis keeps its connections per event loop; ``async_to_sync`` would make a
+    fresh loop (and connection) for every progress write of the worker. Instead one
+    daemon thread runs one loop for the process's lifetime and the caller only schedules
+    the send (fire and forget; the DB poller is the safety net for a lost message)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="kvmweb-publish", daemon=True)
+        self.thread.start()
+
+    async def _send(self, job_id):
+        message = {"type": "job.changed", "job": job_id}
+        try:
+            await self.layer.group_send(group_for_job(job_id), message)
+            await self.layer.group_send(JOBS_GROUP, message)
+        except Exception:
+            log.warning(
+                "publishing job %s change failed; watchers catch up by polling", job_id, exc_info=True
+            )
+
+    def publish(self, job_id):
+        asyncio.run_coroutine_threadsafe(self._send(job_id), self.loop)
+
+
+_publisher = None
+_publisher_lock = threading.Lock()
+
+
+def publish_job(job_id):
+    """Tell every daphne process that job ``job_id`` changed (call after the commit).
+
+    Cheap and safe from sync worker code: with the in-memory layer (embedded default,
+    nothing crosses processes) it does nothing and the pollers notice the row; with a
+    real layer it schedules two small group messages and returns at once."""
+    global _publisher
+    layer = get_channel_layer()
+    if layer is None or isinstance(layer, InMemoryChannelLayer):
+        return
+    if _publisher is None or _publisher.layer is not layer:
+        with _publisher_lock:
+            if _publisher is None or _publisher.layer is not layer:
+                _publisher = _Publisher(layer)
+    _publisher.publish(int(job_id))
