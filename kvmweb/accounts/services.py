@@ -108,16 +108,14 @@ def do_set_roles(user, roles, *, actor, request=None):
     unknown = set(roles) - set(ROLES)
     if unknown:
         raise AccountError(_("Unknown role: %(role)s") % {"role": ", ".join(sorted(unknown))})
-    with transaction.atomic():
-        before = user_roles(user)
-        if ADMINISTRATOR in before and ADMINISTRATOR not in roles:
-            others = (
-                get_user_model()
-                .objects.filter(is_active=True)
-                .filter(groups__name=ADMINISTRATOR)
-                .exclude(pk=user.pk)
-            )
-            if not others.exists() and not user.is_superuser:
+    before = user_roles(user)
+    if ADMINISTRATOR in before and ADMINISTRATOR not in roles and not user.is_superuser:
+        others = (
+            get_user_model().objects.filter(is_active=True, groups__name=ADMINISTRATOR).exclude(pk=user.pk)
+        )
+        if not others.exists():
+            # Its own transaction: the refusal is recorded although nothing changes.
+            with transaction.atomic():
                 record(
                     "user.roles",
                     actor=actor,
@@ -126,7 +124,8 @@ def do_set_roles(user, roles, *, actor, request=None):
                     outcome=AuditEvent.FAILURE,
                     details={"before": before, "requested": roles, "reason": "last administrator"},
                 )
-                raise AccountError(_("This is the last administrator; give someone else the role first."))
+            raise AccountError(_("This is the last administrator; give someone else the role first."))
+    with transaction.atomic():
         keep = list(user.groups.exclude(name__in=ROLES))
         user.groups.set(keep + list(Group.objects.filter(name__in=roles)))
         if hasattr(user, "_kvmweb_groups"):

@@ -82,6 +82,10 @@ def event_export(request, fmt):
     of the history is part of the history."""
     require(request.user, PERM)
     form, events = _filtered(request)
+    # The export is the history as it was when asked for; it does not include its own
+    # event or anything written while it streams.
+    last_id = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    events = events.filter(id__lte=last_id)
     with transaction.atomic():
         record(
             "audit.export",

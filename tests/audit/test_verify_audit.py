@@ -1,0 +1,94 @@
+"""manage.py verify_audit: an intact history passes; a tampered row or missing guards fail,
+naming the first broken link; exit code 1 on any problem."""
+
+import pytest
+from django.core.management import call_command, execute_from_command_line
+from django.core.management.base import CommandError
+from django.db import DatabaseError, connection, transaction
+
+from hosts import services as host_services
+from hosts.models import Host
+from kvmweb.audit import guards, record
+from kvmweb.audit.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def events(admin):
+    with transaction.atomic():
+        return [record("test.event", actor=admin, target_name=f"obj{i}", details={"n": i}) for i in range(5)]
+
+
+@pytest.fixture
+def no_guards():
+    """Drop the append-only triggers for the test (the test's transaction is rolled back
+    afterwards; reinstall anyway so nothing depends on that)."""
+    guards.remove(connection)
+    yield
+    guards.install(connection)
+
+
+def run(capsys, *args):
+    """Run the command as `manage.py verify_audit` would: returns (exit code, out, err)."""
+    try:
+        execute_from_command_line(["manage.py", "verify_audit", *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_it_passes_an_intact_history(events, capsys):
+    code, out, err = run(capsys)
+    assert code == 0 and "OK 5 events, chain intact, append-only guards installed" in out and err == ""
+
+
+def test_it_refuses_update_and_delete_while_the_guards_are_installed(events):
+    assert guards.installed(connection)
+    for sql in ("UPDATE audit_auditevent SET outcome = 'failure'", "DELETE FROM audit_auditevent"):
+        with pytest.raises(DatabaseError), transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql)
+    assert AuditEvent.objects.count() == 5
+
+
+def test_it_names_the_row_edited_with_raw_sql(events, capsys, no_guards):
+    victim = events[2]
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE audit_auditevent SET target_name = %s WHERE id = %s", ["forged", victim.pk])
+    guards.install(connection)  # guards back: only the chain can tell
+    code, out, err = run(capsys)
+    assert code == 1 and out == ""
+    assert f"chain broken at event id={victim.pk} " in err
+    assert "action=test.event" in err and "hash does not match the row's contents (row edited)" in err
+    assert "(2 events before it verified)" in err
+
+
+def test_it_names_the_row_after_a_removed_one(events, capsys, no_guards):
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM audit_auditevent WHERE id = %s", [events[1].pk])
+    guards.install(connection)
+    code, _, err = run(capsys)
+    assert code == 1 and f"id={events[2].pk} " in err and "row removed or inserted" in err
+
+
+def test_it_fails_when_the_guards_are_missing(events, capsys, no_guards):
+    code, _, err = run(capsys)
+    assert code == 1 and "append-only guards are missing" in err and "chain broken" not in err
+
+
+def test_it_raises_command_error_with_exit_code_1_from_call_command(events, no_guards):
+    with pytest.raises(CommandError) as info:
+        call_command("verify_audit")
+    assert info.value.returncode == 1
+
+
+def test_it_records_a_refused_host_registration_as_a_failure(admin):
+    with pytest.raises(host_services.HostError):
+        host_services.do_register_host("evil", "qemu+ssh://h/system?command=/bin/sh", actor=admin)
+    assert not Host.objects.exists()
+    event = AuditEvent.objects.get(action="host.register")
+    assert event.outcome == AuditEvent.FAILURE and event.actor == admin and event.target_name == "evil"
+    assert "command" in event.details["error"]
+    assert not AuditEvent.objects.filter(outcome=AuditEvent.SUCCESS).exists()
