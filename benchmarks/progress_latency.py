@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Progress latency benchmark: from the worker's progress write to its arrival in a
+WebSocket client, with 1 and with 200 watchers of one job, against a real daphne process.
+
+A writer process does what the migration worker does four times a second: update the
+job row (progress fields, progress_seq + 1) plus a ProgressSample in one transaction,
+note the commit time, call publish_job(). The watchers are raw WebSocket clients on
+loopback, signed in with a real session; each notes when the payload carrying that
+progress_seq arrives. Latency = arrival - commit (one clock: everything runs on this
+machine). Also prints how many writes a watcher never saw as their own message
+(coalesced into a later one: the poller sends the newest state), and daphne's CPU use
+while the writer ran.
+
+Embedded default (SQLite file, in-memory channel layer, the DB poller) unless
+DATABASE_URL and REDIS_URL are set (then: PostgreSQL + channels-redis, e.g. after
+`eval "$(bash scripts/services.sh start)"`; the tables are created there by migrate).
+
+Run: .venv/bin/python benchmarks/progress_latency.py [--watchers 1 200] [--seconds 20] [--hz 4]
+Uses a throwaway data dir; starts daphne and the writer itself and stops them by PID.
+"""
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PY = str(ROOT / ".venv" / "bin" / "python")
+SEQ = re.compile(rb'data-seq="(\d+)"')
+
+
+def setup_django(data_dir):
+    os.environ["KVMWEB_DATA_DIR"] = data_dir
+    os.environ["KVMWEB_ALLOWED_HOSTS"] = "127.0.0.1,testserver"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+    import django
+
+    django.setup()
+
+
+# ------------------------------------------------------------------ the writer (worker)
+
+
+def writer(data_dir, job_id, seconds, hz):
+    """Child process: progress writes like the worker's, one line 'seq commit_time' each."""
+    setup_django(data_dir)
+    from django.db import transaction
+    from django.db.models import F
+    from django.utils import timezone
+
+    from migrations_app.models import MigrationJob, ProgressSample
+    from migrations_app.streaming import publish_job
+
+    job = MigrationJob.objects.get(pk=job_id)
+    total = 4 << 30
+    count = int(seconds * hz)
+    next_at = time.monotonic()
+    for i in range(count):
+        next_at += 1 / hz
+        remaining = total - (i + 1) * total // (count + 1)
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=job_id).update(
+                phase="memory",
+                percent=100 * (total - remaining) / total,
+                data_total=total,
+                data_processed=total - remaining,
+                data_remaining=remaining,
+                memory_total=total,
+                memory_processed=total - remaining,
+                memory_remaining=remaining,
+                rate=300 << 20,
+                dirty_rate=20 << 20,
+                iteration=1 + i // 20,
+                eta_seconds=remaining / (300 << 20),
+                progress_at=timezone.now(),
+                progress_seq=F("progress_seq") + 1,
+            )
+            ProgressSample.objects.create(
+                job=job, t=(i + 1) / hz, rate=300 << 20, remaining=remaining, processed=total - remaining
+            )
+            seq = MigrationJob.objects.filter(pk=job_id).values_list("progress_seq", flat=True).get()
+        committed = time.time()
+        publish_job(job_id)
+        print(seq, f"{committed:.6f}", flush=True)
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+# ------------------------------------------------------------------ a minimal ws client
+
+
+class Watcher:
+    """A bare RFC 6455 client (text frames, ping/pong): cheap enough that 200 of them in
+    one asyncio loop measure the server, not the client library."""
+
+    def __init__(self, port, path, cookie):
+        self.port, self.path, self.cookie = port, path, cookie
+        self.arrivals = {}  # seq -> first arrival (time.time())
+        self.messages = 0
+
+    async def connect(self):
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.writer.write(
+            (
+                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"Origin: http://127.0.0.1:{self.port}\r\nCookie: sessionid={self.cookie}\r\n\r\n"
+            ).encode()
+        )
+        status = await self.reader.readline()
+        if b" 101 " not in status:
+            raise RuntimeError(f"handshake refused: {status!r}")
+        while (await self.reader.readline()) not in (b"\r\n", b""):
+            pass
+
+    def _send(self, opcode, payload=b""):
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    async def run(self, first_message):
+        while True:
+            head = await self.reader.readexactly(2)
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif length == 127:
+                length = int.from_bytes(await self.reader.readexactly(8), "big")
+            payload = await self.reader.readexactly(length)
+            now = time.time()
+            if opcode == 0x8:  # close
+                return
+            if opcode == 0x9:  # ping
+                self._send(0xA, payload)
+                continue
+            self.messages += 1
+            if self.messages == 1:
+                first_message.set_result(now) if not first_message.done() else None
+            for match in SEQ.finditer(payload):
+                self.arrivals.setdefault(int(match.group(1)), now)
+
+    def close(self):
+        try:
+            self._send(0x8, b"\x03\xe8")
+            self.writer.close()
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------ the run
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values, p):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def scenario(port, job_id, cookie, watchers, seconds, hz, data_dir, daphne_pid):
+    clients = [Watcher(port, f"/ws/jobs/{job_id}/", cookie) for _ in range(watchers)]
+    for i in range(0, watchers, 50):  # connect in batches (listen backlog)
+        await asyncio.gather(*(c.connect() for c in clients[i : i + 50]))
+    firsts = [asyncio.get_running_loop().create_future() for _ in clients]
+    tasks = [asyncio.create_task(c.run(f)) for c, f in zip(clients, firsts, strict=True)]
+    await asyncio.wait_for(asyncio.gather(*firsts), 60)  # every snapshot arrived
+    await asyncio.sleep(1.0)
+    cpu0, wall0 = cpu_seconds(daphne_pid), time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        PY, __file__, "--writer", str(job_id), "--seconds", str(seconds), "--hz", str(hz),
+        "--data-dir", data_dir, stdout=asyncio.subprocess.PIPE, env=os.environ.copy(),
+    )  # fmt: skip
+    commits = {}
+    while line := await proc.stdout.readline():
+        seq, at = line.split()
+        commits[int(seq)] = float(at)
+    await proc.wait()
+    await asyncio.sleep(1.0)
+    cpu = (cpu_seconds(daphne_pid) - cpu0) / (time.monotonic() - wall0)
+    for c in clients:
+        c.close()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    latencies, missed = [], 0
+    for c in clients:
+        for seq, at in commits.items():
+            if seq in c.arrivals:
+                latencies.append((c.arrivals[seq] - at) * 1000)
+            else:
+                missed += 1
+    return {
+        "watchers": watchers,
+        "writes": len(commits),
+        "deliveries": len(latencies),
+        "missed": missed,
+        "p50": percentile(latencies, 50),
+        "p95": percentile(latencies, 95),
+        "max": max(latencies) if latencies else float("nan"),
+        "mean": statistics.fmean(latencies) if latencies else float("nan"),
+        "cpu": cpu * 100,
+    }
+
+
+def prepare():
+    """A user, two hosts, a VM and a running job in a fresh database; a session cookie."""
+    from django.contrib.auth.models import Group, User
+    from django.core.management import call_command
+    from django.test import Client
+    from django.utils import timezone
+
+    from hosts.models import VM, Host
+    from kvmweb.accounts.roles import OPERATOR
+    from migrations_app.models import MigrationJob
+
+    call_command("migrate", verbosity=0)
+    suffix = os.urandom(3).hex()
+    user = User.objects.create_user(f"bench-{suffix}", password="x" * 20)
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    src = Host.objects.create(name=f"bench-src-{suffix}", uri=f"test:///bench-src-{suffix}")
+    dst = Host.objects.create(name=f"bench-dst-{suffix}", uri=f"test:///bench-dst-{suffix}")
+    import uuid
+
+    vm = VM.objects.create(uuid=uuid.uuid4(), name=f"bench-{suffix}", host=src, owner_user=user)
+    job = MigrationJob.objects.create(
+        vm=vm, vm_name=vm.name, source=src, source_name=src.name, target=dst, target_name=dst.name,
+        mode=MigrationJob.LIVE, status=MigrationJob.RUNNING, started_at=timezone.now(), phase="setup",
+    )  # fmt: skip
+    client = Client()
+    client.force_login(user)
+    return job, client.cookies["sessionid"].value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--watchers", type=int, nargs="+", default=[1, 200])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--hz", type=float, default=4)
+    parser.add_argument("--writer", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.writer:
+        writer(args.data_dir, args.writer, args.seconds, args.hz)
+        return
+    data_dir = tempfile.mkdtemp(prefix="kvmweb-bench-progress-")
+    setup_django(data_dir)
+    from django.conf import settings
+
+    scaleout = bool(os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"))
+    job, cookie = prepare()
+    port = free_port()
+    log = open(Path(data_dir) / "daphne.log", "wb")
+    daphne = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
+        cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or daphne.poll() is not None:
+                    raise SystemExit(f"daphne did not start; see {log.name}") from None
+                time.sleep(0.1)
+        mode = "scale-out: PostgreSQL + channels-redis" if scaleout else "embedded: SQLite + DB poller"
+        from migrations_app import streaming
+
+        print(f"progress latency, {mode}; poll interval {streaming.POLL_INTERVAL * 1000:.0f} ms", end="")
+        print(f" ({streaming.POLL_INTERVAL_WITH_LAYER * 1000:.0f} ms with a layer)" if scaleout else "")
+        print(f"writer: {args.hz:g} progress writes/s for {args.seconds:g} s; daphne pid {daphne.pid}")
+        print(f"database: {settings.DATABASES['default']['NAME']}")
+        print(f"{'watchers':>8} {'writes':>6} {'delivered':>9} {'coalesced':>9} "
+              f"{'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} {'daphne CPU':>10}")  # fmt: skip
+        for n in args.watchers:
+            r = asyncio.run(scenario(port, job.pk, cookie, n, args.seconds, args.hz, data_dir, daphne.pid))
+            print(
+                f"{r['watchers']:>8} {r['writes']:>6} {r['deliveries']:>9} {r['missed']:>9} "
+                f"{r['p50']:>7.1f} {r['p95']:>7.1f} {r['max']:>7.1f} {r['cpu']:>9.1f}%",
+                flush=True,
+            )
+    finally:
+        daphne.terminate()
+        try:
+            daphne.wait(10)
+        except subprocess.TimeoutExpired:
+            daphne.kill()
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
