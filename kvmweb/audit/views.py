@@ -50,7 +50,11 @@ SECTIONS = [
 def event_detail(request, pk):
     event = get_scoped_or_404(AuditEvent, request.user, perm=PERM, pk=pk)
     details = event.details if isinstance(event.details, dict) else {"value": event.details}
-    sections = [(label, details[key]) for key, label in SECTIONS if details.get(key)]
+    parts = dict(details)
+    preflight = parts.get("preflight")
+    if not parts.get("plan") and isinstance(preflight, dict) and preflight.get("plan"):
+        parts["plan"] = preflight["plan"]  # the checklist carries the plan it checked
+    sections = [(label, parts[key]) for key, label in SECTIONS if parts.get(key)]
     job = None
     if event.target_type == "migrations_app.migrationjob" and event.target_id.isdigit():
         from migrations_app.models import MigrationJob
