@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"labctl: error: {e} (run `make setup` to install libvirt-python)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `labctl status | head`
+        return 0
     except KeyboardInterrupt:
         print("labctl: interrupted", file=sys.stderr)
         return 130

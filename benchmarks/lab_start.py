@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Lab start benchmark: how long the KVM lab takes to come up, cold and reused.
+
+Prints medians over --runs runs of:
+  fresh     up(2) on an empty lab directory (config seeding, host UUIDs, pools)
+  cold      up(2) on an existing, stopped lab directory (what `make lab-up` usually costs)
+  reuse     up(2) when the lab already runs (what every test session after the first pays)
+  down      down() of two idle hosts
+  guest     create_guest + first counter tick (KVM: SeaBIOS boot dominates), remove_guest
+  build     building dirtier.bin from source (as + ld)
+  first     first guest on a fresh lab (build + KVM probe + boot)
+
+Cold measurements need the lab's loopback ports free, so they run in their own directory
+(default /var/tmp/kvmweb-lab-bench) and only when no lab is running; with a running lab
+(someone is using it) only `reuse` is measured, against that lab, which is left alone.
+
+Run as root: .venv/bin/python benchmarks/lab_start.py [--runs 5]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn):
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def show(label, values):
+    values = [v for v in values if v is not None]
+    if values:
+        print(
+            f"{label:<7} median {statistics.median(values):7.3f} s   "
+            f"min {min(values):.3f}  max {max(values):.3f}  (n={len(values)})"
+        )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--lab-dir", default="/var/tmp/kvmweb-lab-bench")
+    args = ap.parse_args()
+
+    import lab as shared_lab
+
+    if shared_lab.skip_reason():
+        sys.exit(f"lab_start: {shared_lab.skip_reason()}")
+    if any(shared_lab.core._port_open(h) for h in shared_lab.HOST_NAMES[:2]):
+        print(f"a lab is running (in use): measuring reuse only, against {shared_lab.LAB_DIR}")
+        show("reuse", [timed(lambda: shared_lab.up(2)) for _ in range(args.runs)])
+        return
+
+    os.environ["KVMWEB_LAB_DIR"] = args.lab_dir
+    shared_lab.core.LAB_DIR = Path(args.lab_dir)  # the module read the env at import
+    lab = shared_lab
+    results = {k: [] for k in ("fresh", "cold", "reuse", "down", "guest", "build", "first")}
+    try:
+        for _ in range(args.runs):
+            lab.down(purge=True)
+            results["fresh"].append(timed(lambda: lab.up(2)))
+            results["build"].append(timed(lab.guests.dirtier_bin))
+            (lab.core.LAB_DIR / "dirtier.sha256").unlink()  # let `first` build it again
+
+            def first():
+                lab.create_guest("bench-first")
+                lab.wait_counter_moves("lab-a", "bench-first")
+
+            results["first"].append(timed(first))
+            lab.remove_guest("bench-first")
+            results["down"].append(timed(lambda: lab.down()))
+            results["cold"].append(timed(lambda: lab.up(2)))
+            results["reuse"].append(timed(lambda: lab.up(2)))
+
+            def guest():
+                lab.create_guest("bench-guest")
+                lab.wait_counter_moves("lab-a", "bench-guest")
+                lab.remove_guest("bench-guest")
+
+            results["guest"].append(timed(guest))
+            lab.down()
+    finally:
+        lab.down(purge=True)
+        shutil.rmtree(args.lab_dir, ignore_errors=True)
+    print(f"virt: {os.environ.get('KVMWEB_LAB_VIRT') or 'probed'}; runs: {args.runs}")
+    for key, values in results.items():
+        show(key, values)
+
+
+if __name__ == "__main__":
+    main()
