@@ -334,7 +334,7 @@ class HostConnection:
                 try:
                     job_type = dom.jobInfo()[0]
                 except libvirt.libvirtError:
-                    job_type = 0
+                    job_type = None  # unknown (e.g. the test driver cannot tell)
                 try:
                     rss = dict(dom.memoryStats()).get("rss")
                 except libvirt.libvirtError:

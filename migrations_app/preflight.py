@@ -710,6 +710,15 @@ def check_jobs(ctx):
     commit, pull) runs on the VM: libvirt refuses, e.g. "domain has active block job"."""
     dom = ctx.domain()
     details = {"job_type": dom["job_type"], "block_jobs": dom["block_jobs"]}
+    if dom["job_type"] is None:
+        return _result(
+            "jobs",
+            WARN,
+            _("%(s)s could not say whether a job runs on the VM.") % {"s": ctx.source.name},
+            _("Check by hand: virsh %(c)s domjobinfo %(vm)s should say 'Job type: None'.")
+            % {"c": _uri_flag(ctx.source), "vm": ctx.vm.name},
+            details,
+        )
     if dom["job_type"]:
         return _result(
             "jobs",

@@ -29,7 +29,7 @@ def _pk(value):
 @require_GET
 def preflight_check(request):
     """Run the checklist for the plan in the query string (read-only: nothing moves)."""
-    require(request.user, "migrations_app.add_migrationjob")
+    perm = "migrations_app.add_migrationjob"
     context = {
         "modes": MigrationJob.MODES,
         "mode": request.GET.get("mode") or MigrationJob.LIVE,
@@ -37,9 +37,12 @@ def preflight_check(request):
         "vms": scoped(VM, request.user).filter(gone=False).select_related("host"),
         "targets": scoped(Host, request.user),
     }
-    if request.GET.get("vm") and request.GET.get("target"):
-        vm = get_scoped_or_404(VM, request.user, "migrate", pk=_pk(request.GET["vm"]))
-        target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(request.GET["target"]))
+    if not (request.GET.get("vm") and request.GET.get("target")):
+        require(request.user, perm)
+    else:
+        # Scope first (out of scope: 404), then the right to migrate (403).
+        vm = get_scoped_or_404(VM, request.user, "migrate", perm=perm, pk=_pk(request.GET["vm"]))
+        target = get_scoped_or_404(Host, request.user, "migrate", perm=perm, pk=_pk(request.GET["target"]))
         options = {k: v for k, v in request.GET.items() if k in DEFAULTS}
         context.update(vm=vm, target=target, options=options, rerun_url=request.get_full_path())
         if vm.host is None or vm.gone:
@@ -48,8 +51,8 @@ def preflight_check(request):
             }
         else:
             try:
+                # Option combinations libvirt refuses show up as the "Migration options" check.
                 plan = MigrationPlan.for_vm(vm, target, context["mode"], options)
-                plan.validate_options()
             except PlanError as exc:
                 context["error"] = str(exc)
             else:
