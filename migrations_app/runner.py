@@ -142,6 +142,12 @@ def progress_from_stats(stats, state=None):
     }
 
 
+def _offline_flags(plan):
+    """The definition move always goes PEER2PEER: migrateToURI3 has no client-driven
+    ("direct") variant ("direct migration is not supported by the source host")."""
+    return _flags_value(plan.flags()) | hv.MIGRATE_FLAGS["peer2peer"]
+
+
 def _flags_value(flags):
     """plan.flags() may be an int or a list of flag names (VIR_MIGRATE_* suffixes)."""
     if isinstance(flags, int):
@@ -273,14 +279,22 @@ def _run(run):
     if job.source is None or job.target is None:
         raise Failed("The source or target host was removed from kvmweb before the job started.")
     plan = MigrationPlan.from_job(job)
-    report = run_preflight(plan)
-    blocking = report.blocking_reasons(job.acknowledged, job.overridden)
+    # No dirty-rate measurement here: convergence was judged (and acknowledged) in the
+    # wizard, and measuring again would add a second to every migration. What can change
+    # in the meantime (VM state, host reachability, memory, collisions) is re-checked.
+    report = run_preflight(plan, measure_dirty_rate=False)
+    overridden = set(job.overridden or [])
+    acknowledged = set(job.acknowledged or [])
+    blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
     run.update(preflight=report.to_dict())
     if blocking:
         raise Failed(
             "The preflight checklist now blocks this migration (checked again right before "
             f"starting): {'; '.join(blocking)}. Nothing was changed; the VM is still on {job.source_name}."
         )
+    for r in report.warnings:
+        if r.id not in acknowledged:
+            run.event(f"New warning since the request: {r.title}: {r.message}", "warn")
     run.event("Preflight passed again on the worker.")
     now = timezone.now()
     started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
@@ -450,8 +464,13 @@ def where_is(job):
         try:
             with hv.session(host.uri, timeout=3) as c:
                 found[side] = c.find_domain(uuid)
-                if found[side] is not None:
-                    found[side + "_job"] = c.job_stats(uuid)["type"]
+                if found[side] is not None and found[side][0] != "shutoff":
+                    try:  # an inactive domain has no job (and jobStats refuses it)
+                        found[side + "_job"] = c.job_stats(uuid)["type"]
+                    except hv.DomainNotFound:
+                        found[side] = None
+                    except hv.HypervisorError:
+                        found[side + "_job"] = "unknown"
         except hv.HypervisorError as exc:
             found[side] = "unreachable"
             found[side + "_error"] = str(exc)
@@ -651,7 +670,7 @@ def _run_offline(run, plan):
         with hv.session(job.source.uri, call_timeout=60) as src:
             run.event(f"Offline migration: {plan.virsh_command()}")
             op = Operation(
-                lambda: src.migrate(uuid, job.target.uri, _flags_value(plan.flags()), dict(plan.params())),
+                lambda: src.migrate(uuid, job.target.uri, _offline_flags(plan), dict(plan.params())),
                 f"offline job {job.pk}",
             )
             while not op.wait(POLL_SECONDS):
@@ -690,7 +709,7 @@ def _run_cold(run, plan):
             shared = _storage_is_shared(job, dst)
             if shared:
                 run.event("Disks are on shared storage: moving the definition (offline migration).")
-                flags = _flags_value(plan.flags())
+                flags = _offline_flags(plan)
                 _blocking(
                     run, lambda: src.migrate(uuid, job.target.uri, flags, dict(plan.params())), "offline"
                 )

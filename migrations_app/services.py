@@ -133,15 +133,15 @@ def do_create_job(
     database's one-active-job-per-VM constraint makes double clicks and two browsers
     submitting at once create exactly one job: the loser gets JobError with active_job.
     """
-    from migrations_app.plan import MigrationPlan, PlanError, parse_options
+    from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
 
     source = vm.host
     acknowledged, overridden = list(acknowledged or []), list(overridden or [])
     try:
-        options = parse_options(mode, options or {})
-        plan = MigrationPlan(vm, source, target, mode, options)
+        plan = MigrationPlan(vm, source, target, mode, dict(options or {}))
         plan.validate()
+        options = plan.options  # normalized (defaults filled in, other modes' keys dropped)
     except PlanError as exc:
         raise JobError(str(exc)) from None
     try:

@@ -1,0 +1,380 @@
+"""Migration jobs on the real KVM lab, through the worker's code path.
+
+Every mode runs through do_create_job + runner.run_job (the very function the django-q2
+task calls) against real libvirtd hosts and real QEMU guests. The faults that need a
+real worker process (killed worker, duplicated task) or a second process acting while
+the worker runs (cancel, target libvirtd killed) run against a real
+`Q_CLUSTER_NAME=migrations manage.py qcluster` subprocess with its own file SQLite DB.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab as labkit
+from hosts import services as host_services
+from hosts.models import VM, VMLocation
+from kvmweb.audit.models import AuditEvent
+from migrations_app import runner
+from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+from migrations_app.plan import MigrationPlan
+from migrations_app.preflight import run_preflight
+from migrations_app.services import do_create_job
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def hosts(lab, db):
+    return {h: host_services.do_register_host(h, lab.uri(h)) for h in ("lab-a", "lab-b")}
+
+
+def _sync(*hosts):
+    for host in hosts:
+        # The lab is shared: another test's network or guest may vanish mid-read; retry.
+        for _attempt in range(3):
+            error = host_services.do_sync_inventory(host)["error"]
+            if not error:
+                break
+            time.sleep(0.2)
+        assert not error
+
+
+def _create(user, guest, target, mode, **options):
+    """The wizard's path: preflight, acknowledge its warnings, create (queued)."""
+    vm = VM.objects.get(uuid=guest.uuid)
+    plan = MigrationPlan(vm, vm.host, target, mode, options)
+    report = run_preflight(plan, measure_dirty_rate=False)
+    assert not report.fails, [(r.id, r.message) for r in report.fails]
+    return do_create_job(
+        vm, target, mode, options, actor=user, report=report, acknowledged=[r.id for r in report.warnings]
+    )
+
+
+def _run(job):
+    status = runner.run_job(job.pk)
+    job.refresh_from_db()
+    assert status == job.status
+    return job
+
+
+def _counter_at_least(host, name, value, timeout=10):
+    deadline = time.monotonic() + timeout
+    while labkit.read_counter(host, name) < value:
+        assert time.monotonic() < deadline, f"counter of {name} on {host} stayed below {value}"
+        time.sleep(0.05)
+
+
+def _assert_moved(job, guest, target="lab-b"):
+    vm = VM.objects.select_related("host").get(uuid=guest.uuid)
+    assert vm.host.name == target and not vm.gone
+    loc = VMLocation.objects.filter(vm=vm).first()
+    assert loc.host_name == target and loc.via == "migration"
+    finish = AuditEvent.objects.filter(action="migration.finish", target_id=str(job.pk)).get()
+    assert finish.outcome == AuditEvent.SUCCESS and finish.details["status"] == "succeeded"
+    return vm
+
+
+def test_it_runs_a_live_migration_job_and_records_progress_and_final_figures(hosts, lab_guest, admin):
+    guest = lab_guest("mj-live")
+    _sync(hosts["lab-a"])
+    before = labkit.read_counter("lab-a", guest)
+    job = _create(admin, guest, hosts["lab-b"], "live", bandwidth=32)
+    assert job.status == MigrationJob.QUEUED
+    job = _run(job)
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "running"}
+    _counter_at_least("lab-b", guest, before)  # RAM moved: it continues, no fresh boot
+    assert job.percent == 100 and job.phase == "done"
+    assert job.downtime_ms is not None and job.elapsed_ms > 0 and job.result["data_processed"] > 0
+    samples = list(ProgressSample.objects.filter(job=job))
+    assert len(samples) >= 3 and max(s.rate for s in samples) > 0
+    assert any(s.remaining > 0 for s in samples)
+    events = [e.message for e in JobEvent.objects.filter(job=job)]
+    assert any("Phase: memory" in m for m in events) and events[-1].startswith("Succeeded")
+    assert job.progress_seq > len(samples)
+    _assert_moved(job, guest)
+
+
+def test_it_runs_a_live_storage_copy_job_and_removes_the_source_disk_when_asked(hosts, lab_guest, admin):
+    guest = lab_guest("mj-copy", storage="local")
+    src_disk = labkit.local_dir("lab-a") / f"{guest}.qcow2"
+    dst_disk = labkit.local_dir("lab-b") / f"{guest}.qcow2"
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "live-copy", remove_source_disks=True))
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "running"}
+    labkit.wait_counter_moves("lab-b", guest)
+    assert dst_disk.exists() and not src_disk.exists()
+    assert job.result["removed_source_disks"] == [f"{labkit.LOCAL_IN_HOST}/{guest}.qcow2"]
+    _assert_moved(job, guest)
+
+
+def test_it_keeps_the_source_disk_after_a_storage_copy_unless_asked(hosts, lab_guest, admin):
+    guest = lab_guest("mj-keep", storage="local")
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "live-copy"))
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert (labkit.local_dir("lab-a") / f"{guest}.qcow2").exists()
+    assert "removed_source_disks" not in job.result
+
+
+def test_it_runs_a_cold_job_on_shared_storage_forcing_off_after_the_timeout(hosts, lab_guest, admin):
+    guest = lab_guest("mj-cold")  # the dirtier ignores ACPI: the graceful shutdown times out
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "cold", shutdown_timeout=1, force_off=True))
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "running"}  # started on the target as it ran before
+    labkit.wait_counter_moves("lab-b", guest)
+    events = [e.message for e in JobEvent.objects.filter(job=job)]
+    assert any("forcing it off" in m for m in events)
+    assert job.result["storage"] == "shared" and job.result["was_running"] is True
+    _assert_moved(job, guest)
+
+
+def test_it_fails_a_cold_job_when_the_guest_does_not_shut_down_and_force_is_off(hosts, lab_guest, admin):
+    guest = lab_guest("mj-noforce")
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "cold", shutdown_timeout=1))
+    assert job.status == MigrationJob.FAILED
+    assert "did not shut down within 1 s" in job.error and "still running on lab-a" in job.error
+    assert labkit.where(guest) == {"lab-a": "running"}
+
+
+def test_it_runs_a_cold_job_with_local_disks_by_copying_volumes(hosts, lab_guest, admin):
+    guest = lab_guest("mj-coldcopy", storage="local", running=False)
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "cold"))
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "shut off"}  # it was off: not started
+    assert (labkit.local_dir("lab-b") / f"{guest}.qcow2").exists()
+    assert (labkit.local_dir("lab-a") / f"{guest}.qcow2").exists()  # kept: not asked to remove
+    assert job.result["storage"] == "copied" and job.disk_total > 0
+    labkit.start_guest(guest, "lab-b")  # the copied disk boots
+    labkit.wait_counter_moves("lab-b", guest)
+    _assert_moved(job, guest)
+
+
+def test_it_runs_an_offline_job_that_moves_only_the_definition(hosts, lab_guest, admin):
+    guest = lab_guest("mj-offline", running=False)
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "offline"))
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "shut off"}
+    _assert_moved(job, guest)
+
+
+def test_it_never_runs_a_job_twice(hosts, lab_guest, admin):
+    guest = lab_guest("mj-twice", running=False)
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "offline"))
+    assert job.status == MigrationJob.SUCCEEDED
+    events = JobEvent.objects.filter(job=job).count()
+    assert runner.run_job(job.pk) is None  # a redelivered message: nothing happens
+    assert JobEvent.objects.filter(job=job).count() == events
+    assert labkit.where(guest) == {"lab-b": "shut off"}
+
+
+def test_it_fails_when_preflight_on_the_worker_now_fails_and_touches_nothing(hosts, lab_guest, admin):
+    guest = lab_guest("mj-stale", running=False)
+    _sync(hosts["lab-a"])
+    job = _create(admin, guest, hosts["lab-b"], "offline")
+    labkit.start_guest(guest, "lab-a")  # the world changed between the wizard and the worker
+    job = _run(job)
+    assert job.status == MigrationJob.FAILED
+    assert "now blocks this migration" in job.error
+    assert job.preflight["verdict"] == "fail"
+    assert labkit.where(guest) == {"lab-a": "running"}
+
+
+# ------------------------------------------------------------------ real worker process
+
+
+class Cluster:
+    """A file SQLite DB of its own, hosts registered, and a real migrations qcluster."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.db = tmp / "kvmweb.sqlite3"
+        self.env = dict(os.environ, KVMWEB_SQLITE_PATH=str(self.db), KVMWEB_ADMIN_PASSWORD="x" * 16)
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("REDIS_URL", None)
+        self.proc = None
+
+    def manage(self, *args, check=True, **kw):
+        r = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=dict(self.env, **kw.pop("env", {})),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"manage.py {' '.join(args)} failed: {r.stdout}{r.stderr}")
+        return r
+
+    def start(self):
+        log = open(self.tmp / "qcluster.log", "a")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"],
+            cwd=ROOT,
+            env=dict(self.env, Q_CLUSTER_NAME="migrations"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: SIGKILL takes the workers too
+        )
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def q(self, sql, *args):
+        con = sqlite3.connect(self.db, timeout=20)
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
+    def job(self, job_id):
+        row = self.q(
+            "select status, percent, error, finished_at, progress_seq from migrations_app_migrationjob where id=?",
+            job_id,
+        )[0]
+        return dict(zip(["status", "percent", "error", "finished_at", "progress_seq"], row, strict=True))
+
+    def events(self, job_id):
+        return self.q("select at, message from migrations_app_jobevent where job_id=? order by id", job_id)
+
+    def wait(self, job_id, cond, timeout, what):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if cond(job):
+                return job
+            assert time.monotonic() < deadline, f"job {job_id}: {what} not reached: {job}"
+            time.sleep(0.05)
+
+    def migrate(self, vm, target, *args):
+        r = self.manage("migrate_vm", vm, target, "--json", "--ack-all", *args)
+        return json.loads(r.stdout.strip().splitlines()[-1])["id"]
+
+
+@pytest.fixture(scope="module")
+def cluster(lab, tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("mjcluster"))
+    c.manage("migrate", "--noinput", "-v", "0")
+    c.manage("ensure_admin")
+    for h in ("lab-a", "lab-b"):
+        c.manage("add_host", h, labkit.uri(h), "--no-sync")
+    c.start()
+    yield c
+    c.stop()
+
+
+def _sync_cli(cluster, *hosts):
+    for h in hosts:
+        cluster.manage("sync_inventory", h)
+
+
+def _running(job):
+    return job["status"] == "running" and job["percent"] > 0
+
+
+def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
+    guest = lab_guest("mj-cancel")
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4")
+    cluster.wait(job_id, _running, 30, "running with progress")
+    cluster.manage("migration_job", str(job_id), "cancel")
+    job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 10, "final")
+    assert job["status"] == "cancelled", job
+    assert "still running on lab-a" in job["error"]
+    asked = next(at for at, m in cluster.events(job_id) if m.startswith("Cancel requested"))
+    took = _seconds(job["finished_at"]) - _seconds(asked)
+    assert 0 <= took < 2, f"cancel took {took:.2f} s"
+    assert labkit.where(guest) == {"lab-a": "running"}
+    labkit.wait_counter_moves("lab-a", guest)
+
+
+def _seconds(text):
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace(" ", "T")).timestamp()
+
+
+def test_it_reconciles_after_the_worker_is_killed_and_never_migrates_twice(cluster, lab_guest):
+    guest = lab_guest("mj-kill")
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "16")
+    # A duplicate delivery of the same message (what the ORM broker does after `retry`).
+    cluster.manage(
+        "shell",
+        "-c",
+        f"from django_q.tasks import async_task; async_task('migrations_app.tasks.run_migration', {job_id}, cluster='migrations')",
+    )
+    cluster.wait(job_id, _running, 30, "running with progress")
+    cluster.kill()
+    killed_at = time.monotonic()
+    try:
+        deadline = killed_at + 30
+        while cluster.job(job_id)["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"not reconciled within 30 s: {cluster.job(job_id)}"
+            cluster.manage("reconcile_jobs")
+            time.sleep(0.5)
+        took = time.monotonic() - killed_at
+    finally:
+        cluster.start()
+    job = cluster.job(job_id)
+    where = labkit.where(guest)
+    assert list(where.values()).count("running") == 1, where
+    # PEER2PEER: the source libvirtd finished the migration after the worker died.
+    assert job["status"] == "succeeded" and where == {"lab-b": "running"}, (job, where)
+    messages = [m for _at, m in cluster.events(job_id)]
+    assert sum(m.startswith("Picked up by worker") for m in messages) == 1, messages
+    assert sum(m.startswith("Migration started") for m in messages) == 1, messages
+    assert any("heartbeat stopped" in m for m in messages)
+    assert took < 30
+
+
+def test_it_fails_clearly_when_the_target_libvirtd_dies_mid_migration(cluster, lab_guest):
+    started = labkit.up(3)  # lab-c: killing its daemon disturbs nobody else's tests
+    try:
+        cluster.manage("add_host", "lab-c", labkit.uri("lab-c"), "--no-sync", check=False)
+        guest = lab_guest("mj-tgtkill")
+        _sync_cli(cluster, "lab-a")
+        job_id = cluster.migrate(guest, "lab-c", "--mode", "live", "--bandwidth", "8")
+        cluster.wait(job_id, _running, 30, "running with progress")
+        from lab import core
+
+        pid = core._host_pids("lab-c")["libvirtd"]
+        assert pid
+        os.kill(pid, signal.SIGKILL)
+        job = cluster.wait(job_id, lambda j: j["status"] in ("failed", "succeeded", "cancelled"), 30, "final")
+        assert job["status"] == "failed", job
+        assert "target host's libvirtd went away" in job["error"] and "still running on lab-a" in job["error"]
+        assert labkit.where(guest).get("lab-a") == "running"
+        labkit.wait_counter_moves("lab-a", guest)
+    finally:
+        if started:
+            labkit.down(hosts=["lab-c"])
+        else:
+            labkit.up(3)  # someone else's lab-c: bring its daemon back
