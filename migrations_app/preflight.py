@@ -1970,7 +1970,7 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
 
 def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False):
     """Every possible target host for ``vm`` (in the user's scope), with a quick report,
-    best first: fewest fails, then fewest warnings, then most free memory. The quick
+    best first: reachable hosts, then fewest fails, fewest warnings, most free memory. The quick
     variant skips the dirty-rate measurement (the chosen target gets the full run)."""
     from hosts.models import Host
 
@@ -1994,6 +1994,8 @@ def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False)
         host, report = item
         memory = report.result("memory")
         free = (memory.details.get("target_free_mib") or 0) if memory else 0
-        return (len(report.fails), len(report.warnings), -free, host.name)
+        connection = report.result("connection")
+        unreachable = connection is None or connection.status == FAIL  # its checks were skipped
+        return (unreachable, len(report.fails), len(report.warnings), -free, host.name)
 
     return sorted(ranked, key=key)
