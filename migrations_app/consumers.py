@@ -31,6 +31,21 @@ class _HubConsumer(AsyncWebsocketConsumer):
     async def _send_text(self, text):
         await self.send(text_data=text)
 
+    async def _close(self, code):
+        self.sub = None  # the hub already dropped it
+        await self.close(code=code)
+
+    def _subscriber(self, user, **kwargs):
+        session = self.scope.get("session")
+        return streaming.Subscriber(
+            send=self._send_text,
+            close=self._close,
+            session_key=getattr(session, "session_key", None),
+            lang=streaming.scope_language(self.scope),
+            user=user,
+            **kwargs,
+        )
+
     async def disconnect(self, code):
         if self.sub is not None:
             streaming.get_hub().unsubscribe(self.sub)
@@ -50,14 +65,13 @@ class JobProgressConsumer(_HubConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         job_id = self.scope["url_route"]["kwargs"]["job_id"]
-        lang = streaming.scope_language(self.scope)
         # Register before reading the snapshot, but not ready: the hub pushes nothing to
         # it until the scope check below passed; what the poller produces meanwhile is
         # kept and sent by activate() if it is newer than the snapshot.
-        self.sub = streaming.Subscriber(send=self._send_text, lang=lang, job_id=job_id, user=user)
+        self.sub = self._subscriber(user, job_id=job_id)
         hub = streaming.get_hub()
         hub.subscribe(self.sub)
-        snapshot = await database_sync_to_async(streaming.job_snapshot)(user, job_id, lang)
+        snapshot = await database_sync_to_async(streaming.job_snapshot)(user, job_id, self.sub.lang)
         if snapshot is None:
             hub.unsubscribe(self.sub)
             self.sub = None
@@ -76,14 +90,11 @@ class JobListConsumer(_HubConsumer):
         if user is None:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        lang = streaming.scope_language(self.scope)
         sees_all = await database_sync_to_async(sees_everything)(user)
-        self.sub = streaming.Subscriber(
-            send=self._send_text, lang=lang, job_id=None, user=user, sees_all=sees_all
-        )
+        self.sub = self._subscriber(user, job_id=None, sees_all=sees_all)
         hub = streaming.get_hub()
         hub.subscribe(self.sub)
-        html = await database_sync_to_async(streaming.list_snapshot)(user, lang)
+        html = await database_sync_to_async(streaming.list_snapshot)(user, self.sub.lang)
         if html:
             await self.send(text_data=html)
         await hub.activate(self.sub)

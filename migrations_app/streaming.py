@@ -51,6 +51,9 @@ POLL_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL", 0.12))
 POLL_INTERVAL_WITH_LAYER = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL_LAYER", 1.0))
 # How many of a user's most recent jobs a job list / dashboard snapshot refreshes.
 LIST_SNAPSHOT_LIMIT = 20
+# Seconds between re-checks of every watcher's session and scope: signing out, losing a
+# role or a VM's ownership ends the stream within this time (not only at reconnect).
+RECHECK_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_RECHECK_INTERVAL", 15.0))
 
 PROGRESS_TEMPLATE = "migrations_app/partials/job_progress.html"
 EVENTS_TEMPLATE = "migrations_app/partials/job_events.html"
@@ -142,6 +145,8 @@ class Subscriber:
 
     send: object
     lang: str
+    close: object = None  # coroutine function(code): ends the WebSocket
+    session_key: str | None = None
     job_id: int | None = None  # None: a job list / dashboard watcher
     user: object = None
     sees_all: bool = False
@@ -243,10 +248,18 @@ class JobHub:
 
     async def _run(self):
         try:
+            loop = asyncio.get_running_loop()
+            next_recheck = loop.time() + RECHECK_INTERVAL
             while self.watcher_count:
-                await self._sync_groups()
+                try:
+                    await self._sync_groups()
+                except Exception:  # Redis away: keep serving by polling, retry next time
+                    log.warning("channel layer unavailable; streaming by polling only", exc_info=True)
                 try:
                     await self._tick()
+                    if loop.time() >= next_recheck:
+                        next_recheck = loop.time() + RECHECK_INTERVAL
+                        await self._recheck()
                 except Exception:  # a DB hiccup must not kill streaming for everyone
                     log.exception("job progress poller tick failed")
                 interval = POLL_INTERVAL_WITH_LAYER if self.layer else POLL_INTERVAL
@@ -305,6 +318,39 @@ class JobHub:
                 await asyncio.sleep(POLL_INTERVAL_WITH_LAYER)
                 continue
             self.wake.set()
+
+    async def _recheck(self):
+        """Close the sockets whose session ended or whose user no longer may see the job.
+
+        A handful of queries per interval (sessions, users, one scope query per distinct
+        user), not per watcher and not per tick."""
+        subs = [s for s in self.lists if s.ready] + [
+            s for subs in self.jobs.values() for s in subs if s.ready
+        ]
+        if not subs:
+            return
+        keys = {s.session_key for s in subs if s.session_key}
+        wanted = {}
+        for s in subs:
+            if s.job_id is not None:
+                wanted.setdefault(s.user.pk, set()).add(s.job_id)
+            else:
+                wanted.setdefault(s.user.pk, set())
+        live_keys, allowed, sees_all = await database_sync_to_async(_still_allowed)(keys, wanted)
+        for s in subs:
+            s.sees_all = sees_all.get(s.user.pk, False)
+            if s.session_key is not None and s.session_key not in live_keys:
+                code = 4401
+            elif s.user.pk not in allowed or (s.job_id is not None and s.job_id not in allowed[s.user.pk]):
+                code = 4404 if s.user.pk in allowed else 4401
+            else:
+                continue
+            self.unsubscribe(s)
+            if s.close is not None:
+                try:
+                    await s.close(code)
+                except Exception:
+                    log.debug("closing a watcher failed", exc_info=True)
 
     async def _tick(self):
         # Copy what the worker thread needs: the sets change on the loop meanwhile.
@@ -418,6 +464,32 @@ class JobHub:
             for outcome in await asyncio.gather(*sends, return_exceptions=True):
                 if isinstance(outcome, Exception):
                     log.debug("sending job progress failed: %r", outcome)
+
+
+def _still_allowed(session_keys, wanted):
+    """(session keys still valid, {user pk: job ids of `wanted` still in scope},
+    {user pk: sees everything}); users gone or deactivated are missing from the dicts."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    live = set(
+        Session.objects.filter(session_key__in=session_keys, expire_date__gt=timezone.now()).values_list(
+            "session_key", flat=True
+        )
+    )
+    from kvmweb.accounts.roles import sees_everything
+
+    allowed, sees_all = {}, {}
+    for user in get_user_model().objects.filter(pk__in=list(wanted), is_active=True):
+        sees_all[user.pk] = sees_everything(user)
+        job_ids = wanted[user.pk]
+        allowed[user.pk] = (
+            set(MigrationJob.objects.restrict(user).filter(pk__in=job_ids).values_list("pk", flat=True))
+            if job_ids
+            else set()
+        )
+    return live, allowed, sees_all
 
 
 _hubs = weakref.WeakKeyDictionary()

@@ -264,3 +264,36 @@ async def test_it_renders_in_the_watchers_language(jobs, operator):
     assert "字节/s" in with_zh and "bytes/s" not in with_zh
     await comm.disconnect()
     await en.disconnect()
+
+
+async def test_it_ends_streams_when_the_session_or_the_scope_ends(jobs, alice, bob, monkeypatch):
+    monkeypatch.setattr(streaming, "RECHECK_INTERVAL", 0.2)
+    job = jobs["alice"]
+    kept = await connected(f"/ws/jobs/{job.pk}/", alice)
+    signed_out = await connected(f"/ws/jobs/{job.pk}/", alice)
+    for comm in (kept, signed_out):
+        await comm.receive_from(timeout=TIMEOUT)
+    await asyncio.sleep(0.6)  # a few re-checks pass: both stay open
+    for comm in (kept, signed_out):
+        while not comm.output_queue.empty():
+            assert comm.output_queue.get_nowait()["type"] == "websocket.send"
+
+    @database_sync_to_async
+    def sign_out(comm):
+        from django.contrib.sessions.models import Session
+
+        cookie = dict(comm.scope["headers"])[b"cookie"].decode().split("=", 1)[1]
+        Session.objects.filter(session_key=cookie).delete()
+
+    await sign_out(signed_out)
+    await assert_closed_with(signed_out, 4401)
+    # The VM is given to bob: alice's other socket closes, telling nothing more.
+    # (Updates may still arrive until the next re-check, at most RECHECK_INTERVAL later.)
+    await database_sync_to_async(VM.objects.filter(pk=job.vm_id).update)(owner_user=bob)
+    message = await kept.receive_output(timeout=TIMEOUT)
+    while message["type"] == "websocket.send":
+        message = await kept.receive_output(timeout=TIMEOUT)
+    assert message == {"type": "websocket.close", "code": 4404}
+    assert streaming.get_hub().watcher_count == 0
+    await write_progress(job, percent=90.0)
+    assert await kept.receive_nothing(timeout=0.5)
