@@ -72,7 +72,7 @@ def test_it_creates_host_groups_and_moves_hosts_into_them(world, login, admin):
     assert response.status_code == 302
     assert Host.objects.get(pk=world.p1.pk).group.name == "edge"
     event = AuditEvent.objects.get(action="hostgroup.create")
-    assert event.details["hosts_added"] == ["p1"] and event.target_name == "edge"
+    assert event.details["hosts_added"] == ["p1-prod-host"] and event.target_name == "edge"
     # Duplicate names are refused and audited as a failure.
     response = client.post(reverse("accounts:host_group_add"), {"name": "dev"})
     assert response.status_code == 200 and "exists already" in response.content.decode()
@@ -85,7 +85,7 @@ def test_it_deletes_a_group_and_keeps_its_hosts(world, login, admin):
     assert response.status_code == 302
     assert Host.objects.get(pk=world.p1.pk).group is None
     assert not SelfServicePolicy.objects.exists()  # the policy went with its group
-    assert AuditEvent.objects.get(action="hostgroup.delete").details == {"hosts": ["p1"]}
+    assert AuditEvent.objects.get(action="hostgroup.delete").details == {"hosts": ["p1-prod-host"]}
 
 
 def test_it_edits_a_policy_and_audits_the_rule(world, login, admin):

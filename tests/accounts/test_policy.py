@@ -97,8 +97,8 @@ def test_it_refuses_vms_on_hosts_without_a_policy(world, alice):
 
 def test_it_shows_self_service_users_their_hosts_and_allowed_targets_only(world, alice, bob, mallory):
     # alice: p1 (alice-web), d1 (team-app, and the allowed target group dev).
-    assert set(Host.objects.restrict(alice).values_list("name", flat=True)) == {"p1", "d1"}
-    assert set(Host.objects.restrict(bob).values_list("name", flat=True)) == {"p1", "d1"}
+    assert set(Host.objects.restrict(alice).values_list("name", flat=True)) == {"p1-prod-host", "d1-dev-host"}
+    assert set(Host.objects.restrict(bob).values_list("name", flat=True)) == {"p1-prod-host", "d1-dev-host"}
     assert not Host.objects.restrict(mallory).exists()
     world.policy.target_groups.set([world.dev, world.secret])
     assert "s1-secret" in Host.objects.restrict(bob).values_list("name", flat=True)

@@ -1,7 +1,8 @@
 """A small inventory for scope and policy tests, built without libvirt.
 
-Host groups prod (host p1), dev (host d1) and secret (host s1, never shown to
-self-service). Policy: VMs on prod may go to dev, Live only, at most 100 MiB/s, with
+Host groups prod (host p1-prod-host), dev (host d1-dev-host) and secret (host
+s1-secret, never shown to self-service). p1 is libvirt's built-in test:///default, so a
+sync of it works without files. Policy: VMs on prod may go to dev, Live only, at most 100 MiB/s, with
 approval. VMs: alice-web (alice, on p1), bob-db (bob, on p1), team-app (group team-a,
 which alice is in, on d1), hidden (nobody, on s1).
 """
@@ -19,8 +20,8 @@ def build(alice=None, bob=None):
     prod = HostGroup.objects.create(name="prod")
     dev = HostGroup.objects.create(name="dev")
     secret = HostGroup.objects.create(name="secret")
-    p1 = Host.objects.create(name="p1", uri="test:///p1", group=prod)
-    d1 = Host.objects.create(name="d1", uri="test:///d1", group=dev)
+    p1 = Host.objects.create(name="p1-prod-host", uri="test:///default", group=prod)
+    d1 = Host.objects.create(name="d1-dev-host", uri="test:///d1", group=dev)
     s1 = Host.objects.create(name="s1-secret", uri="test:///s1", group=secret)
     policy = SelfServicePolicy.objects.create(
         source_group=prod, allowed_modes=["live"], max_bandwidth=100, requires_approval=True
