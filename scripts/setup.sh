@@ -8,9 +8,9 @@ PROFILE=${1:-run}
 
 # Packages: building libvirt-python needs libvirt-dev, pkg-config and gcc. The test
 # profile adds the lab (real libvirtd + QEMU), Chromium for browser tests, PostgreSQL
-# and Redis for the scale-out tests.
+# and Redis for the scale-out tests, nginx to test the deployment guide's proxy site.
 APT_RUN="libvirt-dev pkg-config gcc libvirt-clients gettext"
-APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils chromium postgresql redis-server"
+APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils chromium postgresql redis-server nginx"
 want=$APT_RUN
 [ "$PROFILE" = test ] && want=$APT_TEST
 missing=""

@@ -49,17 +49,24 @@ class WebSocket:
         self.close_code = None
 
     @classmethod
-    async def connect(cls, host, port, path, *, cookies=None, origin=None, timeout=10.0):
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async def connect(
+        cls, host, port, path, *, cookies=None, origin=None, timeout=10.0, ssl=None, host_header=None
+    ):
+        """Open a WebSocket; ``ssl`` is an SSLContext for wss:// (e.g. through nginx)."""
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl, server_hostname=host_header if ssl else None),
+            timeout,
+        )
         key = base64.b64encode(os.urandom(16)).decode()
+        host_header = host_header or f"{host}:{port}"
         headers = [
             f"GET {path} HTTP/1.1",
-            f"Host: {host}:{port}",
+            f"Host: {host_header}",
             "Upgrade: websocket",
             "Connection: Upgrade",
             f"Sec-WebSocket-Key: {key}",
             "Sec-WebSocket-Version: 13",
-            f"Origin: {origin or f'http://{host}:{port}'}",
+            f"Origin: {origin or f'http://{host_header}'}",
         ]
         if cookies:
             headers.append("Cookie: " + "; ".join(f"{k}={v}" for k, v in cookies.items()))
