@@ -283,7 +283,32 @@ def do_reject_job(job, actor, reason="", request=None):
 def do_cancel_job(job, actor, request=None):
     """Cancel a job. Not started yet (waiting or queued): cancelled at once. Running: the
     worker sees cancel_requested within a poll (~0.25 s) and aborts the libvirt job; the
-    VM stays on the source."""
+    VM stays on the source. A refusal is audited as a failure (outside the rolled-back
+    transaction, so the failure event survives)."""
+    try:
+        return _cancel(job, actor, request)
+    except _Refused:
+        job.refresh_from_db()
+        with transaction.atomic():
+            record(
+                "migration.cancel",
+                actor=actor,
+                request=request,
+                target=job,
+                outcome=AuditEvent.FAILURE,
+                details={"job": job.pk, "status": job.status, "error": "not cancellable"},
+            )
+        raise JobError(
+            _("Job #%(job)d cannot be cancelled: it is %(status)s.")
+            % {"job": job.pk, "status": job.get_status_display()}
+        ) from None
+
+
+class _Refused(Exception):
+    """Internal: the conditional update matched no row (state changed meanwhile)."""
+
+
+def _cancel(job, actor, request):
     with transaction.atomic():
         now = timezone.now()
         early = MigrationJob.objects.filter(
@@ -302,19 +327,7 @@ def do_cancel_job(job, actor, request=None):
                 status=MigrationJob.CANCELLING, cancel_requested=True, progress_seq=F("progress_seq") + 1
             )
             if not running:
-                job.refresh_from_db()
-                record(
-                    "migration.cancel",
-                    actor=actor,
-                    request=request,
-                    target=job,
-                    outcome=AuditEvent.FAILURE,
-                    details={"job": job.pk, "status": job.status, "error": "not cancellable"},
-                )
-                raise JobError(
-                    _("Job #%(job)d cannot be cancelled: it is %(status)s.")
-                    % {"job": job.pk, "status": job.get_status_display()}
-                )
+                raise _Refused
         job.refresh_from_db()
         JobEvent.objects.create(
             job=job, level="warn", message=_("Cancel requested by %(user)s.") % {"user": actor.get_username()}
@@ -330,8 +343,13 @@ def _control(job, actor, request, action, fields, message, details):
         changed = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.RUNNING).update(
             **fields, progress_seq=F("progress_seq") + 1
         )
-        if not changed:
+        if changed:
             job.refresh_from_db()
+            JobEvent.objects.create(job=job, message=message)
+            _audit_job(action, job, actor=actor, request=request, details=details)
+    if not changed:
+        job.refresh_from_db()
+        with transaction.atomic():
             record(
                 action,
                 actor=actor,
@@ -340,10 +358,7 @@ def _control(job, actor, request, action, fields, message, details):
                 outcome=AuditEvent.FAILURE,
                 details={"job": job.pk, "status": job.status, **details},
             )
-            raise JobError(_("The migration is not running any more."))
-        job.refresh_from_db()
-        JobEvent.objects.create(job=job, message=message)
-        _audit_job(action, job, actor=actor, request=request, details=details)
+        raise JobError(_("The migration is not running any more."))
     publish_job(job.pk)
     return job
 

@@ -1,5 +1,17 @@
+from django.urls import path
+
+from migrations_app import views
+
 app_name = "migrations"
-urlpatterns = []
+urlpatterns = [
+    path("", views.job_list, name="list"),
+    path("new/", views.wizard, name="new"),
+    path("<int:pk>/", views.job_detail, name="detail"),
+    path("<int:pk>/cancel/", views.job_cancel, name="cancel"),
+    path("<int:pk>/bandwidth/", views.job_bandwidth, name="bandwidth"),
+    path("<int:pk>/downtime/", views.job_downtime, name="downtime"),
+    path("<int:pk>/postcopy/", views.job_postcopy, name="postcopy"),
+]
 
 # Preflight dry run / checklist re-run (owned by the preflight engineer).
 from django.urls import path as _path  # noqa: E402

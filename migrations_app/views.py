@@ -1,0 +1,222 @@
+"""Migration pages: the wizard, the job list, the job page and its controls.
+
+Thin views: access helper (scope → 404, capability → 403), one service call, redirect or
+render. The wizard keeps its state in the query string (VM → target → mode and options →
+preflight and confirm) and creates the job with one POST; the database's one-active-job
+constraint turns a double click or two browsers into one job.
+"""
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_POST
+
+from hosts.models import VM, Host
+from kvmweb.access import get_scoped_or_404, require, scoped
+from migrations_app import services
+from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
+from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+
+ADD = "migrations_app.add_migrationjob"
+
+
+def _pk(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Http404 from None
+
+
+def _default_mode(vm):
+    return MigrationJob.LIVE if vm.is_running else MigrationJob.OFFLINE
+
+
+@login_required
+def job_list(request):
+    jobs = scoped(MigrationJob, request.user)
+    status = request.GET.get("status")
+    if status in dict(MigrationJob.STATUSES):
+        jobs = jobs.filter(status=status)
+    return render(
+        request,
+        "migrations_app/job_list.html",
+        {"jobs": jobs[:200], "statuses": MigrationJob.STATUSES, "status": status or ""},
+    )
+
+
+@login_required
+def job_detail(request, pk):
+    from migrations_app.preflight import Report
+
+    job = get_scoped_or_404(MigrationJob, request.user, pk=pk)
+    return render(
+        request,
+        "migrations_app/job_detail.html",
+        {
+            "job": job,
+            "samples": list(ProgressSample.objects.filter(job=job)),
+            "events": list(JobEvent.objects.filter(job=job)),
+            "report": Report.from_dict(job.preflight) if job.preflight else None,
+            "can_cancel": job.is_cancellable and request.user.has_perm("migrations_app.cancel_migrationjob"),
+            "can_control": job.is_controllable
+            and request.user.has_perm("migrations_app.control_migrationjob"),
+            "bandwidth_form": BandwidthForm(initial={"bandwidth": job.bandwidth or 0}),
+            "downtime_form": DowntimeForm(initial={"downtime": job.max_downtime or 300}),
+        },
+    )
+
+
+def _control_view(request, pk, perm, action):
+    job = get_scoped_or_404(MigrationJob, request.user, "control", perm=perm, pk=pk)
+    try:
+        action(job)
+    except services.JobError as exc:
+        messages.error(request, str(exc))
+    return redirect("migrations:detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def job_cancel(request, pk):
+    def cancel(job):
+        services.do_cancel_job(job, request.user, request=request)
+        messages.success(request, _("Cancel requested."))
+
+    return _control_view(request, pk, "migrations_app.cancel_migrationjob", cancel)
+
+
+@login_required
+@require_POST
+def job_bandwidth(request, pk):
+    def change(job):
+        form = BandwidthForm(request.POST)
+        if not form.is_valid():
+            raise services.JobError(_("Enter the bandwidth as a whole number of MiB/s (0 = unlimited)."))
+        services.do_set_bandwidth(job, form.cleaned_data["bandwidth"], request.user, request=request)
+        messages.success(request, _("Bandwidth change requested."))
+
+    return _control_view(request, pk, "migrations_app.control_migrationjob", change)
+
+
+@login_required
+@require_POST
+def job_downtime(request, pk):
+    def change(job):
+        form = DowntimeForm(request.POST)
+        if not form.is_valid():
+            raise services.JobError(_("Enter the maximum downtime in milliseconds (at least 1)."))
+        services.do_set_downtime(job, form.cleaned_data["downtime"], request.user, request=request)
+        messages.success(request, _("Maximum downtime change requested."))
+
+    return _control_view(request, pk, "migrations_app.control_migrationjob", change)
+
+
+@login_required
+@require_POST
+def job_postcopy(request, pk):
+    def switch(job):
+        services.do_switch_postcopy(job, request.user, request=request)
+        messages.success(request, _("Switch to post-copy requested."))
+
+    return _control_view(request, pk, "migrations_app.control_migrationjob", switch)
+
+
+@login_required
+def wizard(request):
+    """VM → target → mode and options → preflight + confirm (GET); create the job (POST)."""
+    require(request.user, ADD)
+    if request.method == "POST":
+        return _wizard_create(request)
+    data = request.GET
+    if not data.get("vm"):
+        vms = scoped(VM, request.user).filter(gone=False, host__isnull=False).select_related("host")
+        return render(request, "migrations_app/wizard.html", {"step": "vm", "vms": vms})
+    vm = get_scoped_or_404(VM, request.user, "migrate", pk=_pk(data["vm"]))
+    if vm.host is None or vm.gone:
+        messages.error(
+            request, _("%(vm)s is not on any known host; sync the inventory first.") % {"vm": vm.name}
+        )
+        return redirect("migrations:new")
+    context = {"vm": vm, "mode": data.get("mode") or _default_mode(vm)}
+    if not data.get("target"):
+        from migrations_app.preflight import rank_targets
+
+        ranked = rank_targets(vm, context["mode"], {}, request.user)
+        return render(request, "migrations_app/wizard.html", dict(context, step="target", ranked=ranked))
+    target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(data["target"]))
+    context["target"] = target
+    if data.get("step") != "preflight":
+        form = OptionsForm(initial={"mode": context["mode"], "start_on_target": vm.is_running})
+        return render(request, "migrations_app/wizard.html", dict(context, step="options", form=form))
+    form = OptionsForm(data)
+    if not form.is_valid():
+        return render(
+            request, "migrations_app/wizard.html", dict(context, step="options", form=form), status=400
+        )
+    return _wizard_preflight(request, vm, target, form.cleaned_data["mode"], form.options())
+
+
+def _wizard_preflight(request, vm, target, mode, options, *, error="", status=200, ack=(), override=()):
+    from migrations_app.plan import MigrationPlan, PlanError
+    from migrations_app.preflight import run_preflight
+
+    context = {"step": "preflight", "vm": vm, "target": target, "mode": mode, "error": error}
+    try:
+        plan = MigrationPlan(vm, vm.host, target, mode, options)
+        plan.validate()
+    except PlanError as exc:
+        form = OptionsForm(initial=dict(options, mode=mode))
+        context.update(step="options", form=form, error=str(exc))
+        return render(request, "migrations_app/wizard.html", context, status=400)
+    report = run_preflight(plan)  # libvirt, through the gateway's timeouts; no transaction open
+    context.update(
+        plan=plan,
+        report=report,
+        options_json=json.dumps(plan.options),
+        mode_label=dict(MigrationJob.MODES)[mode],
+        acknowledged=list(ack),
+        overridden=list(override),
+    )
+    return render(request, "migrations_app/wizard.html", context, status=status)
+
+
+def _wizard_create(request):
+    vm = get_scoped_or_404(VM, request.user, "migrate", pk=_pk(request.POST.get("vm")))
+    target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(request.POST.get("target")))
+    mode = request.POST.get("mode", "")
+    try:
+        options = json.loads(request.POST.get("options") or "{}")
+        if not isinstance(options, dict):
+            raise ValueError
+    except ValueError:
+        options = {}
+    ack, override = request.POST.getlist("ack"), request.POST.getlist("override")
+    try:
+        job = services.do_create_job(
+            vm,
+            target,
+            mode,
+            options,
+            actor=request.user,
+            request=request,
+            acknowledged=ack,
+            overridden=override,
+            reason=request.POST.get("reason", "")[:2000],
+        )
+    except services.JobError as exc:
+        if (
+            exc.active_job is not None
+            and scoped(MigrationJob, request.user).filter(pk=exc.active_job.pk).exists()
+        ):
+            messages.warning(request, str(exc))
+            return redirect("migrations:detail", pk=exc.active_job.pk)
+        return _wizard_preflight(
+            request, vm, target, mode, options, error=str(exc), status=400, ack=ack, override=override
+        )
+    if job.status == MigrationJob.PENDING_APPROVAL:
+        messages.info(request, _("Your request waits for an operator's approval."))
+    return redirect("migrations:detail", pk=job.pk)
