@@ -54,6 +54,18 @@ class LabGuest(str):
         return str(self)
 
 
+_summary: list = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying what the lab cost this session (started cold or reused)."""
+    for handle in _summary:
+        what = f"started {', '.join(handle.started)}" if handle.started else "reused the running lab"
+        terminalreporter.write_line(
+            f"kvm lab: {what} in {handle.start_seconds:.2f} s (virt {labkit.virt_type()})"
+        )
+
+
 @pytest.fixture(scope="session")
 def lab():
     reason = labkit.skip_reason()
@@ -66,6 +78,7 @@ def lab():
     except labkit.LabError as exc:
         pytest.fail(f"the KVM lab did not start: {exc}", pytrace=False)
     handle = LabHandle(hosts=labkit.HOST_NAMES[:2], started=started, start_seconds=time.monotonic() - t0)
+    _summary.append(handle)
     try:
         yield handle
     finally:
