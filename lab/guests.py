@@ -295,6 +295,48 @@ def remove_guest(name: str) -> None:
             _refresh_pools(h)
 
 
+# ---------------------------------------------------------------- guests owned by sessions
+#
+# A test session that is killed never runs its fixture teardown, and its guests would stay
+# in the shared lab forever.  The lab_guest fixture therefore records each guest it makes
+# under $LAB_DIR/owned/<name> with its process id and start time; sweep_orphans() removes
+# guests whose owning process is gone.  Guests made by people (labctl, lab_demo) are never
+# recorded, so never swept.
+
+
+def _owned_dir() -> Path:
+    return core.LAB_DIR / "owned"
+
+
+def claim(name: str) -> None:
+    """Record that this process owns the guest (see sweep_orphans)."""
+    _owned_dir().mkdir(parents=True, exist_ok=True)
+    (_owned_dir() / name).write_text(f"{os.getpid()} {core._starttime(os.getpid())}\n")
+
+
+def release(name: str) -> None:
+    (_owned_dir() / name).unlink(missing_ok=True)
+
+
+def sweep_orphans() -> list[str]:
+    """Remove guests whose owning test session died; returns their names."""
+    swept = []
+    if not _owned_dir().is_dir():
+        return swept
+    stopped = [h for h in core.HOST_NAMES if core.host_dir(h).exists() and not core._host_running(h)]
+    for entry in _owned_dir().iterdir():
+        fields = core._read(entry).split()
+        pid = int(fields[0]) if fields and fields[0].isdigit() else 0
+        if pid and core._alive(pid) and core._starttime(pid) == (fields[1] if len(fields) > 1 else ""):
+            continue  # its session is still running
+        remove_guest(entry.name)
+        swept.append(entry.name)
+        # A stopped host may still hold the persistent definition: retry on a later sweep.
+        if not any((core.host_dir(h) / "etc" / "qemu" / f"{entry.name}.xml").exists() for h in stopped):
+            entry.unlink(missing_ok=True)
+    return swept
+
+
 def read_counter(host: str, name: str) -> int:
     """The guest's counter (guest-physical 0x100000), read through the QEMU monitor.
 

@@ -26,6 +26,7 @@ class LabHandle:
     hosts: list
     started: list = field(default_factory=list)
     start_seconds: float = 0.0
+    swept: list = field(default_factory=list)
 
     conn = staticmethod(labkit.conn)
     uri = staticmethod(labkit.uri)
@@ -63,7 +64,8 @@ def pytest_terminal_summary(terminalreporter):
         what = f"started {', '.join(handle.started)}" if handle.started else "reused the running lab"
         virt_file = labkit.LAB_DIR / "virt"  # never probe here: the lab may be down by now
         virt = virt_file.read_text().strip() if virt_file.exists() else "not probed"
-        terminalreporter.write_line(f"kvm lab: {what} in {handle.start_seconds:.2f} s (virt {virt})")
+        swept = f"; swept {len(handle.swept)} guests of killed sessions" if handle.swept else ""
+        terminalreporter.write_line(f"kvm lab: {what} in {handle.start_seconds:.2f} s (virt {virt}){swept}")
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +79,10 @@ def lab():
         started = ctx.__enter__()
     except labkit.LabError as exc:
         pytest.fail(f"the KVM lab did not start: {exc}", pytrace=False)
-    handle = LabHandle(hosts=labkit.HOST_NAMES[:2], started=started, start_seconds=time.monotonic() - t0)
+    swept = labkit.sweep_orphans()  # guests left by killed sessions
+    handle = LabHandle(
+        hosts=labkit.HOST_NAMES[:2], started=started, start_seconds=time.monotonic() - t0, swept=swept
+    )
     _summary.append(handle)
     try:
         yield handle
@@ -93,6 +98,7 @@ def lab_guest(lab):
         """Create a guest named PREFIX-<random>; wait=True waits until its counter moves."""
         name = f"{prefix}-{secrets.token_hex(4)}"
         made.append(name)  # recorded first: a half-created guest is cleaned up too
+        labkit.claim(name)  # if this session is killed, a later one sweeps the guest
         uuid = labkit.create_guest(name, host=host, storage=storage, running=running, **kwargs)
         if running and wait:
             labkit.wait_counter_moves(host, name)
@@ -101,3 +107,4 @@ def lab_guest(lab):
     yield make
     for name in made:
         labkit.remove_guest(name)
+        labkit.release(name)
