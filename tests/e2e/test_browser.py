@@ -1,0 +1,343 @@
+"""The browser's view: Debian's Chromium (driven by Playwright) against a real daphne
+process and real workers on a file SQLite database, the embedded default.
+
+1. A running job streams to its page and to the dashboard: progress bar, figures, chart,
+   event log, final figures; the dashboard row changes state without a reload.
+2. (lab) Sign in, run the wizard on a lab guest, watch the progress bar reach done, see
+   the VM on the target host's page (and libvirt agrees).
+
+Every process is started here and stopped by its PID; the data dir is the test's tmp dir.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = str(ROOT / ".venv" / "bin" / "python")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+PASSWORD = "e2e correct horse battery"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed"),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Site:
+    """kvmweb in its own data dir: daphne (and workers when asked), all by PID."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "REDIS_URL", "KVMWEB_SQLITE_PATH")
+        }
+        self.env.update(
+            KVMWEB_DATA_DIR=str(tmp_path),
+            KVMWEB_ALLOWED_HOSTS="127.0.0.1",
+            DJANGO_SETTINGS_MODULE="kvmweb.settings",
+            PYTHONUNBUFFERED="1",
+        )
+        self.procs = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.manage("migrate", "--no-input", "-v", "0")
+
+    def manage(self, *args, timeout=180):
+        done = subprocess.run(
+            [PY, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    def python(self, code, timeout=180):
+        """Run Django code in a separate process on this site's DB; returns its JSON print."""
+        out = self.manage("shell", "-v", "0", "-c", code, timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+
+    def start(self, name, *args, env=None):
+        log = open(self.dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            list(args), cwd=ROOT, env=dict(self.env, **(env or {})), stdout=log, stderr=subprocess.STDOUT
+        )
+        self.procs.append((proc, log))
+        return proc
+
+    def start_web(self):
+        proc = self.start(
+            "daphne",
+            str(ROOT / ".venv/bin/daphne"),
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "kvmweb.asgi:application",
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    self.dir / "daphne.log"
+                ).read_text()
+                time.sleep(0.1)
+
+    def start_workers(self):
+        self.start("qcluster", PY, "manage.py", "qcluster")
+        self.start("qcluster-migrations", PY, "manage.py", "qcluster", env={"Q_CLUSTER_NAME": "migrations"})
+
+    def stop(self):
+        for proc, _log in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, log in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+    def logs(self):
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.dir.glob("*.log")))
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = Site(tmp_path)
+    yield site
+    site.stop()
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def snap(page, name):
+    """Keep a screenshot when KVMWEB_E2E_SCREENSHOTS names a directory (for people)."""
+    where = os.environ.get("KVMWEB_E2E_SCREENSHOTS")
+    if where:
+        page.screenshot(path=str(Path(where) / f"{name}.png"), full_page=True)
+
+
+def sign_in(page, site, username):
+    page.goto(f"{site.url}/login/")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{site.url}/")
+
+
+MAKE_OPERATOR = f"""
+from django.contrib.auth.models import Group, User
+from kvmweb.accounts.roles import OPERATOR
+u = User.objects.create_user("e2e-operator", password={PASSWORD!r})
+u.groups.add(Group.objects.get(name=OPERATOR))
+"""
+
+MAKE_RUNNING_JOB = """
+import json, uuid
+from django.utils import timezone
+from hosts.models import VM, Host
+from migrations_app.models import JobEvent, MigrationJob
+a = Host.objects.create(name="e2e-a", uri="test:///e2e-a")
+b = Host.objects.create(name="e2e-b", uri="test:///e2e-b")
+vm = VM.objects.create(uuid=uuid.uuid4(), name="e2e-vm", host=a, state="running")
+job = MigrationJob.objects.create(vm=vm, vm_name=vm.name, source=a, source_name=a.name, target=b,
+    target_name=b.name, mode="live", status="running", started_at=timezone.now(), phase="setup",
+    requested_by_name="e2e-operator")
+JobEvent.objects.create(job=job, message="Claimed by the e2e writer.")
+print(json.dumps(job.pk))
+"""
+
+# What the runner does, compressed: progress writes four times a second (row + sample +
+# phase event), then the completed-job figures and the final state.
+WRITE_PROGRESS = """
+import time
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+from migrations_app.streaming import publish_job
+JOB = {job}
+total = 2 << 30
+job = MigrationJob.objects.get(pk=JOB)
+for i in range(1, 13):
+    remaining = total - i * total // 12
+    with transaction.atomic():
+        MigrationJob.objects.filter(pk=JOB).update(
+            phase="memory", percent=100.0 * (total - remaining) / total * 0.99, data_total=total,
+            data_processed=total - remaining, data_remaining=remaining, memory_total=total,
+            memory_processed=total - remaining, memory_remaining=remaining, rate=(200 + 10 * i) << 20,
+            dirty_rate=8 << 20, iteration=1 + i // 6, eta_seconds=remaining / (200 << 20),
+            progress_at=timezone.now(), progress_seq=F("progress_seq") + 1)
+        job.refresh_from_db()
+        ProgressSample.objects.create(job=job, t=(job.progress_at - job.started_at).total_seconds(),
+            rate=job.rate, remaining=remaining, processed=total - remaining)
+        if i == 1:
+            JobEvent.objects.create(job=job, message="Phase: memory.")
+    publish_job(JOB)
+    time.sleep(0.25)
+MigrationJob.objects.filter(pk=JOB).update(status="succeeded", phase="done", percent=100,
+    downtime_ms=42, elapsed_ms=3400, finished_at=timezone.now(), progress_seq=F("progress_seq") + 1)
+JobEvent.objects.create(job=job, message="Migration completed.")
+publish_job(JOB)
+print(1)
+"""
+
+CHART_INK = """(id) => {
+  const c = document.getElementById('job-chart-' + id);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let blue = 0, orange = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i] === 0x1f && d[i + 1] === 0x5f && d[i + 2] === 0xa8) blue++;
+    if (d[i] === 0xc2 && d[i + 1] === 0x5e && d[i + 2] === 0x00) orange++;
+  }
+  return [blue, orange];
+}"""
+
+
+def test_it_streams_a_running_job_to_its_page_and_the_dashboard(site, browser):
+    site.python(MAKE_OPERATOR)
+    job = site.python(MAKE_RUNNING_JOB)
+    site.start_web()
+    context = browser.new_context()
+    dashboard = context.new_page()
+    sign_in(dashboard, site, "e2e-operator")
+    row_status = dashboard.locator(f"#job-row-{job} [data-testid=job-row-status]")
+    assert row_status.inner_text() == "running"
+    page = context.new_page()
+    page.goto(f"{site.url}/migrations/{job}/")
+    page.wait_for_selector("#job-connection[data-state=open]")
+    assert page.get_attribute(".progress", "aria-valuenow") == "0"
+
+    writer = subprocess.Popen(
+        [PY, "manage.py", "shell", "-v", "0", "-c", WRITE_PROGRESS.format(job=job)], cwd=ROOT, env=site.env
+    )
+    try:
+        # Mid-way: the bar moves and the figures follow, without any reload.
+        page.wait_for_function(
+            "Number(document.querySelector('.progress').getAttribute('aria-valuenow')) >= 40", timeout=15000
+        )
+        assert "MB/s" in page.inner_text("[data-testid=job-rate]")
+        snap(page, "job-running")
+        assert page.inner_text("[data-testid=job-phase]") == "memory"
+        page.wait_for_function(
+            "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=15000
+        )
+    finally:
+        assert writer.wait(60) == 0
+    page.wait_for_selector("[data-testid=job-downtime]")
+    assert page.inner_text("[data-testid=job-status]") == "succeeded"
+    assert page.inner_text("[data-testid=job-downtime]") == "42 ms"
+    events = page.inner_text(f"#job-events-{job}")
+    assert "Claimed by the e2e writer." in events and "Phase: memory." in events
+    assert "Migration completed." in events and events.count("Phase: memory.") == 1
+    snap(page, "job-done")
+    blue, orange = page.evaluate(CHART_INK, job)
+    assert blue > 100 and orange > 100, (blue, orange)  # both lines drawn
+    # The dashboard's row followed along in the other tab.
+    dashboard.wait_for_function(
+        f"document.querySelector('#job-row-{job} [data-testid=job-row-status]').innerText === 'succeeded'",
+        timeout=10000,
+    )
+    snap(dashboard, "dashboard")
+    # A browser arriving now gets the same final state at once (snapshot).
+    late = context.new_page()
+    late.goto(f"{site.url}/migrations/{job}/")
+    late.wait_for_selector("#job-connection[data-state=open]")
+    assert late.get_attribute(".progress", "aria-valuenow") == "100"
+    assert late.evaluate(CHART_INK, job)[0] > 100
+    context.close()
+
+
+REGISTER_LAB_HOSTS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import lab
+from hosts import services
+from hosts.models import Host, VM
+ids = {{}}
+for name in ("lab-a", "lab-b"):
+    ids[name] = services.do_register_host(name, lab.uri(name)).pk
+vm = VM.objects.get(name={guest!r})
+print(json.dumps({{"hosts": ids, "vm_host": vm.host.name}}))
+"""
+
+
+@pytest.mark.lab
+def test_it_migrates_a_lab_guest_through_the_wizard_live(site, browser, lab, lab_guest):
+    guest = lab_guest("e2e", host="lab-a", storage="shared")
+    site.python(MAKE_OPERATOR)
+    facts = site.python(REGISTER_LAB_HOSTS.format(root=str(ROOT), guest=guest.name), timeout=300)
+    assert facts["vm_host"] == "lab-a"
+    site.start_workers()
+    site.start_web()
+    page = browser.new_page()
+    try:
+        sign_in(page, site, "e2e-operator")
+        page.goto(f"{site.url}/migrations/new/")
+        page.click(f"[data-testid='pick-vm-{guest.name}']")
+        page.click("[data-testid='pick-target-lab-b']", timeout=60000)
+        page.check("input[name=mode][value=live]")
+        page.click("[data-testid=wizard-run-preflight]")
+        page.wait_for_selector("[data-testid=wizard-start]", timeout=120000)
+        assert "migrate --live" in page.inner_text("[data-testid=wizard-virsh]")
+        for box in page.locator("input[name=ack]").all():
+            box.check()
+        page.click("[data-testid=wizard-start]")
+        page.wait_for_url(f"{site.url}/migrations/*/", timeout=120000)
+        job = int(page.url.rstrip("/").rsplit("/", 1)[1])
+        page.wait_for_selector("#job-connection[data-state=open]")
+        # Live: the bar reaches 100 and the state says so, without a reload.
+        page.wait_for_function(
+            "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=240000
+        )
+        page.wait_for_selector("[data-testid=job-status].succeeded", timeout=60000)
+        assert page.inner_text("[data-testid=job-downtime]").endswith("ms")
+        assert page.evaluate(CHART_INK, job)[0] > 0
+        page.goto(f"{site.url}/hosts/{facts['hosts']['lab-b']}/")
+        assert guest.name in page.inner_text("main")
+    except Exception:
+        page.screenshot(path=str(site.dir / "failure.png"))
+        print(site.logs(), file=sys.stderr)
+        raise
+    assert guest.name in lab.domain_names("lab-b")
+    assert guest.name not in lab.domain_names("lab-a")
+
+
+def teardown_module():
+    shutil.rmtree(ROOT / "test-results", ignore_errors=True)
