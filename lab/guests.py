@@ -178,10 +178,11 @@ def virt_type(host: str = "lab-a") -> str:
     if forced in ("kvm", "qemu"):
         return forced
     cached = core._read(core.LAB_DIR / "virt")
-    if cached in ("kvm", "qemu"):
+    kvm_usable = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    if cached == "qemu" or (cached == "kvm" and kvm_usable):
         return cached
     virt = "qemu"
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if kvm_usable:
         libvirt = core._libvirt()
         probe = f"kvmweb-lab-probe-{os.getpid()}"
         # No disk: SeaBIOS just reports "no bootable device"; starting is all we test.
