@@ -1634,6 +1634,37 @@ def measure_dirty_rate(conn, host, uuid):
     return dict(entry["value"], age_s=round(time.monotonic() - entry["at"], 1))
 
 
+def prime_dirty_rate(vm):
+    """Start measuring a running VM's dirty rate in the background, so a checklist run in
+    the next KVMWEB_PREFLIGHT_DIRTY_RATE_MAX_AGE seconds reuses it instead of waiting a
+    second (the wizard calls this as soon as a VM is chosen, before the target is). A
+    checklist that starts while the measurement runs waits for it rather than starting a
+    second one. Returns the thread, or None when there is nothing to measure."""
+    host = vm.host
+    if host is None or not getattr(vm, "is_running", False):
+        return None
+
+    def work():
+        try:
+            conn = hypervisor.connect(
+                host.uri,
+                timeout=_setting("PREFLIGHT_CONNECT_TIMEOUT", 3.0),
+                call_timeout=_setting("PREFLIGHT_CALL_TIMEOUT", 8.0),
+            )
+        except hypervisor.HypervisorError:
+            return
+        try:
+            measure_dirty_rate(conn, host, vm.uuid)
+        except hypervisor.HypervisorError:
+            pass  # the checklist says why when it runs
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=work, name=f"dirty-rate {vm.name}", daemon=True)
+    thread.start()
+    return thread
+
+
 def _link_bandwidth(ctx):
     """(MiB/s, how we know) of the source->target link: the best rate seen by earlier
     migrations between these hosts, else the configured assumption."""

@@ -113,6 +113,8 @@ class FakeConn:
         return self.s.get("collisions", {"by_uuid": None, "by_name": None})
 
     def measure_dirty_rate(self, uuid, seconds=1, mode="page-sampling"):
+        self.s["measured"] = self.s.get("measured", 0) + 1
+        time.sleep(self.s.get("measure_seconds", 0))
         return {"mib_per_s": self.s.get("dirty", 5), "mode": mode, "period": seconds}
 
 
@@ -475,3 +477,17 @@ def test_it_ranks_ready_targets_first(fake, monkeypatch):
     assert [h.name for h, _r in ranked] == ["delta", "beta", "gamma"]
     assert ranked[0][1].verdict == "pass", [(r.id, r.message) for r in ranked[0][1].warnings]
     assert len(ranked[1][1].fails) == 1
+
+
+def test_it_reuses_a_dirty_rate_measurement_primed_when_the_vm_was_chosen(fake):
+    source = fake.scripts[fake.a.uri]
+    source["measure_seconds"] = 0.3
+    thread = preflight.prime_dirty_rate(fake.vm)
+    assert thread is not None
+    first = fake("live")["prediction"]  # starts while the primed measurement runs: waits for it
+    second = fake("live")["prediction"]
+    thread.join(2)
+    assert source["measured"] == 1
+    assert first.details["dirty_rate_mib_s"] == second.details["dirty_rate_mib_s"] == 5
+    fake.vm.state = VM.SHUTOFF
+    assert preflight.prime_dirty_rate(fake.vm) is None
