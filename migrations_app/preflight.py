@@ -1142,7 +1142,7 @@ def check_storage(ctx):
     src = ctx.storage("source")
     dst = ctx.storage("target")
     problems, remedies, notes, warns = [], [], [], []
-    to_copy = []
+    to_copy, unverified = [], []
     for d in disks:
         row = {"dev": d["dev"], "path": d["path"], "kind": d["kind"], "device": d["device"]}
         details["disks"].append(row)
@@ -1204,6 +1204,23 @@ def check_storage(ctx):
                 )
                 % {"vm": ctx.vm.name, "dev": d["dev"]}
             )
+            continue
+        if (
+            ctx.mode in ("live", "offline")
+            and not s.get("visible")
+            and not s.get("dir_pool")
+            and not t.get("dir_pool")
+        ):
+            # No storage pool covers this directory on either host: libvirt cannot tell
+            # whether the target sees the file (a plain NFS mount, say). Say so, don't guess.
+            row["shared"] = None
+            warns.append(
+                _(
+                    "disk %(dev)s (%(p)s) is in no libvirt storage pool on either host, so kvmweb cannot verify that %(t)s sees it"
+                )
+                % {"dev": d["dev"], "p": d["path"], "t": ctx.target.name}
+            )
+            unverified.append(d["path"].rsplit("/", 1)[0])
             continue
         to_copy.append((d, row, t))
     if to_copy and ctx.mode in ("live", "offline"):
@@ -1291,7 +1308,12 @@ def check_storage(ctx):
     if warns:
         text = "; ".join(warns) + "."
         remedy = _("Acknowledge if intended.")
-        if ctx.mode == "live-copy" and any(r.get("shared") for r in details["disks"]):
+        if unverified:
+            remedy = _(
+                "Define a storage pool for %(dirs)s on both hosts (virsh pool-define-as NAME dir --target DIR; "
+                "virsh pool-start NAME) so kvmweb can check, or acknowledge if you know the target sees it."
+            ) % {"dirs": ", ".join(sorted(set(unverified)))}
+        elif ctx.mode == "live-copy" and any(r.get("shared") for r in details["disks"]):
             remedy = _(
                 "Use plain Live when every disk is shared; with mixed disks kvmweb copies only the disks listed under 'copy'."
             )

@@ -491,3 +491,12 @@ def test_it_reuses_a_dirty_rate_measurement_primed_when_the_vm_was_chosen(fake):
     assert first.details["dirty_rate_mib_s"] == second.details["dirty_rate_mib_s"] == 5
     fake.vm.state = VM.SHUTOFF
     assert preflight.prime_dirty_rate(fake.vm) is None
+
+
+def test_it_says_when_a_disk_is_in_no_pool_instead_of_guessing(fake):
+    nowhere = {"visible": False, "capacity": None, "allocation": None, "pool": None, "dir_pool": None}
+    path = "/srv/shared/web1.qcow2"
+    result = fake("live", source={"storage": {path: nowhere}}, target={"storage": {path: nowhere}})["storage"]
+    assert result.status == "warn" and "no libvirt storage pool" in result.message
+    assert "pool-define-as" in result.remedy and "/srv/shared" in result.remedy
+    assert result.details["disks"][0]["shared"] is None
