@@ -302,7 +302,7 @@ def _running(job):
 def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
     guest = lab_guest("mj-cancel")
     _sync_cli(cluster, "lab-a")
-    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "8")
     cluster.wait(job_id, _running, 30, "running with progress")
     cluster.manage("migration_job", str(job_id), "cancel")
     job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 10, "final")
@@ -313,6 +313,19 @@ def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
     assert 0 <= took < 2, f"cancel took {took:.2f} s"
     assert labkit.where(guest) == {"lab-a": "running"}
     labkit.wait_counter_moves("lab-a", guest)
+
+
+def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_guest):
+    guest = lab_guest("mj-bw")
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "8", "--max-downtime", "500")
+    cluster.wait(job_id, _running, 30, "running with progress")
+    cluster.manage("migration_job", str(job_id), "bandwidth", "0")  # unlimited: it finishes at once
+    job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 20, "final")
+    assert job["status"] == "succeeded", job
+    messages = [m for _at, m in cluster.events(job_id)]
+    assert "Bandwidth now unlimited." in messages and "Maximum downtime now 500 ms." in messages
+    assert labkit.where(guest) == {"lab-b": "running"}
 
 
 def _seconds(text):
