@@ -619,8 +619,10 @@ def up(n: int = 2) -> list[str]:
         if not _shared_healthy():
             # bindfs died under running hosts: their bind copies of the mount are dead too,
             # so they must restart on the fresh mount.
-            for name in running_hosts():
+            victims = running_hosts()
+            for name in victims:
                 _stop_host(name)
+            names = [h for h in HOST_NAMES if h in names or h in victims]
             _ensure_shared()
         _write_hosts_file()
         _ensure_mount_points()
