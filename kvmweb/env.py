@@ -110,6 +110,6 @@ def database_from_url(url):
         "PASSWORD": unquote(parsed.password or ""),
         "HOST": parsed.hostname or "",
         "PORT": str(parsed.port or ""),
-        "CONN_MAX_AGE": 60,
+        "CONN_MAX_AGE": 0,  # ASGI runs each request in its own thread: persistent ones leak
         "CONN_HEALTH_CHECKS": True,
     }
