@@ -119,6 +119,9 @@ def check_request(user, vm, target, mode, options=None):
             reason=_("That target is not available to you. This VM may move to hosts of: %(groups)s.")
             % {"groups": names or _("no group")},
         )
+    if (options or {}).get("migrate_uri"):
+        # The source libvirtd would connect wherever the URI says: an operator's tool.
+        return Decision(False, reason=_("An explicit migration URI can only be set by an operator."))
     if mode not in policy.allowed_modes:
         return Decision(
             False,

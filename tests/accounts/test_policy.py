@@ -79,6 +79,13 @@ def test_it_holds_requests_to_the_bandwidth_cap(world, alice, bandwidth, allowed
     assert decision.allowed is allowed and decision.reason == reason
 
 
+def test_it_keeps_the_explicit_migration_uri_for_operators(world, alice, operator):
+    options = {"bandwidth": 50, "migrate_uri": "tcp://10.0.0.99:49152"}
+    decision = check_request(alice, world.alice_web, world.d1, "live", options)
+    assert not decision.allowed and "migration URI" in decision.reason
+    assert check_request(operator, world.alice_web, world.d1, "live", options).allowed
+
+
 def test_it_allows_unlimited_bandwidth_when_the_policy_has_no_cap(world, alice):
     world.policy.max_bandwidth = None
     world.policy.save()

@@ -1,0 +1,671 @@
+"""The permission matrix: every URL of the project x every persona, asserted cell by cell.
+
+The expected status of a cell comes from the scope rule, written here by hand from
+DESIGN.md section 6 (not computed from the code under test):
+
+    anonymous -> 302 to the sign-in page (public routes excepted)
+    object outside the persona's scope -> 404 (nobody learns it exists)
+    in scope, without the right -> 403
+    otherwise -> the route's success status
+
+SCOPE says who may see each object of the test world; each Route says who holds the
+right for GET and for POST. Every POST cell also checks the database: a refused cell
+changed nothing and wrote no success audit event; an allowed one wrote its audit event,
+by that persona. Every 200 response is searched for the names of the objects outside the
+persona's scope (a list, a target choice or an error message must not leak them).
+
+test_it_covers_every_url walks the URL resolver: a new view that is not in ROUTES (or in
+EXEMPT with a reason) fails the suite, so no view escapes the matrix.
+"""
+
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.db import transaction
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+
+from hosts.models import VM, Host, HostGroup
+from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.roles import AUDITOR
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import MigrationJob
+from tests.accounts.world import build
+
+pytestmark = pytest.mark.django_db
+
+PERSONAS = ("anon", "admin", "operator", "auditor", "alice", "bob", "mallory")
+SIGNED_IN = frozenset(PERSONAS) - {"anon"}
+STAFF = frozenset({"admin", "operator", "auditor"})
+ADMIN = frozenset({"admin"})
+MIGRATORS = frozenset({"admin", "operator"})
+REQUESTERS = frozenset({"admin", "operator", "alice", "bob"})  # add_migrationjob
+CANCELLERS = REQUESTERS  # cancel_migrationjob (self-service: their own jobs)
+NOBODY = frozenset()
+
+# Who may see each object of the world (besides these: nobody).
+SCOPE = {
+    "vm_alice": STAFF | {"alice"},  # owned by alice
+    "vm_hidden": STAFF,  # owned by nobody, on the secret host
+    "vm_bob": STAFF | {"bob"},  # owned by bob, on p1, no job yet
+    "vm_team": STAFF | {"alice"},  # owned by alice's group, on d1 (no policy covers dev)
+    "host_p1": STAFF | {"alice", "bob"},  # their VMs run there
+    "host_d1": STAFF | {"alice", "bob"},  # allowed target (prod -> dev); alice's team VM runs there
+    "host_s1": STAFF,  # secret group: no self-service policy reaches it
+    "job_alice": STAFF | {"alice"},  # migration request for alice's VM
+    "job_hidden": STAFF,
+    "job_alice_run": STAFF | {"alice"},  # a running live migration of alice's VM
+    "job_hidden_run": STAFF,
+    "event_alice": STAFF | {"alice"},  # an event alice caused
+    "event_admin": STAFF,
+    "group_prod": STAFF,
+    "policy_prod": STAFF,
+    "user_bob": STAFF | {"bob"},  # an account: staff see all, everyone else only their own
+}
+# Names that must never appear in a page shown to a persona outside their scope.
+NAMES = {
+    "vm_alice": "alice-web",
+    "vm_bob": "bob-db",
+    "vm_team": "team-app",
+    "vm_hidden": "hidden-vm",
+    "host_s1": "s1-secret",
+    "vm_hidden_run": "hidden-run",
+}
+NAME_SCOPE = {
+    "vm_alice": STAFF | {"alice"},
+    "vm_bob": STAFF | {"bob"},
+    "vm_team": STAFF | {"alice"},
+    "vm_hidden": STAFF,
+    "host_s1": STAFF,
+    "vm_hidden_run": STAFF,
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One URL name and what the scope rule says about it."""
+
+    name: str
+    objects: tuple = (None,)  # world keys for the URL's object (None: no object)
+    get: frozenset | None = None  # personas with the right for GET; None: GET refused (405)
+    post: frozenset | None = None  # personas with the right for POST; None: not tested
+    data: object = None  # (world, object or None) -> POST data
+    action: str = ""  # the audit action an allowed POST writes (success)
+    public: bool = False  # no sign-in needed
+    get_ok: int = 200
+    post_ok: int = 302
+    query: object = None  # world -> GET query dict
+    kwarg: str = "pk"
+    param: str = ""  # the object goes in this query/POST field instead of the URL
+    perm_first: bool = False  # the page checks the right before looking at the object
+    post_objects: tuple | None = None  # objects for POST cells (default: objects)
+    overrides: dict = field(default_factory=dict)  # (obj, method, persona) -> status, why in notes
+    notes: str = ""
+
+
+def _roles_data(w, obj):
+    return {"roles": [AUDITOR]}
+
+
+def _owner_data(w, obj):
+    return {"owner_user": str(w.people["bob"].pk), "owner_group": "none"}
+
+
+def _bulk_owner_data(w, obj):
+    return {"vm": [w.alice_web.pk, w.hidden.pk], "owner_user": str(w.people["bob"].pk), "owner_group": "keep"}
+
+
+def _group_data(w, obj):
+    return {"name": "edge-group", "description": "", "hosts": [w.p1.pk]}
+
+
+def _policy_data(source):
+    def data(w, obj):
+        return {
+            "source_group": getattr(w, source).pk,
+            "target_groups": [w.dev.pk],
+            "allowed_modes": ["live"],
+            "max_bandwidth": "50",
+            "requires_approval": "on",
+        }
+
+    return data
+
+
+def _host_add_data(w, obj):
+    return {"name": "new-host", "uri": w.node_uri, "description": ""}
+
+
+def _host_edit_data(w, host):
+    return {"name": f"{host.name}-renamed", "uri": host.uri, "group": w.prod.pk, "description": "edited"}
+
+
+def _wizard_data(w, vm):
+    target = w.p1 if vm.host_id == w.d1.pk else w.d1
+    return {"target": target.pk, "mode": "live", "options": '{"bandwidth": 50}'}
+
+
+ROUTES = [
+    # Site
+    Route("dashboard", get=SIGNED_IN),
+    Route("login", get=frozenset(PERSONAS), public=True),
+    Route("logout", post=frozenset(PERSONAS), public=True, notes="ends the session; audited in test_signin"),
+    Route(
+        "health",
+        get=frozenset(PERSONAS),
+        public=True,
+        query=lambda w, obj: {"scope": "web"},
+        notes="anonymous by design; the plain URL is 503 without running workers",
+    ),
+    # Hosts and VMs
+    Route("hosts:list", get=SIGNED_IN),
+    Route("hosts:add", get=ADMIN, post=ADMIN, data=_host_add_data, action="host.register"),
+    Route("hosts:detail", objects=("host_p1", "host_s1"), get=SIGNED_IN),
+    Route(
+        "hosts:edit",
+        objects=("host_p1", "host_s1"),
+        get=ADMIN,
+        post=ADMIN,
+        data=_host_edit_data,
+        action="host.change",
+    ),
+    Route("hosts:remove", objects=("host_p1", "host_s1"), post=ADMIN, action="host.remove"),
+    Route("hosts:sync", objects=("host_p1", "host_s1"), post=MIGRATORS, action="inventory.sync"),
+    Route("hosts:vm_list", get=SIGNED_IN),
+    Route("hosts:vm_detail", objects=("vm_alice", "vm_hidden"), get=SIGNED_IN),
+    # Accounts: users, ownership, host groups, policies, approvals
+    Route("accounts:users", get=ADMIN),
+    Route(
+        "accounts:user_roles",
+        objects=("user_bob",),
+        get=ADMIN,
+        post=ADMIN,
+        data=_roles_data,
+        action="user.roles",
+    ),
+    Route("accounts:bulk_owner", get=ADMIN, post=ADMIN, data=_bulk_owner_data, action="vm.owner"),
+    Route(
+        "accounts:vm_owner",
+        objects=("vm_alice", "vm_hidden"),
+        get=ADMIN,
+        post=ADMIN,
+        data=_owner_data,
+        action="vm.owner",
+    ),
+    Route("accounts:host_groups", get=STAFF),
+    Route("accounts:host_group_add", get=ADMIN, post=ADMIN, data=_group_data, action="hostgroup.create"),
+    Route(
+        "accounts:host_group_edit",
+        objects=("group_prod",),
+        get=ADMIN,
+        post=ADMIN,
+        data=_group_data,
+        action="hostgroup.change",
+    ),
+    Route("accounts:host_group_delete", objects=("group_prod",), post=ADMIN, action="hostgroup.delete"),
+    Route("accounts:policy_add", get=ADMIN, post=ADMIN, data=_policy_data("secret"), action="policy.create"),
+    Route(
+        "accounts:policy_edit",
+        objects=("policy_prod",),
+        get=ADMIN,
+        post=ADMIN,
+        data=_policy_data("prod"),
+        action="policy.change",
+    ),
+    Route("accounts:policy_delete", objects=("policy_prod",), post=ADMIN, action="policy.delete"),
+    Route("accounts:approvals", get=MIGRATORS),
+    Route(
+        "accounts:approve", objects=("job_alice", "job_hidden"), post=MIGRATORS, action="migration.approve"
+    ),
+    Route(
+        "accounts:reject",
+        objects=("job_alice", "job_hidden"),
+        post=MIGRATORS,
+        data=lambda w, job: {"reason": "not now"},
+        action="migration.reject",
+    ),
+    # Migrations: wizard, jobs, controls
+    Route(
+        "migrations:new",
+        objects=(None, "vm_bob", "vm_team", "vm_hidden"),
+        post_objects=("vm_bob", "vm_team"),
+        param="vm",
+        get=REQUESTERS,
+        post=REQUESTERS,
+        perm_first=True,
+        data=_wizard_data,
+        action="migration.request",
+        overrides={("vm_team", "POST", "alice"): 400},
+        notes="the wizard checks the right to migrate first (403 for any VM, so nothing "
+        "leaks); alice's team VM runs in a group without a policy: refused with the reason",
+    ),
+    Route("migrations:list", get=SIGNED_IN),
+    Route("migrations:detail", objects=("job_alice", "job_hidden"), get=SIGNED_IN),
+    Route(
+        "migrations:cancel", objects=("job_alice", "job_hidden"), post=CANCELLERS, action="migration.cancel"
+    ),
+    Route(
+        "migrations:bandwidth",
+        objects=("job_alice_run", "job_hidden_run"),
+        post=MIGRATORS,
+        data=lambda w, job: {"bandwidth": "20"},
+        action="migration.bandwidth",
+    ),
+    Route(
+        "migrations:downtime",
+        objects=("job_alice_run", "job_hidden_run"),
+        post=MIGRATORS,
+        data=lambda w, job: {"downtime": "500"},
+        action="migration.downtime",
+    ),
+    Route(
+        "migrations:postcopy",
+        objects=("job_alice_run", "job_hidden_run"),
+        post=MIGRATORS,
+        action="migration.postcopy",
+    ),
+    Route(
+        "migrations:preflight_check",
+        objects=(None, "vm_bob", "vm_hidden"),
+        param="vm",
+        get=REQUESTERS,
+        query=lambda w, vm: {"target": w.d1.pk, "mode": "live"} if vm is not None else {},
+        notes="dry run: read-only",
+    ),
+    # Audit history
+    Route("audit:list", get=STAFF),
+    Route("audit:detail", objects=("event_alice", "event_admin"), get=STAFF),
+    Route("audit:export_csv", get=STAFF),
+    Route("audit:export_json", get=STAFF),
+    # Django admin: only is_staff accounts get in; no persona is one.
+    Route("admin:index", get=NOBODY, notes="Django admin; personas are not is_staff -> 302 to admin login"),
+]
+
+# URL names deliberately outside the matrix, each with its reason.
+EXEMPT_PREFIXES = {
+    "admin:": "Django admin pages: is_staff accounts only (admin:index is in the matrix)",
+}
+EXEMPT = {
+    "set_language": "Django's language switch: stores a cookie, reads and changes no data",
+}
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def clean_report(plan, **kwargs):
+    """The checklist with nothing blocking: the matrix tests access, not the checks."""
+    from migrations_app.preflight import Report
+
+    return Report(results=[], verdict="pass", started_at="", duration_ms=0, plan={})
+
+
+@pytest.fixture
+def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
+    from migrations_app import preflight
+
+    monkeypatch.setattr(preflight, "run_preflight", clean_report)
+    # Jobs are queued on commit; these tests never commit, so no worker is involved.
+    w = build(alice, bob)
+    w.people = {
+        "anon": None,
+        "admin": admin,
+        "operator": operator,
+        "auditor": auditor,
+        "alice": alice,
+        "bob": bob,
+        "mallory": mallory,
+    }
+    nodes = []
+    for name in ("new", "s1"):
+        nodes.append(tmp_path / f"node-{name}.xml")
+        shutil.copy(Path(__file__).parent / "data" / "testnode.xml", nodes[-1])
+    w.node_uri = f"test://{nodes[0]}"  # for hosts:add
+    # The secret host is a working test-driver host, so syncing it is a real success.
+    Host.objects.filter(pk=w.s1.pk).update(uri=f"test://{nodes[1]}")
+    w.s1.refresh_from_db()
+
+    def job(vm, user):
+        return MigrationJob.objects.create(
+            vm=vm,
+            vm_name=vm.name,
+            source=vm.host,
+            source_name=vm.host.name,
+            target=w.d1,
+            target_name=w.d1.name,
+            mode=MigrationJob.LIVE,
+            options={"bandwidth": 50},
+            status=MigrationJob.PENDING_APPROVAL,
+            requested_by=user,
+            requested_by_name=user.get_username(),
+        )
+
+    w.job_alice = job(w.alice_web, alice)
+    w.job_hidden = job(w.hidden, admin)
+
+    def running(name, host, owner):
+        vm = VM.objects.create(uuid=uuid.uuid4(), name=name, host=host, state=VM.RUNNING, owner_user=owner)
+        j = job(vm, admin)
+        MigrationJob.objects.filter(pk=j.pk).update(
+            status=MigrationJob.RUNNING, options={"bandwidth": 50, "postcopy": True}
+        )
+        j.refresh_from_db()
+        return j
+
+    w.job_alice_run = running("alice-run", w.p1, alice)
+    w.job_hidden_run = running("hidden-run", w.s1, None)
+    with transaction.atomic():
+        w.event_alice = record("test.by_alice", actor=alice, target=w.alice_web)
+        w.event_admin = record("test.by_admin", actor=admin, target=w.hidden)
+    w.objects = {
+        "vm_alice": w.alice_web,
+        "vm_hidden": w.hidden,
+        "host_p1": w.p1,
+        "host_d1": w.d1,
+        "host_s1": w.s1,
+        "job_alice": w.job_alice,
+        "job_hidden": w.job_hidden,
+        "job_alice_run": w.job_alice_run,
+        "job_hidden_run": w.job_hidden_run,
+        "vm_bob": w.bob_db,
+        "vm_team": w.team_app,
+        "event_alice": w.event_alice,
+        "event_admin": w.event_admin,
+        "group_prod": w.prod,
+        "policy_prod": w.policy,
+        "user_bob": bob,
+    }
+    return w
+
+
+def db_state():
+    """Everything a state-changing view could touch, as comparable values."""
+    return {
+        "hosts": list(Host.objects.order_by("pk").values()),
+        "vms": list(VM.objects.order_by("pk").values()),
+        "groups": list(HostGroup.objects.order_by("pk").values()),
+        "policies": [
+            (p.as_dict(), p.pk)
+            for p in SelfServicePolicy.objects.order_by("pk").prefetch_related("target_groups")
+        ],
+        "jobs": list(MigrationJob.objects.order_by("pk").values()),
+        "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
+        "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
+    }
+
+
+# ----------------------------------------------------------------------------- the cells
+
+
+def expected_status(route, method, persona, obj):
+    allowed = route.get if method == "GET" else route.post
+    ok = route.get_ok if method == "GET" else route.post_ok
+    if route.public:
+        return ok if allowed is not None else 405
+    if persona == "anon":
+        return 302
+    if allowed is None:
+        return 405
+    if (obj, method, persona) in route.overrides:
+        return route.overrides[(obj, method, persona)]
+    if route.perm_first and persona not in allowed:
+        return 403
+    if obj is not None and persona not in SCOPE[obj]:
+        return 404
+    if persona not in allowed:
+        return 403
+    return ok
+
+
+def cells():
+    for route in ROUTES:
+        # GET always (a POST-only view answers 405); POST where the route takes one.
+        methods = ["GET"] + (["POST"] if route.post is not None else [])
+        for method in methods:
+            objects = route.objects
+            if method == "POST" and route.post_objects is not None:
+                objects = route.post_objects
+            for obj in objects:
+                for persona in PERSONAS:
+                    yield pytest.param(
+                        route, obj, method, persona, id=f"{route.name}|{obj}|{method}|{persona}"
+                    )
+
+
+def url_for(route, world, obj):
+    if obj is None or route.param:
+        return reverse(route.name)
+    return reverse(route.name, kwargs={route.kwarg: world.objects[obj].pk})
+
+
+def leaked_names(persona, body):
+    return [
+        NAMES[key] for key, seen_by in NAME_SCOPE.items() if persona not in seen_by and NAMES[key] in body
+    ]
+
+
+@pytest.mark.parametrize(("route", "obj", "method", "persona"), list(cells()))
+def test_it_enforces_the_scope_rule(route, obj, method, persona, world, client):
+    user = world.people[persona]
+    if user is not None:
+        client.force_login(user)
+    url = url_for(route, world, obj)
+    expected = expected_status(route, method, persona, obj)
+    before_state = db_state()
+    last_event = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first()
+    target = world.objects[obj] if obj is not None else None
+    if method == "GET":
+        query = dict(route.query(world, target)) if route.query else {}
+        if route.param and obj is not None:
+            query[route.param] = target.pk
+        response = client.get(url, query)
+    else:
+        data = dict(route.data(world, target)) if route.data else {}
+        if route.param and obj is not None:
+            data[route.param] = target.pk
+        response = client.post(url, data)
+    status = response.status_code
+    if route.name == "admin:index":
+        assert status == 302 and "/admin/login/" in response.url, status
+        return
+    assert status == expected, f"{method} {url} as {persona}: {status}, expected {expected}"
+    if status == 302 and persona == "anon" and not route.public:
+        assert response.url.startswith(reverse("login")), response.url
+    if status == 200 and not getattr(response, "streaming", False):
+        leaks = leaked_names(persona, response.content.decode())
+        assert not leaks, f"{url} shows {leaks} to {persona}"
+    new_events = AuditEvent.objects.filter(id__gt=last_event or 0)
+    if method != "POST" or route.public:
+        return
+    if status == route.post_ok and persona != "anon":
+        event = new_events.filter(action=route.action).first()
+        assert event is not None, f"no {route.action} event after {url} as {persona}"
+        assert event.actor == user and event.outcome == AuditEvent.SUCCESS, (event.actor, event.outcome)
+        assert db_state() != before_state, f"{url} as {persona} changed nothing"
+    else:
+        assert db_state() == before_state, f"refused {url} as {persona} changed the database"
+        assert not new_events.filter(outcome=AuditEvent.SUCCESS).exists()
+        if (obj, method, persona) in route.overrides:
+            # Refused by a rule past the scope check (policy, state): audited as such.
+            refusal = new_events.filter(action=route.action).first()
+            assert refusal is not None and refusal.actor == user, f"refusal of {url} not audited"
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def _walk(patterns, namespace=""):
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            inner = pattern.namespace if pattern.namespace else ""
+            ns = ":".join(filter(None, [namespace, inner]))
+            yield from _walk(pattern.url_patterns, ns)
+        elif isinstance(pattern, URLPattern):
+            name = pattern.name or f"<unnamed {pattern.pattern}>"
+            yield f"{namespace}:{name}" if namespace else name
+
+
+def all_url_names():
+    return sorted(set(_walk(get_resolver().url_patterns)))
+
+
+def test_it_covers_every_url():
+    covered = {route.name for route in ROUTES} | set(EXEMPT)
+    missing = [
+        name
+        for name in all_url_names()
+        if name not in covered and not any(name.startswith(p) for p in EXEMPT_PREFIXES)
+    ]
+    assert not missing, f"URLs missing from the permission matrix: {missing}"
+
+
+def test_it_lists_only_urls_that_exist():
+    names = set(all_url_names())
+    assert not [route.name for route in ROUTES if route.name not in names]
+
+
+def test_it_has_a_distinct_scope_for_every_object():
+    # Guard against a world where "out of scope" cells would silently test nothing.
+    assert {"alice", "bob"} & SCOPE["vm_alice"] == {"alice"}
+    for key in SCOPE:
+        assert "mallory" not in SCOPE[key] and "anon" not in SCOPE[key]
+
+
+# ----------------------------------------------------------------------------- commands
+
+# Commands that act for a kvmweb user (--user) apply the same scope rule: out of scope is
+# "not visible" (the same words as for an id that does not exist), in scope without the
+# right is "may not". Their CommandError is the command line's 404/403.
+NOT_FOUND, FORBIDDEN, OK, REFUSED = "not found", "forbidden", "ok", "refused"
+
+
+@dataclass(frozen=True)
+class CommandCell:
+    name: str
+    obj: str
+    args: object  # world, object -> argv after the command name
+    allowed: frozenset
+    action: str
+    refused: frozenset = frozenset()  # in scope and allowed, refused by policy (audited)
+
+
+COMMAND_CELLS = [
+    CommandCell("migration_job", "job_alice", lambda w, j: [str(j.pk), "show"], SIGNED_IN, ""),
+    CommandCell("migration_job", "job_hidden", lambda w, j: [str(j.pk), "show"], SIGNED_IN, ""),
+    CommandCell(
+        "migration_job", "job_alice", lambda w, j: [str(j.pk), "cancel"], CANCELLERS, "migration.cancel"
+    ),
+    CommandCell(
+        "migration_job", "job_hidden", lambda w, j: [str(j.pk), "cancel"], CANCELLERS, "migration.cancel"
+    ),
+    CommandCell(
+        "migration_job",
+        "job_alice_run",
+        lambda w, j: [str(j.pk), "bandwidth", "20"],
+        MIGRATORS,
+        "migration.bandwidth",
+    ),
+    CommandCell(
+        "migrate_vm",
+        "vm_bob",
+        lambda w, vm: [vm.name, w.d1.name, "--mode", "live", "--bandwidth", "50"],
+        REQUESTERS,
+        "migration.request",
+    ),
+    CommandCell(
+        "migrate_vm",
+        "vm_team",
+        lambda w, vm: [vm.name, w.p1.name, "--mode", "live", "--bandwidth", "50"],
+        REQUESTERS,
+        "migration.request",
+        refused=frozenset({"alice"}),
+    ),
+]
+# Project commands that act for nobody in particular: whoever runs them has a shell on the
+# server (and the database), which is more than any role.
+MACHINE_COMMANDS = {
+    "add_host": "registers a host (server shell = administrator)",
+    "sync_inventory": "inventory sync, same as the scheduled task",
+    "ensure_admin": "creates the first administrator when no user exists",
+    "ensure_schedules": "creates periodic tasks",
+    "lab_demo": "starts the lab (root)",
+    "preflight": "read-only checklist from the server shell",
+    "reconcile_jobs": "the reconciler loop",
+    "verify_audit": "read-only chain check (tests/audit/test_verify_audit.py)",
+}
+
+
+def command_expectation(cell, persona):
+    if persona not in SCOPE[cell.obj]:
+        return NOT_FOUND
+    if persona not in cell.allowed:
+        return FORBIDDEN
+    if persona in cell.refused:
+        return REFUSED
+    return OK
+
+
+def command_cells():
+    for cell in COMMAND_CELLS:
+        for persona in sorted(SIGNED_IN):
+            yield pytest.param(cell, persona, id=f"{cell.name}|{cell.obj}|{cell.action or 'show'}|{persona}")
+
+
+@pytest.mark.parametrize(("cell", "persona"), list(command_cells()))
+def test_it_applies_the_scope_rule_to_commands(cell, persona, world, capsys):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    user = world.people[persona]
+    obj = world.objects[cell.obj]
+    argv = cell.args(world, obj) + ["--user", user.get_username()]
+    expected = command_expectation(cell, persona)
+    before_state = db_state()
+    last_event = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    try:
+        call_command(cell.name, *argv)
+        error = None
+    except CommandError as exc:
+        error = str(exc)
+    out = capsys.readouterr().out
+    new_events = AuditEvent.objects.filter(id__gt=last_event)
+    if expected == OK:
+        assert error is None, f"{cell.name} {argv}: {error}"
+        if cell.action:
+            event = new_events.get(action=cell.action)
+            assert event.actor == user and event.outcome == AuditEvent.SUCCESS
+            assert db_state() != before_state
+        else:
+            assert obj.vm_name in out
+        return
+    assert error is not None, f"{cell.name} {argv} as {persona} was not refused: {out}"
+    if expected == NOT_FOUND:
+        assert "visible" in error, error
+    if expected in (NOT_FOUND, FORBIDDEN):
+        # Names outside the persona's scope never appear in the refusal (except what the
+        # persona typed: a refusal may echo the argument it could not find).
+        leaks = [name for name in leaked_names(persona, error + out) if name not in argv]
+        assert not leaks, error
+    assert db_state() == before_state
+    assert not new_events.filter(outcome=AuditEvent.SUCCESS).exists()
+    if expected == REFUSED:
+        assert new_events.filter(action=cell.action, actor=user).exclude(outcome=AuditEvent.SUCCESS).exists()
+
+
+def test_it_covers_every_project_command():
+    from django.core.management import get_commands
+
+    ours = {
+        name for name, app in get_commands().items() if app.startswith(("hosts", "migrations_app", "kvmweb"))
+    }
+    covered = {cell.name for cell in COMMAND_CELLS} | set(MACHINE_COMMANDS)
+    assert not sorted(ours - covered), f"commands missing from the matrix: {sorted(ours - covered)}"
