@@ -316,6 +316,7 @@ def test_it_migrates_a_lab_guest_through_the_wizard_live(site, browser, lab, lab
         page.click("[data-testid=wizard-run-preflight]")
         page.wait_for_selector("[data-testid=wizard-start]", timeout=120000)
         assert "migrate --live" in page.inner_text("[data-testid=wizard-virsh]")
+        snap(page, "wizard-preflight")
         for box in page.locator("input[name=ack]").all():
             box.check()
         page.click("[data-testid=wizard-start]")
@@ -328,6 +329,7 @@ def test_it_migrates_a_lab_guest_through_the_wizard_live(site, browser, lab, lab
         )
         page.wait_for_selector("[data-testid=job-status].succeeded", timeout=60000)
         assert page.inner_text("[data-testid=job-downtime]").endswith("ms")
+        snap(page, "lab-job-done")
         assert page.evaluate(CHART_INK, job)[0] > 0
         page.goto(f"{site.url}/hosts/{facts['hosts']['lab-b']}/")
         assert guest.name in page.inner_text("main")
