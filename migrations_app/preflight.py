@@ -2015,7 +2015,7 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     return Report(
         results=ordered,
         verdict=Report.verdict_of(ordered),
-        started_at=started.isoformat(),
+        started_at=started.isoformat(timespec="seconds"),
         duration_ms=round((time.monotonic() - t0) * 1000),
         plan=plan_dict,
     )

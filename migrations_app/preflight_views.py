@@ -44,7 +44,13 @@ def preflight_check(request):
         vm = get_scoped_or_404(VM, request.user, "migrate", perm=perm, pk=_pk(request.GET["vm"]))
         target = get_scoped_or_404(Host, request.user, "migrate", perm=perm, pk=_pk(request.GET["target"]))
         options = {k: v for k, v in request.GET.items() if k in DEFAULTS}
-        context.update(vm=vm, target=target, options=options, rerun_url=request.get_full_path())
+        # The wizard re-runs through here too (htmx) and needs the ack/override inputs;
+        # the dry-run page (and its own re-run button, marked dry_run=1) shows none.
+        dry_run = not request.htmx or request.GET.get("dry_run") == "1"
+        rerun_url = request.get_full_path()
+        if dry_run and "dry_run" not in request.GET:
+            rerun_url += "&dry_run=1"
+        context.update(vm=vm, target=target, options=options, rerun_url=rerun_url, dry_run=dry_run)
         if vm.host is None or vm.gone:
             context["error"] = _("%(vm)s is not on any known host; sync the inventory first.") % {
                 "vm": vm.name

@@ -455,6 +455,9 @@ def test_it_renders_ack_inputs_for_warnings_and_override_for_admins(fake, login,
     html = login(operator).get(url, HTTP_HX_REQUEST="true").content.decode()
     assert 'name="ack" value="plan"' in html and "<html" not in html
     assert "--postcopy" in html
+    # The dry-run page's own re-run shows no inputs.
+    html = login(operator).get(url + "&dry_run=1", HTTP_HX_REQUEST="true").content.decode()
+    assert 'name="ack"' not in html and "dry_run=1" in html
     # An overridable fail (too little memory): only an administrator gets the override box.
     fake.scripts[fake.b.uri]["host"] = host_facts(host_uuid="b2", memory_free=512 * MIB)
     url = f"/migrations/preflight/?vm={fake.vm.pk}&target={fake.b.pk}&mode=live"
