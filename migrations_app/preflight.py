@@ -2041,13 +2041,18 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
 def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False):
     """Every possible target host for ``vm`` (in the user's scope), with a quick report,
     best first: reachable hosts, then fewest fails, fewest warnings, most free memory. The quick
-    variant skips the dirty-rate measurement (the chosen target gets the full run)."""
+    variant skips the dirty-rate measurement; for live modes one starts in the background
+    (prime_dirty_rate), ready when the chosen target gets the full run."""
     from hosts.models import Host
 
     hosts = Host.objects.restrict(user) if user is not None else Host.objects.all()
     hosts = [h for h in hosts.exclude(pk=vm.host_id)]
     if not hosts or vm.host is None:
         return []
+    if mode in LIVE_MODES:
+        # The person is about to pick a target: measure the dirty rate meanwhile, so the
+        # full checklist for the chosen target reuses it instead of waiting a second.
+        prime_dirty_rate(vm)
 
     def one(target):
         try:

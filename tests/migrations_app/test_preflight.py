@@ -479,6 +479,13 @@ def test_it_ranks_ready_targets_first(fake, monkeypatch):
     # delta is ready; beta lacks memory (one fail); gamma is unreachable (several).
     assert [h.name for h, _r in ranked] == ["delta", "beta", "gamma"]
     assert ranked[0][1].verdict == "pass", [(r.id, r.message) for r in ranked[0][1].warnings]
+    # Ranking started the dirty-rate measurement for the full run that follows.
+    deadline = time.monotonic() + 2
+    while fake.scripts[fake.a.uri].get("measured", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.scripts[fake.a.uri]["measured"] == 1
+    assert fake("live")["prediction"].details["dirty_rate"]["mib_per_s"] == 5
+    assert fake.scripts[fake.a.uri]["measured"] == 1
     assert len(ranked[1][1].fails) == 1
 
 
