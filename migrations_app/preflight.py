@@ -819,13 +819,14 @@ def check_cpu(ctx):
             details,
         )
     if not g["cpu_xml"]:
-        return _result(
-            "cpu",
-            PASS,
-            _("Same architecture (%(a)s); the VM uses the hypervisor's default CPU model.")
-            % {"a": g["arch"]},
-            details=details,
-        )
+        if mode == "host-model":
+            # A shut-off host-model VM gets the target's own host-model CPU when it starts.
+            message = _(
+                "Same architecture (%(a)s); host-model: the VM takes %(t)s's CPU model when it starts there."
+            )
+        else:
+            message = _("Same architecture (%(a)s); the VM uses the hypervisor's default CPU model.")
+        return _result("cpu", PASS, message % {"a": g["arch"], "t": ctx.target.name}, details=details)
     target_cmp = ctx.need_conn("target").compare_cpu(
         g["cpu_xml"], g["arch"], g["machine"] or None, g["virttype"]
     )

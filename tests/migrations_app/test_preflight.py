@@ -510,3 +510,13 @@ def test_it_says_when_a_disk_is_in_no_pool_instead_of_guessing(fake):
     assert result.status == "warn" and "no libvirt storage pool" in result.message
     assert "pool-define-as" in result.remedy and "/srv/shared" in result.remedy
     assert result.details["disks"][0]["shared"] is None
+
+
+def test_it_lets_a_shut_off_host_model_vm_take_the_targets_cpu(fake):
+    off = domain_facts(
+        guest_xml(cpu="<cpu mode='host-model' check='partial'/>"), state="shutoff", active=False
+    )
+    result = fake(
+        "offline", source={"domain": off}, target={"compare": {"result": "incompatible", "reason": "x"}}
+    )["cpu"]
+    assert result.status == "pass" and "host-model" in result.message

@@ -75,7 +75,7 @@ def test_it_passes_every_check_for_a_running_guest_on_shared_storage(lab, lab_gu
     assert results["memory"].details["target_free_mib"] > 128
     prediction = results["prediction"].details
     assert prediction["converges"] is True
-    assert "measured by libvirt" in prediction["dirty_rate_source"]
+    assert "measured by libvirt" in prediction["dirty_rate_source"], (results["vm_state"].details, prediction)
     assert prediction["dirty_rate"]["period"] >= 1
     assert report.plan["flag_names"] == ["live", "peer2peer", "persist_dest", "undefine_source"]
     assert "--live --p2p --persistent --undefinesource" in report.plan["virsh"]
