@@ -561,6 +561,24 @@ class HostConnection:
 
         return self.call("Looking up storage", read)
 
+    def secrets_present(self, uuids):
+        """{secret UUID: True/False}: whether this host holds each libvirt secret (disk
+        encryption passphrases, RBD/iSCSI credentials referenced by a domain)."""
+
+        def read(c):
+            out = {}
+            for uuid in uuids:
+                try:
+                    c.secretLookupByUUIDString(uuid)
+                    out[uuid] = True
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SECRET:
+                        raise
+                    out[uuid] = False
+            return out
+
+        return self.call("Looking up secrets", read)
+
     def domain_collisions(self, uuid, name):
         """Domains on this host that share the UUID or the name of a VM:
         {"by_uuid": {...} | None, "by_name": {...} | None}."""

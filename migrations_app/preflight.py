@@ -374,6 +374,15 @@ def parse_guest(xml):
         # libvirt migrates only shmem devices with role='master' (and never legacy ivshmem).
         "shmem": [s.get("name", "") for s in root.findall("devices/shmem") if s.get("role") != "master"],
         "invtsc_without_frequency": invtsc and not tsc_frequency,
+        "secrets": sorted({sec.get("uuid") for sec in root.iter("secret") if sec.get("uuid")}),
+        "graphics_listen": sorted(
+            {
+                addr
+                for g in root.findall("devices/graphics")
+                for addr in [g.get("listen", "")] + [lst.get("address", "") for lst in g.findall("listen")]
+                if addr and addr not in ("0.0.0.0", "::", "127.0.0.1", "::1", "localhost")
+            }
+        ),
         "redirdevs": len(root.findall("devices/redirdev")),
         "host_char_devices": [
             f"{c.tag} {c.get('type')}"
@@ -1133,7 +1142,8 @@ def check_networks(ctx):
 def check_storage(ctx):
     """Every disk is visible at the same path on the target (shared storage), or the
     plan copies it (live with storage copy, cold) into a target pool at the same
-    directory with enough free space. Offline moves no disk at all."""
+    directory with enough free space. Offline moves no disk at all. Secrets the disks
+    use (LUKS passphrases, RBD/iSCSI credentials) must exist on the target."""
     g = ctx.guest()
     dom = ctx.domain()
     disks = [d for d in g["disks"] if d["path"] and d["kind"] in ("file", "block", "network", "volume")]
@@ -1303,6 +1313,21 @@ def check_storage(ctx):
                     }
                 )
     details["copy"] = [row["dev"] for _d, row, _t in to_copy]
+    if g["secrets"]:
+        conn = ctx.need_conn("target")
+        present = ctx.fact("secrets:target", lambda: conn.secrets_present(g["secrets"]))
+        details["secrets_on_target"] = present
+        for uuid in sorted(u for u, ok in present.items() if not ok):
+            problems.append(
+                _("secret %(u)s (disk passphrase or storage credentials) is missing on %(t)s")
+                % {"u": uuid, "t": ctx.target.name}
+            )
+            remedies.append(
+                _(
+                    "define it there: virsh %(sc)s secret-dumpxml %(u)s > s.xml; virsh %(c)s secret-define s.xml; virsh %(c)s secret-set-value %(u)s --file VALUEFILE"
+                )
+                % {"u": uuid, "c": _uri_flag(ctx.target), "sc": _uri_flag(ctx.source)}
+            )
     if problems:
         text = "; ".join(problems) + "."
         return _result("storage", FAIL, _sentence(text), _sentence("; ".join(remedies)) + ".", details)
@@ -1449,7 +1474,7 @@ def check_devices(ctx):
     """No device that cannot be migrated (mirror of libvirt's qemuMigrationSrcIsAllowed):
     host devices (PCI/USB/SCSI/mdev passthrough), vDPA, virtiofs, non-master shared
     memory, transient disks, invtsc without a fixed TSC frequency. Host-bound character
-    devices and USB redirection are warnings."""
+    devices, USB redirection and a display bound to a specific address are warnings."""
     g = ctx.guest()
     details = {
         "hostdevs": g["hostdevs"],
@@ -1459,6 +1484,7 @@ def check_devices(ctx):
         "invtsc_without_frequency": g["invtsc_without_frequency"],
         "redirdevs": g["redirdevs"],
         "host_char_devices": g["host_char_devices"],
+        "graphics_listen": g["graphics_listen"],
     }
     blockers = []
     if g["hostdevs"]:
@@ -1500,6 +1526,13 @@ def check_devices(ctx):
     if g["redirdevs"]:
         warns.append(
             _("%(n)d USB redirection device(s) (the client connection is lost)") % {"n": g["redirdevs"]}
+        )
+    if g["graphics_listen"]:
+        warns.append(
+            _(
+                "the display listens on %(a)s, an address the target must also have (or QEMU fails to start there)"
+            )
+            % {"a": ", ".join(g["graphics_listen"])}
         )
     if g["host_char_devices"]:
         warns.append(

@@ -109,6 +109,9 @@ class FakeConn:
         }
         return {p: self.s.get("storage", {}).get(p, default) for p in paths}
 
+    def secrets_present(self, uuids):
+        return {u: u in self.s.get("secrets", []) for u in uuids}
+
     def domain_collisions(self, uuid, name):
         return self.s.get("collisions", {"by_uuid": None, "by_name": None})
 
@@ -520,3 +523,19 @@ def test_it_lets_a_shut_off_host_model_vm_take_the_targets_cpu(fake):
         "offline", source={"domain": off}, target={"compare": {"result": "incompatible", "reason": "x"}}
     )["cpu"]
     assert result.status == "pass" and "host-model" in result.message
+
+
+def test_it_fails_a_disk_secret_missing_on_the_target_and_warns_about_a_bound_display(fake):
+    secret = "5f1c1c39-0000-4000-8000-00000000abcd"
+    xml = guest_xml(
+        devices=f"""<disk type='network' device='disk'><source protocol='rbd' name='pool/web1'>
+          <host name='ceph1'/></source><auth username='libvirt'><secret type='ceph' uuid='{secret}'/></auth>
+          <target dev='vdb' bus='virtio'/></disk>
+        <graphics type='vnc' port='-1' listen='192.0.2.10'/>"""
+    )
+    results = fake("live", source={"domain": domain_facts(xml)})
+    assert results["storage"].status == "fail" and secret in results["storage"].message
+    assert "secret-define" in results["storage"].remedy
+    assert results["devices"].status == "warn" and "192.0.2.10" in results["devices"].message
+    ok = fake("live", source={"domain": domain_facts(xml)}, target={"secrets": [secret]})["storage"]
+    assert ok.status == "pass" and "rbd" in ok.message
