@@ -1830,9 +1830,9 @@ def check_prediction(ctx):
             "prediction",
             PASS,
             _(
-                "Downtime is the whole operation: shutdown (up to %(s)d s), copying %(m)d MiB of disks (about %(c).1f s at %(b).0f MiB/s), defining and starting on the target."
+                "Downtime is the whole operation: shutdown (up to %(s)d s), copying %(m).1f MiB of disks (about %(c).1f s at %(b).0f MiB/s), defining and starting on the target."
             )
-            % {"s": shutdown, "m": _mib(disk_bytes), "c": seconds, "b": bw_mib},
+            % {"s": shutdown, "m": disk_bytes / MIB, "c": seconds, "b": bw_mib},
             details=details,
         )
     # Live modes: how much RAM will really travel (zero pages are skipped).
@@ -1884,8 +1884,8 @@ def check_prediction(ctx):
         "d": dirty_mib,
     }
     if disk_bytes:
-        facts += _(", after copying %(c)d MiB of disks (about %(s).1f s)") % {
-            "c": _mib(disk_bytes),
+        facts += _(", after copying %(c).1f MiB of disks (about %(s).1f s)") % {
+            "c": disk_bytes / MIB,
             "s": copy_s,
         }
     if assumption:

@@ -18,11 +18,9 @@ from migrations_app.preflight import run_preflight
 MARKS = {"pass": "✓", "warn": "!", "fail": "✗", "skip": "-"}
 
 
-class BadArguments(CommandError):
-    """Exit code 2 (Django's CommandError carries returncode)."""
-
-    def __init__(self, message):
-        super().__init__(message, returncode=2)
+def BadArguments(message):  # noqa: N802 (reads like the exception it builds)
+    """A CommandError that exits with status 2 (bad arguments)."""
+    return CommandError(message, returncode=2)
 
 
 def _find_vm(text):
