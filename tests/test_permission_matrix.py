@@ -18,6 +18,7 @@ test_it_covers_every_url walks the URL resolver: a new view that is not in ROUTE
 EXEMPT with a reason) fails the suite, so no view escapes the matrix.
 """
 
+import asyncio
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -669,3 +670,93 @@ def test_it_covers_every_project_command():
     }
     covered = {cell.name for cell in COMMAND_CELLS} | set(MACHINE_COMMANDS)
     assert not sorted(ours - covered), f"commands missing from the matrix: {sorted(ours - covered)}"
+
+
+# ----------------------------------------------------------------------------- WebSockets
+
+WS_OBJECTS = ("job_alice", "job_hidden", "job_alice_run", "job_hidden_run", "job_missing", "list")
+WS_TIMEOUT = 3
+
+
+def ws_cells():
+    for obj in WS_OBJECTS:
+        for persona in PERSONAS:
+            yield pytest.param(obj, persona, id=f"ws|{obj}|{persona}")
+
+
+def _ws_session(user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("obj", "persona"), list(ws_cells()))
+async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, transactional_db, monkeypatch):
+    """ws/jobs/<id>/ and ws/jobs/: anonymous -> closed 4401; a job outside the persona's
+    scope or one that does not exist -> closed 4404 with nothing sent, and later progress
+    of that job reaches nobody who guessed its id; in scope -> the snapshot first."""
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from django.db import connections
+    from django.db.models import F
+
+    from kvmweb.asgi import application
+    from migrations_app import streaming
+
+    monkeypatch.setattr(streaming, "POLL_INTERVAL", 0.05)
+    user = world.people[persona]
+    if obj == "list":
+        path, job = "/ws/jobs/", None
+    elif obj == "job_missing":
+        path, job = "/ws/jobs/987654/", None
+    else:
+        job = world.objects[obj]
+        path = f"/ws/jobs/{job.pk}/"
+    headers = [(b"host", b"127.0.0.1"), (b"origin", b"http://127.0.0.1")]
+    if user is not None:
+        cookie = await database_sync_to_async(_ws_session)(user)
+        headers.append((b"cookie", f"sessionid={cookie}".encode()))
+
+    @database_sync_to_async
+    def progress(target, **fields):
+        MigrationJob.objects.filter(pk=target.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+        streaming.publish_job(target.pk)
+
+    comm = WebsocketCommunicator(application, path, headers=headers)
+    try:
+        connected, _ = await comm.connect(timeout=WS_TIMEOUT)
+        assert connected  # accepted, then closed with a code the browser can read
+        if user is None:
+            assert await comm.receive_output(timeout=WS_TIMEOUT) == {"type": "websocket.close", "code": 4401}
+            return
+        if obj == "list":
+            if persona in STAFF | {"alice"}:  # those who can see at least one job
+                first = await comm.receive_from(timeout=WS_TIMEOUT)
+                assert not leaked_names(persona, first), f"{path} snapshot shows {persona} out-of-scope jobs"
+            # A hidden job changes: self-service users and outsiders hear nothing of it.
+            await progress(world.job_hidden_run, percent=50.0, status=MigrationJob.SUCCEEDED)
+            if persona not in STAFF:
+                # Drain what arrived, without a receive timeout (that would end the app).
+                await asyncio.sleep(0.5)
+                while not comm.output_queue.empty():
+                    text = comm.output_queue.get_nowait().get("text", "")
+                    assert not leaked_names(persona, text), f"{persona} heard {leaked_names(persona, text)}"
+            return
+        if job is not None and persona in SCOPE[obj]:
+            first = await comm.receive_from(timeout=WS_TIMEOUT)
+            assert f'id="job-progress-{job.pk}"' in first
+            assert not leaked_names(persona, first)
+            return
+        assert await comm.receive_output(timeout=WS_TIMEOUT) == {"type": "websocket.close", "code": 4404}
+        if job is not None:
+            await progress(job, percent=66.0)
+            assert await comm.receive_nothing(timeout=0.4)
+        assert streaming.get_hub().watcher_count == 0
+    finally:
+        if not comm.future.done():
+            await comm.disconnect()
+        await database_sync_to_async(connections.close_all)()
