@@ -3,8 +3,8 @@
 Every failing case here is produced for real on the lab hosts: a disk on local storage,
 a network that exists only on the source (then inactive on the target), a same-name VM
 and a stale same-UUID definition on the target, a snapshot, a margin larger than the
-target's free memory, a shut-off VM under Live, a migration job already running, a
-guest dirtying memory faster than a bandwidth cap, an unreachable target.
+target's free memory, a shut-off VM under Live, a migration job and a block copy already
+running, a guest dirtying memory faster than a bandwidth cap, an unreachable target.
 """
 
 import json
@@ -18,6 +18,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+import lab as labkit
 from hosts import services
 from hosts.models import VM
 from migrations_app.plan import MigrationPlan
@@ -254,6 +255,30 @@ def test_it_fails_while_another_migration_job_runs_on_the_vm(lab, lab_guest, hos
             pass
         thread.join(10)
     assert errors == [libvirt.VIR_ERR_OPERATION_ABORTED]
+
+
+def test_it_fails_while_a_block_job_copies_a_disk(lab, lab_guest, hosts):
+    guest = lab_guest("pf-bjob", wait=False)
+    vm = _vm(hosts, guest)
+    dom = lab.conn("lab-a").lookupByName(guest)
+    copy_path = labkit.local_dir("lab-a") / f"{guest}-copy.qcow2"
+    target = f"<disk type='file'><source file='{labkit.LOCAL_IN_HOST}/{guest}-copy.qcow2'/><driver type='qcow2'/></disk>"
+    dom.blockCopy(
+        "vda",
+        target,
+        {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: 1024 * 1024},  # 1 MiB/s: still running while we check
+        libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+    )
+    try:
+        result = _by_id(_run(vm, hosts["lab-b"], "live"))["jobs"]
+        assert result.status == "fail"
+        assert "block job" in result.message and "vda" in result.message
+        assert "--abort" in result.remedy
+        assert result.details["block_jobs"]["vda"]["end"] > 0
+    finally:
+        dom.blockJobAbort("vda", 0)
+        copy_path.unlink(missing_ok=True)
+    assert _by_id(_run(vm, hosts["lab-b"], "live"))["jobs"].status == "pass"
 
 
 def test_it_predicts_no_convergence_under_a_tight_bandwidth_cap(lab, lab_guest, hosts):
