@@ -176,6 +176,10 @@ class JobRun:
         self.stop_copy = threading.Event()
         self.last_phase = None
         self.last_iteration = 0
+        self.marks = {}  # name -> seconds since the claim (where the time goes)
+
+    def mark(self, name):
+        self.marks[name] = round((time.monotonic() - self.t0) * 1000)
 
     # -- row writes
 
@@ -295,6 +299,7 @@ def _run(run):
     for r in report.warnings:
         if r.id not in acknowledged:
             run.event(f"New warning since the request: {r.title}: {r.message}", "warn")
+    run.mark("preflight_done")
     run.event("Preflight passed again on the worker.")
     now = timezone.now()
     started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
@@ -338,8 +343,10 @@ def _run_live(run, plan):
     op = None
     try:
         run.event(f"Migration started: {plan.virsh_command()}")
+        run.mark("migrate_start")
         op = Operation(lambda: mig.migrate(uuid, dst_uri, flags, params), f"migrate job {job.pk}")
         _monitor(run, mon, op)
+        run.mark("migrate_end")
     finally:
         mon.close()
         if op is None or op.done:
@@ -519,25 +526,25 @@ def _explain_failure(run, error):
     raise Failed(f"The migration failed: {raw.rstrip('.')}. {place[0].upper()}{place[1:]}.")
 
 
-def _completed_figures(job):
-    """Downtime, total time and data moved from the completed-job statistics, read on
-    the target (destination hosts keep them; the source's domain is gone)."""
-    uuid = str(job.vm.uuid)
-    for host in (job.target, job.source):
-        try:
-            with hv.session(host.uri, timeout=3) as c:
-                stats = c.job_stats(uuid, completed=True)
-        except hv.HypervisorError:
-            continue
-        if stats.get("type") == "completed" or stats.get("time_elapsed"):
-            return stats
-    return {}
-
-
 def _conclude_success(run, stats=None, extra=None):
+    """Record success: final figures, the VM row moved to the target (location trail
+    "migration") in the same pass that reads the completed-job statistics, the job row,
+    the audit event; then the source's inventory (nothing there decides the outcome)."""
     job = run.job
+    live = job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY)
     if stats is None:
-        stats = _completed_figures(job) if job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY) else {}
+        stats = {}
+    records = None
+    try:
+        with hv.session(job.target.uri) as dst:
+            if live and not stats:
+                try:
+                    stats = dst.job_stats(str(job.vm.uuid), completed=True)
+                except hv.HypervisorError as exc:
+                    run.event(f"Could not read the completed-job statistics: {exc}", "warn")
+            records = dst.domains()
+    except hv.HypervisorError as exc:
+        run.event(f"Inventory sync of {job.target_name} failed: {exc}", "warn")
     result = {
         "downtime_ms": stats.get("downtime"),
         "elapsed_ms": stats.get("time_elapsed"),
@@ -549,7 +556,10 @@ def _conclude_success(run, stats=None, extra=None):
     result.update(extra or {})
     if job.mode == MigrationJob.LIVE_COPY and (job.options or {}).get("remove_source_disks"):
         result["removed_source_disks"] = _remove_source_disks(run)
-    _sync_hosts(run)
+    if records is not None:
+        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
+    run.mark("concluded")
+    result["timing_ms"] = dict(run.marks)
     fields = {
         "phase": "done",
         "percent": 100.0,
@@ -564,6 +574,9 @@ def _conclude_success(run, stats=None, extra=None):
     if stats.get("data_processed"):
         fields["data_processed"] = stats["data_processed"]
     _finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
+    if summary.get("error"):
+        run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
 
 
 def _remove_source_disks(run):
@@ -582,20 +595,6 @@ def _remove_source_disks(run):
     if removed:
         run.event(f"Removed the source disks on {job.source_name}: {', '.join(removed)}.")
     return removed
-
-
-def _sync_hosts(run):
-    """Inventory of the target (location trail entry "migration") and the source."""
-    job = run.job
-    try:
-        with hv.session(job.target.uri) as c:
-            records = c.domains()
-        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
-    except hv.HypervisorError as exc:
-        run.event(f"Inventory sync of {job.target_name} failed: {exc}", "warn")
-    summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
-    if summary.get("error"):
-        run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
 
 
 def _finish(run, status, error, **fields):

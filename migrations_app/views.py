@@ -7,6 +7,7 @@ constraint turns a double click or two browsers into one job.
 """
 
 import json
+import time
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -22,6 +23,14 @@ from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
 ADD = "migrations_app.add_migrationjob"
+# The checklist the user read (and acknowledged) on the confirm step is the one the job
+# stores, when it is this fresh; the worker runs it again right before starting anyway.
+REPORT_MAX_AGE = 120
+SESSION_REPORT = "migration_wizard_report"
+
+
+def _plan_key(vm, target, mode, options):
+    return json.dumps([vm.pk, target.pk, mode, options], sort_keys=True, default=str)
 
 
 def _pk(value):
@@ -173,6 +182,11 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         context.update(step="options", form=form, error=str(exc))
         return render(request, "migrations_app/wizard.html", context, status=400)
     report = run_preflight(plan)  # libvirt, through the gateway's timeouts; no transaction open
+    request.session[SESSION_REPORT] = {
+        "key": _plan_key(vm, target, mode, plan.options),
+        "at": time.time(),
+        "report": report.to_dict(),
+    }
     context.update(
         plan=plan,
         report=report,
@@ -195,6 +209,7 @@ def _wizard_create(request):
     except ValueError:
         options = {}
     ack, override = request.POST.getlist("ack"), request.POST.getlist("override")
+    report = _seen_report(request, vm, target, mode, options)
     try:
         job = services.do_create_job(
             vm,
@@ -205,6 +220,7 @@ def _wizard_create(request):
             request=request,
             acknowledged=ack,
             overridden=override,
+            report=report,
             reason=request.POST.get("reason", "")[:2000],
         )
     except services.JobError as exc:
@@ -220,3 +236,16 @@ def _wizard_create(request):
     if job.status == MigrationJob.PENDING_APPROVAL:
         messages.info(request, _("Your request waits for an operator's approval."))
     return redirect("migrations:detail", pk=job.pk)
+
+
+def _seen_report(request, vm, target, mode, options):
+    """The report shown on the confirm step for exactly this plan, if recent; else None
+    (do_create_job then runs the checklist again)."""
+    from migrations_app.preflight import Report
+
+    seen = request.session.get(SESSION_REPORT) or {}
+    if seen.get("key") != _plan_key(vm, target, mode, options):
+        return None
+    if time.time() - seen.get("at", 0) > REPORT_MAX_AGE:
+        return None
+    return Report.from_dict(seen["report"])

@@ -94,6 +94,7 @@ def test_it_runs_a_live_migration_job_and_records_progress_and_final_figures(hos
     assert job.status == MigrationJob.SUCCEEDED, job.error
     assert labkit.where(guest) == {"lab-b": "running"}
     _counter_at_least("lab-b", guest, before)  # RAM moved: it continues, no fresh boot
+    labkit.wait_counter_moves("lab-b", guest)  # and runs there (not left paused)
     assert job.percent == 100 and job.phase == "done"
     assert job.downtime_ms is not None and job.elapsed_ms > 0 and job.result["data_processed"] > 0
     samples = list(ProgressSample.objects.filter(job=job))
