@@ -148,7 +148,9 @@ Q_CLUSTER = {
             "timeout": MIGRATION_TIMEOUT,
             "retry": MIGRATION_TIMEOUT + 600,
             "max_attempts": 1,
-            "poll": 0.1,
+            # Queue pickup is part of every migration's wall time (benchmarks/migrate_vs_virsh.py):
+            # 20 cheap indexed polls/s keep it ~30 ms on average.
+            "poll": 0.05,
         },
     },
 }
