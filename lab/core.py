@@ -775,9 +775,29 @@ def session(n: int = 2):
         with _locked():  # decide and tear down under one lock: no session can join between
             lease.unlink(missing_ok=True)
             auto = _read(LAB_DIR / "auto-started").split()
-            if auto and not _live_leases():
+            # A running guest nobody leased means someone (a benchmark, a person calling
+            # lab.up() directly) is still using the lab: leave it; a later session retries.
+            if auto and not _live_leases() and not _active_guests(auto):
                 _down_locked(auto)
                 (LAB_DIR / "auto-started").unlink(missing_ok=True)
+
+
+def _active_guests(hosts) -> list[str]:
+    """Names of running guests on the given (running) hosts."""
+    libvirt = _libvirt()
+    names = []
+    for name in hosts:
+        if not _host_running(name):
+            continue
+        try:
+            conn = libvirt.open(uri(name))
+        except libvirt.libvirtError:
+            continue
+        try:
+            names += [d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+        finally:
+            conn.close()
+    return names
 
 
 def keep_running() -> None:
