@@ -221,3 +221,16 @@ def test_it_round_trips_through_a_job(pair):
     assert data["vm"] == {"id": vm.pk, "uuid": str(vm.uuid), "name": "web1"}
     assert data["flag_names"] == ["live", "peer2peer", "persist_dest", "undefine_source"]
     assert data["params"] == {libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 32}
+
+
+def test_it_never_asks_libvirt_for_a_storage_copy_offline(pair):
+    # "Offline with storage copy" cannot be planned: the copy is the live-copy mode, and an
+    # offline plan drops the copy option (forms submit it for every mode). Disks the target
+    # cannot see make the preflight's storage check fail with "choose Cold" instead.
+    a, b, vm = pair
+    vm.state = VM.SHUTOFF
+    plan = _plan(pair, "offline", copy_storage="all")
+    assert "copy_storage" not in plan.options
+    assert not plan.flags() & (libvirt.VIR_MIGRATE_NON_SHARED_DISK | libvirt.VIR_MIGRATE_NON_SHARED_INC)
+    assert "--copy-storage" not in plan.virsh_command()
+    assert plan.validate() is True
