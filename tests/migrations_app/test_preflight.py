@@ -539,3 +539,12 @@ def test_it_fails_a_disk_secret_missing_on_the_target_and_warns_about_a_bound_di
     assert results["devices"].status == "warn" and "192.0.2.10" in results["devices"].message
     ok = fake("live", source={"domain": domain_facts(xml)}, target={"secrets": [secret]})["storage"]
     assert ok.status == "pass" and "rbd" in ok.message
+
+
+def test_it_fails_a_vm_that_is_no_longer_on_its_source(fake):
+    del fake.scripts[fake.a.uri]["domain"]
+    results = fake("live")
+    assert results["vm_state"].status == "fail"
+    assert "not defined on alpha" in results["vm_state"].message and "sync" in results["vm_state"].remedy
+    assert results["jobs"].status == "skip" and "not found" in results["jobs"].message
+    assert results["connection"].status == "pass"
