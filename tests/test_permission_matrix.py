@@ -20,6 +20,7 @@ EXEMPT with a reason) fails the suite, so no view escapes the matrix.
 
 import asyncio
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,7 +702,7 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
     of that job reaches nobody who guessed its id; in scope -> the snapshot first."""
     from channels.db import database_sync_to_async
     from channels.testing import WebsocketCommunicator
-    from django.db import connections
+    from django.db import OperationalError, connections
     from django.db.models import F
 
     from kvmweb.asgi import application
@@ -723,7 +724,17 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
 
     @database_sync_to_async
     def progress(target, **fields):
-        MigrationJob.objects.filter(pk=target.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+        # The test database is in-memory SQLite with a shared cache, where a reader (the
+        # hub's poller) makes a writer fail at once with "table is locked" instead of
+        # waiting: retry like a busy timeout would.
+        for attempt in range(50):
+            try:
+                MigrationJob.objects.filter(pk=target.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+                break
+            except OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
         streaming.publish_job(target.pk)
 
     comm = WebsocketCommunicator(application, path, headers=headers)
