@@ -265,13 +265,22 @@ def main():
                     elapsed = [j.elapsed_ms / 1000 for j in jobs if j.elapsed_ms]
                     downtime = [j.downtime_ms for j in jobs if j.downtime_ms is not None]
                     ok = sum(j.status == "succeeded" for j in jobs)
+                    pickup = [(j.started_at - j.created_at).total_seconds() for j in jobs if j.started_at]
+                    around = [
+                        (j.finished_at - j.started_at).total_seconds() - j.elapsed_ms / 1000
+                        for j in jobs
+                        if j.finished_at and j.started_at and j.elapsed_ms
+                    ]
                     workers = len({j.worker for j in jobs})
                     print(
                         f"round {r + 1} kvmweb: wall {wall:.2f} s ({len(jobs)} confirmations took {submitted:.2f} s); "
                         f"{ok}/{len(jobs)} succeeded on {workers} worker processes; libvirt elapsed per job "
                         f"median {statistics.median(elapsed):.2f} s max {max(elapsed):.2f} s; downtime median "
                         f"{statistics.median(downtime):.0f} ms max {max(downtime)} ms; "
-                        + ("figures all correct" if not problems else f"PROBLEMS: {problems}"),
+                        + ("figures all correct" if not problems else f"PROBLEMS: {problems}")
+                        + f"\n    where kvmweb's time goes (median): queue pickup {statistics.median(pickup):.2f} s, "
+                        f"worker time around the libvirt migration (preflight again, stats, inventory "
+                        f"sync, audit) {statistics.median(around):.2f} s",
                         flush=True,
                     )
                     rows.append(("kvmweb", wall, not problems))
