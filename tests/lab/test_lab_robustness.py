@@ -1,0 +1,142 @@
+"""The lab's own robustness: idempotent start, identity checks before any signal, stale
+FUSE mounts, taken ports, orphaned guests of killed sessions, one-line CLI errors.
+
+Tests that need a lab directory of their own point lab.core.LAB_DIR at a temp dir: they
+never touch the shared lab's daemons, ports or files.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab as labkit
+from lab import core
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def private_lab_dir(tmp_path, monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    monkeypatch.setattr(core, "LAB_DIR", tmp_path / "lab")
+    core.LAB_DIR.mkdir()
+    return core.LAB_DIR
+
+
+def test_it_reuses_a_running_lab_without_starting_anything(lab):
+    before = {h: core._host_pids(h) for h in lab.hosts}
+    t0 = time.monotonic()
+    assert labkit.up(2) == []
+    assert time.monotonic() - t0 < 5
+    assert {h: core._host_pids(h) for h in lab.hosts} == before
+    assert labkit.is_up(2)
+    for h in lab.hosts:
+        assert before[h]["tini"] and before[h]["libvirtd"]
+        assert lab.conn(h).getHostname() == f"{h}.lab.test"
+        pools = {p.name(): p for p in lab.conn(h).listAllStoragePools()}
+        assert pools["shared"].isActive() and pools["shared"].autostart()
+        assert pools["images"].isActive() and pools["images"].autostart()
+    uuids = {lab.conn(h).getCapabilities().split("<uuid>")[1].split("<")[0] for h in lab.hosts}
+    assert len(uuids) == len(lab.hosts)  # distinct host UUIDs, or libvirt refuses to migrate
+
+
+def test_it_never_signals_a_process_its_pid_files_point_at_by_mistake(private_lab_dir):
+    # A stale PID file now naming an unrelated live process (here a sleep of ours).
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        hd = private_lab_dir / "lab-a"
+        (hd / "run").mkdir(parents=True)
+        (hd / "tini.pid").write_text(f"{bystander.pid}\n")
+        (hd / "run" / "libvirtd.pid").write_text(f"{bystander.pid}\n")
+        (hd / "run" / "qemu").mkdir()
+        (hd / "run" / "qemu" / "g.pid").write_text(f"{bystander.pid}")
+        assert core._host_pids("lab-a") == {"tini": 0, "libvirtd": 0}
+        assert labkit.down(hosts=["lab-a"]) == []
+        assert bystander.poll() is None  # still alive: it failed the namespace check
+        assert not (hd / "tini.pid").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_it_clears_a_dead_fuse_mount_left_by_a_killed_session(private_lab_dir):
+    core._ensure_shared()
+    assert core._shared_healthy()
+    bindfs = core._bindfs_pid()
+    assert bindfs
+    os.kill(bindfs, signal.SIGKILL)  # what a killed session leaves: a dead FUSE endpoint
+    deadline = time.monotonic() + 5
+    while core._alive(bindfs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        with pytest.raises(OSError):
+            os.listdir(core.shared_dir())  # "Transport endpoint is not connected"
+        assert core._is_mounted(core.shared_dir()) and not core._shared_healthy()
+        core._ensure_shared()
+        assert core._shared_healthy() and core._bindfs_pid() not in (0, bindfs)
+        (core.shared_dir() / "probe").write_text("x")
+        assert (private_lab_dir / "shared-backing" / "probe").read_text() == "x"
+    finally:
+        core._unmount_shared()
+    assert not core._is_mounted(core.shared_dir())
+    assert core._bindfs_pid() == 0
+
+
+def test_it_names_whoever_holds_a_lab_port(private_lab_dir, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.5", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        monkeypatch.setattr(core, "LIBVIRTD_PORT", port)
+        with pytest.raises(labkit.LabError) as exc:
+            core._check_port_free("lab-d")
+    msg = str(exc.value)
+    assert f"127.0.0.5:{port}" in msg and f"pid {os.getpid()}" in msg
+    assert "not by a kvmweb lab daemon" in msg
+
+
+def test_it_sweeps_the_guests_of_a_killed_session_and_spares_live_ones(lab, lab_guest):
+    orphan = lab_guest("orphan", wait=False)
+    kept = lab_guest("kept", running=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (core.LAB_DIR / "owned" / orphan).write_text(f"{dead.pid} 1\n")  # owner gone
+    swept = labkit.sweep_orphans()
+    assert orphan in swept and kept not in swept
+    assert labkit.where(orphan) == {}
+    assert not (core.shared_dir() / f"{orphan}.qcow2").exists()
+    assert labkit.where(kept) == {"lab-a": "shut off"}  # its owner (this session) lives
+
+
+def test_it_reports_not_root_in_one_line(tmp_path):
+    env = dict(os.environ, KVMWEB_LAB_DIR=str(tmp_path / "lab"))
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "lab/labctl.py",
+            "up",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert (
+        r.stderr.strip()
+        == "labctl: error: the KVM lab needs root (simulated hosts use mount namespaces and FUSE)"
+    )
+    assert "Traceback" not in r.stderr
