@@ -33,6 +33,7 @@ def _cmd_up(args) -> None:
     print(
         f"lab up in {took:.2f} s ({len(started)} started, {args.hosts - len(started)} reused); dir {lab.LAB_DIR}"
     )
+    print(f"try: virsh -c {lab.uri('lab-a')} list --all")
 
 
 def _cmd_down(args) -> None:
