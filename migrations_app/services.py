@@ -16,15 +16,9 @@ from django.utils.translation import gettext as _
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.streaming import publish_job
 
 log = logging.getLogger(__name__)
-
-try:  # the streaming engineer's fan-out; a no-op until it exists
-    from migrations_app.streaming import publish_job
-except ImportError:  # pragma: no cover - removed once streaming.py lands
-
-    def publish_job(job_id):
-        return None
 
 
 class JobError(Exception):

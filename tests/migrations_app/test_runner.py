@@ -1,0 +1,166 @@
+"""Runner and reconcile edge cases the lab cannot produce on demand, with a scripted
+stand-in for libvirt's answers (where_is); the real paths run in test_jobs_lab.py.
+Plus the progress maths, on jobStats dicts shaped like the lab's."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from hosts.models import VM, Host
+from kvmweb.audit.models import AuditEvent
+from migrations_app import reconcile, runner
+from migrations_app.models import JobEvent, MigrationJob
+
+MiB = 1 << 20
+
+
+def test_it_reports_setup_then_disk_copy_then_memory_phases():
+    assert runner.progress_from_stats({"type": "unbounded", "data_total": 0})["phase"] == "setup"
+    disk = runner.progress_from_stats(
+        {
+            "data_total": 64 * MiB,
+            "data_remaining": 48 * MiB,
+            "disk_total": 64 * MiB,
+            "disk_remaining": 48 * MiB,
+        }
+    )
+    assert disk["phase"] == "disk copy" and disk["percent"] == 25.0
+    memory = runner.progress_from_stats(
+        {
+            "data_total": 128 * MiB,
+            "data_processed": 100 * MiB,
+            "data_remaining": 32 * MiB,
+            "memory_processed": 100 * MiB,
+            "memory_bps": 16 * MiB,
+            "memory_iteration": 1,
+            "memory_dirty_rate": 256,  # pages/s
+            "memory_page_size": 4096,
+        }
+    )
+    assert memory["phase"] == "memory" and memory["percent"] == 75.0
+    assert memory["eta_seconds"] == 2.0 and memory["dirty_rate"] == MiB
+
+
+def test_it_gives_no_eta_when_the_guest_dirties_faster_than_the_link():
+    p = runner.progress_from_stats(
+        {
+            "data_total": 128 * MiB,
+            "data_remaining": 40 * MiB,
+            "memory_processed": 200 * MiB,
+            "memory_bps": 4 * MiB,
+            "memory_iteration": 5,
+            "memory_dirty_rate": 2048,
+            "memory_page_size": 4096,
+        }
+    )
+    assert p["eta_seconds"] is None
+
+
+def test_it_never_shows_100_percent_before_the_end_and_names_the_switchover():
+    p = runner.progress_from_stats({"data_total": 10, "data_remaining": 0}, ("paused", "migration"))
+    assert p["percent"] == 99.9 and p["phase"] == "completing"
+    assert runner.progress_from_stats({"data_total": 10}, ("paused", "postcopy"))["phase"] == "post-copy"
+
+
+@pytest.fixture
+def job(db):
+    a = Host.objects.create(name="ha", uri="test:///default")
+    b = Host.objects.create(name="hb", uri="test:///other")
+    vm = VM.objects.create(uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", name="web1", host=a, state="running")
+    return MigrationJob.objects.create(
+        vm=vm,
+        vm_name="web1",
+        source=a,
+        source_name="ha",
+        target=b,
+        target_name="hb",
+        mode="live",
+        status=MigrationJob.RUNNING,
+        heartbeat_at=timezone.now() - timedelta(seconds=30),
+        worker="gone:1",
+    )
+
+
+def _where(monkeypatch, **answer):
+    monkeypatch.setattr(runner, "where_is", lambda job: dict(answer))
+
+
+def test_it_marks_a_silent_job_for_reconcile_and_leaves_a_beating_one_alone(job):
+    fresh = MigrationJob.objects.create(
+        vm=VM.objects.create(uuid="11111111-2222-3333-4444-555555555555", name="db", host=job.source),
+        vm_name="db",
+        source_name="ha",
+        target_name="hb",
+        mode="live",
+        status=MigrationJob.RUNNING,
+        heartbeat_at=timezone.now(),
+    )
+    assert reconcile.mark_stale() == [job.pk]
+    job.refresh_from_db()
+    fresh.refresh_from_db()
+    assert job.status == MigrationJob.NEEDS_RECONCILE and fresh.status == MigrationJob.RUNNING
+    assert JobEvent.objects.filter(job=job, message__contains="heartbeat stopped").exists()
+
+
+def test_it_concludes_failed_when_libvirt_kept_the_vm_on_the_source(job, monkeypatch):
+    _where(monkeypatch, source=("running", "migration_canceled"), source_job="none", target=None)
+    assert reconcile.reconcile_jobs() == {job.pk: MigrationJob.FAILED}
+    job.refresh_from_db()
+    assert (
+        job.status == MigrationJob.FAILED
+        and "running on ha" in job.error
+        and "Nothing was retried" in job.error
+    )
+    assert AuditEvent.objects.get(action="migration.finish").outcome == AuditEvent.FAILURE
+
+
+def test_it_concludes_cancelled_when_a_cancel_was_asked(job, monkeypatch):
+    MigrationJob.objects.filter(pk=job.pk).update(cancel_requested=True, status=MigrationJob.CANCELLING)
+    _where(monkeypatch, source=("running", "migration_canceled"), source_job="none", target=None)
+    reconcile.reconcile_jobs()
+    job.refresh_from_db()
+    assert job.status == MigrationJob.CANCELLED
+
+
+def test_it_waits_when_a_host_cannot_be_reached(job, monkeypatch):
+    _where(monkeypatch, source="unreachable", target=("running", "migrated"))
+    assert reconcile.reconcile_jobs() == {job.pk: "retry"}
+    job.refresh_from_db()
+    assert job.status == MigrationJob.NEEDS_RECONCILE and not job.finished_at
+    assert JobEvent.objects.filter(job=job, message__startswith="Cannot reach ha").exists()
+
+
+def test_it_refuses_to_guess_when_the_vm_is_on_both_hosts(job, monkeypatch):
+    _where(monkeypatch, source=("running", "unpaused"), target=("running", "migrated"))
+    reconcile.reconcile_jobs()
+    job.refresh_from_db()
+    assert job.status == MigrationJob.FAILED and "check which copy is the real one" in job.error
+
+
+def test_it_reports_a_vm_found_nowhere(job, monkeypatch):
+    _where(monkeypatch, source=None, target=None)
+    reconcile.reconcile_jobs()
+    job.refresh_from_db()
+    assert job.status == MigrationJob.FAILED and "neither" in job.error
+
+
+def test_it_reconciles_each_job_once_even_when_two_reconcilers_race(job, monkeypatch):
+    _where(monkeypatch, source=("running", "migration_canceled"), target=None)
+    reconcile.mark_stale()
+    assert reconcile.reconcile_one(job.pk) == MigrationJob.FAILED
+    assert reconcile.reconcile_one(job.pk) is None  # the claim is gone: nothing happens
+    assert AuditEvent.objects.filter(action="migration.finish").count() == 1
+
+
+def test_it_explains_a_failure_where_the_source_stopped_answering(job, monkeypatch):
+    _where(monkeypatch, source="unreachable", target=None)
+    run = runner.JobRun(job, "w")
+    with pytest.raises(runner.Failed, match="source host ha stopped answering"):
+        runner._explain_failure(run, Exception("End of file while reading data"))
+
+
+def test_it_does_nothing_for_a_job_it_cannot_claim(job):
+    MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.SUCCEEDED)
+    assert runner.run_job(job.pk) is None
+    assert not JobEvent.objects.filter(job=job).exists()
