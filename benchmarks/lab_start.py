@@ -68,7 +68,7 @@ def main():
             lab.down(purge=True)
             results["fresh"].append(timed(lambda: lab.up(2)))
             results["build"].append(timed(lab.guests.dirtier_bin))
-            (lab.core.LAB_DIR / "dirtier.sha256").unlink()  # let `first` build it again
+            lab.guests.dirtier_bin().unlink()  # let `first` build it again
 
             def first():
                 lab.create_guest("bench-first")

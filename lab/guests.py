@@ -34,12 +34,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def dirtier_bin() -> Path:
-    """Build dirtier.bin from source (as --32, ld -m elf_i386) when missing or stale."""
+    """Build the dirtier boot sector from source (as --32, ld -m elf_i386) unless built."""
     src = GUEST_SRC.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()
-    out = core.LAB_DIR / "dirtier.bin"
-    stamp = core.LAB_DIR / "dirtier.sha256"
-    if out.exists() and core._read(stamp) == digest:
+    # Named by the source's hash: checkouts of different versions sharing one lab dir
+    # (a CI clone next to the work tree) each get their own build, never each other's.
+    out = core.LAB_DIR / f"dirtier-{hashlib.sha256(src).hexdigest()[:16]}.bin"
+    if out.exists():
         return out
     core.LAB_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=core.LAB_DIR) as tmp:
@@ -57,7 +57,6 @@ def dirtier_bin() -> Path:
         if len(data) != 512 or data[510:] != b"\x55\xaa" or b"DIRTPARM" not in data:
             raise LabError(f"built dirtier.bin is not a 512-byte boot sector ({len(data)} bytes)")
         os.replace(binary, out)  # atomic: concurrent builders never see half a file
-    stamp.write_text(digest)
     return out
 
 
