@@ -10,9 +10,8 @@ Prints medians over --runs runs of:
   build     building dirtier.bin from source (as + ld)
   first     first guest on a fresh lab (build + KVM probe + boot)
 
-Cold measurements need the lab's loopback ports free, so they run in their own directory
-(default /var/tmp/kvmweb-lab-bench) and only when no lab is running; with a running lab
-(someone is using it) only `reuse` is measured, against that lab, which is left alone.
+Everything runs in a lab of its own (directory /var/tmp/kvmweb-lab-bench, addresses
+127.0.9.2..), so the shared lab and whoever uses it are never touched.
 
 Run as root: .venv/bin/python benchmarks/lab_start.py [--runs 5]
 """
@@ -48,20 +47,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--lab-dir", default="/var/tmp/kvmweb-lab-bench")
+    ap.add_argument("--net", default="127.0.9", help="first three octets of the bench lab's addresses")
     args = ap.parse_args()
 
-    import lab as shared_lab
-
-    if shared_lab.skip_reason():
-        sys.exit(f"lab_start: {shared_lab.skip_reason()}")
-    if any(shared_lab.core._port_open(h) for h in shared_lab.HOST_NAMES[:2]):
-        print(f"a lab is running (in use): measuring reuse only, against {shared_lab.LAB_DIR}")
-        show("reuse", [timed(lambda: shared_lab.up(2)) for _ in range(args.runs)])
-        return
-
     os.environ["KVMWEB_LAB_DIR"] = args.lab_dir
-    shared_lab.core.LAB_DIR = Path(args.lab_dir)  # the module read the env at import
-    lab = shared_lab
+    os.environ["KVMWEB_LAB_NET"] = args.net
+    import lab
+
+    if lab.skip_reason():
+        sys.exit(f"lab_start: {lab.skip_reason()}")
+    if any(lab.core._port_open(h) for h in lab.HOST_NAMES[:2]):
+        sys.exit(f"lab_start: something already listens on {lab.ip('lab-a')}:16509; pick another --net")
     results = {k: [] for k in ("fresh", "cold", "reuse", "down", "guest", "build", "first")}
     try:
         for _ in range(args.runs):

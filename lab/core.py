@@ -29,6 +29,9 @@ import uuid as uuidlib
 from pathlib import Path
 
 LAB_DIR = Path(os.environ.get("KVMWEB_LAB_DIR", "/var/tmp/kvmweb-lab"))
+# First three octets of the hosts' addresses.  A second, independent lab (a benchmark, a
+# CI clone) can run next to the shared one with its own KVMWEB_LAB_DIR and e.g. 127.0.9.
+LAB_NET = os.environ.get("KVMWEB_LAB_NET", "127.0.0")
 HOST_NAMES = ["lab-a", "lab-b", "lab-c", "lab-d"]
 DOMAIN = "lab.test"
 LIBVIRTD_PORT = 16509
@@ -67,7 +70,10 @@ def _index(name: str) -> int:
 
 def ip(name: str) -> str:
     """Loopback address of a lab host: lab-a -> 127.0.0.2, lab-b -> 127.0.0.3, ..."""
-    return f"127.0.0.{_index(name) + 2}"
+    parts = LAB_NET.split(".")
+    if len(parts) != 3 or parts[0] != "127" or not all(p.isdigit() and int(p) < 256 for p in parts):
+        raise LabError(f"KVMWEB_LAB_NET must be three octets inside 127/8, like 127.0.9 (got {LAB_NET!r})")
+    return f"{LAB_NET}.{_index(name) + 2}"
 
 
 def uri(name: str) -> str:
