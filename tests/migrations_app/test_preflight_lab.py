@@ -294,6 +294,11 @@ def test_it_predicts_no_convergence_under_a_tight_bandwidth_cap(lab, lab_guest, 
         _run(vm, hosts["lab-b"], "live", {"bandwidth": 1, "auto_converge": True}, measure_dirty_rate=True)
     )["prediction"]
     assert helped.status == "warn" and "auto-converge" in helped.message
+    postcopy = _by_id(
+        _run(vm, hosts["lab-b"], "live", {"bandwidth": 1, "postcopy": True}, measure_dirty_rate=True)
+    )
+    assert postcopy["prediction"].status == "warn" and "post-copy" in postcopy["prediction"].message
+    assert postcopy["plan"].status == "warn" and "the VM is lost" in postcopy["plan"].message
     free = _by_id(_run(vm, hosts["lab-b"], "live", measure_dirty_rate=True))["prediction"]
     assert free.status in ("pass", "warn") and free.details["converges"] is True
 
@@ -358,3 +363,128 @@ def test_it_renders_the_checklist_for_an_operator_and_hides_other_peoples_vms(
     assert page.status_code == 200 and "<html" in page.content.decode()
     # alice (self-service) does not own this VM: it does not exist for her.
     assert login(alice).get(url, HTTP_HX_REQUEST="true").status_code == 404
+
+
+def _redefine(conn, name, edit):
+    """Rewrite a shut-off guest's definition with edit(root) and define it again."""
+    root = ET.fromstring(conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    edit(root)
+    conn.defineXML(ET.tostring(root, encoding="unicode"))
+
+
+def test_it_warns_about_a_writeback_disk_cache_under_live_only(lab, lab_guest, hosts):
+    guest = lab_guest("pf-cache", running=False)
+    a = lab.conn("lab-a")
+    _redefine(a, guest, lambda root: root.find("devices/disk/driver").set("cache", "writeback"))
+    a.lookupByName(guest).create()
+    vm = _vm(hosts, guest)
+    live = _by_id(_run(vm, hosts["lab-b"], "live"))["disk_cache"]
+    assert live.status == "warn"
+    assert "vda: cache=writeback" in live.message and "cache='none'" in live.remedy
+    assert _by_id(_run(vm, hosts["lab-b"], "cold"))["disk_cache"].status == "pass"
+
+
+def test_it_fails_offline_without_the_uefi_variables_and_the_disk_secret_on_the_target(lab, lab_guest, hosts):
+    guest = lab_guest("pf-fw", running=False)
+    a, b = lab.conn("lab-a"), lab.conn("lab-b")
+    usage = f"<usage type='volume'><volume>/kvmweb-test/{guest}</volume></usage>"
+    secret = a.secretDefineXML(f"<secret ephemeral='no' private='yes'>{usage}</secret>")
+    uuid = secret.UUIDString()
+    nvram = f"/var/lib/libvirt/qemu/nvram/{guest}_VARS.fd"
+
+    def edit(root):
+        os_ = root.find("os")
+        ET.SubElement(
+            os_, "loader", {"readonly": "yes", "type": "pflash"}
+        ).text = "/usr/share/OVMF/OVMF_CODE.fd"
+        ET.SubElement(os_, "nvram").text = nvram
+        encryption = ET.SubElement(root.find("devices/disk/source"), "encryption", {"format": "luks"})
+        ET.SubElement(encryption, "secret", {"type": "passphrase", "uuid": uuid})
+        ET.SubElement(root.find("devices"), "graphics", {"type": "vnc", "port": "-1", "listen": "192.0.2.10"})
+
+    target_secret = None
+    try:
+        _redefine(a, guest, edit)
+        vm = _vm(hosts, guest)
+        results = _by_id(_run(vm, hosts["lab-b"], "offline"))
+        firmware = results["firmware"]
+        assert firmware.status == "fail" and nvram in firmware.message
+        assert "does not copy" in firmware.message
+        assert firmware.details["nvram_visible_on_target"] is False
+        storage = results["storage"]
+        assert storage.status == "fail" and f"Secret {uuid}" in storage.message
+        assert "secret-define" in storage.remedy
+        assert storage.details["secrets_on_target"] == {uuid: False}
+        devices = results["devices"]
+        assert devices.status == "warn" and "192.0.2.10" in devices.message
+
+        target_secret = b.secretDefineXML(
+            f"<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>{usage}</secret>"
+        )
+        assert _by_id(_run(vm, hosts["lab-b"], "offline"))["storage"].status == "pass"
+    finally:
+        for s in (target_secret, secret):
+            if s is not None:
+                s.undefine()
+
+
+def test_it_fails_a_vm_with_a_checkpoint(lab, lab_guest, hosts):
+    guest = lab_guest("pf-ckpt", wait=False)
+    dom = lab.conn("lab-a").lookupByName(guest)
+    dom.checkpointCreateXML("<domaincheckpoint><name>backup-1</name></domaincheckpoint>", 0)
+    try:
+        vm = _vm(hosts, guest)
+        result = _by_id(_run(vm, hosts["lab-b"], "live"))["snapshots"]
+        assert result.status == "fail" and "checkpoint" in result.message
+        assert result.details["checkpoints"] == ["backup-1"]
+        assert "checkpoint-delete" in result.remedy
+    finally:
+        for cp in dom.listAllCheckpoints(0):
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+
+
+def test_it_warns_when_no_storage_pool_lets_it_verify_a_disk(lab, lab_guest, hosts):
+    guest = lab_guest("pf-nopool", running=False)
+    sub = f"pf-sub-{secrets.token_hex(3)}"
+    old, _inside = labkit.disk_path(guest, "shared", "lab-a")
+    (labkit.shared_dir() / sub).mkdir()
+    new = labkit.shared_dir() / sub / old.name
+    old.rename(new)
+    a = lab.conn("lab-a")
+    try:
+        path = f"{labkit.SHARED_IN_HOST}/{sub}/{old.name}"
+        _redefine(a, guest, lambda root: root.find("devices/disk/source").set("file", path))
+        a.lookupByName(guest).create()
+        vm = _vm(hosts, guest)
+        result = _by_id(_run(vm, hosts["lab-b"], "live"))["storage"]
+        assert result.status == "warn" and "no libvirt storage pool" in result.message
+        assert f"{labkit.SHARED_IN_HOST}/{sub}" in result.remedy and "pool-define-as" in result.remedy
+    finally:
+        _undefine(a, str(guest))
+        new.unlink(missing_ok=True)
+        (labkit.shared_dir() / sub).rmdir()
+
+
+def test_it_fails_a_vm_that_left_its_source_behind_kvmweb_s_back(lab, lab_guest, hosts):
+    guest = lab_guest("pf-gone", wait=False)
+    vm = _vm(hosts, guest)
+    _undefine(lab.conn("lab-a"), str(guest))
+    results = _by_id(_run(vm, hosts["lab-b"], "live"))
+    assert results["vm_state"].status == "fail"
+    assert "not defined on lab-a" in results["vm_state"].message and "sync" in results["vm_state"].remedy
+    assert results["jobs"].status == "skip" and results["connection"].status == "pass"
+
+
+def test_it_lets_a_shut_off_host_model_vm_take_the_targets_cpu(lab, lab_guest, hosts):
+    guest = lab_guest("pf-hm", running=False)
+
+    def host_model(root):
+        cpu = root.find("cpu")
+        if cpu is not None:
+            root.remove(cpu)
+        ET.SubElement(root, "cpu", {"mode": "host-model", "check": "partial"})
+
+    _redefine(lab.conn("lab-a"), guest, host_model)
+    vm = _vm(hosts, guest)
+    result = _by_id(_run(vm, hosts["lab-b"], "offline"))["cpu"]
+    assert result.status == "pass" and "host-model" in result.message
