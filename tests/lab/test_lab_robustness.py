@@ -93,14 +93,14 @@ def test_it_clears_a_dead_fuse_mount_left_by_a_killed_session(private_lab_dir):
 
 def test_it_names_whoever_holds_a_lab_port(private_lab_dir, monkeypatch):
     with socket.socket() as s:
-        s.bind(("127.0.0.5", 0))
+        s.bind((core.ip("lab-d"), 0))
         s.listen()
         port = s.getsockname()[1]
         monkeypatch.setattr(core, "LIBVIRTD_PORT", port)
         with pytest.raises(labkit.LabError) as exc:
             core._check_port_free("lab-d")
     msg = str(exc.value)
-    assert f"127.0.0.5:{port}" in msg and f"pid {os.getpid()}" in msg
+    assert f"{core.ip('lab-d')}:{port}" in msg and f"pid {os.getpid()}" in msg
     assert "not by a kvmweb lab daemon" in msg
 
 
