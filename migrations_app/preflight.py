@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy as _lazy
 
@@ -1994,9 +1995,15 @@ CHECKS = [
 ]
 
 
-def _run_one(check_id, fn, ctx):
+def _run_one(check_id, fn, ctx, language=None):
     """Run one check; an Unavailable fact is a skip, a libvirt error a warning that says
-    the check could not be done, anything else a failure (logged)."""
+    the check could not be done, anything else a failure (logged). Django's active
+    language is per thread: the caller's is activated here so messages are in it."""
+    with translation.override(language):
+        return _run_one_inner(check_id, fn, ctx)
+
+
+def _run_one_inner(check_id, fn, ctx):
     try:
         return fn(ctx)
     except Unavailable as exc:
@@ -2043,7 +2050,8 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     results = {}
     pool = ThreadPoolExecutor(max_workers=len(CHECKS), thread_name_prefix="preflight")
     try:
-        futures = {cid: pool.submit(_run_one, cid, functions[cid], ctx) for cid in submit_order}
+        language = translation.get_language()
+        futures = {cid: pool.submit(_run_one, cid, functions[cid], ctx, language) for cid in submit_order}
         for cid in order:
             try:
                 results[cid] = futures[cid].result(timeout=max(0.0, ctx.deadline - time.monotonic()))
@@ -2088,7 +2096,13 @@ def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False)
         # full checklist for the chosen target reuses it instead of waiting a second.
         prime_dirty_rate(vm)
 
+    language = translation.get_language()
+
     def one(target):
+        with translation.override(language):
+            return one_in_language(target)
+
+    def one_in_language(target):
         try:
             plan = MigrationPlan(vm=vm, source=vm.host, target=target, mode=mode, options=dict(options or {}))
         except PlanError as exc:

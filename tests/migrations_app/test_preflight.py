@@ -498,3 +498,19 @@ def test_it_checks_the_secret_of_a_network_disk(fake):
     assert "secret-define" in results["storage"].remedy
     ok = fake("live", source={"domain": domain_facts(xml)}, target={"secrets": [secret]})["storage"]
     assert ok.status == "pass" and "rbd" in ok.message
+
+
+def test_it_answers_in_the_callers_language_from_its_worker_threads(fake, monkeypatch):
+    from django.utils import translation
+
+    seen = []
+    real = FakeConn.compare_cpu
+
+    def spy(self, *args, **kwargs):
+        seen.append(translation.get_language())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeConn, "compare_cpu", spy)
+    with translation.override("zh-hans"):
+        fake("live")
+    assert seen and set(seen) == {"zh-hans"}
