@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -554,19 +555,26 @@ def _ensure_pools(name: str) -> None:
         conn.close()
 
 
-def _destroy_guests(name: str) -> None:
+def _destroy_guests(name: str, timeout: float = 15.0) -> None:
+    """Destroy a host's running guests through its libvirtd, giving up after `timeout`
+    (a wedged daemon must not hang `down`: its QEMU is killed by PID file afterwards)."""
     libvirt = _libvirt()
 
-    try:
-        conn = libvirt.open(uri(name))
-    except libvirt.libvirtError:
-        return
-    try:
-        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-    finally:
-        conn.close()
+    def destroy_all():
+        try:
+            conn = libvirt.open(uri(name))
+        except libvirt.libvirtError:
+            return
+        try:
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
+        finally:
+            conn.close()
+
+    worker = threading.Thread(target=destroy_all, daemon=True, name=f"lab-destroy-{name}")
+    worker.start()
+    worker.join(timeout)
 
 
 def _stop_host(name: str, graceful: bool = True) -> bool:
