@@ -329,6 +329,33 @@ def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_gue
     assert labkit.where(guest) == {"lab-b": "running"}
 
 
+def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_guest):
+    guest = lab_guest("mj-postcopy")
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "8", "--postcopy")
+    cluster.wait(job_id, _running, 30, "running with progress")
+    before = labkit.read_counter("lab-a", guest)
+    cluster.manage("migration_job", str(job_id), "postcopy")
+    job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 20, "final")
+    assert job["status"] == "succeeded", job
+    messages = [m for _at, m in cluster.events(job_id)]
+    assert any(m.startswith("Switched to post-copy") for m in messages), messages
+    assert labkit.where(guest) == {"lab-b": "running"}
+    _counter_at_least("lab-b", guest, before)
+    labkit.wait_counter_moves("lab-b", guest)
+
+
+def test_it_runs_migrate_vm_with_wait_through_the_worker(cluster, lab_guest):
+    guest = lab_guest("mj-cli", running=False)
+    _sync_cli(cluster, "lab-a")
+    r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
+    job = json.loads(r.stdout.strip().splitlines()[-1])
+    assert job["status"] == "succeeded" and job["target"] == "lab-b", r.stdout
+    assert labkit.where(guest) == {"lab-b": "shut off"}
+    again = cluster.manage("migrate_vm", guest, "lab-a", "--mode", "live", "--json", check=False)
+    assert again.returncode != 0 and "Live migration needs a running VM" in again.stdout + again.stderr
+
+
 def _seconds(text):
     from datetime import datetime
 
