@@ -5,6 +5,7 @@ Tests that need a lab directory of their own point lab.core.LAB_DIR at a temp di
 never touch the shared lab's daemons, ports or files.
 """
 
+import json
 import os
 import signal
 import socket
@@ -140,3 +141,41 @@ def test_it_reports_not_root_in_one_line(tmp_path):
         == "labctl: error: the KVM lab needs root (simulated hosts use mount namespaces and FUSE)"
     )
     assert "Traceback" not in r.stderr
+
+
+def test_it_starts_once_when_started_twice_at_once_and_stops_without_leftovers(tmp_path):
+    """Two `labctl up` racing on a private lab (own dir, 127.0.7.x): one daemon per host;
+    `labctl down` leaves no process in any host namespace and no mount."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    env = dict(os.environ, KVMWEB_LAB_DIR=str(tmp_path / "lab"), KVMWEB_LAB_NET="127.0.7")
+    cmd = [sys.executable, "lab/labctl.py"]
+    racers = [
+        subprocess.Popen([*cmd, "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=60)[0] for r in racers]
+    try:
+        assert [r.returncode for r in racers] == [0, 0], outputs
+        started = [line.split(":")[0] for out in outputs for line in out.splitlines() if ": started" in line]
+        assert sorted(started) == ["lab-a", "lab-b"]  # each host started exactly once
+        probe = (
+            "import lab, json; from lab import core; "
+            "print(json.dumps({h: [core._host_pids(h), sorted(core._comm(p) for p in core._ns_processes(h))]"
+            " for h in ('lab-a', 'lab-b')}))"
+        )
+        up = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+        for pids, members in json.loads(up.stdout).values():
+            assert pids["tini"] and pids["libvirtd"]
+            assert members.count("tini") == 1 and members.count("libvirtd") == 1  # one daemon per host
+        r = subprocess.run(
+            [*cmd, "guest", "race-g", "--storage", "local"], cwd=ROOT, env=env, capture_output=True
+        )
+        assert r.returncode == 0, r.stderr
+    finally:
+        down = subprocess.run([*cmd, "down"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert down.returncode == 0 and "stopped lab-a, lab-b" in down.stdout
+    after = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    for pids, members in json.loads(after.stdout).values():
+        assert pids == {"tini": 0, "libvirtd": 0} and members == []  # no daemon, no QEMU left
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+    subprocess.run([*cmd, "down", "--purge"], cwd=ROOT, env=env, check=True, capture_output=True)
