@@ -742,6 +742,8 @@ def status() -> dict:
         },
         "virt": _read(LAB_DIR / "virt") or None,
         "hosts": hosts,
+        "sessions": len(_live_leases()),  # test sessions holding a lease right now
+        "auto_started": _read(LAB_DIR / "auto-started").split(),  # torn down by the last session
     }
 
 

@@ -49,6 +49,12 @@ def _cmd_status(args) -> None:
     sh = st["shared"]
     mounted = "healthy" if sh["healthy"] else ("STALE" if sh["mounted"] else "not mounted")
     print(f"lab dir {st['lab_dir']}  shared storage: {mounted}  virt: {st['virt'] or 'not probed yet'}")
+    owner = (
+        f"started by tests (last session out stops {', '.join(st['auto_started'])})"
+        if st["auto_started"]
+        else "kept running (labctl up / make demo)"
+    )
+    print(f"test sessions using it: {st['sessions']}; {owner}")
     if not st["hosts"]:
         print("no lab hosts")
     for h in st["hosts"]:
