@@ -770,4 +770,11 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
     finally:
         if not comm.future.done():
             await comm.disconnect()
+        # Let the hub's poller stop (its last query must not race the table flush).
+        hub = streaming.get_hub()
+        for _ in range(150):
+            if not hub.is_polling:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # the poller's own connection-closing task
         await database_sync_to_async(connections.close_all)()
