@@ -742,7 +742,7 @@ def status() -> dict:
         },
         "virt": _read(LAB_DIR / "virt") or None,
         "hosts": hosts,
-        "sessions": len(_live_leases()),  # test sessions holding a lease right now
+        "sessions": len(_live_leases(prune=False)),  # test sessions holding a lease right now
         "auto_started": _read(LAB_DIR / "auto-started").split(),  # torn down by the last session
     }
 
@@ -754,14 +754,15 @@ def _lease_dir() -> Path:
     return LAB_DIR / "leases"
 
 
-def _live_leases() -> list[Path]:
+def _live_leases(prune: bool = True) -> list[Path]:
+    """Leases whose session still runs; prune (only under the lock) removes dead ones."""
     live = []
     if _lease_dir().is_dir():
         for f in _lease_dir().iterdir():
             pid = int(f.name) if f.name.isdigit() else 0
             if pid and _alive(pid) and _starttime(pid) == _read(f):
                 live.append(f)
-            else:
+            elif prune:
                 f.unlink(missing_ok=True)  # the session died without releasing
     return live
 

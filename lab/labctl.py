@@ -54,7 +54,8 @@ def _cmd_status(args) -> None:
         if st["auto_started"]
         else "kept running (labctl up / make demo)"
     )
-    print(f"test sessions using it: {st['sessions']}; {owner}")
+    if any(h["running"] for h in st["hosts"]):
+        print(f"test sessions using it: {st['sessions']}; {owner}")
     if not st["hosts"]:
         print("no lab hosts")
     for h in st["hosts"]:
