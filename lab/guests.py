@@ -311,7 +311,9 @@ def _owned_dir() -> Path:
 def claim(name: str) -> None:
     """Record that this process owns the guest (see sweep_orphans)."""
     _owned_dir().mkdir(parents=True, exist_ok=True)
-    (_owned_dir() / name).write_text(f"{os.getpid()} {core._starttime(os.getpid())}\n")
+    tmp = _owned_dir() / f".{name}.{os.getpid()}"
+    tmp.write_text(f"{os.getpid()} {core._starttime(os.getpid())}\n")
+    os.replace(tmp, _owned_dir() / name)  # atomic: a concurrent sweep never reads it half-written
 
 
 def release(name: str) -> None:
@@ -325,6 +327,8 @@ def sweep_orphans() -> list[str]:
         return swept
     stopped = [h for h in core.HOST_NAMES if core.host_dir(h).exists() and not core._host_running(h)]
     for entry in _owned_dir().iterdir():
+        if entry.name.startswith("."):
+            continue  # a claim being written
         fields = core._read(entry).split()
         pid = int(fields[0]) if fields and fields[0].isdigit() else 0
         if pid and core._alive(pid) and core._starttime(pid) == (fields[1] if len(fields) > 1 else ""):
