@@ -286,7 +286,9 @@ def _run(run):
     # No dirty-rate measurement here: convergence was judged (and acknowledged) in the
     # wizard, and measuring again would add a second to every migration. What can change
     # in the meantime (VM state, host reachability, memory, collisions) is re-checked.
-    report = run_preflight(plan, measure_dirty_rate=False)
+    # In a helper thread so this one keeps the heartbeat going: a slow host can make the
+    # checklist take up to its timeout, longer than reconcile's stale limit.
+    report = _blocking(run, lambda: run_preflight(plan, measure_dirty_rate=False), "preflight")
     overridden = set(job.overridden or [])
     acknowledged = set(job.acknowledged or [])
     blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
