@@ -642,9 +642,9 @@ def up(n: int = 2) -> list[str]:
         _ensure_mount_points()
         procs = {}
         for name in names:
-            if _host_running(name):
+            if _host_running(name) and _port_open(name):
                 continue
-            _clear_stale(name)
+            _clear_stale(name)  # also a daemon that runs but stopped answering
             _check_port_free(name)
             _write_host_config(name)
             procs[name] = _spawn(name)
@@ -655,7 +655,10 @@ def up(n: int = 2) -> list[str]:
                 _stop_host(name, graceful=False)
             raise
         for name in names:
-            _ensure_pools(name)
+            try:
+                _ensure_pools(name)
+            except _libvirt().libvirtError as exc:
+                raise LabError(f"{name}: storage pools: {exc.get_error_message()}") from None
         return list(procs)
 
 
