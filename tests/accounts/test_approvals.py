@@ -91,8 +91,13 @@ def test_it_rejects_with_a_reason_the_requester_sees(pending, world, login, oper
     assert pending.status == MigrationJob.REJECTED and pending.reason == "Freeze until Monday"
     event = AuditEvent.objects.get(action="migration.reject")
     assert event.actor == operator and event.details["reason"] == "Freeze until Monday"
-    body = login(alice).get(reverse("hosts:vm_detail", args=[world.alice_web.pk])).content.decode()
+    client = login(alice)
+    body = client.get(reverse("hosts:vm_detail", args=[world.alice_web.pk])).content.decode()
     assert "Freeze until Monday" in body and "rejected" in body
+    assert "rejected" in client.get(reverse("migrations:list")).content.decode()
+    assert (
+        "Freeze until Monday" in client.get(reverse("migrations:detail", args=[pending.pk])).content.decode()
+    )
 
 
 def test_it_lets_nobody_else_decide(pending, login, alice, bob, auditor, mallory):
