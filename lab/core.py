@@ -278,7 +278,7 @@ def _check_port_free(name: str) -> None:
         s.close()
 
 
-def _port_open(name: str, timeout: float = 0.2) -> bool:
+def _port_open(name: str, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((ip(name), LIBVIRTD_PORT), timeout=timeout):
             return True
