@@ -182,6 +182,13 @@ ROUTES = [
     # Accounts: users, ownership, host groups, policies, approvals
     Route("accounts:users", get=ADMIN),
     Route(
+        "accounts:user_add",
+        get=ADMIN,
+        post=ADMIN,
+        data=lambda w, obj: {"username": "carol", "password": "a long enough passphrase 42"},
+        action="user.create",
+    ),
+    Route(
         "accounts:user_roles",
         objects=("user_bob",),
         get=ADMIN,
@@ -400,6 +407,7 @@ def db_state():
             for p in SelfServicePolicy.objects.order_by("pk").prefetch_related("target_groups")
         ],
         "jobs": list(MigrationJob.objects.order_by("pk").values()),
+        "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
     }

@@ -9,6 +9,29 @@ from kvmweb.accounts.roles import ROLES
 KEEP, NOBODY = "keep", "none"
 
 
+class NewUserForm(forms.Form):
+    username = forms.RegexField(
+        label=_("Username"),
+        max_length=150,
+        regex=r"^[\w.@+-]+$",
+        help_text=_("Letters, digits and @ . + - _ only."),
+    )
+    password = forms.CharField(label=_("Password"), widget=forms.PasswordInput, strip=False)
+    roles = forms.MultipleChoiceField(
+        label=_("Roles"),
+        choices=[(role, _(role)) for role in ROLES],
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+    )
+
+    def clean_password(self):
+        from django.contrib.auth import password_validation
+
+        password = self.cleaned_data["password"]
+        password_validation.validate_password(password)
+        return password
+
+
 class RolesForm(forms.Form):
     roles = forms.MultipleChoiceField(
         label=_("Roles"),

@@ -333,3 +333,20 @@ def do_delete_policy(policy, *, actor, request=None):
             "policy.delete", actor=actor, request=request, target=policy, details={"before": policy.as_dict()}
         )
         policy.delete()
+
+
+def do_create_user(username, password, roles, *, actor, request=None):
+    """Create a sign-in account with the given roles (audited; the password never is)."""
+    from django.contrib.auth import get_user_model
+
+    User = get_user_model()
+    username = (username or "").strip()
+    if User.objects.filter(username=username).exists():
+        _refused("user.create", actor, request, None, "auth.user", username, "name taken")
+        raise AccountError(_("A user named %(name)s exists already.") % {"name": username})
+    with transaction.atomic():
+        user = User.objects.create_user(username=username, password=password)
+        record("user.create", actor=actor, request=request, target=user, details={"roles": sorted(roles)})
+        if roles:
+            do_set_roles(user, roles, actor=actor, request=request)
+    return user

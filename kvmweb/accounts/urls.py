@@ -5,6 +5,7 @@ from kvmweb.accounts import approvals, ownership, views
 app_name = "accounts"
 urlpatterns = [
     path("users/", views.user_list, name="users"),
+    path("users/add/", views.user_add, name="user_add"),
     path("users/<int:pk>/roles/", views.user_roles, name="user_roles"),
     path("ownership/", ownership.bulk_owner, name="bulk_owner"),
     path("vms/<int:pk>/owner/", ownership.vm_owner, name="vm_owner"),

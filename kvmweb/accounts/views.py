@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 from hosts.models import Host
 from kvmweb.access import get_scoped_or_404, require, scoped
 from kvmweb.accounts import scope, services
-from kvmweb.accounts.forms import HostGroupForm, PolicyForm, RolesForm
+from kvmweb.accounts.forms import HostGroupForm, NewUserForm, PolicyForm, RolesForm
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import ROLES
 
@@ -52,6 +52,21 @@ def user_list(request):
     users = scope.users(request.user).order_by("username").prefetch_related("groups")
     rows = [(u, sorted(g.name for g in u.groups.all() if g.name in ROLES)) for u in users]
     return render(request, "accounts/user_list.html", {"rows": rows})
+
+
+@login_required
+def user_add(request):
+    require(request.user, "auth.add_user")
+    form = NewUserForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = services.do_create_user(actor=request.user, request=request, **form.cleaned_data)
+        except services.AccountError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("User %(name)s created.") % {"name": user.get_username()})
+            return redirect("accounts:users")
+    return render(request, "accounts/user_form.html", {"form": form})
 
 
 @login_required

@@ -32,6 +32,24 @@ def test_it_assigns_roles_and_audits_the_change(login, admin, mallory):
     assert event.details == {"before": [], "after": [AUDITOR, OPERATOR]}
 
 
+def test_it_creates_a_user_with_roles(login, admin):
+    client = login(admin)
+    data = {"username": "carol", "password": "a long enough passphrase 42", "roles": [AUDITOR]}
+    assert client.post(reverse("accounts:user_add"), data).status_code == 302
+    carol = User.objects.get(username="carol")
+    assert carol.check_password(data["password"]) and has_role(carol, AUDITOR)
+    created = AuditEvent.objects.get(action="user.create")
+    assert created.actor == admin and created.details == {"roles": [AUDITOR]}
+    assert "passphrase" not in str(created.details)
+    assert AuditEvent.objects.get(action="user.roles").details["after"] == [AUDITOR]
+    # Weak passwords and taken names are refused.
+    response = client.post(reverse("accounts:user_add"), {"username": "dave", "password": "password"})
+    assert response.status_code == 200 and not User.objects.filter(username="dave").exists()
+    response = client.post(reverse("accounts:user_add"), dict(data, roles=[]))
+    assert response.status_code == 200 and "exists already" in response.content.decode()
+    assert AuditEvent.objects.get(action="user.create", outcome=AuditEvent.FAILURE).target_name == "carol"
+
+
 def test_it_keeps_the_last_administrator_and_audits_the_refusal(login, admin):
     response = login(admin).post(reverse("accounts:user_roles", args=[admin.pk]), {"roles": [AUDITOR]})
     assert response.status_code == 200 and "last administrator" in response.content.decode()
