@@ -14,10 +14,18 @@ OBJECT_REF = re.compile(r"^(?P<type>[a-z_]+\.[a-z_]+):(?P<id>[^\s:]+)$")
 class AuditFilterForm(forms.Form):
     """The audit page's filters; the same form filters the CSV and JSON exports."""
 
-    who = forms.CharField(label=_("Who"), required=False, help_text=_("user name (part of it)"))
-    action = forms.CharField(label=_("What"), required=False, help_text=_("action, e.g. host. or vm.owner"))
+    who = forms.CharField(
+        label=_("Who"), required=False, widget=forms.TextInput(attrs={"placeholder": _("user name")})
+    )
+    action = forms.CharField(
+        label=_("What"),
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": _("e.g. host. or vm.owner")}),
+    )
     target = forms.CharField(
-        label=_("Which object"), required=False, help_text=_("name (part of it), or type:id like hosts.vm:12")
+        label=_("Which object"),
+        required=False,
+        widget=forms.TextInput(attrs={"placeholder": _("name, or hosts.vm:12")}),
     )
     since = forms.DateField(label=_("From"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(label=_("Until"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
