@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import libvirt
 from django.conf import settings
+from django.utils.translation import gettext as _
 
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
 
@@ -89,43 +90,52 @@ def _explain(exc, uri, what):
     raw = (exc.get_error_message() or str(exc)).strip()
     lowered = raw.lower()
     if code == libvirt.VIR_ERR_NO_DOMAIN:
-        return DomainNotFound(f"{what}: no such VM on {uri} ({raw})", code=code)
+        return DomainNotFound(
+            _("%(what)s: no such VM on %(uri)s (%(raw)s)") % {"what": what, "uri": uri, "raw": raw}, code=code
+        )
     if "connection refused" in lowered:
         return HypervisorError(
-            f"Cannot reach libvirtd at {uri}: connection refused.",
+            _("Cannot reach libvirtd at %(uri)s: connection refused.") % {"uri": uri},
             code=code,
-            remedy="Check that libvirtd (or virtproxyd) runs on the host and listens on "
-            "this transport and port, and that no firewall blocks it.",
+            remedy=_(
+                "Check that libvirtd (or virtproxyd) runs on the host and listens on "
+                "this transport and port, and that no firewall blocks it."
+            ),
         )
     if "no route to host" in lowered or "network is unreachable" in lowered:
         return HypervisorError(
-            f"Cannot reach {uri}: no network route to the host.",
+            _("Cannot reach %(uri)s: no network route to the host.") % {"uri": uri},
             code=code,
-            remedy="Check the host address and the network between kvmweb and the host.",
+            remedy=_("Check the host address and the network between kvmweb and the host."),
         )
     if "name or service not known" in lowered or "could not resolve" in lowered:
         return HypervisorError(
-            f"Cannot resolve the host name in {uri}.",
+            _("Cannot resolve the host name in %(uri)s.") % {"uri": uri},
             code=code,
-            remedy="Use a name that resolves from the kvmweb machine, or an IP address.",
+            remedy=_("Use a name that resolves from the kvmweb machine, or an IP address."),
         )
     if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED) or ("authentication" in lowered):
         return HypervisorError(
-            f"libvirt at {uri} refused the credentials: {raw}",
+            _("libvirt at %(uri)s refused the credentials: %(raw)s") % {"uri": uri, "raw": raw},
             code=code,
-            remedy="Check the SSH key or TLS client certificate kvmweb uses for this host.",
+            remedy=_("Check the SSH key or TLS client certificate kvmweb uses for this host."),
         )
     if "host key verification failed" in lowered:
         return HypervisorError(
-            f"SSH host key verification failed for {uri}.",
+            _("SSH host key verification failed for %(uri)s.") % {"uri": uri},
             code=code,
-            remedy="Add the host's key to known_hosts of the user kvmweb runs as.",
+            remedy=_("Add the host's key to known_hosts of the user kvmweb runs as."),
         )
     if code == libvirt.VIR_ERR_NO_SUPPORT:
-        return HypervisorError(f"{what} is not supported by {uri}: {raw}", code=code)
+        return HypervisorError(
+            _("%(what)s is not supported by %(uri)s: %(raw)s") % {"what": what, "uri": uri, "raw": raw},
+            code=code,
+        )
     if code == libvirt.VIR_ERR_OPERATION_ABORTED:
-        return HypervisorError(f"{what} was aborted: {raw}", code=code)
-    return HypervisorError(f"{what} failed on {uri}: {raw}", code=code)
+        return HypervisorError(_("%(what)s was aborted: %(raw)s") % {"what": what, "raw": raw}, code=code)
+    return HypervisorError(
+        _("%(what)s failed on %(uri)s: %(raw)s") % {"what": what, "uri": uri, "raw": raw}, code=code
+    )
 
 
 # ------------------------------------------------------------------ bounded calls
@@ -147,8 +157,8 @@ def _bounded(fn, timeout, what):
     threading.Thread(target=target, name=f"libvirt: {what}", daemon=True).start()
     if not done.wait(timeout):
         raise HypervisorTimeout(
-            f"{what} did not answer within {timeout:g} s.",
-            remedy="The host or its libvirtd may be overloaded or hung; check it and retry.",
+            _("%(what)s did not answer within %(timeout)s s.") % {"what": what, "timeout": f"{timeout:g}"},
+            remedy=_("The host or its libvirtd may be overloaded or hung; check it and retry."),
         )
     if "error" in box:
         raise box["error"]
@@ -198,7 +208,10 @@ class HostConnection:
 
     def call(self, what, fn, timeout=None):
         if self._abandoned:
-            raise HypervisorError(f"{what}: the connection to {self.uri} was abandoned after a timeout.")
+            raise HypervisorError(
+                _("%(what)s: the connection to %(uri)s was abandoned after a timeout.")
+                % {"what": what, "uri": self.uri}
+            )
         try:
             return _bounded(lambda: fn(self._raw), timeout or self.call_timeout, what)
         except HypervisorTimeout:
@@ -227,15 +240,15 @@ class HostConnection:
 
     def facts(self):
         """Hostname, host UUID, CPU, memory, versions, transports, pools and networks."""
-        return self.call("Reading host facts", _read_facts)
+        return self.call(_("Reading host facts"), _read_facts)
 
     def domains(self):
         """Every domain on the host as an inventory record (see _domain_record)."""
-        return self.call("Listing VMs", _read_domains)
+        return self.call(_("Listing VMs"), _read_domains)
 
     def domain_record(self, uuid):
         """The inventory record of one domain, or raise DomainNotFound."""
-        return self.call("Reading VM", lambda c: _domain_record(c.lookupByUUIDString(str(uuid))))
+        return self.call(_("Reading VM"), lambda c: _domain_record(c.lookupByUUIDString(str(uuid))))
 
     def domain_xml(self, uuid, migratable=False, inactive=False):
         flags = 0
@@ -243,7 +256,7 @@ class HostConnection:
             flags |= libvirt.VIR_DOMAIN_XML_MIGRATABLE
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
-        return self.call("Reading VM definition", lambda c: c.lookupByUUIDString(str(uuid)).XMLDesc(flags))
+        return self.call(_("Reading VM definition"), lambda c: c.lookupByUUIDString(str(uuid)).XMLDesc(flags))
 
     def domain_state(self, uuid):
         """(state name, reason name) of a domain, or raise DomainNotFound."""
@@ -252,7 +265,7 @@ class HostConnection:
             state, reason = c.lookupByUUIDString(str(uuid)).state()
             return _state_names(state, reason)
 
-        return self.call("Reading VM state", read)
+        return self.call(_("Reading VM state"), read)
 
     def find_domain(self, uuid):
         """(state, reason) when the domain exists on this host, else None."""
@@ -267,7 +280,7 @@ class HostConnection:
 
     def is_alive(self):
         """True when the connection still answers (virConnectIsAlive)."""
-        return bool(self.call("Checking the connection", lambda c: c.isAlive()))
+        return bool(self.call(_("Checking the connection"), lambda c: c.isAlive()))
 
     def preflight_host(self):
         """Host UUID, hostname, arch, versions, free memory, CPUs and the guest
@@ -314,7 +327,7 @@ class HostConnection:
                 },
             }
 
-        return self.call("Reading host facts", read)
+        return self.call(_("Reading host facts"), read)
 
     def preflight_domain(self, uuid):
         """Everything the checklist needs to know about one domain on this (source) host:
@@ -387,7 +400,7 @@ class HostConnection:
                 "disk_sizes": disks,
             }
 
-        return self.call("Reading the VM for preflight", read)
+        return self.call(_("Reading the VM for preflight"), read)
 
     def domain_capabilities(self, arch, machine, virttype, emulator=None):
         """What this host's hypervisor offers for (arch, machine, virttype): the canonical
@@ -414,7 +427,7 @@ class HostConnection:
                 "cpu_modes": modes,
             }
 
-        return self.call("Reading domain capabilities", read)
+        return self.call(_("Reading domain capabilities"), read)
 
     def compare_cpu(self, cpu_xml, arch, machine, virttype, emulator=None):
         """compareHypervisorCPU of a <cpu> definition on this host: a dict with result
@@ -442,7 +455,7 @@ class HostConnection:
                 raise
             return {"result": names.get(code, str(code)), "reason": ""}
 
-        return self.call("Comparing the CPU", read)
+        return self.call(_("Comparing the CPU"), read)
 
     def max_vcpus(self, virttype):
         """getMaxVcpus(virttype) of this host, or None when libvirt cannot tell."""
@@ -453,7 +466,7 @@ class HostConnection:
             except libvirt.libvirtError:
                 return None
 
-        return self.call("Reading the vCPU limit", read)
+        return self.call(_("Reading the vCPU limit"), read)
 
     def networks_status(self, names):
         """{network name: {exists, active, bridge, autostart}} for libvirt networks."""
@@ -481,7 +494,7 @@ class HostConnection:
                 }
             return out
 
-        return self.call("Looking up networks", read)
+        return self.call(_("Looking up networks"), read)
 
     def host_interfaces(self):
         """Names of the host's network devices (bridges, NICs) as libvirt sees them, from
@@ -504,7 +517,7 @@ class HostConnection:
                 pass
             return sorted(names) if answered else None
 
-        return self.call("Listing host network devices", read)
+        return self.call(_("Listing host network devices"), read)
 
     def storage_lookup(self, paths):
         """For each path: whether this host sees a storage volume there (and its sizes),
@@ -559,7 +572,7 @@ class HostConnection:
                 out[path] = entry
             return out
 
-        return self.call("Looking up storage", read)
+        return self.call(_("Looking up storage"), read)
 
     def secrets_present(self, uuids):
         """{secret UUID: True/False}: whether this host holds each libvirt secret (disk
@@ -577,7 +590,7 @@ class HostConnection:
                     out[uuid] = False
             return out
 
-        return self.call("Looking up secrets", read)
+        return self.call(_("Looking up secrets"), read)
 
     def domain_collisions(self, uuid, name):
         """Domains on this host that share the UUID or the name of a VM:
@@ -606,7 +619,7 @@ class HostConnection:
                         raise
             return found
 
-        return self.call("Looking for name/UUID collisions", read)
+        return self.call(_("Looking for name/UUID collisions"), read)
 
     def measure_dirty_rate(self, uuid, seconds=1, mode="page-sampling"):
         """Measure how fast the running guest dirties its RAM (virDomainStartDirtyRateCalc,
@@ -621,7 +634,7 @@ class HostConnection:
         }[mode]
         seconds = max(1, int(seconds))
         self.call(
-            "Starting the dirty-rate measurement",
+            _("Starting the dirty-rate measurement"),
             lambda c: c.lookupByUUIDString(str(uuid)).startDirtyRateCalc(seconds, flags),
         )
 
@@ -632,7 +645,7 @@ class HostConnection:
         time.sleep(seconds)
         deadline = time.monotonic() + max(2.0, seconds)
         while True:
-            stats = self.call("Reading the dirty rate", read)
+            stats = self.call(_("Reading the dirty rate"), read)
             if stats.get("dirtyrate.calc_status") == libvirt.VIR_DOMAIN_DIRTYRATE_MEASURED:
                 return {
                     "mib_per_s": int(stats.get("dirtyrate.megabytes_per_second", 0)),
@@ -640,7 +653,7 @@ class HostConnection:
                     "period": int(stats.get("dirtyrate.calc_period", seconds)),
                 }
             if time.monotonic() > deadline:
-                raise HypervisorTimeout("The dirty-rate measurement did not finish in time.")
+                raise HypervisorTimeout(_("The dirty-rate measurement did not finish in time."))
             time.sleep(0.02)
 
     # -- migration (owned by the migration-jobs engineer) -------------------------
@@ -662,7 +675,7 @@ class HostConnection:
         def run(c):
             c.lookupByUUIDString(str(uuid)).migrateToURI3(dest_uri, dict(params), int(flags))
 
-        return self.call("Migration", run, timeout=timeout or settings.MIGRATION_TIMEOUT)
+        return self.call(_("Migration"), run, timeout=timeout or settings.MIGRATION_TIMEOUT)
 
     def job_stats(self, uuid, completed=False):
         """jobStats() of the domain as a plain dict; ``type`` is the job type name
@@ -678,7 +691,7 @@ class HostConnection:
             stats["type"] = JOB_TYPES.get(stats.get("type", 0), str(stats.get("type")))
             return stats
 
-        return self.call("Reading migration progress", read)
+        return self.call(_("Reading migration progress"), read)
 
     def migration_snapshot(self, uuid):
         """One poll of a running migration: (job stats dict, (state, reason))."""
@@ -689,54 +702,54 @@ class HostConnection:
             stats["type"] = JOB_TYPES.get(stats.get("type", 0), str(stats.get("type")))
             return stats, _state_names(*dom.state())
 
-        return self.call("Reading migration progress", read)
+        return self.call(_("Reading migration progress"), read)
 
     def abort_job(self, uuid):
         """Abort the domain's running job (the migrate call then fails with
         VIR_ERR_OPERATION_ABORTED about 0.2 s later; the guest stays on the source)."""
-        return self.call("Cancelling the migration", lambda c: c.lookupByUUIDString(str(uuid)).abortJob())
+        return self.call(_("Cancelling the migration"), lambda c: c.lookupByUUIDString(str(uuid)).abortJob())
 
     def set_max_speed(self, uuid, mib_per_s):
         """Change the bandwidth cap of a running migration (MiB/s; 0 = unlimited)."""
         return self.call(
-            "Changing the bandwidth",
+            _("Changing the bandwidth"),
             lambda c: c.lookupByUUIDString(str(uuid)).migrateSetMaxSpeed(int(mib_per_s), 0),
         )
 
     def set_max_downtime(self, uuid, ms):
         """Change the tolerated downtime of a running migration (milliseconds)."""
         return self.call(
-            "Changing the maximum downtime",
+            _("Changing the maximum downtime"),
             lambda c: c.lookupByUUIDString(str(uuid)).migrateSetMaxDowntime(int(ms), 0),
         )
 
     def start_postcopy(self, uuid):
         """Switch a running migration (started with POSTCOPY) to post-copy."""
         return self.call(
-            "Switching to post-copy", lambda c: c.lookupByUUIDString(str(uuid)).migrateStartPostCopy(0)
+            _("Switching to post-copy"), lambda c: c.lookupByUUIDString(str(uuid)).migrateStartPostCopy(0)
         )
 
     def shutdown(self, uuid):
         """Ask the guest to shut down (ACPI); returns at once."""
-        return self.call("Shutting the VM down", lambda c: c.lookupByUUIDString(str(uuid)).shutdown())
+        return self.call(_("Shutting the VM down"), lambda c: c.lookupByUUIDString(str(uuid)).shutdown())
 
     def destroy(self, uuid):
         """Force the VM off (like pulling the plug)."""
-        return self.call("Forcing the VM off", lambda c: c.lookupByUUIDString(str(uuid)).destroy())
+        return self.call(_("Forcing the VM off"), lambda c: c.lookupByUUIDString(str(uuid)).destroy())
 
     def start(self, uuid):
         """Start a defined, shut-off VM."""
-        return self.call("Starting the VM", lambda c: c.lookupByUUIDString(str(uuid)).create())
+        return self.call(_("Starting the VM"), lambda c: c.lookupByUUIDString(str(uuid)).create())
 
     def define(self, xml):
         """Define (persist) a domain from XML; returns its UUID."""
-        return self.call("Defining the VM", lambda c: c.defineXML(xml).UUIDString())
+        return self.call(_("Defining the VM"), lambda c: c.defineXML(xml).UUIDString())
 
     def undefine(self, uuid):
         """Remove the domain's definition (its disks are left alone)."""
         flags = libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         return self.call(
-            "Removing the VM definition", lambda c: c.lookupByUUIDString(str(uuid)).undefineFlags(flags)
+            _("Removing the VM definition"), lambda c: c.lookupByUUIDString(str(uuid)).undefineFlags(flags)
         )
 
     def volume_at(self, path):
@@ -764,7 +777,7 @@ class HostConnection:
                 "format": fmt.get("type", "") if fmt is not None else "",
             }
 
-        return self.call("Looking up a disk volume", read)
+        return self.call(_("Looking up a disk volume"), read)
 
     def pool_for_dir(self, directory):
         """Name of the active storage pool whose target path is ``directory``, or None
@@ -777,7 +790,7 @@ class HostConnection:
                 return None
             return pool.name() if pool.isActive() else None
 
-        return self.call("Looking up a storage pool", read)
+        return self.call(_("Looking up a storage pool"), read)
 
     def delete_volume(self, path):
         """Delete the volume at ``path`` (used for the source disk after a storage-copy
@@ -792,7 +805,7 @@ class HostConnection:
             except libvirt.libvirtError:
                 pass
 
-        return self.call("Deleting a disk volume", run)
+        return self.call(_("Deleting a disk volume"), run)
 
     def refresh_pool_of(self, directory):
         def run(c):
@@ -801,7 +814,7 @@ class HostConnection:
             except libvirt.libvirtError:
                 pass
 
-        return self.call("Refreshing a storage pool", run)
+        return self.call(_("Refreshing a storage pool"), run)
 
 
 def connect(uri, timeout=None, call_timeout=None):
@@ -821,9 +834,9 @@ def connect(uri, timeout=None, call_timeout=None):
         return raw
 
     try:
-        raw = _bounded(open_, timeout, f"Connecting to {uri}")
+        raw = _bounded(open_, timeout, _("Connecting to %(uri)s") % {"uri": uri})
     except libvirt.libvirtError as exc:
-        raise _explain(exc, uri, f"Connecting to {uri}") from None
+        raise _explain(exc, uri, _("Connecting to %(uri)s") % {"uri": uri}) from None
     return HostConnection(uri, raw, call_timeout)
 
 
@@ -1093,8 +1106,9 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
             pool = dst.storagePoolLookupByTargetPath(directory)
         except libvirt.libvirtError:
             raise HypervisorError(
-                f"{target.uri} has no storage pool at {directory}, so the disk {path} cannot be copied there.",
-                remedy="Define and start a directory pool at that path on the target host.",
+                _("%(uri)s has no storage pool at %(dir)s, so the disk %(path)s cannot be copied there.")
+                % {"uri": target.uri, "dir": directory, "path": path},
+                remedy=_("Define and start a directory pool at that path on the target host."),
             ) from None
         try:
             dst.storageVolLookupByPath(path)
@@ -1102,8 +1116,9 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
             pass
         else:
             raise HypervisorError(
-                f"{target.uri} already has a disk at {path}; kvmweb will not overwrite it.",
-                remedy="Remove or rename that volume on the target host first.",
+                _("%(uri)s already has a disk at %(path)s; kvmweb will not overwrite it.")
+                % {"uri": target.uri, "path": path},
+                remedy=_("Remove or rename that volume on the target host first."),
             )
         vol_xml = (
             f"<volume><name>{_xml_escape(name)}</name><capacity unit='bytes'>{total}</capacity>"
@@ -1111,7 +1126,7 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
         )
         dst_vol = pool.createXML(vol_xml, 0)
     except libvirt.libvirtError as exc:
-        raise _explain(exc, target.uri, f"Preparing the copy of {path}") from None
+        raise _explain(exc, target.uri, _("Preparing the copy of %(path)s") % {"path": path}) from None
     done = 0
     down = up = None
     try:
@@ -1122,7 +1137,8 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
         while done < total:
             if should_stop is not None and should_stop():
                 raise HypervisorError(
-                    f"The copy of {path} was cancelled.", code=libvirt.VIR_ERR_OPERATION_ABORTED
+                    _("The copy of %(path)s was cancelled.") % {"path": path},
+                    code=libvirt.VIR_ERR_OPERATION_ABORTED,
                 )
             data = down.recv(min(chunk, total - done))
             if not data:
@@ -1152,7 +1168,7 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
         except libvirt.libvirtError:
             pass
         if isinstance(exc, libvirt.libvirtError):
-            raise _explain(exc, target.uri, f"Copying the disk {path}") from None
+            raise _explain(exc, target.uri, _("Copying the disk %(path)s") % {"path": path}) from None
         raise
     return done
 

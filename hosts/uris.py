@@ -9,6 +9,7 @@ the offending part of anything else.
 from urllib.parse import parse_qsl, urlsplit
 
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 ALLOWED_SCHEMES = {"qemu", "qemu+ssh", "qemu+tls", "qemu+tcp", "qemu+unix", "test"}
 ALLOWED_PATHS = {"qemu": {"/system", "/session"}}
@@ -31,11 +32,11 @@ PARAM_VALUES = {
     "no_tty": {"0", "1"},
 }
 REFUSED_REASONS = {
-    "command": "it runs a program on the kvmweb machine",
-    "netcat": "it names a program to run on the remote host",
-    "socket": "it points libvirt at an arbitrary socket path",
-    "no_verify": "it disables TLS certificate verification",
-    "name": "it overrides which hypervisor driver the remote end opens",
+    "command": gettext_lazy("it runs a program on the kvmweb machine"),
+    "netcat": gettext_lazy("it names a program to run on the remote host"),
+    "socket": gettext_lazy("it points libvirt at an arbitrary socket path"),
+    "no_verify": gettext_lazy("it disables TLS certificate verification"),
+    "name": gettext_lazy("it overrides which hypervisor driver the remote end opens"),
 }
 FORBIDDEN_CHARS = set(" \t\r\n\"'`;|$<>\\")
 

@@ -131,15 +131,15 @@ def parse_options(mode, data=None):
         if key in data:
             opts[key] = _bool(data[key], key)
     if "bandwidth" in data:
-        opts["bandwidth"] = _int(data["bandwidth"], "bandwidth (MiB/s)", 1, 1_000_000)
+        opts["bandwidth"] = _int(data["bandwidth"], _("bandwidth (MiB/s)"), 1, 1_000_000)
     if "max_downtime" in data:
-        opts["max_downtime"] = _int(data["max_downtime"], "max downtime (ms)", 1, 3_600_000)
+        opts["max_downtime"] = _int(data["max_downtime"], _("max downtime (ms)"), 1, 3_600_000)
     if "parallel" in data:
-        opts["parallel"] = _int(data["parallel"], "parallel connections", 2, 255)
+        opts["parallel"] = _int(data["parallel"], _("parallel connections"), 2, 255)
     if "completion_timeout" in data:
-        opts["completion_timeout"] = _int(data["completion_timeout"], "completion timeout (s)", 1)
+        opts["completion_timeout"] = _int(data["completion_timeout"], _("completion timeout (s)"), 1)
     if "shutdown_timeout" in data and data["shutdown_timeout"] not in (None, ""):
-        opts["shutdown_timeout"] = _int(data["shutdown_timeout"], "shutdown timeout (s)", 1, 86_400)
+        opts["shutdown_timeout"] = _int(data["shutdown_timeout"], _("shutdown timeout (s)"), 1, 86_400)
     if data.get("completion_action") not in (None, ""):
         action = str(data["completion_action"]).strip()
         if action not in COMPLETION_ACTIONS:

@@ -860,7 +860,7 @@ def check_cpu(ctx):
         and _missing(source_cmp["reason"]) >= _missing(target_cmp["reason"])
         and not details.get("vendor_mismatch")
     ):
-        details["note"] = "the source does not provide these features either; the guest runs without them"
+        details["note"] = _("the source does not provide these features either; the guest runs without them")
         return _result(
             "cpu",
             PASS,
@@ -1096,7 +1096,7 @@ def check_networks(ctx):
                 _("virsh %(c)s net-start %(n)s; virsh %(c)s net-autostart %(n)s") % {"n": name, "c": c}
             )
     if ifaces is None:
-        details["note"] = "the target cannot list its network devices; bridges not verified"
+        details["note"] = _("the target cannot list its network devices; bridges not verified")
     else:
         for dev in devices:
             if dev not in ifaces:
@@ -1704,7 +1704,7 @@ def measure_dirty_rate(conn, host, uuid):
     if entry["error"] is not None:
         raise entry["error"]
     if entry["value"] is None:
-        raise hypervisor.HypervisorTimeout("The dirty-rate measurement did not finish in time.")
+        raise hypervisor.HypervisorTimeout(_("The dirty-rate measurement did not finish in time."))
     return dict(entry["value"], age_s=round(time.monotonic() - entry["at"], 1))
 
 

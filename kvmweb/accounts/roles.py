@@ -5,10 +5,12 @@ ROLE_PERMISSIONS is the single source of truth: the data migration and every `mi
 (post_migrate) sync the groups to it, so adding a permission here is all it takes.
 """
 
-ADMINISTRATOR = "Administrator"
-OPERATOR = "Operator"
-AUDITOR = "Auditor"
-SELF_SERVICE = "Self-service"
+from django.utils.translation import gettext_noop
+
+ADMINISTRATOR = gettext_noop("Administrator")
+OPERATOR = gettext_noop("Operator")
+AUDITOR = gettext_noop("Auditor")
+SELF_SERVICE = gettext_noop("Self-service")
 ROLES = [ADMINISTRATOR, OPERATOR, AUDITOR, SELF_SERVICE]
 
 _READ_ALL = [

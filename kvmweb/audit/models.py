@@ -2,6 +2,7 @@
 
 from django.conf import settings
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class AuditQuerySet(models.QuerySet):
@@ -27,7 +28,7 @@ class AuditEvent(models.Model):
     """
 
     SUCCESS, FAILURE, DENIED = "success", "failure", "denied"
-    OUTCOMES = [(SUCCESS, "success"), (FAILURE, "failure"), (DENIED, "denied")]
+    OUTCOMES = [(SUCCESS, _("success")), (FAILURE, _("failure")), (DENIED, _("denied"))]
 
     at = models.DateTimeField(db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)

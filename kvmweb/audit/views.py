@@ -8,6 +8,7 @@ from django.db import transaction
 from django.http import StreamingHttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from kvmweb.access import get_scoped_or_404, require, scoped
 from kvmweb.audit import export, record
@@ -39,10 +40,10 @@ def _pretty(value):
 
 # Parts of a migration event's details shown as their own sections on the detail page.
 SECTIONS = [
-    ("plan", "Plan"),
-    ("preflight", "Preflight"),
-    ("result", "Final statistics"),
-    ("stats", "Statistics"),
+    ("plan", _("Plan")),
+    ("preflight", _("Preflight")),
+    ("result", _("Final statistics")),
+    ("stats", _("Statistics")),
 ]
 
 
@@ -71,8 +72,8 @@ def event_detail(request, pk):
             "job_json": [
                 (label, _pretty(getattr(job, field)))
                 for field, label in (
-                    ("preflight", "Preflight (stored with the job)"),
-                    ("result", "Job result"),
+                    ("preflight", _("Preflight (stored with the job)")),
+                    ("result", _("Job result")),
                 )
                 if job is not None and getattr(job, field)
             ],
