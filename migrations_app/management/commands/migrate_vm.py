@@ -7,6 +7,7 @@ worker (`Q_CLUSTER_NAME=migrations manage.py qcluster`, started by scripts/run.s
 """
 
 import json
+import os
 import sys
 import time
 
@@ -42,7 +43,11 @@ class Command(BaseCommand):
         parser.add_argument("vm", help="VM name or UUID")
         parser.add_argument("target", help="target host name")
         parser.add_argument("--mode", required=True, choices=["live", "live-copy", "cold", "offline"])
-        parser.add_argument("--user", default="admin", help="act as this kvmweb user (default admin)")
+        parser.add_argument(
+            "--user",
+            default=os.environ.get("KVMWEB_ADMIN_USER", "admin"),
+            help="act as this kvmweb user (default: KVMWEB_ADMIN_USER or admin)",
+        )
         parser.add_argument("--bandwidth", type=int, help="MiB/s")
         parser.add_argument("--max-downtime", type=int, help="ms")
         parser.add_argument("--auto-converge", action="store_true")
