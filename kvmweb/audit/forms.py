@@ -4,6 +4,7 @@ from datetime import datetime, time
 from django import forms
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 from kvmweb.audit.models import AuditEvent
 
@@ -27,7 +28,11 @@ class AuditFilterForm(forms.Form):
         required=False,
         widget=forms.TextInput(attrs={"placeholder": _("name, or hosts.vm:12")}),
     )
-    since = forms.DateField(label=_("From"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    since = forms.DateField(
+        label=pgettext_lazy("date range", "From"),
+        required=False,
+        widget=forms.DateInput(attrs={"type": "date"}),
+    )
     until = forms.DateField(label=_("Until"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
     outcome = forms.ChoiceField(label=_("Outcome"), required=False)
     ip = forms.GenericIPAddressField(label=_("Address"), required=False)
