@@ -20,6 +20,12 @@ def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
 
     if Conf.CLUSTER_NAME != "migrations":
         return
+    # Warm the worker: import what a migration task needs and start libvirt's event loop
+    # now, so the first job of each forked worker does not pay ~100 ms of imports.
+    from hosts import hypervisor
+    from migrations_app import plan, preflight, runner, tasks  # noqa: F401
+
+    hypervisor.ensure_event_loop()
 
     def run():
         from migrations_app.reconcile import reconcile_jobs

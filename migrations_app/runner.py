@@ -176,7 +176,8 @@ class JobRun:
         self.stop_copy = threading.Event()
         self.last_phase = None
         self.last_iteration = 0
-        self.marks = {}  # name -> seconds since the claim (where the time goes)
+        self.marks = {}  # name -> ms since the claim (where the time goes)
+        self.connections = None  # source connections opened while the checklist runs
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)
@@ -263,6 +264,7 @@ def run_job(job_id, worker=None):
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     add_event(job_id, f"Picked up by worker {worker}.")
+    run.connections = None
     try:
         _run(run)
     except Cancelled as exc:
@@ -272,7 +274,20 @@ def run_job(job_id, worker=None):
     except Exception as exc:  # never leave a job hanging in an active state
         log.exception("job %s crashed", job_id)
         return _finish(run, MigrationJob.FAILED, f"Internal error in the worker: {exc}")
+    finally:
+        _close_unused(run)
     return MigrationJob.objects.filter(pk=job_id).values_list("status", flat=True).first()
+
+
+def _close_unused(run):
+    """Close connections opened ahead for a live run that never used them."""
+    opening, run.connections = run.connections, None
+    if opening is None:
+        return
+    opening.wait(settings.LIBVIRT_CONNECT_TIMEOUT * 2 + 1)
+    if opening.done and opening.error is None:
+        for conn in opening.value:
+            conn.close()
 
 
 def _run(run):
@@ -283,6 +298,16 @@ def _run(run):
     if job.source is None or job.target is None:
         raise Failed("The source or target host was removed from kvmweb before the job started.")
     plan = MigrationPlan.from_job(job)
+    if job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY):
+        # Open the source connections while the checklist runs (they are needed right
+        # after it; a few ms each, on the critical path of every live migration).
+        run.connections = Operation(
+            lambda: (
+                hv.connect(job.source.uri, call_timeout=settings.MIGRATION_TIMEOUT),
+                hv.connect(job.source.uri),
+            ),
+            f"connect job {job.pk}",
+        )
     # No dirty-rate measurement here: convergence was judged (and acknowledged) in the
     # wizard, and measuring again would add a second to every migration. What can change
     # in the meantime (VM state, host reachability, memory, collisions) is re-checked.
@@ -337,9 +362,19 @@ def _run_live(run, plan):
     params = dict(plan.params())
     if job.mode == MigrationJob.LIVE_COPY:
         _prepare_target_volumes(run)
+    opening = getattr(run, "connections", None)
     try:
-        mig = hv.connect(src_uri, call_timeout=settings.MIGRATION_TIMEOUT)
-        mon = hv.connect(src_uri)
+        if opening is not None:
+            opening.wait(settings.LIBVIRT_CONNECT_TIMEOUT * 2 + 1)
+            if opening.error is not None:
+                raise opening.error
+            if not opening.done:
+                raise hv.HypervisorTimeout("Connecting to the source host timed out.")
+            mig, mon = opening.value
+            run.connections = None  # ours now: closed below
+        else:
+            mig = hv.connect(src_uri, call_timeout=settings.MIGRATION_TIMEOUT)
+            mon = hv.connect(src_uri)
     except hv.HypervisorError as exc:
         raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
     op = None
