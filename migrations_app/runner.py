@@ -263,8 +263,6 @@ def run_job(job_id, worker=None):
     publish_job(job_id)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
-    add_event(job_id, f"Picked up by worker {worker}.")
-    run.connections = None
     try:
         _run(run)
     except Cancelled as exc:
@@ -311,28 +309,41 @@ def _run(run):
     # No dirty-rate measurement here: convergence was judged (and acknowledged) in the
     # wizard, and measuring again would add a second to every migration. What can change
     # in the meantime (VM state, host reachability, memory, collisions) is re-checked.
-    # In a helper thread so this one keeps the heartbeat going: a slow host can make the
-    # checklist take up to its timeout, longer than reconcile's stale limit.
-    report = _blocking(run, lambda: run_preflight(plan, measure_dirty_rate=False), "preflight")
+    # In a helper thread so this one keeps the heartbeat going (a slow host can make the
+    # checklist take up to its timeout, longer than reconcile's stale limit) and writes
+    # the "picked up" line meanwhile: every write here is on the migration's critical path.
+    checking = Operation(lambda: run_preflight(plan, measure_dirty_rate=False), f"preflight job {job.pk}")
+    run.event(f"Picked up by worker {run.worker}.")
+    while not checking.wait(POLL_SECONDS):
+        run.heartbeat()
+    if checking.error is not None:
+        raise checking.error
+    report = checking.value
     overridden = set(job.overridden or [])
     acknowledged = set(job.acknowledged or [])
     blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
-    run.update(preflight=report.to_dict())
     if blocking:
+        run.update(preflight=report.to_dict())
         raise Failed(
             "The preflight checklist now blocks this migration (checked again right before "
             f"starting): {'; '.join(blocking)}. Nothing was changed; the VM is still on {job.source_name}."
         )
-    for r in report.warnings:
-        if r.id not in acknowledged:
-            run.event(f"New warning since the request: {r.title}: {r.message}", "warn")
     run.mark("preflight_done")
-    run.event("Preflight passed again on the worker.")
     now = timezone.now()
-    started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
-        status=MigrationJob.RUNNING, heartbeat_at=now, progress_seq=F("progress_seq") + 1
-    )
+    with transaction.atomic():  # one write: the new report, RUNNING, and the log lines
+        started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
+            status=MigrationJob.RUNNING,
+            preflight=report.to_dict(),
+            heartbeat_at=now,
+            progress_seq=F("progress_seq") + 1,
+        )
+        if started:
+            for r in report.warnings:
+                if r.id not in acknowledged:
+                    add_event(job.pk, f"New warning since the request: {r.title}: {r.message}", "warn")
+            add_event(job.pk, "Preflight passed again on the worker.")
     if not started:
+        run.update(preflight=report.to_dict())
         raise Cancelled(
             f"Cancelled before the migration started; the VM was not touched and is on {job.source_name}."
         )
@@ -379,9 +390,9 @@ def _run_live(run, plan):
         raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
     op = None
     try:
-        run.event(f"Migration started: {plan.virsh_command()}")
         run.mark("migrate_start")
         op = Operation(lambda: mig.migrate(uuid, dst_uri, flags, params), f"migrate job {job.pk}")
+        run.event(f"Migration started: {plan.virsh_command()}")  # while libvirt already works
         _monitor(run, mon, op)
         run.mark("migrate_end")
     finally:
