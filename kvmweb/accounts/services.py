@@ -167,7 +167,7 @@ def do_set_owner(vms, *, owner_user=KEEP, owner_group=KEEP, actor, request=None)
         # FOR UPDATE (a no-op on SQLite, whose IMMEDIATE transactions already serialize
         # writers): two administrators editing the same VM each audit a true "before".
         rows = (
-            VM.objects.select_for_update()
+            VM.objects.select_for_update(of=("self",))  # not the nullable owner joins
             .select_related("owner_user", "owner_group")
             .filter(pk__in=[vm.pk for vm in vms])
             .order_by("pk")

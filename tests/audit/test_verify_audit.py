@@ -29,8 +29,23 @@ def no_guards():
     guards.install(connection)
 
 
-def run(capsys, *args):
-    """Run the command as `manage.py verify_audit` would: returns (exit code, out, err)."""
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """run(*args) -> (exit code, stdout, stderr) of `manage.py verify_audit`, through the
+    real command-line entry point (which turns CommandError into the exit status)."""
+    from django.core.management import base
+
+    # The entry point closes every connection when done, which would end the test's
+    # transaction (PostgreSQL); the test database stays open here.
+    monkeypatch.setattr(base.connections, "close_all", lambda: None)
+
+    def _run(*args):
+        return _run_command(capsys, *args)
+
+    return _run
+
+
+def _run_command(capsys, *args):
     try:
         execute_from_command_line(["manage.py", "verify_audit", *args])
         code = 0
@@ -40,8 +55,8 @@ def run(capsys, *args):
     return code, out, err
 
 
-def test_it_passes_an_intact_history(events, capsys):
-    code, out, err = run(capsys)
+def test_it_passes_an_intact_history(events, run):
+    code, out, err = run()
     assert code == 0 and "OK 5 events, chain intact, append-only guards installed" in out and err == ""
 
 
@@ -53,28 +68,28 @@ def test_it_refuses_update_and_delete_while_the_guards_are_installed(events):
     assert AuditEvent.objects.count() == 5
 
 
-def test_it_names_the_row_edited_with_raw_sql(events, capsys, no_guards):
+def test_it_names_the_row_edited_with_raw_sql(events, run, no_guards):
     victim = events[2]
     with connection.cursor() as cursor:
         cursor.execute("UPDATE audit_auditevent SET target_name = %s WHERE id = %s", ["forged", victim.pk])
     guards.install(connection)  # guards back: only the chain can tell
-    code, out, err = run(capsys)
+    code, out, err = run()
     assert code == 1 and out == ""
     assert f"chain broken at event id={victim.pk} " in err
     assert "action=test.event" in err and "hash does not match the row's contents (row edited)" in err
     assert "(2 events before it verified)" in err
 
 
-def test_it_names_the_row_after_a_removed_one(events, capsys, no_guards):
+def test_it_names_the_row_after_a_removed_one(events, run, no_guards):
     with connection.cursor() as cursor:
         cursor.execute("DELETE FROM audit_auditevent WHERE id = %s", [events[1].pk])
     guards.install(connection)
-    code, _, err = run(capsys)
+    code, _, err = run()
     assert code == 1 and f"id={events[2].pk} " in err and "row removed or inserted" in err
 
 
-def test_it_fails_when_the_guards_are_missing(events, capsys, no_guards):
-    code, _, err = run(capsys)
+def test_it_fails_when_the_guards_are_missing(events, run, no_guards):
+    code, _, err = run()
     assert code == 1 and "append-only guards are missing" in err and "chain broken" not in err
 
 
