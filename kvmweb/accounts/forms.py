@@ -83,6 +83,7 @@ class OwnershipFilterForm(forms.Form):
     q = forms.CharField(label=_("Name"), required=False)
     host = forms.ModelChoiceField(label=_("Host"), queryset=Host.objects.all(), required=False)
     group = forms.ModelChoiceField(label=_("Host group"), queryset=HostGroup.objects.all(), required=False)
+    owner = forms.CharField(label=_("Owner"), required=False, help_text=_("user or group name"))
     unowned = forms.BooleanField(label=_("Only VMs without owner"), required=False)
 
 

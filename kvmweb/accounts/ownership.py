@@ -3,6 +3,7 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Q
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
@@ -41,6 +42,9 @@ def _filtered_vms(user, filters):
         vms = vms.filter(host=filters["host"])
     if filters.get("group"):
         vms = vms.filter(host__group=filters["group"])
+    if filters.get("owner"):
+        name = filters["owner"].strip()
+        vms = vms.filter(Q(owner_user__username__icontains=name) | Q(owner_group__name__icontains=name))
     if filters.get("unowned"):
         vms = vms.filter(owner_user__isnull=True, owner_group__isnull=True)
     return vms.filter(gone=False).order_by("name", "id")

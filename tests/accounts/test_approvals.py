@@ -112,3 +112,18 @@ def test_it_lets_nobody_else_decide(pending, login, alice, bob, auditor, mallory
     pending.refresh_from_db()
     assert pending.status == MigrationJob.PENDING_APPROVAL
     assert not AuditEvent.objects.filter(action__in=["migration.approve", "migration.reject"]).exists()
+
+
+def test_it_shows_the_refusal_reason_in_the_wizard(world, login, alice, monkeypatch):
+    from migrations_app import preflight
+
+    monkeypatch.setattr(preflight, "run_preflight", lambda plan, **kw: clean_report())
+    data = {"vm": world.alice_web.pk, "target": world.d1.pk, "mode": "live", "options": '{"bandwidth": 500}'}
+    response = login(alice).post(reverse("migrations:new"), data)
+    assert response.status_code == 400
+    assert "The bandwidth 500 MiB/s is above the allowed 100 MiB/s." in response.content.decode()
+    assert not MigrationJob.objects.exists()
+    data["options"] = '{"bandwidth": 80}'
+    response = login(alice).post(reverse("migrations:new"), data)
+    job = MigrationJob.objects.get()
+    assert response.status_code == 302 and job.status == MigrationJob.PENDING_APPROVAL

@@ -42,6 +42,10 @@ def test_it_sets_owners_in_bulk_from_a_filtered_list(world, login, admin, alice)
     client = login(admin)
     page = client.get(reverse("accounts:bulk_owner"), {"group": world.prod.pk}).content.decode()
     assert "alice-web" in page and "bob-db" in page and "hidden-vm" not in page
+    page = client.get(reverse("accounts:bulk_owner"), {"owner": "team"}).content.decode()
+    assert "team-app" in page and "alice-web" not in page
+    page = client.get(reverse("accounts:bulk_owner"), {"unowned": "on"}).content.decode()
+    assert "hidden-vm" in page and "alice-web" not in page
     response = client.post(
         reverse("accounts:bulk_owner") + f"?group={world.prod.pk}",
         {
