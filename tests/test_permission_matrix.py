@@ -180,7 +180,7 @@ ROUTES = [
     Route("hosts:vm_list", get=SIGNED_IN),
     Route("hosts:vm_detail", objects=("vm_alice", "vm_hidden"), get=SIGNED_IN),
     # Accounts: users, ownership, host groups, policies, approvals
-    Route("accounts:users", get=ADMIN),
+    Route("accounts:users", get=ADMIN | {"auditor"}),
     Route(
         "accounts:user_add",
         get=ADMIN,

@@ -53,7 +53,8 @@ ROLE_PERMISSIONS = {
         "migrations_app.control_migrationjob",
         "migrations_app.approve_migrationjob",
     ],
-    AUDITOR: list(_READ_ALL),
+    # "Read everything": also who holds which role.
+    AUDITOR: _READ_ALL + ["auth.view_user", "auth.view_group"],
     SELF_SERVICE: [
         "hosts.view_vm",
         "hosts.view_host",

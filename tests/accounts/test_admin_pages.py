@@ -59,9 +59,11 @@ def test_it_keeps_the_last_administrator_and_audits_the_refusal(login, admin):
 
 
 def test_it_refuses_role_pages_to_non_administrators(login, operator, auditor, alice, mallory, bob):
+    body = login(auditor).get(reverse("accounts:users")).content.decode()  # auditors read it
+    assert "mallory" in body and reverse("accounts:user_roles", args=[bob.pk]) not in body
+    assert login(operator).get(reverse("accounts:users")).status_code == 403
     for user in (operator, auditor):
         client = login(user)
-        assert client.get(reverse("accounts:users")).status_code == 403
         assert (
             client.post(reverse("accounts:user_roles", args=[bob.pk]), {"roles": [ADMINISTRATOR]}).status_code
             == 403
