@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.utils import translation
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy as _lazy
+from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor
 from migrations_app.plan import LIVE_MODES, MigrationPlan, PlanError
@@ -1952,24 +1952,24 @@ def check_prediction(ctx):
 # ----------------------------------------------------------------------------- registry
 
 TITLES = {
-    "connection": _lazy("Connections"),
-    "versions": _lazy("libvirt and QEMU versions"),
-    "same_host": _lazy("Target is another host"),
-    "vm_state": _lazy("VM state fits the mode"),
-    "plan": _lazy("Migration options"),
-    "jobs": _lazy("No running job"),
-    "cpu": _lazy("CPU compatibility"),
-    "machine": _lazy("Machine type"),
-    "vcpus": _lazy("vCPU limit"),
-    "memory": _lazy("Free memory on the target"),
-    "networks": _lazy("Networks on the target"),
-    "storage": _lazy("Disks and storage"),
-    "collision": _lazy("No name or UUID collision"),
-    "snapshots": _lazy("Snapshots"),
-    "devices": _lazy("Migratable devices"),
-    "firmware": _lazy("UEFI variables and TPM"),
-    "disk_cache": _lazy("Disk cache mode"),
-    "prediction": _lazy("Duration and convergence"),
+    "connection": gettext_lazy("Connections"),
+    "versions": gettext_lazy("libvirt and QEMU versions"),
+    "same_host": gettext_lazy("Target is another host"),
+    "vm_state": gettext_lazy("VM state fits the mode"),
+    "plan": gettext_lazy("Migration options"),
+    "jobs": gettext_lazy("No running job"),
+    "cpu": gettext_lazy("CPU compatibility"),
+    "machine": gettext_lazy("Machine type"),
+    "vcpus": gettext_lazy("vCPU limit"),
+    "memory": gettext_lazy("Free memory on the target"),
+    "networks": gettext_lazy("Networks on the target"),
+    "storage": gettext_lazy("Disks and storage"),
+    "collision": gettext_lazy("No name or UUID collision"),
+    "snapshots": gettext_lazy("Snapshots"),
+    "devices": gettext_lazy("Migratable devices"),
+    "firmware": gettext_lazy("UEFI variables and TPM"),
+    "disk_cache": gettext_lazy("Disk cache mode"),
+    "prediction": gettext_lazy("Duration and convergence"),
 }
 # Display order. The slow one (the dirty-rate measurement) is submitted first so it
 # overlaps with everything else.
