@@ -110,7 +110,7 @@ class Route:
 
 
 def _roles_data(w, obj):
-    return {"roles": [AUDITOR]}
+    return {"roles": [AUDITOR], "active": "on"}
 
 
 def _owner_data(w, obj):

@@ -39,6 +39,11 @@ class RolesForm(forms.Form):
         widget=forms.CheckboxSelectMultiple,
         required=False,
     )
+    active = forms.BooleanField(
+        label=_("Account enabled"),
+        required=False,
+        help_text=_("A disabled account cannot sign in; its open sessions end at once."),
+    )
 
 
 def owner_groups():

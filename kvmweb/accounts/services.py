@@ -93,11 +93,13 @@ def user_roles(user):
     return sorted(set(user.groups.filter(name__in=ROLES).values_list("name", flat=True)))
 
 
-def do_set_roles(user, roles, *, actor, request=None):
-    """Give ``user`` exactly the role groups ``roles`` (other groups are kept).
+def do_set_roles(user, roles, *, active=None, actor, request=None):
+    """Give ``user`` exactly the role groups ``roles`` (other groups are kept) and, when
+    ``active`` is given, enable or disable the account (a disabled account cannot sign
+    in, and its open sessions stop working at their next request).
 
-    Refuses (audited as a failure) to remove the last active administrator, so nobody can
-    lock everyone out of the administration pages.
+    Refuses (audited as a failure) to remove or disable the last active administrator,
+    so nobody can lock everyone out of the administration pages.
     """
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Group
@@ -108,8 +110,10 @@ def do_set_roles(user, roles, *, actor, request=None):
     unknown = set(roles) - set(ROLES)
     if unknown:
         raise AccountError(_("Unknown role: %(role)s") % {"role": ", ".join(sorted(unknown))})
+    active = user.is_active if active is None else bool(active)
     before = user_roles(user)
-    if ADMINISTRATOR in before and ADMINISTRATOR not in roles and not user.is_superuser:
+    loses_admin = ADMINISTRATOR in before and (ADMINISTRATOR not in roles or not active)
+    if loses_admin and user.is_active and not user.is_superuser:
         others = (
             get_user_model().objects.filter(is_active=True, groups__name=ADMINISTRATOR).exclude(pk=user.pk)
         )
@@ -122,7 +126,12 @@ def do_set_roles(user, roles, *, actor, request=None):
                     request=request,
                     target=user,
                     outcome=AuditEvent.FAILURE,
-                    details={"before": before, "requested": roles, "reason": "last administrator"},
+                    details={
+                        "before": before,
+                        "requested": roles,
+                        "active": active,
+                        "reason": "last administrator",
+                    },
                 )
             raise AccountError(_("This is the last administrator; give someone else the role first."))
     with transaction.atomic():
@@ -130,13 +139,12 @@ def do_set_roles(user, roles, *, actor, request=None):
         user.groups.set(keep + list(Group.objects.filter(name__in=roles)))
         if hasattr(user, "_kvmweb_groups"):
             del user._kvmweb_groups
-        record(
-            "user.roles",
-            actor=actor,
-            request=request,
-            target=user,
-            details={"before": before, "after": roles},
-        )
+        details = {"before": before, "after": roles}
+        if active != user.is_active:
+            details["active"] = [user.is_active, active]
+            user.is_active = active
+            user.save(update_fields=["is_active"])
+        record("user.roles", actor=actor, request=request, target=user, details=details)
     return roles
 
 

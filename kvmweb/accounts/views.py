@@ -73,10 +73,11 @@ def user_add(request):
 def user_roles(request, pk):
     target = get_object_or_404(scope.users(request.user, "change"), pk=pk)
     require(request.user, "auth.change_user")
-    form = RolesForm(request.POST or None, initial={"roles": services.user_roles(target)})
+    initial = {"roles": services.user_roles(target), "active": target.is_active}
+    form = RolesForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         try:
-            services.do_set_roles(target, form.cleaned_data["roles"], actor=request.user, request=request)
+            services.do_set_roles(target, actor=request.user, request=request, **form.cleaned_data)
         except services.AccountError as exc:
             form.add_error(None, str(exc))
         else:

@@ -23,7 +23,7 @@ def test_it_assigns_roles_and_audits_the_change(login, admin, mallory):
     client = login(admin)
     assert "mallory" in client.get(reverse("accounts:users")).content.decode()
     url = reverse("accounts:user_roles", args=[mallory.pk])
-    response = client.post(url, {"roles": [AUDITOR, OPERATOR]})
+    response = client.post(url, {"roles": [AUDITOR, OPERATOR], "active": "on"})
     assert response.status_code == 302
     mallory = User.objects.get(pk=mallory.pk)
     assert has_role(mallory, AUDITOR) and has_role(mallory, OPERATOR)
@@ -50,12 +50,31 @@ def test_it_creates_a_user_with_roles(login, admin):
     assert AuditEvent.objects.get(action="user.create", outcome=AuditEvent.FAILURE).target_name == "carol"
 
 
-def test_it_keeps_the_last_administrator_and_audits_the_refusal(login, admin):
-    response = login(admin).post(reverse("accounts:user_roles", args=[admin.pk]), {"roles": [AUDITOR]})
-    assert response.status_code == 200 and "last administrator" in response.content.decode()
-    assert has_role(User.objects.get(pk=admin.pk), ADMINISTRATOR)
+def test_it_disables_an_account_and_ends_its_sessions(login, admin, alice, client):
+    from django.test import Client
+
+    alice_client = Client()
+    alice_client.force_login(alice)
+    assert alice_client.get(reverse("dashboard")).status_code == 200
+    response = login(admin).post(reverse("accounts:user_roles", args=[alice.pk]), {"roles": ["Self-service"]})
+    assert response.status_code == 302
+    assert not User.objects.get(pk=alice.pk).is_active
     event = AuditEvent.objects.get(action="user.roles")
-    assert event.outcome == AuditEvent.FAILURE and event.details["reason"] == "last administrator"
+    assert event.details["active"] == [True, False]
+    response = alice_client.get(reverse("dashboard"))
+    assert response.status_code == 302 and response.url.startswith(reverse("login"))
+
+
+def test_it_keeps_the_last_administrator_and_audits_the_refusal(login, admin):
+    url = reverse("accounts:user_roles", args=[admin.pk])
+    response = login(admin).post(url, {"roles": [AUDITOR], "active": "on"})
+    assert response.status_code == 200 and "last administrator" in response.content.decode()
+    response = login(admin).post(url, {"roles": [ADMINISTRATOR]})  # disabling: same refusal
+    assert response.status_code == 200 and User.objects.get(pk=admin.pk).is_active
+    assert has_role(User.objects.get(pk=admin.pk), ADMINISTRATOR)
+    events = AuditEvent.objects.filter(action="user.roles")
+    assert [e.outcome for e in events] == [AuditEvent.FAILURE] * 2
+    assert {e.details["reason"] for e in events} == {"last administrator"}
 
 
 def test_it_refuses_role_pages_to_non_administrators(login, operator, auditor, alice, mallory, bob):
