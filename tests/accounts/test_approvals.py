@@ -62,11 +62,14 @@ def test_it_queues_at_once_when_the_policy_needs_no_approval(world, alice):
     assert job.status == MigrationJob.QUEUED
 
 
-def test_it_lists_waiting_requests_for_operators(pending, login, operator, admin):
+def test_it_lists_waiting_requests_for_operators(pending, login, operator, admin, auditor):
     for user in (operator, admin):
         response = login(user).get(reverse("accounts:approvals"))
         assert response.status_code == 200 and list(response.context["jobs"]) == [pending]
         assert "alice-web" in response.content.decode()
+        # The navigation shows how many wait.
+        assert 'Approvals <span class="badge pending_approval">1</span>' in response.content.decode()
+    assert "Approvals" not in login(auditor).get(reverse("dashboard")).content.decode()
 
 
 def test_it_starts_the_job_when_an_operator_approves(pending, login, operator):
