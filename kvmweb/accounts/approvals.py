@@ -43,6 +43,10 @@ def queue(request):
         .select_related("vm", "source", "target", "requested_by")
         .order_by("created_at", "id")
     )
+    jobs = list(jobs)
+    for job in jobs:
+        # Only what the requester set or what differs from "off": defaults are noise here.
+        job.options_shown = {k: v for k, v in (job.options or {}).items() if v not in (None, False, "")}
     decided = (
         scoped(MigrationJob, request.user)
         .filter(approved_by__isnull=False)
