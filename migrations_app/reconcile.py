@@ -12,6 +12,7 @@ migration.
 import logging
 from datetime import timedelta
 
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -23,6 +24,11 @@ from migrations_app.services import add_event, publish_job
 log = logging.getLogger(__name__)
 
 STALE_SECONDS = 10
+# A queued job nobody claimed for this long may have lost its message (a worker killed
+# between taking it and claiming the row; the ORM broker would only redeliver after
+# `retry`, hours later): queue it again. Duplicates are harmless, the claim lets one in.
+REQUEUE_AFTER_SECONDS = 60
+REQUEUE_EVERY_SECONDS = 300
 LIVE_MODES = (MigrationJob.LIVE, MigrationJob.LIVE_COPY)
 
 
@@ -48,10 +54,34 @@ def mark_stale(now=None, stale_seconds=STALE_SECONDS):
     return marked
 
 
+def requeue_lost(now=None):
+    """Queue again the jobs that waited in QUEUED too long (at most every 5 minutes)."""
+    from migrations_app.models import JobEvent
+    from migrations_app.services import enqueue
+
+    now = now or timezone.now()
+    requeued = []
+    waiting = MigrationJob.objects.filter(
+        status=MigrationJob.QUEUED, created_at__lt=now - timedelta(seconds=REQUEUE_AFTER_SECONDS)
+    )
+    for job in waiting.only("pk"):
+        recent = JobEvent.objects.filter(
+            job=job, message__startswith="Queued again", at__gt=now - timedelta(seconds=REQUEUE_EVERY_SECONDS)
+        )
+        if recent.exists():
+            continue
+        with transaction.atomic():
+            add_event(job.pk, "Queued again: no worker had taken it yet (its message may have been lost).")
+            enqueue(job)
+        requeued.append(job.pk)
+    return requeued
+
+
 def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS):
-    """One pass: mark stale jobs, then reconcile every job that needs it.
-    Returns {job_id: outcome} for the jobs it looked at."""
+    """One pass: mark stale jobs, queue lost ones again, then reconcile every job that
+    needs it. Returns {job_id: outcome} for the jobs it looked at."""
     mark_stale(now, stale_seconds)
+    requeue_lost(now)
     results = {}
     for job_id in MigrationJob.objects.filter(status=MigrationJob.NEEDS_RECONCILE).values_list(
         "pk", flat=True

@@ -164,3 +164,16 @@ def test_it_does_nothing_for_a_job_it_cannot_claim(job):
     MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.SUCCEEDED)
     assert runner.run_job(job.pk) is None
     assert not JobEvent.objects.filter(job=job).exists()
+
+
+def test_it_queues_a_long_waiting_job_again_once(job, django_capture_on_commit_callbacks):
+    from django_q.models import OrmQ
+
+    MigrationJob.objects.filter(pk=job.pk).update(
+        status=MigrationJob.QUEUED, created_at=timezone.now() - timedelta(minutes=5)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert reconcile.requeue_lost() == [job.pk]
+        assert reconcile.requeue_lost() == []  # not again within five minutes
+    assert OrmQ.objects.filter(key="migrations").count() == 1
+    assert JobEvent.objects.filter(job=job, message__startswith="Queued again").count() == 1
