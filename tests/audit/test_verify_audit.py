@@ -60,6 +60,20 @@ def test_it_passes_an_intact_history(events, run):
     assert code == 0 and "OK 5 events, chain intact, append-only guards installed" in out and err == ""
 
 
+def test_it_notices_events_cut_off_the_end_with_an_earlier_hash(events, run):
+    code, out, _ = run()
+    last = events[-1].hash
+    assert code == 0 and f"last hash {last}" in out
+    guards.remove(connection)
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM audit_auditevent WHERE id >= %s", [events[3].pk])
+    guards.install(connection)
+    assert run()[0] == 0  # the shorter chain is still a valid chain ...
+    code, _, err = run("--expect", last)
+    assert code == 1 and f"expected event {last} is missing" in err  # ... but not the one we saw
+    assert run("--expect", events[2].hash)[0] == 0
+
+
 def test_it_refuses_update_and_delete_while_the_guards_are_installed(events):
     assert guards.installed(connection)
     for sql in ("UPDATE audit_auditevent SET outcome = 'failure'", "DELETE FROM audit_auditevent"):

@@ -3,12 +3,18 @@
 Checks that the append-only guards (database triggers) are installed and walks the HMAC
 chain from the first event. Prints the first broken link (id, time, action, reason) and
 exits 1 on any problem, 0 when everything holds, so cron or monitoring can alert on it.
+
+The chain alone cannot show that the newest events were cut off (a shorter chain is still
+a valid chain). On success the command prints the last hash; keep it somewhere else (the
+cron mail, the monitoring system) and pass it back with --expect HASH: the check then
+also fails when that event is no longer in the chain.
 """
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from kvmweb.audit import guards
+from kvmweb.audit.models import AuditEvent
 from kvmweb.audit.services import verify_chain
 
 
@@ -17,8 +23,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--database", default="default", help="database alias (default: default)")
+        parser.add_argument(
+            "--expect",
+            action="append",
+            default=[],
+            metavar="HASH",
+            help="a hash printed by an earlier run: fail if that event is gone (tail cut off)",
+        )
 
-    def handle(self, *args, database="default", **options):
+    def handle(self, *args, database="default", expect=(), **options):
         connection = connections[database]
         problems = []
         if not guards.installed(connection):
@@ -37,8 +50,14 @@ class Command(BaseCommand):
                 f"chain broken at event id={bad.pk} at={bad.at.isoformat()} action={bad.action}: {reason}"
                 f" ({count} events before it verified)"
             )
+        for wanted in expect:
+            if not AuditEvent.objects.using(database).filter(hash=wanted.strip().lower()).exists():
+                problems.append(f"expected event {wanted} is missing: events were removed from the end")
         if problems:
             for problem in problems:
                 self.stderr.write(f"FAIL {problem}")
             raise CommandError(f"audit history NOT intact: {len(problems)} problem(s)", returncode=1)
+        last = AuditEvent.objects.using(database).order_by("-id").values_list("hash", flat=True).first()
         self.stdout.write(f"OK {count} events, chain intact, append-only guards installed")
+        if last:
+            self.stdout.write(f"last hash {last} (keep it; check later with --expect {last})")
