@@ -174,6 +174,16 @@ def test_it_runs_an_offline_job_that_moves_only_the_definition(hosts, lab_guest,
     _assert_moved(job, guest)
 
 
+def test_it_aborts_at_the_completion_timeout_and_leaves_the_vm_on_the_source(hosts, lab_guest, admin):
+    guest = lab_guest("mj-timeout")
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "live", bandwidth=8, completion_timeout=1))
+    assert job.status == MigrationJob.FAILED
+    assert "did not complete within the completion timeout" in job.error and "lab-a" in job.error
+    assert labkit.where(guest) == {"lab-a": "running"}
+    labkit.wait_counter_moves("lab-a", guest)
+
+
 def test_it_never_runs_a_job_twice(hosts, lab_guest, admin):
     guest = lab_guest("mj-twice", running=False)
     _sync(hosts["lab-a"])
@@ -355,6 +365,17 @@ def test_it_runs_migrate_vm_with_wait_through_the_worker(cluster, lab_guest):
     assert labkit.where(guest) == {"lab-b": "shut off"}
     again = cluster.manage("migrate_vm", guest, "lab-a", "--mode", "live", "--json", check=False)
     assert again.returncode != 0 and "Live migration needs a running VM" in again.stdout + again.stderr
+
+
+def test_it_cancels_a_cold_job_while_it_waits_for_the_shutdown(cluster, lab_guest):
+    guest = lab_guest("mj-coldcancel")  # ignores ACPI: the shutdown wait runs its course
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "cold", "--shutdown-timeout", "60")
+    cluster.wait(job_id, lambda j: j["status"] == "running", 30, "running")
+    cluster.manage("migration_job", str(job_id), "cancel")
+    job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 10, "final")
+    assert job["status"] == "cancelled" and "during the shutdown" in job["error"], job
+    assert labkit.where(guest) == {"lab-a": "running"}
 
 
 def _seconds(text):
