@@ -394,6 +394,9 @@ def _run_live(run, plan):
         op = Operation(lambda: mig.migrate(uuid, dst_uri, flags, params), f"migrate job {job.pk}")
         run.event(f"Migration started: {plan.virsh_command()}")  # while libvirt already works
         _monitor(run, mon, op)
+        # The monitor also stops when the domain left the source; the call itself may
+        # still be finishing (confirm phase): its result decides, so wait for it.
+        op.wait(settings.LIBVIRT_CALL_TIMEOUT)
         run.mark("migrate_end")
     finally:
         mon.close()
@@ -401,6 +404,15 @@ def _run_live(run, plan):
             mig.close()
     if op.error is not None:
         _explain_failure(run, op.error)
+    elif not op.done:
+        run.event(
+            "The migrate call has not returned yet; concluding from where libvirt shows the VM.", "warn"
+        )
+        where = where_is(job)
+        if where.get("target") in (None, "unreachable"):
+            raise Failed(
+                f"The migrate call did not return and the target does not report the VM; check {job.source_name}."
+            )
     _conclude_success(run)
 
 
