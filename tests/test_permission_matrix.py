@@ -106,6 +106,7 @@ class Route:
     perm_first: bool = False  # the page checks the right before looking at the object
     post_objects: tuple | None = None  # objects for POST cells (default: objects)
     overrides: dict = field(default_factory=dict)  # (obj, method, persona) -> status, why in notes
+    lists: tuple = ()  # NAMES keys a 200 page must show to those who see them (not empty)
     notes: str = ""
 
 
@@ -164,7 +165,7 @@ ROUTES = [
         notes="anonymous by design; the plain URL is 503 without running workers",
     ),
     # Hosts and VMs
-    Route("hosts:list", get=SIGNED_IN),
+    Route("hosts:list", get=SIGNED_IN, lists=("host_s1",)),
     Route("hosts:add", get=ADMIN, post=ADMIN, data=_host_add_data, action="host.register"),
     Route("hosts:detail", objects=("host_p1", "host_s1"), get=SIGNED_IN),
     Route(
@@ -177,7 +178,7 @@ ROUTES = [
     ),
     Route("hosts:remove", objects=("host_p1", "host_s1"), post=ADMIN, action="host.remove"),
     Route("hosts:sync", objects=("host_p1", "host_s1"), post=MIGRATORS, action="inventory.sync"),
-    Route("hosts:vm_list", get=SIGNED_IN),
+    Route("hosts:vm_list", get=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
     Route("hosts:vm_detail", objects=("vm_alice", "vm_hidden"), get=SIGNED_IN),
     # Accounts: users, ownership, host groups, policies, approvals
     Route("accounts:users", get=ADMIN | {"auditor"}),
@@ -196,7 +197,14 @@ ROUTES = [
         data=_roles_data,
         action="user.roles",
     ),
-    Route("accounts:bulk_owner", get=ADMIN, post=ADMIN, data=_bulk_owner_data, action="vm.owner"),
+    Route(
+        "accounts:bulk_owner",
+        get=ADMIN,
+        post=ADMIN,
+        data=_bulk_owner_data,
+        action="vm.owner",
+        lists=("vm_alice", "vm_bob", "vm_hidden"),
+    ),
     Route(
         "accounts:vm_owner",
         objects=("vm_alice", "vm_hidden"),
@@ -226,7 +234,7 @@ ROUTES = [
         action="policy.change",
     ),
     Route("accounts:policy_delete", objects=("policy_prod",), post=ADMIN, action="policy.delete"),
-    Route("accounts:approvals", get=MIGRATORS),
+    Route("accounts:approvals", get=MIGRATORS, lists=("vm_alice", "vm_hidden")),
     Route(
         "accounts:approve", objects=("job_alice", "job_hidden"), post=MIGRATORS, action="migration.approve"
     ),
@@ -252,7 +260,7 @@ ROUTES = [
         notes="the wizard checks the right to migrate first (403 for any VM, so nothing "
         "leaks); alice's team VM runs in a group without a policy: refused with the reason",
     ),
-    Route("migrations:list", get=SIGNED_IN),
+    Route("migrations:list", get=SIGNED_IN, lists=("vm_alice", "vm_hidden", "vm_hidden_run")),
     Route("migrations:detail", objects=("job_alice", "job_hidden"), get=SIGNED_IN),
     Route(
         "migrations:cancel", objects=("job_alice", "job_hidden"), post=CANCELLERS, action="migration.cancel"
@@ -286,7 +294,7 @@ ROUTES = [
         notes="dry run: read-only",
     ),
     # Audit history
-    Route("audit:list", get=STAFF),
+    Route("audit:list", get=STAFF, lists=("vm_alice", "vm_hidden")),
     Route("audit:detail", objects=("event_alice", "event_admin"), get=STAFF),
     Route("audit:export_csv", get=STAFF),
     Route("audit:export_json", get=STAFF),
@@ -491,8 +499,12 @@ def test_it_enforces_the_scope_rule(route, obj, method, persona, world, client):
     if status == 302 and persona == "anon" and not route.public:
         assert response.url.startswith(reverse("login")), response.url
     if status == 200 and not getattr(response, "streaming", False):
-        leaks = leaked_names(persona, response.content.decode())
+        body = response.content.decode()
+        leaks = leaked_names(persona, body)
         assert not leaks, f"{url} shows {leaks} to {persona}"
+        # The leak check means something only if the page does list what it may.
+        missing = [NAMES[key] for key in route.lists if persona in NAME_SCOPE[key] and NAMES[key] not in body]
+        assert not missing, f"{url} does not show {missing} to {persona}"
     new_events = AuditEvent.objects.filter(id__gt=last_event or 0)
     if method != "POST" or route.public:
         return
