@@ -189,3 +189,32 @@ def test_it_refuses_a_watcher_without_a_session_on_every_process(processes, oper
         return closed.value.code
 
     assert asyncio.run(scenario()) == 4401
+
+
+def test_it_still_pushes_through_redis_after_the_last_watcher_left_and_new_ones_came(
+    processes, client, operator
+):
+    """A daphne process's hub stops its poller and Redis listener when its last watcher
+    leaves and starts them again for the next one. The restarted listener must receive
+    again: with a one-minute poll, only Redis can deliver within the bound."""
+    job = make_job()
+    cookies = session_cookie(client, operator)
+    d = processes.daphne("daphne-slowpoll", DJANGO_SETTINGS_MODULE="tests.scaleout.settings_slowpoll")
+
+    async def one_cycle(i):
+        ws, _seq = await open_watcher(d.port, job.pk, cookies)
+        await asyncio.sleep(1.0)  # the hub joined the job's group
+        marker = f"cycle-{i}-{secrets.token_hex(3)}"
+        seq, _ = await asyncio.to_thread(write_progress, job.pk, marker)
+        await asyncio.wait_for(wait_for_seq(ws, seq, marker), DELIVERY_TIMEOUT)
+        await ws.close()
+        await asyncio.sleep(1.5)  # the hub noticed: poller and listener stopped
+
+    async def scenario():
+        for i in range(3):
+            await one_cycle(i)
+
+    try:
+        asyncio.run(scenario())
+    except TimeoutError:
+        pytest.fail(f"after a watcher cycle the Redis wake-up no longer arrived\n{processes.logs()}")
