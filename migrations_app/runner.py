@@ -716,8 +716,12 @@ def _finish(run, status, error, **fields):
 
 
 def _storage_is_shared(job, dst):
-    """Every disk is visible at the same path on the target (shared storage)."""
+    """Every disk is visible at the same path on the target (shared storage). The pools
+    are refreshed first: a file created on shared storage after the target's last pool
+    refresh must not be mistaken for a local disk (copying onto it would clobber it)."""
     paths = _disk_paths(job.vm)
+    for directory in {os.path.dirname(p) for p in paths}:
+        dst.refresh_pool_of(directory)
     return all(dst.volume_at(p) is not None for p in paths)
 
 
