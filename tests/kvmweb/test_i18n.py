@@ -214,3 +214,20 @@ def test_it_translates_messages_built_in_python():
         with pytest.raises(InvalidURI) as english:
             validate_uri("")
     assert str(english.value) == "Enter a libvirt URI, for example qemu+ssh://root@host/system."
+
+
+@pytest.mark.django_db
+def test_it_shows_a_vm_page_with_its_checklist_words_and_trail_in_chinese(admin, login, node_xml):
+    from hosts import services as host_services
+
+    host = host_services.do_register_host(f"i18n-{uuid.uuid4().hex[:6]}", f"test://{node_xml()}")
+    vm = VM.objects.filter(host=host).order_by("name").first()
+    client = login(admin)
+    client.post("/i18n/setlang/", {"language": "zh-hans", "next": "/"})
+    page = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert "位置轨迹" in page  # "Location trail"
+    assert "<td>同步</td>" in page  # the trail's "how" of an inventory sync
+    assert f"出现在 {host.name} 上（同步）" in page  # the VM history's "seen on HOST (sync)"
+    client.post("/i18n/setlang/", {"language": "en", "next": "/"})
+    page = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert "<td>sync</td>" in page and f"seen on {host.name} (sync)" in page
