@@ -217,7 +217,7 @@ def test_it_translates_messages_built_in_python():
 
 
 @pytest.mark.django_db
-def test_it_shows_a_vm_page_with_its_checklist_words_and_trail_in_chinese(admin, login, node_xml):
+def test_it_shows_the_vm_page_and_its_location_trail_in_chinese(admin, login, node_xml):
     from hosts import services as host_services
 
     host = host_services.do_register_host(f"i18n-{uuid.uuid4().hex[:6]}", f"test://{node_xml()}")
