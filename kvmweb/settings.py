@@ -120,7 +120,11 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 made socket_timeout default to 5 s, the same as channels-redis's
+            # blocking BZPOPMIN: an idle consumer's receive then raises TimeoutError and
+            # daphne drops the socket every ~5 s (django/channels_redis#422). None, as
+            # before redis-py 8 (seen here: 15 s made cancelled receives hang at shutdown).
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
         }
     }
 else:

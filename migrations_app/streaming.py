@@ -27,14 +27,18 @@ Never call libvirt from here: everything below is DB reads and template renderin
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import logging
 import threading
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
+from django.db import DatabaseError, connections
 from django.db.models import Max, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
@@ -135,6 +139,32 @@ def list_snapshot(user, lang):
 
 
 # ---------------------------------------------------------------------------- the hub
+
+# The pollers' DB work runs on ONE thread of its own that keeps its DB connection open
+# while a poller runs: ~8 ticks a second through database_sync_to_async would open and
+# close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
+# PRAGMAs, on PostgreSQL a TCP login). It is closed when the last poller stops, and on
+# any DB error (restarted server), so the next tick reconnects.
+_poller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-poller")
+
+
+def _on_poller_thread(fn, *args):
+    try:
+        return fn(*args)
+    except DatabaseError:
+        connections.close_all()
+        raise
+
+
+async def poller_db(fn, *args):
+    """Run sync DB code on the pollers' thread (never on the event loop)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_poller_executor, functools.partial(_on_poller_thread, fn, *args))
+
+
+async def close_poller_db():
+    """Close the pollers' DB connection (when the last poller stops; tests)."""
+    await poller_db(connections.close_all)
 
 
 @dataclass(eq=False)
@@ -278,9 +308,12 @@ class JobHub:
             if self.listener is not None:
                 self.listener.cancel()
                 self.listener = None
+            loop = asyncio.get_running_loop()
             if self.layer is not None and self.groups:
                 groups, channel, self.groups = self.groups, self.channel, set()
-                asyncio.get_running_loop().create_task(self._discard(groups, channel))
+                loop.create_task(self._discard(groups, channel))
+            if not any(hub.is_polling for hub in list(_hubs.values())):
+                loop.create_task(close_poller_db())
 
     async def _discard(self, groups, channel):
         for group in groups:
@@ -336,7 +369,7 @@ class JobHub:
                 wanted.setdefault(s.user.pk, set()).add(s.job_id)
             else:
                 wanted.setdefault(s.user.pk, set())
-        live_keys, allowed, sees_all = await database_sync_to_async(_still_allowed)(keys, wanted)
+        live_keys, allowed, sees_all = await poller_db(_still_allowed, keys, wanted)
         for s in subs:
             s.sees_all = sees_all.get(s.user.pk, False)
             if s.session_key is not None and s.session_key not in live_keys:
@@ -361,7 +394,7 @@ class JobHub:
         restricted_users = {s.user.pk: s.user for s in self.lists if not s.sees_all}
         if not job_langs and not list_langs:
             return
-        result = await database_sync_to_async(self._read_and_render)(job_langs, list_langs, restricted_users)
+        result = await poller_db(self._read_and_render, job_langs, list_langs, restricted_users)
         self.ticks += 1
         await self._dispatch(result)
 
@@ -518,9 +551,22 @@ class _Publisher:
 
     def __init__(self, layer):
         self.layer = layer
+        self.pending = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="kvmweb-publish", daemon=True)
         self.thread.start()
+        # A process that exits right after its last write (a command, a recycled worker)
+        # would otherwise lose that message to the daemon thread's death; the pollers
+        # would still catch up, one catch-up interval late.
+        atexit.register(self.flush)
+
+    def flush(self, timeout=2.0):
+        deadline = time.monotonic() + timeout
+        for future in list(self.pending):
+            try:
+                future.result(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
 
     async def _send(self, job_id):
         message = {"type": "job.changed", "job": job_id}
@@ -533,7 +579,9 @@ class _Publisher:
             )
 
     def publish(self, job_id):
-        asyncio.run_coroutine_threadsafe(self._send(job_id), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self._send(job_id), self.loop)
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
 
 
 _publisher = None

@@ -8,6 +8,7 @@ against channels-redis, where publish_job() wakes the poller.
 """
 
 import asyncio
+import os
 import uuid
 
 import pytest
@@ -36,6 +37,7 @@ async def fast_poll(monkeypatch):
     # The hub and the consumers read from asgiref's sync thread; close its connection so
     # the test database can be dropped (PostgreSQL refuses while a session is open).
     await database_sync_to_async(connections.close_all)()
+    await streaming.close_poller_db()
 
 
 @pytest.fixture
@@ -297,3 +299,16 @@ async def test_it_ends_streams_when_the_session_or_the_scope_ends(jobs, alice, b
     assert streaming.get_hub().watcher_count == 0
     await write_progress(job, percent=90.0)
     assert await kept.receive_nothing(timeout=0.5)
+
+
+@pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="the Redis channel layer only (scale-out pass)")
+async def test_it_keeps_an_idle_watcher_connected_on_redis(jobs, operator):
+    """redis-py 8's default 5 s socket timeout killed every idle consumer's channel-layer
+    receive (daphne then dropped the socket); kvmweb/settings.py turns it off."""
+    job = jobs["bob"]
+    comm = await connected(f"/ws/jobs/{job.pk}/", operator)
+    await comm.receive_from(timeout=TIMEOUT)
+    await asyncio.sleep(7)
+    await write_progress(job, percent=33.3)
+    await receive_until(comm, "33.3 %")
+    await comm.disconnect()
