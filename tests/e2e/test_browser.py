@@ -98,6 +98,7 @@ class Site:
             str(self.port),
             "kvmweb.asgi:application",
         )
+        self.web = proc
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -108,6 +109,10 @@ class Site:
                     self.dir / "daphne.log"
                 ).read_text()
                 time.sleep(0.1)
+
+    def stop_web(self):
+        self.web.terminate()
+        self.web.wait(15)
 
     def start_workers(self):
         self.start("qcluster", PY, "manage.py", "qcluster")
@@ -282,6 +287,45 @@ def test_it_streams_a_running_job_to_its_page_and_the_dashboard(site, browser):
     assert late.get_attribute(".progress", "aria-valuenow") == "100"
     assert late.evaluate(CHART_INK, job)[0] > 100
     context.close()
+
+
+FINISH_JOB = """
+from django.db.models import F
+from django.utils import timezone
+from migrations_app.models import JobEvent, MigrationJob
+MigrationJob.objects.filter(pk={job}).update(status="succeeded", phase="done", percent=100, downtime_ms=17,
+    elapsed_ms=2000, finished_at=timezone.now(), progress_at=timezone.now(), progress_seq=F("progress_seq") + 1)
+JobEvent.objects.create(job_id={job}, message="Finished while nobody watched.")
+"""
+
+
+def test_it_catches_up_after_the_server_restarts(site, browser):
+    """The socket drops (daphne restarts); the job finishes meanwhile; htmx reconnects and
+    the snapshot brings the page to the final state, with each log line once."""
+    site.python(MAKE_OPERATOR)
+    job = site.python(MAKE_RUNNING_JOB)
+    site.start_web()
+    page = browser.new_page()
+    sign_in(page, site, "e2e-operator")
+    page.goto(f"{site.url}/migrations/{job}/")
+    page.wait_for_selector("#job-connection[data-state=open]")
+    site.stop_web()
+    page.wait_for_selector("#job-connection[data-state=closed]")
+    site.python(FINISH_JOB.format(job=job))
+    assert page.get_attribute(".progress", "aria-valuenow") == "0"
+    site.start_web()
+    page.wait_for_selector("#job-connection[data-state=open]", timeout=30000)
+    page.wait_for_function(
+        "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=10000
+    )
+    assert page.inner_text("[data-testid=job-status]") == "succeeded"
+    assert page.inner_text("[data-testid=job-downtime]") == "17 ms"
+    events = page.inner_text(f"#job-events-{job}")
+    assert (
+        events.count("Claimed by the e2e writer.") == 1
+        and events.count("Finished while nobody watched.") == 1
+    )
+    assert page.locator("[data-live-controls]").is_hidden()
 
 
 REGISTER_LAB_HOSTS = """
