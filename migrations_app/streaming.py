@@ -213,6 +213,7 @@ class JobHub:
         self.active_ids = set()
         self.max_pk = None
         self.last_event_id = None
+        self.had_lists = False
         # Real (cross-process) channel layer: one channel per process, not per watcher.
         layer = get_channel_layer()
         self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
@@ -305,6 +306,7 @@ class JobHub:
             self.seen.clear()
             self.active_ids.clear()
             self.max_pk = self.last_event_id = None
+            self.had_lists = False
             if self.listener is not None:
                 self.listener.cancel()
                 self.listener = None
@@ -369,9 +371,11 @@ class JobHub:
                 wanted.setdefault(s.user.pk, set()).add(s.job_id)
             else:
                 wanted.setdefault(s.user.pk, set())
-        live_keys, allowed, sees_all = await poller_db(_still_allowed, keys, wanted)
+        live_keys, allowed, users = await poller_db(_still_allowed, keys, wanted)
         for s in subs:
-            s.sees_all = sees_all.get(s.user.pk, False)
+            # Fresh user objects: roles are cached on them, and list scope uses them.
+            if s.user.pk in users:
+                s.user, s.sees_all = users[s.user.pk]
             if s.session_key is not None and s.session_key not in live_keys:
                 code = 4401
             elif s.user.pk not in allowed or (s.job_id is not None and s.job_id not in allowed[s.user.pk]):
@@ -403,9 +407,13 @@ class JobHub:
         one for new event-log lines (only when job pages are watched), then one render
         per changed job and language."""
         result = TickResult()
-        if self.max_pk is None:
+        if self.max_pk is None or (list_langs and not self.had_lists):
+            # Start (or first list watcher): "new job" means newer than now. Jobs created
+            # while nobody watched a list need no replay: the lists' snapshots have them.
             self.max_pk = MigrationJob.objects.aggregate(m=Max("pk"))["m"] or 0
+        if self.last_event_id is None:
             self.last_event_id = JobEvent.objects.aggregate(m=Max("pk"))["m"] or 0
+        self.had_lists = bool(list_langs)
         cond = Q(pk__in=list(job_langs))
         if list_langs:
             # Lists change when a job is created, or when an active job changes (also
@@ -501,7 +509,7 @@ class JobHub:
 
 def _still_allowed(session_keys, wanted):
     """(session keys still valid, {user pk: job ids of `wanted` still in scope},
-    {user pk: sees everything}); users gone or deactivated are missing from the dicts."""
+    {user pk: (fresh user, sees everything)}); users gone or deactivated are missing."""
     from django.contrib.auth import get_user_model
     from django.contrib.sessions.models import Session
     from django.utils import timezone
@@ -513,16 +521,16 @@ def _still_allowed(session_keys, wanted):
     )
     from kvmweb.accounts.roles import sees_everything
 
-    allowed, sees_all = {}, {}
+    allowed, users = {}, {}
     for user in get_user_model().objects.filter(pk__in=list(wanted), is_active=True):
-        sees_all[user.pk] = sees_everything(user)
+        users[user.pk] = (user, sees_everything(user))
         job_ids = wanted[user.pk]
         allowed[user.pk] = (
             set(MigrationJob.objects.restrict(user).filter(pk__in=job_ids).values_list("pk", flat=True))
             if job_ids
             else set()
         )
-    return live, allowed, sees_all
+    return live, allowed, users
 
 
 _hubs = weakref.WeakKeyDictionary()

@@ -312,3 +312,17 @@ async def test_it_keeps_an_idle_watcher_connected_on_redis(jobs, operator):
     await write_progress(job, percent=33.3)
     await receive_until(comm, "33.3 %")
     await comm.disconnect()
+
+
+async def test_it_narrows_a_list_when_its_watcher_loses_a_role(jobs, operator, monkeypatch):
+    monkeypatch.setattr(streaming, "RECHECK_INTERVAL", 0.2)
+    comm = await connected("/ws/jobs/", operator)
+    await comm.receive_from(timeout=TIMEOUT)
+    await database_sync_to_async(operator.groups.clear)()
+    await asyncio.sleep(0.6)  # a re-check or two
+    while not comm.output_queue.empty():
+        comm.output_queue.get_nowait()
+    await write_progress(jobs["bob"], status=MigrationJob.FAILED)
+    await write_progress(jobs["alice"], status=MigrationJob.FAILED)
+    assert await comm.receive_nothing(timeout=0.6)  # no role, no rows
+    await comm.disconnect()
