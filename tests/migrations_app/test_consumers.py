@@ -326,3 +326,22 @@ async def test_it_narrows_a_list_when_its_watcher_loses_a_role(jobs, operator, m
     await write_progress(jobs["alice"], status=MigrationJob.FAILED)
     assert await comm.receive_nothing(timeout=0.6)  # no role, no rows
     await comm.disconnect()
+
+
+async def test_it_escapes_names_in_live_fragments(jobs, operator):
+    job = jobs["bob"]
+    await database_sync_to_async(MigrationJob.objects.filter(pk=job.pk).update)(
+        vm_name="<script>alert(1)</script>", error="<img src=x onerror=alert(2)>"
+    )
+    detail = await connected(f"/ws/jobs/{job.pk}/", operator)
+    rows = await connected("/ws/jobs/", operator)
+    texts = [await detail.receive_from(timeout=TIMEOUT), await rows.receive_from(timeout=TIMEOUT)]
+    await write_progress(job, status=MigrationJob.FAILED)
+    texts.append(await receive_until(detail, 'data-status="failed"'))
+    texts.append(await receive_until(rows, ">failed<"))
+    for text in texts:
+        assert "<script>alert(1)" not in text and "<img src=x" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in texts[3]
+    assert "&lt;img src=x onerror=alert(2)&gt;" in texts[2]
+    await detail.disconnect()
+    await rows.disconnect()
