@@ -96,6 +96,9 @@
           s.points.push([t, num(prog.dataset.rate) || 0, num(prog.dataset.remaining) || 0]);
         }
       }
+      var status = prog.dataset.status;
+      if (s.status && s.status !== status) refreshControls();
+      s.status = status;
       if (prog.dataset.final === "1") {
         document.querySelectorAll("[data-live-controls]").forEach(function (el) {
           el.hidden = true;
@@ -103,6 +106,16 @@
       }
     }
     draw(jobId);
+  }
+
+  // The controls depend on the state (queued: cancel only; running: bandwidth, downtime,
+  // post-copy) and on the user's permissions and CSRF token, so they are not part of the
+  // shared live fragment: on a state change this browser fetches its own copy (a few
+  // requests per job, not per progress update).
+  function refreshControls() {
+    var el = document.querySelector("[data-live-controls]");
+    if (!el) return;
+    htmx.ajax("GET", window.location.pathname, { target: el, select: "[data-live-controls]", swap: "outerHTML" });
   }
 
   function draw(jobId) {

@@ -173,7 +173,7 @@ u = User.objects.create_user("e2e-operator", password={PASSWORD!r})
 u.groups.add(Group.objects.get(name=OPERATOR))
 """
 
-MAKE_RUNNING_JOB = """
+MAKE_JOB = """
 import json, uuid
 from django.utils import timezone
 from hosts.models import VM, Host
@@ -182,8 +182,8 @@ a = Host.objects.create(name="e2e-a", uri="test:///e2e-a")
 b = Host.objects.create(name="e2e-b", uri="test:///e2e-b")
 vm = VM.objects.create(uuid=uuid.uuid4(), name="e2e-vm", host=a, state="running")
 job = MigrationJob.objects.create(vm=vm, vm_name=vm.name, source=a, source_name=a.name, target=b,
-    target_name=b.name, mode="live", status="running", started_at=timezone.now(), phase="setup",
-    requested_by_name="e2e-operator")
+    target_name=b.name, mode="live", status="{status}", requested_by_name="e2e-operator",
+    started_at=timezone.now() if "{status}" == "running" else None)
 JobEvent.objects.create(job=job, message="Claimed by the e2e writer.")
 print(json.dumps(job.pk))
 """
@@ -200,6 +200,10 @@ from migrations_app.streaming import publish_job
 JOB = {job}
 total = 2 << 30
 job = MigrationJob.objects.get(pk=JOB)
+MigrationJob.objects.filter(pk=JOB).update(status="running", started_at=timezone.now(), phase="setup",
+    progress_seq=F("progress_seq") + 1)
+publish_job(JOB)
+time.sleep(0.5)
 for i in range(1, 13):
     remaining = total - i * total // 12
     with transaction.atomic():
@@ -235,24 +239,28 @@ CHART_INK = """(id) => {
 }"""
 
 
-def test_it_streams_a_running_job_to_its_page_and_the_dashboard(site, browser):
+def test_it_streams_a_job_to_its_page_and_the_dashboard(site, browser):
     site.python(MAKE_OPERATOR)
-    job = site.python(MAKE_RUNNING_JOB)
+    job = site.python(MAKE_JOB.format(status="queued"))
     site.start_web()
     context = browser.new_context()
     dashboard = context.new_page()
     sign_in(dashboard, site, "e2e-operator")
     row_status = dashboard.locator(f"#job-row-{job} [data-testid=job-row-status]")
-    assert row_status.inner_text() == "running"
+    assert row_status.inner_text() == "queued"
     page = context.new_page()
     page.goto(f"{site.url}/migrations/{job}/")
     page.wait_for_selector("#job-connection[data-state=open]")
     assert page.get_attribute(".progress", "aria-valuenow") == "0"
+    # Queued: cancel only; the live controls come when it runs (state change refetch).
+    assert page.locator("[data-testid=job-cancel]").is_visible()
+    assert page.locator("input[name=bandwidth]").count() == 0
 
     writer = subprocess.Popen(
         [PY, "manage.py", "shell", "-v", "0", "-c", WRITE_PROGRESS.format(job=job)], cwd=ROOT, env=site.env
     )
     try:
+        page.wait_for_selector("input[name=bandwidth]", timeout=15000)
         # Mid-way: the bar moves and the figures follow, without any reload.
         page.wait_for_function(
             "Number(document.querySelector('.progress').getAttribute('aria-valuenow')) >= 40", timeout=15000
@@ -267,6 +275,7 @@ def test_it_streams_a_running_job_to_its_page_and_the_dashboard(site, browser):
         assert writer.wait(60) == 0
     page.wait_for_selector("[data-testid=job-downtime]")
     assert page.inner_text("[data-testid=job-status]") == "succeeded"
+    page.wait_for_selector("[data-live-controls]", state="hidden")
     assert page.inner_text("[data-testid=job-downtime]") == "42 ms"
     events = page.inner_text(f"#job-events-{job}")
     assert "Claimed by the e2e writer." in events and "Phase: memory." in events
@@ -303,7 +312,7 @@ def test_it_catches_up_after_the_server_restarts(site, browser):
     """The socket drops (daphne restarts); the job finishes meanwhile; htmx reconnects and
     the snapshot brings the page to the final state, with each log line once."""
     site.python(MAKE_OPERATOR)
-    job = site.python(MAKE_RUNNING_JOB)
+    job = site.python(MAKE_JOB.format(status="running"))
     site.start_web()
     page = browser.new_page()
     sign_in(page, site, "e2e-operator")
