@@ -118,6 +118,7 @@ def test_it_translates_into_chinese(entries):
         "CPU",
         "Hypervisor",
         "%(size)s/s",
+        "%(mib)s MiB/s",
         "virsh %(c)s net-start %(n)s; virsh %(c)s net-autostart %(n)s",
         "virsh %(c)s pool-start %(p)s",
     }
