@@ -287,10 +287,10 @@ class JobHub:
                 except Exception:  # Redis away: keep serving by polling, retry next time
                     log.warning("channel layer unavailable; streaming by polling only", exc_info=True)
                 try:
-                    await self._tick()
-                    if loop.time() >= next_recheck:
+                    if loop.time() >= next_recheck:  # before sending more, not after
                         next_recheck = loop.time() + RECHECK_INTERVAL
                         await self._recheck()
+                    await self._tick()
                 except Exception:  # a DB hiccup must not kill streaming for everyone
                     log.exception("job progress poller tick failed")
                 interval = POLL_INTERVAL_WITH_LAYER if self.layer else POLL_INTERVAL
