@@ -15,9 +15,10 @@ import pytest
 import pytest_asyncio
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.db import connections
+from django.db import connection, connections
 from django.db.models import F
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from hosts.models import VM, Host
@@ -198,12 +199,24 @@ async def test_it_runs_one_poller_and_renders_once_for_many_watchers(jobs, opera
     pollers = [t for t in asyncio.all_tasks() if t.get_name() == "kvmweb-job-poller" and not t.done()]
     assert len(pollers) == 1
     await asyncio.sleep(0.2)  # let the poller settle on the current state
+    queries = []  # SQL statements per tick, counted on the poller's own thread
+    read_and_render = hub._read_and_render
+
+    def counting(*args):
+        with CaptureQueriesContext(connection) as captured:
+            result = read_and_render(*args)
+        queries.append(len(captured))
+        return result
+
+    hub._read_and_render = counting
     renders, ticks = hub.renders, hub.ticks
     await write_progress(job, percent=55.5)
     for comm in watchers:
         await receive_until(comm, "55.5 %")
-    # 25 watchers, one job, one language: rendered once; a handful of ticks, not 25.
+    # 25 watchers, one job, one language: rendered once; a handful of ticks, not 25;
+    # each tick is the job query plus the event-log query, whoever watches.
     assert hub.renders - renders == 1
+    assert queries and max(queries) == 2, queries
     assert hub.ticks - ticks < 10
     for comm in watchers:
         await comm.disconnect()
