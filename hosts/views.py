@@ -97,7 +97,7 @@ def host_sync(request, pk):
 @login_required
 def vm_list(request):
     form = VMFilterForm(request.GET or None)
-    vms = scoped(VM, request.user).select_related("host")
+    vms = scoped(VM, request.user).select_related("host", "owner_user", "owner_group")
     filters = form.cleaned_data if form.is_valid() else {}
     if not filters.get("gone"):
         vms = vms.filter(gone=False)
