@@ -349,7 +349,8 @@ def main():
           f"{'errors':>6}  daphne CPU")  # fmt: skip
     for backend in args.backends:
         data_dir = tempfile.mkdtemp(prefix="kvmweb-bench-pages-data-")
-        env = dict(os.environ, KVMWEB_DATA_DIR=data_dir, DJANGO_SETTINGS_MODULE="kvmweb.settings")
+        env = dict(os.environ, KVMWEB_DATA_DIR=data_dir)
+        env.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")  # another one to compare settings
         services_dir = None
         if backend == "sqlite":
             env.pop("DATABASE_URL", None)
