@@ -36,7 +36,7 @@ from django.db.models import Max
 from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def check_workers(now=None):
 
 
 @never_cache
-@require_GET
+@require_safe  # GET and HEAD (some load balancers probe with HEAD)
 def health(request):
     """Report database, worker and channel-layer health; 200 when healthy, else 503."""
     database = check_database()

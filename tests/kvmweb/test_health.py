@@ -144,6 +144,13 @@ def test_it_refuses_other_methods(client):
     assert client.post("/health/").status_code == 405
 
 
+def test_it_answers_head_for_load_balancers(client):
+    beat("kvmweb")
+    beat("migrations")
+    assert client.head("/health/").status_code == 200
+    assert client.head("/health/?scope=web").status_code == 200
+
+
 def test_it_never_touches_libvirt(client, monkeypatch):
     from hosts import hypervisor
 
