@@ -16,10 +16,7 @@ status=0
 # the scale-out lab test (a real migration through two clusters and two daphnes).
 shopt -s nullglob
 also=(tests/audit/test_*.py tests/kvmweb/test_health.py
-  tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,progress}*.py)
-# Not tests/migrations_app/test_consumers.py: its in-process harness (one event loop per
-# test, one shared RedisChannelLayer) can hang at loop teardown on channels-redis; the
-# Redis streaming path runs with real daphne processes in tests/scaleout/ instead.
+  tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,consumer,progress}*.py)
 shopt -u nullglob
 KVMWEB_SERVICES_DIR=$(mktemp -d /tmp/kvmweb-services.XXXXXX)
 export KVMWEB_SERVICES_DIR
