@@ -106,3 +106,15 @@ def _audit_guards_for_transactional_tests(request):
     guards.install(connection)
     yield
     guards.remove(connection)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layers():
+    """Every test gets fresh channel layer instances. A channels-redis layer keeps asyncio
+    locks bound to the event loop that first used it, and each async test (and each
+    async_to_sync call) runs its own loop: a layer shared across tests fails with "bound
+    to a different event loop" (the scale-out pass runs the tests on Redis)."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
