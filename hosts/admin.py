@@ -33,7 +33,8 @@ class VMAdmin(admin.ModelAdmin):
     list_display = ["name", "uuid", "host", "state", "gone", "owner_user", "owner_group"]
     list_filter = ["state", "gone", "host"]
     search_fields = ["name", "uuid"]
-    readonly_fields = [f.name for f in VM._meta.fields if f.name not in ("owner_user", "owner_group")]
+    # Ownership changes go through the audited Ownership pages, never the admin.
+    readonly_fields = [f.name for f in VM._meta.fields]
     inlines = [VMLocationInline]
 
     def has_add_permission(self, request):

@@ -7,11 +7,21 @@ from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
 
+class HostGroupQuerySet(models.QuerySet):
+    def restrict(self, user, action="view"):
+        """Scope rule for host groups (see kvmweb.accounts.scope.host_groups)."""
+        from kvmweb.accounts.scope import host_groups
+
+        return self.filter(pk__in=host_groups(user, action).values("pk"))
+
+
 class HostGroup(models.Model):
     """A set of hosts; self-service policies are expressed between host groups."""
 
     name = models.CharField(_("name"), max_length=100, unique=True)
     description = models.TextField(_("description"), blank=True)
+
+    objects = HostGroupQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]

@@ -182,6 +182,16 @@ def do_sync_inventory(host, *, actor=None, request=None):
             records = conn.domains()
     except hypervisor.HypervisorError as exc:
         _store_unreachable(host, exc)
+        if actor is not None:
+            with transaction.atomic():
+                record(
+                    "inventory.sync",
+                    actor=actor,
+                    request=request,
+                    target=host,
+                    outcome=AuditEvent.FAILURE,
+                    details={"error": exc.message},
+                )
         return {"added": [], "moved": [], "gone": [], "updated": 0, "error": exc.message}
     host = _store_facts(host, facts)
     return apply_inventory(host, records, actor=actor, request=request)

@@ -126,8 +126,6 @@ def vm_list(request):
 @login_required
 def vm_detail(request, pk):
     vm = get_scoped_or_404(VM, request.user, pk=pk)
-    return render(
-        request,
-        "hosts/vm_detail.html",
-        {"vm": vm, "locations": vm.locations.select_related("host")[:100]},
-    )
+    # The location trail is part of the history section (vm_history), which masks hosts
+    # outside the viewer's scope.
+    return render(request, "hosts/vm_detail.html", {"vm": vm})

@@ -2087,8 +2087,15 @@ def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False)
     (prime_dirty_rate), ready when the chosen target gets the full run."""
     from hosts.models import Host
 
-    hosts = Host.objects.restrict(user) if user is not None else Host.objects.all()
-    hosts = [h for h in hosts.exclude(pk=vm.host_id)]
+    if user is None:
+        hosts = Host.objects.exclude(pk=vm.host_id)
+    else:
+        # Only targets this user may pick (a self-service policy's target groups), so the
+        # wizard never offers a host that the request would then be refused for.
+        from kvmweb.accounts.policy import allowed_targets
+
+        hosts = allowed_targets(user, vm)
+    hosts = list(hosts)
     if not hosts or vm.host is None:
         return []
     if mode in LIVE_MODES:

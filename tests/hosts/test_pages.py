@@ -92,3 +92,31 @@ def test_it_filters_and_paginates_the_vm_list(login, admin, node_xml):
     assert "db1" in body and "web1" not in body
     body = client.get("/vms/?q=web").content.decode()
     assert "web1" in body and "db1" not in body
+
+
+def test_it_never_names_hosts_outside_a_self_service_users_scope(login, alice, node_xml):
+    # web1 ran on "secret-host", then moved to "a"; alice owns it and may see only "a".
+    text = node_xml("a").read_text()
+    secret = services.do_register_host("secret-host", f"test://{node_xml('s', text)}")
+    web = VM.objects.get(name="web1")
+    web.owner_user = alice
+    web.save()
+    secret.delete()
+    services.do_register_host("a", f"test://{node_xml('a')}")
+    VM.objects.filter(pk=web.pk).update(stale_hosts=["secret-host"])
+    body = login(alice).get(f"/vms/{web.pk}/").content.decode()
+    assert "secret-host" not in body
+    assert "another host" in body  # the trail entry and the stale-copy warning are masked
+    assert "seen on another host" in body
+    assert "secret-host" not in login(alice).get("/vms/").content.decode()
+
+
+def test_it_audits_a_failed_sync_against_the_person_who_asked(login, admin):
+    host = services.do_register_host("down", "qemu+tcp://127.0.0.1:1/system", sync=False)
+    response = login(admin).post(f"/hosts/{host.pk}/sync/")
+    assert response.status_code == 302
+    from kvmweb.audit.models import AuditEvent
+
+    event = AuditEvent.objects.get(action="inventory.sync")
+    assert event.actor == admin and event.outcome == AuditEvent.FAILURE
+    assert "connection refused" in event.details["error"].lower()
