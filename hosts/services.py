@@ -176,6 +176,7 @@ def do_sync_inventory(host, *, actor=None, request=None):
     Returns a summary dict (added, moved, gone, updated, error). When the host cannot be
     reached nothing about its VMs is changed: we do not know where they are.
     """
+    listed_at = timezone.now()
     try:
         with hypervisor.session(host.uri) as conn:
             facts = conn.facts()
@@ -194,18 +195,38 @@ def do_sync_inventory(host, *, actor=None, request=None):
                 )
         return {"added": [], "moved": [], "gone": [], "updated": 0, "error": exc.message}
     host = _store_facts(host, facts)
-    return apply_inventory(host, records, actor=actor, request=request)
+    return apply_inventory(host, records, actor=actor, request=request, listed_at=listed_at)
 
 
-def apply_inventory(host, records, *, actor=None, request=None, via="sync"):
-    """Reconcile the VM rows with the domains found on ``host`` (one transaction)."""
+def apply_inventory(host, records, *, actor=None, request=None, via="sync", listed_at=None):
+    """Reconcile the VM rows with the domains found on ``host`` (one transaction).
+
+    A listing is a snapshot that may be stale by the time it is applied. Two races matter:
+    during a migration the domain exists on both hosts, and a listing read before a
+    migration finished may be applied after the migration moved the row. So a sync
+    (``via="sync"``) never moves or buries a VM that has an active migration job, nor one
+    whose last recorded move is newer than ``listed_at``; the migration runner
+    (``via="migration"``) owns those rows until the job ends.
+    """
+    from migrations_app.models import MigrationJob
+
     now = timezone.now()
     by_uuid = {r["uuid"]: r for r in records}
     summary = {"added": [], "moved": [], "gone": [], "updated": 0, "error": ""}
     with transaction.atomic():
         existing = {
-            str(vm.uuid): vm for vm in VM.objects.filter(uuid__in=list(by_uuid)).select_related("host")
+            str(vm.uuid): vm
+            for vm in VM.objects.select_for_update().filter(uuid__in=list(by_uuid)).select_related("host")
         }
+        held = set()
+        if via != "migration":
+            candidates = [vm.pk for vm in existing.values()]
+            active = MigrationJob.objects.active()
+            held = set(active.filter(vm__host=host).values_list("vm_id", flat=True))
+            held |= set(active.filter(vm_id__in=candidates).values_list("vm_id", flat=True))
+            if listed_at is not None:
+                newer = VMLocation.objects.filter(vm_id__in=candidates, at__gt=listed_at)
+                held |= set(newer.values_list("vm_id", flat=True))
         to_create, to_update, locations = [], [], []
         for uuid, rec in by_uuid.items():
             vm = existing.get(uuid)
@@ -217,6 +238,8 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync"):
                 summary["added"].append(rec["name"])
                 continue
             if vm.host_id != host.pk:
+                if vm.pk in held:
+                    continue  # a migration owns this row now, or moved it after this listing
                 if not rec["active"] and vm.host_id and not vm.gone and vm.is_running:
                     # A shut-off copy of a VM that runs elsewhere: a stale definition left
                     # by a migration without undefine-source. Do not move the row; flag it.
@@ -245,7 +268,9 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync"):
             if host.name in vm.stale_hosts:
                 vm.stale_hosts = [h for h in vm.stale_hosts if h != host.name]
                 vm.save(update_fields=["stale_hosts"])
-        missing = VM.objects.filter(host=host, gone=False).exclude(uuid__in=list(by_uuid))
+        missing = (
+            VM.objects.filter(host=host, gone=False).exclude(uuid__in=list(by_uuid)).exclude(pk__in=held)
+        )
         summary["gone"] = list(missing.values_list("name", flat=True))
         missing.update(gone=True)
         VMLocation.objects.bulk_create(

@@ -91,3 +91,62 @@ def test_it_keeps_vms_when_the_host_is_unreachable(node_xml):
     host.refresh_from_db()
     assert host.status == Host.UNREACHABLE and "connection refused" in host.last_error.lower()
     assert summary["error"] and VM.objects.filter(gone=False).count() == 3
+
+
+def test_it_lets_an_active_migration_own_the_vms_location(node_xml, admin):
+    """During a migration the domain exists on both hosts; a sync of either must not move
+    or bury the row: the migration runner decides where the VM is."""
+    from migrations_app.models import MigrationJob
+
+    text = node_xml("a").read_text()
+    a = register("a", node_xml("a"))
+    web = VM.objects.get(name="web1")
+    b = register(
+        "b",
+        node_xml(
+            "b",
+            text.replace("555555555502", "555555555592")
+            .replace("<name>db1", "<name>db1-b")
+            .replace("555555555503", "555555555593")
+            .replace("<name>batch1", "<name>batch1-b"),
+        ),
+    )
+    web.refresh_from_db()
+    assert web.host == b  # no job: a plain sync follows the UUID
+    MigrationJob.objects.create(
+        vm=web,
+        vm_name="web1",
+        source=b,
+        source_name="b",
+        target=a,
+        target_name="a",
+        mode="live",
+        status=MigrationJob.RUNNING,
+    )
+    services.do_sync_inventory(a)
+    web.refresh_from_db()
+    assert web.host == b and not web.gone
+
+
+def test_it_ignores_a_listing_older_than_the_vms_last_move(node_xml):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    a = register("a", node_xml("a"))
+    web = VM.objects.get(name="web1")
+    b = Host.objects.create(name="b", uri="test:///default")
+    listed_at = timezone.now()
+    # The migration moved the row after host a was listed (still showing web1).
+    web.host = b
+    web.save()
+    VMLocation.objects.create(
+        vm=web, host=b, host_name="b", at=listed_at + timedelta(seconds=1), via="migration"
+    )
+    from hosts import hypervisor
+
+    with hypervisor.session(a.uri) as conn:
+        records = conn.domains()
+    services.apply_inventory(a, records, listed_at=listed_at)
+    web.refresh_from_db()
+    assert web.host == b
