@@ -216,7 +216,9 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
     with transaction.atomic():
         existing = {
             str(vm.uuid): vm
-            for vm in VM.objects.select_for_update().filter(uuid__in=list(by_uuid)).select_related("host")
+            for vm in VM.objects.select_for_update(of=("self",))
+            .filter(uuid__in=list(by_uuid))
+            .select_related("host")
         }
         held = set()
         if via != "migration":
