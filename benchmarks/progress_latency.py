@@ -82,6 +82,7 @@ def writer(data_dir, job_id, seconds, hz):
                 iteration=1 + i // 20,
                 eta_seconds=remaining / (300 << 20),
                 progress_at=timezone.now(),
+                heartbeat_at=timezone.now(),
                 progress_seq=F("progress_seq") + 1,
             )
             ProgressSample.objects.create(
@@ -92,6 +93,7 @@ def writer(data_dir, job_id, seconds, hz):
         publish_job(job_id)
         print(seq, f"{committed:.6f}", flush=True)
         time.sleep(max(0.0, next_at - time.monotonic()))
+    time.sleep(0.5)  # let the publisher thread flush the last message
 
 
 # ------------------------------------------------------------------ a minimal ws client

@@ -39,13 +39,9 @@ sys.path.insert(0, str(ROOT))
 PY = str(ROOT / ".venv" / "bin" / "python")
 SEQ = re.compile(r'data-seq="(\d+)"')
 
-
-def setup_django(data_dir):
-    os.environ["KVMWEB_DATA_DIR"] = data_dir
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
-    import django
-
-    django.setup()
+# The writer (the worker's progress writes) and the small helpers are shared with the
+# embedded-default benchmark.
+from progress_latency import cpu_seconds, free_port, percentile, setup_django, writer  # noqa: E402
 
 
 def start_services():
@@ -68,81 +64,6 @@ def start_services():
 def stop_services(services_dir):
     env = dict(os.environ, KVMWEB_SERVICES_DIR=services_dir)
     subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "stop"], env=env, check=False)
-
-
-# ------------------------------------------------------------------ the writer (worker)
-
-
-def writer(data_dir, job_id, seconds, hz):
-    """Child process: progress writes like the worker's; prints 'seq commit_time' each."""
-    setup_django(data_dir)
-    from django.db import transaction
-    from django.db.models import F
-    from django.utils import timezone
-
-    from migrations_app.models import MigrationJob, ProgressSample
-    from migrations_app.streaming import publish_job
-
-    total = 4 << 30
-    count = int(seconds * hz)
-    next_at = time.monotonic()
-    for i in range(count):
-        next_at += 1 / hz
-        remaining = total - (i + 1) * total // (count + 1)
-        with transaction.atomic():
-            MigrationJob.objects.filter(pk=job_id).update(
-                phase="memory",
-                percent=100 * (total - remaining) / total,
-                data_total=total,
-                data_processed=total - remaining,
-                data_remaining=remaining,
-                memory_total=total,
-                memory_processed=total - remaining,
-                memory_remaining=remaining,
-                rate=300 << 20,
-                dirty_rate=20 << 20,
-                iteration=1 + i // 20,
-                eta_seconds=remaining / (300 << 20),
-                progress_at=timezone.now(),
-                heartbeat_at=timezone.now(),
-                progress_seq=F("progress_seq") + 1,
-            )
-            ProgressSample.objects.create(
-                job_id=job_id,
-                t=(i + 1) / hz,
-                rate=300 << 20,
-                remaining=remaining,
-                processed=total - remaining,
-            )
-            seq = MigrationJob.objects.filter(pk=job_id).values_list("progress_seq", flat=True).get()
-        committed = time.time()
-        publish_job(job_id)
-        print(seq, f"{committed:.6f}", flush=True)
-        time.sleep(max(0.0, next_at - time.monotonic()))
-    time.sleep(0.5)  # let the publisher thread flush the last message
-
-
-# ------------------------------------------------------------------ measuring
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def percentile(values, p):
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 class Watcher:
