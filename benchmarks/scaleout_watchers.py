@@ -42,6 +42,7 @@ SEQ = re.compile(r'data-seq="(\d+)"')
 # The writer (the worker's progress writes) and the small helpers are shared with the
 # embedded-default benchmark.
 from progress_latency import cpu_seconds, free_port, percentile, setup_django, writer  # noqa: E402
+from progress_latency import prepare as _prepare  # noqa: E402
 
 
 def start_services():
@@ -147,32 +148,9 @@ async def scenario(daphnes, job_id, cookie, watchers, seconds, hz, data_dir, oth
 
 
 def prepare():
-    """A user, two hosts, a VM and a running job; a session cookie."""
-    import uuid
-
-    from django.contrib.auth.models import Group, User
-    from django.core.management import call_command
-    from django.test import Client
-    from django.utils import timezone
-
-    from hosts.models import VM, Host
-    from kvmweb.accounts.roles import OPERATOR
-    from migrations_app.models import MigrationJob
-
-    call_command("migrate", verbosity=0)
-    suffix = os.urandom(3).hex()
-    user = User.objects.create_user(f"bench-{suffix}", password="x" * 20)
-    user.groups.add(Group.objects.get(name=OPERATOR))
-    src = Host.objects.create(name=f"bench-src-{suffix}", uri=f"test:///bench-src-{suffix}")
-    dst = Host.objects.create(name=f"bench-dst-{suffix}", uri=f"test:///bench-dst-{suffix}")
-    vm = VM.objects.create(uuid=uuid.uuid4(), name=f"bench-{suffix}", host=src)
-    job = MigrationJob.objects.create(
-        vm=vm, vm_name=vm.name, source=src, source_name=src.name, target=dst, target_name=dst.name,
-        mode=MigrationJob.LIVE, status=MigrationJob.RUNNING, started_at=timezone.now(), phase="setup",
-    )  # fmt: skip
-    client = Client()
-    client.force_login(user)
-    return job, {"sessionid": client.cookies["sessionid"].value}
+    """The latency benchmark's job and session, with the cookie as a dict."""
+    job, session = _prepare()
+    return job, {"sessionid": session}
 
 
 def server_pid(port):
