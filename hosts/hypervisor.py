@@ -574,6 +574,11 @@ class HostConnection:
 
         return self.call(_("Looking up storage"), read)
 
+    def probe_shared(self, target, directories):
+        """Whether ``target`` (a HostConnection) sees what this host writes in each
+        directory: {directory: True | False | None}, see probe_shared()."""
+        return probe_shared(self, target, directories)
+
     def secrets_present(self, uuids):
         """{secret UUID: True/False}: whether this host holds each libvirt secret (disk
         encryption passphrases, RBD/iSCSI credentials referenced by a domain)."""
@@ -1085,23 +1090,80 @@ ERR_OPERATION_ABORTED = libvirt.VIR_ERR_OPERATION_ABORTED
 ERR_NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
 
 
-def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=4 << 20):
-    """Copy the volume at ``path`` on ``source`` to the same path on ``target`` through
-    libvirt storage-volume streams (virStorageVolDownload / virStorageVolUpload).
+def probe_shared(source, target, directories):
+    """Prove, per directory, whether ``target`` sees the files ``source`` writes there.
 
-    The bytes are the file as stored (a qcow2 stays qcow2), so the target volume is
-    created raw with the source's physical size and the pool refresh then detects the
-    format. ``progress(done, total)`` is called after every chunk; ``should_stop()``
-    returning True aborts the copy. A half-written target volume is deleted. Runs for as
-    long as the copy takes: call it from a helper thread. Returns the bytes copied.
+    A file at the same path on both hosts is no proof: it may be a copy left behind by
+    an earlier move, with older data. So for each directory a uniquely named empty probe
+    volume is created in the source's pool at that directory, the target's pool at the
+    same directory is refreshed and asked for it, and the probe is removed again (and the
+    target's pool refreshed, so it does not list a vanished file).
+
+    Returns {directory: True (shared) | False (not shared) | None (cannot tell: no active
+    pool at that directory on one of the hosts)}. Both connections are HostConnections;
+    every libvirt call is bounded by their call timeouts.
     """
+    import os.path
+    import secrets
+
+    def pool_at(conn, directory):
+        def read(c):
+            try:
+                pool = c.storagePoolLookupByTargetPath(directory)
+            except libvirt.libvirtError:
+                return None
+            return pool if pool.isActive() else None
+
+        return conn.call(_("Looking up a storage pool"), read)
+
+    def probe(directory, src_pool, dst_pool):
+        name = f".kvmweb-probe-{secrets.token_hex(8)}"
+        probe_path = os.path.join(directory, name)
+        vol_xml = (
+            f"<volume><name>{name}</name><capacity unit='bytes'>0</capacity>"
+            "<target><format type='raw'/></target></volume>"
+        )
+
+        def seen(c):
+            dst_pool.refresh(0)
+            try:
+                c.storageVolLookupByPath(probe_path)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    return False
+                raise
+            return True
+
+        vol = source.call(_("Creating a storage probe"), lambda c: src_pool.createXML(vol_xml, 0))
+        try:
+            return target.call(_("Looking for the storage probe"), seen)
+        finally:
+            try:
+                source.call(_("Removing the storage probe"), lambda c: vol.delete(0))
+                target.call(_("Refreshing a storage pool"), lambda c: dst_pool.refresh(0))
+            except HypervisorError:
+                pass
+
+    out = {}
+    for directory in directories:
+        src_pool, dst_pool = pool_at(source, directory), pool_at(target, directory)
+        out[directory] = (
+            None if src_pool is None or dst_pool is None else probe(directory, src_pool, dst_pool)
+        )
+    return out
+
+
+def create_copy_volume(source, target, path):
+    """Create the empty volume at ``path`` on ``target`` that a copy of the source's
+    volume at the same path will fill (raw, the source's physical size: the bytes are
+    copied as stored, and the pool refresh then detects the format). Refuses when the
+    target already has a volume there: kvmweb never overwrites a disk. Returns its size."""
     import os.path
 
     directory, name = os.path.split(path)
     src, dst = source._raw, target._raw
     try:
-        src_vol = src.storageVolLookupByPath(path)
-        total = src_vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+        total = src.storageVolLookupByPath(path).infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
         try:
             pool = dst.storagePoolLookupByTargetPath(directory)
         except libvirt.libvirtError:
@@ -1110,6 +1172,7 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
                 % {"uri": target.uri, "dir": directory, "path": path},
                 remedy=_("Define and start a directory pool at that path on the target host."),
             ) from None
+        pool.refresh(0)
         try:
             dst.storageVolLookupByPath(path)
         except libvirt.libvirtError:
@@ -1124,7 +1187,29 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
             f"<volume><name>{_xml_escape(name)}</name><capacity unit='bytes'>{total}</capacity>"
             "<allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>"
         )
-        dst_vol = pool.createXML(vol_xml, 0)
+        pool.createXML(vol_xml, 0)
+    except libvirt.libvirtError as exc:
+        raise _explain(exc, target.uri, _("Preparing the copy of %(path)s") % {"path": path}) from None
+    return total
+
+
+def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=4 << 20):
+    """Copy the volume at ``path`` on ``source`` to the same path on ``target`` through
+    libvirt storage-volume streams (virStorageVolDownload / virStorageVolUpload).
+
+    The target volume must exist already (create_copy_volume): creating it is a step of
+    its own, so a job's journal knows which volumes it made. ``progress(done, total)`` is
+    called after every chunk; ``should_stop()`` returning True aborts the copy. On failure
+    the half-written target volume is left for the caller's rollback, which knows whether
+    this job created it. Runs for as long as the copy takes: call it from a helper thread.
+    Returns the bytes copied.
+    """
+    src, dst = source._raw, target._raw
+    try:
+        src_vol = src.storageVolLookupByPath(path)
+        total = src_vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+        dst_vol = dst.storageVolLookupByPath(path)
+        pool = dst_vol.storagePoolLookupByVolume()
     except libvirt.libvirtError as exc:
         raise _explain(exc, target.uri, _("Preparing the copy of %(path)s") % {"path": path}) from None
     done = 0
@@ -1162,11 +1247,6 @@ def copy_volume(source, target, path, *, progress=None, should_stop=None, chunk=
                     stream.abort()
                 except libvirt.libvirtError:
                     pass
-        try:
-            dst_vol.delete(0)
-            pool.refresh(0)
-        except libvirt.libvirtError:
-            pass
         if isinstance(exc, libvirt.libvirtError):
             raise _explain(exc, target.uri, _("Copying the disk %(path)s") % {"path": path}) from None
         raise

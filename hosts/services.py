@@ -306,3 +306,23 @@ def do_sync_all():
             log.exception("inventory sync of %s failed", host.name)
             results[host.name] = {"error": str(exc)}
     return results
+
+
+def refresh_vm_state(vm, timeout=3):
+    """Read ``vm``'s power state from its host now and store it when it changed.
+
+    Plans depend on it (the modes that fit, whether a cold move starts the VM on the
+    target), and the stored inventory may be minutes old: a VM started outside kvmweb
+    must not be moved and left off. Bounded by ``timeout``; when the host does not
+    answer the stored state stays (the preflight then reports the host)."""
+    if vm.host is None or vm.gone:
+        return vm
+    try:
+        with hypervisor.session(vm.host.uri, timeout=timeout, call_timeout=timeout) as conn:
+            found = conn.find_domain(vm.uuid)
+    except hypervisor.HypervisorError:
+        return vm
+    if found is not None and (vm.state, vm.state_reason) != found:
+        vm.state, vm.state_reason = found
+        VM.objects.filter(pk=vm.pk).update(state=vm.state, state_reason=vm.state_reason)
+    return vm

@@ -362,7 +362,7 @@ def read_counter(host: str, name: str) -> int:
     return int(out.strip().split()[-1], 16)
 
 
-def wait_counter_moves(host: str, name: str, timeout: float = 10) -> int:
+def wait_counter_moves(host: str, name: str, timeout: float = 60) -> int:
     """Wait until the guest's counter is non-zero and increments; returns the last value."""
     deadline = time.monotonic() + timeout
     first = read_counter(host, name)

@@ -6,6 +6,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
+from migrations_app import states
+from migrations_app.events import COLLAPSING, render
+
 
 class MigrationJobQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
@@ -35,16 +38,18 @@ class MigrationJob(models.Model):
     At most one active job per VM, enforced by a conditional unique constraint.
     """
 
-    PENDING_APPROVAL = "pending_approval"
-    QUEUED = "queued"
-    PREFLIGHT = "preflight"
-    RUNNING = "running"
-    CANCELLING = "cancelling"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    REJECTED = "rejected"
-    NEEDS_RECONCILE = "needs_reconcile"
+    # The states and their allowed transitions live in migrations_app/states.py; only
+    # migrations_app.lifecycle.transition() changes a job's status.
+    PENDING_APPROVAL = states.PENDING_APPROVAL
+    QUEUED = states.QUEUED
+    PREFLIGHT = states.PREFLIGHT
+    RUNNING = states.RUNNING
+    CANCELLING = states.CANCELLING
+    SUCCEEDED = states.SUCCEEDED
+    FAILED = states.FAILED
+    CANCELLED = states.CANCELLED
+    REJECTED = states.REJECTED
+    NEEDS_RECONCILE = states.NEEDS_RECONCILE
     STATUSES = [
         (PENDING_APPROVAL, _("waiting for approval")),
         (QUEUED, _("queued")),
@@ -57,8 +62,8 @@ class MigrationJob(models.Model):
         (REJECTED, _("rejected")),
         (NEEDS_RECONCILE, _("needs reconcile")),
     ]
-    ACTIVE_STATES = [PENDING_APPROVAL, QUEUED, PREFLIGHT, RUNNING, CANCELLING, NEEDS_RECONCILE]
-    FINAL_STATES = [SUCCEEDED, FAILED, CANCELLED, REJECTED]
+    ACTIVE_STATES = list(states.ACTIVE)
+    FINAL_STATES = list(states.FINAL)
 
     LIVE, LIVE_COPY, COLD, OFFLINE = "live", "live-copy", "cold", "offline"
     MODES = [
@@ -126,6 +131,10 @@ class MigrationJob(models.Model):
     elapsed_ms = models.PositiveIntegerField(null=True, blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    # Cold and offline jobs: every step with a side effect, written before ("started")
+    # and after ("done") it runs, so a job whose worker died resumes or rolls back from
+    # here (see migrations_app/journal.py).
+    journal = models.JSONField(default=list, blank=True)
 
     objects = MigrationJobQuerySet.as_manager()
 
@@ -140,16 +149,7 @@ class MigrationJob(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["vm"],
-                condition=Q(
-                    status__in=[
-                        "pending_approval",
-                        "queued",
-                        "preflight",
-                        "running",
-                        "cancelling",
-                        "needs_reconcile",
-                    ]
-                ),
+                condition=Q(status__in=list(states.ACTIVE)),
                 name="one_active_job_per_vm",
             )
         ]
@@ -168,7 +168,7 @@ class MigrationJob(models.Model):
     @property
     def is_cancellable(self):
         """Waiting, queued, preflight or running jobs can be cancelled."""
-        return self.status in (self.PENDING_APPROVAL, self.QUEUED, self.PREFLIGHT, self.RUNNING)
+        return self.status in states.CANCEL_AT_ONCE + states.CANCEL_THROUGH_WORKER
 
     @property
     def is_controllable(self):
@@ -189,6 +189,15 @@ class MigrationJob(models.Model):
     @property
     def max_downtime(self):
         return self.requested_downtime or (self.options or {}).get("max_downtime")
+
+    def chart_samples(self, limit=600):
+        """The chart's samples, thinned evenly to at most ``limit`` (a long migration
+        writes four a second; the page must stay small however long it ran)."""
+        rows = list(self.samples.values("t", "rate", "remaining"))
+        if len(rows) <= limit:
+            return rows
+        step = len(rows) / limit
+        return [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
 
     @property
     def duration_seconds(self):
@@ -224,10 +233,64 @@ class JobEvent(models.Model):
     job = models.ForeignKey(MigrationJob, on_delete=models.CASCADE, related_name="events")
     at = models.DateTimeField(auto_now_add=True)
     level = models.CharField(max_length=8, default="info")  # info | warn | error
-    message = models.TextField()
+    message = models.TextField()  # English text (what older rows and unknown codes show)
+    # Worker lines are stored as a code and parameters and rendered in the viewer's
+    # language when shown (migrations_app/events.py); ``message`` keeps the English text.
+    code = models.CharField(max_length=40, blank=True)
+    params = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["at", "id"]
 
     def __str__(self):
         return f"job {self.job_id} {self.level}: {self.message[:60]}"
+
+    @property
+    def text(self):
+        """The line in the active language (code + params), else the stored text."""
+        return render(self.code, self.params, self.message)
+
+    @property
+    def collapses(self):
+        return self.code in COLLAPSING
+
+
+class LeftCopyQuerySet(models.QuerySet):
+    def restrict(self, user, action="view"):
+        """Scope rule for left copies: staff roles only (a copy names a host and a path,
+        which self-service users do not see)."""
+        from kvmweb.accounts.roles import sees_everything
+
+        if not user.is_authenticated or not sees_everything(user):
+            return self.none()
+        return self
+
+
+class LeftCopy(models.Model):
+    """A disk file kvmweb left behind on a host after moving a VM away (the source disk
+    of a storage copy or cold copy, kept because the user did not ask to remove it).
+
+    It holds the VM's data as it was at the move, so it must never be taken for shared
+    storage later: the preflight names the job that left it, and the VM page offers to
+    delete it (audited)."""
+
+    vm = models.ForeignKey("hosts.VM", on_delete=models.PROTECT, related_name="left_copies")
+    host = models.ForeignKey("hosts.Host", null=True, on_delete=models.SET_NULL, related_name="+")
+    host_name = models.CharField(max_length=100)
+    path = models.CharField(max_length=4096)
+    job = models.ForeignKey(MigrationJob, null=True, on_delete=models.SET_NULL, related_name="left_copies")
+    created_at = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+    removed_by_name = models.CharField(max_length=150, blank=True)
+
+    objects = LeftCopyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.host_name}:{self.path} (job {self.job_id})"
+
+    @property
+    def is_present(self):
+        return self.removed_at is None

@@ -1,7 +1,7 @@
 """Migration plans: a VM, a target host, a mode and options, and exactly what libvirt will
 be asked to do (flags, typed parameters, the equivalent `virsh` command lines).
 
-The modes (DESIGN.md §2) are explicit because the runbook's "virsh migrate --persistent is
+The modes (docs/architecture.md) are explicit because the runbook's "virsh migrate --persistent is
 cold migration" is wrong: PERSIST_DEST only keeps the domain defined on the target.
 
 | mode      | libvirt                                                              |
@@ -21,145 +21,27 @@ from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _
 
-MODES = ("live", "live-copy", "cold", "offline")
-LIVE_MODES = ("live", "live-copy")
-COMPLETION_ACTIONS = ("abort", "postcopy")
-COPY_STORAGE = ("all", "inc")
+from migrations_app import options
+from migrations_app.options import DEFAULTS, LIVE_MODES, MODE_KEYS, MODES, SCHEMA, OptionError
 
-# Option name -> default. Mode-specific keys are dropped for the other modes.
-DEFAULTS = {
-    "persist": True,
-    "undefine_source": True,
-    "bandwidth": None,
-    "max_downtime": None,
-    "auto_converge": False,
-    "compression": False,
-    "parallel": None,
-    "postcopy": False,
-    "completion_timeout": None,
-    "completion_action": "abort",
-    "tunnelled": False,
-    "migrate_uri": None,
-    "copy_storage": "all",
-    "shutdown_timeout": 120,
-    "force_off": False,
-    "start_on_target": True,
-    "remove_source_disks": False,
-}
-LIVE_ONLY = {
-    "bandwidth",
-    "max_downtime",
-    "auto_converge",
-    "compression",
-    "parallel",
-    "postcopy",
-    "completion_timeout",
-    "completion_action",
-    "tunnelled",
-    "migrate_uri",
-}
-MODE_KEYS = {
-    "live": set(DEFAULTS)
-    - {"copy_storage", "shutdown_timeout", "force_off", "start_on_target"}
-    - {"remove_source_disks"},
-    "live-copy": set(DEFAULTS) - {"shutdown_timeout", "force_off", "start_on_target"},
-    "cold": set(DEFAULTS) - LIVE_ONLY - {"copy_storage"},
-    "offline": {"persist", "undefine_source"},
-}
+__all__ = ["DEFAULTS", "LIVE_MODES", "MODE_KEYS", "MODES", "MigrationPlan", "PlanError", "parse_options"]
+
+COMPLETION_ACTIONS = SCHEMA["completion_action"].choices
+COPY_STORAGE = SCHEMA["copy_storage"].choices
 
 
 class PlanError(ValueError):
     """A plan libvirt (or kvmweb) would refuse; the message is meant for people."""
 
 
-def _bool(value, name):
-    if isinstance(value, bool):
-        return value
-    if value is None or value == "":
-        return False
-    if isinstance(value, int | float):
-        return bool(value)
-    lowered = str(value).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise PlanError(_("%(name)s must be yes or no, not %(value)r.") % {"name": name, "value": value})
-
-
-def _int(value, name, minimum, maximum=None):
-    if value is None or value == "":
-        return None
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise PlanError(
-            _("%(name)s must be a whole number, not %(value)r.") % {"name": name, "value": value}
-        ) from None
-    if number < minimum or (maximum is not None and number > maximum):
-        if maximum is None:
-            msg = _("%(name)s must be at least %(min)d.") % {"name": name, "min": minimum}
-        else:
-            msg = _("%(name)s must be between %(min)d and %(max)d.") % {
-                "name": name,
-                "min": minimum,
-                "max": maximum,
-            }
-        raise PlanError(msg)
-    return number
-
-
 def parse_options(mode, data=None):
-    """Normalize and validate the options of a plan (form data, JSON or a dict).
-
-    Unknown mode -> PlanError. Values are coerced (checkbox strings, numbers as text);
-    keys that do not apply to the mode are dropped, so a stored plan shows only what was
-    used. ``start_on_target`` defaults to True; the wizard passes False for a VM that was
-    shut off when planning a cold migration.
-    """
-    if mode not in MODES:
-        raise PlanError(
-            _("Unknown migration mode %(mode)r (choose one of: %(modes)s).")
-            % {"mode": mode, "modes": ", ".join(MODES)}
-        )
-    data = dict(data or {})
-    opts = dict(DEFAULTS)
-    for key in ("persist", "undefine_source", "auto_converge", "compression", "postcopy", "tunnelled"):
-        if key in data:
-            opts[key] = _bool(data[key], key)
-    for key in ("force_off", "start_on_target", "remove_source_disks"):
-        if key in data:
-            opts[key] = _bool(data[key], key)
-    if "bandwidth" in data:
-        opts["bandwidth"] = _int(data["bandwidth"], _("bandwidth (MiB/s)"), 1, 1_000_000)
-    if "max_downtime" in data:
-        opts["max_downtime"] = _int(data["max_downtime"], _("max downtime (ms)"), 1, 3_600_000)
-    if "parallel" in data:
-        opts["parallel"] = _int(data["parallel"], _("parallel connections"), 2, 255)
-    if "completion_timeout" in data:
-        opts["completion_timeout"] = _int(data["completion_timeout"], _("completion timeout (s)"), 1)
-    if "shutdown_timeout" in data and data["shutdown_timeout"] not in (None, ""):
-        opts["shutdown_timeout"] = _int(data["shutdown_timeout"], _("shutdown timeout (s)"), 1, 86_400)
-    if data.get("completion_action") not in (None, ""):
-        action = str(data["completion_action"]).strip()
-        if action not in COMPLETION_ACTIONS:
-            raise PlanError(_("The completion action must be 'abort' or 'postcopy'."))
-        opts["completion_action"] = action
-    if data.get("copy_storage") not in (None, ""):
-        copy = str(data["copy_storage"]).strip()
-        if copy not in COPY_STORAGE:
-            raise PlanError(_("Storage copy must be 'all' (full copy) or 'inc' (incremental)."))
-        opts["copy_storage"] = copy
-    if data.get("migrate_uri") not in (None, ""):
-        uri = str(data["migrate_uri"]).strip()
-        if not uri.startswith(("tcp://", "rdma://", "unix://")) or any(ch.isspace() for ch in uri):
-            raise PlanError(_("The migration URI must look like tcp://ADDRESS[:PORT]."))
-        opts["migrate_uri"] = uri
-    unknown = set(data) - set(DEFAULTS) - {"mode", "vm", "target", "csrfmiddlewaretoken"}
-    if unknown:
-        raise PlanError(_("Unknown option(s): %(keys)s.") % {"keys": ", ".join(sorted(unknown))})
-    keys = MODE_KEYS[mode]
-    return {k: v for k, v in opts.items() if k in keys}
+    """Normalize and validate the options of a plan (migrations_app/options.py); a
+    refused value is a PlanError with the schema's words. ``start_on_target`` defaults
+    to True; plans for a VM that is not running pass False (see MigrationPlan)."""
+    try:
+        return options.parse(mode, data)
+    except OptionError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _flags():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -26,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor
+from migrations_app.models import LeftCopy, MigrationJob
 from migrations_app.plan import LIVE_MODES, MigrationPlan, PlanError
 
 log = logging.getLogger(__name__)
@@ -184,6 +187,7 @@ class Context:
         self.deadline = deadline
         self.measure_dirty_rate = measure_dirty_rate
         self._memo = {}
+        self.left_copies = {}  # path -> LeftCopy on the target (read by run_preflight)
         self._lock = threading.Lock()
         self._conns = []
 
@@ -265,6 +269,15 @@ class Context:
         paths += [p for p in (self.guest()["nvram"],) if p]
         conn = self.need_conn(side)
         return self.fact(f"storage:{side}", lambda: conn.storage_lookup(sorted(set(paths))))
+
+    def shared_dirs(self):
+        """{directory: True | False | None}: whether the target sees what the source
+        writes in each disk directory, proved with a probe volume (hypervisor.probe_shared)."""
+        dirs = sorted(
+            {d["path"].rsplit("/", 1)[0] for d in self.guest()["disks"] if d["path"] and d["kind"] == "file"}
+        )
+        src, dst = self.need_conn("source"), self.need_conn("target")
+        return self.fact("shared_dirs", lambda: src.probe_shared(dst, dirs))
 
     def close(self):
         for conn in self._conns:
@@ -1176,25 +1189,51 @@ def check_storage(ctx):
             capacity=sizes.get("capacity") or s.get("capacity"),
             allocation=sizes.get("physical") or s.get("allocation"),
         )
-        same_file = bool(t.get("visible")) and (
-            t.get("capacity") == s.get("capacity") or s.get("capacity") is None
-        )
-        if t.get("visible") and not same_file:
+        # A file at the same path proves nothing (it may be a copy an earlier move left
+        # behind, with older data): only a probe volume seen from both hosts does.
+        proof = ctx.shared_dirs().get(d["path"].rsplit("/", 1)[0]) if d["kind"] == "file" else None
+        row["shared_proof"] = proof
+        if t.get("visible") and proof is not True:
             row["shared"] = False
-            problems.append(
-                _("disk %(dev)s: %(t)s has a different file at %(p)s (capacity %(a)s vs %(b)s bytes)")
-                % {
-                    "dev": d["dev"],
+            left = ctx.left_copies.get(d["path"])
+            if proof is None and ctx.mode in LIVE_MODES:
+                warns.append(
+                    _(
+                        "kvmweb cannot prove that %(t)s sees the same file at %(p)s (no active storage pool at "
+                        "its directory on both hosts); libvirt refuses the live migration if it does not"
+                    )
+                    % {"t": ctx.target.name, "p": d["path"]}
+                )
+                unverified.append(d["path"].rsplit("/", 1)[0])
+                continue
+            if proof is None:
+                text = _(
+                    "disk %(dev)s: %(t)s has a file at %(p)s, and kvmweb cannot prove it is the same file "
+                    "(no active storage pool at its directory on both hosts)"
+                )
+            else:
+                text = _(
+                    "disk %(dev)s: %(t)s has a different file at %(p)s: that directory is not shared between "
+                    "the hosts (proved with a probe file), so it is another copy, possibly with older data"
+                )
+            text = text % {"dev": d["dev"], "t": ctx.target.name, "p": d["path"]}
+            if left is not None:
+                text += " " + _("(a copy left on %(t)s by job #%(job)s on %(at)s)") % {
                     "t": ctx.target.name,
-                    "p": d["path"],
-                    "a": s.get("capacity"),
-                    "b": t.get("capacity"),
+                    "job": left.job_id or "?",
+                    "at": left.created_at.strftime("%Y-%m-%d %H:%M"),
                 }
-            )
+                row["left_copy"] = left.pk
+            problems.append(text)
             remedies.append(
-                _("remove or rename the unrelated file on the target, or put the disk on shared storage")
+                _(
+                    "delete that copy on %(t)s first (the VM page lists the copies kvmweb left behind and "
+                    "deletes them), or rename it; kvmweb never boots a VM from a copy it cannot prove current"
+                )
+                % {"t": ctx.target.name}
             )
             continue
+        same_file = bool(t.get("visible"))
         row["shared"] = same_file
         if same_file:
             if ctx.mode == "live-copy":
@@ -1352,7 +1391,7 @@ def check_storage(ctx):
             "d": ", ".join(row["dev"] for _d, row, _t in to_copy),
         }
     else:
-        msg = _("Every disk is visible at the same path on %(t)s (shared storage).") % {"t": ctx.target.name}
+        msg = _("Every disk is on storage %(t)s shares (proved with a probe file).") % {"t": ctx.target.name}
     if notes:
         msg += " " + "; ".join(notes) + "."
     return _result("storage", PASS, msg, details=details)
@@ -1739,27 +1778,35 @@ def prime_dirty_rate(vm):
     return thread
 
 
-def _link_bandwidth(ctx):
-    """(MiB/s, how we know) of the source->target link: the best rate seen by earlier
-    migrations between these hosts, else the configured assumption."""
-    from migrations_app.models import MigrationJob
-
+def _left_copies(host):
+    """{path: LeftCopy} of the copies kvmweb recorded leaving on ``host``."""
     try:
-        rates = list(
+        return {c.path: c for c in LeftCopy.objects.filter(host=host, removed_at=None)}
+    except DatabaseError:  # no database (benchmark, command without migrate)
+        return {}
+
+
+def _link_bandwidth(ctx):
+    """(MiB/s, how we know) of the source->target link: the median of what earlier
+    uncapped migrations that ran alone between these hosts moved per second (bytes moved
+    / time, recorded as ``result["link_mibs"]`` when they succeeded), else the configured
+    assumption. A capped or concurrent job says nothing about the link and is never used."""
+    try:
+        results = list(
             MigrationJob.objects.filter(source=ctx.source, target=ctx.target, status=MigrationJob.SUCCEEDED)
-            .exclude(rate=0)
             .order_by("-finished_at")
-            .values_list("rate", flat=True)[:10]
+            .values_list("result", flat=True)[:50]
         )
-    except Exception:  # no database (benchmark, command without migrate): assume
-        rates = []
+    except DatabaseError:  # no database (benchmark, command without migrate): assume
+        results = []
+    rates = [r["link_mibs"] for r in results if (r or {}).get("link_mibs")][:10]
     if rates:
-        return max(rates) / MIB, _("the best rate of the last %(n)d migrations between these hosts") % {
-            "n": len(rates)
-        }
+        return float(statistics.median(rates)), _(
+            "the median rate of the last %(n)d uncapped migrations that ran alone between these hosts"
+        ) % {"n": len(rates)}
     assumed = _setting("PREFLIGHT_ASSUMED_BANDWIDTH_MIBS", 117)
     return float(assumed), _(
-        "assumed %(b)d MiB/s (about 1 Gbit/s; no earlier migration between these hosts to learn from)"
+        "assumed %(b)d MiB/s (about 1 Gbit/s; no earlier uncapped migration between these hosts to learn from)"
     ) % {"b": assumed}
 
 
@@ -2044,6 +2091,9 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         deadline=t0 + timeout,
         measure_dirty_rate=measure_dirty_rate,
     )
+    # Database facts are read here, on the caller's thread and connection (the checks
+    # run on pool threads with connections of their own).
+    ctx.left_copies = _left_copies(plan.target)
     order = [cid for cid, _fn in CHECKS]
     functions = dict(CHECKS)
     submit_order = ["prediction"] + [cid for cid in order if cid != "prediction"]

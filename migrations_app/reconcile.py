@@ -13,13 +13,15 @@ import logging
 from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from hosts import hypervisor as hv
-from migrations_app import runner
-from migrations_app.models import MigrationJob
-from migrations_app.services import add_event, publish_job
+from kvmweb.audit.models import AuditEvent
+from migrations_app import runner, states
+from migrations_app.journal import Journal
+from migrations_app.lifecycle import transition
+from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.services import add_event, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +39,25 @@ def mark_stale(now=None, stale_seconds=STALE_SECONDS):
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=stale_seconds)
     marked = []
-    stale = MigrationJob.objects.filter(status__in=runner.ACTIVE_RUN_STATES, heartbeat_at__lt=cutoff)
+    stale = MigrationJob.objects.filter(status__in=states.WORKING, heartbeat_at__lt=cutoff)
     for job in stale.only("pk", "status", "heartbeat_at"):
-        moved = MigrationJob.objects.filter(pk=job.pk, status=job.status, heartbeat_at__lt=cutoff).update(
-            status=MigrationJob.NEEDS_RECONCILE, progress_seq=F("progress_seq") + 1
-        )
-        if moved:
-            add_event(
-                job.pk,
-                f"The worker's heartbeat stopped (last at {job.heartbeat_at:%H:%M:%S}); asking libvirt "
-                "what really happened.",
-                "warn",
-            )
-            publish_job(job.pk)
+        # Conditional on the heartbeat too: a worker that wrote one meanwhile keeps its job.
+        if MigrationJob.objects.filter(pk=job.pk, heartbeat_at__lt=cutoff).exists() and transition(
+            job.pk,
+            MigrationJob.NEEDS_RECONCILE,
+            from_=[job.status],
+            event=("heartbeat_stopped", {"at": f"{job.heartbeat_at:%H:%M:%S}"}),
+            level="warn",
+            audit="migration.reconcile",
+            outcome=AuditEvent.SUCCESS,
+            details={"from": job.status, "heartbeat_at": job.heartbeat_at.isoformat()},
+        ):
             marked.append(job.pk)
     return marked
 
 
 def requeue_lost(now=None):
     """Queue again the jobs that waited in QUEUED too long (at most every 5 minutes)."""
-    from migrations_app.models import JobEvent
-    from migrations_app.services import enqueue
-
     now = now or timezone.now()
     requeued = []
     waiting = MigrationJob.objects.filter(
@@ -97,9 +96,12 @@ def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS):
 def reconcile_one(job_id):
     """Claim a needs_reconcile job and re-attach to or conclude it."""
     worker = f"reconcile:{runner.worker_name()}"
-    now = timezone.now()
-    claimed = MigrationJob.objects.filter(pk=job_id, status=MigrationJob.NEEDS_RECONCILE).update(
-        status=MigrationJob.RUNNING, worker=worker, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+    claimed = transition(
+        job_id,
+        MigrationJob.RUNNING,
+        from_=[MigrationJob.NEEDS_RECONCILE],
+        worker=worker,
+        heartbeat_at=timezone.now(),
     )
     if not claimed:
         return None
@@ -107,9 +109,17 @@ def reconcile_one(job_id):
     run = runner.JobRun(job, worker)
     if job.source is None or job.target is None:
         return runner._finish(run, MigrationJob.FAILED, "A host of this job was removed; cannot reconcile.")
+    if job.mode not in LIVE_MODES:
+        # Cold and offline: finish forward or roll back from the journal.
+        try:
+            return runner.settle(run, Journal.load(job.pk))
+        except runner.Unsettled as exc:
+            return _release(run, f"{exc}; will retry.")
+        except runner.Failed as exc:
+            return runner._finish(run, MigrationJob.FAILED, str(exc))
     where = runner.where_is(job)
     if where.get("source_job") in ("bounded", "unbounded"):
-        run.event("libvirt is still migrating the VM: re-attached, monitoring it again.")
+        run.event(("reattached", {}))
         try:
             mon = hv.connect(job.source.uri)
         except hv.HypervisorError:
@@ -126,29 +136,30 @@ def reconcile_one(job_id):
 
 def _release(run, why):
     """Could not decide now: back to needs_reconcile for the next pass."""
-    MigrationJob.objects.filter(pk=run.job_id, status=MigrationJob.RUNNING, worker=run.worker).update(
-        status=MigrationJob.NEEDS_RECONCILE, progress_seq=F("progress_seq") + 1
+    transition(
+        run.job_id,
+        MigrationJob.NEEDS_RECONCILE,
+        from_=[MigrationJob.RUNNING],
+        event=why,
+        level="warn",
     )
-    add_event(run.job_id, why, "warn")
-    publish_job(run.job_id)
     return "retry"
 
 
 def _conclude(run, where):
+    """A live job after its worker died: libvirt's view decides."""
     job = run.job
     src, dst = where.get("source"), where.get("target")
     if "unreachable" in (src, dst):
         side = job.source_name if src == "unreachable" else job.target_name
         return _release(run, f"Cannot reach {side} to find out where the VM is; will retry.")
     src_words, dst_words = runner._state_words(src), runner._state_words(dst)
-    if dst is not None:
-        target_has_it = dst[0] == "running" if job.mode in LIVE_MODES else True
-        if target_has_it and (src is None or src[0] == "shutoff"):
-            if src is not None:
-                run.event(f"A shut-off definition is still on {job.source_name}.", "warn")
-            run.event(f"libvirt says the VM is {dst_words} on {job.target_name}: the migration completed.")
-            runner._conclude_success(run)
-            return MigrationJob.SUCCEEDED
+    if dst is not None and dst[0] == "running" and (src is None or src[0] == "shutoff"):
+        if src is not None:
+            run.event(f"A shut-off definition is still on {job.source_name}.", "warn")
+        run.event(f"libvirt says the VM is {dst_words} on {job.target_name}: the migration completed.")
+        runner._conclude_success(run)
+        return MigrationJob.SUCCEEDED
     if src is not None and dst is None:
         if job.cancel_requested:
             return runner._finish(

@@ -1,6 +1,6 @@
 """The migration worker: runs one MigrationJob against real libvirt.
 
-Shape of a run (DESIGN §4):
+Shape of a run (docs/architecture.md):
 
 1. Claim: ``filter(pk=…, status=QUEUED).update(status=PREFLIGHT, worker=…)``. 0 rows means
    another delivery of the same message (or a cancel) got there first: do nothing. This is
@@ -27,22 +27,26 @@ import time
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from hosts import hypervisor as hv
 from hosts.models import Host
 from hosts.services import apply_inventory, do_sync_inventory
-from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app.models import MigrationJob, ProgressSample
+from migrations_app import states
+from migrations_app.journal import Journal
+from migrations_app.lifecycle import transition, write_event
+from migrations_app.models import LeftCopy, MigrationJob, ProgressSample
+from migrations_app.plan import MigrationPlan
+from migrations_app.preflight import run_preflight
 from migrations_app.services import add_event, publish_job
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
 SHUTDOWN_POLL_SECONDS = 0.25
-ACTIVE_RUN_STATES = [MigrationJob.PREFLIGHT, MigrationJob.RUNNING, MigrationJob.CANCELLING]
+MIB = 1048576
 
 
 def worker_name():
@@ -145,20 +149,53 @@ def progress_from_stats(stats, state=None):
 def _offline_flags(plan):
     """The definition move always goes PEER2PEER: migrateToURI3 has no client-driven
     ("direct") variant ("direct migration is not supported by the source host")."""
-    return _flags_value(plan.flags()) | hv.MIGRATE_FLAGS["peer2peer"]
+    return plan.flags() | hv.MIGRATE_FLAGS["peer2peer"]
 
 
-def _flags_value(flags):
-    """plan.flags() may be an int or a list of flag names (VIR_MIGRATE_* suffixes)."""
-    if isinstance(flags, int):
-        return flags
-    import libvirt
+class Convergence:
+    """Whether a pre-copy migration can still finish, judged on every progress sample.
 
-    value = 0
-    for name in flags:
-        name = name if name.startswith("VIR_MIGRATE_") else f"VIR_MIGRATE_{name}"
-        value |= getattr(libvirt, name)
-    return value
+    It can when what remains to send fits in the allowed downtime at the current rate
+    (remaining <= rate x downtime), or is shrinking towards that. It cannot when pass after
+    pass the remaining data does not shrink (a stall: the guest dirties memory as fast as
+    it is sent) while it does not fit: then the ETA is a lie, and the user must act
+    (raise the bandwidth, raise the downtime, switch to post-copy, cancel).
+    """
+
+    DEFAULT_DOWNTIME_MS = 300  # QEMU's default maximum downtime
+    STALL_PASSES = 3  # passes without the remaining data shrinking by 5 %
+
+    def __init__(self):
+        self.pass_start = {}  # iteration -> remaining data when that pass began
+        self.converging = True
+
+    def judge(self, fields, downtime_ms):
+        """Returns (converging, details) for one sample; details has the figures."""
+        iteration = fields.get("iteration", 0)
+        remaining = fields.get("memory_remaining") or fields.get("data_remaining", 0)
+        rate = fields.get("rate", 0)
+        self.pass_start.setdefault(iteration, remaining)
+        downtime_ms = downtime_ms or self.DEFAULT_DOWNTIME_MS
+        fits = rate * downtime_ms / 1000
+        details = {
+            "remaining": remaining,
+            "rate": rate,
+            "fits": fits,
+            "downtime_ms": downtime_ms,
+            "stalled": False,
+        }
+        if iteration < 2 or not rate or remaining <= fits:
+            return True, details
+        earlier = self.pass_start.get(iteration - self.STALL_PASSES)
+        recent = [
+            self.pass_start[i]
+            for i in range(iteration - self.STALL_PASSES + 1, iteration + 1)
+            if i in self.pass_start
+        ]
+        stalled = earlier is not None and bool(recent) and min(recent) >= earlier * 0.95
+        dirty = fields.get("dirty_rate", 0)
+        details["stalled"] = stalled
+        return not (stalled or (dirty and dirty >= rate)), details
 
 
 # ---------------------------------------------------------------------- the job context
@@ -176,6 +213,7 @@ class JobRun:
         self.stop_copy = threading.Event()
         self.last_phase = None
         self.last_iteration = 0
+        self.convergence = Convergence()
         self.marks = {}  # name -> ms since the claim (where the time goes)
         self.connections = None  # source connections opened while the checklist runs
 
@@ -215,12 +253,12 @@ class JobRun:
         phase = fields.get("phase")
         if phase and phase != self.last_phase:
             self.last_phase = phase
-            add_event(self.job_id, f"Phase: {phase}.")
+            write_event(self.job_id, ("phase", {"phase": phase}))
         iteration = fields.get("iteration", 0)
         if iteration > self.last_iteration and iteration > 1:
-            add_event(
-                self.job_id, f"Memory pass {iteration} (pages dirtied during the last pass are resent)."
-            )
+            # One line per job, updated in place: a job that makes 1,000 passes must not
+            # grow its page by 1,000 lines.
+            write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
         self.last_iteration = max(self.last_iteration, iteration)
         publish_job(self.job_id)
 
@@ -250,17 +288,18 @@ def run_job(job_id, worker=None):
     None when the claim found nothing to do (redelivery, duplicate, cancelled)."""
     worker = worker or worker_name()
     now = timezone.now()
-    claimed = MigrationJob.objects.filter(pk=job_id, status=MigrationJob.QUEUED).update(
-        status=MigrationJob.PREFLIGHT,
+    claimed = transition(
+        job_id,
+        MigrationJob.PREFLIGHT,
+        from_=[MigrationJob.QUEUED],
         worker=worker,
         heartbeat_at=now,
         started_at=now,
-        progress_seq=F("progress_seq") + 1,
+        event=("picked_up", {"worker": worker}),
     )
     if not claimed:
         log.info("job %s: not claimed (already taken, cancelled or gone); nothing to do", job_id)
         return None
-    publish_job(job_id)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     try:
@@ -269,6 +308,8 @@ def run_job(job_id, worker=None):
         return _finish(run, MigrationJob.CANCELLED, str(exc))
     except Failed as exc:
         return _finish(run, MigrationJob.FAILED, str(exc))
+    except Unsettled as exc:
+        return _hand_to_reconcile(run, str(exc))
     except Exception as exc:  # never leave a job hanging in an active state
         log.exception("job %s crashed", job_id)
         return _finish(run, MigrationJob.FAILED, f"Internal error in the worker: {exc}")
@@ -289,9 +330,6 @@ def _close_unused(run):
 
 
 def _run(run):
-    from migrations_app.plan import MigrationPlan
-    from migrations_app.preflight import run_preflight
-
     job = run.job
     if job.source is None or job.target is None:
         raise Failed("The source or target host was removed from kvmweb before the job started.")
@@ -313,7 +351,6 @@ def _run(run):
     # checklist take up to its timeout, longer than reconcile's stale limit) and writes
     # the "picked up" line meanwhile: every write here is on the migration's critical path.
     checking = Operation(lambda: run_preflight(plan, measure_dirty_rate=False), f"preflight job {job.pk}")
-    run.event(f"Picked up by worker {run.worker}.")
     while not checking.wait(POLL_SECONDS):
         run.heartbeat()
     if checking.error is not None:
@@ -329,25 +366,22 @@ def _run(run):
             f"starting): {'; '.join(blocking)}. Nothing was changed; the VM is still on {job.source_name}."
         )
     run.mark("preflight_done")
-    now = timezone.now()
-    with transaction.atomic():  # one write: the new report, RUNNING, and the log lines
-        started = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PREFLIGHT).update(
-            status=MigrationJob.RUNNING,
-            preflight=report.to_dict(),
-            heartbeat_at=now,
-            progress_seq=F("progress_seq") + 1,
-        )
-        if started:
-            for r in report.warnings:
-                if r.id not in acknowledged:
-                    add_event(job.pk, f"New warning since the request: {r.title}: {r.message}", "warn")
-            add_event(job.pk, "Preflight passed again on the worker.")
+    started = transition(
+        job.pk,
+        MigrationJob.RUNNING,
+        from_=[MigrationJob.PREFLIGHT],
+        preflight=report.to_dict(),
+        heartbeat_at=timezone.now(),
+        event=("preflight_passed", {}),
+    )
     if not started:
         run.update(preflight=report.to_dict())
         raise Cancelled(
             f"Cancelled before the migration started; the VM was not touched and is on {job.source_name}."
         )
-    publish_job(job.pk)
+    for r in report.warnings:
+        if r.id not in acknowledged:
+            run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")
     if job.mode in (MigrationJob.LIVE, MigrationJob.LIVE_COPY):
         _run_live(run, plan)
     elif job.mode == MigrationJob.COLD:
@@ -369,7 +403,7 @@ def _run_live(run, plan):
     job = run.job
     uuid = str(job.vm.uuid)
     src_uri, dst_uri = job.source.uri, job.target.uri
-    flags = _flags_value(plan.flags())
+    flags = plan.flags()
     params = dict(plan.params())
     if job.mode == MigrationJob.LIVE_COPY:
         _prepare_target_volumes(run)
@@ -472,7 +506,10 @@ def _monitor(run, mon, op=None):
         if op is None and stats["type"] in ("none", "completed", "failed", "cancelled"):
             return
         if stats["type"] in ("bounded", "unbounded"):
-            run.progress(progress_from_stats(stats, state))
+            fields = progress_from_stats(stats, state)
+            if fields["phase"] == "memory":
+                _judge_convergence(run, fields)
+            run.progress(fields)
         else:
             run.heartbeat()
         row = run.controls()
@@ -488,6 +525,35 @@ def _monitor(run, mon, op=None):
                 run.event(f"Completion timeout ({timeout} s) reached: aborting the migration.", "warn")
                 run.applied["timeout_abort"] = True
                 _safe(run, "Aborting", lambda m=mon: m.abort_job(uuid))
+
+
+def _judge_convergence(run, fields):
+    """Mark a sample "not converging" (no ETA) while the migration cannot finish, with a
+    log line with the remedies when that starts and another when it ends."""
+    downtime = run.applied.get("downtime") or run.job.max_downtime
+    converging, d = run.convergence.judge(fields, downtime)
+    if not converging:
+        fields["phase"] = "not converging"
+        fields["eta_seconds"] = None
+    if converging == run.convergence.converging:
+        return
+    run.convergence.converging = converging
+    if converging:
+        write_event(run.job_id, ("converging_again", {}))
+        return
+    write_event(
+        run.job_id,
+        (
+            "not_converging_stalled" if d["stalled"] else "not_converging",
+            {
+                "remaining": f"{d['remaining'] / MIB:.1f}",
+                "rate": f"{d['rate'] / MIB:.1f}",
+                "fits": f"{d['fits'] / MIB:.2f}",
+                "downtime": d["downtime_ms"],
+            },
+        ),
+        "warn",
+    )
 
 
 def _safe(run, what, fn):
@@ -614,8 +680,15 @@ def _conclude_success(run, stats=None, extra=None):
         "memory_iterations": stats.get("memory_iteration"),
     }
     result.update(extra or {})
-    if job.mode == MigrationJob.LIVE_COPY and (job.options or {}).get("remove_source_disks"):
-        result["removed_source_disks"] = _remove_source_disks(run)
+    if live:
+        result["link_mibs"] = _link_sample(job, stats)
+    if job.mode == MigrationJob.LIVE_COPY:
+        if (job.options or {}).get("remove_source_disks"):
+            result["removed_source_disks"] = _remove_source_disks(run)
+        else:
+            # The source files stay, holding the data as of the move: recorded, so they
+            # are never taken for shared storage and can be deleted from the VM page.
+            record_left_copies(job, _disk_paths(job.vm))
     if records is not None:
         apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
     run.mark("concluded")
@@ -639,6 +712,29 @@ def _conclude_success(run, stats=None, extra=None):
         run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
 
 
+def _link_sample(job, stats):
+    """What this job says about the link between its hosts, in MiB/s (bytes moved / time),
+    or None when it says nothing: a bandwidth cap (set at the start or on the way) or
+    another migration sharing a host at the same time would understate the link, and
+    one capped job must never make later preflights predict that nothing converges."""
+    capped = (job.options or {}).get("bandwidth") or MigrationJob.objects.filter(
+        pk=job.pk, requested_bandwidth__gt=0
+    ).exists()
+    data, elapsed = stats.get("data_processed") or 0, (stats.get("time_elapsed") or 0) / 1000
+    if capped or not data or elapsed <= 0:
+        return None
+    hosts = [job.source_id, job.target_id]
+    overlapping = (
+        MigrationJob.objects.exclude(pk=job.pk)
+        .filter(Q(source_id__in=hosts) | Q(target_id__in=hosts), started_at__lte=timezone.now())
+        .filter(Q(finished_at__isnull=True) | Q(finished_at__gte=job.started_at))
+        .exclude(status__in=[MigrationJob.PENDING_APPROVAL, MigrationJob.QUEUED, MigrationJob.REJECTED])
+    )
+    if overlapping.exists():
+        return None
+    return round(data / elapsed / MIB, 1)
+
+
 def _remove_source_disks(run):
     """After a successful storage copy, and only when the user asked: delete the source
     copies libvirt leaves behind (lab pitfall 6)."""
@@ -657,164 +753,156 @@ def _remove_source_disks(run):
     return removed
 
 
+def _hand_to_reconcile(run, why):
+    """The worker cannot finish now (a host stopped answering while settling): leave the
+    job to reconcile, which settles it from the journal once the hosts answer."""
+    transition(
+        run.job_id,
+        MigrationJob.NEEDS_RECONCILE,
+        from_=states.WORKING,
+        event=f"{why} Reconcile will finish or undo the job once the hosts answer.",
+        level="warn",
+    )
+    return MigrationJob.NEEDS_RECONCILE
+
+
 def _finish(run, status, error, **fields):
-    """Conclude the job (first finisher wins) and write the audit event."""
+    """Conclude the job (first finisher wins) with its log line and audit event."""
     job = run.job
     now = timezone.now()
-    with transaction.atomic():
-        done = MigrationJob.objects.filter(
-            pk=job.pk, status__in=ACTIVE_RUN_STATES + [MigrationJob.NEEDS_RECONCILE]
-        ).update(
-            status=status,
-            error=error,
-            finished_at=now,
-            heartbeat_at=now,
-            progress_seq=F("progress_seq") + 1,
-            **fields,
+    held = tuple(s for s in states.WORKING + (states.NEEDS_RECONCILE,) if s in states.sources_of(status))
+    level = {MigrationJob.SUCCEEDED: "info", MigrationJob.CANCELLED: "warn"}.get(status, "error")
+    if status == MigrationJob.SUCCEEDED:
+        figures = []
+        if fields.get("downtime_ms") is not None:
+            figures.append(f"downtime {fields['downtime_ms']} ms")
+        if fields.get("elapsed_ms") is not None:
+            figures.append(f"total {fields['elapsed_ms'] / 1000:.2f} s")
+        moved = (fields.get("result") or {}).get("data_processed")
+        if moved:
+            figures.append(f"{moved / MIB:.1f} MiB moved")
+        message = f"Succeeded: the VM is on {job.target_name}" + (
+            f" ({', '.join(figures)})." if figures else "."
         )
-        if not done:
-            return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
-        job.refresh_from_db()
-        level = {MigrationJob.SUCCEEDED: "info", MigrationJob.CANCELLED: "warn"}.get(status, "error")
-        if status == MigrationJob.SUCCEEDED:
-            figures = []
-            if job.downtime_ms is not None:
-                figures.append(f"downtime {job.downtime_ms} ms")
-            if job.elapsed_ms is not None:
-                figures.append(f"total {job.elapsed_ms / 1000:.2f} s")
-            if job.result.get("data_processed"):
-                figures.append(f"{job.result['data_processed'] / 1048576:.1f} MiB moved")
-            message = f"Succeeded: the VM is on {job.target_name}" + (
-                f" ({', '.join(figures)})." if figures else "."
-            )
-        else:
-            message = error
-        add_event(job.pk, message, level)
-        record(
-            "migration.finish",
-            target=job,
-            outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
-            details={
-                "job": job.pk,
-                "vm": job.vm_name,
-                "source": job.source_name,
-                "target": job.target_name,
-                "mode": job.mode,
-                "status": status,
-                "error": error,
-                "downtime_ms": job.downtime_ms,
-                "elapsed_ms": job.elapsed_ms,
-                "result": job.result,
-                "worker": run.worker,
-            },
-        )
-    publish_job(job.pk)
+    else:
+        message = error
+    done = transition(
+        job.pk,
+        status,
+        from_=held,
+        error=error,
+        finished_at=now,
+        heartbeat_at=now,
+        event=message,
+        level=level,
+        audit="migration.finish",
+        outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
+        details={
+            "error": error,
+            "downtime_ms": fields.get("downtime_ms"),
+            "elapsed_ms": fields.get("elapsed_ms"),
+            "result": fields.get("result") or {},
+            "worker": run.worker,
+        },
+        **fields,
+    )
+    if not done:
+        return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
     return status
 
 
 # ---------------------------------------------------------------------- cold / offline
+# Every step with a side effect goes through the job's journal (migrations_app/journal.py)
+# so that settle() can finish or undo the move from any point, in this process after an
+# error or in reconcile after the worker died.
 
 
-def _storage_is_shared(job, dst):
-    """Every disk is visible at the same path on the target (shared storage). The pools
-    are refreshed first: a file created on shared storage after the target's last pool
-    refresh must not be mistaken for a local disk (copying onto it would clobber it)."""
-    paths = _disk_paths(job.vm)
-    for directory in {os.path.dirname(p) for p in paths}:
-        dst.refresh_pool_of(directory)
-    return all(dst.volume_at(p) is not None for p in paths)
+def _disk_dirs(job):
+    return sorted({os.path.dirname(p) for p in _disk_paths(job.vm)})
+
+
+def prove_shared(job, src, dst):
+    """{directory: True | False | None} for the VM's disks, by probe volume (see
+    hypervisor.probe_shared): a file at the same path on the target proves nothing."""
+    return src.probe_shared(dst, _disk_dirs(job))
 
 
 def _run_offline(run, plan):
     """Definition only: OFFLINE + PERSIST_DEST + UNDEFINE_SOURCE of a shut-off VM."""
     job = run.job
+    journal = Journal.load(job.pk)
     uuid = str(job.vm.uuid)
     try:
         with hv.session(job.source.uri, call_timeout=60) as src:
-            run.event(f"Offline migration: {plan.virsh_command()}")
-            op = Operation(
+            journal.done("begin", was_running=False, start_on_target=False, mode="offline")
+            run.event(("offline_move", {"virsh": plan.virsh_command()}))
+            journal.started("migrate_definition")
+            _blocking(
+                run,
                 lambda: src.migrate(uuid, job.target.uri, _offline_flags(plan), dict(plan.params())),
-                f"offline job {job.pk}",
+                "offline",
             )
-            while not op.wait(POLL_SECONDS):
-                run.heartbeat()
-    except hv.HypervisorError as exc:
-        raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
-    if op.error is not None:
-        raise Failed(
-            f"The offline migration failed: {op.error}. The VM is still defined on {job.source_name}."
-        )
-    _verify_moved(run, running=False)
-    _conclude_success(run, stats={})
+            journal.done("migrate_definition")
+    except (hv.HypervisorError, Failed, Cancelled) as exc:
+        return settle(run, journal, exc)
+    return settle(run, journal)
 
 
 def _run_cold(run, plan):
     """Shut down (gracefully, with a timeout, optionally forced), move the definition
-    (offline migration on shared storage, or volume copy + define when local), undefine
-    the source, optionally start on the target, verify. On failure after the shutdown the
-    VM is started again on the source when it was running before."""
+    (offline migration on proved shared storage, else volume copy + define), undefine the
+    source, optionally start on the target, verify. Any failure, here or in a later
+    reconcile, ends in settle()."""
     job = run.job
     uuid = str(job.vm.uuid)
     options = job.options or {}
+    journal = Journal.load(job.pk)
     try:
         src = hv.connect(job.source.uri)
         dst = hv.connect(job.target.uri)
     except hv.HypervisorError as exc:
-        raise Failed(f"Cannot reach a host: {exc}") from None
+        raise Failed(
+            f"Cannot reach a host: {exc}. Nothing was changed; the VM is on {job.source_name}."
+        ) from None
     try:
         state = src.find_domain(uuid)
         if state is None:
-            raise Failed(f"The VM is not on {job.source_name} any more.")
+            raise Failed(f"The VM is not on {job.source_name} any more. Nothing was changed.")
         was_running = state[0] != "shutoff"
-        if was_running:
-            _shutdown(run, src, uuid, options)
+        journal.done(
+            "begin",
+            was_running=was_running,
+            start_on_target=bool(options.get("start_on_target", was_running)),
+            mode="cold",
+        )
         try:
-            shared = _storage_is_shared(job, dst)
+            if was_running:
+                _shutdown(run, journal, src, uuid, options)
+            proof = prove_shared(job, src, dst)
+            shared = bool(proof) and all(proof.values())
+            journal.done("storage", shared=shared, proof=proof)
             if shared:
-                run.event("Disks are on shared storage: moving the definition (offline migration).")
+                run.event(("storage_shared", {}))
+                journal.started("migrate_definition")
                 flags = _offline_flags(plan)
                 _blocking(
                     run, lambda: src.migrate(uuid, job.target.uri, flags, dict(plan.params())), "offline"
                 )
+                journal.done("migrate_definition")
             else:
-                _copy_disks(run, src, dst)
+                run.event(("storage_copy", {"target": job.target_name}))
+                _copy_disks(run, journal, src, dst)
                 xml = src.domain_xml(uuid, migratable=True, inactive=True)
+                journal.started("define")
                 dst.define(xml)
-                run.event(f"Defined the VM on {job.target_name}.")
-                if options.get("undefine_source", True):
-                    src.undefine(uuid)
-                    run.event(f"Removed the definition from {job.source_name}.")
-                if options.get("remove_source_disks"):
-                    for path in _disk_paths(job.vm):
-                        src.delete_volume(path)
-                    run.event(f"Removed the source disks on {job.source_name}.")
+                journal.done("define")
+                run.event(("defined", {"host": job.target_name}))
         except (Failed, Cancelled, hv.HypervisorError) as exc:
-            restarted = ""
-            if was_running and src.find_domain(uuid) is not None and dst.find_domain(uuid) is None:
-                try:
-                    src.start(uuid)
-                    restarted = f" It was started again on {job.source_name}."
-                except hv.HypervisorError as start_exc:
-                    restarted = f" Starting it again on {job.source_name} failed: {start_exc}"
-            if isinstance(exc, Cancelled):
-                raise Cancelled(f"{exc}{restarted}") from None
-            if isinstance(exc, Failed):
-                raise Failed(f"{exc}{restarted}") from None
-            raise Failed(
-                f"The cold migration failed: {exc}. The VM is still on {job.source_name}.{restarted}"
-            ) from None
-        if options.get("start_on_target", was_running):
-            dst.start(uuid)
-            run.event(f"Started the VM on {job.target_name}.")
-    except hv.HypervisorError as exc:
-        raise Failed(f"The cold migration failed: {exc}") from None
+            return settle(run, journal, exc)
     finally:
         src.close()
         dst.close()
-    _verify_moved(run, running=bool(options.get("start_on_target", was_running)))
-    _conclude_success(
-        run, stats={}, extra={"was_running": was_running, "storage": "shared" if shared else "copied"}
-    )
+    return settle(run, journal)
 
 
 def _blocking(run, fn, what):
@@ -826,12 +914,12 @@ def _blocking(run, fn, what):
     return op.value
 
 
-def _shutdown(run, src, uuid, options):
-    job = run.job
+def _shutdown(run, journal, src, uuid, options):
     timeout = float(options.get("shutdown_timeout") or 60)
     force = bool(options.get("force_off"))
-    run.update(phase="shutdown")
-    run.event(f"Asking the guest to shut down (waiting up to {timeout:g} s).")
+    run.update(phase="shutdown", eta_seconds=timeout)
+    run.event(("shutdown_asked", {"timeout": f"{timeout:g}"}))
+    journal.started("shutdown")
     try:
         src.shutdown(uuid)
     except hv.HypervisorError as exc:
@@ -840,27 +928,26 @@ def _shutdown(run, src, uuid, options):
     while time.monotonic() < deadline:
         state = src.find_domain(uuid)
         if state is not None and state[0] == "shutoff":
-            run.event("The guest shut down.")
+            journal.done("shutdown")
+            run.event(("shut_down", {}))
             return
         row = run.controls()
         if row and row["cancel_requested"]:
-            raise Cancelled(
-                f"Cancelled during the shutdown; the VM is on {job.source_name} "
-                f"({_state_words(src.find_domain(uuid)) or 'unknown state'})."
-            )
-        run.heartbeat()
+            raise Cancelled("Cancelled during the shutdown.")
+        run.update(eta_seconds=round(max(0.0, deadline - time.monotonic()), 1))
         time.sleep(SHUTDOWN_POLL_SECONDS)
     if not force:
-        raise Failed(
-            f"The guest did not shut down within {timeout:g} s and forcing it off was not "
-            f"allowed; it is still running on {job.source_name}."
-        )
-    run.event(f"The guest did not shut down within {timeout:g} s: forcing it off.", "warn")
+        raise Failed(f"The guest did not shut down within {timeout:g} s and forcing it off was not allowed.")
+    run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
+    journal.started("force_off")
     src.destroy(uuid)
+    journal.done("force_off")
 
 
-def _copy_disks(run, src, dst):
-    """Copy each disk through libvirt volume streams, with its own progress."""
+def _copy_disks(run, journal, src, dst):
+    """Copy each disk through libvirt volume streams, with its own progress. The empty
+    target volume is created as a journaled step of its own, so a rollback removes
+    exactly the volumes this job made."""
     job = run.job
     paths = _disk_paths(job.vm)
     sizes = {}
@@ -877,23 +964,28 @@ def _copy_disks(run, src, dst):
     run.update(
         phase="disk copy", disk_total=total, data_total=total, disk_remaining=total, data_remaining=total
     )
+    copy_started = time.monotonic()
     for path in paths:
-        run.event(f"Copying {path} ({sizes[path] / 1048576:.1f} MiB) to {job.target_name}.")
+        journal.started("create_volume", path=path)
+        dst.call("Creating the copy volume", lambda _c, path=path: hv.create_copy_volume(src, dst, path))
+        journal.done("create_volume", path=path)
+        run.event(
+            ("copying_disk", {"path": path, "mib": f"{sizes[path] / MIB:.1f}", "host": job.target_name})
+        )
 
         def progress(done, _total, base=base):
             state["done"] = base + done
 
+        journal.started("copy", path=path)
         op = Operation(
             lambda path=path, progress=progress: hv.copy_volume(
                 src, dst, path, progress=progress, should_stop=run.stop_copy.is_set
             ),
             f"copy job {job.pk}",
         )
-        last = time.monotonic()
         while not op.wait(POLL_SECONDS):
-            now = time.monotonic()
             done = state["done"]
-            rate = int(done / max(now - run.t0, 0.001))
+            rate = int(done / max(time.monotonic() - copy_started, 0.001))
             run.progress(
                 {
                     "phase": "disk copy",
@@ -909,12 +1001,11 @@ def _copy_disks(run, src, dst):
             row = run.controls()
             if row and row["cancel_requested"]:
                 run.stop_copy.set()
-            last = now
-        del last
         if op.error is not None:
             if run.stop_copy.is_set():
-                raise Cancelled(f"Cancelled during the disk copy; the VM is on {job.source_name}.")
-            raise Failed(f"Copying the disk {path} failed: {op.error}. The VM is still on {job.source_name}.")
+                raise Cancelled("Cancelled during the disk copy.")
+            raise Failed(f"Copying the disk {path} failed: {op.error}.")
+        journal.done("copy", path=path)
         base += sizes[path]
         state["done"] = base
     run.progress(
@@ -928,6 +1019,165 @@ def _copy_disks(run, src, dst):
     )
 
 
+def settle(run, journal, cause=None):
+    """Bring a cold or offline job to a safe end from its journal and libvirt's view.
+
+    The definition went to the target (and the target has it): finish forward (undefine
+    the source, remove or record the source disks, start on the target when asked,
+    verify). It did not: roll back (remove the volumes this job created on the target,
+    start the VM again on the source if it was running when the job began). ``cause`` is
+    the error that stopped the run in this process (None: nothing went wrong, or called
+    by reconcile after the worker died). Ends the job; returns its final status."""
+    job = run.job
+    uuid = str(job.vm.uuid)
+    begin = journal.begin
+    options = job.options or {}
+    try:
+        src = hv.connect(job.source.uri)
+        dst = hv.connect(job.target.uri)
+    except hv.HypervisorError as exc:
+        raise Unsettled(f"Cannot reach a host to settle the job: {exc}") from None
+    try:
+        on_src, on_dst = src.find_domain(uuid), dst.find_domain(uuid)
+        if journal.definition_sent and on_dst is not None:
+            return _forward(run, journal, src, dst, on_src, on_dst, cause)
+        return _roll_back(run, journal, src, dst, on_src, on_dst, cause, begin, options)
+    except hv.HypervisorError as exc:
+        raise Unsettled(f"Settling the job failed: {exc}") from None
+    finally:
+        src.close()
+        dst.close()
+
+
+class Unsettled(Exception):
+    """settle() could not reach a host: the job stays for reconcile to try again."""
+
+
+def _forward(run, journal, src, dst, on_src, on_dst, cause):
+    job = run.job
+    uuid = str(job.vm.uuid)
+    begin = journal.begin
+    options = job.options or {}
+    if cause is not None:
+        run.event(
+            f"{_cause_words(cause)} The VM is already defined on {job.target_name}: finishing the move.",
+            "warn",
+        )
+    if on_src is not None and options.get("undefine_source", True):
+        if on_src[0] != "shutoff":
+            return _finish(
+                run,
+                MigrationJob.FAILED,
+                f"The VM is defined on {job.target_name} but {_state_words(on_src)} on {job.source_name}: "
+                "check which copy is the real one before starting anything. Nothing else was changed.",
+            )
+        journal.started("undefine_source")
+        src.undefine(uuid)
+        journal.done("undefine_source")
+        run.event(("undefined", {"host": job.source_name}))
+    copied = [e["path"] for e in journal.find("copy")]
+    if copied:
+        if options.get("remove_source_disks"):
+            if not journal.has("remove_source_disks"):
+                journal.started("remove_source_disks")
+                for path in copied:
+                    if src.volume_at(path) is not None:
+                        src.delete_volume(path)
+                journal.done("remove_source_disks")
+                run.event(("removed_disks", {"host": job.source_name, "paths": ", ".join(copied)}))
+        else:
+            record_left_copies(job, copied)
+            for path in copied:
+                run.event(("left_copy", {"path": path, "host": job.source_name}))
+    want_running = bool(begin.get("start_on_target", options.get("start_on_target", False)))
+    if want_running and on_dst[0] == "shutoff":
+        journal.started("start")
+        try:
+            dst.start(uuid)
+        except hv.HypervisorError as exc:
+            return _finish(
+                run,
+                MigrationJob.FAILED,
+                f"The VM was moved to {job.target_name}, but starting it there failed: {exc}. "
+                f"It is defined and shut off on {job.target_name}, no longer on {job.source_name}.",
+            )
+        journal.done("start")
+        run.event(("started", {"host": job.target_name}))
+    _verify_moved(run, running=want_running)
+    journal.done("verify")
+    storage = "copied" if journal.has("create_volume", "started") else "shared"
+    extra = {"was_running": bool(begin.get("was_running")), "storage": storage}
+    if job.mode == MigrationJob.OFFLINE:
+        extra = {}
+    return _conclude_success(run, stats={}, extra=extra)
+
+
+def _roll_back(run, journal, src, dst, on_src, on_dst, cause, begin, options):
+    job = run.job
+    uuid = str(job.vm.uuid)
+    done = []
+    if journal.entries:
+        run.event(("rollback", {"step": journal.last_step or "-"}), "warn")
+    for path in journal.created_volumes():
+        if dst.volume_at(path) is not None:
+            dst.delete_volume(path)
+            done.append(f"removed the volume {path} it had created on {job.target_name}")
+            run.event(("rolled_back_volume", {"path": path, "host": job.target_name}))
+    if on_src is None:
+        where = f"The VM is on neither {job.source_name} nor {job.target_name}."
+    elif begin.get("was_running") and on_src[0] == "shutoff":
+        try:
+            src.start(uuid)
+            done.append(f"started the VM again on {job.source_name}")
+            run.event(("restarted_source", {"host": job.source_name}))
+            where = f"The VM is running on {job.source_name}."
+        except hv.HypervisorError as exc:
+            where = (
+                f"Starting it again on {job.source_name} failed: {exc}. It is shut off on {job.source_name}."
+            )
+    else:
+        where = f"The VM is still {_state_words(src.find_domain(uuid))} on {job.source_name}."
+    what = (
+        _cause_words(cause)
+        if cause is not None
+        else (f"The worker stopped during the job (last step: {journal.last_step or 'none'}).")
+    )
+    undone = f" Rolled back: {'; '.join(done)}." if done else " Nothing had to be undone."
+    if not journal.entries:
+        undone = " The VM was not touched."
+    status = (
+        MigrationJob.CANCELLED
+        if isinstance(cause, Cancelled) or _cancel_requested(run)
+        else MigrationJob.FAILED
+    )
+    return _finish(run, status, f"{what}{undone} {where}")
+
+
+def _cancel_requested(run):
+    row = run.controls()
+    return bool(row and row["cancel_requested"])
+
+
+def _cause_words(cause):
+    text = str(cause).strip()
+    if isinstance(cause, hv.HypervisorError):
+        text = f"The cold migration failed: {text}"
+    return text if text.endswith(".") else f"{text}."
+
+
+def record_left_copies(job, paths):
+    """Record the source disks a move left behind (idempotent: reconcile may repeat)."""
+    for path in paths:
+        LeftCopy.objects.get_or_create(
+            vm=job.vm,
+            host=job.source,
+            path=path,
+            job=job,
+            removed_at=None,
+            defaults={"host_name": job.source_name},
+        )
+
+
 def _verify_moved(run, running):
     """After the move: the target has the VM (running when asked), the source does not."""
     job = run.job
@@ -936,7 +1186,9 @@ def _verify_moved(run, running):
     if dst in (None, "unreachable"):
         raise Failed(f"Verification failed: {job.target_name} does not report the VM after the move.")
     if running and dst[0] != "running":
-        raise Failed(f"Verification failed: the VM is {_state_words(dst)} on {job.target_name}, not running.")
+        raise Failed(
+            f"Verification failed: the VM is {_state_words(dst)} ({dst[1]}) on {job.target_name}, not running."
+        )
     if src not in (None, "unreachable") and job.options.get("undefine_source", True):
         run.event(f"A definition of the VM is still on {job.source_name} ({_state_words(src)}).", "warn")
     run.event(f"Verified: the VM is {_state_words(dst)} on {job.target_name}.")

@@ -13,8 +13,12 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from hosts import hypervisor as hv
+from hosts.services import refresh_vm_state
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
+from migrations_app import states
+from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.streaming import publish_job
 
@@ -41,9 +45,8 @@ def _policy_check(user, vm, target, mode, options):
 
 
 def add_event(job_id, message, level="info"):
-    """Append a line to the job's event log and wake the watchers."""
-    JobEvent.objects.create(job_id=job_id, message=message[:2000], level=level)
-    MigrationJob.objects.filter(pk=job_id).update(progress_seq=F("progress_seq") + 1)
+    """Append a line (text, or a (code, params) pair) to the job's event log."""
+    write_event(job_id, message, level)
 
 
 def _audit_job(action, job, *, actor=None, request=None, outcome=AuditEvent.SUCCESS, details=None):
@@ -132,6 +135,10 @@ def do_create_job(
 
     source = vm.host
     acknowledged, overridden = list(acknowledged or []), list(overridden or [])
+    if mode == MigrationJob.COLD and "start_on_target" not in (options or {}):
+        # "Start on the target" defaults to whether the VM runs now (libvirt, not the
+        # last inventory sync): a VM started outside kvmweb must not be moved and left off.
+        refresh_vm_state(vm)
     try:
         plan = MigrationPlan(vm, source, target, mode, dict(options or {}))
         plan.validate()
@@ -237,40 +244,42 @@ def do_create_job(
 def do_approve_job(job, actor, request=None):
     """PENDING_APPROVAL -> QUEUED (and enqueue). Refuses if someone else decided first."""
     with transaction.atomic():
-        moved = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PENDING_APPROVAL).update(
-            status=MigrationJob.QUEUED, approved_by=actor, progress_seq=F("progress_seq") + 1
+        moved = transition(
+            job.pk,
+            MigrationJob.QUEUED,
+            from_=[MigrationJob.PENDING_APPROVAL],
+            approved_by=actor,
+            event=_("Approved by %(user)s.") % {"user": actor.get_username()},
+            audit="migration.approve",
+            actor=actor,
+            request=request,
         )
         if not moved:
             raise JobError(_("This request is no longer waiting for approval."))
         job.refresh_from_db()
-        JobEvent.objects.create(job=job, message=_("Approved by %(user)s.") % {"user": actor.get_username()})
-        _audit_job("migration.approve", job, actor=actor, request=request)
         enqueue(job)
-    publish_job(job.pk)
     return job
 
 
 def do_reject_job(job, actor, reason="", request=None):
     """PENDING_APPROVAL -> REJECTED with the reason shown to the requester."""
-    with transaction.atomic():
-        now = timezone.now()
-        moved = MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.PENDING_APPROVAL).update(
-            status=MigrationJob.REJECTED,
-            approved_by=actor,
-            reason=reason,
-            finished_at=now,
-            progress_seq=F("progress_seq") + 1,
-        )
-        if not moved:
-            raise JobError(_("This request is no longer waiting for approval."))
-        job.refresh_from_db()
-        JobEvent.objects.create(
-            job=job,
-            level="warn",
-            message=_("Rejected by %(user)s: %(reason)s") % {"user": actor.get_username(), "reason": reason},
-        )
-        _audit_job("migration.reject", job, actor=actor, request=request, details={"reason": reason})
-    publish_job(job.pk)
+    moved = transition(
+        job.pk,
+        MigrationJob.REJECTED,
+        from_=[MigrationJob.PENDING_APPROVAL],
+        approved_by=actor,
+        reason=reason,
+        event=_("Rejected by %(user)s: %(reason)s") % {"user": actor.get_username(), "reason": reason},
+        level="warn",
+        audit="migration.reject",
+        actor=actor,
+        request=request,
+        outcome=AuditEvent.SUCCESS,
+        details={"reason": reason},
+    )
+    if not moved:
+        raise JobError(_("This request is no longer waiting for approval."))
+    job.refresh_from_db()
     return job
 
 
@@ -303,31 +312,29 @@ class _Refused(Exception):
 
 
 def _cancel(job, actor, request):
+    """Not started yet: cancelled at once. Held by a worker: CANCELLING, which the worker
+    (or reconcile) turns into the final state once it knows where the VM is."""
+    line = _("Cancel requested by %(user)s.") % {"user": actor.get_username()}
+    common = {"event": line, "level": "warn", "audit": "migration.cancel", "actor": actor, "request": request}
     with transaction.atomic():
-        now = timezone.now()
-        early = MigrationJob.objects.filter(
-            pk=job.pk, status__in=[MigrationJob.PENDING_APPROVAL, MigrationJob.QUEUED]
-        ).update(
-            status=MigrationJob.CANCELLED,
+        moved = transition(
+            job.pk,
+            MigrationJob.CANCELLED,
+            from_=states.CANCEL_AT_ONCE,
             cancel_requested=True,
-            finished_at=now,
             error=_("Cancelled before it started; the VM was not touched."),
-            progress_seq=F("progress_seq") + 1,
+            outcome=AuditEvent.SUCCESS,
+            **common,
+        ) or transition(
+            job.pk,
+            MigrationJob.CANCELLING,
+            from_=states.CANCEL_THROUGH_WORKER,
+            cancel_requested=True,
+            **common,
         )
-        if not early:
-            running = MigrationJob.objects.filter(
-                pk=job.pk, status__in=[MigrationJob.PREFLIGHT, MigrationJob.RUNNING]
-            ).update(
-                status=MigrationJob.CANCELLING, cancel_requested=True, progress_seq=F("progress_seq") + 1
-            )
-            if not running:
-                raise _Refused
-        job.refresh_from_db()
-        JobEvent.objects.create(
-            job=job, level="warn", message=_("Cancel requested by %(user)s.") % {"user": actor.get_username()}
-        )
-        _audit_job("migration.cancel", job, actor=actor, request=request, details={"status": job.status})
-    publish_job(job.pk)
+        if not moved:
+            raise _Refused
+    job.refresh_from_db()
     return job
 
 
@@ -403,3 +410,59 @@ def do_switch_postcopy(job, actor, request=None):
         _("%(user)s asked to switch to post-copy.") % {"user": actor.get_username()},
         {},
     )
+
+
+def do_delete_left_copy(copy, actor, request=None):
+    """Delete a disk copy kvmweb left behind (LeftCopy) on its host and mark it removed.
+
+    The volume is deleted first (libvirt, outside any transaction, bounded by the call
+    timeout); then the row and the audit event are written together. A copy whose file is
+    already gone is marked removed too. Refused while the VM has an active migration (the
+    file could be the one it is moving to) or when the copy is the VM's current disk."""
+    if copy.removed_at is not None:
+        raise JobError(_("This copy was already deleted."))
+    vm = copy.vm
+
+    def refuse(message):
+        with transaction.atomic():
+            record(
+                "leftcopy.delete",
+                actor=actor,
+                request=request,
+                target=vm,
+                outcome=AuditEvent.FAILURE,
+                details={"host": copy.host_name, "path": copy.path, "error": message},
+            )
+        raise JobError(message)
+
+    if MigrationJob.objects.active().filter(vm=vm).exists():
+        refuse(_("%(vm)s has an active migration; delete the copy once it is over.") % {"vm": vm.name})
+    if vm.host_id == copy.host_id and not vm.gone:
+        refuse(
+            _("%(vm)s runs from %(host)s again: this file is its current disk now.")
+            % {"vm": vm.name, "host": copy.host_name}
+        )
+    if copy.host is None:
+        refuse(_("The host %(host)s was removed from kvmweb.") % {"host": copy.host_name})
+    try:
+        with hv.session(copy.host.uri) as conn:
+            existed = conn.volume_at(copy.path) is not None
+            if existed:
+                conn.delete_volume(copy.path)
+    except hv.HypervisorError as exc:
+        refuse(
+            _("Deleting %(path)s on %(host)s failed: %(error)s")
+            % {"path": copy.path, "host": copy.host_name, "error": exc}
+        )
+    with transaction.atomic():
+        copy.removed_at = timezone.now()
+        copy.removed_by_name = actor.get_username()
+        copy.save(update_fields=["removed_at", "removed_by_name"])
+        record(
+            "leftcopy.delete",
+            actor=actor,
+            request=request,
+            target=vm,
+            details={"host": copy.host_name, "path": copy.path, "job": copy.job_id, "file_existed": existed},
+        )
+    return copy

@@ -44,7 +44,7 @@ from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import translation
 
-from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+from migrations_app.models import JobEvent, MigrationJob
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def job_snapshot(user, job_id, lang):
     if job is None:
         return None
     events = list(JobEvent.objects.filter(job=job))
-    samples = list(ProgressSample.objects.filter(job=job).values("t", "rate", "remaining"))
+    samples = job.chart_samples()
     with translation.override(lang):
         html = render_to_string(
             "migrations_app/partials/job_snapshot.html",

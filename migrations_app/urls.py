@@ -11,6 +11,7 @@ urlpatterns = [
     path("<int:pk>/bandwidth/", views.job_bandwidth, name="bandwidth"),
     path("<int:pk>/downtime/", views.job_downtime, name="downtime"),
     path("<int:pk>/postcopy/", views.job_postcopy, name="postcopy"),
+    path("left-copies/<int:pk>/delete/", views.left_copy_delete, name="left_copy_delete"),
 ]
 
 # Preflight dry run / checklist re-run (owned by the preflight engineer).

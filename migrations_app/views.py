@@ -17,10 +17,11 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from hosts.models import VM, Host
+from hosts.services import refresh_vm_state
 from kvmweb.access import get_scoped_or_404, require, scoped
 from migrations_app import services
 from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
-from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+from migrations_app.models import JobEvent, LeftCopy, MigrationJob
 
 ADD = "migrations_app.add_migrationjob"
 # The checklist the user read (and acknowledged) on the confirm step is the one the job
@@ -67,7 +68,7 @@ def job_detail(request, pk):
         "migrations_app/job_detail.html",
         {
             "job": job,
-            "samples": list(ProgressSample.objects.filter(job=job)),
+            "samples": job.chart_samples(),
             "events": list(JobEvent.objects.filter(job=job)),
             "report": Report.from_dict(job.preflight) if job.preflight else None,
             "can_cancel": job.is_cancellable and request.user.has_perm("migrations_app.cancel_migrationjob"),
@@ -150,6 +151,8 @@ def wizard(request):
             request, _("%(vm)s is not on any known host; sync the inventory first.") % {"vm": vm.name}
         )
         return redirect("migrations:new")
+    if not data.get("mode") or data.get("step") != "preflight":
+        refresh_vm_state(vm)  # the defaults below follow the VM's state now, not the last sync
     context = {"vm": vm, "mode": data.get("mode") or _default_mode(vm)}
     if not data.get("target"):
         from migrations_app.preflight import rank_targets
@@ -249,3 +252,17 @@ def _seen_report(request, vm, target, mode, options):
     if time.time() - seen.get("at", 0) > REPORT_MAX_AGE:
         return None
     return Report.from_dict(seen["report"])
+
+
+@login_required
+@require_POST
+def left_copy_delete(request, pk):
+    copy = get_scoped_or_404(LeftCopy, request.user, "delete", perm="migrations_app.delete_leftcopy", pk=pk)
+    try:
+        services.do_delete_left_copy(copy, request.user, request=request)
+        messages.success(
+            request, _("Deleted %(path)s on %(host)s.") % {"path": copy.path, "host": copy.host_name}
+        )
+    except services.JobError as exc:
+        messages.error(request, str(exc))
+    return redirect("hosts:vm_detail", pk=copy.vm_id)

@@ -35,7 +35,7 @@ from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app.models import MigrationJob
+from migrations_app.models import LeftCopy, MigrationJob
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -67,6 +67,8 @@ SCOPE = {
     "group_prod": STAFF,
     "policy_prod": STAFF,
     "user_bob": STAFF | {"bob"},  # an account: staff see all, everyone else only their own
+    "copy_bob": STAFF,  # a disk copy left behind: host and path are staff-only facts
+    "copy_team": STAFF,
 }
 # Names that must never appear in a page shown to a persona outside their scope.
 NAMES = {
@@ -286,6 +288,12 @@ ROUTES = [
         action="migration.postcopy",
     ),
     Route(
+        "migrations:left_copy_delete",
+        objects=("copy_bob", "copy_team"),
+        post=MIGRATORS,
+        action="leftcopy.delete",
+    ),
+    Route(
         "migrations:preflight_check",
         objects=(None, "vm_bob", "vm_hidden"),
         param="vm",
@@ -400,6 +408,11 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         "group_prod": w.prod,
         "policy_prod": w.policy,
         "user_bob": bob,
+        # bob's VM (no active job: a copy of a VM being migrated may not be deleted)
+        "copy_bob": LeftCopy.objects.create(vm=w.bob_db, host=w.s1, host_name=w.s1.name, path="/srv/b.qcow2"),
+        "copy_team": LeftCopy.objects.create(
+            vm=w.team_app, host=w.p1, host_name=w.p1.name, path="/srv/t.qcow2"
+        ),
     }
     return w
 
@@ -415,6 +428,7 @@ def db_state():
             for p in SelfServicePolicy.objects.order_by("pk").prefetch_related("target_groups")
         ],
         "jobs": list(MigrationJob.objects.order_by("pk").values()),
+        "left_copies": list(LeftCopy.objects.order_by("pk").values()),
         "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),

@@ -37,6 +37,7 @@ ROLE_PERMISSIONS = {
         "migrations_app.control_migrationjob",
         "migrations_app.approve_migrationjob",
         "migrations_app.override_preflight",
+        "migrations_app.delete_leftcopy",
         "accounts.add_selfservicepolicy",
         "accounts.change_selfservicepolicy",
         "accounts.delete_selfservicepolicy",
@@ -52,6 +53,7 @@ ROLE_PERMISSIONS = {
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",
         "migrations_app.approve_migrationjob",
+        "migrations_app.delete_leftcopy",
     ],
     # "Read everything": also who holds which role.
     AUDITOR: _READ_ALL + ["auth.view_user", "auth.view_group"],

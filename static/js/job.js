@@ -188,6 +188,20 @@
     });
   }
 
+  // A collapsing log line (one per job, e.g. the memory pass counter) arrives as a new
+  // line; drop the older copies so the log keeps one line however many passes run.
+  function collapseEvents() {
+    document.querySelectorAll("ol[id^='job-events-']").forEach(function (ol) {
+      var seen = {};
+      var items = ol.querySelectorAll("li[data-collapse]");
+      for (var i = items.length - 1; i >= 0; i--) {
+        var key = items[i].getAttribute("data-collapse");
+        if (seen[key]) items[i].remove();
+        seen[key] = true;
+      }
+    });
+  }
+
   function connection(evt, state) {
     var el = document.getElementById("job-connection");
     if (!el) return;
@@ -198,6 +212,7 @@
   document.addEventListener("DOMContentLoaded", updateAll);
   document.body && updateAll();
   document.addEventListener("htmx:wsAfterMessage", updateAll);
+  document.addEventListener("htmx:wsAfterMessage", collapseEvents);
   document.addEventListener("htmx:wsOpen", function (e) {
     connection(e, "open");
   });

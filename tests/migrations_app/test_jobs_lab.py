@@ -10,9 +10,6 @@ the worker runs (cancel, target libvirtd killed) run against a real
 import json
 import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,11 +28,6 @@ from migrations_app.services import do_create_job
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def hosts(lab, db):
-    return {h: host_services.do_register_host(h, lab.uri(h)) for h in ("lab-a", "lab-b")}
 
 
 def _sync(*hosts):
@@ -174,6 +166,35 @@ def test_it_runs_an_offline_job_that_moves_only_the_definition(hosts, lab_guest,
     _assert_moved(job, guest)
 
 
+def test_it_plans_a_cold_move_from_the_vms_state_now_not_the_last_sync(hosts, lab_guest, admin):
+    guest = lab_guest("mj-livestate", running=False)
+    _sync(hosts["lab-a"])  # kvmweb last saw it shut off ...
+    labkit.start_guest(guest, "lab-a")  # ... then someone started it outside kvmweb
+    vm = VM.objects.get(uuid=guest.uuid)
+    assert vm.state == "shutoff"
+    options = {"force_off": True, "shutdown_timeout": 1}
+    every = [r.id for r in run_preflight(MigrationPlan(vm, vm.host, hosts["lab-b"], "cold", options)).results]
+    job = do_create_job(vm, hosts["lab-b"], "cold", options, actor=admin, acknowledged=every)
+    assert job.options["start_on_target"] is True
+    job = _run(job)
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "running"}
+
+
+def test_it_says_not_converging_when_the_guest_dirties_faster_than_the_cap(hosts, lab_guest, admin):
+    # 8 MiB rewritten every 10 ms against a 4 MiB/s cap: pass 2 can never fit in the
+    # allowed downtime. The job must say so (no ETA) instead of "converging".
+    guest = lab_guest("mj-stall", memory_mib=64, fill_mib=16, hot_mib=8, delay_ms=10)
+    _sync(hosts["lab-a"])
+    job = _run(_create(admin, guest, hosts["lab-b"], "live", bandwidth=4, completion_timeout=12))
+    assert job.status == MigrationJob.FAILED, job.error
+    lines = JobEvent.objects.filter(job=job, code__startswith="not_converging")
+    assert lines.count() == 1, list(JobEvent.objects.filter(job=job).values_list("message", flat=True))
+    assert "Raise the bandwidth" in lines.get().message
+    assert ProgressSample.objects.filter(job=job, iteration__gte=2).exists()
+    assert labkit.where(guest) == {"lab-a": "running"}
+
+
 def test_it_aborts_at_the_completion_timeout_and_leaves_the_vm_on_the_source(hosts, lab_guest, admin):
     guest = lab_guest("mj-timeout")
     _sync(hosts["lab-a"])
@@ -208,97 +229,6 @@ def test_it_fails_when_preflight_on_the_worker_now_fails_and_touches_nothing(hos
 
 
 # ------------------------------------------------------------------ real worker process
-
-
-class Cluster:
-    """A file SQLite DB of its own, hosts registered, and a real migrations qcluster."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        self.db = tmp / "kvmweb.sqlite3"
-        self.env = dict(os.environ, KVMWEB_SQLITE_PATH=str(self.db), KVMWEB_ADMIN_PASSWORD="x" * 16)
-        self.env.pop("DATABASE_URL", None)
-        self.env.pop("REDIS_URL", None)
-        self.proc = None
-
-    def manage(self, *args, check=True, **kw):
-        r = subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=dict(self.env, **kw.pop("env", {})),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and r.returncode != 0:
-            raise AssertionError(f"manage.py {' '.join(args)} failed: {r.stdout}{r.stderr}")
-        return r
-
-    def start(self):
-        log = open(self.tmp / "qcluster.log", "a")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "manage.py", "qcluster"],
-            cwd=ROOT,
-            env=dict(self.env, Q_CLUSTER_NAME="migrations"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: SIGKILL takes the workers too
-        )
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def q(self, sql, *args):
-        con = sqlite3.connect(self.db, timeout=20)
-        try:
-            return con.execute(sql, args).fetchall()
-        finally:
-            con.close()
-
-    def job(self, job_id):
-        row = self.q(
-            "select status, percent, error, finished_at, progress_seq from migrations_app_migrationjob where id=?",
-            job_id,
-        )[0]
-        return dict(zip(["status", "percent", "error", "finished_at", "progress_seq"], row, strict=True))
-
-    def events(self, job_id):
-        return self.q("select at, message from migrations_app_jobevent where job_id=? order by id", job_id)
-
-    def wait(self, job_id, cond, timeout, what):
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if cond(job):
-                return job
-            assert time.monotonic() < deadline, f"job {job_id}: {what} not reached: {job}"
-            time.sleep(0.05)
-
-    def migrate(self, vm, target, *args):
-        r = self.manage("migrate_vm", vm, target, "--json", "--ack-all", *args)
-        return json.loads(r.stdout.strip().splitlines()[-1])["id"]
-
-
-@pytest.fixture(scope="module")
-def cluster(lab, tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("mjcluster"))
-    c.manage("migrate", "--noinput", "-v", "0")
-    c.manage("ensure_admin")
-    for h in ("lab-a", "lab-b"):
-        c.manage("add_host", h, labkit.uri(h), "--no-sync")
-    c.start()
-    yield c
-    c.stop()
 
 
 def _sync_cli(cluster, *hosts):

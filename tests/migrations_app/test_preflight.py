@@ -115,6 +115,9 @@ class FakeConn:
     def secrets_present(self, uuids):
         return {u: u in self.s.get("secrets", []) for u in uuids}
 
+    def probe_shared(self, target, directories):
+        return {d: target.s.get("shared", {}).get(d, True) for d in directories}
+
     def domain_collisions(self, uuid, name):
         return self.s.get("collisions", {"by_uuid": None, "by_name": None})
 

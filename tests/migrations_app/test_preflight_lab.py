@@ -27,12 +27,6 @@ from migrations_app.preflight import rank_targets, run_preflight
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def hosts(lab, db):
-    """lab-a and lab-b registered in kvmweb (registration syncs the inventory)."""
-    return {h: services.do_register_host(h, lab.uri(h), sync=False) for h in ("lab-a", "lab-b")}
-
-
 def _vm(hosts, guest):
     services.do_sync_inventory(hosts[guest.host])
     return VM.objects.select_related("host").get(uuid=guest.uuid)

@@ -15,6 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from hosts.models import VM, Host
+from hosts.services import refresh_vm_state
 from migrations_app.models import MigrationJob
 from migrations_app.services import JobError, do_create_job
 
@@ -94,6 +95,7 @@ class Command(BaseCommand):
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}")
         options = options_from_args(o)
+        refresh_vm_state(vm)  # plan defaults follow the VM's state now, not the last sync
         try:
             plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
             plan.validate()

@@ -1,0 +1,77 @@
+"""The lines of a job's event log, as codes with parameters.
+
+A worker writes ``services.log_event(job, CODE, **params)``; the row keeps the code, the
+parameters and the English text. Pages render ``JobEvent.text``, which formats the code's
+template in the viewer's language, so a job started by a Chinese-speaking user and run by
+an English worker reads in one language for each viewer. A code missing here (older rows)
+falls back to the stored text.
+
+Adding a line: add its code and template below, run `make messages`, translate it.
+"""
+
+from django.utils.translation import gettext_lazy as _
+
+CATALOG = {
+    "picked_up": _("Picked up by worker %(worker)s."),
+    "new_warning": _("New warning since the request: %(title)s: %(message)s"),
+    "preflight_passed": _("Preflight passed again on the worker."),
+    "migration_started": _("Migration started: %(virsh)s"),
+    "phase": _("Phase: %(phase)s."),
+    # Collapsed: one line per job, updated in place with the latest pass.
+    "memory_pass": _("Memory pass %(iteration)d (pages dirtied during the last pass are resent)."),
+    "not_converging": _(
+        "Not converging: %(remaining)s MiB still to send, but at %(rate)s MiB/s only %(fits)s MiB fit in "
+        "the allowed downtime of %(downtime)d ms. Raise the bandwidth, raise the maximum downtime, switch "
+        "to post-copy, or cancel."
+    ),
+    "not_converging_stalled": _(
+        "Not converging: the remaining data (%(remaining)s MiB) has not shrunk for several passes, and at "
+        "%(rate)s MiB/s only %(fits)s MiB fit in the allowed downtime of %(downtime)d ms. Raise the "
+        "bandwidth, raise the maximum downtime, switch to post-copy, or cancel."
+    ),
+    "converging_again": _("Converging again: what remains fits in the allowed downtime."),
+    "policy_downtime": _(
+        "Convergence policy: maximum downtime raised to %(ms)d ms (step %(step)d of %(steps)d)."
+    ),
+    "policy_postcopy": _("Convergence policy: switching to post-copy."),
+    "policy_abort": _("Convergence policy: still not converging at the last step; aborting."),
+    "shutdown_asked": _("Asking the guest to shut down (waiting up to %(timeout)s s)."),
+    "shut_down": _("The guest shut down."),
+    "forcing_off": _("The guest did not shut down within %(timeout)s s: forcing it off."),
+    "forced_off_now": _("Forced off now, as %(user)s asked."),
+    "storage_shared": _("Disks are on proved shared storage: moving the definition (offline migration)."),
+    "storage_copy": _("Disks are not on storage %(target)s shares: copying them."),
+    "volume_created": _("Created the empty volume %(path)s on %(host)s for the copy."),
+    "copying_disk": _("Copying %(path)s (%(mib)s MiB) to %(host)s."),
+    "copied_disk": _("Copied %(path)s."),
+    "defined": _("Defined the VM on %(host)s."),
+    "undefined": _("Removed the definition from %(host)s."),
+    "removed_disks": _("Removed the source disks on %(host)s: %(paths)s."),
+    "left_copy": _("The source disk %(path)s stays on %(host)s as a copy of the data at this move."),
+    "started": _("Started the VM on %(host)s."),
+    "verified": _("Verified: the VM is %(state)s on %(host)s."),
+    "offline_move": _("Offline migration: %(virsh)s"),
+    "resume": _("Resuming from the journal after the worker stopped (last step: %(step)s)."),
+    "rollback": _("Rolling back from the journal (last step: %(step)s)."),
+    "rolled_back_volume": _("Removed the volume %(path)s this job had created on %(host)s."),
+    "restarted_source": _("Started the VM again on %(host)s."),
+    "heartbeat_stopped": _(
+        "The worker's heartbeat stopped (last at %(at)s); asking libvirt what really happened."
+    ),
+    "reattached": _("libvirt is still migrating the VM: re-attached, monitoring it again."),
+}
+
+
+# Codes kept as one line per job: a new line of the code replaces the older one.
+COLLAPSING = {"memory_pass"}
+
+
+def render(code, params, fallback=""):
+    """The line for ``code`` in the active language, or ``fallback``."""
+    template = CATALOG.get(code)
+    if template is None:
+        return fallback
+    try:
+        return str(template) % (params or {})
+    except (KeyError, TypeError, ValueError):
+        return fallback

@@ -1,0 +1,97 @@
+"""The one function that changes a job's status.
+
+``transition(job, to, ...)`` is a conditional UPDATE from the states the table in
+migrations_app/states.py allows (or a narrower set the caller names), and in the same
+transaction: the ``progress_seq`` bump watchers key on, the job-log line, the audit
+event; the watchers are woken once the transaction commits. It returns False when the row
+was no longer in an allowed state: someone else (another delivery of the task, a cancel,
+reconcile) got there first, and the caller must not act as if it had moved the job.
+Nothing else in kvmweb writes ``MigrationJob.status``.
+"""
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone, translation
+
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app import states
+from migrations_app.events import COLLAPSING, render
+from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.streaming import publish_job
+
+
+class IllegalTransition(ValueError):
+    """A caller asked for a move the table does not allow (a programming error)."""
+
+
+def transition(
+    job_id,
+    to,
+    *,
+    from_=None,
+    event=None,
+    level="info",
+    audit=None,
+    actor=None,
+    request=None,
+    outcome=None,
+    details=None,
+    **fields,
+):
+    """Move job ``job_id`` to state ``to`` from one of ``from_`` (default: every state
+    the table allows), setting ``fields`` too. ``event`` is a job-log line (text, or a
+    (code, params) pair for migrations_app/events.py); ``audit`` an audit action name
+    written with ``details`` (the job's identity is added). Returns True when it moved."""
+    allowed = states.sources_of(to)
+    wanted = tuple(from_) if from_ is not None else allowed
+    illegal = [s for s in wanted if s not in allowed]
+    if illegal or not wanted:
+        raise IllegalTransition(f"a job cannot go from {', '.join(illegal) or 'nowhere'} to {to}")
+    now = timezone.now()
+    if to in states.FINAL:
+        fields.setdefault("finished_at", now)
+    with transaction.atomic():
+        moved = MigrationJob.objects.filter(pk=job_id, status__in=wanted).update(
+            status=to, progress_seq=F("progress_seq") + 1, **fields
+        )
+        if not moved:
+            return False
+        if event is not None:
+            write_event(job_id, event, level)
+        if audit:
+            job = MigrationJob.objects.get(pk=job_id)
+            base = {
+                "job": job.pk,
+                "vm": job.vm_name,
+                "source": job.source_name,
+                "target": job.target_name,
+                "mode": job.mode,
+                "status": to,
+            }
+            base.update(details or {})
+            if outcome is None:
+                outcome = AuditEvent.FAILURE if to in (states.FAILED,) else AuditEvent.SUCCESS
+            record(audit, actor=actor, request=request, target=job, outcome=outcome, details=base)
+        transaction.on_commit(lambda: publish_job(job_id))
+    return True
+
+
+def write_event(job_id, event, level="info"):
+    """Append a job-log line: ``event`` is text, or a (code, params) pair rendered in the
+    viewer's language later (the English text is stored too). A line of a collapsing code
+    (events.COLLAPSING: the memory pass counter) replaces the job's earlier one, so a job
+    with 1,000 passes keeps one line. Bumps ``progress_seq`` so watchers re-render."""
+    if isinstance(event, tuple):
+        code, params = event
+        with translation.override("en"):
+            message = render(code, params, code)
+    else:
+        code, params, message = "", {}, str(event)
+    message = message[:2000]
+    if code in COLLAPSING:
+        # Replaced by a new row (not updated in place): live watchers pick up new rows by
+        # id, and the page keeps only the newest line of the code (static/js/job.js).
+        JobEvent.objects.filter(job_id=job_id, code=code).delete()
+    JobEvent.objects.create(job_id=job_id, level=level, code=code, params=params, message=message)
+    MigrationJob.objects.filter(pk=job_id).update(progress_seq=F("progress_seq") + 1)

@@ -1,0 +1,165 @@
+"""Shared fixtures of the migration tests: a real worker process against the KVM lab.
+
+`Cluster` is a kvmweb of its own (a file SQLite DB with the lab hosts registered) that
+tests drive through real processes: `manage.py` commands, a real migrations qcluster, or
+tests/migrations_app/crash_worker.py (a worker that dies at a journal step).
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab as labkit
+from hosts import services as host_services
+from hosts.models import VM, Host
+from migrations_app.models import MigrationJob
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def hosts(lab, db):
+    """lab-a and lab-b registered in this test's kvmweb (no inventory sync yet)."""
+    return {h: host_services.do_register_host(h, lab.uri(h), sync=False) for h in ("lab-a", "lab-b")}
+
+
+@pytest.fixture
+def make_job(db):
+    """make_job(status="running", mode="live", **fields) -> a MigrationJob of web1 from
+    host ha to hb (test-driver URIs: nothing is contacted)."""
+    made = {}
+
+    def _make(status=MigrationJob.RUNNING, mode="live", **fields):
+        if not made:
+            made["a"] = Host.objects.create(name="ha", uri="test:///default")
+            made["b"] = Host.objects.create(name="hb", uri="test:///other")
+        a, b = made["a"], made["b"]
+        vm = VM.objects.create(
+            uuid=fields.pop("uuid", None) or f"6695eb01-f6a4-8304-79aa-{VM.objects.count():012d}",
+            name=fields.pop("vm_name", "web1"),
+            host=a,
+            state="running",
+        )
+        return MigrationJob.objects.create(
+            vm=vm,
+            vm_name=vm.name,
+            source=a,
+            source_name=a.name,
+            target=b,
+            target_name=b.name,
+            mode=mode,
+            status=status,
+            **fields,
+        )
+
+    return _make
+
+
+class Cluster:
+    """A file SQLite DB of its own, hosts registered, and a real migrations qcluster."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.db = tmp / "kvmweb.sqlite3"
+        self.env = dict(os.environ, KVMWEB_SQLITE_PATH=str(self.db), KVMWEB_ADMIN_PASSWORD="x" * 16)
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("REDIS_URL", None)
+        self.proc = None
+
+    def manage(self, *args, check=True, **kw):
+        r = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=dict(self.env, **kw.pop("env", {})),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and r.returncode != 0:
+            raise AssertionError(f"manage.py {' '.join(args)} failed: {r.stdout}{r.stderr}")
+        return r
+
+    def start(self):
+        log = open(self.tmp / "qcluster.log", "a")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"],
+            cwd=ROOT,
+            env=dict(self.env, Q_CLUSTER_NAME="migrations"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: SIGKILL takes the workers too
+        )
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def q(self, sql, *args):
+        con = sqlite3.connect(self.db, timeout=20)
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
+    def job(self, job_id):
+        row = self.q(
+            "select status, percent, error, finished_at, progress_seq from migrations_app_migrationjob where id=?",
+            job_id,
+        )[0]
+        return dict(zip(["status", "percent", "error", "finished_at", "progress_seq"], row, strict=True))
+
+    def events(self, job_id):
+        return self.q("select at, message from migrations_app_jobevent where job_id=? order by id", job_id)
+
+    def wait(self, job_id, cond, timeout, what):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if cond(job):
+                return job
+            assert time.monotonic() < deadline, f"job {job_id}: {what} not reached: {job}"
+            time.sleep(0.05)
+
+    def migrate(self, vm, target, *args):
+        r = self.manage("migrate_vm", vm, target, "--json", "--ack-all", *args)
+        return json.loads(r.stdout.strip().splitlines()[-1])["id"]
+
+
+def _prepared(tmp):
+    c = Cluster(tmp)
+    c.manage("migrate", "--noinput", "-v", "0")
+    c.manage("ensure_admin")
+    for h in ("lab-a", "lab-b"):
+        c.manage("add_host", h, labkit.uri(h), "--no-sync")
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(lab, tmp_path_factory):
+    """A kvmweb with its own DB and a running migrations qcluster."""
+    c = _prepared(tmp_path_factory.mktemp("mjcluster"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def workerless(lab, tmp_path_factory):
+    """A kvmweb with its own DB and no worker: tests run workers themselves."""
+    return _prepared(tmp_path_factory.mktemp("workerless"))

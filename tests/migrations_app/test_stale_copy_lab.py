@@ -1,0 +1,96 @@
+"""The stale-copy story on the real lab: a cold move keeps the source disk; the VM's
+data changes on the target; a move back must never boot the old copy as if it were
+shared storage. kvmweb proves sharing with a probe file, names the copy a job left, lets
+an operator delete it (audited), and then copies the current data back."""
+
+import pytest
+
+import lab as labkit
+from hosts import services as host_services
+from hosts.models import VM
+from kvmweb.audit.models import AuditEvent
+from migrations_app import runner
+from migrations_app.models import LeftCopy, MigrationJob
+from migrations_app.plan import MigrationPlan
+from migrations_app.preflight import run_preflight
+from migrations_app.services import do_create_job, do_delete_left_copy
+
+pytestmark = pytest.mark.lab
+
+MARKER = b"kvmweb-newer-data-on-lab-b"
+
+
+def _move(user, guest, target, mode="cold"):
+    for host in target.__class__.objects.all():
+        assert not host_services.do_sync_inventory(host)["error"]
+    vm = VM.objects.get(uuid=guest.uuid)
+    report = run_preflight(MigrationPlan(vm, vm.host, target, mode, {}), measure_dirty_rate=False)
+    return vm, report
+
+
+def test_it_never_boots_a_stale_copy_and_moves_the_newer_data_back(hosts, lab_guest, operator):
+    guest = lab_guest("stale", storage="local", running=False)
+    on_a, inside = labkit.disk_path(guest, "local", "lab-a")
+    on_b, _ = labkit.disk_path(guest, "local", "lab-b")
+
+    # 1. Cold A -> B with the defaults: the source disk stays on A, recorded as a copy.
+    vm, report = _move(operator, guest, hosts["lab-b"])
+    assert not report.fails, [(r.id, r.message) for r in report.fails]
+    job = do_create_job(
+        vm,
+        hosts["lab-b"],
+        "cold",
+        {},
+        actor=operator,
+        report=report,
+        acknowledged=[r.id for r in report.warnings],
+    )
+    assert runner.run_job(job.pk) == MigrationJob.SUCCEEDED
+    assert on_a.exists() and on_b.exists()
+    (left,) = LeftCopy.objects.filter(vm=vm, removed_at=None)
+    assert (left.host_name, left.path, left.job_id) == ("lab-a", inside, job.pk)
+
+    # 2. New data lands in the disk on B (written into the image while the VM is off).
+    with open(on_b, "ab") as f:
+        f.write(MARKER)
+    assert MARKER not in on_a.read_bytes()
+
+    # 3. Cold B -> A: the file at the same path on A is proved a different file, named
+    #    as the copy job #N left, and the move is refused.
+    vm, report = _move(operator, guest, hosts["lab-a"])
+    storage = next(r for r in report.results if r.id == "storage")
+    assert storage.status == "fail", storage.message
+    assert "different file" in storage.message and f"job #{job.pk}" in storage.message
+    assert storage.details["disks"][0]["shared_proof"] is False
+
+    # 4. The operator deletes the copy from the VM page's service: audited, file gone.
+    do_delete_left_copy(left, operator)
+    assert not on_a.exists()
+    left.refresh_from_db()
+    assert left.removed_at is not None and left.removed_by_name == "operator"
+    assert AuditEvent.objects.filter(action="leftcopy.delete", outcome=AuditEvent.SUCCESS).count() == 1
+
+    # 5. Now the move back copies the current disk: the newer data is on A afterwards.
+    vm, report = _move(operator, guest, hosts["lab-a"])
+    assert not report.fails, [(r.id, r.message) for r in report.fails]
+    back = do_create_job(
+        vm,
+        hosts["lab-a"],
+        "cold",
+        {},
+        actor=operator,
+        report=report,
+        acknowledged=[r.id for r in report.warnings],
+    )
+    assert runner.run_job(back.pk) == MigrationJob.SUCCEEDED, MigrationJob.objects.get(pk=back.pk).error
+    assert MARKER in on_a.read_bytes()
+    assert labkit.where(guest) == {"lab-a": "shut off"}
+
+
+def test_it_proves_shared_storage_with_a_probe_and_leaves_no_probe_behind(hosts, lab_guest):
+    guest = lab_guest("probe", storage="shared", running=False)
+    vm, report = _move(None, guest, hosts["lab-b"], "offline")
+    storage = next(r for r in report.results if r.id == "storage")
+    assert storage.status == "pass", storage.message
+    assert storage.details["disks"][0]["shared_proof"] is True
+    assert not [p for p in labkit.shared_dir().iterdir() if p.name.startswith(".kvmweb-probe-")]
