@@ -20,6 +20,7 @@ from kvmweb.audit.models import AuditEvent
 from migrations_app import states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.options import OptionError, clean_control
 from migrations_app.streaming import publish_job
 
 log = logging.getLogger(__name__)
@@ -366,9 +367,10 @@ def _control(job, actor, request, action, fields, message, details):
 
 def do_set_bandwidth(job, mib_per_s, actor, request=None):
     """Ask the worker to change the bandwidth cap (MiB/s, 0 = unlimited)."""
-    mib_per_s = int(mib_per_s)
-    if mib_per_s < 0:
-        raise JobError(_("The bandwidth must be 0 (unlimited) or more MiB/s."))
+    try:
+        mib_per_s = clean_control("bandwidth", mib_per_s)
+    except OptionError as exc:
+        raise JobError(str(exc)) from None
     return _control(
         job,
         actor,
@@ -383,9 +385,10 @@ def do_set_bandwidth(job, mib_per_s, actor, request=None):
 
 def do_set_downtime(job, ms, actor, request=None):
     """Ask the worker to change the maximum tolerated downtime (ms)."""
-    ms = int(ms)
-    if ms < 1:
-        raise JobError(_("The maximum downtime must be at least 1 ms."))
+    try:
+        ms = clean_control("max_downtime", ms)
+    except OptionError as exc:
+        raise JobError(str(exc)) from None
     return _control(
         job,
         actor,

@@ -105,7 +105,7 @@ def job_bandwidth(request, pk):
     def change(job):
         form = BandwidthForm(request.POST)
         if not form.is_valid():
-            raise services.JobError(_("Enter the bandwidth as a whole number of MiB/s (0 = unlimited)."))
+            raise services.JobError(" ".join(form.errors["bandwidth"]))
         services.do_set_bandwidth(job, form.cleaned_data["bandwidth"], request.user, request=request)
         messages.success(request, _("Bandwidth change requested."))
 
@@ -118,7 +118,7 @@ def job_downtime(request, pk):
     def change(job):
         form = DowntimeForm(request.POST)
         if not form.is_valid():
-            raise services.JobError(_("Enter the maximum downtime in milliseconds (at least 1)."))
+            raise services.JobError(" ".join(form.errors["downtime"]))
         services.do_set_downtime(job, form.cleaned_data["downtime"], request.user, request=request)
         messages.success(request, _("Maximum downtime change requested."))
 

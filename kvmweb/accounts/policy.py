@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from django.utils.translation import gettext as _
 
 from kvmweb.accounts.roles import ADMINISTRATOR, OPERATOR, has_role, is_self_service
+from migrations_app.options import SCHEMA, OptionError, applies
 
 
 @dataclass(frozen=True)
@@ -70,17 +71,12 @@ def allowed_targets(user, vm):
 
 
 def _bandwidth(options):
-    """The requested cap in MiB/s, None for unlimited (absent, empty or 0, as in libvirt)."""
+    """The requested cap in MiB/s, None for unlimited (absent, empty or 0, as in libvirt);
+    a value the options schema refuses raises OptionError with the schema's words."""
     value = (options or {}).get("bandwidth")
     if value in (None, "", 0, "0"):
         return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(value) from None
-    if number < 0:
-        raise ValueError(value)
-    return number or None
+    return SCHEMA["bandwidth"].clean(value)
 
 
 def check_request(user, vm, target, mode, options=None):
@@ -130,9 +126,11 @@ def check_request(user, vm, target, mode, options=None):
         )
     try:
         bandwidth = _bandwidth(options)
-    except ValueError:
-        return Decision(False, reason=_("The bandwidth must be a whole number of MiB/s."))
-    if policy.max_bandwidth is not None:
+    except OptionError as exc:
+        return Decision(False, reason=str(exc))
+    # A bandwidth cap limits what uses bandwidth: cold and offline moves copy no memory
+    # over the migration stream, so the cap neither applies nor refuses them.
+    if policy.max_bandwidth is not None and applies("bandwidth", mode):
         if bandwidth is None:
             return Decision(
                 False,

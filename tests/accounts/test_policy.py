@@ -69,7 +69,7 @@ def test_it_refuses_modes_the_policy_does_not_allow(world, alice):
         (None, False, "Set a bandwidth limit of at most 100 MiB/s; unlimited is not allowed."),
         (0, False, "Set a bandwidth limit of at most 100 MiB/s; unlimited is not allowed."),
         (101, False, "The bandwidth 101 MiB/s is above the allowed 100 MiB/s."),
-        ("fast", False, "The bandwidth must be a whole number of MiB/s."),
+        ("fast", False, "bandwidth (MiB/s) must be a whole number, not 'fast'."),
         (100, True, "This request waits for an operator's approval."),
         ("1", True, "This request waits for an operator's approval."),
     ],

@@ -81,7 +81,7 @@ class Command(BaseCommand):
 
         user = get_user_model().objects.filter(username=o["user"]).first()
         if user is None:
-            raise CommandError(f"no kvmweb user {o['user']!r} (use --user)")
+            raise CommandError(f"no kvmweb user {o['user']!r} (use --user)", returncode=2)
         vms = VM.objects.restrict(user).filter(gone=False)
         vm = vms.filter(name=o["vm"]).first()
         if vm is None:
@@ -90,17 +90,17 @@ class Command(BaseCommand):
             except Exception:
                 vm = None
         if vm is None:
-            raise CommandError(f"no VM {o['vm']!r} visible to {user}")
+            raise CommandError(f"no VM {o['vm']!r} visible to {user}", returncode=2)
         target = Host.objects.restrict(user).filter(name=o["target"]).first()
         if target is None:
-            raise CommandError(f"no host {o['target']!r} visible to {user}")
+            raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
         options = options_from_args(o)
         refresh_vm_state(vm)  # plan defaults follow the VM's state now, not the last sync
         try:
             plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
             plan.validate()
         except PlanError as exc:
-            raise CommandError(str(exc)) from None
+            raise CommandError(str(exc), returncode=2) from None
         report = run_preflight(plan)
         acks = list(o["ack"])
         if o["ack_all"]:
@@ -164,10 +164,9 @@ def options_from_args(o):
         options["undefine_source"] = False
     if o.get("start") is not None:
         options["start_on_target"] = o["start"]
-    mode = o["mode"]
-    from migrations_app.plan import MODE_KEYS
-
-    return {k: v for k, v in options.items() if k in MODE_KEYS[mode]}
+    # Not filtered by mode: the plan checks every given value against the options schema
+    # (a bad value is refused even where the option does not apply), then drops the rest.
+    return options
 
 
 def warning_ids(report):

@@ -85,6 +85,7 @@ class Command(BaseCommand):
             raise BadArguments(f"{vm.name} is not on any known host.")
         try:
             plan = MigrationPlan.for_vm(vm, target, opts["mode"], options)
+            plan.validate_options()  # the same refusals as migrate_vm and the wizard: exit 2
         except PlanError as exc:
             raise BadArguments(str(exc)) from None
         report = run_preflight(plan, memory_margin_mib=opts["margin"], measure_dirty_rate=not opts["quick"])
