@@ -8,6 +8,7 @@ from django.utils.translation import gettext_lazy as _
 
 from migrations_app import states
 from migrations_app.events import COLLAPSING, render
+from migrations_app.options import LIVE_MODES
 
 
 class MigrationJobQuerySet(models.QuerySet):
@@ -173,11 +174,11 @@ class MigrationJob(models.Model):
     @property
     def is_controllable(self):
         """Bandwidth, downtime and post-copy only change a live migration that runs."""
-        return self.status == self.RUNNING and self.mode in (self.LIVE, self.LIVE_COPY)
+        return self.status == self.RUNNING and self.mode in LIVE_MODES
 
     @property
     def postcopy_enabled(self):
-        return bool((self.options or {}).get("postcopy")) and self.mode in (self.LIVE, self.LIVE_COPY)
+        return bool((self.options or {}).get("postcopy")) and self.mode in LIVE_MODES
 
     @property
     def bandwidth(self):

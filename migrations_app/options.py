@@ -21,6 +21,10 @@ LIVE = frozenset(LIVE_MODES)
 COLD = frozenset({"cold"})
 
 
+class PlanError(ValueError):
+    """A plan libvirt (or kvmweb) would refuse; the message is meant for people."""
+
+
 class OptionError(ValueError):
     """A refused option value; ``name`` says which, the message is meant for people."""
 

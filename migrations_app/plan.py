@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 
 from django.utils.translation import gettext as _
 
-from migrations_app import options
-from migrations_app.options import DEFAULTS, LIVE_MODES, MODE_KEYS, MODES, SCHEMA, OptionError
+from migrations_app import modes, options
+from migrations_app.options import DEFAULTS, LIVE_MODES, MODE_KEYS, MODES, SCHEMA, OptionError, PlanError
 
 __all__ = ["DEFAULTS", "LIVE_MODES", "MODE_KEYS", "MODES", "MigrationPlan", "PlanError", "parse_options"]
 
 COMPLETION_ACTIONS = SCHEMA["completion_action"].choices
 COPY_STORAGE = SCHEMA["copy_storage"].choices
-
-
-class PlanError(ValueError):
-    """A plan libvirt (or kvmweb) would refuse; the message is meant for people."""
 
 
 def parse_options(mode, data=None):
@@ -69,7 +65,8 @@ class MigrationPlan:
 
     def __post_init__(self):
         given = dict(self.options or {})
-        if self.mode == "cold" and "start_on_target" not in given and self.vm is not None:
+        self.strategy = modes.get(self.mode)
+        if self.strategy.shuts_down and "start_on_target" not in given and self.vm is not None:
             # Cold: start on the target only what was running before (unless told).
             given["start_on_target"] = bool(getattr(self.vm, "is_running", True))
         self.options = parse_options(self.mode, given)
@@ -89,40 +86,18 @@ class MigrationPlan:
         state = state or getattr(self.vm, "state", "")
         persistent = getattr(self.vm, "persistent", True) if persistent is None else persistent
         running = state in ("running", "paused", "blocked")
-        if self.mode in LIVE_MODES and not running:
-            raise PlanError(
-                _(
-                    "Live migration needs a running VM, and %(vm)s is %(state)s. "
-                    "Use Cold or Offline (definition only) for a VM that is not running."
-                )
-                % {"vm": self.vm.name, "state": state or _("in an unknown state")}
-            )
-        if self.mode == "offline":
-            if running:
-                raise PlanError(
-                    _(
-                        "Offline migration moves only the definition and needs a shut-off VM; "
-                        "%(vm)s is %(state)s. Use Live, or Cold (shut down first)."
-                    )
-                    % {"vm": self.vm.name, "state": state}
-                )
-            if not persistent:
-                raise PlanError(_("A transient VM has no definition to move offline."))
-        if self.mode == "cold" and not persistent:
-            raise PlanError(
-                _("A transient VM disappears when it shuts down, so it cannot be migrated cold. Use Live.")
-            )
+        self.strategy.validate_state(self.vm.name, state, running, persistent)
 
     def validate_options(self):
         """The options fit together and the target is another host (PlanError otherwise)."""
         opts = self.options
         if self.target is not None and self.source is not None and self.target.pk == self.source.pk:
             raise PlanError(_("The target is the host the VM is already on. Choose another host."))
-        if self.mode == "offline" and not opts.get("persist", True):
+        if self.strategy.definition_only and not opts.get("persist", True):
             raise PlanError(
                 _("Offline migration must keep the VM defined on the target (libvirt requires --persistent).")
             )
-        if self.mode == "cold" and not opts.get("persist", True):
+        if self.strategy.shuts_down and not opts.get("persist", True):
             raise PlanError(_("Cold migration must define the VM on the target (persistent)."))
         if (
             opts.get("completion_action") == "postcopy"
@@ -139,7 +114,7 @@ class MigrationPlan:
             )
         if opts.get("tunnelled") and opts.get("parallel"):
             raise PlanError(_("libvirt cannot combine tunnelled migration with parallel connections."))
-        if opts.get("tunnelled") and self.mode == "live-copy":
+        if opts.get("tunnelled") and self.strategy.live and self.strategy.copies_disks:
             raise PlanError(_("libvirt cannot copy storage (NBD) through a tunnelled migration."))
         if opts.get("tunnelled") and opts.get("migrate_uri"):
             raise PlanError(_("A tunnelled migration uses the libvirt connection; drop the migration URI."))
@@ -149,30 +124,7 @@ class MigrationPlan:
     def flag_names(self):
         """The VIR_MIGRATE_* flags (by MIGRATE_FLAGS key) of the migrate call. For cold
         mode these are the flags of the definition move after the shutdown."""
-        opts = self.options
-        if self.mode in ("cold", "offline"):
-            names = ["offline", "persist_dest"]
-            if opts.get("undefine_source", True):
-                names.append("undefine_source")
-            return names
-        names = ["live", "peer2peer"]
-        if opts.get("tunnelled"):
-            names.append("tunnelled")
-        if opts.get("persist", True):
-            names.append("persist_dest")
-        if opts.get("undefine_source", True):
-            names.append("undefine_source")
-        if self.mode == "live-copy":
-            names.append("non_shared_inc" if opts.get("copy_storage") == "inc" else "non_shared_disk")
-        if opts.get("auto_converge"):
-            names.append("auto_converge")
-        if opts.get("compression"):
-            names.append("compressed")
-        if opts.get("parallel"):
-            names.append("parallel")
-        if opts.get("postcopy"):
-            names.append("postcopy")
-        return names
+        return self.strategy.flag_names(self.options)
 
     def flags(self):
         """The flag bits for virDomainMigrateToURI3."""
@@ -191,7 +143,7 @@ class MigrationPlan:
         table = _params()
         opts = self.options
         out = {}
-        if self.mode not in LIVE_MODES:
+        if not self.strategy.live:
             return out
         if opts.get("bandwidth"):
             out[table["bandwidth"]] = int(opts["bandwidth"])
@@ -210,71 +162,7 @@ class MigrationPlan:
         """The equivalent `virsh` command line(s), one per line; steps that are not a
         single command are explained in a `#` comment line."""
         q = shlex.quote
-        src, dst, name = q(self.source.uri), q(self.target.uri), q(self.vm.name)
-        opts = self.options
-        if self.mode in LIVE_MODES:
-            parts = ["virsh", "-c", src, "migrate", "--live", "--p2p"]
-            if opts.get("tunnelled"):
-                parts.append("--tunnelled")
-            if opts.get("persist", True):
-                parts.append("--persistent")
-            if opts.get("undefine_source", True):
-                parts.append("--undefinesource")
-            if self.mode == "live-copy":
-                parts.append(
-                    "--copy-storage-inc" if opts.get("copy_storage") == "inc" else "--copy-storage-all"
-                )
-            if opts.get("auto_converge"):
-                parts.append("--auto-converge")
-            if opts.get("compression"):
-                parts.append("--compressed")
-            if opts.get("parallel"):
-                parts += ["--parallel", "--parallel-connections", str(opts["parallel"])]
-            if opts.get("postcopy"):
-                parts.append("--postcopy")
-            if opts.get("bandwidth"):
-                parts += ["--bandwidth", str(opts["bandwidth"])]
-            if opts.get("completion_timeout") and opts.get("completion_action") == "postcopy":
-                parts += ["--timeout", str(opts["completion_timeout"]), "--timeout-postcopy"]
-            if opts.get("migrate_uri"):
-                parts += ["--migrateuri", q(opts["migrate_uri"])]
-            parts += ["--verbose", name, dst]
-            lines = [" ".join(parts)]
-            if opts.get("max_downtime"):
-                lines.append(
-                    f"# while it runs: virsh -c {src} migrate-setmaxdowntime {name} {opts['max_downtime']}"
-                )
-            if opts.get("completion_timeout") and opts.get("completion_action") == "abort":
-                lines.append(
-                    f"# after {opts['completion_timeout']} s without completing: virsh -c {src} domjobabort {name}"
-                )
-            if opts.get("postcopy"):
-                lines.append(f"# to switch to post-copy: virsh -c {src} migrate-postcopy {name}")
-            return "\n".join(lines)
-        offline = ["virsh", "-c", src, "migrate", "--offline", "--persistent"]
-        if opts.get("undefine_source", True):
-            offline.append("--undefinesource")
-        offline += [name, dst]
-        if self.mode == "offline":
-            return " ".join(offline)
-        timeout = opts.get("shutdown_timeout", 120)
-        lines = [
-            f"virsh -c {src} shutdown {name}",
-            f"# wait up to {timeout} s until `virsh -c {src} domstate {name}` says shut off"
-            + (f", else: virsh -c {src} destroy {name}" if opts.get("force_off") else ", else give up"),
-        ]
-        for disk in getattr(self.vm, "disks", None) or []:
-            path = disk.get("source") if isinstance(disk, dict) else ""
-            if path and disk.get("device", "disk") == "disk":
-                qp = q(path)
-                lines.append(
-                    f"# disk not on shared storage only: virsh -c {src} vol-download {qp} /tmp/disk.img && "
-                    f"virsh -c {dst} vol-upload {qp} /tmp/disk.img  (after vol-create on the target)"
-                )
-        lines.append(" ".join(offline))
-        if opts.get("start_on_target", True):
-            lines.append(f"virsh -c {dst} start {name}")
-        return "\n".join(lines)
+        return self.strategy.virsh_command(self, q(self.source.uri), q(self.target.uri), q(self.vm.name))
 
     def to_dict(self):
         """A JSON-able description (stored with the job and the preflight report)."""

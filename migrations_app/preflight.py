@@ -33,8 +33,9 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor
+from migrations_app import modes
 from migrations_app.models import LeftCopy, MigrationJob
-from migrations_app.plan import LIVE_MODES, MigrationPlan, PlanError
+from migrations_app.plan import MigrationPlan, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class Context:
         self.plan = plan
         self.vm, self.source, self.target = plan.vm, plan.source, plan.target
         self.mode, self.options = plan.mode, plan.options
+        self.strategy = plan.strategy  # the mode (migrations_app/modes/): what it moves and how
         self.memory_margin_mib = memory_margin_mib
         self.deadline = deadline
         self.measure_dirty_rate = measure_dirty_rate
@@ -619,12 +621,12 @@ def check_vm_state(ctx):
         ctx.plan.validate_state(state=dom["state"], persistent=dom["persistent"])
     except PlanError as exc:
         remedy = ""
-        if ctx.mode in LIVE_MODES:
+        if ctx.strategy.live:
             remedy = _("Start it (virsh %(c)s start %(vm)s) or choose Cold / Offline.") % {
                 "c": _uri_flag(ctx.source),
                 "vm": ctx.vm.name,
             }
-        elif ctx.mode == "offline" and dom["state"] != "shutoff":
+        elif ctx.strategy.definition_only and dom["state"] != "shutoff":
             remedy = _("Choose Live, or Cold (kvmweb shuts it down first).")
         return _result("vm_state", FAIL, str(exc), remedy, details)
     if dom["state"] == "paused" and dom["state_reason"] == "ioerror":
@@ -646,7 +648,7 @@ def check_vm_state(ctx):
             % {"c": _uri_flag(ctx.source), "vm": ctx.vm.name},
             details,
         )
-    if dom["managed_save"] and ctx.mode in ("cold", "offline"):
+    if dom["managed_save"] and not ctx.strategy.live:
         return _result(
             "vm_state",
             WARN,
@@ -660,7 +662,7 @@ def check_vm_state(ctx):
             % {"c": _uri_flag(ctx.source), "vm": ctx.vm.name},
             details,
         )
-    if not dom["persistent"] and ctx.mode in LIVE_MODES and not ctx.options.get("persist", True):
+    if not dom["persistent"] and ctx.strategy.live and not ctx.options.get("persist", True):
         return _result(
             "vm_state",
             WARN,
@@ -700,7 +702,7 @@ def check_plan(ctx):
                 "comes from the source; if the network or either host fails then, the VM is lost"
             )
         )
-    if ctx.mode != "offline" and not ctx.options.get("undefine_source", True):
+    if not ctx.strategy.definition_only and not ctx.options.get("undefine_source", True):
         risks.append(
             _(
                 "the source definition is kept: a stale copy stays on %(s)s and starting it there would "
@@ -708,7 +710,7 @@ def check_plan(ctx):
             )
             % {"s": ctx.source.name}
         )
-    if ctx.mode in LIVE_MODES and not ctx.options.get("persist", True):
+    if ctx.strategy.live and not ctx.options.get("persist", True):
         risks.append(_("the VM will be transient on the target (gone after its next shutdown)"))
     if ctx.options.get("remove_source_disks"):
         risks.append(_("the source disks are deleted after a successful copy"))
@@ -1045,7 +1047,7 @@ def check_memory(ctx):
             % {"t": ctx.target.name, "f": _mib(free), "g": _mib(dom["memory"]), "m": details["margin_mib"]},
             details=details,
         )
-    runs_now = ctx.mode in LIVE_MODES or (ctx.mode == "cold" and ctx.options.get("start_on_target", True))
+    runs_now = ctx.strategy.runs_on_target(ctx.options)
     message = _(
         "%(t)s has %(f)d MiB free, but the VM needs %(g)d MiB plus a %(m)d MiB margin (%(n)d MiB)."
     ) % {
@@ -1126,7 +1128,7 @@ def check_networks(ctx):
         problems.append(_("a %(t)s interface (passthrough NIC) cannot be migrated") % {"t": iface["type"]})
         remedies.append(_("detach it before migrating (virsh detach-interface) and re-attach on the target"))
     if problems:
-        blocking = ctx.mode in LIVE_MODES or (ctx.mode == "cold" and ctx.options.get("start_on_target", True))
+        blocking = ctx.strategy.runs_on_target(ctx.options)
         message = "; ".join(problems) + "."
         if not blocking:
             message += " " + _("The VM will not start on the target until this is fixed.")
@@ -1196,7 +1198,7 @@ def check_storage(ctx):
         if t.get("visible") and proof is not True:
             row["shared"] = False
             left = ctx.left_copies.get(d["path"])
-            if proof is None and ctx.mode in LIVE_MODES:
+            if proof is None and ctx.strategy.live:
                 warns.append(
                     _(
                         "kvmweb cannot prove that %(t)s sees the same file at %(p)s (no active storage pool at "
@@ -1236,7 +1238,7 @@ def check_storage(ctx):
         same_file = bool(t.get("visible"))
         row["shared"] = same_file
         if same_file:
-            if ctx.mode == "live-copy":
+            if ctx.strategy.live and ctx.strategy.copies_disks:
                 warns.append(
                     _(
                         "%(dev)s (%(p)s) is already on storage %(t)s sees; a full storage copy would copy it onto itself"
@@ -1257,7 +1259,7 @@ def check_storage(ctx):
             )
             continue
         if (
-            ctx.mode in ("live", "offline")
+            not ctx.strategy.copies_disks
             and not s.get("visible")
             and not s.get("dir_pool")
             and not t.get("dir_pool")
@@ -1274,13 +1276,13 @@ def check_storage(ctx):
             unverified.append(d["path"].rsplit("/", 1)[0])
             continue
         to_copy.append((d, row, t))
-    if to_copy and ctx.mode in ("live", "offline"):
+    if to_copy and not ctx.strategy.copies_disks:
         for d, _row, _t in to_copy:
             problems.append(
                 _("disk %(dev)s (%(p)s) is on storage %(t)s cannot see")
                 % {"dev": d["dev"], "p": d["path"], "t": ctx.target.name}
             )
-        if ctx.mode == "live":
+        if ctx.strategy.live:
             remedies.append(
                 _(
                     "choose Live with storage copy (copies the disks while the VM runs), or move the disks to shared storage"
@@ -1379,7 +1381,9 @@ def check_storage(ctx):
                 "Define a storage pool for %(dirs)s on both hosts (virsh pool-define-as NAME dir --target DIR; "
                 "virsh pool-start NAME) so kvmweb can check, or acknowledge if you know the target sees it."
             ) % {"dirs": ", ".join(sorted(set(unverified)))}
-        elif ctx.mode == "live-copy" and any(r.get("shared") for r in details["disks"]):
+        elif (
+            ctx.strategy.live and ctx.strategy.copies_disks and any(r.get("shared") for r in details["disks"])
+        ):
             remedy = _(
                 "Use plain Live when every disk is shared; with mixed disks kvmweb copies only the disks listed under 'copy'."
             )
@@ -1541,7 +1545,7 @@ def check_devices(ctx):
     if g["invtsc_without_frequency"]:
         blockers.append(_("the invtsc CPU feature without a fixed TSC frequency"))
     if blockers:
-        live = ctx.mode in LIVE_MODES
+        live = ctx.strategy.live
         message = _("Cannot be migrated while running: %(b)s.") % {"b": "; ".join(blockers)}
         remedy = _(
             "Detach them (virsh %(c)s detach-device %(vm)s DEVICE.xml --live --config) and re-attach on the target, or use Cold."
@@ -1601,14 +1605,14 @@ def check_firmware(ctx):
         details["nvram_visible_on_target"] = bool(seen.get("visible"))
         if seen.get("visible"):
             notes.append(_("UEFI variables %(p)s are on shared storage") % {"p": g["nvram"]})
-        elif ctx.mode == "offline":
+        elif ctx.strategy.definition_only:
             problems.append(
                 _(
                     "offline migration does not copy the UEFI variable store %(p)s; boot entries and Secure Boot keys would be lost"
                 )
                 % {"p": g["nvram"]}
             )
-        elif ctx.mode == "cold":
+        elif ctx.strategy.shuts_down:
             warns.append(
                 _("the UEFI variable store %(p)s is not on the target: it must be copied with the disks")
                 % {"p": g["nvram"]}
@@ -1624,7 +1628,7 @@ def check_firmware(ctx):
         if tpm["backend"] == "passthrough":
             problems.append(_("a host TPM is passed through; it cannot move"))
         elif tpm["backend"] == "emulator":
-            if ctx.mode in LIVE_MODES:
+            if ctx.strategy.live:
                 notes.append(_("the emulated TPM's state travels with the migration stream"))
             else:
                 warns.append(
@@ -1662,7 +1666,7 @@ def check_disk_cache(ctx):
         return _result(
             "disk_cache", PASS, _("Every writable disk uses cache='none' or 'directsync'."), details=details
         )
-    if ctx.mode not in LIVE_MODES:
+    if not ctx.strategy.live:
         return _result(
             "disk_cache",
             PASS,
@@ -1671,7 +1675,7 @@ def check_disk_cache(ctx):
             details=details,
         )
     listed = ", ".join(f"{r['dev']}: cache={r['cache']}" for r in unsafe)
-    if ctx.mode == "live-copy":
+    if ctx.strategy.copies_disks:
         return _result(
             "disk_cache",
             WARN,
@@ -1851,7 +1855,7 @@ def check_prediction(ctx):
         "bandwidth_mib_s": round(bw_mib, 1),
         "bandwidth_source": _("the bandwidth cap of this plan") if cap and cap <= link else link_source,
     }
-    if ctx.mode == "offline":
+    if ctx.strategy.definition_only:
         return _result(
             "prediction",
             PASS,
@@ -1859,7 +1863,7 @@ def check_prediction(ctx):
             details=details,
         )
     disk_bytes = 0
-    if ctx.mode in ("live-copy", "cold"):
+    if ctx.strategy.copies_disks:
         try:
             storage = ctx.storage("target")
             for d in g["disks"]:
@@ -1870,7 +1874,7 @@ def check_prediction(ctx):
             pass
     details["disk_copy_mib"] = _mib(disk_bytes)
     bw = bw_mib * MIB
-    if ctx.mode == "cold":
+    if ctx.strategy.shuts_down:
         seconds = disk_bytes / bw if bw else 0
         shutdown = opts.get("shutdown_timeout", 120) if dom["active"] else 0
         details["copy_seconds"] = round(seconds, 1)
@@ -2148,7 +2152,7 @@ def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False)
     hosts = list(hosts)
     if not hosts or vm.host is None:
         return []
-    if mode in LIVE_MODES:
+    if modes.get(mode).live:
         # The person is about to pick a target: measure the dirty rate meanwhile, so the
         # full checklist for the chosen target reuses it instead of waiting a second.
         prime_dirty_rate(vm)

@@ -15,10 +15,9 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from hosts import hypervisor as hv
 from kvmweb.audit.models import AuditEvent
-from migrations_app import runner, states
-from migrations_app.journal import Journal
+from migrations_app import modes, states
+from migrations_app.jobrun import JobRun, finish, worker_name
 from migrations_app.lifecycle import transition
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.services import add_event, enqueue
@@ -31,7 +30,6 @@ STALE_SECONDS = 10
 # `retry`, hours later): queue it again. Duplicates are harmless, the claim lets one in.
 REQUEUE_AFTER_SECONDS = 60
 REQUEUE_EVERY_SECONDS = 300
-LIVE_MODES = (MigrationJob.LIVE, MigrationJob.LIVE_COPY)
 
 
 def mark_stale(now=None, stale_seconds=STALE_SECONDS):
@@ -94,8 +92,8 @@ def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS):
 
 
 def reconcile_one(job_id):
-    """Claim a needs_reconcile job and re-attach to or conclude it."""
-    worker = f"reconcile:{runner.worker_name()}"
+    """Claim a needs_reconcile job and let its mode re-attach to or conclude it."""
+    worker = f"reconcile:{worker_name()}"
     claimed = transition(
         job_id,
         MigrationJob.RUNNING,
@@ -106,78 +104,7 @@ def reconcile_one(job_id):
     if not claimed:
         return None
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
-    run = runner.JobRun(job, worker)
+    run = JobRun(job, worker)
     if job.source is None or job.target is None:
-        return runner._finish(run, MigrationJob.FAILED, "A host of this job was removed; cannot reconcile.")
-    if job.mode not in LIVE_MODES:
-        # Cold and offline: finish forward or roll back from the journal.
-        try:
-            return runner.settle(run, Journal.load(job.pk))
-        except runner.Unsettled as exc:
-            return _release(run, f"{exc}; will retry.")
-        except runner.Failed as exc:
-            return runner._finish(run, MigrationJob.FAILED, str(exc))
-    where = runner.where_is(job)
-    if where.get("source_job") in ("bounded", "unbounded"):
-        run.event(("reattached", {}))
-        try:
-            mon = hv.connect(job.source.uri)
-        except hv.HypervisorError:
-            return _release(run, "Cannot reach the source host to re-attach; will retry.")
-        try:
-            runner._monitor(run, mon, None)
-        except runner.Failed as exc:
-            return _release(run, str(exc))
-        finally:
-            mon.close()
-        where = runner.where_is(job)
-    return _conclude(run, where)
-
-
-def _release(run, why):
-    """Could not decide now: back to needs_reconcile for the next pass."""
-    transition(
-        run.job_id,
-        MigrationJob.NEEDS_RECONCILE,
-        from_=[MigrationJob.RUNNING],
-        event=why,
-        level="warn",
-    )
-    return "retry"
-
-
-def _conclude(run, where):
-    """A live job after its worker died: libvirt's view decides."""
-    job = run.job
-    src, dst = where.get("source"), where.get("target")
-    if "unreachable" in (src, dst):
-        side = job.source_name if src == "unreachable" else job.target_name
-        return _release(run, f"Cannot reach {side} to find out where the VM is; will retry.")
-    src_words, dst_words = runner._state_words(src), runner._state_words(dst)
-    if dst is not None and dst[0] == "running" and (src is None or src[0] == "shutoff"):
-        if src is not None:
-            run.event(f"A shut-off definition is still on {job.source_name}.", "warn")
-        run.event(f"libvirt says the VM is {dst_words} on {job.target_name}: the migration completed.")
-        runner._conclude_success(run)
-        return MigrationJob.SUCCEEDED
-    if src is not None and dst is None:
-        if job.cancel_requested:
-            return runner._finish(
-                run, MigrationJob.CANCELLED, f"Cancelled; the VM is {src_words} on {job.source_name}."
-            )
-        return runner._finish(
-            run,
-            MigrationJob.FAILED,
-            f"The worker stopped during the job and libvirt did not complete the migration; the VM is "
-            f"{src_words} on {job.source_name}. Nothing was retried.",
-        )
-    if src is None and dst is None:
-        return runner._finish(
-            run, MigrationJob.FAILED, f"The VM is on neither {job.source_name} nor {job.target_name}."
-        )
-    return runner._finish(
-        run,
-        MigrationJob.FAILED,
-        f"The VM is {src_words} on {job.source_name} and {dst_words} on {job.target_name}: check which copy "
-        "is the real one before starting anything.",
-    )
+        return finish(run, MigrationJob.FAILED, "A host of this job was removed; cannot reconcile.")
+    return modes.get(job.mode).reconcile(run)

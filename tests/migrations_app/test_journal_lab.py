@@ -57,11 +57,12 @@ def _crash_and_reconcile(c, guest, mode, options, step):
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines and "id" in json.loads(lines[0]), f"{step}: worker output {r.stdout}{r.stderr}"
     job_id = json.loads(lines[0])["id"]
-    c.manage("reconcile_jobs", "--stale", "0")
+    reconciled = c.manage("reconcile_jobs", "--stale", "0")
     row = c.q("select status, error, journal from migrations_app_migrationjob where id=?", job_id)[0]
     return {
         "status": row[0],
-        "error": row[1],
+        "error": row[1]
+        or f"(reconcile said: {reconciled.stdout.strip()} {reconciled.stderr.strip()[-1500:]})",
         "journal": json.loads(row[2]),
         "exit": r.returncode,
         "id": job_id,

@@ -9,15 +9,16 @@ from django.utils import timezone
 
 from hosts.models import VM, Host
 from kvmweb.audit.models import AuditEvent
-from migrations_app import reconcile, runner
+from migrations_app import jobrun, reconcile, runner
 from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.modes import live
 
 MiB = 1 << 20
 
 
 def test_it_reports_setup_then_disk_copy_then_memory_phases():
-    assert runner.progress_from_stats({"type": "unbounded", "data_total": 0})["phase"] == "setup"
-    disk = runner.progress_from_stats(
+    assert live.progress_from_stats({"type": "unbounded", "data_total": 0})["phase"] == "setup"
+    disk = live.progress_from_stats(
         {
             "data_total": 64 * MiB,
             "data_remaining": 48 * MiB,
@@ -26,7 +27,7 @@ def test_it_reports_setup_then_disk_copy_then_memory_phases():
         }
     )
     assert disk["phase"] == "disk copy" and disk["percent"] == 25.0
-    memory = runner.progress_from_stats(
+    memory = live.progress_from_stats(
         {
             "data_total": 128 * MiB,
             "data_processed": 100 * MiB,
@@ -43,7 +44,7 @@ def test_it_reports_setup_then_disk_copy_then_memory_phases():
 
 
 def test_it_gives_no_eta_when_the_guest_dirties_faster_than_the_link():
-    p = runner.progress_from_stats(
+    p = live.progress_from_stats(
         {
             "data_total": 128 * MiB,
             "data_remaining": 40 * MiB,
@@ -58,9 +59,9 @@ def test_it_gives_no_eta_when_the_guest_dirties_faster_than_the_link():
 
 
 def test_it_never_shows_100_percent_before_the_end_and_names_the_switchover():
-    p = runner.progress_from_stats({"data_total": 10, "data_remaining": 0}, ("paused", "migration"))
+    p = live.progress_from_stats({"data_total": 10, "data_remaining": 0}, ("paused", "migration"))
     assert p["percent"] == 99.9 and p["phase"] == "completing"
-    assert runner.progress_from_stats({"data_total": 10}, ("paused", "postcopy"))["phase"] == "post-copy"
+    assert live.progress_from_stats({"data_total": 10}, ("paused", "postcopy"))["phase"] == "post-copy"
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def job(db):
 
 
 def _where(monkeypatch, **answer):
-    monkeypatch.setattr(runner, "where_is", lambda job: dict(answer))
+    monkeypatch.setattr(live, "where_is", lambda job: dict(answer))
 
 
 def test_it_marks_a_silent_job_for_reconcile_and_leaves_a_beating_one_alone(job):
@@ -155,9 +156,9 @@ def test_it_reconciles_each_job_once_even_when_two_reconcilers_race(job, monkeyp
 
 def test_it_explains_a_failure_where_the_source_stopped_answering(job, monkeypatch):
     _where(monkeypatch, source="unreachable", target=None)
-    run = runner.JobRun(job, "w")
-    with pytest.raises(runner.Failed, match="source host ha stopped answering"):
-        runner._explain_failure(run, Exception("End of file while reading data"))
+    run = jobrun.JobRun(job, "w")
+    with pytest.raises(jobrun.Failed, match="source host ha stopped answering"):
+        live.explain_failure(run, Exception("End of file while reading data"))
 
 
 def test_it_does_nothing_for_a_job_it_cannot_claim(job):

@@ -17,6 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
 from migrations_app.models import MigrationJob
+from migrations_app.options import MODES
 from migrations_app.services import JobError, do_create_job
 
 
@@ -43,7 +44,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("vm", help="VM name or UUID")
         parser.add_argument("target", help="target host name")
-        parser.add_argument("--mode", required=True, choices=["live", "live-copy", "cold", "offline"])
+        parser.add_argument("--mode", required=True, choices=MODES)
         parser.add_argument(
             "--user",
             default=os.environ.get("KVMWEB_ADMIN_USER", "admin"),

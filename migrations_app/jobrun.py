@@ -1,0 +1,421 @@
+"""What every mode's run shares: the job context (JobRun: row writes, events, progress,
+heartbeat, controls), the helper thread for blocking libvirt calls, where libvirt shows
+the VM, and the conclusion (success with figures and inventory, or a final state with its
+message), all through lifecycle.transition().
+
+Only the helper thread talks to libvirt for a long call; only the job's own thread
+touches the database. libvirt is never called inside a transaction.
+"""
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from hosts import hypervisor as hv
+from hosts.models import Host
+from hosts.services import apply_inventory, do_sync_inventory
+from kvmweb.audit.models import AuditEvent
+from migrations_app import states
+from migrations_app.lifecycle import transition, write_event
+from migrations_app.models import LeftCopy, MigrationJob, ProgressSample
+from migrations_app.services import add_event, publish_job
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+STARTING_UP_SECONDS = 60
+MIB = 1048576
+
+
+def worker_name():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Cancelled(Exception):
+    """The user cancelled; the message says where the VM is."""
+
+
+class Failed(Exception):
+    """The job failed; the message says what happened and where the VM is."""
+
+
+class Unsettled(Exception):
+    """settle() could not reach a host: the job stays for reconcile to try again."""
+
+
+class Operation:
+    """A blocking call in a helper thread; ``wait(t)`` returns True once it ended."""
+
+    def __init__(self, fn, name):
+        self.fn = fn
+        self.error = None
+        self.value = None
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # handed to the monitoring thread
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, timeout):
+        return self._done.wait(timeout)
+
+    @property
+    def done(self):
+        return self._done.is_set()
+
+
+class Convergence:
+    """Whether a pre-copy migration can still finish, judged on every progress sample.
+
+    It can when what remains to send fits in the allowed downtime at the current rate
+    (remaining <= rate x downtime), or is shrinking towards that. It cannot when pass after
+    pass the remaining data does not shrink (a stall: the guest dirties memory as fast as
+    it is sent) while it does not fit: then the ETA is a lie, and the user must act
+    (raise the bandwidth, raise the downtime, switch to post-copy, cancel).
+    """
+
+    DEFAULT_DOWNTIME_MS = 300  # QEMU's default maximum downtime
+    STALL_PASSES = 3  # passes without the remaining data shrinking by 5 %
+    FIT_SAMPLES = 8  # samples (about 2 s) in which what remains fits, to say "converging again"
+
+    def __init__(self):
+        self.pass_start = {}  # iteration -> remaining data when that pass began
+        self.converging = True
+        self.fitting = 0  # consecutive samples in which what remains fits
+
+    def judge(self, fields, downtime_ms):
+        """Returns (converging, details) for one sample; details has the figures."""
+        iteration = fields.get("iteration", 0)
+        remaining = fields.get("memory_remaining") or fields.get("data_remaining", 0)
+        rate = fields.get("rate", 0)
+        self.pass_start.setdefault(iteration, remaining)
+        downtime_ms = downtime_ms or self.DEFAULT_DOWNTIME_MS
+        fits = rate * downtime_ms / 1000
+        details = {
+            "remaining": remaining,
+            "rate": rate,
+            "fits": fits,
+            "downtime_ms": downtime_ms,
+            "stalled": False,
+        }
+        self.fitting = self.fitting + 1 if rate and remaining <= fits else 0
+        if not self.converging:
+            # Once stuck, only what remains fitting for a while counts as converging again:
+            # the remaining data jumps around, and the verdict must not flip with it.
+            return self.fitting >= self.FIT_SAMPLES, details
+        if iteration < 2 or not rate or remaining <= fits:
+            return True, details
+        earlier = self.pass_start.get(iteration - self.STALL_PASSES)
+        recent = [
+            self.pass_start[i]
+            for i in range(iteration - self.STALL_PASSES + 1, iteration + 1)
+            if i in self.pass_start
+        ]
+        stalled = earlier is not None and bool(recent) and min(recent) >= earlier * 0.95
+        dirty = fields.get("dirty_rate", 0)
+        details["stalled"] = stalled
+        return not (stalled or (dirty and dirty >= rate)), details
+
+
+class JobRun:
+    """Everything one run of one job needs; the methods write the row and wake watchers."""
+
+    def __init__(self, job, worker):
+        self.job = job
+        self.job_id = job.pk
+        self.worker = worker
+        self.t0 = time.monotonic()
+        self.applied = {}  # control requests already applied
+        self.stop_copy = threading.Event()
+        self.last_phase = None
+        self.last_iteration = 0
+        self.convergence = Convergence()
+        self.marks = {}  # name -> ms since the claim (where the time goes)
+        self.connections = None  # source connections opened while the checklist runs
+
+    def mark(self, name):
+        self.marks[name] = round((time.monotonic() - self.t0) * 1000)
+
+    # -- row writes
+
+    def update(self, **fields):
+        now = timezone.now()
+        MigrationJob.objects.filter(pk=self.job_id).update(
+            **fields, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+        )
+        publish_job(self.job_id)
+
+    def event(self, message, level="info"):
+        add_event(self.job_id, message, level)
+        publish_job(self.job_id)
+
+    def progress(self, fields, sample=True):
+        """One progress write (row + chart sample) and the phase/iteration events."""
+        now = timezone.now()
+        with transaction.atomic():
+            MigrationJob.objects.filter(pk=self.job_id).update(
+                **fields, progress_at=now, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+            )
+            if sample:
+                ProgressSample.objects.create(
+                    job_id=self.job_id,
+                    t=round(time.monotonic() - self.t0, 3),
+                    rate=fields.get("rate", 0),
+                    remaining=fields.get("memory_remaining") or fields.get("data_remaining", 0),
+                    processed=fields.get("data_processed", 0),
+                    dirty_rate=fields.get("dirty_rate", 0),
+                    iteration=fields.get("iteration", 0),
+                )
+        phase = fields.get("phase")
+        if phase and phase != self.last_phase:
+            self.last_phase = phase
+            write_event(self.job_id, ("phase", {"phase": phase}))
+        iteration = fields.get("iteration", 0)
+        if iteration > self.last_iteration and iteration > 1:
+            # One line per job, updated in place: a job that makes 1,000 passes must not
+            # grow its page by 1,000 lines.
+            write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
+        self.last_iteration = max(self.last_iteration, iteration)
+        publish_job(self.job_id)
+
+    def heartbeat(self):
+        MigrationJob.objects.filter(pk=self.job_id).update(heartbeat_at=timezone.now())
+
+    def controls(self):
+        """The control fields as they are on the row now."""
+        return (
+            MigrationJob.objects.filter(pk=self.job_id)
+            .values(
+                "status",
+                "cancel_requested",
+                "requested_bandwidth",
+                "requested_downtime",
+                "postcopy_requested",
+            )
+            .first()
+        )
+
+
+def where_is(job):
+    """Ask both hosts about the VM: {"source": (state, reason)|None|"unreachable", ...}."""
+    uuid = str(job.vm.uuid)
+    found = {}
+    for side, host in (("source", job.source), ("target", job.target)):
+        try:
+            with hv.session(host.uri, timeout=3) as c:
+                found[side] = c.find_domain(uuid)
+                if found[side] is not None and found[side][0] != "shutoff":
+                    try:  # an inactive domain has no job (and jobStats refuses it)
+                        found[side + "_job"] = c.job_stats(uuid)["type"]
+                    except hv.DomainNotFound:
+                        found[side] = None
+                    except hv.HypervisorError:
+                        found[side + "_job"] = "unknown"
+        except hv.HypervisorError as exc:
+            found[side] = "unreachable"
+            found[side + "_error"] = str(exc)
+    return found
+
+
+def state_words(state):
+    if state in (None, "unreachable"):
+        return ""
+    name, _reason = state
+    return {"running": "running", "paused": "paused", "shutoff": "shut off"}.get(name, name)
+
+
+def disk_paths(vm):
+    return [d["source"] for d in vm.disks if d.get("device", "disk") == "disk" and d.get("source")]
+
+
+def blocking(run, fn, what):
+    op = Operation(fn, f"{what} job {run.job_id}")
+    while not op.wait(POLL_SECONDS):
+        run.heartbeat()
+    if op.error is not None:
+        raise op.error
+    return op.value
+
+
+def conclude_success(run, stats=None, extra=None, *, live=False):
+    """Record success: final figures, the VM row moved to the target (location trail
+    "migration") in the same pass that reads the completed-job statistics, the job row,
+    the audit event; then the source's inventory (nothing there decides the outcome).
+    ``live``: read libvirt's completed-job statistics and learn the link speed from them."""
+    job = run.job
+    if stats is None:
+        stats = {}
+    records = None
+    try:
+        with hv.session(job.target.uri) as dst:
+            if live and not stats:
+                try:
+                    stats = dst.job_stats(str(job.vm.uuid), completed=True)
+                except hv.HypervisorError as exc:
+                    run.event(f"Could not read the completed-job statistics: {exc}", "warn")
+            records = dst.domains()
+    except hv.HypervisorError as exc:
+        run.event(f"Inventory sync of {job.target_name} failed: {exc}", "warn")
+    result = {
+        "downtime_ms": stats.get("downtime"),
+        "elapsed_ms": stats.get("time_elapsed"),
+        "data_processed": stats.get("data_processed"),
+        "memory_processed": stats.get("memory_processed"),
+        "disk_processed": stats.get("disk_processed"),
+        "memory_iterations": stats.get("memory_iteration"),
+    }
+    result.update(extra or {})
+    if live:
+        result["link_mibs"] = link_sample(job, stats)
+    if records is not None:
+        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
+    run.mark("concluded")
+    result["timing_ms"] = dict(run.marks)
+    fields = {
+        "phase": "done",
+        "percent": 100.0,
+        "data_remaining": 0,
+        "memory_remaining": 0,
+        "disk_remaining": 0,
+        "eta_seconds": 0,
+        "downtime_ms": stats.get("downtime"),
+        "elapsed_ms": stats.get("time_elapsed") or int((time.monotonic() - run.t0) * 1000),
+        "result": {k: v for k, v in result.items() if v is not None},
+    }
+    if stats.get("data_processed"):
+        fields["data_processed"] = stats["data_processed"]
+    finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
+    if summary.get("error"):
+        run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
+
+
+def link_sample(job, stats):
+    """What this job says about the link between its hosts, in MiB/s (bytes moved / time),
+    or None when it says nothing: a bandwidth cap (set at the start or on the way) or
+    another migration sharing a host at the same time would understate the link, and
+    one capped job must never make later preflights predict that nothing converges."""
+    capped = (job.options or {}).get("bandwidth") or MigrationJob.objects.filter(
+        pk=job.pk, requested_bandwidth__gt=0
+    ).exists()
+    data, elapsed = stats.get("data_processed") or 0, (stats.get("time_elapsed") or 0) / 1000
+    if capped or not data or elapsed <= 0:
+        return None
+    hosts = [job.source_id, job.target_id]
+    overlapping = (
+        MigrationJob.objects.exclude(pk=job.pk)
+        .filter(Q(source_id__in=hosts) | Q(target_id__in=hosts), started_at__lte=timezone.now())
+        .filter(Q(finished_at__isnull=True) | Q(finished_at__gte=job.started_at))
+        .exclude(status__in=[MigrationJob.PENDING_APPROVAL, MigrationJob.QUEUED, MigrationJob.REJECTED])
+    )
+    if overlapping.exists():
+        return None
+    return round(data / elapsed / MIB, 1)
+
+
+def record_left_copies(job, paths):
+    """Record the source disks a move left behind (idempotent: reconcile may repeat)."""
+    for path in paths:
+        LeftCopy.objects.get_or_create(
+            vm=job.vm,
+            host=job.source,
+            path=path,
+            job=job,
+            removed_at=None,
+            defaults={"host_name": job.source_name},
+        )
+
+
+def verify_moved(run, running):
+    """After the move: the target has the VM (running when asked), the source does not.
+    A VM libvirt still reports as starting up is given time to finish (under load QEMU
+    may take seconds to leave "paused (starting_up)")."""
+    job = run.job
+    deadline = time.monotonic() + STARTING_UP_SECONDS
+    while True:
+        where = where_is(job)
+        dst, src = where.get("target"), where.get("source")
+        starting = dst not in (None, "unreachable") and tuple(dst) == ("paused", "starting_up")
+        if not (running and starting) or time.monotonic() > deadline:
+            break
+        run.heartbeat()
+        time.sleep(POLL_SECONDS)
+    if dst in (None, "unreachable"):
+        raise Failed(f"Verification failed: {job.target_name} does not report the VM after the move.")
+    if running and dst[0] != "running":
+        raise Failed(
+            f"Verification failed: the VM is {state_words(dst)} ({dst[1]}) on {job.target_name}, not running."
+        )
+    if src not in (None, "unreachable") and job.options.get("undefine_source", True):
+        run.event(f"A definition of the VM is still on {job.source_name} ({state_words(src)}).", "warn")
+    run.event(("verified", {"state": state_words(dst), "host": job.target_name}))
+
+
+def hand_to_reconcile(run, why):
+    """The worker cannot finish now (a host stopped answering while settling): leave the
+    job to reconcile, which settles it from the journal once the hosts answer."""
+    transition(
+        run.job_id,
+        MigrationJob.NEEDS_RECONCILE,
+        from_=states.WORKING,
+        event=f"{why} Reconcile will finish or undo the job once the hosts answer.",
+        level="warn",
+    )
+    return MigrationJob.NEEDS_RECONCILE
+
+
+def finish(run, status, error, **fields):
+    """Conclude the job (first finisher wins) with its log line and audit event."""
+    job = run.job
+    now = timezone.now()
+    held = tuple(s for s in states.WORKING + (states.NEEDS_RECONCILE,) if s in states.sources_of(status))
+    level = {MigrationJob.SUCCEEDED: "info", MigrationJob.CANCELLED: "warn"}.get(status, "error")
+    if status == MigrationJob.SUCCEEDED:
+        figures = []
+        if fields.get("downtime_ms") is not None:
+            figures.append(f"downtime {fields['downtime_ms']} ms")
+        if fields.get("elapsed_ms") is not None:
+            figures.append(f"total {fields['elapsed_ms'] / 1000:.2f} s")
+        moved = (fields.get("result") or {}).get("data_processed")
+        if moved:
+            figures.append(f"{moved / MIB:.1f} MiB moved")
+        message = f"Succeeded: the VM is on {job.target_name}" + (
+            f" ({', '.join(figures)})." if figures else "."
+        )
+    else:
+        message = error
+    done = transition(
+        job.pk,
+        status,
+        from_=held,
+        error=error,
+        finished_at=now,
+        heartbeat_at=now,
+        event=message,
+        level=level,
+        audit="migration.finish",
+        outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
+        details={
+            "error": error,
+            "downtime_ms": fields.get("downtime_ms"),
+            "elapsed_ms": fields.get("elapsed_ms"),
+            "result": fields.get("result") or {},
+            "worker": run.worker,
+        },
+        **fields,
+    )
+    if not done:
+        return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+    return status
