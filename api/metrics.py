@@ -31,6 +31,7 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from kvmweb.audit.services import client_ip
 
@@ -83,7 +84,7 @@ def _histogram(name, doc, rows, buckets, scale):
     """A histogram family from per-mode aggregate rows with b0..bN cumulative counts."""
     family = HistogramMetricFamily(name, doc, labels=["mode"])
     for row in rows:
-        points = [(str(b), row[f"b{i}"]) for i, b in enumerate(buckets)] + [("+Inf", row["n"])]
+        points = [(floatToGoString(b), row[f"b{i}"]) for i, b in enumerate(buckets)] + [("+Inf", row["n"])]
         family.add_metric([row["mode"]], points, sum_value=(row["total"] or 0) / scale)
     return family
 

@@ -20,6 +20,9 @@ fi
 # Each child runs in its own session: a Ctrl-C reaches only this script, which then
 # stops every child exactly once with SIGTERM. (django-q2's cluster hangs in shutdown
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)
+# Metrics of earlier runs' processes would be added up by /metrics: start empty.
+METRICS_DIR=$($PY -c "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'kvmweb.settings'); django.setup(); from django.conf import settings; print(settings.METRICS_DIR)")
+rm -f "$METRICS_DIR"/*.db
 setsid $PY manage.py qcluster & pids+=($!)
 Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
 setsid .venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
