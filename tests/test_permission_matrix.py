@@ -37,6 +37,7 @@ from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import MigrationJob
+from notifications.models import Subscription
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -69,6 +70,7 @@ SCOPE = {
     "policy_prod": STAFF,
     "user_bob": STAFF | {"bob"},  # an account: staff see all, everyone else only their own
     "token_bob": frozenset({"bob"}),  # an API token: only its owner sees it, administrators too not
+    "sub_bob": frozenset({"admin", "bob"}),  # bob's notification subscription (administrators see all)
 }
 # Names that must never appear in a page shown to a persona outside their scope.
 NAMES = {
@@ -318,6 +320,27 @@ ROUTES = [
         notes="open to loopback (the test client is 127.0.0.1); remote callers and tokens: "
         "tests/api/test_metrics.py",
     ),
+    # Notification subscriptions
+    Route(
+        "notifications:list",
+        get=SIGNED_IN,
+        post=SIGNED_IN,
+        data=lambda w, obj: {
+            "name": "mine",
+            "kind": "email",
+            "target": "me@example.com",
+            "events": ["job.failed"],
+        },
+        action="notification.subscribe",
+        notes="anyone signed in may subscribe by email; events are filtered by the owner's scope",
+    ),
+    Route("notifications:detail", objects=("sub_bob",), get=frozenset({"admin", "bob"})),
+    Route(
+        "notifications:delete",
+        objects=("sub_bob",),
+        post=frozenset({"admin", "bob"}),
+        action="notification.unsubscribe",
+    ),
     # Django admin: only is_staff accounts get in; no persona is one.
     Route("admin:index", get=NOBODY, notes="Django admin; personas are not is_staff -> 302 to admin login"),
 ]
@@ -403,6 +426,11 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     from api.services import do_create_token
 
     w.token_bob = do_create_token(bob, "bob's script", actor=bob)[0]
+    from notifications.services import do_subscribe
+
+    w.sub_bob = do_subscribe(
+        bob, name="bob's mail", kind="email", target="bob@example.com", events=["job.failed"]
+    )
     with transaction.atomic():
         w.event_alice = record("test.by_alice", actor=alice, target=w.alice_web)
         w.event_admin = record("test.by_admin", actor=admin, target=w.hidden)
@@ -424,6 +452,7 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         "policy_prod": w.policy,
         "user_bob": bob,
         "token_bob": w.token_bob,
+        "sub_bob": w.sub_bob,
     }
     return w
 
@@ -443,6 +472,7 @@ def db_state():
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
         "tokens": list(ApiToken.objects.order_by("pk").values_list("pk", "revoked_at")),
+        "subscriptions": list(Subscription.objects.order_by("pk").values_list("pk", "owner_id", "target")),
     }
 
 
