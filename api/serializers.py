@@ -172,7 +172,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
 class PlanSerializer(serializers.Serializer):
     vm = serializers.IntegerField()
     target = serializers.IntegerField()
-    mode = serializers.ChoiceField(choices=[m for m, _label in MigrationJob.MODES])
+    mode = serializers.ChoiceField(choices=MigrationJob.MODES)
     options = serializers.DictField(required=False, default=dict)
 
 

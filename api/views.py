@@ -11,7 +11,7 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.exceptions import ValidationError
-from rest_framework.generics import GenericAPIView
+from rest_framework.generics import ListAPIView
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -44,12 +44,8 @@ def _valid(serializer_class, request):
     return serializer.validated_data
 
 
-class ListView(GenericAPIView):
-    """A paginated list of a scoped queryset."""
-
-    def list_response(self, queryset):
-        page = self.paginate_queryset(queryset)
-        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+class ListView(ListAPIView):
+    """A paginated list of a scoped queryset (``get_queryset`` applies scope and filters)."""
 
 
 # --------------------------------------------------------------------------- index
@@ -89,9 +85,13 @@ def _host_group(request, value):
 class HostListView(ListView):
     serializer_class = s.HostSerializer
 
-    def get(self, request):
+    def get_queryset(self):
         """Hosts in your scope."""
-        return self.list_response(scoped(Host, request.user).select_related("group").order_by("name"))
+        return scoped(Host, self.request.user).select_related("group").order_by("name")
+
+    def get(self, request, *args, **kwargs):
+        """Hosts in your scope."""
+        return super().get(request, *args, **kwargs)
 
     @extend_schema(request=s.HostWriteSerializer, responses={201: s.HostSerializer})
     @idempotent
@@ -182,10 +182,13 @@ class VMListView(ListView):
             OpenApiParameter("gone", bool, description="include VMs no host has any more"),
         ]
     )
-    def get(self, request):
+    def get(self, request, *args, **kwargs):
         """VMs in your scope, filtered."""
-        vms = scoped(VM, request.user).select_related("host", "owner_user", "owner_group")
-        params = request.query_params
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        vms = scoped(VM, self.request.user).select_related("host", "owner_user", "owner_group")
+        params = self.request.query_params
         if params.get("gone") not in ("1", "true", "yes"):
             vms = vms.filter(gone=False)
         if params.get("q"):
@@ -194,7 +197,7 @@ class VMListView(ListView):
             vms = vms.filter(host_id=_pk(params["host"]))
         if params.get("state"):
             vms = vms.filter(state=params["state"])
-        return self.list_response(vms.order_by("name", "id"))
+        return vms.order_by("name", "id")
 
 
 class VMDetailView(APIView):
@@ -268,22 +271,25 @@ class JobListView(ListView):
     serializer_class = s.JobSerializer
 
     @extend_schema(parameters=[OpenApiParameter("status", str), OpenApiParameter("vm", int)])
-    def get(self, request):
+    def get(self, request, *args, **kwargs):
         """Migration jobs in your scope, newest first."""
-        jobs = scoped(MigrationJob, request.user)
-        params = request.query_params
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        jobs = scoped(MigrationJob, self.request.user)
+        params = self.request.query_params
         if params.get("status"):
             jobs = jobs.filter(status=params["status"])
         if params.get("vm"):
             jobs = jobs.filter(vm_id=_pk(params["vm"]))
-        return self.list_response(jobs.order_by("-created_at", "-id"))
+        return jobs.order_by("-created_at", "-id")
 
     @extend_schema(request=s.JobCreateSerializer, responses={202: s.JobSerializer})
     @idempotent
     def post(self, request):
         """Request a migration: the same service as the wizard (policy, preflight, one
         active job per VM, approval when the policy asks). 202 + the job's URL; follow it
-        (or ws/jobs/<id>/) for progress. Send an ``Idempotency-Key`` to retry safely."""
+        (its progress fields and events/; the WebSocket streams are for signed-in browsers). Send an ``Idempotency-Key`` to retry safely."""
         require(request.user, ADD_JOB)
         data = _valid(s.JobCreateSerializer, request)
         vm, target = _plan_objects(request, data)
@@ -393,11 +399,14 @@ class JobPostcopyView(APIView):
 class ApprovalListView(ListView):
     serializer_class = s.JobSerializer
 
-    def get(self, request):
+    def get(self, request, *args, **kwargs):
         """Requests waiting for an operator's approval."""
         require(request.user, APPROVE)
-        jobs = scoped(MigrationJob, request.user, "approve").filter(status=MigrationJob.PENDING_APPROVAL)
-        return self.list_response(jobs.order_by("created_at", "id"))
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        jobs = scoped(MigrationJob, self.request.user, "approve").filter(status=MigrationJob.PENDING_APPROVAL)
+        return jobs.order_by("created_at", "id")
 
 
 class ApproveView(APIView):
@@ -444,17 +453,18 @@ class AuditListView(ListView):
             OpenApiParameter("ip", str),
         ]
     )
-    def get(self, request):
+    def get(self, request, *args, **kwargs):
         """The audit history, newest first, with the audit page's filters."""
         require(request.user, AUDIT)
-        form = AuditFilterForm(request.query_params)
-        if request.query_params and not form.is_valid():
-            filters = set(form.fields)
-            errors = {k: v for k, v in form.errors.items() if k in filters}
+        return super().get(request, *args, **kwargs)
+
+    def get_queryset(self):
+        form = AuditFilterForm(self.request.query_params)
+        if self.request.query_params and not form.is_valid():
+            errors = {k: v for k, v in form.errors.items() if k in form.fields}
             if errors:
-                return Response(errors, status=400)
-        events = form.filter(scoped(AuditEvent, request.user)).order_by("-id")
-        return self.list_response(events)
+                raise ValidationError(errors)
+        return form.filter(scoped(AuditEvent, self.request.user)).order_by("-id")
 
 
 class AuditDetailView(APIView):

@@ -238,6 +238,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "migrations_app.models.MigrationJob.STATUSES",
+        "HostStatusEnum": "hosts.models.Host.STATUSES",
+    },
 }
 # Requests per token (or per signed-in user, or per address) and period: "600/min".
 KVMWEB_API_RATE = env_str("KVMWEB_API_RATE", "600/min")

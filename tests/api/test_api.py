@@ -184,6 +184,7 @@ def test_it_serves_the_openapi_schema_and_local_docs(client):
     assert {"/api/v1/jobs/", "/api/v1/preflight/", "/api/v1/audit/", "/api/v1/hosts/{id}/sync/"} <= set(
         doc["paths"]
     )
+    assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     for page in ("/api/v1/docs/",):
         html = client.get(page).content.decode()
         assert "/static/drf_spectacular_sidecar/" in html
@@ -215,3 +216,8 @@ def test_it_gives_the_same_report_as_the_preflight_command(operator, api, node_x
         (r["id"], r["status"]) for r in expected["results"]
     ]
     assert not MigrationJob.objects.exists()
+
+
+def test_it_generates_a_valid_schema_without_warnings(tmp_path):
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/api/v1/approvals/{id}/approve/" in (tmp_path / "schema.yaml").read_text()
