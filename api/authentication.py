@@ -21,6 +21,8 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             return None
         try:
             return services.check_token(text, request._request)
+        except services.TooManyFailures:
+            raise exceptions.Throttled(wait=services.FAILURE_WINDOW) from None
         except services.TokenRefused:
             raise exceptions.AuthenticationFailed("Invalid, expired or revoked token.") from None
 

@@ -7,6 +7,7 @@ import hmac
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -28,6 +29,34 @@ class TokenError(Exception):
 
 class TokenRefused(Exception):
     """A presented token does not authenticate (unknown, wrong, revoked, expired, inactive)."""
+
+
+class TooManyFailures(TokenRefused):
+    """This address presented too many bad tokens lately; it is refused without a look."""
+
+
+# Bad tokens per address and window before the address is refused outright: guessing is
+# pointless (256-bit secrets) but each refusal is an audit event, and a flood of them
+# must not flood the audit chain. Reaching the limit is audited once per window.
+FAILURE_WINDOW = 300
+
+
+def _failure_key(ip):
+    return f"kvmweb:api-token-failures:{ip or '-'}"
+
+
+def _note_failure(request):
+    """Count one failure for the address; True when this one reaches the limit."""
+    from django.core.cache import cache
+
+    key = _failure_key(client_ip(request))
+    cache.add(key, 0, FAILURE_WINDOW)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, FAILURE_WINDOW)
+        count = 1
+    return count == settings.KVMWEB_API_AUTH_FAILURES
 
 
 def _digest(text):
@@ -79,6 +108,8 @@ def do_revoke_token(token, *, actor, request=None):
 
 
 def _refuse(request, reason, token=None, prefix=""):
+    if _note_failure(request):
+        reason += f"; {settings.KVMWEB_API_AUTH_FAILURES} failures from this address: refused for {FAILURE_WINDOW} s"
     with transaction.atomic():
         record(
             "api.token.refused",
@@ -96,6 +127,10 @@ def check_token(text, request=None):
     """The (user, token) a presented token authenticates, or TokenRefused (audited).
 
     ``request`` is the Django request (its address goes into the audit event)."""
+    from django.core.cache import cache
+
+    if (cache.get(_failure_key(client_ip(request))) or 0) >= settings.KVMWEB_API_AUTH_FAILURES:
+        raise TooManyFailures("too many failures")
     parts = (text or "").strip().split("_", 2)  # the secret itself may contain "_"
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1]:
         _refuse(request, "malformed")

@@ -245,6 +245,8 @@ SPECTACULAR_SETTINGS = {
 }
 # Requests per token (or per signed-in user, or per address) and period: "600/min".
 KVMWEB_API_RATE = env_str("KVMWEB_API_RATE", "600/min")
+# Bad tokens from one address within 5 minutes before it is refused outright (429).
+KVMWEB_API_AUTH_FAILURES = env_int("KVMWEB_API_AUTH_FAILURES", 20, minimum=1)
 if REDIS_URL:
     # The rate limit's counters are shared by every daphne process only through a shared cache.
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}

@@ -167,9 +167,6 @@ def test_it_filters_and_paginates_the_audit_history(auditor, operator, api, toke
 
 def test_it_rate_limits_each_token(operator, api, settings):
     settings.KVMWEB_API_RATE = "3/min"
-    from django.core.cache import cache
-
-    cache.clear()
     first, second = api(operator), api(operator)
     codes = [first.get("/api/v1/vms/").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
@@ -221,3 +218,16 @@ def test_it_gives_the_same_report_as_the_preflight_command(operator, api, node_x
 def test_it_generates_a_valid_schema_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/approvals/{id}/approve/" in (tmp_path / "schema.yaml").read_text()
+
+
+def test_it_stops_auditing_a_flood_of_bad_tokens(operator, token_for, settings):
+    """Each bad token is an audit event, up to the limit per address; then the address is
+    refused outright (429) and the audit chain is not flooded. Other addresses are not hurt."""
+    settings.KVMWEB_API_AUTH_FAILURES = 3
+    bad = Client(HTTP_AUTHORIZATION="Bearer kvmweb_00000000_nope", REMOTE_ADDR="198.51.100.7")
+    codes = [bad.get("/api/v1/vms/").status_code for _ in range(5)]
+    assert codes == [401, 401, 401, 429, 429]
+    refused = AuditEvent.objects.filter(action="api.token.refused")
+    assert refused.count() == 3 and "refused for 300 s" in refused.first().details["reason"]
+    good = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(operator)}")
+    assert good.get("/api/v1/vms/").status_code == 200
