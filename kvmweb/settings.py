@@ -140,7 +140,9 @@ MIGRATION_TIMEOUT = env_int("KVMWEB_MIGRATION_TIMEOUT", 6 * 3600, minimum=60)
 Q_CLUSTER = {
     "name": "kvmweb",
     "orm": "default",
-    "workers": env_int("KVMWEB_WORKERS", 2, minimum=1),
+    # Two of them are taken by the minute-long loops (reconcile watch, notification
+    # dispatch): a third keeps inventory syncs from waiting behind them.
+    "workers": env_int("KVMWEB_WORKERS", 3, minimum=1),
     "timeout": 600,
     "retry": 900,
     "max_attempts": 1,

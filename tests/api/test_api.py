@@ -231,3 +231,21 @@ def test_it_stops_auditing_a_flood_of_bad_tokens(operator, token_for, settings):
     assert refused.count() == 3 and "refused for 300 s" in refused.first().details["reason"]
     good = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(operator)}")
     assert good.get("/api/v1/vms/").status_code == 200
+
+
+def test_it_shows_a_new_token_once_on_the_users_page_and_revokes_it(alice, login):
+    client = login(alice)
+    created = client.post("/account/tokens/", {"name": "laptop", "expires_days": "30"})
+    assert created.status_code == 200
+    token = ApiToken.objects.get(user=alice)
+    text = created.context["created"]["text"]
+    assert text.startswith(f"kvmweb_{token.prefix}_") and text in created.content.decode()
+    listing = client.get("/account/tokens/").content.decode()
+    assert token.prefix in listing and text not in listing
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {text}").get("/api/v1/vms/").status_code == 200
+    assert client.post(f"/account/tokens/{token.pk}/revoke/").status_code == 302
+    token.refresh_from_db()
+    assert token.revoked_at is not None
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {text}").get("/api/v1/vms/").status_code == 401
+    revoke = AuditEvent.objects.get(action="api.token.revoke")
+    assert revoke.actor == alice and revoke.outcome == AuditEvent.SUCCESS

@@ -237,3 +237,30 @@ def test_it_manages_subscriptions_on_the_page(alice, login, smtp):
     assert client.post(f"/notifications/{sub.pk}/delete/").status_code == 302
     assert not Subscription.objects.exists()
     assert AuditEvent.objects.filter(action="notification.unsubscribe", actor=alice).exists()
+
+
+def test_it_logs_an_apprise_target_it_cannot_use(admin, world, monkeypatch):
+    """apprise is optional: without it (or with a URL it does not know) the delivery log
+    says why, and the delivery is retried like any other failure."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_apprise(name, *args, **kwargs):
+        if name == "apprise":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_apprise)
+    services.do_subscribe(
+        admin,
+        name="chat",
+        kind="apprise",
+        target="ntfy://example/topic",
+        events=["job.failed"],
+        is_global=True,
+    )
+    finish(job_for(world.alice_web, world.d1), "failed")
+    dispatch.dispatch()
+    delivery = Delivery.objects.get()
+    assert delivery.status == "pending" and "apprise is not installed" in delivery.last_error
