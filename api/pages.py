@@ -6,6 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from api import services
@@ -20,6 +21,7 @@ class TokenForm(forms.Form):
     )
 
 
+@never_cache  # the answer to a creation holds the token text: no copy in any cache
 @login_required
 def token_list(request):
     form = TokenForm(request.POST or None)

@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 
 from api import serializers as s
 from api.idempotency import idempotent
+from api.metrics import observe_preflight
 from hosts import services as host_services
 from hosts.models import VM, Host
 from kvmweb.access import get_scoped_or_404, require, scoped
@@ -237,12 +238,7 @@ class PreflightView(APIView):
         except PlanError as exc:
             return Response({"detail": str(exc)}, status=400)
         report = preflight.run_preflight(plan, measure_dirty_rate=not data["quick"])
-        try:
-            from api.metrics import observe_preflight
-
-            observe_preflight(report)
-        except Exception:  # noqa: BLE001 - metrics never break an answer
-            pass
+        observe_preflight(report, source="api")  # never raises
         return Response(report.to_dict())
 
 
