@@ -21,8 +21,8 @@ fi
 # stops every child exactly once with SIGTERM. (django-q2's cluster hangs in shutdown
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)
 # Metrics of earlier runs' processes would be added up by /metrics: start empty.
-METRICS_DIR=$($PY -c "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'kvmweb.settings'); django.setup(); from django.conf import settings; print(settings.METRICS_DIR)")
-rm -f "$METRICS_DIR"/*.db
+# (the same default as kvmweb/settings.py: PROMETHEUS_MULTIPROC_DIR, else DATA_DIR/prometheus)
+rm -f "${PROMETHEUS_MULTIPROC_DIR:-${KVMWEB_DATA_DIR:-var}/prometheus}"/*.db
 setsid $PY manage.py qcluster & pids+=($!)
 Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
 setsid .venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
