@@ -5,6 +5,7 @@ Embedded default (no variables set): SQLite in WAL mode with IMMEDIATE transacti
 (PostgreSQL) and REDIS_URL (channels-redis). See README.md for the full list.
 """
 
+import os
 from pathlib import Path
 
 from django.utils.translation import gettext_lazy as _
@@ -139,7 +140,9 @@ MIGRATION_TIMEOUT = env_int("KVMWEB_MIGRATION_TIMEOUT", 6 * 3600, minimum=60)
 Q_CLUSTER = {
     "name": "kvmweb",
     "orm": "default",
-    "workers": env_int("KVMWEB_WORKERS", 2, minimum=1),
+    # Two of them are taken by the minute-long loops (reconcile watch, notification
+    # dispatch): a third keeps inventory syncs from waiting behind them.
+    "workers": env_int("KVMWEB_WORKERS", 3, minimum=1),
     "timeout": 600,
     "retry": 900,
     "max_attempts": 1,
@@ -212,3 +215,58 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("KVMWEB_LOG_LEVEL", "INFO")},
     "loggers": {"django_q": {"level": "WARNING"}},
 }
+
+# --- Integrations: REST API (api/), metrics (api/metrics.py), notifications (notifications/).
+# See docs/api.md and docs/deploy.md.
+INSTALLED_APPS += ["rest_framework", "drf_spectacular", "drf_spectacular_sidecar", "api", "notifications"]
+REST_FRAMEWORK = {
+    # Bearer tokens first; the session (with DRF's CSRF check) for the browser and the docs.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["api.throttling.TokenRateThrottle"],
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.Pagination",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "kvmweb API",
+    "VERSION": "1",
+    "DESCRIPTION": "Hosts, VMs, preflight, migration jobs, approvals and the audit history (docs/api.md).",
+    "SWAGGER_UI_DIST": "SIDECAR",  # served from our own static files: no CDN
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "JobStatusEnum": "migrations_app.models.MigrationJob.STATUSES",
+        "HostStatusEnum": "hosts.models.Host.STATUSES",
+    },
+}
+# Requests per token (or per signed-in user, or per address) and period: "600/min".
+KVMWEB_API_RATE = env_str("KVMWEB_API_RATE", "600/min")
+# Bad tokens from one address within 5 minutes before it is refused outright (429).
+KVMWEB_API_AUTH_FAILURES = env_int("KVMWEB_API_AUTH_FAILURES", 20, minimum=1)
+if REDIS_URL:
+    # The rate limit's counters are shared by every daphne process only through a shared cache.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+# prometheus-client's multiprocess mode: every process (daphne, each qcluster) writes its
+# counters to files here; /metrics adds them up. scripts/run.sh empties it at start. The
+# variable must be set before prometheus_client is imported, which settings guarantee.
+METRICS_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus")))
+METRICS_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)
+# /metrics is open to loopback and to these addresses/networks (comma separated, CIDR ok);
+# anyone else needs an API token of a user with the api.view_metrics permission.
+METRICS_ALLOW = env_list("KVMWEB_METRICS_ALLOW", [])
+# Notifications: SMTP for the email channel (docs/deploy.md).
+NOTIFY_SMTP_HOST = env_str("KVMWEB_SMTP_HOST", "localhost")
+NOTIFY_SMTP_PORT = env_int("KVMWEB_SMTP_PORT", 25, minimum=1)
+NOTIFY_SMTP_USER = env_str("KVMWEB_SMTP_USER", "")
+NOTIFY_SMTP_PASSWORD = env_secret("KVMWEB_SMTP_PASSWORD") if env_str("KVMWEB_SMTP_USER") else ""
+NOTIFY_SMTP_TLS = env_bool("KVMWEB_SMTP_STARTTLS", False)
+NOTIFY_FROM = env_str("KVMWEB_NOTIFY_FROM", "kvmweb@localhost")
+NOTIFY_TIMEOUT = env_float("KVMWEB_NOTIFY_TIMEOUT", 10.0, minimum=0.5)
+NOTIFY_VERIFY_MINUTES = env_int("KVMWEB_NOTIFY_VERIFY_MINUTES", 60, minimum=1)

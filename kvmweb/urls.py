@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from api import metrics
 from kvmweb import health, views
 from kvmweb.accounts import views as account_views
 
@@ -15,4 +16,8 @@ urlpatterns = [
     path("audit/", include("kvmweb.audit.urls")),
     path("admin/", admin.site.urls),
     path("health/", health.health, name="health"),
+    path("api/v1/", include("api.urls")),
+    path("account/tokens/", include("api.page_urls")),
+    path("notifications/", include("notifications.urls")),
+    path("metrics", metrics.metrics, name="metrics"),
 ]

@@ -17,6 +17,9 @@ trap stop INT TERM EXIT
 if (exec 3<>"/dev/tcp/$ADDR/$PORT") 2>/dev/null; then
   echo "port $ADDR:$PORT is already in use; set KVMWEB_PORT to another port"; exit 1
 fi
+# Metrics of earlier runs' processes would be added up by /metrics: start empty.
+# (the same default as kvmweb/settings.py: PROMETHEUS_MULTIPROC_DIR, else DATA_DIR/prometheus)
+rm -f "${PROMETHEUS_MULTIPROC_DIR:-${KVMWEB_DATA_DIR:-var}/prometheus}"/*.db
 # Each child runs in its own session: a Ctrl-C reaches only this script, which then
 # stops every child exactly once with SIGTERM. (django-q2's cluster hangs in shutdown
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)

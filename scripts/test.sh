@@ -15,7 +15,7 @@ status=0
 # stopped on any exit). Lab and browser tests ran in pass 1 and are not repeated, except
 # the scale-out lab test (a real migration through two clusters and two daphnes).
 shopt -s nullglob
-also=(tests/audit/test_*.py tests/kvmweb/test_health.py
+also=(tests/audit/test_*.py tests/kvmweb/test_health.py tests/api/test_*.py tests/notifications/test_*.py
   tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,consumer,progress}*.py)
 shopt -u nullglob
 KVMWEB_SERVICES_DIR=$(mktemp -d /tmp/kvmweb-services.XXXXXX)

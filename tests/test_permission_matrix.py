@@ -30,12 +30,14 @@ from django.contrib.auth.models import Group, User
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
+from api.models import ApiToken
 from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import LeftCopy, MigrationJob
+from notifications.models import Subscription
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -69,6 +71,8 @@ SCOPE = {
     "user_bob": STAFF | {"bob"},  # an account: staff see all, everyone else only their own
     "copy_bob": STAFF,  # a disk copy left behind: host and path are staff-only facts
     "copy_team": STAFF,
+    "token_bob": frozenset({"bob"}),  # an API token: only its owner sees it, administrators too not
+    "sub_bob": frozenset({"admin", "bob"}),  # bob's notification subscription (administrators see all)
 }
 # Names that must never appear in a page shown to a persona outside their scope.
 NAMES = {
@@ -306,6 +310,45 @@ ROUTES = [
     Route("audit:detail", objects=("event_alice", "event_admin"), get=STAFF),
     Route("audit:export_csv", get=STAFF),
     Route("audit:export_json", get=STAFF),
+    # API tokens (the user's own page) and /metrics
+    Route(
+        "apitokens:list",
+        get=SIGNED_IN,
+        post=SIGNED_IN,
+        post_ok=200,
+        data=lambda w, obj: {"name": "ci script", "expires_days": "30"},
+        action="api.token.create",
+        notes="renders the new token once (no redirect: the text exists only in that answer)",
+    ),
+    Route("apitokens:revoke", objects=("token_bob",), post=frozenset({"bob"}), action="api.token.revoke"),
+    Route(
+        "metrics",
+        get=frozenset(PERSONAS),
+        public=True,
+        notes="open to loopback (the test client is 127.0.0.1); remote callers and tokens: "
+        "tests/api/test_metrics.py",
+    ),
+    # Notification subscriptions
+    Route(
+        "notifications:list",
+        get=SIGNED_IN,
+        post=SIGNED_IN,
+        data=lambda w, obj: {
+            "name": "mine",
+            "kind": "email",
+            "target": "me@example.com",
+            "events": ["job.failed"],
+        },
+        action="notification.subscribe",
+        notes="anyone signed in may subscribe by email; events are filtered by the owner's scope",
+    ),
+    Route("notifications:detail", objects=("sub_bob",), get=frozenset({"admin", "bob"})),
+    Route(
+        "notifications:delete",
+        objects=("sub_bob",),
+        post=frozenset({"admin", "bob"}),
+        action="notification.unsubscribe",
+    ),
     # Django admin: only is_staff accounts get in; no persona is one.
     Route("admin:index", get=NOBODY, notes="Django admin; personas are not is_staff -> 302 to admin login"),
 ]
@@ -388,6 +431,14 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
 
     w.job_alice_run = running("alice-run", w.p1, alice)
     w.job_hidden_run = running("hidden-run", w.s1, None)
+    from api.services import do_create_token
+
+    w.token_bob = do_create_token(bob, "bob's script", actor=bob)[0]
+    from notifications.services import do_subscribe
+
+    w.sub_bob = do_subscribe(
+        bob, name="bob's mail", kind="email", target="bob@example.com", events=["job.failed"]
+    )
     with transaction.atomic():
         w.event_alice = record("test.by_alice", actor=alice, target=w.alice_web)
         w.event_admin = record("test.by_admin", actor=admin, target=w.hidden)
@@ -413,6 +464,8 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         "copy_team": LeftCopy.objects.create(
             vm=w.team_app, host=w.p1, host_name=w.p1.name, path="/srv/t.qcow2"
         ),
+        "token_bob": w.token_bob,
+        "sub_bob": w.sub_bob,
     }
     return w
 
@@ -432,6 +485,8 @@ def db_state():
         "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
+        "tokens": list(ApiToken.objects.order_by("pk").values_list("pk", "revoked_at")),
+        "subscriptions": list(Subscription.objects.order_by("pk").values_list("pk", "owner_id", "target")),
     }
 
 
@@ -536,6 +591,246 @@ def test_it_enforces_the_scope_rule(route, obj, method, persona, world, client):
             assert refusal is not None and refusal.actor == user, f"refusal of {url} not audited"
 
 
+# ----------------------------------------------------------------------------- the REST API
+
+# Every /api/v1/ route x persona, with each persona's own API token (Authorization: Bearer).
+# The same rule as the pages, in the API's words: anonymous -> 401 (a Bearer challenge, not
+# a redirect to the sign-in page); out of scope -> 404; in scope without the right -> 403.
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    name: str
+    method: str = "GET"
+    objects: tuple = (None,)
+    allowed: frozenset = frozenset()
+    ok: int = 200
+    data: object = None  # (world, object or None) -> JSON body
+    action: str = ""  # audit action of an allowed request ("" = read-only: nothing written)
+    param: str = ""  # the object goes in this body field instead of the URL
+    perm_first: bool = False
+    public: bool = False
+    overrides: dict = field(default_factory=dict)  # (obj, persona) -> status
+    lists: tuple = ()
+    notes: str = ""
+
+
+def _api_plan(w, vm):
+    target = w.p1 if vm is not None and vm.host_id == w.d1.pk else w.d1
+    return {"target": target.pk, "mode": "live", "options": {"bandwidth": 50}}
+
+
+API_ROUTES = [
+    ApiRoute("api:index", allowed=SIGNED_IN),
+    ApiRoute(
+        "api:schema", allowed=frozenset(PERSONAS), public=True, notes="describes the API, shows no data"
+    ),
+    ApiRoute("api:docs", allowed=frozenset(PERSONAS), public=True),
+    ApiRoute("api:host_list", allowed=SIGNED_IN, lists=("host_s1",)),
+    ApiRoute(
+        "api:host_list",
+        "POST",
+        allowed=ADMIN,
+        ok=201,
+        data=lambda w, obj: {"name": "new-host", "uri": w.node_uri},
+        action="host.register",
+    ),
+    ApiRoute("api:host_detail", objects=("host_p1", "host_s1"), allowed=SIGNED_IN),
+    ApiRoute(
+        "api:host_detail",
+        "PATCH",
+        objects=("host_p1", "host_s1"),
+        allowed=ADMIN,
+        data=lambda w, obj: {"description": "edited"},
+        action="host.change",
+    ),
+    ApiRoute(
+        "api:host_detail",
+        "DELETE",
+        objects=("host_p1", "host_s1"),
+        allowed=ADMIN,
+        ok=204,
+        action="host.remove",
+    ),
+    ApiRoute(
+        "api:host_sync", "POST", objects=("host_p1", "host_s1"), allowed=MIGRATORS, action="inventory.sync"
+    ),
+    ApiRoute("api:vm_list", allowed=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
+    ApiRoute("api:vm_detail", objects=("vm_alice", "vm_hidden"), allowed=SIGNED_IN),
+    ApiRoute(
+        "api:preflight",
+        "POST",
+        objects=("vm_bob", "vm_hidden"),
+        param="vm",
+        allowed=REQUESTERS,
+        data=_api_plan,
+        notes="dry run: read-only, like the dry-run page (scope first, then the right)",
+    ),
+    ApiRoute("api:job_list", allowed=SIGNED_IN, lists=("vm_alice", "vm_hidden", "vm_hidden_run")),
+    ApiRoute(
+        "api:job_list",
+        "POST",
+        objects=("vm_bob", "vm_team"),
+        param="vm",
+        allowed=REQUESTERS,
+        ok=202,
+        data=_api_plan,
+        action="migration.request",
+        perm_first=True,
+        overrides={("vm_team", "alice"): 400},
+        notes="as the wizard: the right to migrate first; alice's team VM: refused by policy",
+    ),
+    ApiRoute("api:job_detail", objects=("job_alice", "job_hidden"), allowed=SIGNED_IN),
+    ApiRoute("api:job_events", objects=("job_alice", "job_hidden"), allowed=SIGNED_IN),
+    ApiRoute(
+        "api:job_cancel",
+        "POST",
+        objects=("job_alice", "job_hidden"),
+        allowed=CANCELLERS,
+        ok=202,
+        action="migration.cancel",
+    ),
+    ApiRoute(
+        "api:job_bandwidth",
+        "POST",
+        objects=("job_alice_run", "job_hidden_run"),
+        allowed=MIGRATORS,
+        ok=202,
+        data=lambda w, job: {"bandwidth": 20},
+        action="migration.bandwidth",
+    ),
+    ApiRoute(
+        "api:job_downtime",
+        "POST",
+        objects=("job_alice_run", "job_hidden_run"),
+        allowed=MIGRATORS,
+        ok=202,
+        data=lambda w, job: {"downtime": 500},
+        action="migration.downtime",
+    ),
+    ApiRoute(
+        "api:job_postcopy",
+        "POST",
+        objects=("job_alice_run", "job_hidden_run"),
+        allowed=MIGRATORS,
+        ok=202,
+        action="migration.postcopy",
+    ),
+    ApiRoute("api:approval_list", allowed=MIGRATORS, lists=("vm_alice", "vm_hidden")),
+    ApiRoute(
+        "api:approve",
+        "POST",
+        objects=("job_alice", "job_hidden"),
+        allowed=MIGRATORS,
+        ok=202,
+        action="migration.approve",
+    ),
+    ApiRoute(
+        "api:reject",
+        "POST",
+        objects=("job_alice", "job_hidden"),
+        allowed=MIGRATORS,
+        ok=202,
+        data=lambda w, job: {"reason": "not now"},
+        action="migration.reject",
+    ),
+    ApiRoute("api:audit_list", allowed=STAFF, lists=("vm_alice", "vm_hidden")),
+    ApiRoute("api:audit_detail", objects=("event_alice", "event_admin"), allowed=STAFF),
+]
+
+
+def api_expected_status(route, persona, obj):
+    if route.public:
+        return route.ok
+    if persona == "anon":
+        return 401
+    if (obj, persona) in route.overrides:
+        return route.overrides[(obj, persona)]
+    if route.perm_first and persona not in route.allowed:
+        return 403
+    if obj is not None and persona not in SCOPE[obj]:
+        return 404
+    if persona not in route.allowed:
+        return 403
+    return route.ok
+
+
+def api_cells():
+    for route in API_ROUTES:
+        for obj in route.objects:
+            for persona in PERSONAS:
+                yield pytest.param(route, obj, persona, id=f"{route.name}|{route.method}|{obj}|{persona}")
+
+
+@pytest.mark.parametrize(("route", "obj", "persona"), list(api_cells()))
+def test_it_enforces_the_scope_rule_on_the_api(route, obj, persona, world):
+    from django.test import Client
+
+    from api.services import do_create_token
+
+    user = world.people[persona]
+    headers = {}
+    if user is not None:
+        headers["HTTP_AUTHORIZATION"] = f"Bearer {do_create_token(user, 'matrix', actor=user)[1]}"
+    client = Client(**headers)
+    target = world.objects[obj] if obj is not None else None
+    if obj is None or route.param:
+        url = reverse(route.name)
+    else:
+        url = reverse(route.name, kwargs={"pk": target.pk})
+    body = dict(route.data(world, target)) if route.data else {}
+    if route.param and obj is not None:
+        body[route.param] = target.pk
+    before_state = db_state()
+    last_event = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    if route.method == "GET":
+        response = client.get(url)
+    else:
+        response = getattr(client, route.method.lower())(url, body, content_type="application/json")
+    expected = api_expected_status(route, persona, obj)
+    status = response.status_code
+    assert status == expected, f"{route.method} {url} as {persona}: {status}, expected {expected}"
+    if status == 401:
+        assert response["WWW-Authenticate"].startswith("Bearer")
+    text = response.content.decode()
+    assert not leaked_names(persona, text), f"{url} shows {leaked_names(persona, text)} to {persona}"
+    if status == 200 and route.method == "GET":
+        missing = [NAMES[k] for k in route.lists if persona in NAME_SCOPE[k] and NAMES[k] not in text]
+        assert not missing, f"{url} does not show {missing} to {persona}"
+    new_events = AuditEvent.objects.filter(id__gt=last_event)
+    if route.method == "GET" or route.public:
+        assert not new_events.exclude(action="api.token.refused").exists()
+        return
+    if status == route.ok and route.action:
+        event = new_events.filter(action=route.action).first()
+        assert event is not None, f"no {route.action} event after {url} as {persona}"
+        assert event.actor == user and event.outcome == AuditEvent.SUCCESS, (event.actor, event.outcome)
+        assert db_state() != before_state, f"{url} as {persona} changed nothing"
+    else:
+        assert db_state() == before_state, f"{route.method} {url} as {persona} changed the database"
+        assert not new_events.filter(outcome=AuditEvent.SUCCESS).exists()
+        if (obj, persona) in route.overrides:
+            refusal = new_events.filter(action=route.action).first()
+            assert refusal is not None and refusal.actor == user, f"refusal of {url} not audited"
+
+
+def test_it_covers_every_api_route_and_method():
+    """Every API URL name in the matrix, and every method its view answers."""
+    from django.urls import resolve
+
+    names = [n for n in all_url_names() if n.startswith("api:")]
+    tested = {(r.name, r.method) for r in API_ROUTES}
+    assert not [n for n in names if not any(r.name == n for r in API_ROUTES)]
+    for name in names:
+        try:
+            url = reverse(name)
+        except Exception:
+            url = reverse(name, kwargs={"pk": 1})
+        view = resolve(url).func.view_class
+        methods = {m.upper() for m in ("get", "post", "patch", "put", "delete") if hasattr(view, m)}
+        assert methods <= {m for n, m in tested if n == name}, (name, methods)
+
+
 # ----------------------------------------------------------------------------- coverage
 
 
@@ -555,7 +850,7 @@ def all_url_names():
 
 
 def test_it_covers_every_url():
-    covered = {route.name for route in ROUTES} | set(EXEMPT)
+    covered = {route.name for route in ROUTES} | {route.name for route in API_ROUTES} | set(EXEMPT)
     missing = [
         name
         for name in all_url_names()
@@ -566,7 +861,7 @@ def test_it_covers_every_url():
 
 def test_it_lists_only_urls_that_exist():
     names = set(all_url_names())
-    assert not [route.name for route in ROUTES if route.name not in names]
+    assert not [route.name for route in ROUTES + API_ROUTES if route.name not in names]
 
 
 def test_it_has_a_distinct_scope_for_every_object():
@@ -637,6 +932,8 @@ MACHINE_COMMANDS = {
     "preflight": "read-only checklist from the server shell",
     "reconcile_jobs": "the reconciler loop",
     "verify_audit": "read-only chain check (tests/audit/test_verify_audit.py)",
+    "api_token": "creates or revokes a token of the named user (tests/api/test_api.py)",
+    "notify": "the notification dispatcher, same as the scheduled task",
 }
 
 
@@ -701,7 +998,9 @@ def test_it_covers_every_project_command():
     from django.core.management import get_commands
 
     ours = {
-        name for name, app in get_commands().items() if app.startswith(("hosts", "migrations_app", "kvmweb"))
+        name
+        for name, app in get_commands().items()
+        if app.startswith(("hosts", "migrations_app", "kvmweb", "api", "notifications"))
     }
     covered = {cell.name for cell in COMMAND_CELLS} | set(MACHINE_COMMANDS)
     assert not sorted(ours - covered), f"commands missing from the matrix: {sorted(ours - covered)}"

@@ -20,6 +20,7 @@ _READ_ALL = [
     "migrations_app.view_migrationjob",
     "audit.view_auditevent",
     "accounts.view_selfservicepolicy",
+    "api.view_metrics",
 ]
 ROLE_PERMISSIONS = {
     ADMINISTRATOR: _READ_ALL

@@ -1,0 +1,204 @@
+"""What the API shows of each object: the same fields the pages show to the same people.
+Input serializers validate request bodies; the services judge them."""
+
+from django.urls import reverse
+from rest_framework import serializers
+
+from hosts.models import VM, Host
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import JobEvent, MigrationJob
+
+
+class HostSerializer(serializers.ModelSerializer):
+    group = serializers.CharField(source="group.name", default=None, read_only=True)
+    libvirt_version = serializers.CharField(source="libvirt_version_text", read_only=True)
+    hypervisor_version = serializers.CharField(source="hypervisor_version_text", read_only=True)
+
+    class Meta:
+        model = Host
+        fields = [
+            "id",
+            "name",
+            "uri",
+            "group",
+            "description",
+            "status",
+            "last_error",
+            "last_probe_at",
+            "last_seen_at",
+            "last_sync_at",
+            "hostname",
+            "arch",
+            "cpu_model",
+            "cpus",
+            "memory_total",
+            "memory_free",
+            "libvirt_version",
+            "hypervisor_version",
+            "hypervisor_type",
+        ]
+        read_only_fields = fields
+
+
+class HostWriteSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    uri = serializers.CharField(max_length=500)
+    group = serializers.IntegerField(required=False, allow_null=True)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+
+
+class HostPatchSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100, required=False)
+    uri = serializers.CharField(max_length=500, required=False)
+    group = serializers.IntegerField(required=False, allow_null=True)
+    description = serializers.CharField(required=False, allow_blank=True)
+
+
+class VMSerializer(serializers.ModelSerializer):
+    host = serializers.SerializerMethodField()
+    owner_user = serializers.CharField(source="owner_user.username", default=None, read_only=True)
+    owner_group = serializers.CharField(source="owner_group.name", default=None, read_only=True)
+
+    class Meta:
+        model = VM
+        fields = [
+            "id",
+            "uuid",
+            "name",
+            "host",
+            "state",
+            "state_reason",
+            "vcpus",
+            "memory",
+            "persistent",
+            "autostart",
+            "machine_type",
+            "cpu_mode",
+            "cpu_model",
+            "gone",
+            "owner_user",
+            "owner_group",
+            "last_seen_at",
+        ]
+        read_only_fields = fields
+
+    def get_host(self, vm) -> dict | None:
+        if vm.host_id is None:
+            return None
+        return {"id": vm.host_id, "name": vm.host.name}
+
+
+class JobSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField()
+    vm = serializers.SerializerMethodField()
+    bandwidth = serializers.IntegerField(read_only=True, allow_null=True)
+    max_downtime = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = MigrationJob
+        fields = [
+            "id",
+            "url",
+            "vm",
+            "vm_name",
+            "source_name",
+            "target_name",
+            "mode",
+            "options",
+            "status",
+            "requested_by_name",
+            "reason",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "phase",
+            "percent",
+            "data_total",
+            "data_processed",
+            "data_remaining",
+            "rate",
+            "dirty_rate",
+            "iteration",
+            "eta_seconds",
+            "bandwidth",
+            "max_downtime",
+            "cancel_requested",
+            "downtime_ms",
+            "elapsed_ms",
+            "result",
+            "error",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, job) -> str:
+        return reverse("api:job_detail", kwargs={"pk": job.pk})
+
+    def get_vm(self, job) -> int:
+        return job.vm_id
+
+
+class JobDetailSerializer(JobSerializer):
+    class Meta(JobSerializer.Meta):
+        fields = JobSerializer.Meta.fields + ["preflight", "acknowledged", "overridden"]
+        read_only_fields = fields
+
+
+class JobEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = JobEvent
+        fields = ["id", "at", "level", "message"]
+        read_only_fields = fields
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEvent
+        fields = [
+            "id",
+            "at",
+            "actor_name",
+            "action",
+            "target_type",
+            "target_id",
+            "target_name",
+            "ip",
+            "outcome",
+            "details",
+            "hash",
+        ]
+        read_only_fields = fields
+
+
+class PlanSerializer(serializers.Serializer):
+    vm = serializers.IntegerField()
+    target = serializers.IntegerField()
+    mode = serializers.ChoiceField(choices=MigrationJob.MODES)
+    options = serializers.DictField(required=False, default=dict)
+
+
+class PreflightRequestSerializer(PlanSerializer):
+    quick = serializers.BooleanField(
+        required=False, default=False, help_text="skip the dirty-rate measurement"
+    )
+
+
+class JobCreateSerializer(PlanSerializer):
+    acknowledged = serializers.ListField(child=serializers.CharField(), required=False, default=list)
+    overridden = serializers.ListField(child=serializers.CharField(), required=False, default=list)
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class BandwidthSerializer(serializers.Serializer):
+    bandwidth = serializers.IntegerField(min_value=0, help_text="MiB/s, 0 = unlimited")
+
+
+class DowntimeSerializer(serializers.Serializer):
+    downtime = serializers.IntegerField(min_value=1, help_text="milliseconds")
+
+
+class RejectSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000)
+
+
+class DetailSerializer(serializers.Serializer):
+    detail = serializers.CharField()
