@@ -1,4 +1,3 @@
-from django.contrib import admin
 from django.urls import include, path
 
 from kvmweb import health, views
@@ -13,6 +12,5 @@ urlpatterns = [
     path("migrations/", include("migrations_app.urls")),
     path("accounts/", include("kvmweb.accounts.urls")),
     path("audit/", include("kvmweb.audit.urls")),
-    path("admin/", admin.site.urls),
     path("health/", health.health, name="health"),
 ]
