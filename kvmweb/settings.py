@@ -160,6 +160,10 @@ Q_CLUSTER = {
 }
 INVENTORY_SYNC_MINUTES = env_int("KVMWEB_INVENTORY_SYNC_MINUTES", 5, minimum=1)
 
+# libvirt's test driver opens any XML node file it is named: test:// URIs may name only
+# files under this directory (unset: only the built-in test:///default). hosts/uris.py
+KVMWEB_TEST_DRIVER_DIR = env_str("KVMWEB_TEST_DRIVER_DIR")
+
 # Every libvirt connect and call from web-facing code is bounded by these (seconds).
 LIBVIRT_CONNECT_TIMEOUT = env_float("KVMWEB_LIBVIRT_CONNECT_TIMEOUT", 5.0, minimum=0.1)
 LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.1)

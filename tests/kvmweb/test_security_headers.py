@@ -59,7 +59,9 @@ def test_it_refuses_a_password_like_the_user_name_or_shorter_than_12(login, admi
         assert not User.objects.filter(username=username).exists()
     body = response.content.decode()
     assert "at least 12 characters" in body
-    response = client.post(reverse("accounts:user_add"), {"username": "frank", "password": "xq7#Lm2!pW-river"})
+    response = client.post(
+        reverse("accounts:user_add"), {"username": "frank", "password": "xq7#Lm2!pW-river"}
+    )
     assert response.status_code == 302 and User.objects.filter(username="frank").exists()
 
 
