@@ -198,6 +198,13 @@ ROUTES = [
         action="user.roles",
     ),
     Route(
+        "accounts:user_unlock",
+        objects=("user_bob",),
+        post=ADMIN,
+        action="auth.unlock",
+        notes="clears failed sign-ins: its state is the audit event (db_state counts them)",
+    ),
+    Route(
         "accounts:bulk_owner",
         get=ADMIN,
         post=ADMIN,
@@ -414,6 +421,7 @@ def db_state():
         "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
+        "unlocks": AuditEvent.objects.filter(action="auth.unlock", outcome=AuditEvent.SUCCESS).count(),
     }
 
 
