@@ -17,10 +17,18 @@ from kvmweb.env import (
     env_list,
     env_secret,
     env_str,
+    secure_data_dir,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("KVMWEB_DATA_DIR", str(BASE_DIR / "var")))
+# umask 077 for the whole process, data directory 0700 and everything in it 0600
+# (docs/security.md); a database kept elsewhere gets the same treatment.
+secure_data_dir(
+    DATA_DIR,
+    [p for p in [env_str("KVMWEB_SQLITE_PATH")] if p and not env_str("DATABASE_URL")],
+    public=[env_str("KVMWEB_STATIC_ROOT", str(DATA_DIR / "staticfiles"))],
+)
 
 DEBUG = env_bool("KVMWEB_DEBUG", False)
 SECRET_KEY = env_secret("KVMWEB_SECRET_KEY", fallback_file=DATA_DIR / "secret_key")
@@ -201,11 +209,17 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = DATA_DIR / "staticfiles"
+# Collected static files are public (CSS, JS): when nginx serves them, point
+# KVMWEB_STATIC_ROOT outside the private data directory (docs/deploy.md); they are written
+# world-readable whatever the umask.
+STATIC_ROOT = Path(env_str("KVMWEB_STATIC_ROOT", str(DATA_DIR / "staticfiles")))
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage",
+        "OPTIONS": {"file_permissions_mode": 0o644, "directory_permissions_mode": 0o755},
+    },
 }
 WHITENOISE_USE_FINDERS = True
 

@@ -2,6 +2,7 @@
 # run.sh — the site (daphne) and its workers (django-q2: default + migrations clusters)
 # in one foreground command. Ctrl-C stops all of them.
 set -euo pipefail
+umask 077 # what kvmweb writes stays private (docs/security.md); settings.py sets it too
 cd "$(dirname "$0")/.."
 PORT=${KVMWEB_PORT:-8000}
 ADDR=${KVMWEB_BIND:-127.0.0.1}
