@@ -44,6 +44,12 @@ SESSION_COOKIE_HTTPONLY = True
 SECURE_PROXY_SSL_HEADER = (
     ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("KVMWEB_BEHIND_PROXY", False) else None
 )
+# Request limits (kvmweb/serve.py enforces them in daphne before buffering, kvmweb/limits.py
+# again for any ASGI server; docs/deploy.md shows the matching nginx limits).
+KVMWEB_MAX_REQUEST_BYTES = env_int("KVMWEB_MAX_REQUEST_BYTES", 2 * 1024 * 1024, minimum=1024)
+KVMWEB_REQUEST_TIMEOUT = env_int("KVMWEB_REQUEST_TIMEOUT", 30, minimum=1)
+KVMWEB_WS_MAX_MESSAGE_BYTES = env_int("KVMWEB_WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = KVMWEB_MAX_REQUEST_BYTES
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

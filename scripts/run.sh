@@ -23,7 +23,8 @@ fi
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)
 setsid $PY manage.py qcluster & pids+=($!)
 Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
-setsid .venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
+# daphne through kvmweb.serve: request body, request time and WebSocket message limits.
+setsid $PY -m kvmweb.serve -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
 echo
 echo "kvmweb is running at http://$ADDR:$PORT/"
 echo "Sign in as the administrator created at first setup (user 'admin' unless KVMWEB_ADMIN_USER was set)."
