@@ -35,7 +35,7 @@ from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app.models import MigrationJob
+from migrations_app.models import JobEvent, MigrationJob
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -62,6 +62,9 @@ SCOPE = {
     "job_hidden": STAFF,
     "job_alice_run": STAFF | {"alice"},  # a running live migration of alice's VM
     "job_hidden_run": STAFF,
+    # alice's VM came from the secret host before it was hers: she sees the job, but
+    # not the host's name or anything's URI (kvmweb/accounts/masking.py).
+    "job_alice_past": STAFF | {"alice"},
     "event_alice": STAFF | {"alice"},  # an event alice caused
     "event_admin": STAFF,
     "group_prod": STAFF,
@@ -76,6 +79,8 @@ NAMES = {
     "vm_hidden": "hidden-vm",
     "host_s1": "s1-secret",
     "vm_hidden_run": "hidden-run",
+    "uri_p1": "test:///default",  # a libvirt URI: administrators only
+    "uri_s1": "node-s1.xml",  # the secret host's URI (a test-driver file)
 }
 NAME_SCOPE = {
     "vm_alice": STAFF | {"alice"},
@@ -84,6 +89,8 @@ NAME_SCOPE = {
     "vm_hidden": STAFF,
     "host_s1": STAFF,
     "vm_hidden_run": STAFF,
+    "uri_p1": ADMIN,
+    "uri_s1": ADMIN,
 }
 
 
@@ -268,7 +275,12 @@ ROUTES = [
         "leaks); alice's team VM runs in a group without a policy: refused with the reason",
     ),
     Route("migrations:list", get=SIGNED_IN, lists=("vm_alice", "vm_hidden", "vm_hidden_run")),
-    Route("migrations:detail", objects=("job_alice", "job_hidden"), get=SIGNED_IN),
+    Route(
+        "migrations:detail",
+        objects=("job_alice", "job_hidden", "job_alice_past"),
+        get=SIGNED_IN,
+        notes="job_alice_past: moved from the secret host; its name and the URIs are masked",
+    ),
     Route(
         "migrations:cancel", objects=("job_alice", "job_hidden"), post=CANCELLERS, action="migration.cancel"
     ),
@@ -381,6 +393,37 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         j.refresh_from_db()
         return j
 
+    w.job_alice_past = MigrationJob.objects.create(
+        vm=w.alice_web,
+        vm_name=w.alice_web.name,
+        mode=MigrationJob.LIVE,
+        requested_by=admin,
+        requested_by_name=admin.get_username(),
+        source=w.s1,
+        source_name=w.s1.name,
+        target=w.p1,
+        target_name=w.p1.name,
+        status=MigrationJob.SUCCEEDED,
+        error=f"warning: {w.s1.uri} was slow to answer",
+        preflight={
+            "verdict": "pass",
+            "plan": {
+                "virsh": f"virsh -c {w.s1.uri} migrate --live alice-web {w.p1.uri}",
+                "source": {"name": w.s1.name, "uri": w.s1.uri},
+                "target": {"name": w.p1.name, "uri": w.p1.uri},
+            },
+            "results": [
+                {
+                    "id": "connection",
+                    "title": "Connections",
+                    "status": "pass",
+                    "message": f"{w.s1.name} and {w.p1.name} answer",
+                    "details": {"source": {"host": w.s1.name, "uri": w.s1.uri}},
+                }
+            ],
+        },
+    )
+    JobEvent.objects.create(job_id=w.job_alice_past.pk, message=f"Connected to {w.s1.name} ({w.s1.uri}).")
     w.job_alice_run = running("alice-run", w.p1, alice)
     w.job_hidden_run = running("hidden-run", w.s1, None)
     with transaction.atomic():
@@ -396,6 +439,7 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         "job_hidden": w.job_hidden,
         "job_alice_run": w.job_alice_run,
         "job_hidden_run": w.job_hidden_run,
+        "job_alice_past": w.job_alice_past,
         "vm_bob": w.bob_db,
         "vm_team": w.team_app,
         "event_alice": w.event_alice,
@@ -716,7 +760,15 @@ def test_it_covers_every_project_command():
 
 # ----------------------------------------------------------------------------- WebSockets
 
-WS_OBJECTS = ("job_alice", "job_hidden", "job_alice_run", "job_hidden_run", "job_missing", "list")
+WS_OBJECTS = (
+    "job_alice",
+    "job_hidden",
+    "job_alice_run",
+    "job_hidden_run",
+    "job_alice_past",
+    "job_missing",
+    "list",
+)
 WS_TIMEOUT = 3
 
 
