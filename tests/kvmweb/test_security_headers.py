@@ -80,3 +80,17 @@ def test_it_logs_a_refused_request_on_one_line(login, mallory, caplog):
     assert formatted == "WARNING django.request: Forbidden (Permission denied): /accounts/users/"
     # The filter is what the project's logging configuration installs on django.request.
     assert any(isinstance(f, OneLineForbidden) for f in logging.getLogger("django.request").filters)
+
+
+@pytest.mark.django_db
+def test_it_disables_accounts_and_never_deletes_them(alice):
+    from django.contrib.auth.models import User
+    from django.db import transaction
+
+    from kvmweb.accounts.apps import UserDeletionRefused
+    from kvmweb.audit import record
+
+    record("test.by_alice", actor=alice)
+    with pytest.raises(UserDeletionRefused, match="disable the account instead"), transaction.atomic():
+        alice.delete()
+    assert User.objects.filter(pk=alice.pk).exists()
