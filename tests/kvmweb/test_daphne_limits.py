@@ -177,9 +177,9 @@ def test_it_closes_slow_and_silent_connections(server):
     """Twenty connections trickle one header byte every 0.3 s (each byte would restart an
     idle timeout); five send nothing. All are closed soon after the request deadline."""
     request = f"GET /login/ HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Slow: {'x' * 200}\r\n\r\n".encode()
+    start = time.monotonic()  # before connecting: no deadline can start earlier
     trickling = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(20)]
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(5)]
-    start = time.monotonic()
     closed_after = {}
     try:
         for sock in trickling + silent:
