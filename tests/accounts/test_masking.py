@@ -98,3 +98,16 @@ def test_it_renders_live_fragments_once_per_masking_variant(past, admin, operato
     # Three variants (administrator, other staff, alice): three progress renders, not
     # four; then the shared list row and alice's own row.
     assert hub.renders - renders == 3 + 1 + 1
+
+
+def test_it_hides_uris_in_the_preflight_checklist_from_non_administrators(alice, bob, admin, login):
+    """The dry run's checklist names both hosts' URIs in its findings, remedies, details
+    and virsh line (the target here cannot be reached: its error names its URI)."""
+    w = build(alice, bob)
+    url = reverse("migrations:preflight_check")
+    query = {"vm": w.bob_db.pk, "target": w.d1.pk, "mode": "live"}
+    body = login(bob).get(url, query).content.decode()
+    assert "Preflight checklist" in body and "d1-dev-host" in body
+    assert "test:///" not in body and "&lt;d1-dev-host&gt;" in body
+    body = login(admin).get(url, query).content.decode()
+    assert "test:///d1" in body and "test:///default" in body
