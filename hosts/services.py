@@ -11,7 +11,7 @@ from django.utils.translation import gettext as _
 
 from hosts import hypervisor
 from hosts.models import VM, Host, VMLocation
-from hosts.uris import InvalidURI, validate_uri
+from hosts.uris import InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 
@@ -40,11 +40,44 @@ class HostError(Exception):
 
 
 def _check_unique(name, uri, exclude_pk=None):
+    """Refuse a name or URI that another host has. ``uri`` is in normal form; stored URIs
+    are compared in theirs too (rows written before normalisation may be spelled
+    differently), so 127.0.0.2 and 0x7f.0.0.2:16509 are one URI."""
     others = Host.objects.exclude(pk=exclude_pk)
     if others.filter(name=name).exists():
         raise HostError(_("A host named %(name)s is already registered.") % {"name": name})
-    if others.filter(uri=uri).exists():
-        raise HostError(_("The URI %(uri)s is already registered.") % {"uri": uri})
+    for other_name, other_uri in others.values_list("name", "uri"):
+        if normalize_uri(other_uri) == uri:
+            raise HostError(
+                _("The URI %(uri)s is already registered, as host %(name)s.")
+                % {"uri": uri, "name": other_name}
+            )
+
+
+def host_twin(host_uuid, exclude_pk=None):
+    """The registered host with this libvirt host UUID (another spelling of the same
+    machine), or None. An empty UUID (libvirt's test driver reports none) matches nothing."""
+    if not host_uuid:
+        return None
+    return Host.objects.exclude(pk=exclude_pk).filter(host_uuid=host_uuid).order_by("pk").first()
+
+
+def _twin_message(twin, host_uuid):
+    return _(
+        "This is the libvirt host already registered as %(name)s (host UUID %(uuid)s); "
+        "one machine is registered once."
+    ) % {"name": twin.name, "uuid": host_uuid}
+
+
+def _probe_uuid(uri):
+    """(host UUID libvirt reports for ``uri``, None) or ("", the HypervisorError) when it
+    cannot be read now: an unreachable host is registered anyway, and its first sync
+    checks again."""
+    try:
+        with hypervisor.session(uri) as conn:
+            return conn.facts().get("host_uuid") or "", None
+    except hypervisor.HypervisorError as exc:
+        return "", exc
 
 
 def do_register_host(name, uri, *, actor=None, request=None, group=None, description="", sync=True):
@@ -71,6 +104,23 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
             )
         raise HostError(str(exc)) from None
     _check_unique(name, uri)
+    # One machine, one host row: two rows for the same libvirtd would each claim its VMs
+    # and every sync would move them from one row to the other.
+    host_uuid, unreachable = _probe_uuid(uri)
+    twin = host_twin(host_uuid)
+    if twin is not None:
+        message = _twin_message(twin, twin.host_uuid)
+        with transaction.atomic():
+            record(
+                "host.register",
+                actor=actor,
+                request=request,
+                target_type="hosts.host",
+                target_name=name,
+                outcome=AuditEvent.FAILURE,
+                details={"uri": uri, "error": message, "same_as": twin.name},
+            )
+        raise HostError(message)
     try:
         with transaction.atomic():
             host = Host.objects.create(name=name, uri=uri, group=group, description=description)
@@ -84,7 +134,9 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     except IntegrityError:
         # Lost a race with a concurrent registration of the same name or URI.
         raise HostError(_("That name or URI was registered at the same moment by someone else.")) from None
-    if sync:
+    if unreachable is not None:
+        _store_unreachable(host, unreachable)  # just tried: no second wait for the timeout
+    elif sync:
         do_sync_inventory(host, actor=actor, request=request)
     else:
         do_probe_host(host)
@@ -137,6 +189,10 @@ def do_probe_host(host, *, actor=None, request=None):
     except hypervisor.HypervisorError as exc:
         _store_unreachable(host, exc)
         return False
+    twin = host_twin(facts.get("host_uuid"), exclude_pk=host.pk)
+    if twin is not None:
+        _store_unreachable(host, hypervisor.HypervisorError(_twin_message(twin, facts["host_uuid"])))
+        return False
     _store_facts(host, facts)
     return True
 
@@ -181,6 +237,11 @@ def do_sync_inventory(host, *, actor=None, request=None):
         with hypervisor.session(host.uri) as conn:
             facts = conn.facts()
             records = conn.domains()
+        twin = host_twin(facts.get("host_uuid"), exclude_pk=host.pk)
+        if twin is not None:
+            # Registered before its UUID could be read, or its URI was edited: never
+            # apply its listing, which would move the twin's VMs onto this row.
+            raise hypervisor.HypervisorError(_twin_message(twin, facts["host_uuid"]))
     except hypervisor.HypervisorError as exc:
         _store_unreachable(host, exc)
         if actor is not None:

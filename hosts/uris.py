@@ -4,10 +4,27 @@ libvirt URI query parameters are powerful: ``?command=`` runs a local program fo
 transport, ``?netcat=`` names a program run on the remote side, ``?no_verify=1`` turns off
 TLS certificate checks. kvmweb accepts only the transports and parameters below and names
 the offending part of anything else.
+
+Accepted URIs are returned in one normal form, so one host cannot be registered twice
+under spellings libvirt treats as the same: lower-case scheme and host name, IPv4
+addresses in dotted quads (``0x7f.0.0.2`` and ``2130706434`` are 127.0.0.2 to the
+resolver), compressed IPv6, no default port (16509 for tcp, 16514 for tls, 22 for ssh),
+no trailing slash, parameters in a fixed order. Spellings that still differ (another
+name of the same machine, a different parameter) are caught by the host UUID at
+registration (hosts/services.py).
+
+``test://`` (libvirt's in-process test driver) opens any XML file it is given: only the
+built-in ``test:///default`` is accepted, and node files under the directory named by
+KVMWEB_TEST_DRIVER_DIR (unset: none).
 """
 
+import ipaddress
+import os
+import re
+import socket
 from urllib.parse import parse_qsl, urlsplit
 
+from django.conf import settings
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
@@ -39,14 +56,64 @@ REFUSED_REASONS = {
     "name": gettext_lazy("it overrides which hypervisor driver the remote end opens"),
 }
 FORBIDDEN_CHARS = set(" \t\r\n\"'`;|$<>\\")
+DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22}
+HOST_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+HOST_NAME = re.compile(rf"{HOST_LABEL}(\.{HOST_LABEL})*")
+# What inet_aton (and so getaddrinfo) reads as an IPv4 address: 1 to 4 parts, decimal,
+# octal (leading 0) or hexadecimal (0x).
+NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}")
 
 
 class InvalidURI(ValueError):
     """The URI is not acceptable; the message says which part and why."""
 
 
+def _normal_host(host):
+    """The host part in one spelling (see the module docstring), or raise InvalidURI."""
+    host = host.lower().rstrip(".")
+    if host.startswith("-"):
+        # ssh would read it as an option (qemu+ssh://-oProxyCommand=.../system).
+        raise InvalidURI(_("The host name must not start with '-'."))
+    if ":" in host:
+        try:
+            address = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidURI(_("%(host)r is not a valid IPv6 address.") % {"host": host}) from None
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return f"[{address.compressed}]"
+    if NUMERIC_HOST.fullmatch(host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            raise InvalidURI(_("%(host)r is not a valid IPv4 address.") % {"host": host}) from None
+    if len(host) > 253 or not HOST_NAME.fullmatch(host):
+        raise InvalidURI(_("%(host)r is not a valid host name.") % {"host": host})
+    return host
+
+
+def _test_driver_path(path):
+    """Refuse test-driver node files outside KVMWEB_TEST_DRIVER_DIR."""
+    if path == "/default":
+        return path
+    allowed = getattr(settings, "KVMWEB_TEST_DRIVER_DIR", None)
+    if not allowed or not path.endswith(".xml"):
+        raise InvalidURI(
+            _(
+                "test:// URIs must be test:///default or a .xml node file under the directory "
+                "named by KVMWEB_TEST_DRIVER_DIR."
+            )
+        )
+    real, base = os.path.realpath(path), os.path.realpath(allowed)
+    if os.path.commonpath([real, base]) != base:
+        raise InvalidURI(
+            _("test:// node files must be under %(dir)s (KVMWEB_TEST_DRIVER_DIR).") % {"dir": base}
+        )
+    return path
+
+
 def validate_uri(uri):
-    """Return the URI stripped of surrounding space, or raise InvalidURI."""
+    """Return the URI in its normal form (see the module docstring), or raise InvalidURI."""
     uri = (uri or "").strip()
     if not uri:
         raise InvalidURI(_("Enter a libvirt URI, for example qemu+ssh://root@host/system."))
@@ -58,7 +125,10 @@ def validate_uri(uri):
             _("The URI contains characters that are not allowed: %(chars)s")
             % {"chars": " ".join(repr(c) for c in bad) or _("control characters")}
         )
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # e.g. a bracketed host that is not an IPv6 address
+        raise InvalidURI(_("The host part is not a valid host name or IPv6 address.")) from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         raise InvalidURI(
@@ -67,15 +137,14 @@ def validate_uri(uri):
         )
     if parts.fragment:
         raise InvalidURI(_("The URI must not contain a #fragment."))
+    path = parts.path.rstrip("/") if parts.path != "/" else parts.path
+    netloc = ""
     if scheme == "test":
         if parts.netloc:
             raise InvalidURI(_("test:// URIs take no host: use test:///default or test:///abs/path.xml."))
-        if parts.path != "/default" and not parts.path.endswith(".xml"):
-            raise InvalidURI(
-                _("test:// URIs must be test:///default or an absolute path to a .xml node file.")
-            )
+        path = _test_driver_path(path)
     else:
-        if parts.path not in ALLOWED_PATHS["qemu"]:
+        if path not in ALLOWED_PATHS["qemu"]:
             raise InvalidURI(
                 _("The path must be /system or /session (got %(path)r).") % {"path": parts.path or ""}
             )
@@ -89,6 +158,15 @@ def validate_uri(uri):
             raise InvalidURI(_("The port is not a number between 0 and 65535.")) from None
         if parts.password:
             raise InvalidURI(_("Do not put passwords in the URI; use SSH keys or TLS certificates."))
+        if parts.hostname:
+            user = parts.username
+            if user is not None and (not user or user.startswith("-")):
+                raise InvalidURI(_("The user name must not be empty or start with '-'."))
+            netloc = _normal_host(parts.hostname)
+            if user is not None:
+                netloc = f"{user}@{netloc}"
+            if parts.port is not None and parts.port != DEFAULT_PORTS.get(scheme):
+                netloc = f"{netloc}:{parts.port}"
     try:
         params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
@@ -120,4 +198,14 @@ def validate_uri(uri):
             )
         if lowered in ("keyfile", "known_hosts", "pkipath") and not value.startswith("/"):
             raise InvalidURI(_("Parameter %(param)r must be an absolute path.") % {"param": key})
-    return uri
+    query = "&".join(sorted((p for p in parts.query.split("&") if p), key=lambda p: p.lower()))
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+
+
+def normalize_uri(uri):
+    """The normal form of a stored URI for comparisons; the URI itself when it does not
+    validate any more (e.g. registered before a rule was added)."""
+    try:
+        return validate_uri(uri)
+    except InvalidURI:
+        return (uri or "").strip()

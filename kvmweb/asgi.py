@@ -1,6 +1,9 @@
 """ASGI entry point: HTTP through Django, WebSockets through Channels.
 
-WebSockets are authenticated from the session and origin-checked against ALLOWED_HOSTS.
+Run it with `python -m kvmweb.serve` (daphne with request limits, see kvmweb/serve.py).
+HTTP request bodies are capped (kvmweb/limits.py BodyLimit). WebSockets are origin-checked
+exactly against the site's own origin and the trusted origins (OriginCheck), authenticated
+from the session, and a path that matches no route closes cleanly (NoRoute).
 """
 
 import os
@@ -12,16 +15,16 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from api.metrics import WatcherCount  # noqa: E402
+from kvmweb.limits import BodyLimit, NoRoute, OriginCheck  # noqa: E402
 from kvmweb.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimit(django_asgi_app),
         "websocket": WatcherCount(
-            AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            OriginCheck(AuthMiddlewareStack(NoRoute(URLRouter(websocket_urlpatterns))))
         ),
     }
 )

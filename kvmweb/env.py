@@ -113,3 +113,54 @@ def database_from_url(url):
         "CONN_MAX_AGE": 0,  # ASGI runs each request in its own thread: persistent ones leak
         "CONN_HEALTH_CHECKS": True,
     }
+
+
+def secure_data_dir(path, extra_files=(), public=()):
+    """Keep kvmweb's data private to the account that runs it.
+
+    Sets the process umask to 077, so every file kvmweb creates from here on (the SQLite
+    database and its -wal/-shm, generated keys, collected static files) is 0600 and
+    every directory 0700. Then creates ``path`` (0700) and checks what is already there,
+    recursively, plus ``extra_files`` (a database kept elsewhere): anything readable or
+    writable by group or others is narrowed to 0600 / 0700 with a message on stderr,
+    because a readable database or key hands out sessions, password hashes and the
+    audit key to every local user. A mode kvmweb cannot change (a file owned by someone
+    else) is a ConfigError: kvmweb refuses to start rather than run exposed. Directories
+    in ``public`` (collected static files) are left as they are.
+    """
+    import stat
+    import sys
+
+    os.umask(0o077)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def narrow(p, wanted):
+        try:
+            mode = stat.S_IMODE(os.lstat(p).st_mode)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(os.lstat(p).st_mode) or not mode & 0o077:
+            return
+        try:
+            os.chmod(p, mode & wanted)
+        except OSError as exc:
+            raise ConfigError(
+                f"{p} is accessible to other users (mode {mode:04o}) and kvmweb cannot narrow it "
+                f"({exc.strerror}); run: chmod go-rwx {p}"
+            ) from None
+        sys.stderr.write(
+            f"kvmweb: {p} was accessible to other users (mode {mode:04o}); now {mode & wanted:04o}\n"
+        )
+
+    narrow(path, 0o700)
+    skip = {os.path.realpath(p) for p in public}
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(root, d)) not in skip]
+        for name in dirs:
+            narrow(os.path.join(root, name), 0o700)
+        for name in files:
+            narrow(os.path.join(root, name), 0o600)
+    for extra in extra_files:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            narrow(f"{extra}{suffix}", 0o600)

@@ -18,10 +18,18 @@ from kvmweb.env import (
     env_list,
     env_secret,
     env_str,
+    secure_data_dir,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(env_str("KVMWEB_DATA_DIR", str(BASE_DIR / "var")))
+# umask 077 for the whole process, data directory 0700 and everything in it 0600
+# (docs/security.md); a database kept elsewhere gets the same treatment.
+secure_data_dir(
+    DATA_DIR,
+    [p for p in [env_str("KVMWEB_SQLITE_PATH")] if p and not env_str("DATABASE_URL")],
+    public=[env_str("KVMWEB_STATIC_ROOT", str(DATA_DIR / "staticfiles"))],
+)
 
 DEBUG = env_bool("KVMWEB_DEBUG", False)
 SECRET_KEY = env_secret("KVMWEB_SECRET_KEY", fallback_file=DATA_DIR / "secret_key")
@@ -37,13 +45,18 @@ SESSION_COOKIE_HTTPONLY = True
 SECURE_PROXY_SSL_HEADER = (
     ("HTTP_X_FORWARDED_PROTO", "https") if env_bool("KVMWEB_BEHIND_PROXY", False) else None
 )
+# Request limits (kvmweb/serve.py enforces them in daphne before buffering, kvmweb/limits.py
+# again for any ASGI server; docs/deploy.md shows the matching nginx limits).
+KVMWEB_MAX_REQUEST_BYTES = env_int("KVMWEB_MAX_REQUEST_BYTES", 2 * 1024 * 1024, minimum=1024)
+KVMWEB_REQUEST_TIMEOUT = env_int("KVMWEB_REQUEST_TIMEOUT", 30, minimum=1)
+KVMWEB_WS_MAX_MESSAGE_BYTES = env_int("KVMWEB_WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = KVMWEB_MAX_REQUEST_BYTES
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -60,6 +73,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "kvmweb.security.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
@@ -163,6 +177,10 @@ Q_CLUSTER = {
 }
 INVENTORY_SYNC_MINUTES = env_int("KVMWEB_INVENTORY_SYNC_MINUTES", 5, minimum=1)
 
+# libvirt's test driver opens any XML node file it is named: test:// URIs may name only
+# files under this directory (unset: only the built-in test:///default). hosts/uris.py
+KVMWEB_TEST_DRIVER_DIR = env_str("KVMWEB_TEST_DRIVER_DIR")
+
 # Every libvirt connect and call from web-facing code is bounded by these (seconds).
 LIBVIRT_CONNECT_TIMEOUT = env_float("KVMWEB_LIBVIRT_CONNECT_TIMEOUT", 5.0, minimum=0.1)
 LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.1)
@@ -180,7 +198,8 @@ PREFLIGHT_DIRTY_RATE_MAX_AGE = env_float("KVMWEB_PREFLIGHT_DIRTY_RATE_MAX_AGE", 
 PREFLIGHT_ASSUMED_BANDWIDTH_MIBS = env_int("KVMWEB_PREFLIGHT_ASSUMED_BANDWIDTH_MIBS", 117, minimum=1)
 
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 LOGIN_URL = "login"
@@ -199,11 +218,17 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = DATA_DIR / "staticfiles"
+# Collected static files are public (CSS, JS): when nginx serves them, point
+# KVMWEB_STATIC_ROOT outside the private data directory (docs/deploy.md); they are written
+# world-readable whatever the umask.
+STATIC_ROOT = Path(env_str("KVMWEB_STATIC_ROOT", str(DATA_DIR / "staticfiles")))
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage",
+        "OPTIONS": {"file_permissions_mode": 0o644, "directory_permissions_mode": 0o755},
+    },
 }
 WHITENOISE_USE_FINDERS = True
 
@@ -211,9 +236,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {"one_line_403": {"()": "kvmweb.security.OneLineForbidden"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("KVMWEB_LOG_LEVEL", "INFO")},
-    "loggers": {"django_q": {"level": "WARNING"}},
+    "loggers": {"django_q": {"level": "WARNING"}, "django.request": {"filters": ["one_line_403"]}},
 }
 
 # --- Integrations: REST API (api/), metrics (api/metrics.py), notifications (notifications/).

@@ -1,4 +1,3 @@
-from django.contrib import admin
 from django.urls import include, path
 
 from api import metrics
@@ -14,7 +13,6 @@ urlpatterns = [
     path("migrations/", include("migrations_app.urls")),
     path("accounts/", include("kvmweb.accounts.urls")),
     path("audit/", include("kvmweb.audit.urls")),
-    path("admin/", admin.site.urls),
     path("health/", health.health, name="health"),
     path("api/v1/", include("api.urls")),
     path("account/tokens/", include("api.page_urls")),

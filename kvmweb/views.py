@@ -4,6 +4,7 @@ from django.shortcuts import render
 
 from hosts.models import VM, Host
 from kvmweb.access import scoped
+from kvmweb.accounts.masking import HostMask
 from migrations_app.models import MigrationJob
 
 
@@ -22,6 +23,6 @@ def dashboard(request):
                 (label, by_state.get(state, 0), state) for state, label in VM.STATES if by_state.get(state)
             ],
             "vm_total": sum(by_state.values()),
-            "jobs": jobs,
+            "jobs": HostMask.for_user(request.user).jobs(jobs),
         },
     )

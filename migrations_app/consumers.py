@@ -7,8 +7,9 @@ pushes changes (see streaming.py). Nothing is ever read from the client.
 Close codes (sent after accepting, so the browser sees the code; the htmx ws extension
 reconnects only on 1006/1011/1012/1013, so these end the retries):
 4401 not signed in; 4404 no such job OR not in the user's scope (one answer for both, so
-guessing ids reveals nothing). Origins outside ALLOWED_HOSTS are refused at the handshake
-by AllowedHostsOriginValidator (kvmweb/asgi.py).
+guessing ids reveals nothing). A handshake whose Origin is not exactly the site's own (or a
+trusted one) is refused before it gets here, and a path that matches no route is closed
+with 4404 (kvmweb/limits.py, wired in kvmweb/asgi.py).
 """
 
 from channels.db import database_sync_to_async

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_GET
 
 from hosts.models import VM, Host
 from kvmweb.access import get_scoped_or_404, require, scoped
+from kvmweb.accounts.masking import HostMask
 from migrations_app.models import MigrationJob
 from migrations_app.plan import DEFAULTS, MigrationPlan, PlanError
 from migrations_app.preflight import run_preflight
@@ -63,7 +64,9 @@ def preflight_check(request):
                 context["error"] = str(exc)
             else:
                 context["options"] = plan.options
-                context["report"] = run_preflight(plan)
+                report = run_preflight(plan)
+                subject = HostMask.subject(plan.source, plan.target)
+                context["report"] = HostMask.for_user(request.user).report(report, subject)
     if request.htmx:
         if "report" not in context:
             return render(request, "migrations_app/partials/preflight_error.html", context, status=400)

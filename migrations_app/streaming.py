@@ -19,7 +19,10 @@ the poller at once. The poller still reads the row, so a lost or late message co
 most one poll interval, and a message never carries state the DB has not got.
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
-extension swaps them into the page by id (hx-swap-oob).
+extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
+(names outside their scope, libvirt URIs) is masked by kvmweb/accounts/masking.py, the
+same as on the pages: a fragment is rendered once per language and masking variant
+(watchers who see a job the same way share it), not once per watcher.
 
 Never call libvirt from here: everything below is DB reads and template rendering.
 """
@@ -44,6 +47,7 @@ from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import translation
 
+from kvmweb.accounts.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 
 log = logging.getLogger(__name__)
@@ -121,10 +125,11 @@ def job_snapshot(user, job_id, lang):
         return None
     events = list(JobEvent.objects.filter(job=job))
     samples = job.chart_samples()
+    mask = HostMask.for_user(user)
     with translation.override(lang):
         html = render_to_string(
             "migrations_app/partials/job_snapshot.html",
-            {"job": job, "events": events, "samples": samples, "oob": True},
+            {"job": mask.job(job), "events": mask.events(events, job), "samples": samples, "oob": True},
         )
     return Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
 
@@ -135,7 +140,7 @@ def list_snapshot(user, lang):
     jobs = list(scoped.filter(status__in=MigrationJob.ACTIVE_STATES)[:LIST_SNAPSHOT_LIMIT])
     jobs += list(scoped.exclude(pk__in=[j.pk for j in jobs])[: max(0, LIST_SNAPSHOT_LIMIT - len(jobs))])
     jobs.sort(key=lambda j: j.pk, reverse=True)
-    return render_rows(jobs, lang) if jobs else ""
+    return render_rows(HostMask.for_user(user).jobs(jobs), lang) if jobs else ""
 
 
 # ---------------------------------------------------------------------------- the hub
@@ -191,10 +196,11 @@ class Subscriber:
 
 @dataclass
 class TickResult:
-    progress: dict = field(default_factory=dict)  # (job_id, lang) -> (seq, html)
-    events: dict = field(default_factory=dict)  # job_id -> [(event_id, {lang: html})]
-    rows: dict = field(default_factory=dict)  # lang -> [(job_id, html)]
-    visible: dict = field(default_factory=dict)  # user pk -> set of visible changed job ids
+    progress: dict = field(default_factory=dict)  # (job_id, lang, variant) -> (seq, html)
+    events: dict = field(default_factory=dict)  # job_id -> [(event_id, {(lang, variant): html})]
+    rows: dict = field(default_factory=dict)  # lang -> [(job_id, html)] (watchers who see all)
+    user_rows: dict = field(default_factory=dict)  # (user pk, lang) -> [(job_id, html)] (the others)
+    variants: dict = field(default_factory=dict)  # (job_id, user pk) -> masking variant
 
 
 class JobHub:
@@ -393,20 +399,29 @@ class JobHub:
         # Copy what the worker thread needs: the sets change on the loop meanwhile.
         job_langs = {}
         for job_id, subs in self.jobs.items():
-            job_langs[job_id] = {s.lang for s in subs}
+            job_langs[job_id] = {(s.lang, s.user.pk) for s in subs}
         list_langs = {s.lang for s in self.lists}
-        restricted_users = {s.user.pk: s.user for s in self.lists if not s.sees_all}
+        restricted_users = {}
+        for s in self.lists:
+            if not s.sees_all:
+                restricted_users.setdefault(s.user.pk, (s.user, set()))[1].add(s.lang)
+        users = {s.user.pk: s.user for subs in self.jobs.values() for s in subs}
         if not job_langs and not list_langs:
             return
-        result = await poller_db(self._read_and_render, job_langs, list_langs, restricted_users)
+        result = await poller_db(self._read_and_render, job_langs, list_langs, restricted_users, users)
         self.ticks += 1
         await self._dispatch(result)
 
-    def _read_and_render(self, job_langs, list_langs, restricted_users):
+    def _read_and_render(self, job_langs, list_langs, restricted_users, users):
         """One tick, in a worker thread: one query for the jobs that may have changed,
         one for new event-log lines (only when job pages are watched), then one render
-        per changed job and language."""
+        per changed job, language and masking variant (kvmweb/accounts/masking.py).
+
+        ``job_langs``: job id -> {(lang, user pk)} of its watchers; ``restricted_users``:
+        user pk -> (user, {langs}) of list watchers who do not see every job; ``users``:
+        user pk -> user of the job watchers."""
         result = TickResult()
+        masks = {pk: HostMask.for_user(user) for pk, user in users.items()}
         if self.max_pk is None or (list_langs and not self.had_lists):
             # Start (or first list watcher): "new job" means newer than now. Jobs created
             # while nobody watched a list need no replay: the lists' snapshots have them.
@@ -430,26 +445,58 @@ class JobHub:
             if job.pk > self.max_pk:
                 self.max_pk = job.pk
         self.active_ids = {j.pk for j in jobs if j.is_active}
+        by_pk = {job.pk: job for job in jobs}
+        # The masking variant of each watched job for each of its watchers.
+        shown = {}  # (job_id, variant) -> the job as that variant shows it
+        for job_id, viewers in job_langs.items():
+            job = by_pk.get(job_id)
+            for _lang, user_pk in viewers:
+                mask = masks[user_pk]
+                variant = mask.variant(job) if job is not None else ()
+                result.variants[(job_id, user_pk)] = variant
+                if job is not None:
+                    shown.setdefault((job_id, variant), mask.job(job))
         for job in changed:
-            for lang in job_langs.get(job.pk, ()):
-                result.progress[(job.pk, lang)] = (job.progress_seq, render_progress(job, lang))
-                self.renders += 1
+            for lang, user_pk in job_langs.get(job.pk, ()):
+                variant = result.variants[(job.pk, user_pk)]
+                if (job.pk, lang, variant) not in result.progress:
+                    html = render_progress(shown[(job.pk, variant)], lang)
+                    result.progress[(job.pk, lang, variant)] = (job.progress_seq, html)
+                    self.renders += 1
         if list_langs and changed:
             for lang in list_langs:
                 result.rows[lang] = [(job.pk, render_rows([job], lang)) for job in changed]
                 self.renders += len(changed)
             ids = [j.pk for j in changed]
-            for user_pk, user in restricted_users.items():
-                result.visible[user_pk] = set(
+            rendered = {}  # (job_id, lang, variant) -> html, shared by users who see it alike
+            for user_pk, (user, langs) in restricted_users.items():
+                visible = set(
                     MigrationJob.objects.restrict(user).filter(pk__in=ids).values_list("pk", flat=True)
                 )
+                mask = HostMask.for_user(user)
+                for lang in langs:
+                    rows = []
+                    for job in changed:
+                        if job.pk not in visible:
+                            continue
+                        key = (job.pk, lang, mask.variant(job))
+                        if key not in rendered:
+                            rendered[key] = render_rows([mask.job(job)], lang)
+                            self.renders += 1
+                        rows.append((job.pk, rendered[key]))
+                    result.user_rows[(user_pk, lang)] = rows
         if job_langs:
             new_events = list(JobEvent.objects.filter(pk__gt=self.last_event_id, job_id__in=list(job_langs)))
             if new_events:
                 self.last_event_id = max(self.last_event_id, max(e.pk for e in new_events))
             for event in new_events:
-                langs = job_langs[event.job_id]
-                html = {lang: render_events(event.job_id, [event], lang, append=True) for lang in langs}
+                html = {}
+                for lang, user_pk in job_langs[event.job_id]:
+                    variant = result.variants.get((event.job_id, user_pk), ())
+                    if (lang, variant) not in html:
+                        job = by_pk.get(event.job_id)
+                        shown_event = masks[user_pk].event(event, job) if job is not None else event
+                        html[(lang, variant)] = render_events(event.job_id, [shown_event], lang, append=True)
                 result.events.setdefault(event.job_id, []).append((event.pk, html))
         # Forget jobs nobody can receive any more (keeps `seen` bounded).
         keep = set(job_langs) | self.active_ids
@@ -463,22 +510,25 @@ class JobHub:
         for job_id, subs in list(self.jobs.items()):
             events = result.events.get(job_id, [])
             for sub in list(subs):
-                progress = result.progress.get((job_id, sub.lang))
+                variant = result.variants.get((job_id, sub.user.pk), ())
+                view = (sub.lang, variant)
+                progress = result.progress.get((job_id, sub.lang, variant))
                 if not sub.ready:
                     if progress is not None:
                         sub.pending_progress = progress
-                    sub.pending_events += [(eid, html[sub.lang]) for eid, html in events]
+                    sub.pending_events += [(eid, html[view]) for eid, html in events if view in html]
                     continue
                 with_progress = progress is not None and progress[0] >= sub.seq
-                new = [(eid, html) for eid, html in events if eid > sub.last_event_id]
+                new = [(eid, html) for eid, html in events if eid > sub.last_event_id and view in html]
                 if not with_progress and not new:
                     continue
-                # Watchers of one job that are at the same point share one payload string.
-                key = (job_id, sub.lang, with_progress, sub.last_event_id)
+                # Watchers of one job that see it alike and are at the same point share
+                # one payload string.
+                key = (job_id, sub.lang, variant, with_progress, sub.last_event_id)
                 text = payload_cache.get(key)
                 if text is None:
                     parts = [progress[1]] if with_progress else []
-                    parts.extend(html[sub.lang] for _eid, html in new)
+                    parts.extend(html[view] for _eid, html in new)
                     text = payload_cache[key] = "".join(parts)
                 if with_progress:
                     sub.seq = progress[0]
@@ -494,8 +544,7 @@ class JobHub:
                 if text is None:
                     text = payload_cache[("rows", sub.lang)] = "".join(html for _pk, html in rows)
             else:
-                visible = result.visible.get(sub.user.pk, set())
-                text = "".join(html for pk, html in rows if pk in visible)
+                text = "".join(html for _pk, html in result.user_rows.get((sub.user.pk, sub.lang), []))
             if text and not sub.ready:
                 sub.pending_rows.append(text)
             elif text:

@@ -19,6 +19,7 @@ from django.views.decorators.http import require_POST
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
 from kvmweb.access import get_scoped_or_404, require, scoped
+from kvmweb.accounts.masking import HostMask
 from migrations_app import services
 from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
@@ -54,7 +55,11 @@ def job_list(request):
     return render(
         request,
         "migrations_app/job_list.html",
-        {"jobs": jobs[:200], "statuses": MigrationJob.STATUSES, "status": status or ""},
+        {
+            "jobs": HostMask.for_user(request.user).jobs(jobs[:200]),
+            "statuses": MigrationJob.STATUSES,
+            "status": status or "",
+        },
     )
 
 
@@ -63,14 +68,16 @@ def job_detail(request, pk):
     from migrations_app.preflight import Report
 
     job = get_scoped_or_404(MigrationJob, request.user, pk=pk)
+    mask = HostMask.for_user(request.user)
+    shown = mask.job(job)
     return render(
         request,
         "migrations_app/job_detail.html",
         {
-            "job": job,
+            "job": shown,
             "samples": job.chart_samples(),
-            "events": list(JobEvent.objects.filter(job=job)),
-            "report": Report.from_dict(job.preflight) if job.preflight else None,
+            "events": mask.events(JobEvent.objects.filter(job=job), job),
+            "report": Report.from_dict(shown.preflight) if job.preflight else None,
             "can_cancel": job.is_cancellable and request.user.has_perm("migrations_app.cancel_migrationjob"),
             "can_control": job.is_controllable
             and request.user.has_perm("migrations_app.control_migrationjob"),
@@ -190,9 +197,11 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         "at": time.time(),
         "report": report.to_dict(),
     }
+    mask, subject = HostMask.for_user(request.user), HostMask.subject(vm.host, target)
     context.update(
         plan=plan,
-        report=report,
+        virsh=mask.text(plan.virsh_command(), subject),
+        report=mask.report(report, subject),
         options_json=json.dumps(plan.options),
         mode_label=dict(MigrationJob.MODES)[mode],
         acknowledged=list(ack),

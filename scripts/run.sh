@@ -2,6 +2,7 @@
 # run.sh — the site (daphne) and its workers (django-q2: default + migrations clusters)
 # in one foreground command. Ctrl-C stops all of them.
 set -euo pipefail
+umask 077 # what kvmweb writes stays private (docs/security.md); settings.py sets it too
 cd "$(dirname "$0")/.."
 PORT=${KVMWEB_PORT:-8000}
 ADDR=${KVMWEB_BIND:-127.0.0.1}
@@ -25,7 +26,8 @@ rm -f "${PROMETHEUS_MULTIPROC_DIR:-${KVMWEB_DATA_DIR:-var}/prometheus}"/*.db
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)
 setsid $PY manage.py qcluster & pids+=($!)
 Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
-setsid .venv/bin/daphne -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
+# daphne through kvmweb.serve: request body, request time and WebSocket message limits.
+setsid $PY -m kvmweb.serve -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
 echo
 echo "kvmweb is running at http://$ADDR:$PORT/"
 echo "Sign in as the administrator created at first setup (user 'admin' unless KVMWEB_ADMIN_USER was set)."

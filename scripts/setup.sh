@@ -45,6 +45,7 @@ if [ ! -e "$stamp" ] && ! { [ "$PROFILE" = run ] && ls .venv/.stamp-*-test >/dev
 fi
 
 if [ "$PROFILE" = run ]; then
+  umask 077 # the database and keys are private (docs/security.md)
   .venv/bin/python manage.py migrate --noinput -v 0
   .venv/bin/python manage.py ensure_admin
   .venv/bin/python manage.py ensure_schedules -v 0 >/dev/null

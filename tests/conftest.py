@@ -85,6 +85,18 @@ def node_xml(tmp_path):
     return _make
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _test_driver_dir(tmp_path_factory):
+    """test:// node files are accepted only under KVMWEB_TEST_DRIVER_DIR (hosts/uris.py);
+    every test writes its node files under pytest's temporary directory."""
+    from django.conf import settings
+
+    before = getattr(settings, "KVMWEB_TEST_DRIVER_DIR", None)
+    settings.KVMWEB_TEST_DRIVER_DIR = str(tmp_path_factory.getbasetemp())
+    yield
+    settings.KVMWEB_TEST_DRIVER_DIR = before
+
+
 @pytest.fixture(autouse=True)
 def _audit_guards_for_transactional_tests(request):
     """Transactional tests end with a table flush (DELETE on SQLite), which the audit

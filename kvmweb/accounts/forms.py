@@ -24,12 +24,19 @@ class NewUserForm(forms.Form):
         required=False,
     )
 
-    def clean_password(self):
+    def clean(self):
+        """The password validators see the user name too: a password like the name is refused."""
         from django.contrib.auth import password_validation
 
-        password = self.cleaned_data["password"]
-        password_validation.validate_password(password)
-        return password
+        cleaned = super().clean()
+        password = cleaned.get("password")
+        if password:
+            candidate = get_user_model()(username=cleaned.get("username") or "")
+            try:
+                password_validation.validate_password(password, user=candidate)
+            except forms.ValidationError as exc:
+                self.add_error("password", exc)
+        return cleaned
 
 
 class RolesForm(forms.Form):

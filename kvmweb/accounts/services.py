@@ -20,16 +20,26 @@ class LoginRefused(Exception):
 
 
 def check_login_allowed(username, ip):
-    """Refuse when this username or this address failed too often in the window.
+    """Refuse when this user name failed too often from this address in the window.
+
+    The count is per (user name, address) pair: whoever guesses from one address backs
+    off that pair only, and cannot lock the user out from anywhere else (nor lock every
+    account behind a shared address). Failures before the pair's last successful sign-in
+    or before an administrator's unlock of the name (do_unlock_login) do not count.
 
     Failures are counted from the audit history itself, so the limit holds across every
     web process without a shared cache.
     """
+    name = username[:255]
     since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
-    failures = AuditEvent.objects.filter(action="auth.login", outcome=AuditEvent.FAILURE, at__gte=since)
-    by_name = failures.filter(target_name=username[:255]).count()
-    by_ip = failures.filter(ip=ip).count() if ip else 0
-    if max(by_name, by_ip) >= settings.LOGIN_MAX_FAILURES:
+    logins = AuditEvent.objects.filter(action="auth.login", target_name=name, ip=ip)
+    unlocks = AuditEvent.objects.filter(action="auth.unlock", target_name=name, outcome=AuditEvent.SUCCESS)
+    last_reset = max(
+        unlocks.order_by("-id").values_list("id", flat=True).first() or 0,
+        logins.filter(outcome=AuditEvent.SUCCESS).order_by("-id").values_list("id", flat=True).first() or 0,
+    )
+    failures = logins.filter(outcome=AuditEvent.FAILURE, at__gte=since, id__gt=last_reset).count()
+    if failures >= settings.LOGIN_MAX_FAILURES:
         raise LoginRefused(
             _("Too many failed sign-ins. Wait %(minutes)d minutes and try again.")
             % {"minutes": max(1, settings.LOGIN_FAILURE_WINDOW // 60)}
@@ -69,6 +79,27 @@ def do_login(request, username, password):
     if user is None:
         raise LoginRefused(_("Wrong username or password."))
     return user
+
+
+def do_unlock_login(user, *, actor, request=None):
+    """Let ``user`` sign in again at once from every address: failures recorded before
+    this event no longer count (check_login_allowed). Audited; changes nothing else."""
+    with transaction.atomic():
+        since = timezone.now() - timedelta(seconds=settings.LOGIN_FAILURE_WINDOW)
+        pending = AuditEvent.objects.filter(
+            action="auth.login",
+            outcome=AuditEvent.FAILURE,
+            target_name=user.get_username()[:255],
+            at__gte=since,
+        ).count()
+        return record(
+            "auth.unlock",
+            actor=actor,
+            request=request,
+            target=user,
+            target_name=user.get_username(),
+            details={"recent_failures": pending},
+        )
 
 
 def do_logout(request):

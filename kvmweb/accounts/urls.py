@@ -7,6 +7,7 @@ urlpatterns = [
     path("users/", views.user_list, name="users"),
     path("users/add/", views.user_add, name="user_add"),
     path("users/<int:pk>/roles/", views.user_roles, name="user_roles"),
+    path("users/<int:pk>/unlock/", views.user_unlock, name="user_unlock"),
     path("ownership/", ownership.bulk_owner, name="bulk_owner"),
     path("vms/<int:pk>/owner/", ownership.vm_owner, name="vm_owner"),
     path("host-groups/", views.host_groups, name="host_groups"),

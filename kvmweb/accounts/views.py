@@ -86,6 +86,18 @@ def user_roles(request, pk):
     return render(request, "accounts/user_roles.html", {"form": form, "target": target})
 
 
+@login_required
+@require_POST
+def user_unlock(request, pk):
+    target = get_object_or_404(scope.users(request.user, "change"), pk=pk)
+    require(request.user, "auth.change_user")
+    services.do_unlock_login(target, actor=request.user, request=request)
+    messages.success(
+        request, _("%(name)s may sign in again from every address.") % {"name": target.get_username()}
+    )
+    return redirect("accounts:user_roles", pk=target.pk)
+
+
 # --- Host groups and self-service policies --------------------------------------------
 
 

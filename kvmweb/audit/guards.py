@@ -3,14 +3,24 @@
 They stop casual and accidental edits (an admin with a SQL shell, a buggy migration). They
 are not the security boundary: someone who can drop a trigger can edit rows, which is why
 every row is also HMAC-chained and `manage.py verify_audit` checks the chain.
+
+`refusals` checks the guards by what they do, not by their names: a trigger of the right
+name whose body does nothing passes a name check but not this one.
 """
+
+import secrets
+
+from django.db import DatabaseError, transaction
 
 TABLE = "audit_auditevent"
 
 SQLITE_INSTALL = [
-    f"""CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON {TABLE}
+    # Drop first: a same-named trigger with another body (a no-op) is replaced.
+    "DROP TRIGGER IF EXISTS audit_no_update",
+    "DROP TRIGGER IF EXISTS audit_no_delete",
+    f"""CREATE TRIGGER audit_no_update BEFORE UPDATE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END""",
-    f"""CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON {TABLE}
+    f"""CREATE TRIGGER audit_no_delete BEFORE DELETE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END""",
 ]
 SQLITE_REMOVE = [
@@ -71,3 +81,50 @@ def installed(connection):
         else:
             return False
         return cursor.fetchone()[0] == 2
+
+
+class _RollBack(Exception):
+    pass
+
+
+def refusals(connection):
+    """Try to change the audit table and report what it refused: {statement: refused?}.
+
+    Inside one transaction that is always rolled back: a probe row is inserted (inserts
+    are allowed), then an UPDATE and a DELETE of that row (and on PostgreSQL a TRUNCATE)
+    are each tried in a savepoint. An intact guard refuses every one; nothing is ever
+    committed, whatever the guards do. (On PostgreSQL the id sequence skips one number.)
+    """
+    from kvmweb.audit.models import AuditEvent
+    from kvmweb.audit.services import GENESIS
+
+    statements = [
+        ("UPDATE", f"UPDATE {TABLE} SET target_name = 'guard probe: changed' WHERE id = %s"),
+        ("DELETE", f"DELETE FROM {TABLE} WHERE id = %s"),
+    ]
+    if connection.vendor == "postgresql":
+        statements.append(("TRUNCATE", f"TRUNCATE {TABLE}"))
+    results = {}
+    try:
+        with transaction.atomic(using=connection.alias):
+            from django.utils import timezone
+
+            probe = AuditEvent.objects.using(connection.alias).create(
+                at=timezone.now(),
+                action="audit.guard_probe",
+                details={},
+                prev_hash=GENESIS,
+                hash=secrets.token_hex(32),
+            )
+            for verb, sql in statements:
+                try:
+                    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+                        cursor.execute(sql, [probe.pk] if "%s" in sql else None)
+                except DatabaseError:
+                    results[verb] = True
+                else:
+                    results[verb] = False
+            raise _RollBack
+    except _RollBack:
+        pass
+    return results

@@ -107,6 +107,59 @@ def test_it_fails_when_the_guards_are_missing(events, run, no_guards):
     assert code == 1 and "append-only guards are missing" in err and "chain broken" not in err
 
 
+NOOP_TRIGGERS = {
+    # Same names as the real guards, bodies that refuse nothing.
+    "sqlite": [
+        "DROP TRIGGER IF EXISTS audit_no_update",
+        "DROP TRIGGER IF EXISTS audit_no_delete",
+        "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_auditevent BEGIN SELECT 1; END",
+        "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_auditevent BEGIN SELECT 1; END",
+    ],
+    "postgresql": [
+        """CREATE OR REPLACE FUNCTION audit_refuse_nothing() RETURNS trigger AS $$
+           BEGIN RETURN COALESCE(NEW, OLD); END; $$ LANGUAGE plpgsql""",
+        "DROP TRIGGER IF EXISTS audit_no_change ON audit_auditevent",
+        """CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit_auditevent
+           FOR EACH ROW EXECUTE FUNCTION audit_refuse_nothing()""",
+    ],
+}
+
+
+@pytest.fixture
+def noop_guards():
+    """Replace the guards by same-named triggers that do nothing; put the real ones back."""
+    with connection.cursor() as cursor:
+        for sql in NOOP_TRIGGERS[connection.vendor]:
+            cursor.execute(sql)
+    yield
+    guards.remove(connection)
+    guards.install(connection)
+
+
+def test_it_checks_the_guards_by_what_they_do_not_by_their_names(events, run, noop_guards):
+    assert guards.installed(connection)  # the names alone look right ...
+    code, out, err = run()
+    assert code == 1 and out == ""  # ... but the audit table accepted changes
+    assert "append-only guards are missing or do nothing: the audit table accepted UPDATE and DELETE" in err
+    assert "chain broken" not in err  # the probe was rolled back
+    assert (
+        AuditEvent.objects.count() == 5 and not AuditEvent.objects.filter(action="audit.guard_probe").exists()
+    )
+    # --install-guards puts the real guards back over the impostors.
+    code, out, err = run("--install-guards")
+    assert code == 0 and "append-only guards (re)installed" in out and "OK 5 events" in out, err
+    assert guards.refusals(connection) == dict.fromkeys(
+        ["UPDATE", "DELETE"] + (["TRUNCATE"] if connection.vendor == "postgresql" else []), True
+    )
+
+
+def test_it_leaves_no_trace_of_its_probe(events, run):
+    before = list(AuditEvent.objects.order_by("id").values_list("id", "hash"))
+    for _ in range(3):
+        assert run()[0] == 0
+    assert list(AuditEvent.objects.order_by("id").values_list("id", "hash")) == before
+
+
 def test_it_raises_command_error_with_exit_code_1_from_call_command(events, no_guards):
     with pytest.raises(CommandError) as info:
         call_command("verify_audit")

@@ -263,13 +263,14 @@ def test_it_streams_a_job_to_its_page_and_the_dashboard(site, browser):
         page.wait_for_selector("input[name=bandwidth]", timeout=15000)
         # Mid-way: the bar moves and the figures follow, without any reload.
         page.wait_for_function(
-            "Number(document.querySelector('.progress').getAttribute('aria-valuenow')) >= 40", timeout=15000
+            "() => Number(document.querySelector('.progress').getAttribute('aria-valuenow')) >= 40",
+            timeout=15000,
         )
         assert "MB/s" in page.inner_text("[data-testid=job-rate]")
         snap(page, "job-running")
         assert page.inner_text("[data-testid=job-phase]") == "memory"
         page.wait_for_function(
-            "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=15000
+            "() => document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=15000
         )
     finally:
         assert writer.wait(60) == 0
@@ -285,7 +286,7 @@ def test_it_streams_a_job_to_its_page_and_the_dashboard(site, browser):
     assert blue > 100 and orange > 100, (blue, orange)  # both lines drawn
     # The dashboard's row followed along in the other tab.
     dashboard.wait_for_function(
-        f"document.querySelector('#job-row-{job} [data-testid=job-row-status]').innerText === 'succeeded'",
+        f"() => document.querySelector('#job-row-{job} [data-testid=job-row-status]').innerText === 'succeeded'",
         timeout=10000,
     )
     snap(dashboard, "dashboard")
@@ -325,7 +326,7 @@ def test_it_catches_up_after_the_server_restarts(site, browser):
     site.start_web()
     page.wait_for_selector("#job-connection[data-state=open]", timeout=30000)
     page.wait_for_function(
-        "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=10000
+        "() => document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=10000
     )
     assert page.inner_text("[data-testid=job-status]") == "succeeded"
     assert page.inner_text("[data-testid=job-downtime]") == "17 ms"
@@ -378,7 +379,8 @@ def test_it_migrates_a_lab_guest_through_the_wizard_live(site, browser, lab, lab
         page.wait_for_selector("#job-connection[data-state=open]")
         # Live: the bar reaches 100 and the state says so, without a reload.
         page.wait_for_function(
-            "document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=240000
+            "() => document.querySelector('.progress').getAttribute('aria-valuenow') === '100'",
+            timeout=240000,
         )
         page.wait_for_selector("[data-testid=job-status].succeeded", timeout=60000)
         assert page.inner_text("[data-testid=job-downtime]").endswith("ms")

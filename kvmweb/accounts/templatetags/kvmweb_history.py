@@ -4,7 +4,6 @@ and its jobs), each part filtered by the viewer's scope."""
 from django import template
 from django.db.models import Q
 from django.urls import NoReverseMatch, reverse
-from django.utils.translation import gettext as _
 
 from kvmweb.access import scoped
 from kvmweb.audit.models import AuditEvent
@@ -35,22 +34,19 @@ def vm_events(user, vm, job_ids):
 
 @register.inclusion_tag("accounts/partials/vm_history.html", takes_context=True)
 def vm_history(context, vm):
-    from hosts.models import Host
+    from kvmweb.accounts.masking import HostMask
     from migrations_app.models import MigrationJob
 
     user = context["request"].user
     # A VM's past may name hosts outside the viewer's scope (it ran there before it became
     # theirs): those names are shown as "another host", never as themselves.
-    visible = set(scoped(Host, user).values_list("name", flat=True))
-    unseen = str(_("another host"))
+    mask = HostMask.for_user(user)
+    host_name = mask.host_name
 
-    def host_name(name):
-        return name if name in visible else unseen
-
-    jobs = list(scoped(MigrationJob, user).filter(vm=vm).order_by("-created_at", "-id")[:LIMIT])
+    jobs = mask.jobs(scoped(MigrationJob, user).filter(vm=vm).order_by("-created_at", "-id")[:LIMIT])
     for job in jobs:
         job.url = job_url(job.pk)
-        job.source_shown, job.target_shown = host_name(job.source_name), host_name(job.target_name)
+        job.source_shown, job.target_shown = job.source_name, job.target_name
     job_ids = list(scoped(MigrationJob, user).filter(vm=vm).values_list("pk", flat=True))
     events = list(vm_events(user, vm, job_ids)[:LIMIT])
     locations = list(vm.locations.all()[:LIMIT])

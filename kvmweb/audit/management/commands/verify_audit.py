@@ -1,7 +1,9 @@
 """manage.py verify_audit: is the audit history intact?
 
-Checks that the append-only guards (database triggers) are installed and walks the HMAC
-chain from the first event. Prints the first broken link (id, time, action, reason) and
+Checks that the append-only guards (database triggers) work, by behaviour: inside a
+transaction that is rolled back, an UPDATE and a DELETE of a probe row must be refused
+(a trigger with the right name and a body that does nothing fails this). Then it walks
+the HMAC chain from the first event. Prints the first broken link (id, time, action, reason) and
 exits 1 on any problem, 0 when everything holds, so cron or monitoring can alert on it.
 
 The chain alone cannot show that the newest events were cut off (a shorter chain is still
@@ -24,6 +26,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--database", default="default", help="database alias (default: default)")
         parser.add_argument(
+            "--install-guards",
+            action="store_true",
+            help="(re)install the append-only triggers first, replacing any of the same name",
+        )
+        parser.add_argument(
             "--expect",
             action="append",
             default=[],
@@ -31,13 +38,18 @@ class Command(BaseCommand):
             help="a hash printed by an earlier run: fail if that event is gone (tail cut off)",
         )
 
-    def handle(self, *args, database="default", expect=(), **options):
+    def handle(self, *args, database="default", expect=(), install_guards=False, **options):
         connection = connections[database]
         problems = []
-        if not guards.installed(connection):
+        if install_guards:
+            guards.install(connection)
+            self.stdout.write("append-only guards (re)installed")
+        accepted = [verb for verb, refused in guards.refusals(connection).items() if not refused]
+        if accepted:
             problems.append(
-                "append-only guards are missing: the audit table accepts UPDATE/DELETE "
-                "(re-run `manage.py migrate audit` or reinstall them)"
+                f"append-only guards are missing or do nothing: the audit table accepted "
+                f"{' and '.join(accepted)} of a probe row (rolled back) "
+                "(reinstall them: manage.py verify_audit --install-guards)"
             )
         try:
             count, bad, reason = verify_chain(using=database)
@@ -58,6 +70,8 @@ class Command(BaseCommand):
                 self.stderr.write(f"FAIL {problem}")
             raise CommandError(f"audit history NOT intact: {len(problems)} problem(s)", returncode=1)
         last = AuditEvent.objects.using(database).order_by("-id").values_list("hash", flat=True).first()
-        self.stdout.write(f"OK {count} events, chain intact, append-only guards installed")
+        self.stdout.write(
+            f"OK {count} events, chain intact, append-only guards installed (UPDATE and DELETE refused)"
+        )
         if last:
             self.stdout.write(f"last hash {last} (keep it; check later with --expect {last})")

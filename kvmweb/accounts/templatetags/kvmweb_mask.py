@@ -1,0 +1,13 @@
+"""{{ host|host_error:user }}: a host's last error as ``user`` may read it (libvirt URIs
+are for administrators only; kvmweb/accounts/masking.py)."""
+
+from django import template
+
+from kvmweb.accounts.masking import HostMask
+
+register = template.Library()
+
+
+@register.filter
+def host_error(host, user):
+    return HostMask.for_user(user).host_text(host, host.last_error)

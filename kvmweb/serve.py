@@ -1,0 +1,155 @@
+"""`python -m kvmweb.serve [daphne options] kvmweb.asgi:application`: daphne with limits.
+
+daphne (through Twisted) reads a whole request body into a buffer before the
+application sees the request, and keeps a connection that trickles its headers open
+for as long as bytes keep coming (Twisted's idle timeout restarts with every byte). An
+ASGI middleware comes too late for both. This launcher runs daphne's own command line
+with a request class and a connection class that:
+
+- answer 413 and close as soon as the declared Content-Length, or the bytes of a
+  chunked body counted so far, exceed KVMWEB_MAX_REQUEST_BYTES: the body is never
+  buffered beyond the limit;
+- answer 408 and close a connection whose request line, headers and body are not
+  complete within KVMWEB_REQUEST_TIMEOUT seconds of its first byte (or of the
+  connection), and drop a keep-alive connection idle for as long;
+
+and passes WebSocket limits daphne already has (KVMWEB_WS_MAX_MESSAGE_BYTES for the
+largest message and frame; handshake timeout) unless given on the command line.
+Everything else is daphne's (same options, same behaviour).
+"""
+
+import os
+import sys
+
+# daphne.server installs Twisted's asyncio reactor: it must be imported before anything
+# imports twisted.internet.reactor (which would install the default one).
+import daphne.server  # noqa: F401, I001
+from daphne import http_protocol
+from twisted.web import http
+
+
+def _limits():
+    from django.conf import settings
+
+    return settings.KVMWEB_MAX_REQUEST_BYTES, settings.KVMWEB_REQUEST_TIMEOUT
+
+
+def _refuse(transport, status, reason):
+    body = reason.encode()
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+    )
+    transport.loseConnection()
+
+
+class LimitedRequest(http_protocol.WebRequest):
+    """daphne's request, refusing a body over the limit before buffering it."""
+
+    refused = False
+    received = 0
+
+    def gotLength(self, length):
+        super().gotLength(length)
+        if length is not None and length > _limits()[0]:
+            self._too_large()
+
+    def handleContentChunk(self, data):
+        if self.refused:
+            return
+        self.received += len(data)
+        if self.received > _limits()[0]:
+            self._too_large()
+            return
+        super().handleContentChunk(data)
+
+    def _too_large(self):
+        self.refused = True
+        if self.channel is not None and self.channel.transport is not None:
+            _refuse(self.channel.transport, 413, "Payload Too Large")
+
+    def requestReceived(self, command, path, version):
+        if self.refused:
+            return  # answered already; never hand it to the application
+        super().requestReceived(command, path, version)
+
+
+class LimitedChannel(http.HTTPChannel):
+    """Twisted's HTTP connection with an absolute deadline for receiving each request."""
+
+    deadline = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._arm()
+
+    def dataReceived(self, data):
+        if not self._handlingRequest:
+            self._arm()
+        super().dataReceived(data)
+
+    def allContentReceived(self):
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self):
+        if self.deadline is None:
+            self.deadline = self.callLater(_limits()[1], self._too_slow)  # set by the factory
+
+    def _disarm(self):
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None
+
+    def _too_slow(self):
+        self.deadline = None
+        if self.transport is not None:
+            _refuse(self.transport, 408, "Request Timeout")
+
+
+class LimitedFactory(http_protocol.HTTPFactory):
+    def __init__(self, server):
+        super().__init__(server)
+        self.timeOut = _limits()[1]  # idle keep-alive connections
+
+    def protocol(self):
+        return http._GenericHTTPChannelProtocol(LimitedChannel())
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        protocol.requestFactory = LimitedRequest
+        return protocol
+
+
+def default_args(argv):
+    """daphne options kvmweb sets unless the command line does."""
+    from django.conf import settings
+
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+    defaults = {
+        "--websocket-max-message-size": settings.KVMWEB_WS_MAX_MESSAGE_BYTES,
+        "--websocket-max-frame-size": settings.KVMWEB_WS_MAX_MESSAGE_BYTES,
+        "--websocket_connect_timeout": settings.KVMWEB_REQUEST_TIMEOUT,
+    }
+    extra = []
+    for option, value in defaults.items():
+        if option not in given:
+            extra += [option, str(value)]
+    return extra + list(argv)
+
+
+def main(argv=None):
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+    from daphne import server
+    from daphne.cli import CommandLineInterface
+
+    server.HTTPFactory = LimitedFactory
+    CommandLineInterface().run(default_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
