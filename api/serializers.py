@@ -5,8 +5,18 @@ from django.urls import reverse
 from rest_framework import serializers
 
 from hosts.models import VM, Host
+from kvmweb.accounts.masking import HostMask
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, MigrationJob
+
+
+def _mask(serializer):
+    """The viewer's mask (kvmweb/accounts/masking.py): the API hides exactly what the
+    pages hide (URIs from non-administrators, out-of-scope host names in job texts)."""
+    request = serializer.context.get("request")
+    if request is None:
+        raise RuntimeError("API serializers need the request in their context (for masking)")
+    return HostMask.for_user(request.user)
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -38,6 +48,14 @@ class HostSerializer(serializers.ModelSerializer):
             "hypervisor_type",
         ]
         read_only_fields = fields
+
+    def to_representation(self, host):
+        data = super().to_representation(host)
+        mask = _mask(self)
+        if not mask.sees_uris:
+            data["uri"] = None
+            data["last_error"] = mask.host_text(host, data["last_error"])
+        return data
 
 
 class HostWriteSerializer(serializers.Serializer):
@@ -130,6 +148,9 @@ class JobSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def to_representation(self, job):
+        return super().to_representation(_mask(self).job(job))
+
     def get_url(self, job) -> str:
         return reverse("api:job_detail", kwargs={"pk": job.pk})
 
@@ -144,10 +165,18 @@ class JobDetailSerializer(JobSerializer):
 
 
 class JobEventSerializer(serializers.ModelSerializer):
+    """A job-log line: ``message`` in English, ``code`` and ``params`` for scripts
+    (migrations_app/events.py), masked like the job page."""
+
     class Meta:
         model = JobEvent
-        fields = ["id", "at", "level", "message"]
+        fields = ["id", "at", "level", "code", "params", "message"]
         read_only_fields = fields
+
+    def to_representation(self, event):
+        data = super().to_representation(event)
+        data["message"] = _mask(self).text(event.message, self.context["job"])
+        return data
 
 
 class AuditEventSerializer(serializers.ModelSerializer):

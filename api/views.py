@@ -111,7 +111,7 @@ class HostListView(ListView):
             )
         except host_services.HostError as exc:
             return Response({"detail": str(exc)}, status=400)
-        response = Response(s.HostSerializer(host).data, status=201)
+        response = Response(s.HostSerializer(host, context={"request": request}).data, status=201)
         response["Location"] = reverse("api:host_detail", kwargs={"pk": host.pk})
         return response
 
@@ -120,7 +120,9 @@ class HostDetailView(APIView):
     @extend_schema(responses=s.HostSerializer)
     def get(self, request, pk):
         """One host."""
-        return Response(s.HostSerializer(get_scoped_or_404(Host, request.user, pk=pk)).data)
+        return Response(
+            s.HostSerializer(get_scoped_or_404(Host, request.user, pk=pk), context={"request": request}).data
+        )
 
     @extend_schema(request=s.HostPatchSerializer, responses=s.HostSerializer)
     def patch(self, request, pk):
@@ -140,7 +142,7 @@ class HostDetailView(APIView):
             )
         except host_services.HostError as exc:
             return Response({"detail": str(exc)}, status=400)
-        return Response(s.HostSerializer(host).data)
+        return Response(s.HostSerializer(host, context={"request": request}).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request, pk):
@@ -245,8 +247,8 @@ class PreflightView(APIView):
 # --------------------------------------------------------------------------- jobs
 
 
-def _job_response(job, code, serializer=s.JobSerializer):
-    response = Response(serializer(job).data, status=code)
+def _job_response(request, job, code, serializer=s.JobSerializer):
+    response = Response(serializer(job, context={"request": request}).data, status=code)
     response["Location"] = reverse("api:job_detail", kwargs={"pk": job.pk})
     return response
 
@@ -303,7 +305,7 @@ class JobListView(ListView):
             )
         except job_services.JobError as exc:
             return _job_error(request, exc)
-        return _job_response(job, 202)
+        return _job_response(request, job, 202)
 
 
 class JobDetailView(APIView):
@@ -311,7 +313,7 @@ class JobDetailView(APIView):
     def get(self, request, pk):
         """One job, with its stored preflight report."""
         job = get_scoped_or_404(MigrationJob, request.user, pk=pk)
-        return Response(s.JobDetailSerializer(job).data)
+        return Response(s.JobDetailSerializer(job, context={"request": request}).data)
 
 
 class JobEventsView(APIView):
@@ -325,7 +327,11 @@ class JobEventsView(APIView):
         events = JobEvent.objects.filter(job=job)
         if request.query_params.get("after"):
             events = events.filter(id__gt=_pk(request.query_params["after"]))
-        return Response(s.JobEventSerializer(events.order_by("id")[:1000], many=True).data)
+        return Response(
+            s.JobEventSerializer(
+                events.order_by("id")[:1000], many=True, context={"request": request, "job": job}
+            ).data
+        )
 
 
 def _job_action(request, pk, perm, action, action_kind="control"):
@@ -334,7 +340,7 @@ def _job_action(request, pk, perm, action, action_kind="control"):
         job = action(job)
     except job_services.JobError as exc:
         return Response({"detail": str(exc)}, status=409)
-    return _job_response(job, 202)
+    return _job_response(request, job, 202)
 
 
 class JobCancelView(APIView):

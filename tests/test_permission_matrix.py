@@ -394,9 +394,13 @@ def clean_report(plan, **kwargs):
 
 @pytest.fixture
 def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
-    from migrations_app import preflight
+    from migrations_app import preflight, preflight_views, runner
 
+    # Patched where it is looked up too: a module that imported the name while the patch
+    # was active would otherwise keep the fake for the rest of the test session.
     monkeypatch.setattr(preflight, "run_preflight", clean_report)
+    monkeypatch.setattr(preflight_views, "run_preflight", clean_report)
+    monkeypatch.setattr(runner, "run_preflight", clean_report)
     # Jobs are queued on commit; these tests never commit, so no worker is involved.
     w = build(alice, bob)
     w.people = {

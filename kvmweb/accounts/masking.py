@@ -179,7 +179,9 @@ class HostMask:
     def event(self, event, job):
         if self.is_identity:
             return event
-        return _Masked(event, {"message": self.text(event.message, job)})
+        # ``text`` is the line in the viewer's language (code + parameters, which may
+        # name a host): masked after rendering, like the stored English ``message``.
+        return _Masked(event, {"message": self.text(event.message, job), "text": self.text(event.text, job)})
 
     def events(self, events, job):
         return [self.event(event, job) for event in events]
