@@ -162,6 +162,27 @@ class VMQuerySet(models.QuerySet):
             return self.filter(Q(owner_user=user) | Q(owner_group__in=user.groups.all()))
         return self.none()
 
+    # ?sort= keys of the VM list -> the field they order by. Only these are accepted.
+    SORTS = {
+        "name": "name",
+        "state": "state",
+        "host": "host__name",
+        "vcpus": "vcpus",
+        "memory": "memory",
+        "owner": "owner_user__username",
+    }
+
+    def sorted_by(self, key):
+        """Order by a whitelisted column (``"memory"``, ``"-memory"``); unknown keys sort by
+        name. The primary key breaks ties in the same direction, so paging is stable; empty
+        values (no host, no owner) come last either way, on SQLite and PostgreSQL alike."""
+        descending = key.startswith("-")
+        field = self.SORTS.get(key.lstrip("-"), "name")
+        expr = models.F(field)
+        if descending:
+            return self.order_by(expr.desc(nulls_last=True), "-pk")
+        return self.order_by(expr.asc(nulls_last=True), "pk")
+
 
 class VM(models.Model):
     """A libvirt domain, identified by its UUID wherever it runs.
@@ -232,6 +253,7 @@ class VM(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "VM"
+        permissions = [("power_vm", "Can start, shut down, force off and reboot a VM")]
 
     def __str__(self):
         return self.name

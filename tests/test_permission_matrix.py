@@ -180,6 +180,14 @@ ROUTES = [
     Route("hosts:sync", objects=("host_p1", "host_s1"), post=MIGRATORS, action="inventory.sync"),
     Route("hosts:vm_list", get=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
     Route("hosts:vm_detail", objects=("vm_alice", "vm_hidden"), get=SIGNED_IN),
+    Route(
+        "hosts:vm_power",
+        objects=("vm_alice", "vm_hidden"),
+        post=REQUESTERS,  # hosts.power_vm: the same roles; self-service only in scope
+        data=lambda w, vm: {"action": "destroy"},
+        action="vm.power",
+        notes="libvirt is replaced by a fake in the world (the matrix tests access)",
+    ),
     # Accounts: users, ownership, host groups, policies, approvals
     Route("accounts:users", get=ADMIN | {"auditor"}),
     Route(
@@ -331,6 +339,9 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     from migrations_app import preflight
 
     monkeypatch.setattr(preflight, "run_preflight", clean_report)
+    from hosts import services as host_services
+
+    monkeypatch.setattr(host_services, "_power_call", lambda uri, vm_uuid, action: ("running", "shutoff"))
     # Jobs are queued on commit; these tests never commit, so no worker is involved.
     w = build(alice, bob)
     w.people = {
