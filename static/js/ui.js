@@ -41,7 +41,8 @@
       return;
     }
     el = event.target.closest("[data-confirm]");
-    if (el && !window.confirm(el.getAttribute("data-confirm"))) {
+    var question = el && el.getAttribute("data-confirm").replace("%(name)s", el.getAttribute("data-name") || "");
+    if (el && !window.confirm(question)) {
       event.preventDefault();
     }
   });
