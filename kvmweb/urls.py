@@ -15,4 +15,6 @@ urlpatterns = [
     path("audit/", include("kvmweb.audit.urls")),
     path("admin/", admin.site.urls),
     path("health/", health.health, name="health"),
+    # Browsers ask for /favicon.ico whatever the page links; send them to the static icon.
+    path("favicon.ico", views.favicon, name="favicon"),
 ]

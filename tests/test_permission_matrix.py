@@ -164,6 +164,7 @@ ROUTES = [
         query=lambda w, obj: {"scope": "web"},
         notes="anonymous by design; the plain URL is 503 without running workers",
     ),
+    Route("favicon", get=frozenset(PERSONAS), public=True, get_ok=301, notes="redirect to the static icon"),
     # Hosts and VMs
     Route("hosts:list", get=SIGNED_IN, lists=("host_s1",)),
     Route("hosts:add", get=ADMIN, post=ADMIN, data=_host_add_data, action="host.register"),
@@ -316,6 +317,8 @@ EXEMPT_PREFIXES = {
 }
 EXEMPT = {
     "set_language": "Django's language switch: stores a cookie, reads and changes no data",
+    "accounts:theme": "the signed-in user's own colour theme (like the language switch): changes "
+    "nothing anyone else sees, not audited; tested in tests/accounts/test_theme.py",
 }
 
 
