@@ -336,6 +336,7 @@ def run_backend(args):
                         "requests": sum(o["requests"] for o in outs),
                         "errors": errors,
                         "cpu": cpu,
+                        "load": os.getloadavg()[0],
                         "server_p50": serial[len(serial) // 2],
                         "server_p95": serial[max(0, int(len(serial) * 0.95) - 1)],
                     }
@@ -379,7 +380,7 @@ def main():
         "load: wrk latency includes queueing behind the other connections"
     )
     print(f"{'backend':<30} {'user':<15} {'page':<24} {'srv p50':>7} {'srv p95':>7} {'req/s':>7} {'p50 ms':>7} "
-          f"{'p95 ms':>7} {'p99 ms':>7} {'errors':>6}  daphne CPU")  # fmt: skip
+          f"{'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'load':>5}  daphne CPU")  # fmt: skip
     failures = []
     for backend in args.backends:
         data_dir = tempfile.mkdtemp(prefix="kvmweb-bench-pages-data-")
@@ -421,7 +422,8 @@ def main():
                 rps = f"{r['rps']:>7.1f}" if r["requests"] else f"{'FAIL':>7}"
                 print(
                     f"{r['backend']:<30} {r['user']:<15} {r['path']:<24} {r['server_p50']:>7.1f} "
-                    f"{r['server_p95']:>7.1f} {rps} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {errors:>6}  "
+                    f"{r['server_p95']:>7.1f} {rps} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {errors:>6} "
+                    f"{r['load']:>5.1f}  "
                     + " ".join(f"{c:.0f}%" for c in r["cpu"])
                     + (f"  {r['errors']}" if errors else "")
                     + verdict,

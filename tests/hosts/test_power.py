@@ -154,3 +154,12 @@ def test_it_does_not_follow_a_foreign_next_url(host, login, operator):
         reverse("hosts:vm_power", args=[web.pk]), {"action": "reboot", "next": "https://evil.example/"}
     )
     assert response.url == reverse("hosts:vm_detail", args=[web.pk])
+
+
+def test_it_offers_power_buttons_on_the_vm_page_to_those_who_may(host, login, operator, auditor):
+    web = VM.objects.get(name="web1")
+    page = login(operator).get(reverse("hosts:vm_detail", args=[web.pk])).content.decode()
+    assert 'form="vm-power"' in page and 'value="reboot"' in page and 'value="start"' not in page
+    assert f'formaction="{reverse("hosts:vm_power", args=[web.pk])}"' in page
+    page = login(auditor).get(reverse("hosts:vm_detail", args=[web.pk])).content.decode()
+    assert 'form="vm-power"' not in page and 'id="vm-power"' not in page

@@ -1,0 +1,108 @@
+"""``{% vm_actions vm %}``: a VM's Migrate link and power buttons, rendered in Python.
+
+The VM list renders fifty of these per page; as template markup they cost more than the
+page's queries. Which buttons show follows the state the inventory knows; the service
+asks libvirt again before acting (hosts/services.py do_vm_power). Power buttons submit the
+page's hidden ``vm-power`` form (one form, ``formaction`` per button), so the row needs no
+form of its own and no script.
+"""
+
+from django import template
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext as _
+
+register = template.Library()
+
+# action -> the states (as the inventory knows them) in which the button is offered
+OFFERED = [
+    ("start", {"shutoff", "crashed"}),
+    ("shutdown", {"running", "paused", "blocked"}),
+    ("reboot", {"running", "blocked"}),
+    ("destroy", {"running", "paused", "blocked", "shutdown", "crashed", "pmsuspended"}),
+]
+
+
+def _setup(request):
+    """Per request: rights, URLs and labels (the same for every row)."""
+    cached = getattr(request, "_kvmweb_vm_actions", None)
+    if cached is None:
+        user = request.user
+        cached = request._kvmweb_vm_actions = {
+            "migrate": user.has_perm("migrations_app.add_migrationjob"),
+            "power": user.has_perm("hosts.power_vm"),
+            "wizard": reverse("migrations:new"),
+            "power_url": reverse("hosts:vm_power", args=[0]).replace("/0/", "/{}/"),
+            "labels": {
+                "migrate": _("Migrate"),
+                "start": _("Start"),
+                "shutdown": _("Shut down"),
+                "reboot": _("Reboot"),
+                "destroy": _("Force off"),
+            },
+            "confirm": {
+                "reboot": _("Reboot %(name)s?"),
+                "destroy": _(
+                    "Force %(name)s off now? Like pulling the plug: unsaved data in the guest is lost."
+                ),
+            },
+        }
+    return cached
+
+
+@register.simple_tag(takes_context=True)
+def vm_actions(context, vm, size="sm", migrate=True):
+    setup = _setup(context["request"])
+    if vm.host_id is None or vm.gone or vm.pk in context.get("busy", ()):
+        return ""
+    cls = f"btn {size}".strip()
+    parts = []
+    if migrate and setup["migrate"]:
+        parts.append(
+            format_html(
+                '<a class="{}" href="{}?vm={}" data-testid="migrate-{}">{}</a>',
+                cls,
+                setup["wizard"],
+                vm.pk,
+                vm.pk,
+                setup["labels"]["migrate"],
+            )
+        )
+    if setup["power"]:
+        url = setup["power_url"].format(vm.pk)
+        for action, states in OFFERED:
+            if vm.state not in states:
+                continue
+            confirm = setup["confirm"].get(action)
+            extra = format_html(' data-confirm="{}" data-name="{}"', confirm, vm.name) if confirm else ""
+            parts.append(
+                format_html(
+                    '<button class="{}{}" type="submit" form="vm-power" formaction="{}" name="action" '
+                    'value="{}"{}>{}</button>',
+                    cls,
+                    " danger" if action == "destroy" else "",
+                    url,
+                    action,
+                    extra,
+                    setup["labels"][action],
+                )
+            )
+    if not parts:
+        return ""
+    return format_html(
+        '<span class="rowactions">{}</span>', format_html_join("", "{}", ((p,) for p in parts))
+    )
+
+
+@register.simple_tag(takes_context=True)
+def vm_power_form(context):
+    """The hidden form the power buttons submit (once per page), back to this page."""
+    request = context["request"]
+    if not _setup(request)["power"]:
+        return ""
+    return format_html(
+        '<form id="vm-power" method="post" hidden><input type="hidden" name="csrfmiddlewaretoken" value="{}">'
+        '<input type="hidden" name="next" value="{}"></form>',
+        context.get("csrf_token", ""),
+        request.get_full_path(),
+    )
