@@ -1,4 +1,7 @@
-"""``{% vm_actions vm %}``: a VM's Migrate link and power buttons, rendered in Python.
+"""Host and VM list pieces rendered in Python (lists render them once per row).
+
+``{% vm_actions vm %}``: a VM's Migrate link and power buttons.
+``{{ host|host_memory }}``: a host's memory, one definition for every page.
 
 The VM list renders fifty of these per page; as template markup they cost more than the
 page's queries. Which buttons show follows the state the inventory knows; the service
@@ -11,6 +14,8 @@ from django import template
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext as _
+
+from kvmweb.accounts.templatetags.kvmweb_format import binary_size
 
 register = template.Library()
 
@@ -105,4 +110,22 @@ def vm_power_form(context):
         '<input type="hidden" name="next" value="{}"></form>',
         context.get("csrf_token", ""),
         request.get_full_path(),
+    )
+
+
+@register.filter
+def host_memory(host):
+    """Free memory as libvirt reports it (virNodeGetFreeMemory) of the physical total
+    (virNodeGetInfo), both from the last probe, in binary units: the host list, the host
+    page and the dashboard show the same figures the same way."""
+    if not host.memory_total:
+        return "—"
+    return format_html(
+        '<span title="{}">{}</span>',
+        _(
+            "Free memory as libvirt reports it (virNodeGetFreeMemory) of the physical total "
+            "(virNodeGetInfo), at the last probe"
+        ),
+        _("%(free)s free of %(total)s")
+        % {"free": binary_size(host.memory_free), "total": binary_size(host.memory_total)},
     )
