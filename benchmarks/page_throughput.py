@@ -304,7 +304,10 @@ def run_backend(args):
                         assert response.status == 200 and response.url.endswith(path), (path, response.url)
                         assert b"vm-0" in body or not path.startswith("/vms/"), (user, path)
                 # Server time: one request at a time (no queueing behind other requests).
+                # The daphnes' CPU seconds over these requests give the code's cost per
+                # request, which the machine's load hardly changes.
                 serial = []
+                serial_cpu0 = sum(cpu_seconds(p.pid) for p, _ in daphnes)
                 for i in range(SERIAL):
                     port = daphnes[i % len(daphnes)][1]
                     req = urllib.request.Request(
@@ -315,6 +318,7 @@ def run_backend(args):
                         response.read()
                     serial.append((time.perf_counter() - t) * 1000)
                 serial.sort()
+                cpu_per_request = (sum(cpu_seconds(p.pid) for p, _ in daphnes) - serial_cpu0) / SERIAL * 1000
                 cpu0 = {p.pid: cpu_seconds(p.pid) for p, _ in daphnes}
                 t0 = time.monotonic()
                 runs = [
@@ -337,6 +341,7 @@ def run_backend(args):
                         "errors": errors,
                         "cpu": cpu,
                         "load": os.getloadavg()[0],
+                        "cpu_ms": cpu_per_request,
                         "server_p50": serial[len(serial) // 2],
                         "server_p95": serial[max(0, int(len(serial) * 0.95) - 1)],
                     }
@@ -379,7 +384,7 @@ def main():
         f"server time: {SERIAL} requests one at a time per page (budget: p95 <= {BUDGET_MS} ms); "
         "load: wrk latency includes queueing behind the other connections"
     )
-    print(f"{'backend':<30} {'user':<15} {'page':<24} {'srv p50':>7} {'srv p95':>7} {'req/s':>7} {'p50 ms':>7} "
+    print(f"{'backend':<30} {'user':<15} {'page':<24} {'srv p50':>7} {'srv p95':>7} {'CPU ms':>6} {'req/s':>7} {'p50 ms':>7} "
           f"{'p95 ms':>7} {'p99 ms':>7} {'errors':>6} {'load':>5}  daphne CPU")  # fmt: skip
     failures = []
     for backend in args.backends:
@@ -422,7 +427,7 @@ def main():
                 rps = f"{r['rps']:>7.1f}" if r["requests"] else f"{'FAIL':>7}"
                 print(
                     f"{r['backend']:<30} {r['user']:<15} {r['path']:<24} {r['server_p50']:>7.1f} "
-                    f"{r['server_p95']:>7.1f} {rps} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {errors:>6} "
+                    f"{r['server_p95']:>7.1f} {r['cpu_ms']:>6.1f} {rps} {r['p50']:>7.1f} {r['p95']:>7.1f} {r['p99']:>7.1f} {errors:>6} "
                     f"{r['load']:>5.1f}  "
                     + " ".join(f"{c:.0f}%" for c in r["cpu"])
                     + (f"  {r['errors']}" if errors else "")
