@@ -23,7 +23,7 @@ def host_list(request):
 @login_required
 def host_detail(request, pk):
     host = get_scoped_or_404(Host, request.user, pk=pk)
-    vms = scoped(VM, request.user).filter(host=host).select_related("owner_user", "owner_group")
+    vms = scoped(VM, request.user).filter(host=host).select_related("host", "owner_user", "owner_group")
     vms = list(vms.order_by("gone", "name", "pk"))
     return render(
         request, "hosts/host_detail.html", {"host": host, "vms": vms, "busy": services.busy_vm_ids(vms)}

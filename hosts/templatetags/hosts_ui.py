@@ -28,6 +28,20 @@ OFFERED = [
 ]
 
 
+def _policy_groups(user):
+    """For a self-service user: the host groups whose VMs a policy lets them move (one
+    query per page), so the Migrate link shows only where the wizard can go on. None for
+    everyone else (staff may move any VM; the wizard has the last word either way)."""
+    from kvmweb.accounts.models import SelfServicePolicy
+    from kvmweb.accounts.policy import is_staff_migrator
+    from kvmweb.accounts.roles import is_self_service
+
+    if is_staff_migrator(user) or not is_self_service(user):
+        return None
+    with_targets = SelfServicePolicy.objects.filter(target_groups__isnull=False)
+    return set(with_targets.values_list("source_group_id", flat=True))
+
+
 def _setup(request):
     """Per request: rights, URLs and labels (the same for every row)."""
     cached = getattr(request, "_kvmweb_vm_actions", None)
@@ -35,6 +49,7 @@ def _setup(request):
         user = request.user
         cached = request._kvmweb_vm_actions = {
             "migrate": user.has_perm("migrations_app.add_migrationjob"),
+            "policy_groups": _policy_groups(user),
             "power": user.has_perm("hosts.power_vm"),
             "wizard": reverse("migrations:new"),
             "power_url": reverse("hosts:vm_power", args=[0]).replace("/0/", "/{}/"),
@@ -62,7 +77,8 @@ def vm_actions(context, vm, size="sm", migrate=True):
         return ""
     cls = f"btn {size}".strip()
     parts = []
-    if migrate and setup["migrate"]:
+    groups = setup["policy_groups"]
+    if migrate and setup["migrate"] and (groups is None or vm.host.group_id in groups):
         parts.append(
             format_html(
                 '<a class="{}" href="{}?vm={}" data-testid="migrate-{}">{}</a>',

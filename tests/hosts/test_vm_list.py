@@ -9,7 +9,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from hosts.models import VM, Host
+from hosts.models import VM, Host, HostGroup
+from kvmweb.accounts.models import SelfServicePolicy
 
 pytestmark = pytest.mark.django_db
 
@@ -93,8 +94,14 @@ def test_it_offers_row_actions_only_to_those_who_may(fleet, login, operator, aud
     # Self-service owners see their own VMs with power actions; none without a host.
     body = login(alice).get("/vms/").content.decode()
     assert names_in(body) == ["batch", "web"]
-    assert f"/migrations/new/?vm={web.pk}" in body and f"/migrations/new/?vm={fleet['batch'].pk}" not in body
     assert body.count('form="vm-power"') == 3  # web (running): shut down, reboot, force off
+    # Migrate only where a self-service policy lets her go on (web's host has no group yet).
+    assert "/migrations/new/" not in body
+    prod, dev = HostGroup.objects.create(name="prod"), HostGroup.objects.create(name="dev")
+    Host.objects.filter(pk=web.host_id).update(group=prod)
+    SelfServicePolicy.objects.create(source_group=prod, allowed_modes=["live"]).target_groups.add(dev)
+    body = login(alice).get("/vms/").content.decode()
+    assert f"/migrations/new/?vm={web.pk}" in body and f"/migrations/new/?vm={fleet['batch'].pk}" not in body
 
 
 def names_in(body):
