@@ -171,6 +171,7 @@ class VMQuerySet(models.QuerySet):
         "memory": "memory",
         "owner": "owner_user__username",
     }
+    NULLABLE_SORTS = {"host__name", "owner_user__username"}  # VMs without a host or owner
 
     def sorted_by(self, key):
         """Order by a whitelisted column (``"memory"``, ``"-memory"``); unknown keys sort by
@@ -178,6 +179,10 @@ class VMQuerySet(models.QuerySet):
         values (no host, no owner) come last either way, on SQLite and PostgreSQL alike."""
         descending = key.startswith("-")
         field = self.SORTS.get(key.lstrip("-"), "name")
+        if field not in self.NULLABLE_SORTS:
+            # Plain ORDER BY: the name index then serves the default order (LIMIT 50
+            # reads 50 rows); a NULLS LAST expression would sort all rows every time.
+            return self.order_by(f"-{field}", "-pk") if descending else self.order_by(field, "pk")
         expr = models.F(field)
         if descending:
             return self.order_by(expr.desc(nulls_last=True), "-pk")
