@@ -315,6 +315,10 @@ class PowerError(HostError):
     """A power action was refused or failed; the message is meant for people."""
 
 
+class PowerDenied(PowerError):
+    """The user may not change this VM's power state (audited as denied)."""
+
+
 # action -> (HostConnection method, states the VM must be in according to libvirt).
 # libvirt is asked for the state first: the inventory may be minutes old.
 POWER_ACTIONS = {
@@ -375,7 +379,7 @@ def check_vm_power(user, vm, action):
         not user.has_perm("hosts.power_vm")
         or not VM.objects.restrict(user, "power").filter(pk=vm.pk).exists()
     ):
-        raise PowerError(_("You may not change the power state of this VM."))
+        raise PowerDenied(_("You may not change the power state of this VM."))
     if vm.gone or vm.host_id is None:
         raise PowerError(_("This VM is gone: it is not on any registered host."))
     busy = (
@@ -397,8 +401,8 @@ def do_vm_power(user, vm, action, *, request=None):
 
     Checks (check_vm_power), calls libvirt outside any transaction (a slow host must not
     hold the database write lock), then stores the state libvirt reports and writes the
-    audit event in one transaction. Refusals and libvirt failures are audited as failures
-    and raised as PowerError. Returns the VM with its new state.
+    audit event in one transaction. Refusals and libvirt failures are audited (denied or
+    failure) and raised as PowerError. Returns the VM with its new state.
 
     The job check and the libvirt call are not atomic: a migration queued in between
     finds the new state in its own preflight, which runs on the worker just before it moves
@@ -417,7 +421,7 @@ def do_vm_power(user, vm, action, *, request=None):
                 actor=user,
                 request=request,
                 target=vm,
-                outcome=AuditEvent.FAILURE,
+                outcome=AuditEvent.DENIED if isinstance(exc, PowerDenied) else AuditEvent.FAILURE,
                 details=dict(details, error=message),
             )
         raise PowerError(message) from None

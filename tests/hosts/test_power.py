@@ -102,9 +102,9 @@ def test_it_refuses_auditors_and_outsiders(host, login, auditor, mallory):
     assert power(login(mallory), web, "destroy").status_code == 404
     assert login(auditor).get(reverse("hosts:vm_power", args=[web.pk])).status_code == 405
     assert state("web1") == "running" and not successes().exists()
-    with pytest.raises(services.PowerError):
+    with pytest.raises(services.PowerDenied):
         services.do_vm_power(auditor, web, "destroy")
-    assert AuditEvent.objects.get(action="vm.power").outcome == AuditEvent.FAILURE
+    assert AuditEvent.objects.get(action="vm.power").outcome == AuditEvent.DENIED
 
 
 def test_it_refuses_power_actions_while_a_migration_runs(host, login, operator):
