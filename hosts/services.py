@@ -424,7 +424,7 @@ def do_vm_power(user, vm, action, *, request=None):
                 outcome=AuditEvent.DENIED if isinstance(exc, PowerDenied) else AuditEvent.FAILURE,
                 details=dict(details, error=message),
             )
-        raise PowerError(message) from None
+        raise (PowerDenied if isinstance(exc, PowerDenied) else PowerError)(message) from None
     now = timezone.now()
     with transaction.atomic():
         VM.objects.filter(pk=vm.pk).update(state=after, last_seen_at=now)
