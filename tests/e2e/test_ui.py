@@ -125,6 +125,7 @@ def main_pages(ids):
         f"/vms/{ids['long']}/",
         "/migrations/",
         f"/migrations/{ids['job']}/",
+        f"/migrations/new/?vm={ids['vm']}",
         "/audit/",
         f"/audit/{ids['event']}/",
         "/accounts/approvals/",
