@@ -134,3 +134,57 @@ def host_memory(host):
         _("%(free)s free of %(total)s")
         % {"free": binary_size(host.memory_free), "total": binary_size(host.memory_total)},
     )
+
+
+@register.simple_tag(takes_context=True)
+def vm_rows(context, vms, selectable=False, hide_host=False, actions=False):
+    """The ``<tr>`` rows of a VM table (templates/hosts/partials/vm_table.html has the
+    header). Built as strings with every value escaped: a page of fifty rows as template
+    markup cost about as much as all of the page's queries."""
+    from hosts.models import VM
+
+    request = context["request"]
+    states = getattr(request, "_kvmweb_state_labels", None)
+    if states is None:
+        states = request._kvmweb_state_labels = {value: escape(label) for value, label in VM.STATES}
+    detail = reverse("hosts:vm_detail", args=[0]).replace("/0/", "/{}/")
+    busy = context.get("busy", ())
+    stale_on = escape(_("A stale definition of this VM exists on")) if context.get("sees_everything") else ""
+    stale, gone, migrating = escape(_("stale copy")), escape(_("gone")), escape(_("migrating"))
+    rows = []
+    for vm in vms:
+        pk, name = vm.pk, escape(vm.name)
+        cells = []
+        if selectable:
+            cells.append(
+                f'<td class="pick"><input type="checkbox" name="vm" value="{pk}" data-select="vm" '
+                f'aria-label="{name}"></td>'
+            )
+        badge = ""
+        if vm.stale_hosts:
+            title = f' title="{stale_on} {escape(", ".join(vm.stale_hosts))}"' if stale_on else ""
+            badge = f' <span class="badge warn"{title}>{stale}</span>'
+        cells.append(f'<td><a href="{detail.format(pk)}">{name}</a>{badge}</td>')
+        if vm.gone:
+            state = f'<span class="badge gone">{gone}</span>'
+        else:
+            state = f'<span class="badge {escape(vm.state)}">{states.get(vm.state, escape(vm.state))}</span>'
+        if pk in busy:
+            state += f' <span class="badge running job">{migrating}</span>'
+        cells.append(f"<td>{state}</td>")
+        if not hide_host:
+            cells.append(f"<td>{escape(vm.host.name) if vm.host_id else '—'}</td>")
+        owner = escape(vm.owner_user.username) if vm.owner_user_id else ""
+        if vm.owner_group_id:
+            owner += " " + escape(vm.owner_group.name)
+        cells.append(
+            f'<td class="num">{int(vm.vcpus)}</td><td class="num">{binary_size(vm.memory)}</td>'
+            f"<td>{len(vm.disks or [])}</td><td>{owner}</td>"
+            f'<td class="mono muted hide-narrow">{escape(vm.uuid)}</td>'
+        )
+        if actions:
+            cells.append(f'<td class="actions">{vm_actions(context, vm)}</td>')
+        rows.append(f'<tr data-vm="{pk}">' + "".join(cells) + "</tr>")
+    if not rows:
+        rows.append(f'<tr><td colspan="10" class="muted">{escape(_("No VMs."))}</td></tr>')
+    return mark_safe("\n".join(rows))  # every value escaped above
