@@ -223,8 +223,10 @@ class VM(models.Model):
     host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="vms")
     state = models.CharField(max_length=16, choices=STATES, default=NOSTATE, db_index=True)
     state_reason = models.CharField(max_length=64, blank=True)
-    vcpus = models.PositiveIntegerField(default=0)
-    memory = models.BigIntegerField(default=0)  # bytes (maximum memory)
+    # Indexed for the VM list's sort by column (?sort=vcpus / memory): LIMIT 50 then reads
+    # 50 index entries instead of sorting every row.
+    vcpus = models.PositiveIntegerField(default=0, db_index=True)
+    memory = models.BigIntegerField(default=0, db_index=True)  # bytes (maximum memory)
     persistent = models.BooleanField(default=True)
     autostart = models.BooleanField(default=False)
     machine_type = models.CharField(max_length=64, blank=True)
