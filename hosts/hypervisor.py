@@ -746,6 +746,11 @@ class HostConnection:
         """Start a defined, shut-off VM."""
         return self.call(_("Starting the VM"), lambda c: c.lookupByUUIDString(str(uuid)).create())
 
+    def reboot(self, uuid):
+        """Ask the guest to reboot (ACPI, or the guest agent when the hypervisor picks it);
+        returns at once. A guest that ignores ACPI simply keeps running."""
+        return self.call(_("Rebooting the VM"), lambda c: c.lookupByUUIDString(str(uuid)).reboot(0))
+
     def define(self, xml):
         """Define (persist) a domain from XML; returns its UUID."""
         return self.call(_("Defining the VM"), lambda c: c.defineXML(xml).UUIDString())

@@ -387,3 +387,146 @@ def refresh_vm_state(vm, timeout=3):
         vm.state, vm.state_reason = found
         VM.objects.filter(pk=vm.pk).update(state=vm.state, state_reason=vm.state_reason)
     return vm
+
+
+# ------------------------------------------------------------------ power actions
+
+
+class PowerError(HostError):
+    """A power action was refused or failed; the message is meant for people."""
+
+
+class PowerDenied(PowerError):
+    """The user may not change this VM's power state (audited as denied)."""
+
+
+# action -> (HostConnection method, states the VM must be in according to libvirt).
+# libvirt is asked for the state first: the inventory may be minutes old.
+POWER_ACTIONS = {
+    "start": ("start", {"shutoff", "crashed"}),
+    "shutdown": ("shutdown", {"running", "paused", "blocked"}),
+    "destroy": ("destroy", {"running", "paused", "blocked", "shutdown", "crashed", "pmsuspended"}),
+    "reboot": ("reboot", {"running", "blocked"}),
+}
+
+
+def power_action_label(action):
+    labels = {
+        "start": _("start"),
+        "shutdown": _("shut down"),
+        "destroy": _("force off"),
+        "reboot": _("reboot"),
+    }
+    return labels.get(action, action)
+
+
+def _power_call(uri, uuid, action):
+    """Run one power action on the host; returns (state before, state after) as names.
+
+    Each libvirt call is bounded by the call timeout (hypervisor.session). shutdown and
+    reboot only ask the guest (ACPI) and return at once, so "after" may still be running.
+    """
+    method, allowed = POWER_ACTIONS[action]
+    with hypervisor.session(uri) as conn:
+        before, _reason = conn.domain_state(uuid)
+        if before not in allowed:
+            raise PowerError(
+                _("Cannot %(action)s the VM: libvirt reports it as %(state)s.")
+                % {"action": power_action_label(action), "state": _state_label(before)}
+            )
+        getattr(conn, method)(uuid)
+        after, _reason = conn.domain_state(uuid)
+    return before, after
+
+
+def _state_label(state):
+    return str(dict(VM.STATES).get(state, state))
+
+
+def check_vm_power(user, vm, action):
+    """Raise PowerError when ``user`` may not run ``action`` on ``vm`` now, else return.
+
+    Scope and capability: the VM must be in the user's scope (VM.objects.restrict) and the
+    user must hold hosts.power_vm (operators, administrators, and self-service owners for
+    their own VMs). A VM with a migration job that is queued or running is refused: a power
+    change in the middle of a move could leave the guest half on each host. A request still
+    waiting for approval does not block: its preflight runs again when it is approved.
+    """
+    from migrations_app.models import MigrationJob
+
+    if action not in POWER_ACTIONS:
+        raise PowerError(_("Unknown power action."))
+    if (
+        not user.has_perm("hosts.power_vm")
+        or not VM.objects.restrict(user, "power").filter(pk=vm.pk).exists()
+    ):
+        raise PowerDenied(_("You may not change the power state of this VM."))
+    if vm.gone or vm.host_id is None:
+        raise PowerError(_("This VM is gone: it is not on any registered host."))
+    busy = (
+        MigrationJob.objects.active()
+        .exclude(status=MigrationJob.PENDING_APPROVAL)
+        .filter(vm=vm)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if busy:
+        raise PowerError(
+            _("Migration job #%(job)s is under way for this VM: wait for it to end or cancel it first.")
+            % {"job": busy}
+        )
+
+
+def do_vm_power(user, vm, action, *, request=None):
+    """Start, shut down (ACPI), force off (destroy) or reboot a VM, audited.
+
+    Checks (check_vm_power), calls libvirt outside any transaction (a slow host must not
+    hold the database write lock), then stores the state libvirt reports and writes the
+    audit event in one transaction. Refusals and libvirt failures are audited (denied or
+    failure) and raised as PowerError. Returns the VM with its new state.
+
+    The job check and the libvirt call are not atomic: a migration queued in between
+    finds the new state in its own preflight, which runs on the worker just before it moves
+    the VM, so a stale state cannot start a wrong move.
+    """
+    host = vm.host
+    details = {"action": action, "host": host.name if host else ""}
+    try:
+        check_vm_power(user, vm, action)
+        before, after = _power_call(host.uri, vm.uuid, action)
+    except (PowerError, hypervisor.HypervisorError) as exc:
+        message = str(exc) if isinstance(exc, PowerError) else exc.message
+        with transaction.atomic():
+            record(
+                "vm.power",
+                actor=user,
+                request=request,
+                target=vm,
+                outcome=AuditEvent.DENIED if isinstance(exc, PowerDenied) else AuditEvent.FAILURE,
+                details=dict(details, error=message),
+            )
+        raise (PowerDenied if isinstance(exc, PowerDenied) else PowerError)(message) from None
+    now = timezone.now()
+    with transaction.atomic():
+        VM.objects.filter(pk=vm.pk).update(state=after, last_seen_at=now)
+        vm.state, vm.last_seen_at = after, now
+        record(
+            "vm.power",
+            actor=user,
+            request=request,
+            target=vm,
+            details=dict(details, state_before=before, state_after=after),
+        )
+    return vm
+
+
+def busy_vm_ids(vms):
+    """Primary keys among ``vms`` that have a migration job queued or running (one query):
+    the lists hide power actions and the Migrate link for those."""
+    from migrations_app.models import MigrationJob
+
+    ids = [vm.pk for vm in vms]
+    if not ids:
+        return set()
+    active = MigrationJob.objects.active().exclude(status=MigrationJob.PENDING_APPROVAL)
+    return set(active.filter(vm_id__in=ids).values_list("vm_id", flat=True))

@@ -12,4 +12,5 @@ urlpatterns = [
     path("hosts/<int:pk>/sync/", views.host_sync, name="sync"),
     path("vms/", views.vm_list, name="vm_list"),
     path("vms/<int:pk>/", views.vm_detail, name="vm_detail"),
+    path("vms/<int:pk>/power/", views.vm_power, name="vm_power"),
 ]

@@ -2,12 +2,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.utils.cache import patch_vary_headers
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from hosts import services
 from hosts.forms import HostForm, VMFilterForm
-from hosts.models import VM, Host
+from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
 
 
@@ -20,8 +23,11 @@ def host_list(request):
 @login_required
 def host_detail(request, pk):
     host = get_scoped_or_404(Host, request.user, pk=pk)
-    vms = scoped(VM, request.user).filter(host=host).order_by("gone", "name")
-    return render(request, "hosts/host_detail.html", {"host": host, "vms": vms})
+    vms = scoped(VM, request.user).filter(host=host).select_related("host", "owner_user", "owner_group")
+    vms = list(vms.order_by("gone", "name", "pk"))
+    return render(
+        request, "hosts/host_detail.html", {"host": host, "vms": vms, "busy": services.busy_vm_ids(vms)}
+    )
 
 
 @login_required
@@ -94,6 +100,22 @@ def host_sync(request, pk):
     return redirect("hosts:detail", pk=host.pk)
 
 
+SORT_COLUMNS = ["name", "state", "host", "vcpus", "memory", "owner"]
+
+
+def _sort_links(request, sort):
+    """For each sortable column: the URL that sorts by it (toggling the direction when it
+    is the current column) and the current direction ("asc", "desc" or "")."""
+    links = {}
+    for key in SORT_COLUMNS:
+        query = request.GET.copy()
+        query.pop("page", None)
+        query["sort"] = f"-{key}" if sort == key else key
+        direction = "asc" if sort == key else "desc" if sort == f"-{key}" else ""
+        links[key] = {"url": "?" + query.urlencode(), "dir": direction}
+    return links
+
+
 @login_required
 def vm_list(request):
     form = VMFilterForm(request.GET or None)
@@ -107,20 +129,31 @@ def vm_list(request):
         vms = vms.filter(host_id=filters["host"])
     if filters.get("state"):
         vms = vms.filter(state=filters["state"])
-    page = Paginator(vms.order_by("name", "id"), 50).get_page(request.GET.get("page"))
+    sort = request.GET.get("sort") or "name"
+    if sort.lstrip("-") not in VMQuerySet.SORTS:
+        sort = "name"
+    page = Paginator(vms.sorted_by(sort), 50).get_page(request.GET.get("page"))
+    page.object_list = list(page.object_list)
     query = request.GET.copy()
     query.pop("page", None)
-    return render(
+    # Filtering as you type swaps only the results (htmx); a plain GET renders the page.
+    partial = request.htmx and not request.htmx.boosted and not request.htmx.history_restore_request
+    response = render(
         request,
-        "hosts/vm_list.html",
+        "hosts/partials/vm_results.html" if partial else "hosts/vm_list.html",
         {
             "page": page,
             "form": form,
-            "hosts": scoped(Host, request.user).only("id", "name"),
+            "hosts": [] if partial else scoped(Host, request.user).only("id", "name"),
             "states": VM.STATES,
             "query": query.urlencode(),
+            "sort": sort,
+            "columns": _sort_links(request, sort),
+            "busy": services.busy_vm_ids(page.object_list),
         },
     )
+    patch_vary_headers(response, ["HX-Request"])
+    return response
 
 
 @login_required
@@ -128,4 +161,30 @@ def vm_detail(request, pk):
     vm = get_scoped_or_404(VM, request.user, pk=pk)
     # The location trail is part of the history section (vm_history), which masks hosts
     # outside the viewer's scope.
-    return render(request, "hosts/vm_detail.html", {"vm": vm})
+    return render(request, "hosts/vm_detail.html", {"vm": vm, "busy": services.busy_vm_ids([vm])})
+
+
+POWER_DONE = {
+    "start": gettext_lazy("%(vm)s started."),
+    "shutdown": gettext_lazy("Asked %(vm)s to shut down; the guest decides when (refresh to see its state)."),
+    "destroy": gettext_lazy("%(vm)s was forced off."),
+    "reboot": gettext_lazy("Asked %(vm)s to reboot."),
+}
+
+
+@login_required
+@require_POST
+def vm_power(request, pk):
+    """Start, shut down, force off or reboot one VM (POST action=...)."""
+    vm = get_scoped_or_404(VM, request.user, "power", perm="hosts.power_vm", pk=pk)
+    action = request.POST.get("action", "")
+    try:
+        services.do_vm_power(request.user, vm, action, request=request)
+    except services.PowerError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, str(POWER_DONE[action]) % {"vm": vm.name})
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+        return redirect(back)
+    return redirect("hosts:vm_detail", pk=vm.pk)

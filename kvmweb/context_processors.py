@@ -1,6 +1,6 @@
 from django.conf import settings
 
-from kvmweb.accounts import roles
+from kvmweb.accounts import roles, services
 
 
 def site(request):
@@ -10,4 +10,5 @@ def site(request):
         "sees_everything": roles.sees_everything(user),
         "is_self_service": roles.is_self_service(user),
         "debug": settings.DEBUG,
+        "theme": services.current_theme(request) if user.is_authenticated else "auto",
     }

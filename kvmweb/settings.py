@@ -101,6 +101,8 @@ TEMPLATES = [
                 "django.template.context_processors.i18n",
                 "kvmweb.context_processors.site",
             ],
+            # Display filters every template uses (binary units, local time with zone).
+            "builtins": ["kvmweb.accounts.templatetags.kvmweb_format"],
         },
     },
 ]

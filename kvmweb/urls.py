@@ -18,4 +18,6 @@ urlpatterns = [
     path("account/tokens/", include("api.page_urls")),
     path("notifications/", include("notifications.urls")),
     path("metrics", metrics.metrics, name="metrics"),
+    # Browsers ask for /favicon.ico whatever the page links; send them to the static icon.
+    path("favicon.ico", views.favicon, name="favicon"),
 ]

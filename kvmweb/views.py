@@ -1,6 +1,7 @@
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.templatetags.static import static
 
 from hosts.models import VM, Host
 from kvmweb.access import scoped
@@ -26,3 +27,8 @@ def dashboard(request):
             "jobs": HostMask.for_user(request.user).jobs(jobs),
         },
     )
+
+
+def favicon(request):
+    """Browsers ask for /favicon.ico whatever the page links: point them at the icon."""
+    return redirect(static("favicon.svg"), permanent=True)

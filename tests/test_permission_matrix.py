@@ -177,6 +177,7 @@ ROUTES = [
         query=lambda w, obj: {"scope": "web"},
         notes="anonymous by design; the plain URL is 503 without running workers",
     ),
+    Route("favicon", get=frozenset(PERSONAS), public=True, get_ok=301, notes="redirect to the static icon"),
     # Hosts and VMs
     Route("hosts:list", get=SIGNED_IN, lists=("host_s1",)),
     Route("hosts:add", get=ADMIN, post=ADMIN, data=_host_add_data, action="host.register"),
@@ -193,6 +194,14 @@ ROUTES = [
     Route("hosts:sync", objects=("host_p1", "host_s1"), post=MIGRATORS, action="inventory.sync"),
     Route("hosts:vm_list", get=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
     Route("hosts:vm_detail", objects=("vm_alice", "vm_hidden"), get=SIGNED_IN),
+    Route(
+        "hosts:vm_power",
+        objects=("vm_alice", "vm_hidden"),
+        post=REQUESTERS,  # hosts.power_vm: the same roles; self-service only in scope
+        data=lambda w, vm: {"action": "destroy"},
+        action="vm.power",
+        notes="libvirt is replaced by a fake in the world (the matrix tests access)",
+    ),
     # Accounts: users, ownership, host groups, policies, approvals
     Route("accounts:users", get=ADMIN | {"auditor"}),
     Route(
@@ -374,6 +383,8 @@ ROUTES = [
 EXEMPT_PREFIXES = {}
 EXEMPT = {
     "set_language": "Django's language switch: stores a cookie, reads and changes no data",
+    "accounts:theme": "the signed-in user's own colour theme (like the language switch): changes "
+    "nothing anyone else sees, not audited; tested in tests/accounts/test_theme.py",
 }
 
 
@@ -401,6 +412,9 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     monkeypatch.setattr(preflight, "run_preflight", clean_report)
     monkeypatch.setattr(preflight_views, "run_preflight", clean_report)
     monkeypatch.setattr(runner, "run_preflight", clean_report)
+    from hosts import services as host_services
+
+    monkeypatch.setattr(host_services, "_power_call", lambda uri, vm_uuid, action: ("running", "shutoff"))
     # Jobs are queued on commit; these tests never commit, so no worker is involved.
     w = build(alice, bob)
     w.people = {

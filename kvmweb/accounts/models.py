@@ -4,6 +4,7 @@ The role groups themselves are plain Django groups (kvmweb/accounts/roles.py); t
 model of this app is the policy an administrator sets between host groups.
 """
 
+from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
@@ -73,3 +74,22 @@ class SelfServicePolicy(models.Model):
             "max_bandwidth": self.max_bandwidth,
             "requires_approval": self.requires_approval,
         }
+
+
+class UserPreference(models.Model):
+    """One user's display preferences (for now the colour theme).
+
+    Stored per user, so the choice follows them to every browser; the session caches it
+    (kvmweb.context_processors.site), so a page reads this row once per session at most.
+    """
+
+    AUTO, LIGHT, DARK = "auto", "light", "dark"
+    THEMES = [(AUTO, _("as the system")), (LIGHT, _("light")), (DARK, _("dark"))]
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="kvmweb_preference"
+    )
+    theme = models.CharField(max_length=8, choices=THEMES, default=AUTO)
+
+    def __str__(self):
+        return f"{self.user} {self.theme}"

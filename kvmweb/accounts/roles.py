@@ -32,6 +32,7 @@ ROLE_PERMISSIONS = {
         "hosts.change_hostgroup",
         "hosts.delete_hostgroup",
         "hosts.change_vm",
+        "hosts.power_vm",
         "hosts.sync_host",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
@@ -50,6 +51,7 @@ ROLE_PERMISSIONS = {
     OPERATOR: _READ_ALL
     + [
         "hosts.sync_host",
+        "hosts.power_vm",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",
@@ -58,9 +60,11 @@ ROLE_PERMISSIONS = {
     ],
     # "Read everything": also who holds which role.
     AUDITOR: _READ_ALL + ["auth.view_user", "auth.view_group"],
+    # Owners may power their own VMs (scope limits them to those), like a cloud console.
     SELF_SERVICE: [
         "hosts.view_vm",
         "hosts.view_host",
+        "hosts.power_vm",
         "migrations_app.view_migrationjob",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",

@@ -389,3 +389,33 @@ def do_create_user(username, password, roles, *, actor, request=None):
         if roles:
             do_set_roles(user, roles, actor=actor, request=request)
     return user
+
+
+THEME_SESSION_KEY = "kvmweb_theme"
+
+
+def do_set_theme(request, theme):
+    """Remember the signed-in user's colour theme (auto, light, dark) on their account and
+    in the session. A display preference of one's own: changes nothing anyone else sees,
+    so it is not part of the audit history (like the language switch)."""
+    from kvmweb.accounts.models import UserPreference
+
+    if theme not in dict(UserPreference.THEMES):
+        raise ValueError(theme)
+    UserPreference.objects.update_or_create(user=request.user, defaults={"theme": theme})
+    request.session[THEME_SESSION_KEY] = theme
+    return theme
+
+
+def current_theme(request):
+    """The user's theme, from the session (read from the account once per session)."""
+    from kvmweb.accounts.models import UserPreference
+
+    theme = request.session.get(THEME_SESSION_KEY)
+    if theme is None and request.user.is_authenticated:
+        theme = (
+            UserPreference.objects.filter(user=request.user).values_list("theme", flat=True).first()
+            or UserPreference.AUTO
+        )
+        request.session[THEME_SESSION_KEY] = theme
+    return theme or UserPreference.AUTO

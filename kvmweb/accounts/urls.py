@@ -20,4 +20,5 @@ urlpatterns = [
     path("approvals/", approvals.queue, name="approvals"),
     path("approvals/<int:pk>/approve/", approvals.approve, name="approve"),
     path("approvals/<int:pk>/reject/", approvals.reject, name="reject"),
+    path("theme/", views.set_theme, name="theme"),
 ]

@@ -185,3 +185,20 @@ def policy_delete(request, pk):
     services.do_delete_policy(policy, actor=request.user, request=request)
     messages.success(request, _("Self-service policy removed."))
     return redirect("accounts:host_groups")
+
+
+# --- Display preferences --------------------------------------------------------------
+
+
+@login_required
+@require_POST
+def set_theme(request):
+    """Switch between the system's colour scheme, light and dark; back to the page."""
+    try:
+        services.do_set_theme(request, request.POST.get("theme", ""))
+    except ValueError:
+        messages.error(request, _("Unknown theme."))
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+        return redirect(back)
+    return redirect("dashboard")

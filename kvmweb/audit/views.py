@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.audit import export, record
+from kvmweb.audit import export, labels, record
 from kvmweb.audit.forms import AuditFilterForm
 from kvmweb.audit.models import AuditEvent
 
@@ -29,6 +29,7 @@ def event_list(request):
     require(request.user, PERM)
     form, events = _filtered(request)
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
+    page.object_list = labels.describe(page.object_list, request.user)
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "audit/event_list.html", {"form": form, "page": page, "query": query.urlencode()})
@@ -50,12 +51,15 @@ SECTIONS = [
 @login_required
 def event_detail(request, pk):
     event = get_scoped_or_404(AuditEvent, request.user, perm=PERM, pk=pk)
+    labels.describe([event], request.user)
     details = event.details if isinstance(event.details, dict) else {"value": event.details}
     parts = dict(details)
     preflight = parts.get("preflight")
     if not parts.get("plan") and isinstance(preflight, dict) and preflight.get("plan"):
         parts["plan"] = preflight["plan"]  # the checklist carries the plan it checked
     sections = [(label, parts[key]) for key, label in SECTIONS if parts.get(key)]
+    # The rest of the details (what the sections and the virsh line do not show).
+    rest = {k: v for k, v in details.items() if k not in {key for key, _label in SECTIONS} | {"virsh"}}
     job = None
     if event.target_type == "migrations_app.migrationjob" and event.target_id.isdigit():
         from migrations_app.models import MigrationJob
@@ -67,6 +71,7 @@ def event_detail(request, pk):
         {
             "event": event,
             "details_json": _pretty(details),
+            "rest": rest,
             "sections": [(label, _pretty(value), value) for label, value in sections],
             "job": job,
             "job_json": [

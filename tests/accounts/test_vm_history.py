@@ -72,7 +72,8 @@ def test_it_shows_staff_the_trail_the_jobs_and_every_event(world, login, auditor
     assert "seen on s1-secret (sync)" in body and "s1-secret → d1-dev-host" in body
     assert reverse("migrations:detail", args=[world.job.pk]) in body
     assert "succeeded" in body
-    for action in ("vm.owner", "migration.finish", "vm.note"):
+    # Known actions in words, unknown codes as they are.
+    for action in ("VM owner changed", "Migration finished", "vm.note"):
         assert action in body
     assert body.count("vm.note") == 1  # the hidden VM's event is not this VM's history
     assert f"{reverse('audit:list')}?target=hosts.vm:{world.alice_web.pk}" in body
@@ -84,8 +85,8 @@ def test_it_shows_owners_only_their_own_actions_and_no_audit_links(world, login,
     body = history(login(alice), world.alice_web)
     assert "seen on p1-prod-host" in body and "succeeded" in body
     assert "vm.note" in body  # her own action
-    assert "vm.owner" not in body  # others' events
-    assert body.count("migration.finish") == 1 and f"job #{world.old_job.pk}" in body
+    assert "VM owner changed" not in body  # others' events
+    assert body.count("Migration finished") == 1 and f"job #{world.old_job.pk}" in body
     # Where the VM was before it was hers is none of her business.
     assert "s1-secret" not in body and "seen on another host (sync)" in body
     assert "another host → d1-dev-host" in body

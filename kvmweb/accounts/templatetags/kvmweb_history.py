@@ -6,6 +6,7 @@ from django.db.models import Q
 from django.urls import NoReverseMatch, reverse
 
 from kvmweb.access import scoped
+from kvmweb.audit.labels import action_label
 from kvmweb.audit.models import AuditEvent
 
 register = template.Library()
@@ -49,6 +50,8 @@ def vm_history(context, vm):
         job.source_shown, job.target_shown = job.source_name, job.target_name
     job_ids = list(scoped(MigrationJob, user).filter(vm=vm).values_list("pk", flat=True))
     events = list(vm_events(user, vm, job_ids)[:LIMIT])
+    for event in events:
+        event.action_label = action_label(event)
     locations = list(vm.locations.all()[:LIMIT])
     for loc in locations:
         loc.host_shown = host_name(loc.host_name)
