@@ -55,6 +55,27 @@ CATALOG = {
     "rollback": _("Rolling back from the journal (last step: %(step)s)."),
     "rolled_back_volume": _("Removed the volume %(path)s this job had created on %(host)s."),
     "restarted_source": _("Started the VM again on %(host)s."),
+    "stats_unreadable": _("Could not read the completed-job statistics: %(error)s"),
+    "sync_failed": _("Inventory sync of %(host)s failed: %(error)s"),
+    "definition_left": _("A definition of the VM is still on %(host)s (%(state)s)."),
+    "shutdown_request_failed": _("The shutdown request failed: %(error)s"),
+    "completed_per_libvirt": _("libvirt says the VM is %(state)s on %(host)s: the migration completed."),
+    "timeout_postcopy": _("Completion timeout (%(timeout)s s) reached: switching to post-copy."),
+    "timeout_abort": _("Completion timeout (%(timeout)s s) reached: aborting the migration."),
+    "control_failed": _("%(what)s failed: %(error)s"),
+    "aborting": _("Aborting the migration (cancel)."),
+    "bandwidth_now": _("Bandwidth now %(mibs)s MiB/s."),
+    "bandwidth_unlimited": _("Bandwidth now unlimited."),
+    "downtime_now": _("Maximum downtime now %(ms)s ms."),
+    "postcopy_now": _("Switched to post-copy: the VM now runs on the target while memory follows."),
+    "error_but_moved": _("The migrate call reported an error (%(error)s) but the VM runs on the target."),
+    "target_pools_ready": _("Target volumes: an active pool at each disk's directory will hold the copies."),
+    "remove_disks_failed": _("Removing the source disks failed: %(error)s"),
+    "succeeded": _("Succeeded: the VM is on %(host)s."),
+    "succeeded_figures": _(
+        "Succeeded: the VM is on %(host)s (downtime %(downtime)s ms, total %(total)s s, %(moved)s MiB moved)."
+    ),
+    "succeeded_total": _("Succeeded: the VM is on %(host)s (total %(total)s s)."),
     "heartbeat_stopped": _(
         "The worker's heartbeat stopped (last at %(at)s); asking libvirt what really happened."
     ),

@@ -264,10 +264,10 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
                 try:
                     stats = dst.job_stats(str(job.vm.uuid), completed=True)
                 except hv.HypervisorError as exc:
-                    run.event(f"Could not read the completed-job statistics: {exc}", "warn")
+                    run.event(("stats_unreadable", {"error": str(exc)}), "warn")
             records = dst.domains()
     except hv.HypervisorError as exc:
-        run.event(f"Inventory sync of {job.target_name} failed: {exc}", "warn")
+        run.event(("sync_failed", {"host": job.target_name, "error": str(exc)}), "warn")
     result = {
         "downtime_ms": stats.get("downtime"),
         "elapsed_ms": stats.get("time_elapsed"),
@@ -299,7 +299,7 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     finish(run, MigrationJob.SUCCEEDED, "", **fields)
     summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
     if summary.get("error"):
-        run.event(f"Inventory sync of {job.source_name} failed: {summary['error']}", "warn")
+        run.event(("sync_failed", {"host": job.source_name, "error": str(summary["error"])}), "warn")
 
 
 def link_sample(job, stats):
@@ -359,7 +359,7 @@ def verify_moved(run, running):
             f"Verification failed: the VM is {state_words(dst)} ({dst[1]}) on {job.target_name}, not running."
         )
     if src not in (None, "unreachable") and job.options.get("undefine_source", True):
-        run.event(f"A definition of the VM is still on {job.source_name} ({state_words(src)}).", "warn")
+        run.event(("definition_left", {"host": job.source_name, "state": state_words(src)}), "warn")
     run.event(("verified", {"state": state_words(dst), "host": job.target_name}))
 
 
@@ -383,17 +383,16 @@ def finish(run, status, error, **fields):
     held = tuple(s for s in states.WORKING + (states.NEEDS_RECONCILE,) if s in states.sources_of(status))
     level = {MigrationJob.SUCCEEDED: "info", MigrationJob.CANCELLED: "warn"}.get(status, "error")
     if status == MigrationJob.SUCCEEDED:
-        figures = []
-        if fields.get("downtime_ms") is not None:
-            figures.append(f"downtime {fields['downtime_ms']} ms")
-        if fields.get("elapsed_ms") is not None:
-            figures.append(f"total {fields['elapsed_ms'] / 1000:.2f} s")
+        downtime, elapsed = fields.get("downtime_ms"), fields.get("elapsed_ms")
         moved = (fields.get("result") or {}).get("data_processed")
-        if moved:
-            figures.append(f"{moved / MIB:.1f} MiB moved")
-        message = f"Succeeded: the VM is on {job.target_name}" + (
-            f" ({', '.join(figures)})." if figures else "."
-        )
+        params = {"host": job.target_name}
+        if downtime is not None and elapsed is not None and moved:
+            params.update(downtime=downtime, total=f"{elapsed / 1000:.2f}", moved=f"{moved / MIB:.1f}")
+            message = ("succeeded_figures", params)
+        elif elapsed is not None:
+            message = ("succeeded_total", dict(params, total=f"{elapsed / 1000:.2f}"))
+        else:
+            message = ("succeeded", params)
     else:
         message = error
     done = transition(

@@ -200,7 +200,7 @@ def shutdown(run, journal, src, uuid, options):
     try:
         src.shutdown(uuid)
     except hv.HypervisorError as exc:
-        run.event(f"The shutdown request failed: {exc}", "warn")
+        run.event(("shutdown_request_failed", {"error": str(exc)}), "warn")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = src.find_domain(uuid)

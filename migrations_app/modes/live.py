@@ -153,8 +153,8 @@ class Live(Mode):
         src_words, dst_words = state_words(src), state_words(dst)
         if dst is not None and dst[0] == "running" and (src is None or src[0] == "shutoff"):
             if src is not None:
-                run.event(f"A shut-off definition is still on {job.source_name}.", "warn")
-            run.event(f"libvirt says the VM is {dst_words} on {job.target_name}: the migration completed.")
+                run.event(("definition_left", {"host": job.source_name, "state": state_words(src)}), "warn")
+            run.event(("completed_per_libvirt", {"state": dst_words, "host": job.target_name}))
             self.conclude(run)
             return MigrationJob.SUCCEEDED
         if src is not None and dst is None:
@@ -343,10 +343,10 @@ def monitor(run, mon, op=None):
         if timeout and not timed_out and time.monotonic() - started > timeout:
             timed_out = True
             if timeout_action == "postcopy" and (job.options or {}).get("postcopy"):
-                run.event(f"Completion timeout ({timeout} s) reached: switching to post-copy.", "warn")
+                run.event(("timeout_postcopy", {"timeout": timeout}), "warn")
                 safe(run, "Switching to post-copy", lambda m=mon: m.start_postcopy(uuid))
             else:
-                run.event(f"Completion timeout ({timeout} s) reached: aborting the migration.", "warn")
+                run.event(("timeout_abort", {"timeout": timeout}), "warn")
                 run.applied["timeout_abort"] = True
                 safe(run, "Aborting", lambda m=mon: m.abort_job(uuid))
 
@@ -385,7 +385,7 @@ def safe(run, what, fn):
         fn()
         return True
     except hv.HypervisorError as exc:
-        run.event(f"{what} failed: {exc}", "error")
+        run.event(("control_failed", {"what": what, "error": str(exc)}), "error")
         return False
 
 
@@ -393,24 +393,24 @@ def apply_controls(run, mon, uuid, row):
     if row["cancel_requested"] and not run.applied.get("cancel"):
         run.applied["cancel"] = True
         run.stop_copy.set()
-        run.event("Aborting the migration (cancel).", "warn")
+        run.event(("aborting", {}), "warn")
         safe(run, "Aborting the migration", lambda: mon.abort_job(uuid))
     bw = row["requested_bandwidth"]
     if bw is not None and run.applied.get("bandwidth") != bw:
         run.applied["bandwidth"] = bw
         if safe(run, "Changing the bandwidth", lambda: mon.set_max_speed(uuid, bw)):
-            run.event(f"Bandwidth now {bw} MiB/s." if bw else "Bandwidth now unlimited.")
+            run.event(("bandwidth_now", {"mibs": bw}) if bw else ("bandwidth_unlimited", {}))
     ms = row["requested_downtime"]
     if ms is None:
         ms = (run.job.options or {}).get("max_downtime")  # a plan option, applied once the job runs
     if ms is not None and run.applied.get("downtime") != ms:
         run.applied["downtime"] = ms
         if safe(run, "Changing the maximum downtime", lambda: mon.set_max_downtime(uuid, ms)):
-            run.event(f"Maximum downtime now {ms} ms.")
+            run.event(("downtime_now", {"ms": ms}))
     if row["postcopy_requested"] and not run.applied.get("postcopy"):
         run.applied["postcopy"] = True
         if safe(run, "Switching to post-copy", lambda: mon.start_postcopy(uuid)):
-            run.event("Switched to post-copy: the VM now runs on the target while memory follows.")
+            run.event(("postcopy_now", {}))
 
 
 def explain_failure(run, error):
@@ -429,7 +429,7 @@ def explain_failure(run, error):
     if dst not in (None, "unreachable") and state_words(dst) == "running" and not on_src:
         # The call failed after the guest already switched over (e.g. in the finish
         # phase); libvirt's own answer about where it runs wins.
-        run.event(f"The migrate call reported an error ({raw}) but the VM runs on the target.", "warn")
+        run.event(("error_but_moved", {"error": raw}), "warn")
         return
     place = (
         f"the VM is still {state_words(src)} on {job.source_name}"

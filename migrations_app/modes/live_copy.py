@@ -52,7 +52,7 @@ def prepare_target_volumes(run):
                     )
     except hv.HypervisorError as exc:
         raise Failed(f"Cannot prepare the target volumes on {job.target_name}: {exc}") from None
-    run.event("Target volumes: an active pool at each disk's directory will hold the copies.")
+    run.event(("target_pools_ready", {}))
 
 
 def remove_source_disks(run):
@@ -67,7 +67,7 @@ def remove_source_disks(run):
                     src.delete_volume(path)
                     removed.append(path)
     except hv.HypervisorError as exc:
-        run.event(f"Removing the source disks failed: {exc}", "error")
+        run.event(("remove_disks_failed", {"error": str(exc)}), "error")
     if removed:
-        run.event(f"Removed the source disks on {job.source_name}: {', '.join(removed)}.")
+        run.event(("removed_disks", {"host": job.source_name, "paths": ", ".join(removed)}))
     return removed
