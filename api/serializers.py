@@ -217,6 +217,10 @@ class JobCreateSerializer(PlanSerializer):
     reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
 
 
+class PowerSerializer(serializers.Serializer):
+    action = serializers.ChoiceField(choices=["start", "shutdown", "destroy", "reboot"])
+
+
 class BandwidthSerializer(serializers.Serializer):
     bandwidth = serializers.IntegerField(min_value=0, help_text="MiB/s, 0 = unlimited")
 

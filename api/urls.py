@@ -18,6 +18,7 @@ urlpatterns = [
     path("hosts/<int:pk>/sync/", views.HostSyncView.as_view(), name="host_sync"),
     path("vms/", views.VMListView.as_view(), name="vm_list"),
     path("vms/<int:pk>/", views.VMDetailView.as_view(), name="vm_detail"),
+    path("vms/<int:pk>/power/", views.VMPowerView.as_view(), name="vm_power"),
     path("preflight/", views.PreflightView.as_view(), name="preflight"),
     path("jobs/", views.JobListView.as_view(), name="job_list"),
     path("jobs/<int:pk>/", views.JobDetailView.as_view(), name="job_detail"),

@@ -211,6 +211,20 @@ class VMDetailView(APIView):
         return Response(s.VMSerializer(vm).data)
 
 
+class VMPowerView(APIView):
+    @extend_schema(request=s.PowerSerializer, responses={200: s.VMSerializer, 409: s.DetailSerializer})
+    def post(self, request, pk):
+        """Start, shut down (ACPI), force off or reboot the VM (the VM page's power actions)."""
+        vm = get_scoped_or_404(VM, request.user, "power", perm="hosts.power_vm", pk=pk)
+        body = s.PowerSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            vm = host_services.do_vm_power(request.user, vm, body.validated_data["action"], request=request)
+        except host_services.PowerError as exc:
+            return Response({"detail": str(exc)}, status=409)
+        return Response(s.VMSerializer(vm).data)
+
+
 # --------------------------------------------------------------------------- preflight
 
 

@@ -721,6 +721,14 @@ API_ROUTES = [
     ApiRoute("api:vm_list", allowed=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
     ApiRoute("api:vm_detail", objects=("vm_alice", "vm_hidden"), allowed=SIGNED_IN),
     ApiRoute(
+        "api:vm_power",
+        "POST",
+        objects=("vm_alice", "vm_hidden"),
+        allowed=REQUESTERS,  # hosts.power_vm, as on the VM page (libvirt faked in the world)
+        data=lambda w, vm: {"action": "destroy"},
+        action="vm.power",
+    ),
+    ApiRoute(
         "api:preflight",
         "POST",
         objects=("vm_bob", "vm_hidden"),
