@@ -20,12 +20,25 @@ pytestmark = pytest.mark.lab
 MARKER = b"kvmweb-newer-data-on-lab-b"
 
 
-def _move(user, guest, target, mode="cold"):
+def _check(guest, target, mode="cold"):
+    """Sync both hosts, then the checklist for moving ``guest`` to ``target``."""
     for host in target.__class__.objects.all():
         assert not host_services.do_sync_inventory(host)["error"]
     vm = VM.objects.get(uuid=guest.uuid)
-    report = run_preflight(MigrationPlan(vm, vm.host, target, mode, {}), measure_dirty_rate=False)
-    return vm, report
+    return vm, run_preflight(MigrationPlan(vm, vm.host, target, mode, {}), measure_dirty_rate=False)
+
+
+def _cold_move(user, guest, target):
+    """The wizard's path for a cold move with the defaults; returns the finished job."""
+    vm, report = _check(guest, target)
+    assert not report.fails, [(r.id, r.message) for r in report.fails]
+    job = do_create_job(
+        vm, target, "cold", {}, actor=user, report=report, acknowledged=[r.id for r in report.warnings]
+    )
+    runner.run_job(job.pk)
+    job.refresh_from_db()
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    return job
 
 
 def test_it_never_boots_a_stale_copy_and_moves_the_newer_data_back(hosts, lab_guest, operator):
@@ -34,20 +47,9 @@ def test_it_never_boots_a_stale_copy_and_moves_the_newer_data_back(hosts, lab_gu
     on_b, _ = labkit.disk_path(guest, "local", "lab-b")
 
     # 1. Cold A -> B with the defaults: the source disk stays on A, recorded as a copy.
-    vm, report = _move(operator, guest, hosts["lab-b"])
-    assert not report.fails, [(r.id, r.message) for r in report.fails]
-    job = do_create_job(
-        vm,
-        hosts["lab-b"],
-        "cold",
-        {},
-        actor=operator,
-        report=report,
-        acknowledged=[r.id for r in report.warnings],
-    )
-    assert runner.run_job(job.pk) == MigrationJob.SUCCEEDED
+    job = _cold_move(operator, guest, hosts["lab-b"])
     assert on_a.exists() and on_b.exists()
-    (left,) = LeftCopy.objects.filter(vm=vm, removed_at=None)
+    (left,) = LeftCopy.objects.filter(vm=job.vm, removed_at=None)
     assert (left.host_name, left.path, left.job_id) == ("lab-a", inside, job.pk)
 
     # 2. New data lands in the disk on B (written into the image while the VM is off).
@@ -57,7 +59,7 @@ def test_it_never_boots_a_stale_copy_and_moves_the_newer_data_back(hosts, lab_gu
 
     # 3. Cold B -> A: the file at the same path on A is proved a different file, named
     #    as the copy job #N left, and the move is refused.
-    vm, report = _move(operator, guest, hosts["lab-a"])
+    _vm, report = _check(guest, hosts["lab-a"])
     storage = next(r for r in report.results if r.id == "storage")
     assert storage.status == "fail", storage.message
     assert "different file" in storage.message and f"job #{job.pk}" in storage.message
@@ -71,25 +73,14 @@ def test_it_never_boots_a_stale_copy_and_moves_the_newer_data_back(hosts, lab_gu
     assert AuditEvent.objects.filter(action="leftcopy.delete", outcome=AuditEvent.SUCCESS).count() == 1
 
     # 5. Now the move back copies the current disk: the newer data is on A afterwards.
-    vm, report = _move(operator, guest, hosts["lab-a"])
-    assert not report.fails, [(r.id, r.message) for r in report.fails]
-    back = do_create_job(
-        vm,
-        hosts["lab-a"],
-        "cold",
-        {},
-        actor=operator,
-        report=report,
-        acknowledged=[r.id for r in report.warnings],
-    )
-    assert runner.run_job(back.pk) == MigrationJob.SUCCEEDED, MigrationJob.objects.get(pk=back.pk).error
+    _cold_move(operator, guest, hosts["lab-a"])
     assert MARKER in on_a.read_bytes()
     assert labkit.where(guest) == {"lab-a": "shut off"}
 
 
 def test_it_proves_shared_storage_with_a_probe_and_leaves_no_probe_behind(hosts, lab_guest):
     guest = lab_guest("probe", storage="shared", running=False)
-    vm, report = _move(None, guest, hosts["lab-b"], "offline")
+    _vm, report = _check(guest, hosts["lab-b"], "offline")
     storage = next(r for r in report.results if r.id == "storage")
     assert storage.status == "pass", storage.message
     assert storage.details["disks"][0]["shared_proof"] is True
