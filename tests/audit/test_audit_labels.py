@@ -51,8 +51,9 @@ def test_it_names_actions_and_objects_in_words_with_links(world, login, admin):
     body = login(admin).get(reverse("audit:list")).content.decode()
     job_row = row(body, world["job"])
     assert "Migration requested" in job_row and 'title="migration.request"' in job_row
-    assert f"Migration job #{world['job'].pk} of demo-web" in job_row
-    assert f'href="{reverse("migrations:detail", args=[world["job"].pk])}"' in job_row
+    # world["job"] is the audit event about the job; its target_id is the job's id.
+    assert f"Migration job #{world['job'].target_id} of demo-web" in job_row
+    assert f'href="{reverse("migrations:detail", args=[world["job"].target_id])}"' in job_row
     power_row = row(body, world["power"])
     assert "VM forced off" in power_row and "VM demo-web" in power_row
     assert f'href="{reverse("hosts:vm_detail", args=[world["vm"].pk])}"' in power_row
@@ -77,7 +78,7 @@ def test_it_shows_details_as_tables_with_the_raw_json_a_click_away(world, login,
     assert "<th>Reason</th><td>&lt;b&gt;patch&lt;/b&gt;</td>" in body  # escaped
     assert '<details class="raw" data-testid="raw-json"><summary>' in body
     assert "&quot;reason&quot;: &quot;&lt;b&gt;patch&lt;/b&gt;&quot;" in body
-    assert f"Migration job #{world['job'].pk} of demo-web" in body
+    assert f"Migration job #{world['job'].target_id} of demo-web" in body
 
 
 def test_it_labels_a_page_of_events_in_a_fixed_number_of_queries(world, login, operator, admin):
