@@ -1122,7 +1122,8 @@ def probe_shared(source, target, directories):
         return conn.call(_("Looking up a storage pool"), read)
 
     def probe(directory, src_pool, dst_pool):
-        name = f".kvmweb-probe-{secrets.token_hex(8)}"
+        # Named by process too, so a test can tell its own probes from a concurrent run's.
+        name = f".kvmweb-probe-{os.getpid()}-{secrets.token_hex(6)}"
         probe_path = os.path.join(directory, name)
         vol_xml = (
             f"<volume><name>{name}</name><capacity unit='bytes'>0</capacity>"

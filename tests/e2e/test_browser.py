@@ -59,6 +59,7 @@ class Site:
         }
         self.env.update(
             KVMWEB_DATA_DIR=str(tmp_path),
+            KVMWEB_TEST_DRIVER_DIR=str(tmp_path),  # the test-driver node files tests write here
             KVMWEB_ALLOWED_HOSTS="127.0.0.1",
             DJANGO_SETTINGS_MODULE="kvmweb.settings",
             PYTHONUNBUFFERED="1",

@@ -3,6 +3,8 @@ data changes on the target; a move back must never boot the old copy as if it we
 shared storage. kvmweb proves sharing with a probe file, names the copy a job left, lets
 an operator delete it (audited), and then copies the current data back."""
 
+import os
+
 import pytest
 
 import lab as labkit
@@ -84,4 +86,5 @@ def test_it_proves_shared_storage_with_a_probe_and_leaves_no_probe_behind(hosts,
     storage = next(r for r in report.results if r.id == "storage")
     assert storage.status == "pass", storage.message
     assert storage.details["disks"][0]["shared_proof"] is True
-    assert not [p for p in labkit.shared_dir().iterdir() if p.name.startswith(".kvmweb-probe-")]
+    mine = f".kvmweb-probe-{os.getpid()}-"
+    assert not [p for p in labkit.shared_dir().iterdir() if p.name.startswith(mine)]
