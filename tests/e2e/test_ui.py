@@ -96,7 +96,7 @@ def test_it_sorts_and_filters_the_vm_list(site, world, browser):
     # Filter as you type: the rows follow without a page load, the URL keeps the state.
     page.evaluate("window.__same_page = true")
     page.fill("[data-testid=vm-filter]", "app-0")
-    page.wait_for_function("document.querySelectorAll('table.vms tbody tr').length === 10")
+    page.wait_for_function("() => document.querySelectorAll('table.vms tbody tr').length === 10")
     assert all(n.startswith("app-0") for n in names(page))
     assert page.evaluate("window.__same_page") is True  # no full reload happened
     page.wait_for_url("**q=app-0**")
