@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "kvmweb.accounts",
     "hosts",
     "migrations_app",
+    "fleet",
 ]
 
 MIDDLEWARE = [

@@ -20,6 +20,7 @@ _READ_ALL = [
     "migrations_app.view_migrationjob",
     "audit.view_auditevent",
     "accounts.view_selfservicepolicy",
+    "fleet.view_batch",
 ]
 ROLE_PERMISSIONS = {
     ADMINISTRATOR: _READ_ALL
@@ -32,6 +33,7 @@ ROLE_PERMISSIONS = {
         "hosts.delete_hostgroup",
         "hosts.change_vm",
         "hosts.sync_host",
+        "hosts.maintain_host",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",
@@ -49,6 +51,7 @@ ROLE_PERMISSIONS = {
     OPERATOR: _READ_ALL
     + [
         "hosts.sync_host",
+        "hosts.maintain_host",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",
