@@ -412,6 +412,7 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     with transaction.atomic():
         w.event_alice = record("test.by_alice", actor=alice, target=w.alice_web)
         w.event_admin = record("test.by_admin", actor=admin, target=w.hidden)
+
     def batch(status):
         return Batch.objects.create(host=w.p1, host_name=w.p1.name, status=status, created_by=admin)
 
