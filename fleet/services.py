@@ -231,7 +231,9 @@ def plan_move_back(batch, actor, **kwargs):
 def do_move_back(batch, actor, request=None, **kwargs):
     """Plan and start the reverse batch of ``batch`` (refused while its host is still in
     maintenance: the planner would find the origin unavailable)."""
-    if batch.host is not None and batch.host.maintenance:
+    from hosts.models import Host
+
+    if Host.objects.filter(pk=batch.host_id, maintenance=True).exists():
         _refuse(
             "batch.create",
             actor,
