@@ -55,7 +55,9 @@ def test_it_starts_children_within_the_limits_and_finishes(batch_of):
     items = list(batch.items.select_related("job"))
     assert all(i.status == BatchItem.SUCCEEDED and i.job.vm_id == i.vm_id for i in items)
     assert MigrationJob.objects.count() == 5  # each VM exactly once
-    actions = list(AuditEvent.objects.filter(action__startswith="batch.").order_by("id").values_list("action", flat=True))
+    actions = list(
+        AuditEvent.objects.filter(action__startswith="batch.").order_by("id").values_list("action", flat=True)
+    )
     assert actions[:2] == ["batch.plan", "batch.start"] and actions[-1] == "batch.end"
     assert actions.count("batch.decision") == 5
 
