@@ -153,6 +153,10 @@ class BatchItem(models.Model):
     reason = models.TextField(blank=True)
     predicted_seconds = models.FloatField(null=True, blank=True)
     predicted_downtime_ms = models.FloatField(null=True, blank=True)
+    # A child lost with its worker (reconcile found the VM still on its source, the
+    # migration never done) is retried once: its job is kept in previous_jobs.
+    attempts = models.PositiveIntegerField(default=0)
+    previous_jobs = models.JSONField(default=list, blank=True)
     job = models.OneToOneField(
         "migrations_app.MigrationJob",
         null=True,

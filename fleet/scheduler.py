@@ -37,7 +37,7 @@ from migrations_app.models import MigrationJob
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 60.0
+LEASE_SECONDS = 20.0  # renewed before every child is started (a pass may run preflights)
 JOB_TO_ITEM = {
     states.SUCCEEDED: BatchItem.SUCCEEDED,
     states.FAILED: BatchItem.FAILED,
@@ -74,13 +74,48 @@ def _audit(action, batch, outcome=AuditEvent.SUCCESS, **details):
     )
 
 
+MAX_RETRIES = 1
+
+
+def lost_with_its_worker(item, job):
+    """The child failed only because its worker died before libvirt moved anything:
+    reconcile (worker "reconcile:...") concluded it failed and the VM is still on the
+    item's source, not gone. Such a child may be retried: the VM was never migrated."""
+    from hosts.models import VM
+
+    return (
+        job.status == states.FAILED
+        and job.worker.startswith("reconcile:")
+        and item.attempts < MAX_RETRIES
+        and VM.objects.filter(pk=item.vm_id, host_id=item.source_id, gone=False).exists()
+    )
+
+
 def _follow_children(batch):
-    """Items whose child job reached a final state take its outcome."""
-    for item in batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL).select_related(
-        "job"
-    ):
+    """Items whose child job reached a final state take its outcome (or, for a child
+    lost with its worker, go back to pending for one more attempt)."""
+    started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
+    for item in started.select_related("job"):
         job = item.job
         outcome = JOB_TO_ITEM[job.status]
+        if lost_with_its_worker(item, job):
+            with transaction.atomic():
+                if BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
+                    status=BatchItem.PENDING,
+                    job=None,
+                    attempts=item.attempts + 1,
+                    previous_jobs=[*item.previous_jobs, job.pk],
+                ):
+                    _audit(
+                        "batch.decision",
+                        batch,
+                        AuditEvent.FAILURE,
+                        vm=item.vm_name,
+                        decision="retry",
+                        job=job.pk,
+                        error=job.error,
+                    )
+            continue
         with transaction.atomic():
             moved = BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED).update(
                 status=outcome, finished_at=job.finished_at or timezone.now(), reason=job.error or ""
@@ -246,7 +281,7 @@ def tick(batch_id, owner=None):
                     except JobError:
                         pass  # it ended meanwhile: followed at the next pass
         if batch.status == Batch.RUNNING:
-            _start_next(batch)
+            _start_next(batch, owner)
         if not batch.items.filter(status__in=BatchItem.OPEN).exists() and batch.status != Batch.PAUSED:
             _finish(batch)
         return batch.status
@@ -254,8 +289,9 @@ def tick(batch_id, owner=None):
         release(batch_id, owner)
 
 
-def _start_next(batch):
-    """Start pending items, in order, while every limit has room."""
+def _start_next(batch, owner):
+    """Start pending items, in order, while every limit has room. The lease is renewed
+    before each start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
     mine = batch.items.filter(status=BatchItem.STARTED).count()
     limit = global_limit()
@@ -268,6 +304,8 @@ def _start_next(batch):
             continue
         if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
             return  # paused or cancelled meanwhile
+        if not claim(batch.pk, owner):
+            return  # the lease ran out and another scheduler took the batch: it counts anew
         if _start_item(batch, item):
             mine += 1
             total += 1

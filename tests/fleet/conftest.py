@@ -75,3 +75,23 @@ def make_vm(fleet):
         )
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def fleet_cluster(lab, tmp_path_factory):
+    """A kvmweb of its own (file SQLite DB) with lab-a, lab-b and lab-c registered and a
+    real migrations qcluster (tests/migrations_app/conftest.py Cluster). lab-c is taken
+    down again at the end when this fixture started it."""
+    import lab as labkit
+    from tests.migrations_app.conftest import _prepared
+
+    started = labkit.up(3)
+    c = _prepared(tmp_path_factory.mktemp("fleet"))
+    c.manage("add_host", "lab-c", labkit.uri("lab-c"), "--no-sync")
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        if started:
+            labkit.down(hosts=["lab-c"])

@@ -160,6 +160,34 @@ def _dying_after_job(original, die):
     return filter
 
 
+def test_it_retries_once_a_child_lost_with_its_worker_before_libvirt_moved_anything(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    first = MigrationJob.objects.get()
+    # What reconcile concludes after the worker died before the migration: failed, VM on
+    # the source.
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.FAILED, worker="reconcile:w1")
+    scheduler.tick(batch.pk)
+    item = batch.items.get()
+    assert item.status == BatchItem.STARTED and item.attempts == 1 and item.previous_jobs == [first.pk]
+    second = item.job
+    assert second != first and MigrationJob.objects.count() == 2
+    assert AuditEvent.objects.filter(action="batch.decision", details__decision="retry").count() == 1
+    # A second loss is not retried again, and an ordinary failure never is.
+    MigrationJob.objects.filter(pk=second.pk).update(status=MigrationJob.FAILED, worker="reconcile:w2")
+    scheduler.tick(batch.pk)
+    item.refresh_from_db()
+    assert item.status == BatchItem.FAILED and MigrationJob.objects.count() == 2
+
+
+def test_it_does_not_retry_a_child_that_failed_on_its_own(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    MigrationJob.objects.update(status=MigrationJob.FAILED, worker="host:123")
+    scheduler.tick(batch.pk)
+    assert batch.items.get().status == BatchItem.FAILED and MigrationJob.objects.count() == 1
+
+
 def test_it_refuses_batches_to_self_service_users(fleet, make_vm, alice, fake_preflight):
     make_vm("web1")
     with pytest.raises(services.BatchError):

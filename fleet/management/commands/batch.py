@@ -1,4 +1,8 @@
-"""`manage.py batch ID show|pause|resume|cancel|wait [--cancel-running] [--json]`."""
+"""`manage.py batch ID show|pause|resume|cancel|wait|move-back [--cancel-running] [--json]`.
+
+``wait`` drives the batch's scheduler passes until it ends (the periodic task may run
+passes too; the lease keeps them apart); ``move-back`` plans and starts the reverse batch
+of an evacuation (add ``--wait`` to run it to its end)."""
 
 import json
 import sys
@@ -8,7 +12,7 @@ from django.core.management.base import BaseCommand
 from fleet import scheduler
 from fleet.management.commands._common import acting_user, add_user_argument, bad
 from fleet.models import Batch
-from fleet.services import BatchError, do_cancel_batch, do_pause_batch, do_resume_batch
+from fleet.services import BatchError, do_cancel_batch, do_move_back, do_pause_batch, do_resume_batch
 
 
 def batch_json(batch):
@@ -30,6 +34,8 @@ def batch_json(batch):
                 "status": i.status,
                 "reason": i.reason,
                 "job": i.job_id,
+                "attempts": i.attempts,
+                "previous_jobs": i.previous_jobs,
                 "predicted_seconds": i.predicted_seconds,
             }
             for i in batch.items.all()
@@ -47,16 +53,17 @@ def print_batch(out, batch):
 
 
 class Command(BaseCommand):
-    help = "Show or control a batch: batch ID show|pause|resume|cancel|wait"
+    help = "Show or control a batch: batch ID show|pause|resume|cancel|wait|move-back"
 
     def add_arguments(self, parser):
         parser.add_argument("id", type=int)
-        parser.add_argument("action", choices=["show", "pause", "resume", "cancel", "wait"])
+        parser.add_argument("action", choices=["show", "pause", "resume", "cancel", "wait", "move-back"])
         parser.add_argument(
             "--cancel-running", action="store_true", help="cancel: abort running children too"
         )
         parser.add_argument("--json", action="store_true")
         parser.add_argument("--timeout", type=float)
+        parser.add_argument("--wait", action="store_true", help="move-back: run the new batch to its end")
         add_user_argument(parser)
 
     def handle(self, id, action, **o):
@@ -65,15 +72,19 @@ class Command(BaseCommand):
         if batch is None:
             bad(self, f"no batch #{id} visible to {actor}")
         try:
-            if action in ("pause", "resume", "cancel"):
+            if action in ("pause", "resume", "cancel", "move-back"):
                 if not actor.has_perm("hosts.maintain_host"):
                     bad(self, f"{actor} may not control batches")
                 if action == "pause":
                     do_pause_batch(batch, actor)
                 elif action == "resume":
                     do_resume_batch(batch, actor)
-                else:
+                elif action == "cancel":
                     do_cancel_batch(batch, actor, cancel_running=o["cancel_running"])
+                else:
+                    batch = do_move_back(batch, actor, measure_dirty_rate=False)
+                    if o["wait"]:
+                        batch = scheduler.drive(batch.pk, timeout=o["timeout"])
             elif action == "wait":
                 batch = scheduler.drive(batch.pk, timeout=o["timeout"])
         except BatchError as exc:
