@@ -197,14 +197,16 @@ def candidates_for(user, vm):
     return list(allowed_targets(user, vm).exclude(status=Host.UNREACHABLE).exclude(maintenance=True))
 
 
-def place(vms, user, overrides=None):
-    """Step 1: a target and a first mode for every VM (Rows, blocked where nothing fits)."""
+def place(vms, user, overrides=None, options=None):
+    """Step 1: a target and a first mode for every VM (Rows, blocked where nothing fits).
+    ``options`` (e.g. a bandwidth cap) apply to every row; each mode keeps only the keys
+    that apply to it (migrations_app/options.py)."""
     overrides = overrides or {}
     vms = list(vms)
     tags = tags_of(vms)
     rows, all_hosts = {}, {}
     for vm in vms:
-        row = Row(vm=vm, source=vm.host)
+        row = Row(vm=vm, source=vm.host, options=dict(options or {}))
         row.candidates = candidates_for(user, vm)
         for h in row.candidates:
             all_hosts[h.pk] = h
@@ -348,13 +350,21 @@ def simulate(rows, limits):
 
 
 def make_plan(
-    vms, user, *, overrides=None, allow_cold=False, limits=None, measure_dirty_rate=True, ordered=False
+    vms,
+    user,
+    *,
+    overrides=None,
+    allow_cold=False,
+    limits=None,
+    measure_dirty_rate=True,
+    ordered=False,
+    options=None,
 ):
     """Plan the moves of ``vms`` for ``user``: placement, the full preflight of every
     placed row (bounded parallelism), the order (smallest predicted first unless
     ``ordered``) and the predicted total at the limits."""
     limits = {"max_parallel": 4, "per_source": 2, "per_target": 2, **(limits or {})}
-    rows = place(vms, user, overrides)
+    rows = place(vms, user, overrides, options)
     placed = [r for r in rows if r.placed]
     language = translation.get_language()
     workers = max(1, int(_setting("KVMWEB_FLEET_PREFLIGHT_PARALLEL", 4)))

@@ -318,7 +318,7 @@ def run_active(owner=None):
     return {b: tick(b, owner) for b in Batch.objects.active().values_list("pk", flat=True)}
 
 
-def drive(batch_id, *, timeout=None, every=1.0, on_tick=None):
+def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
     """Pass over the batch every ``every`` seconds until it is final (or ``timeout``).
     Used by `manage.py evacuate --wait` / `batch ID wait`; the periodic task may run
     passes too (the lease keeps them apart)."""

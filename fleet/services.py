@@ -228,9 +228,30 @@ def plan_move_back(batch, actor, **kwargs):
     return make_plan(vms, actor, overrides=overrides, **kwargs)
 
 
+def delete_stale_copies(batch, actor, request=None):
+    """The disk copies ``batch``'s own children left on the origin host (live + storage
+    copy keeps the source file): they hold the data as it was at the move, so moving the
+    VM back over them is refused by the preflight. Moving back replaces them, so they are
+    deleted first (migrations_app.services.do_delete_left_copy: audited, refused while the
+    VM has an active job). Returns the paths deleted."""
+    from migrations_app.models import LeftCopy
+    from migrations_app.services import JobError, do_delete_left_copy
+
+    jobs = batch.items.filter(status=BatchItem.SUCCEEDED).values("job_id")
+    deleted = []
+    for copy in LeftCopy.objects.filter(job__in=jobs, host_id=batch.host_id, removed_at__isnull=True):
+        try:
+            do_delete_left_copy(copy, actor, request)
+        except JobError:
+            continue  # the planner's preflight then says why this VM stays
+        deleted.append(copy.path)
+    return deleted
+
+
 def do_move_back(batch, actor, request=None, **kwargs):
     """Plan and start the reverse batch of ``batch`` (refused while its host is still in
-    maintenance: the planner would find the origin unavailable)."""
+    maintenance: the planner would find the origin unavailable). The stale disk copies
+    the evacuation left on the origin are deleted first (delete_stale_copies)."""
     from hosts.models import Host
 
     if Host.objects.filter(pk=batch.host_id, maintenance=True).exists():
@@ -241,5 +262,6 @@ def do_move_back(batch, actor, request=None, **kwargs):
             _("End the maintenance of %(h)s first.") % {"h": batch.host_name},
             request,
         )
+    delete_stale_copies(batch, actor, request)
     plan = plan_move_back(batch, actor, **kwargs)
     return do_create_batch(plan, actor, kind=Batch.MOVE_BACK, host=batch.host, parent=batch, request=request)

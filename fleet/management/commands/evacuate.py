@@ -58,6 +58,7 @@ class Command(BaseCommand):
             "--allow-cold", action="store_true", help="allow downtime (cold) where live is blocked"
         )
         parser.add_argument("--stop-on-failure", action="store_true")
+        parser.add_argument("--bandwidth", type=int, help="cap every live migration at this many MiB/s")
         parser.add_argument("--quick", action="store_true", help="do not measure dirty rates")
         parser.add_argument("--at", help="not before this ISO time (not supported yet)")
         parser.add_argument("--timeout", type=float, help="--wait: give up after this many seconds")
@@ -80,7 +81,12 @@ class Command(BaseCommand):
         }
         try:
             plan = plan_evacuation(
-                obj, actor, limits=limits, allow_cold=o["allow_cold"], measure_dirty_rate=not o["quick"]
+                obj,
+                actor,
+                limits=limits,
+                allow_cold=o["allow_cold"],
+                measure_dirty_rate=not o["quick"],
+                options={"bandwidth": o["bandwidth"]} if o["bandwidth"] else None,
             )
         except BatchError as exc:
             bad(self, str(exc))
