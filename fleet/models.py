@@ -78,6 +78,10 @@ class Batch(models.Model):
     per_target = models.PositiveIntegerField(default=2)
     stop_on_failure = models.BooleanField(default=False)
     cancel_running = models.BooleanField(default=False)  # what "cancel" does to running children
+    # Window: no child starts before not_before; children not started by not_after end
+    # as "missed window" (fleet/scheduler.py).
+    not_before = models.DateTimeField(null=True, blank=True)
+    not_after = models.DateTimeField(null=True, blank=True)
 
     predicted_seconds = models.FloatField(null=True, blank=True)
     plan = models.JSONField(default=dict, blank=True)  # the planner's table as approved
@@ -117,7 +121,7 @@ class BatchItem(models.Model):
     """One VM of a batch: where it goes, how, what was predicted, and the child job that
     moves it (set in the same transaction that creates the job)."""
 
-    PENDING, STARTED, SUCCEEDED, FAILED, CANCELLED, SKIPPED, BLOCKED = (
+    PENDING, STARTED, SUCCEEDED, FAILED, CANCELLED, SKIPPED, BLOCKED, MISSED = (
         "pending",
         "started",
         "succeeded",
@@ -125,6 +129,7 @@ class BatchItem(models.Model):
         "cancelled",
         "skipped",
         "blocked",
+        "missed",
     )
     STATUSES = [
         (PENDING, _("waiting")),
@@ -134,6 +139,7 @@ class BatchItem(models.Model):
         (CANCELLED, _("cancelled")),
         (SKIPPED, _("skipped")),
         (BLOCKED, _("stays (blocked)")),
+        (MISSED, _("missed window")),
     ]
     OPEN = [PENDING, STARTED]
 

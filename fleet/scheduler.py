@@ -150,6 +150,7 @@ def _finish(batch):
         or counts[BatchItem.BLOCKED]
         or counts[BatchItem.SKIPPED]
         or counts[BatchItem.CANCELLED]
+        or counts[BatchItem.MISSED]
     ):
         final = Batch.FAILED
     else:
@@ -280,7 +281,14 @@ def tick(batch_id, owner=None):
                         do_cancel_job(item.job, batch.created_by)
                     except JobError:
                         pass  # it ended meanwhile: followed at the next pass
-        if batch.status == Batch.RUNNING:
+        if batch.status == Batch.RUNNING and batch.not_after and timezone.now() > batch.not_after:
+            _skip_pending(
+                batch,
+                _("Not started before the window closed at %(t)s.")
+                % {"t": batch.not_after.isoformat(timespec="minutes")},
+                BatchItem.MISSED,
+            )
+        if batch.status == Batch.RUNNING and not (batch.not_before and timezone.now() < batch.not_before):
             _start_next(batch, owner)
         if not batch.items.filter(status__in=BatchItem.OPEN).exists() and batch.status != Batch.PAUSED:
             _finish(batch)

@@ -66,10 +66,14 @@ def do_create_batch(
     stop_on_failure=False,
     request=None,
     start=True,
+    not_before=None,
+    not_after=None,
 ):
     """Store ``plan`` as a batch (one item per row; blocked rows are kept as "stays" with
     their reasons) and start it unless ``start`` is False. Audited: the plan, the start."""
     check_can_batch(actor, "batch.create", host, request)
+    if not_before and not_after and not_after <= not_before:
+        _refuse("batch.create", actor, host, _("The window closes before it opens."), request)
     limits = plan.limits
     with transaction.atomic():
         batch = Batch.objects.create(
@@ -81,6 +85,8 @@ def do_create_batch(
             per_source=limits["per_source"],
             per_target=limits["per_target"],
             stop_on_failure=stop_on_failure,
+            not_before=not_before,
+            not_after=not_after,
             predicted_seconds=plan.total_seconds,
             plan=plan.to_dict(),
             created_by=actor,

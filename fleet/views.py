@@ -8,6 +8,8 @@ batch (out of scope) and 403 for the planner of a host they can see.
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
@@ -45,6 +47,17 @@ def _plan_form(data):
     return limits, overrides, bool(data.get("allow_cold"))
 
 
+def _window(data):
+    """{"not_before": ..., "not_after": ...} from the form's datetime-local fields (in the
+    server's time zone); empty or unreadable fields are left out."""
+    out = {}
+    for field in ("not_before", "not_after"):
+        when = parse_datetime(data.get(field) or "")
+        if when is not None:
+            out[field] = when if timezone.is_aware(when) else timezone.make_aware(when)
+    return out
+
+
 def _vms_for(request, host):
     if host is not None:
         return services.evacuation_vms(host)
@@ -70,6 +83,7 @@ def _planner(request, host=None):
                 host=host,
                 stop_on_failure=bool(data.get("stop_on_failure")),
                 request=request,
+                **_window(data),
             )
             messages.success(request, _("Batch #%(b)d started.") % {"b": batch.pk})
             return redirect("fleet:batch", pk=batch.pk)
@@ -141,6 +155,7 @@ def _batch_context(batch):
         "movable": movable,
         "percent": round(100 * done / movable) if movable else 100,
         "jobs": jobs,
+        "now": timezone.now(),
     }
 
 

@@ -236,3 +236,34 @@ def test_it_plans_and_starts_from_the_pages(fleet, make_vm, operator, login, fak
     other = make_vm("db1")
     page = client.post("/fleet/bulk/", {"vm": [other.pk], "action": "check"})
     assert "db1" in page.content.decode()
+
+
+def test_it_waits_for_the_window_and_marks_what_missed_it(fleet, make_vm, operator, fake_preflight, login):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_vm("web1")
+    make_vm("web2")
+    plan = make_plan(VM.objects.filter(host=fleet["ha"]), operator, measure_dirty_rate=False)
+    soon = timezone.now() + timedelta(hours=1)
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"], not_before=soon)
+    scheduler.tick(batch.pk)
+    assert not MigrationJob.objects.exists()  # not before its window
+    assert "Starts in" in login(operator).get(f"/fleet/batches/{batch.pk}/live/").content.decode()
+    # The window opens, one child starts; then it closes before the second could.
+    Batch.objects.filter(pk=batch.pk).update(
+        not_before=timezone.now() - timedelta(minutes=1),
+        not_after=timezone.now() + timedelta(minutes=1),
+        per_source=1,
+    )
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 1
+    Batch.objects.filter(pk=batch.pk).update(not_after=timezone.now() - timedelta(seconds=1))
+    _finish_children()
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == Batch.FAILED and MigrationJob.objects.count() == 1
+    assert batch.counts()[BatchItem.MISSED] == 1 and batch.counts()[BatchItem.SUCCEEDED] == 1
+    with pytest.raises(services.BatchError, match="window"):
+        services.do_create_batch(plan, operator, not_before=soon, not_after=soon - timedelta(minutes=5))

@@ -22,6 +22,8 @@ def batch_json(batch):
         "host": batch.host_name,
         "status": batch.status,
         "predicted_seconds": batch.predicted_seconds,
+        "not_before": batch.not_before.isoformat() if batch.not_before else None,
+        "not_after": batch.not_after.isoformat() if batch.not_after else None,
         "started_at": batch.started_at.isoformat() if batch.started_at else None,
         "finished_at": batch.finished_at.isoformat() if batch.finished_at else None,
         "counts": batch.counts(),

@@ -1,4 +1,4 @@
-"""`manage.py evacuate HOST [--dry-run] [--json] [--wait] [--max-parallel N] [--at ISO-TIME]`.
+"""`manage.py evacuate HOST [--dry-run] [--json] [--wait] [--max-parallel N] [--at ISO-TIME] [--until ISO-TIME]`.
 
 Plans the evacuation of HOST (every VM: target, mode, full preflight, predicted duration
 and downtime, or why it stays) and, unless --dry-run, starts the batch. --wait drives the
@@ -9,8 +9,10 @@ moved, 1 when some are blocked or failed, 2 for bad arguments.
 
 import json
 import sys
+from datetime import datetime
 
 from django.core.management.base import BaseCommand
+from django.utils import timezone
 
 from fleet import scheduler
 from fleet.management.commands._common import acting_user, add_user_argument, bad
@@ -60,13 +62,20 @@ class Command(BaseCommand):
         parser.add_argument("--stop-on-failure", action="store_true")
         parser.add_argument("--bandwidth", type=int, help="cap every live migration at this many MiB/s")
         parser.add_argument("--quick", action="store_true", help="do not measure dirty rates")
-        parser.add_argument("--at", help="not before this ISO time (not supported yet)")
+        parser.add_argument("--at", help="start no child before this ISO time")
+        parser.add_argument("--until", help="children not started by this ISO time end as 'missed window'")
         parser.add_argument("--timeout", type=float, help="--wait: give up after this many seconds")
         add_user_argument(parser)
 
     def handle(self, host, **o):
-        if o["at"]:
-            bad(self, "--at (scheduling windows) is not supported yet")
+        window = {}
+        for key, field in (("at", "not_before"), ("until", "not_after")):
+            if o[key]:
+                try:
+                    when = datetime.fromisoformat(o[key])
+                except ValueError:
+                    bad(self, f"--{key}: not an ISO time: {o[key]!r}")
+                window[field] = when if timezone.is_aware(when) else timezone.make_aware(when)
         for key in ("max_parallel", "per_source", "per_target"):
             if o[key] < 1:
                 bad(self, f"--{key.replace('_', '-')} must be at least 1")
@@ -99,7 +108,7 @@ class Command(BaseCommand):
                 sys.exit(1)
             return
         try:
-            batch = do_create_batch(plan, actor, host=obj, stop_on_failure=o["stop_on_failure"])
+            batch = do_create_batch(plan, actor, host=obj, stop_on_failure=o["stop_on_failure"], **window)
         except BatchError as exc:
             bad(self, str(exc))
         if not o["json"]:
