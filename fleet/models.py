@@ -159,6 +159,7 @@ class BatchItem(models.Model):
     reason = models.TextField(blank=True)
     predicted_seconds = models.FloatField(null=True, blank=True)
     predicted_downtime_ms = models.FloatField(null=True, blank=True)
+    report = models.JSONField(default=dict, blank=True)  # the planner's preflight report
     # A child lost with its worker (reconcile found the VM still on its source, the
     # migration never done) is retried once: its job is kept in previous_jobs.
     attempts = models.PositiveIntegerField(default=0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -177,6 +177,31 @@ def _active_counts():
     return by_source, by_target, active.count()
 
 
+def report_reuse_seconds():
+    return float(getattr(settings, "KVMWEB_FLEET_REPORT_REUSE_SECONDS", 300))
+
+
+def _recent_report(item):
+    """The planner's full preflight report of this item when it is recent enough
+    (KVMWEB_FLEET_REPORT_REUSE_SECONDS) and passed: the gate do_create_job needs. The
+    worker runs the checklist again right before it migrates (migrations_app/runner.py),
+    so a report a few minutes old never lets a migration start on stale facts; it only
+    saves this pass a second checklist per child."""
+    from migrations_app.preflight import Report
+
+    data = item.report or {}
+    if not data.get("started_at"):
+        return None
+    try:
+        started = datetime.fromisoformat(data["started_at"])
+    except ValueError:
+        return None
+    if (timezone.now() - started).total_seconds() > report_reuse_seconds():
+        return None
+    report = Report.from_dict(data)
+    return None if report.fails else report
+
+
 def _start_item(batch, item):
     """Preflight (outside any transaction), then create the child job and link it to the
     item in one transaction. Returns True when a child was created."""
@@ -199,7 +224,7 @@ def _start_item(batch, item):
         options.setdefault("start_on_target", vm.is_running)  # no libvirt call in do_create_job
     try:
         plan = MigrationPlan(vm, vm.host, item.target, item.mode, options)
-        report = run_preflight(plan, measure_dirty_rate=False)
+        report = _recent_report(item) or run_preflight(plan, measure_dirty_rate=False)
     except PlanError as exc:
         report, error = None, str(exc)
     else:

@@ -108,6 +108,7 @@ def do_create_batch(
                 reason="" if row.placed else "; ".join(row.reasons),
                 predicted_seconds=row.predicted_seconds,
                 predicted_downtime_ms=row.predicted_downtime_ms,
+                report=row.report if row.placed else {},
             )
         record(
             "batch.plan",

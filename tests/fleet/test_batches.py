@@ -267,3 +267,32 @@ def test_it_waits_for_the_window_and_marks_what_missed_it(fleet, make_vm, operat
     assert batch.counts()[BatchItem.MISSED] == 1 and batch.counts()[BatchItem.SUCCEEDED] == 1
     with pytest.raises(services.BatchError, match="window"):
         services.do_create_batch(plan, operator, not_before=soon, not_after=soon - timedelta(minutes=5))
+
+
+def test_it_reuses_a_recent_plan_report_and_checks_again_when_it_is_old(
+    fleet, make_vm, operator, fake_preflight, settings
+):
+    from datetime import UTC, datetime, timedelta
+
+    from tests.fleet.conftest import prediction, report
+
+    def fresh(plan):
+        r = report(prediction())
+        r.started_at = datetime.now(UTC).isoformat()
+        return r
+
+    for name in ("web1", "web2"):
+        make_vm(name)
+        fake_preflight.answers[name] = fresh
+    plan = make_plan(VM.objects.filter(host=fleet["ha"]), operator, measure_dirty_rate=False)
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"])
+    planned = len(fake_preflight.calls)
+    web2 = BatchItem.objects.get(vm__name="web2")
+    web2.report["started_at"] = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    web2.save()
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 2
+    # web1's plan-time report was recent: no second checklist; web2's was an hour old.
+    assert [c[0] for c in fake_preflight.calls[planned:]] == ["web2"]
+    web1 = BatchItem.objects.get(vm__name="web1")
+    assert web1.job.preflight["started_at"] == web1.report["started_at"]
