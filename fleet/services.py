@@ -272,3 +272,20 @@ def do_move_back(batch, actor, request=None, **kwargs):
     delete_stale_copies(batch, actor, request)
     plan = plan_move_back(batch, actor, **kwargs)
     return do_create_batch(plan, actor, kind=Batch.MOVE_BACK, host=batch.host, parent=batch, request=request)
+
+
+def do_set_vm_tags(vm, actor, *, add=(), remove=(), request=None):
+    """Add or remove anti-affinity tags of ``vm`` (fleet.models.VMTag; audited
+    ``vm.tags`` with the tags before and after). Operators and administrators only."""
+    from fleet.models import VMTag
+
+    check_can_batch(actor, "vm.tags", vm, request)
+    names = {t.strip()[:64] for t in add if t and t.strip()}
+    with transaction.atomic():
+        before = sorted(VMTag.objects.filter(vm=vm).values_list("name", flat=True))
+        for name in names:
+            VMTag.objects.get_or_create(vm=vm, name=name)
+        VMTag.objects.filter(vm=vm, name__in=[t.strip() for t in remove]).delete()
+        after = sorted(VMTag.objects.filter(vm=vm).values_list("name", flat=True))
+        record("vm.tags", actor=actor, request=request, target=vm, details={"before": before, "after": after})
+    return after

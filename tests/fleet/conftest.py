@@ -39,6 +39,10 @@ def fake_preflight(monkeypatch):
             answer = self.answers.get(plan.vm.name)
             return answer(plan) if answer else report(prediction())
 
+    # Views that import run_preflight by name bind it when the URLconf is first loaded:
+    # load it before patching, or a page view would keep the fake for later tests.
+    import kvmweb.urls  # noqa: F401
+
     fake = Fake()
     monkeypatch.setattr("migrations_app.preflight.run_preflight", fake)
     return fake

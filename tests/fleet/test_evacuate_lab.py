@@ -86,11 +86,7 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
     ours = [g.uuid.replace("-", "") for g in (shared, local, off, *pair)]
     _exec(c, f"update hosts_vm set gone = 1 where uuid not in ({', '.join('?' * len(ours))})", *ours)
     for g in pair:
-        _exec(
-            c,
-            "insert into fleet_vmtag (vm_id, name) select id, 'ev-pair' from hosts_vm where uuid = ?",
-            g.uuid.replace("-", ""),
-        )
+        c.manage("vm_tags", g, "--add", "ev-pair")
     assert c.q("select count(*) from fleet_vmtag")[0][0] == 3
     c.manage("maintenance", "lab-a", "on", "--reason", "lab test")
 

@@ -147,3 +147,20 @@ def test_it_prints_the_plan_as_json_and_exits_1_when_some_stay(
     from fleet.models import Batch
 
     assert not Batch.objects.exists()  # a dry run changes nothing
+
+
+def test_it_sets_tags_from_the_command_line_for_operators_only(fleet, make_vm, operator, alice, capsys):
+    from django.core.management.base import CommandError
+
+    from kvmweb.audit.models import AuditEvent
+
+    vm = make_vm("db1")
+    call_command("vm_tags", "db1", "--add", "db-cluster", "--user", "operator")
+    assert list(VMTag.objects.filter(vm=vm).values_list("name", flat=True)) == ["db-cluster"]
+    event = AuditEvent.objects.get(action="vm.tags")
+    assert event.details == {"before": [], "after": ["db-cluster"]} and event.actor == operator
+    vm.owner_user = alice
+    vm.save()
+    with pytest.raises(CommandError):
+        call_command("vm_tags", "db1", "--remove", "db-cluster", "--user", "alice")
+    assert VMTag.objects.filter(vm=vm).exists()
