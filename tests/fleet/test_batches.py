@@ -296,3 +296,11 @@ def test_it_reuses_a_recent_plan_report_and_checks_again_when_it_is_old(
     assert [c[0] for c in fake_preflight.calls[planned:]] == ["web2"]
     web1 = BatchItem.objects.get(vm__name="web1")
     assert web1.job.preflight["started_at"] == web1.report["started_at"]
+
+
+def test_it_is_driven_by_the_periodic_task(batch_of):
+    from fleet.tasks import batch_watch
+
+    batch = batch_of(3, per_source=2)
+    batch_watch(duration=0.0, every=0.0)  # one pass over every active batch
+    assert batch.items.filter(status=BatchItem.STARTED).count() == 2
