@@ -26,6 +26,31 @@ class VMTag(models.Model):
         return f"{self.vm_id}:{self.name}"
 
 
+class Blackout(models.Model):
+    """A window in which no batch child starts on (from or to) a host of ``group``. The
+    batch scheduler waits it out (the batch page says until when); an administrator may
+    start a batch that ignores blackouts (Batch.ignore_blackouts, audited)."""
+
+    group = models.ForeignKey("hosts.HostGroup", on_delete=models.CASCADE, related_name="blackouts")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    reason = models.CharField(max_length=500, blank=True)
+    created_by_name = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["starts_at"]
+
+    def __str__(self):
+        return f"{self.group} {self.starts_at:%Y-%m-%d %H:%M} - {self.ends_at:%Y-%m-%d %H:%M}"
+
+
+def blackout_for(host, when):
+    """The blackout covering ``host``'s group at ``when``, or None."""
+    if host is None or host.group_id is None:
+        return None
+    return Blackout.objects.filter(group_id=host.group_id, starts_at__lte=when, ends_at__gt=when).first()
+
+
 class BatchQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for batches: the staff roles that see every host and VM see every
@@ -82,6 +107,8 @@ class Batch(models.Model):
     # as "missed window" (fleet/scheduler.py).
     not_before = models.DateTimeField(null=True, blank=True)
     not_after = models.DateTimeField(null=True, blank=True)
+    ignore_blackouts = models.BooleanField(default=False)  # administrators only
+    waiting_for = models.CharField(max_length=500, blank=True)  # why nothing starts now
 
     predicted_seconds = models.FloatField(null=True, blank=True)
     plan = models.JSONField(default=dict, blank=True)  # the planner's table as approved

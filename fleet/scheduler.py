@@ -29,7 +29,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from fleet.models import Batch, BatchItem
+from fleet.models import Batch, BatchItem, blackout_for
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
@@ -323,27 +323,48 @@ def tick(batch_id, owner=None):
 
 
 def _start_next(batch, owner):
+    waiting = _start_within_limits(batch, owner)
+    text = "; ".join(sorted(set(waiting)))[:500]
+    if text != batch.waiting_for:
+        Batch.objects.filter(pk=batch.pk).update(waiting_for=text)
+
+
+def _start_within_limits(batch, owner):
     """Start pending items, in order, while every limit has room. The lease is renewed
     before each start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
+    now, waiting = timezone.now(), []
     mine = batch.items.filter(status=BatchItem.STARTED).count()
     limit = global_limit()
-    for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "target"):
+    for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
         if mine >= batch.max_parallel or total >= limit:
-            return
+            return waiting
         if by_source.get(item.source_id, 0) >= batch.per_source:
             continue
         if by_target.get(item.target_id, 0) >= batch.per_target:
             continue
+        if not batch.ignore_blackouts:
+            blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
+            if blackout is not None:
+                waiting.append(
+                    _("Blackout of %(g)s until %(t)s%(r)s")
+                    % {
+                        "g": blackout.group.name,
+                        "t": blackout.ends_at.isoformat(timespec="minutes"),
+                        "r": f" ({blackout.reason})" if blackout.reason else "",
+                    }
+                )
+                continue
         if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
-            return  # paused or cancelled meanwhile
+            return waiting  # paused or cancelled meanwhile
         if not claim(batch.pk, owner):
-            return  # the lease ran out and another scheduler took the batch: it counts anew
+            return waiting  # the lease ran out and another scheduler took the batch: it counts anew
         if _start_item(batch, item):
             mine += 1
             total += 1
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
             by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
+    return waiting
 
 
 def run_active(owner=None):

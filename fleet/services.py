@@ -68,10 +68,13 @@ def do_create_batch(
     start=True,
     not_before=None,
     not_after=None,
+    ignore_blackouts=False,
 ):
     """Store ``plan`` as a batch (one item per row; blocked rows are kept as "stays" with
     their reasons) and start it unless ``start`` is False. Audited: the plan, the start."""
     check_can_batch(actor, "batch.create", host, request)
+    if ignore_blackouts and not actor.has_perm("migrations_app.override_preflight"):
+        _refuse("batch.create", actor, host, _("Only administrators may ignore blackout windows."), request)
     if not_before and not_after and not_after <= not_before:
         _refuse("batch.create", actor, host, _("The window closes before it opens."), request)
     limits = plan.limits
@@ -87,6 +90,7 @@ def do_create_batch(
             stop_on_failure=stop_on_failure,
             not_before=not_before,
             not_after=not_after,
+            ignore_blackouts=bool(ignore_blackouts),
             predicted_seconds=plan.total_seconds,
             plan=plan.to_dict(),
             created_by=actor,
@@ -289,3 +293,31 @@ def do_set_vm_tags(vm, actor, *, add=(), remove=(), request=None):
         after = sorted(VMTag.objects.filter(vm=vm).values_list("name", flat=True))
         record("vm.tags", actor=actor, request=request, target=vm, details={"before": before, "after": after})
     return after
+
+
+def do_create_blackout(group, starts_at, ends_at, actor, *, reason="", request=None):
+    """A blackout window for a host group (audited ``blackout.create``): no batch child
+    starts from or to its hosts between ``starts_at`` and ``ends_at``. Administrators
+    only (hosts.change_hostgroup)."""
+    from fleet.models import Blackout
+
+    if actor is None or not actor.has_perm("hosts.change_hostgroup"):
+        _refuse("blackout.create", actor, group, _("Only administrators may set blackout windows."), request)
+    if ends_at <= starts_at:
+        _refuse("blackout.create", actor, group, _("The window closes before it opens."), request)
+    with transaction.atomic():
+        blackout = Blackout.objects.create(
+            group=group,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            reason=reason,
+            created_by_name=actor.get_username(),
+        )
+        record(
+            "blackout.create",
+            actor=actor,
+            request=request,
+            target=group,
+            details={"starts_at": starts_at.isoformat(), "ends_at": ends_at.isoformat(), "reason": reason},
+        )
+    return blackout

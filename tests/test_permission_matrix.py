@@ -30,7 +30,7 @@ from django.contrib.auth.models import Group, User
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from fleet.models import Batch, VMTag
+from fleet.models import Batch, Blackout, VMTag
 from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import AUDITOR
@@ -459,6 +459,7 @@ def db_state():
         "left_copies": list(LeftCopy.objects.order_by("pk").values()),
         "batches": list(Batch.objects.order_by("pk").values()),
         "vm_tags": list(VMTag.objects.order_by("pk").values_list("vm_id", "name")),
+        "blackouts": list(Blackout.objects.order_by("pk").values()),
         "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
@@ -660,6 +661,13 @@ COMMAND_CELLS = [
     CommandCell("batch", "batch_run", lambda w, b: [str(b.pk), "pause"], MIGRATORS, "batch.pause"),
     CommandCell("vm_tags", "vm_bob", lambda w, vm: [vm.name, "--add", "db"], MIGRATORS, "vm.tags"),
     CommandCell("vm_tags", "vm_hidden", lambda w, vm: [vm.name, "--add", "db"], MIGRATORS, "vm.tags"),
+    CommandCell(
+        "blackout",
+        "group_prod",
+        lambda w, g: [g.name, "2030-01-01T00:00", "2030-01-01T02:00"],
+        ADMIN,
+        "blackout.create",
+    ),
 ]
 # Project commands that act for nobody in particular: whoever runs them has a shell on the
 # server (and the database), which is more than any role.

@@ -304,3 +304,62 @@ def test_it_is_driven_by_the_periodic_task(batch_of):
     batch = batch_of(3, per_source=2)
     batch_watch(duration=0.0, every=0.0)  # one pass over every active batch
     assert batch.items.filter(status=BatchItem.STARTED).count() == 2
+
+
+def test_it_waits_out_a_blackout_unless_an_administrator_overrides_it(
+    fleet, make_vm, operator, admin, fake_preflight, login, capsys
+):
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.utils import timezone
+
+    from fleet.models import Blackout
+    from hosts.models import HostGroup
+
+    group = HostGroup.objects.create(name="rack-b")
+    fleet["hb"].group = group
+    fleet["hb"].save()
+    start = timezone.now() - timedelta(minutes=5)
+    with pytest.raises(CommandError):  # operators may not set blackouts
+        call_command(
+            "blackout",
+            "rack-b",
+            start.isoformat(),
+            (start + timedelta(hours=1)).isoformat(),
+            "--user",
+            "operator",
+        )
+    call_command(
+        "blackout",
+        "rack-b",
+        start.isoformat(),
+        (start + timedelta(hours=1)).isoformat(),
+        "--reason",
+        "UPS work",
+        "--user",
+        "admin",
+    )
+    assert Blackout.objects.get().reason == "UPS work"
+    assert AuditEvent.objects.filter(
+        action="blackout.create", outcome=AuditEvent.SUCCESS, actor=admin
+    ).exists()
+    make_vm("web1")
+    overrides = {VM.objects.get(name="web1").pk: {"target": fleet["hb"].pk}}
+    plan = make_plan(
+        VM.objects.filter(host=fleet["ha"]), operator, overrides=overrides, measure_dirty_rate=False
+    )
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"])
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert not MigrationJob.objects.exists() and "Blackout of rack-b" in batch.waiting_for
+    assert "UPS work" in login(operator).get(f"/fleet/batches/{batch.pk}/live/").content.decode()
+    # Only an administrator may start a batch that ignores blackouts.
+    with pytest.raises(services.BatchError, match="administrators"):
+        services.do_create_batch(plan, operator, host=fleet["ha"], ignore_blackouts=True)
+    services.do_cancel_batch(batch, operator)
+    scheduler.tick(batch.pk)
+    forced = services.do_create_batch(plan, admin, host=fleet["ha"], ignore_blackouts=True)
+    scheduler.tick(forced.pk)
+    assert forced.items.get().job.target == fleet["hb"]

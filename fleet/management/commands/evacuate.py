@@ -60,6 +60,9 @@ class Command(BaseCommand):
             "--allow-cold", action="store_true", help="allow downtime (cold) where live is blocked"
         )
         parser.add_argument("--stop-on-failure", action="store_true")
+        parser.add_argument(
+            "--ignore-blackouts", action="store_true", help="administrators: start children during blackouts"
+        )
         parser.add_argument("--bandwidth", type=int, help="cap every live migration at this many MiB/s")
         parser.add_argument("--quick", action="store_true", help="do not measure dirty rates")
         parser.add_argument("--at", help="start no child before this ISO time")
@@ -108,7 +111,14 @@ class Command(BaseCommand):
                 sys.exit(1)
             return
         try:
-            batch = do_create_batch(plan, actor, host=obj, stop_on_failure=o["stop_on_failure"], **window)
+            batch = do_create_batch(
+                plan,
+                actor,
+                host=obj,
+                stop_on_failure=o["stop_on_failure"],
+                ignore_blackouts=o["ignore_blackouts"],
+                **window,
+            )
         except BatchError as exc:
             bad(self, str(exc))
         if not o["json"]:
