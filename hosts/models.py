@@ -90,11 +90,22 @@ class Host(models.Model):
     pools = models.JSONField(default=list, blank=True)
     networks = models.JSONField(default=list, blank=True)
 
+    # Maintenance mode (hosts.services.do_set_maintenance): a host in maintenance is never
+    # offered or accepted as a migration target (preflight check "same_host", rank_targets,
+    # kvmweb.accounts.policy.allowed_targets, the fleet planner).
+    maintenance = models.BooleanField(_("in maintenance"), default=False, db_index=True)
+    maintenance_reason = models.CharField(_("maintenance reason"), max_length=500, blank=True)
+    maintenance_by = models.CharField(max_length=150, blank=True)
+    maintenance_since = models.DateTimeField(null=True, blank=True)
+
     objects = HostQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
-        permissions = [("sync_host", "Can probe a host and sync its inventory")]
+        permissions = [
+            ("sync_host", "Can probe a host and sync its inventory"),
+            ("maintain_host", "Can put a host in maintenance and evacuate it"),
+        ]
 
     def __str__(self):
         return self.name

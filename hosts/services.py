@@ -181,6 +181,33 @@ def do_remove_host(host, *, actor=None, request=None):
         host.delete()
 
 
+def do_set_maintenance(host, on, *, reason="", actor=None, request=None):
+    """Put ``host`` in maintenance (``on``) or take it out, with who, when and why.
+
+    Idempotent: switching to the state the host is already in changes nothing but is
+    still audited (the reason may be new). The conditional UPDATE keeps two people
+    toggling at once from writing a "since" that belongs to the other's switch."""
+    reason = (reason or "").strip()[:500]
+    who = actor.get_username() if actor is not None and actor.is_authenticated else ""
+    with transaction.atomic():
+        was = Host.objects.filter(pk=host.pk).values_list("maintenance", flat=True).first()
+        if was is None:
+            raise HostError(_("This host is not registered any more."))
+        fields = {"maintenance": bool(on), "maintenance_reason": reason if on else ""}
+        if bool(on) != was:
+            fields.update(maintenance_by=who if on else "", maintenance_since=timezone.now() if on else None)
+        Host.objects.filter(pk=host.pk).update(**fields)
+        host.refresh_from_db()
+        record(
+            "host.maintenance",
+            actor=actor,
+            request=request,
+            target=host,
+            details={"maintenance": bool(on), "was": was, "reason": reason},
+        )
+    return host
+
+
 def do_probe_host(host, *, actor=None, request=None):
     """Probe a host and store its facts, or mark it unreachable with the reason."""
     try:

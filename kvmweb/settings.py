@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "kvmweb.accounts",
     "hosts",
     "migrations_app",
+    "fleet",
 ]
 
 MIDDLEWARE = [

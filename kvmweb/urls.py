@@ -11,6 +11,7 @@ urlpatterns = [
     path("i18n/", include("django.conf.urls.i18n")),
     path("", include("hosts.urls")),
     path("migrations/", include("migrations_app.urls")),
+    path("fleet/", include("fleet.urls")),
     path("accounts/", include("kvmweb.accounts.urls")),
     path("audit/", include("kvmweb.audit.urls")),
     path("health/", health.health, name="health"),

@@ -553,7 +553,17 @@ def check_versions(ctx):
 
 def check_same_host(ctx):
     """The target is a different machine than the source, judged by the host UUID from
-    getCapabilities (names and URIs can differ for the same machine)."""
+    getCapabilities (names and URIs can differ for the same machine). A target in
+    maintenance (hosts.Host.maintenance) is refused here too, and not overridable."""
+    if getattr(ctx.target, "maintenance", False):
+        return _result(
+            "same_host",
+            FAIL,
+            _("%(t)s is in maintenance and accepts no migrations.") % {"t": ctx.target.name}
+            + (f" ({ctx.target.maintenance_reason})" if ctx.target.maintenance_reason else ""),
+            _("Choose another target, or end the maintenance of %(t)s first.") % {"t": ctx.target.name},
+            {"target_maintenance": True},
+        )
     src, dst = ctx.host("source"), ctx.host("target")
     details = {
         "source_uuid": src["host_uuid"],
@@ -2149,7 +2159,7 @@ def rank_targets(vm, mode, options=None, user=None, *, measure_dirty_rate=False)
         from kvmweb.accounts.policy import allowed_targets
 
         hosts = allowed_targets(user, vm)
-    hosts = list(hosts)
+    hosts = list(hosts.exclude(maintenance=True))  # never offered as a target
     if not hosts or vm.host is None:
         return []
     if modes.get(mode).live:

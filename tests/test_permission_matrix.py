@@ -31,6 +31,7 @@ from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from api.models import ApiToken
+from fleet.models import Batch, Blackout, VMTag
 from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.accounts.roles import AUDITOR
@@ -76,6 +77,9 @@ SCOPE = {
     "copy_team": STAFF,
     "token_bob": frozenset({"bob"}),  # an API token: only its owner sees it, administrators too not
     "sub_bob": frozenset({"admin", "bob"}),  # bob's notification subscription (administrators see all)
+    "batch_run": STAFF,  # batches (fleet): operators and administrators run them, staff see them
+    "batch_paused": STAFF,
+    "batch_done": STAFF,
 }
 # Names that must never appear in a page shown to a persona outside their scope.
 NAMES = {
@@ -333,6 +337,23 @@ ROUTES = [
         query=lambda w, vm: {"target": w.d1.pk, "mode": "live"} if vm is not None else {},
         notes="dry run: read-only",
     ),
+    # Maintenance and batches (fleet)
+    Route(
+        "fleet:maintenance",
+        objects=("host_p1", "host_s1"),
+        post=MIGRATORS,
+        data=lambda w, host: {"on": "1", "reason": "firmware"},
+        action="host.maintenance",
+    ),
+    Route("fleet:evacuate", objects=("host_p1", "host_s1"), get=MIGRATORS, notes="POST plans: tests/fleet"),
+    Route("fleet:bulk", get=MIGRATORS, notes="POST plans: tests/fleet"),
+    Route("fleet:list", get=SIGNED_IN, notes="self-service users and mallory see an empty list"),
+    Route("fleet:batch", objects=("batch_run", "batch_done"), get=SIGNED_IN),
+    Route("fleet:batch_live", objects=("batch_run", "batch_done"), get=SIGNED_IN),
+    Route("fleet:pause", objects=("batch_run",), post=MIGRATORS, action="batch.pause"),
+    Route("fleet:resume", objects=("batch_paused",), post=MIGRATORS, action="batch.resume"),
+    Route("fleet:cancel", objects=("batch_run",), post=MIGRATORS, action="batch.cancel"),
+    Route("fleet:move_back", objects=("batch_done",), post=MIGRATORS, action="batch.plan"),
     # Audit history
     Route("audit:list", get=STAFF, lists=("vm_alice", "vm_hidden")),
     Route("audit:detail", objects=("event_alice", "event_admin"), get=STAFF),
@@ -506,7 +527,14 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     with transaction.atomic():
         w.event_alice = record("test.by_alice", actor=alice, target=w.alice_web)
         w.event_admin = record("test.by_admin", actor=admin, target=w.hidden)
+
+    def batch(status):
+        return Batch.objects.create(host=w.p1, host_name=w.p1.name, status=status, created_by=admin)
+
     w.objects = {
+        "batch_run": batch(Batch.RUNNING),
+        "batch_paused": batch(Batch.PAUSED),
+        "batch_done": batch(Batch.SUCCEEDED),
         "vm_alice": w.alice_web,
         "vm_hidden": w.hidden,
         "host_p1": w.p1,
@@ -547,6 +575,9 @@ def db_state():
         ],
         "jobs": list(MigrationJob.objects.order_by("pk").values()),
         "left_copies": list(LeftCopy.objects.order_by("pk").values()),
+        "batches": list(Batch.objects.order_by("pk").values()),
+        "vm_tags": list(VMTag.objects.order_by("pk").values_list("vm_id", "name")),
+        "blackouts": list(Blackout.objects.order_by("pk").values()),
         "users": list(User.objects.order_by("pk").values_list("username", "is_active", "password")),
         "memberships": list(User.groups.through.objects.order_by("pk").values_list("user_id", "group_id")),
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
@@ -1010,6 +1041,18 @@ COMMAND_CELLS = [
         REQUESTERS,
         "migration.request",
         refused=frozenset({"alice"}),
+    ),
+    CommandCell("maintenance", "host_p1", lambda w, h: [h.name, "on"], MIGRATORS, "host.maintenance"),
+    CommandCell("maintenance", "host_s1", lambda w, h: [h.name, "on"], MIGRATORS, "host.maintenance"),
+    CommandCell("batch", "batch_run", lambda w, b: [str(b.pk), "pause"], MIGRATORS, "batch.pause"),
+    CommandCell("vm_tags", "vm_bob", lambda w, vm: [vm.name, "--add", "db"], MIGRATORS, "vm.tags"),
+    CommandCell("vm_tags", "vm_hidden", lambda w, vm: [vm.name, "--add", "db"], MIGRATORS, "vm.tags"),
+    CommandCell(
+        "blackout",
+        "group_prod",
+        lambda w, g: [g.name, "2030-01-01T00:00", "2030-01-01T02:00"],
+        ADMIN,
+        "blackout.create",
     ),
 ]
 # Project commands that act for nobody in particular: whoever runs them has a shell on the

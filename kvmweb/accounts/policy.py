@@ -56,18 +56,23 @@ def allowed_targets(user, vm):
 
     Staff: every host except the VM's current one. Self-service: the hosts of the target
     groups of the policy covering the VM's current host group (the VM must be theirs).
-    Anyone else: none. Use it to fill the wizard's target choice.
+    Anyone else: none. Hosts in maintenance are never targets. Use it to fill the
+    wizard's target choice.
     """
     from hosts.models import VM, Host
 
     if is_staff_migrator(user):
-        return Host.objects.exclude(pk=vm.host_id)
+        return Host.objects.exclude(pk=vm.host_id).exclude(maintenance=True)
     if not is_self_service(user) or not VM.objects.restrict(user).filter(pk=vm.pk).exists():
         return Host.objects.none()
     policy = policy_for(vm)
     if policy is None:
         return Host.objects.none()
-    return Host.objects.filter(group__in=policy.target_groups.all()).exclude(pk=vm.host_id)
+    return (
+        Host.objects.filter(group__in=policy.target_groups.all())
+        .exclude(pk=vm.host_id)
+        .exclude(maintenance=True)
+    )
 
 
 def _bandwidth(options):
@@ -88,6 +93,8 @@ def check_request(user, vm, target, mode, options=None):
     """
     if not user.is_authenticated:
         return Decision(False, reason=_("Sign in to request a migration."))
+    if target is not None and getattr(target, "maintenance", False):
+        return Decision(False, reason=_("That target is in maintenance and accepts no migrations."))
     if is_staff_migrator(user):
         return Decision(True)
     if not is_self_service(user) or not user.has_perm("migrations_app.add_migrationjob"):

@@ -21,6 +21,7 @@ _READ_ALL = [
     "audit.view_auditevent",
     "accounts.view_selfservicepolicy",
     "api.view_metrics",
+    "fleet.view_batch",
 ]
 ROLE_PERMISSIONS = {
     ADMINISTRATOR: _READ_ALL
@@ -34,6 +35,7 @@ ROLE_PERMISSIONS = {
         "hosts.change_vm",
         "hosts.power_vm",
         "hosts.sync_host",
+        "hosts.maintain_host",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",
@@ -52,6 +54,7 @@ ROLE_PERMISSIONS = {
     + [
         "hosts.sync_host",
         "hosts.power_vm",
+        "hosts.maintain_host",
         "migrations_app.add_migrationjob",
         "migrations_app.cancel_migrationjob",
         "migrations_app.control_migrationjob",

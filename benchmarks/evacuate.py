@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Evacuating lab-a through kvmweb against hand-written `virsh migrate` loops.
+
+N guests (shared storage, running) on lab-a go to lab-b and lab-c three ways, the guests
+coming back to lab-a with virsh between rounds (not timed):
+1. kvmweb: the planner's plan (full preflight per VM, not timed: the person reads it), then
+   a batch with --max-parallel P and P per source, run by the real scheduler (in this
+   process) and a real `Q_CLUSTER_NAME=migrations manage.py qcluster` worker; timed from
+   the batch's start to its end (every child recorded as succeeded).
+2. virsh, P in parallel: a thread pool of P running
+   `virsh migrate --live --p2p --persistent --undefinesource [--bandwidth B]`, each guest
+   to the target kvmweb chose for it.
+3. virsh, one after another.
+Prints the walls, kvmweb / parallel virsh (goal <= 1.15) and the planner's predicted
+total against kvmweb's actual wall.
+
+Only this benchmark's guests are planned (the lab is shared: other sessions' guests on
+lab-a are left alone). Run as root with the lab available:
+  .venv/bin/python benchmarks/evacuate.py [--guests 6] [--parallel 2] [--memory 128] [--bandwidth 32]
+Uses a throwaway SQLite database and data dir; creates and removes its own guests.
+"""
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TMP = Path(tempfile.mkdtemp(prefix="kvmweb-bench-evacuate-"))
+os.environ["KVMWEB_DATA_DIR"] = str(TMP)
+os.environ["KVMWEB_SQLITE_PATH"] = str(TMP / "kvmweb.sqlite3")
+os.environ.pop("DATABASE_URL", None)
+os.environ.pop("REDIS_URL", None)
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.contrib.auth.models import Group, User  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+import lab  # noqa: E402
+from fleet import scheduler  # noqa: E402
+from fleet.models import Batch, BatchItem  # noqa: E402
+from fleet.planner import make_plan  # noqa: E402
+from fleet.services import do_create_batch  # noqa: E402
+from hosts import services as host_services  # noqa: E402
+from hosts.models import VM, Host  # noqa: E402
+from kvmweb.accounts.roles import OPERATOR  # noqa: E402
+
+HOSTS = ("lab-a", "lab-b", "lab-c")
+
+
+def start_worker():
+    log = open(TMP / "qcluster.log", "a")  # noqa: SIM115 - lives as long as the worker
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"],
+        cwd=ROOT,
+        env=dict(os.environ, Q_CLUSTER_NAME="migrations"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    time.sleep(3)  # workers forked and polling
+    return proc
+
+
+def virsh_migrate(name, source, target, bandwidth):
+    cmd = ["virsh", "-c", lab.uri(source), "migrate", "--live", "--p2p", "--persistent", "--undefinesource"]
+    if bandwidth:
+        cmd += ["--bandwidth", str(bandwidth)]
+    r = subprocess.run([*cmd, name, lab.uri(target)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"virsh migrate {name} {source} -> {target} failed: {r.stderr.strip()}")
+
+
+def bring_back(placement):
+    """Every guest back to lab-a (virsh, not timed), and kvmweb learns it."""
+    for name in placement:
+        where = lab.where(name)
+        if "lab-a" not in where:
+            virsh_migrate(name, next(iter(where)), "lab-a", 0)
+    for name in placement:
+        lab.wait_counter_moves("lab-a", name)
+    host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
+
+
+def run_kvmweb(user, names, parallel, bandwidth):
+    vms = list(VM.objects.filter(name__in=names, gone=False).select_related("host"))
+    t0 = time.monotonic()
+    plan = make_plan(
+        vms,
+        user,
+        limits={"max_parallel": parallel, "per_source": parallel, "per_target": parallel},
+        options={"bandwidth": bandwidth} if bandwidth else None,
+    )
+    planning = time.monotonic() - t0
+    if plan.blocked:
+        raise SystemExit(f"the planner left VMs behind: {[(r.vm.name, r.reasons) for r in plan.blocked]}")
+    host = vms[0].host
+    t0 = time.monotonic()
+    batch = do_create_batch(plan, user, host=host)
+    batch = scheduler.drive(batch.pk, timeout=900, every=0.1)
+    wall = time.monotonic() - t0
+    if batch.status != Batch.SUCCEEDED:
+        raise SystemExit(
+            f"batch #{batch.pk} ended {batch.status}: {list(batch.items.values('vm_name', 'status', 'reason'))}"
+        )
+    placement = dict(batch.items.filter(status=BatchItem.SUCCEEDED).values_list("vm_name", "target_name"))
+    return wall, planning, plan.total_seconds, placement
+
+
+def run_virsh(placement, parallel, bandwidth):
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(lambda item: virsh_migrate(item[0], "lab-a", item[1], bandwidth), placement.items()))
+    return time.monotonic() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guests", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=128)
+    ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    started = lab.up(3)
+    call_command("migrate", verbosity=0)
+    user = User.objects.create_user("bench-operator", password=secrets.token_hex(8))
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    for h in HOSTS:
+        host_services.do_register_host(h, lab.uri(h), sync=False)
+    names = [f"bench-ev-{i}-{secrets.token_hex(3)}" for i in range(args.guests)]
+    worker = None
+    results = []
+    try:
+        for name in names:
+            lab.create_guest(name, host="lab-a", storage="shared", memory_mib=args.memory)
+        for name in names:
+            lab.wait_counter_moves("lab-a", name)
+        host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
+        worker = start_worker()
+        for i in range(args.rounds):
+            kvm, planning, predicted, placement = run_kvmweb(user, names, args.parallel, args.bandwidth)
+            bring_back(placement)
+            par = run_virsh(placement, args.parallel, args.bandwidth)
+            bring_back(placement)
+            seq = run_virsh(placement, 1, args.bandwidth)
+            bring_back(placement)
+            results.append((kvm, par, seq, predicted, planning))
+            print(
+                f"round {i + 1}: kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
+                f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
+                f"ratio kvmweb/virsh-parallel {kvm / par:.3f}",
+                flush=True,
+            )
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        for name in names:
+            lab.remove_guest(name)
+        if started:
+            lab.down(hosts=started)
+    best = min(results, key=lambda r: r[0] / r[1])
+    worst = max(results, key=lambda r: r[0] / r[1])
+    print()
+    print(
+        f"{args.guests} guests of {args.memory} MiB, live, bandwidth {args.bandwidth or 'unlimited'} MiB/s, "
+        f"{args.parallel} in parallel, {len(results)} rounds"
+    )
+    for label, r in (("best", best), ("worst", worst)):
+        print(
+            f"{label}: kvmweb {r[0]:.2f} s, virsh parallel {r[1]:.2f} s (ratio {r[0] / r[1]:.3f}; goal <= 1.15), "
+            f"virsh sequential {r[2]:.2f} s, predicted {r[3]:.1f} s (actual / predicted {r[0] / r[3]:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

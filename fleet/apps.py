@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class FleetConfig(AppConfig):
+    """Host maintenance and batches of migrations (evacuate, move back, bulk)."""
+
+    name = "fleet"
+    verbose_name = "Fleet"

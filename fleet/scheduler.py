@@ -1,0 +1,390 @@
+"""The batch scheduler: one pass (``tick``) starts the next children of a batch within
+its limits, follows the children that ended, and finishes the batch.
+
+Crash safety:
+- A pass first claims the batch with a conditional UPDATE of ``lease_until`` (only when
+  it is in the past); two schedulers (the periodic task, `manage.py evacuate --wait`)
+  never run a pass of one batch at once. A killed scheduler's lease simply expires.
+- A child is created by migrations_app.services.do_create_job INSIDE the transaction that
+  also moves its item from pending to started and stores ``item.job``: either both
+  exist or neither, so a restart never loses a child and never starts one twice (the
+  item is not pending any more; the VM's one-active-job constraint is a second guard).
+  The job is queued on commit; a message lost in a crash is re-queued by
+  migrations_app.reconcile (jobs waiting in QUEUED too long).
+- Limits are counted from the database (active MigrationJobs by source, by target, in
+  total, and this batch's started items) at every pass, so a restart sees what runs.
+- libvirt (the preflight) is called before the transaction opens, never inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Q
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from fleet.models import Batch, BatchItem, blackout_for
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app import states
+from migrations_app.models import MigrationJob
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 20.0  # renewed before every child is started (a pass may run preflights)
+JOB_TO_ITEM = {
+    states.SUCCEEDED: BatchItem.SUCCEEDED,
+    states.FAILED: BatchItem.FAILED,
+    states.CANCELLED: BatchItem.CANCELLED,
+    states.REJECTED: BatchItem.FAILED,
+}
+
+
+def global_limit():
+    return int(getattr(settings, "KVMWEB_FLEET_GLOBAL_LIMIT", 5))
+
+
+def claim(batch_id, owner, seconds=LEASE_SECONDS):
+    """Take the batch's lease (conditional UPDATE). True when this caller owns the pass."""
+    now = timezone.now()
+    return bool(
+        Batch.objects.filter(pk=batch_id, status__in=Batch.ACTIVE_STATES)
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
+        .update(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
+    )
+
+
+def release(batch_id, owner):
+    Batch.objects.filter(pk=batch_id, lease_owner=owner).update(lease_until=None, lease_owner="")
+
+
+def _audit(action, batch, outcome=AuditEvent.SUCCESS, **details):
+    record(
+        action,
+        actor=None,
+        target=batch,
+        outcome=outcome,
+        details={"batch": batch.pk, "kind": batch.kind, "host": batch.host_name, **details},
+    )
+
+
+MAX_RETRIES = 1
+
+
+def lost_with_its_worker(item, job):
+    """The child failed only because its worker died before libvirt moved anything:
+    reconcile (worker "reconcile:...") concluded it failed and the VM is still on the
+    item's source, not gone. Such a child may be retried: the VM was never migrated."""
+    from hosts.models import VM
+
+    return (
+        job.status == states.FAILED
+        and job.worker.startswith("reconcile:")
+        and item.attempts < MAX_RETRIES
+        and VM.objects.filter(pk=item.vm_id, host_id=item.source_id, gone=False).exists()
+    )
+
+
+def _follow_children(batch):
+    """Items whose child job reached a final state take its outcome (or, for a child
+    lost with its worker, go back to pending for one more attempt)."""
+    started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
+    for item in started.select_related("job"):
+        job = item.job
+        outcome = JOB_TO_ITEM[job.status]
+        if lost_with_its_worker(item, job):
+            with transaction.atomic():
+                if BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
+                    status=BatchItem.PENDING,
+                    job=None,
+                    attempts=item.attempts + 1,
+                    previous_jobs=[*item.previous_jobs, job.pk],
+                ):
+                    _audit(
+                        "batch.decision",
+                        batch,
+                        AuditEvent.FAILURE,
+                        vm=item.vm_name,
+                        decision="retry",
+                        job=job.pk,
+                        error=job.error,
+                    )
+            continue
+        with transaction.atomic():
+            moved = BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED).update(
+                status=outcome, finished_at=job.finished_at or timezone.now(), reason=job.error or ""
+            )
+            if moved:
+                _audit(
+                    "batch.item_end",
+                    batch,
+                    AuditEvent.SUCCESS if outcome == BatchItem.SUCCEEDED else AuditEvent.FAILURE,
+                    vm=item.vm_name,
+                    job=job.pk,
+                    status=outcome,
+                )
+
+
+def _skip_pending(batch, reason, status=BatchItem.SKIPPED):
+    with transaction.atomic():
+        n = batch.items.filter(status=BatchItem.PENDING).update(
+            status=status, reason=reason, finished_at=timezone.now()
+        )
+        if n:
+            _audit("batch.skip", batch, skipped=n, reason=reason)
+
+
+def _finish(batch):
+    """No open item left: the batch ends (succeeded, failed or cancelled)."""
+    counts = batch.counts()
+    if batch.status == Batch.CANCELLING:
+        final = Batch.CANCELLED
+    elif (
+        counts[BatchItem.FAILED]
+        or counts[BatchItem.BLOCKED]
+        or counts[BatchItem.SKIPPED]
+        or counts[BatchItem.CANCELLED]
+        or counts[BatchItem.MISSED]
+    ):
+        final = Batch.FAILED
+    else:
+        final = Batch.SUCCEEDED
+    with transaction.atomic():
+        if Batch.objects.filter(pk=batch.pk, status=batch.status).update(
+            status=final, finished_at=timezone.now()
+        ):
+            batch.status = final
+            _audit(
+                "batch.end",
+                batch,
+                AuditEvent.SUCCESS if final == Batch.SUCCEEDED else AuditEvent.FAILURE,
+                status=final,
+                counts=counts,
+            )
+
+
+def _active_counts():
+    """Active migration jobs (all of kvmweb, not only batches) by source, by target, total."""
+    active = MigrationJob.objects.filter(status__in=states.ACTIVE)
+    by_source = dict(active.values_list("source_id").annotate(n=Count("id")).values_list("source_id", "n"))
+    by_target = dict(active.values_list("target_id").annotate(n=Count("id")).values_list("target_id", "n"))
+    return by_source, by_target, active.count()
+
+
+def report_reuse_seconds():
+    return float(getattr(settings, "KVMWEB_FLEET_REPORT_REUSE_SECONDS", 300))
+
+
+def _recent_report(item):
+    """The planner's full preflight report of this item when it is recent enough
+    (KVMWEB_FLEET_REPORT_REUSE_SECONDS) and passed: the gate do_create_job needs. The
+    worker runs the checklist again right before it migrates (migrations_app/runner.py),
+    so a report a few minutes old never lets a migration start on stale facts; it only
+    saves this pass a second checklist per child."""
+    from migrations_app.preflight import Report
+
+    data = item.report or {}
+    if not data.get("started_at"):
+        return None
+    try:
+        started = datetime.fromisoformat(data["started_at"])
+    except ValueError:
+        return None
+    if (timezone.now() - started).total_seconds() > report_reuse_seconds():
+        return None
+    report = Report.from_dict(data)
+    return None if report.fails else report
+
+
+def _start_item(batch, item):
+    """Preflight (outside any transaction), then create the child job and link it to the
+    item in one transaction. Returns True when a child was created."""
+    from migrations_app.plan import MigrationPlan, PlanError
+    from migrations_app.preflight import run_preflight
+    from migrations_app.services import JobError, do_create_job
+
+    vm = item.vm
+    vm.refresh_from_db()
+    if vm.host_id != item.source_id or vm.gone:
+        with transaction.atomic():
+            if BatchItem.objects.filter(pk=item.pk, status=BatchItem.PENDING, job__isnull=True).update(
+                status=BatchItem.SKIPPED,
+                reason=_("The VM is not on %(h)s any more.") % {"h": item.source_name},
+            ):
+                _audit("batch.decision", batch, AuditEvent.FAILURE, vm=item.vm_name, decision="skipped")
+        return False
+    options = dict(item.options or {})
+    if item.mode == "cold":
+        options.setdefault("start_on_target", vm.is_running)  # no libvirt call in do_create_job
+    try:
+        plan = MigrationPlan(vm, vm.host, item.target, item.mode, options)
+        report = _recent_report(item) or run_preflight(plan, measure_dirty_rate=False)
+    except PlanError as exc:
+        report, error = None, str(exc)
+    else:
+        error = ""
+    actor = batch.created_by
+    with transaction.atomic():
+        # The conditional UPDATE is the claim of this item: a second scheduler (after a
+        # lease expired mid-pass) finds it not pending and creates nothing.
+        if not BatchItem.objects.filter(pk=item.pk, status=BatchItem.PENDING, job__isnull=True).update(
+            status=BatchItem.STARTED, started_at=timezone.now()
+        ):
+            return False
+        job = None
+        if report is not None:
+            try:
+                job = do_create_job(
+                    vm,
+                    item.target,
+                    item.mode,
+                    options,
+                    actor=actor,
+                    report=report,
+                    acknowledged=[r.id for r in report.warnings],
+                    reason=_("Batch #%(b)d (%(k)s)") % {"b": batch.pk, "k": batch.get_kind_display()},
+                )
+            except JobError as exc:
+                error = str(exc)
+        if job is None:
+            BatchItem.objects.filter(pk=item.pk).update(
+                status=BatchItem.FAILED, reason=error, finished_at=timezone.now()
+            )
+            _audit(
+                "batch.decision", batch, AuditEvent.FAILURE, vm=item.vm_name, decision="refused", error=error
+            )
+            return False
+        BatchItem.objects.filter(pk=item.pk).update(job=job)
+        _audit(
+            "batch.decision",
+            batch,
+            vm=item.vm_name,
+            decision="started",
+            job=job.pk,
+            source=item.source_name,
+            target=item.target_name,
+            mode=item.mode,
+        )
+    return True
+
+
+def tick(batch_id, owner=None):
+    """One pass over batch ``batch_id``; returns the batch's status after it (or None
+    when another scheduler holds the batch or it is not active)."""
+    owner = owner or uuid.uuid4().hex
+    if not claim(batch_id, owner):
+        return None
+    try:
+        batch = Batch.objects.get(pk=batch_id)
+        _follow_children(batch)
+        if (
+            batch.status == Batch.RUNNING
+            and batch.stop_on_failure
+            and batch.items.filter(status=BatchItem.FAILED).exists()
+        ):
+            with transaction.atomic():
+                if Batch.objects.filter(pk=batch.pk, status=Batch.RUNNING).update(status=Batch.STOPPING):
+                    batch.status = Batch.STOPPING
+                    _audit("batch.stop", batch, AuditEvent.FAILURE, reason="stop on first failure")
+        if batch.status == Batch.STOPPING:
+            _skip_pending(batch, _("Not started: the batch stops after its first failure."))
+        if batch.status == Batch.CANCELLING:
+            _skip_pending(batch, _("Not started: the batch was cancelled."), BatchItem.CANCELLED)
+            if batch.cancel_running:
+                from migrations_app.services import JobError, do_cancel_job
+
+                for item in batch.items.filter(
+                    status=BatchItem.STARTED, job__cancel_requested=False
+                ).select_related("job"):
+                    try:
+                        do_cancel_job(item.job, batch.created_by)
+                    except JobError:
+                        pass  # it ended meanwhile: followed at the next pass
+        if batch.status == Batch.RUNNING and batch.not_after and timezone.now() > batch.not_after:
+            _skip_pending(
+                batch,
+                _("Not started before the window closed at %(t)s.")
+                % {"t": batch.not_after.isoformat(timespec="minutes")},
+                BatchItem.MISSED,
+            )
+        if batch.status == Batch.RUNNING and not (batch.not_before and timezone.now() < batch.not_before):
+            _start_next(batch, owner)
+        if not batch.items.filter(status__in=BatchItem.OPEN).exists() and batch.status != Batch.PAUSED:
+            _finish(batch)
+        return batch.status
+    finally:
+        release(batch_id, owner)
+
+
+def _start_next(batch, owner):
+    waiting = _start_within_limits(batch, owner)
+    text = "; ".join(sorted(set(waiting)))[:500]
+    if text != batch.waiting_for:
+        Batch.objects.filter(pk=batch.pk).update(waiting_for=text)
+
+
+def _start_within_limits(batch, owner):
+    """Start pending items, in order, while every limit has room. The lease is renewed
+    before each start, so a pass slowed by preflights never overlaps another's."""
+    by_source, by_target, total = _active_counts()
+    now, waiting = timezone.now(), []
+    mine = batch.items.filter(status=BatchItem.STARTED).count()
+    limit = global_limit()
+    for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
+        if mine >= batch.max_parallel or total >= limit:
+            return waiting
+        if by_source.get(item.source_id, 0) >= batch.per_source:
+            continue
+        if by_target.get(item.target_id, 0) >= batch.per_target:
+            continue
+        if not batch.ignore_blackouts:
+            blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
+            if blackout is not None:
+                waiting.append(
+                    _("Blackout of %(g)s until %(t)s%(r)s")
+                    % {
+                        "g": blackout.group.name,
+                        "t": blackout.ends_at.isoformat(timespec="minutes"),
+                        "r": f" ({blackout.reason})" if blackout.reason else "",
+                    }
+                )
+                continue
+        if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
+            return waiting  # paused or cancelled meanwhile
+        if not claim(batch.pk, owner):
+            return waiting  # the lease ran out and another scheduler took the batch: it counts anew
+        if _start_item(batch, item):
+            mine += 1
+            total += 1
+            by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
+            by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
+    return waiting
+
+
+def run_active(owner=None):
+    """One pass over every active batch."""
+    return {b: tick(b, owner) for b in Batch.objects.active().values_list("pk", flat=True)}
+
+
+def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
+    """Pass over the batch every ``every`` seconds until it is final (or ``timeout``).
+    Used by `manage.py evacuate --wait` / `batch ID wait`; the periodic task may run
+    passes too (the lease keeps them apart)."""
+    owner = uuid.uuid4().hex
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        tick(batch_id, owner)
+        batch = Batch.objects.get(pk=batch_id)
+        if on_tick:
+            on_tick(batch)
+        if batch.is_final:
+            return batch
+        if deadline is not None and time.monotonic() > deadline:
+            return batch
+        time.sleep(every)

@@ -1,0 +1,365 @@
+"""Batches: children created within the limits and linked to their items in the same
+transaction, followed to the end, pause/resume/cancel, stop on first failure, the
+scheduler's lease, crash safety of a pass, audit events and the pages."""
+
+import pytest
+from django.db import transaction
+
+from fleet import scheduler, services
+from fleet.models import Batch, BatchItem
+from fleet.planner import make_plan
+from hosts.models import VM
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import MigrationJob
+
+
+@pytest.fixture
+def batch_of(fleet, make_vm, operator, fake_preflight):
+    """batch_of(n, **limits) -> a started evacuation batch of n running VMs on ha."""
+
+    def _make(n, stop_on_failure=False, **limits):
+        for i in range(n):
+            make_vm(f"vm{i}")
+        plan = make_plan(
+            VM.objects.filter(host=fleet["ha"]), operator, limits=limits or None, measure_dirty_rate=False
+        )
+        return services.do_create_batch(plan, operator, host=fleet["ha"], stop_on_failure=stop_on_failure)
+
+    return _make
+
+
+def _finish_children(status=MigrationJob.SUCCEEDED):
+    """What the workers would do: the active children end (moving the VM on success)."""
+    for job in MigrationJob.objects.filter(status=MigrationJob.QUEUED):
+        MigrationJob.objects.filter(pk=job.pk).update(status=status)
+        if status == MigrationJob.SUCCEEDED:
+            VM.objects.filter(pk=job.vm_id).update(host=job.target)
+
+
+def _active_by_source():
+    return MigrationJob.objects.filter(status__in=MigrationJob.ACTIVE_STATES, source__name="ha").count()
+
+
+def test_it_starts_children_within_the_limits_and_finishes(batch_of):
+    batch = batch_of(5, per_source=2, per_target=2, max_parallel=4)
+    assert batch.status == Batch.RUNNING
+    seen_max = 0
+    for _ in range(10):
+        scheduler.tick(batch.pk)
+        seen_max = max(seen_max, _active_by_source())
+        if Batch.objects.get(pk=batch.pk).is_final:
+            break
+        _finish_children()
+    batch.refresh_from_db()
+    assert batch.status == Batch.SUCCEEDED and seen_max == 2
+    items = list(batch.items.select_related("job"))
+    assert all(i.status == BatchItem.SUCCEEDED and i.job.vm_id == i.vm_id for i in items)
+    assert MigrationJob.objects.count() == 5  # each VM exactly once
+    actions = list(
+        AuditEvent.objects.filter(action__startswith="batch.").order_by("id").values_list("action", flat=True)
+    )
+    assert actions[:2] == ["batch.plan", "batch.start"] and actions[-1] == "batch.end"
+    assert actions.count("batch.decision") == 5
+
+
+def test_it_counts_jobs_outside_the_batch_against_the_source_limit(batch_of, fleet, make_vm, operator):
+    batch = batch_of(3, per_source=2)
+    other = make_vm("outsider")
+    MigrationJob.objects.create(
+        vm=other,
+        vm_name="outsider",
+        source=fleet["ha"],
+        source_name="ha",
+        target=fleet["hb"],
+        target_name="hb",
+        mode="live",
+    )
+    scheduler.tick(batch.pk)
+    assert batch.items.filter(status=BatchItem.STARTED).count() == 1
+
+
+def test_it_pauses_resumes_and_cancels(batch_of, operator):
+    batch = batch_of(4, per_source=1)
+    services.do_pause_batch(batch, operator)
+    scheduler.tick(batch.pk)
+    assert not MigrationJob.objects.exists()
+    services.do_resume_batch(batch, operator)
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 1
+    services.do_cancel_batch(batch, operator, cancel_running=True)
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.get().status == MigrationJob.CANCELLED  # it had not started
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == Batch.CANCELLED
+    assert batch.items.filter(status=BatchItem.CANCELLED).count() == 4
+    with pytest.raises(services.BatchError):
+        services.do_resume_batch(batch, operator)
+    assert AuditEvent.objects.filter(action="batch.resume", outcome=AuditEvent.DENIED).exists()
+
+
+def test_it_goes_on_after_a_failure_unless_told_to_stop(batch_of):
+    batch = batch_of(3, per_source=1)
+    scheduler.tick(batch.pk)
+    _finish_children(MigrationJob.FAILED)
+    for _ in range(5):
+        scheduler.tick(batch.pk)
+        _finish_children()
+    batch.refresh_from_db()
+    assert batch.status == Batch.FAILED  # finished, with one failure
+    assert batch.counts()[BatchItem.SUCCEEDED] == 2 and batch.counts()[BatchItem.FAILED] == 1
+
+
+def test_it_stops_on_the_first_failure_when_asked(batch_of):
+    batch = batch_of(3, per_source=1, stop_on_failure=True)
+    scheduler.tick(batch.pk)
+    _finish_children(MigrationJob.FAILED)
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == Batch.FAILED and MigrationJob.objects.count() == 1
+    assert batch.counts()[BatchItem.SKIPPED] == 2
+
+
+def test_it_lets_one_scheduler_pass_at_a_time(batch_of):
+    batch = batch_of(2)
+    assert scheduler.claim(batch.pk, "other-process")
+    assert scheduler.tick(batch.pk) is None  # the lease is held: nothing done
+    assert not MigrationJob.objects.exists()
+    scheduler.release(batch.pk, "other-process")
+    assert scheduler.tick(batch.pk) == Batch.RUNNING
+
+
+def test_it_never_loses_or_doubles_a_child_when_a_pass_dies_mid_creation(batch_of, monkeypatch):
+    batch = batch_of(1)
+
+    def die(*args, **kwargs):
+        raise SystemExit("killed between creating the job and linking it")
+
+    # The job row is created, then the pass dies before the item is linked: the whole
+    # transaction rolls back, so neither exists.
+    with monkeypatch.context() as m, pytest.raises(SystemExit):
+        m.setattr(BatchItem.objects, "filter", _dying_after_job(BatchItem.objects.filter, die))
+        with transaction.atomic():
+            scheduler.tick(batch.pk)
+    assert not MigrationJob.objects.exists()
+    item = batch.items.get()
+    assert item.status == BatchItem.PENDING and item.job is None
+    scheduler.tick(batch.pk)
+    scheduler.tick(batch.pk)
+    item.refresh_from_db()
+    assert item.status == BatchItem.STARTED and MigrationJob.objects.get() == item.job
+
+
+def _dying_after_job(original, die):
+    def filter(*args, **kwargs):
+        qs = original(*args, **kwargs)
+        if kwargs.get("pk") and MigrationJob.objects.exists():
+            die()
+        return qs
+
+    return filter
+
+
+def test_it_retries_once_a_child_lost_with_its_worker_before_libvirt_moved_anything(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    first = MigrationJob.objects.get()
+    # What reconcile concludes after the worker died before the migration: failed, VM on
+    # the source.
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.FAILED, worker="reconcile:w1")
+    scheduler.tick(batch.pk)
+    item = batch.items.get()
+    assert item.status == BatchItem.STARTED and item.attempts == 1 and item.previous_jobs == [first.pk]
+    second = item.job
+    assert second != first and MigrationJob.objects.count() == 2
+    assert AuditEvent.objects.filter(action="batch.decision", details__decision="retry").count() == 1
+    # A second loss is not retried again, and an ordinary failure never is.
+    MigrationJob.objects.filter(pk=second.pk).update(status=MigrationJob.FAILED, worker="reconcile:w2")
+    scheduler.tick(batch.pk)
+    item.refresh_from_db()
+    assert item.status == BatchItem.FAILED and MigrationJob.objects.count() == 2
+
+
+def test_it_does_not_retry_a_child_that_failed_on_its_own(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    MigrationJob.objects.update(status=MigrationJob.FAILED, worker="host:123")
+    scheduler.tick(batch.pk)
+    assert batch.items.get().status == BatchItem.FAILED and MigrationJob.objects.count() == 1
+
+
+def test_it_refuses_batches_to_self_service_users(fleet, make_vm, alice, fake_preflight):
+    make_vm("web1")
+    with pytest.raises(services.BatchError):
+        services.plan_evacuation(fleet["ha"], alice)
+    assert AuditEvent.objects.filter(action="batch.plan", outcome=AuditEvent.DENIED, actor=alice).exists()
+
+
+def test_it_moves_back_to_the_recorded_origins(batch_of, fleet, operator):
+    batch = batch_of(2)
+    for _ in range(4):
+        scheduler.tick(batch.pk)
+        _finish_children()
+    batch.refresh_from_db()
+    assert batch.status == Batch.SUCCEEDED
+    fleet["ha"].maintenance = True
+    fleet["ha"].save()
+    with pytest.raises(services.BatchError, match="maintenance"):
+        services.do_move_back(batch, operator)
+    fleet["ha"].maintenance = False
+    fleet["ha"].save()
+    back = services.do_move_back(batch, operator, measure_dirty_rate=False)
+    assert back.kind == Batch.MOVE_BACK and back.parent == batch
+    assert {(i.vm_name, i.target_name, i.status) for i in back.items.all()} == {
+        ("vm0", "ha", BatchItem.PENDING),
+        ("vm1", "ha", BatchItem.PENDING),
+    }
+
+
+def test_it_plans_and_starts_from_the_pages(fleet, make_vm, operator, login, fake_preflight):
+    make_vm("web1")
+    client = login(operator)
+    page = client.post(f"/fleet/hosts/{fleet['ha'].pk}/evacuate/", {"action": "check", "max_parallel": "3"})
+    assert (
+        page.status_code == 200
+        and "web1" in page.content.decode()
+        and "Predicted total" in page.content.decode()
+    )
+    response = client.post(
+        f"/fleet/hosts/{fleet['ha'].pk}/evacuate/", {"action": "start", "max_parallel": "3"}
+    )
+    batch = Batch.objects.get()
+    assert response.status_code == 302 and batch.max_parallel == 3 and batch.status == Batch.RUNNING
+    live = client.get(f"/fleet/batches/{batch.pk}/live/").content.decode()
+    assert "web1" in live and "0 of 1 done" in live
+    # Bulk: the same planner for selected VMs.
+    other = make_vm("db1")
+    page = client.post("/fleet/bulk/", {"vm": [other.pk], "action": "check"})
+    assert "db1" in page.content.decode()
+
+
+def test_it_waits_for_the_window_and_marks_what_missed_it(fleet, make_vm, operator, fake_preflight, login):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    make_vm("web1")
+    make_vm("web2")
+    plan = make_plan(VM.objects.filter(host=fleet["ha"]), operator, measure_dirty_rate=False)
+    soon = timezone.now() + timedelta(hours=1)
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"], not_before=soon)
+    scheduler.tick(batch.pk)
+    assert not MigrationJob.objects.exists()  # not before its window
+    assert "Starts in" in login(operator).get(f"/fleet/batches/{batch.pk}/live/").content.decode()
+    # The window opens, one child starts; then it closes before the second could.
+    Batch.objects.filter(pk=batch.pk).update(
+        not_before=timezone.now() - timedelta(minutes=1),
+        not_after=timezone.now() + timedelta(minutes=1),
+        per_source=1,
+    )
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 1
+    Batch.objects.filter(pk=batch.pk).update(not_after=timezone.now() - timedelta(seconds=1))
+    _finish_children()
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == Batch.FAILED and MigrationJob.objects.count() == 1
+    assert batch.counts()[BatchItem.MISSED] == 1 and batch.counts()[BatchItem.SUCCEEDED] == 1
+    with pytest.raises(services.BatchError, match="window"):
+        services.do_create_batch(plan, operator, not_before=soon, not_after=soon - timedelta(minutes=5))
+
+
+def test_it_reuses_a_recent_plan_report_and_checks_again_when_it_is_old(
+    fleet, make_vm, operator, fake_preflight, settings
+):
+    from datetime import UTC, datetime, timedelta
+
+    from tests.fleet.conftest import prediction, report
+
+    def fresh(plan):
+        r = report(prediction())
+        r.started_at = datetime.now(UTC).isoformat()
+        return r
+
+    for name in ("web1", "web2"):
+        make_vm(name)
+        fake_preflight.answers[name] = fresh
+    plan = make_plan(VM.objects.filter(host=fleet["ha"]), operator, measure_dirty_rate=False)
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"])
+    planned = len(fake_preflight.calls)
+    web2 = BatchItem.objects.get(vm__name="web2")
+    web2.report["started_at"] = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    web2.save()
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 2
+    # web1's plan-time report was recent: no second checklist; web2's was an hour old.
+    assert [c[0] for c in fake_preflight.calls[planned:]] == ["web2"]
+    web1 = BatchItem.objects.get(vm__name="web1")
+    assert web1.job.preflight["started_at"] == web1.report["started_at"]
+
+
+def test_it_is_driven_by_the_periodic_task(batch_of):
+    from fleet.tasks import batch_watch
+
+    batch = batch_of(3, per_source=2)
+    batch_watch(duration=0.0, every=0.0)  # one pass over every active batch
+    assert batch.items.filter(status=BatchItem.STARTED).count() == 2
+
+
+def test_it_waits_out_a_blackout_unless_an_administrator_overrides_it(
+    fleet, make_vm, operator, admin, fake_preflight, login, capsys
+):
+    from datetime import timedelta
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.utils import timezone
+
+    from fleet.models import Blackout
+    from hosts.models import HostGroup
+
+    group = HostGroup.objects.create(name="rack-b")
+    fleet["hb"].group = group
+    fleet["hb"].save()
+    start = timezone.now() - timedelta(minutes=5)
+    with pytest.raises(CommandError):  # operators may not set blackouts
+        call_command(
+            "blackout",
+            "rack-b",
+            start.isoformat(),
+            (start + timedelta(hours=1)).isoformat(),
+            "--user",
+            "operator",
+        )
+    call_command(
+        "blackout",
+        "rack-b",
+        start.isoformat(),
+        (start + timedelta(hours=1)).isoformat(),
+        "--reason",
+        "UPS work",
+        "--user",
+        "admin",
+    )
+    assert Blackout.objects.get().reason == "UPS work"
+    assert AuditEvent.objects.filter(
+        action="blackout.create", outcome=AuditEvent.SUCCESS, actor=admin
+    ).exists()
+    make_vm("web1")
+    overrides = {VM.objects.get(name="web1").pk: {"target": fleet["hb"].pk}}
+    plan = make_plan(
+        VM.objects.filter(host=fleet["ha"]), operator, overrides=overrides, measure_dirty_rate=False
+    )
+    batch = services.do_create_batch(plan, operator, host=fleet["ha"])
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert not MigrationJob.objects.exists() and "Blackout of rack-b" in batch.waiting_for
+    assert "UPS work" in login(operator).get(f"/fleet/batches/{batch.pk}/live/").content.decode()
+    # Only an administrator may start a batch that ignores blackouts.
+    with pytest.raises(services.BatchError, match="administrators"):
+        services.do_create_batch(plan, operator, host=fleet["ha"], ignore_blackouts=True)
+    services.do_cancel_batch(batch, operator)
+    scheduler.tick(batch.pk)
+    forced = services.do_create_batch(plan, admin, host=fleet["ha"], ignore_blackouts=True)
+    scheduler.tick(forced.pk)
+    assert forced.items.get().job.target == fleet["hb"]
