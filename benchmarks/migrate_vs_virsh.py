@@ -153,6 +153,9 @@ def main():
     ap.add_argument("--bandwidth", type=int, default=16)
     ap.add_argument("--memory", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="3 rounds (about 2 minutes)")
+    ap.add_argument(
+        "--cli-quick", action="store_true", help="run migrate_vm with --quick (no dirty-rate measurement)"
+    )
     ap.add_argument("--no-job", action="store_true", help="leave out the in-process job side")
     args = ap.parse_args()
     if args.quick:
@@ -186,7 +189,11 @@ def main():
                         )
                     elif side == "cli":
                         pair["cli"], pair["cli_times"] = run_cli(
-                            user, name, Host.objects.get(name=other), args.bandwidth
+                            user,
+                            name,
+                            Host.objects.get(name=other),
+                            args.bandwidth,
+                            ("--quick",) if args.cli_quick else (),
                         )
                     else:
                         pair["virsh"] = run_virsh(name, where, other, args.bandwidth)

@@ -92,6 +92,11 @@ class Command(BaseCommand):
         parser.add_argument("--ack-all", action="store_true", help="acknowledge every warning")
         parser.add_argument("--override", action="append", default=[], help="override a failed check (id)")
         parser.add_argument("--reason", default="")
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="skip the 1 s dirty-rate measurement (the time estimate is then a lower bound)",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the job until it ends")
         parser.add_argument("--json", action="store_true", help="print the job as JSON")
 
@@ -130,7 +135,7 @@ class Command(BaseCommand):
         except PlanError as exc:
             raise CommandError(str(exc), returncode=2) from None
         _timing("plan")
-        report = run_preflight(plan)
+        report = run_preflight(plan, measure_dirty_rate=not o["quick"])
         _timing("preflight")
         acks = list(o["ack"])
         if o["ack_all"]:
