@@ -37,6 +37,22 @@ def _timing(label):
             pass
 
 
+_exit_handlers = []
+
+
+def _register_exit_handlers():
+    """Once per process (tests call the command many times). gc.freeze is registered last,
+    so it runs first at exit: every object alive then goes to the permanent generation and
+    the interpreter's final collection skips it. Tearing down the Django + libvirt object
+    graph that way took 0.3-0.8 s after the job had ended (benchmarks/migrate_vs_virsh.py);
+    the process still runs its exit handlers and flushes its streams normally, and the
+    operating system frees the memory."""
+    if not _exit_handlers:
+        _exit_handlers.append(True)
+        atexit.register(_timing, "exit")
+        atexit.register(gc.freeze)
+
+
 def job_json(job):
     return {
         "id": job.pk,
@@ -102,13 +118,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **o):
         _timing("handle")
-        atexit.register(_timing, "exit")
-        # Registered last, so it runs first at exit: every object alive then goes to the
-        # permanent generation and the interpreter's final collection skips it. Tearing
-        # down the Django + libvirt object graph that way took 0.3-0.8 s after the job had
-        # ended (the process still ran its exit handlers and flushes its streams normally;
-        # the operating system frees the memory).
-        atexit.register(gc.freeze)
+        _register_exit_handlers()
         from migrations_app.plan import MigrationPlan, PlanError
         from migrations_app.preflight import run_preflight
 
