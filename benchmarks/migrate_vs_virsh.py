@@ -20,6 +20,7 @@ Uses a throwaway SQLite database and data dir; creates and removes its own guest
 """
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -103,6 +104,26 @@ def run_kvmweb(user, name, target, bandwidth):
     return wall, detail
 
 
+def run_cli(user, name, target, bandwidth, extra=()):
+    """`manage.py migrate_vm NAME TARGET --mode live --bandwidth N --ack-all --wait`: the wall
+    time of the process, start to exit (Django start-up, checklist, job, queue, worker,
+    conclusion, exit), as a user of the command waits for it."""
+    cmd = [sys.executable, "manage.py", "migrate_vm", name, target.name, "--mode", "live"]
+    cmd += ["--bandwidth", str(bandwidth), "--user", user.username, "--ack-all", "--wait", *extra]
+    env = dict(os.environ, KVMWEB_CLI_TIMING=repr(time.time()))
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"migrate_vm failed ({r.returncode}): {r.stdout.strip()} {r.stderr.strip()}")
+    times = {}
+    for line in r.stderr.splitlines():  # KVMWEB_CLI_TIMING: "timing <label> <seconds since start>"
+        if line.startswith("timing "):
+            _t, label, at = line.split()
+            times[label] = float(at)
+    return wall, times
+
+
 def run_virsh(name, source, target, bandwidth):
     cmd = [
         "virsh",
@@ -131,7 +152,14 @@ def main():
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--bandwidth", type=int, default=16)
     ap.add_argument("--memory", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="3 rounds (about 2 minutes)")
+    ap.add_argument(
+        "--cli-quick", action="store_true", help="run migrate_vm with --quick (no dirty-rate measurement)"
+    )
+    ap.add_argument("--no-job", action="store_true", help="leave out the in-process job side")
     args = ap.parse_args()
+    if args.quick:
+        args.pairs = min(args.pairs, 3)
 
     started = lab.up(2)
     call_command("migrate", verbosity=0)
@@ -144,34 +172,61 @@ def main():
     worker = start_worker()
     where = "lab-a"
     rows = []
+    failures = 0
     try:
         for h in hosts.values():
             host_services.do_sync_inventory(h)
+        sides = ["virsh", "cli"] + ([] if args.no_job else ["kvmweb"])
         for i in range(args.pairs):
-            order = ("kvmweb", "virsh") if i % 2 == 0 else ("virsh", "kvmweb")
+            order = sides[i % len(sides) :] + sides[: i % len(sides)]  # rotate who goes first
             pair = {}
             for side in order:
                 other = "lab-b" if where == "lab-a" else "lab-a"
-                if side == "kvmweb":
-                    pair["kvmweb"], pair["detail"] = run_kvmweb(
-                        user, name, Host.objects.get(name=other), args.bandwidth
-                    )
-                else:
-                    pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
-                    for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
+                try:
+                    if side == "kvmweb":
+                        pair["kvmweb"], pair["detail"] = run_kvmweb(
+                            user, name, Host.objects.get(name=other), args.bandwidth
+                        )
+                    elif side == "cli":
+                        pair["cli"], pair["cli_times"] = run_cli(
+                            user,
+                            name,
+                            Host.objects.get(name=other),
+                            args.bandwidth,
+                            ("--quick",) if args.cli_quick else (),
+                        )
+                    else:
+                        pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
+                        for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
+                            host_services.do_sync_inventory(h)
+                except SystemExit as exc:  # report what the other rounds measured
+                    print(f"round {i + 1} {side}: FAILED {exc}", flush=True)
+                    failures += 1
+                    for h in hosts.values():
                         host_services.do_sync_inventory(h)
+                    where = VM.objects.get(name=name, gone=False).host.name
+                    continue
                 where = other
                 lab.wait_counter_moves(where, name)
-            ratio = pair["kvmweb"] / pair["virsh"]
-            rows.append(dict(pair, ratio=ratio))
-            d = pair["detail"]
-            print(
-                f"pair {i + 1}: kvmweb {pair['kvmweb']:.3f} s  virsh {pair['virsh']:.3f} s  ratio {ratio:.3f}"
-                f"   (kvmweb: pickup {d['pickup'] * 1000:.0f} ms, claim to libvirt call (checklist again) "
-                f"{d['claim_to_call'] * 1000:.0f} ms, migrate call {d['migrate_call']:.3f} s, "
-                f"conclude {d['conclude'] * 1000:.0f} ms, call end to recorded {d['after_call'] * 1000:.0f} ms, libvirt elapsed {d['libvirt_elapsed']:.3f} s)",
-                flush=True,
-            )
+            if "virsh" not in pair:
+                continue
+            for side in ("kvmweb", "cli"):
+                if side in pair:
+                    pair[f"ratio_{side}"] = pair[side] / pair["virsh"]
+            rows.append(pair)
+            line = f"round {i + 1}: virsh {pair['virsh']:.3f} s"
+            if "cli" in pair:
+                t = pair["cli_times"]
+                line += f"  cli {pair['cli']:.3f} s (ratio {pair['ratio_cli']:.3f}"
+                line += "".join(f", {k} {v:.2f}" for k, v in t.items()) + ")"
+            if "kvmweb" in pair:
+                d = pair["detail"]
+                line += (
+                    f"  job {pair['kvmweb']:.3f} s (ratio {pair['ratio_kvmweb']:.3f}; pickup {d['pickup'] * 1000:.0f} ms,"
+                    f" claim to call {d['claim_to_call'] * 1000:.0f} ms, migrate call {d['migrate_call']:.3f} s,"
+                    f" call end to recorded {d['after_call'] * 1000:.0f} ms)"
+                )
+            print(line, flush=True)
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -182,22 +237,36 @@ def main():
         if started:
             lab.down(hosts=started)
     med = statistics.median
+    load = os.getloadavg()
     print()
-    print(
-        f"live p2p, {args.memory} MiB guest, --bandwidth {args.bandwidth} MiB/s, {len(rows)} alternating pairs"
-    )
-    print(
-        f"kvmweb median {med(r['kvmweb'] for r in rows):.3f} s   virsh median {med(r['virsh'] for r in rows):.3f} s"
-    )
-    print(
-        f"median ratio kvmweb/virsh: {med(r['ratio'] for r in rows):.3f}"
-        f"  (min {min(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}; goal <= 1.05)"
-    )
-    print(
-        f"kvmweb overhead parts (median): queue pickup {med(r['detail']['pickup'] for r in rows) * 1000:.0f} ms, "
-        f"claim to libvirt call {med(r['detail']['claim_to_call'] for r in rows) * 1000:.0f} ms, "
-        f"call end to recorded {med(r['detail']['after_call'] for r in rows) * 1000:.0f} ms"
-    )
+    print(f"live p2p, {args.memory} MiB guest, --bandwidth {args.bandwidth} MiB/s, {len(rows)} rounds")
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; failed runs {failures}")
+    summary = {"bandwidth": args.bandwidth, "rounds": len(rows), "failures": failures, "load": load[0]}
+    summary["ratio"] = {}
+    if not rows:
+        print("NOTHING COMPLETED")
+    else:
+        summary["virsh_s"] = round(med(r["virsh"] for r in rows), 3)
+        print(f"virsh median {summary['virsh_s']:.3f} s")
+        for side, label in (("cli", "migrate_vm --wait process"), ("kvmweb", "job created to recorded")):
+            got = [r for r in rows if side in r]
+            if not got:
+                continue
+            ratios = [r[f"ratio_{side}"] for r in got]
+            summary[f"{side}_s"] = round(med(r[side] for r in got), 3)
+            summary["ratio"][side] = round(med(ratios), 3)
+            print(
+                f"{label}: median {summary[f'{side}_s']:.3f} s, median ratio to virsh {med(ratios):.3f}"
+                f" (min {min(ratios):.3f}, max {max(ratios):.3f}; goal <= 1.10)"
+            )
+        cli = [r["cli_times"] for r in rows if r.get("cli_times")]
+        if cli:
+            parts = sorted({k for t in cli for k in t}, key=lambda k: med(t[k] for t in cli if k in t))
+            print(
+                "cli timeline (median s since process start): "
+                + ", ".join(f"{k} {med(t[k] for t in cli if k in t):.2f}" for k in parts)
+            )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

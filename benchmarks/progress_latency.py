@@ -7,9 +7,11 @@ job row (progress fields, progress_seq + 1) plus a ProgressSample in one transac
 note the commit time, call publish_job(). The watchers are raw WebSocket clients on
 loopback, signed in with a real session; each notes when the payload carrying that
 progress_seq arrives. Latency = arrival - commit (one clock: everything runs on this
-machine). Also prints how many writes a watcher never saw as their own message
-(coalesced into a later one: the poller sends the newest state), and daphne's CPU use
-while the writer ran.
+machine). A write a watcher never saw as its own message (coalesced into a later one: the
+poller sends the newest state) counts at the arrival of the first newer state, when the
+browser first shows that state or a newer one; "never" counts writes of which the watcher
+showed neither. Also prints daphne's CPU use while the writer ran. By default two
+CPU-bound processes run beside the server (--burners), as on a busy management host.
 
 Embedded default (SQLite file, in-memory channel layer, the DB poller) unless
 DATABASE_URL and REDIS_URL are set (then: PostgreSQL + channels-redis, e.g. after
@@ -22,6 +24,7 @@ Uses a throwaway data dir; starts daphne and the writer itself and stops them by
 import argparse
 import asyncio
 import base64
+import json
 import os
 import re
 import socket
@@ -210,29 +213,49 @@ async def scenario(port, job_id, cookie, watchers, seconds, hz, data_dir, daphne
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    latencies, missed, starved = [], 0, 0
+    # Every write counts, at the time the watcher first shows that state or a newer one:
+    # a write coalesced into a later message is shown when that later message arrives.
+    latencies, coalesced, never, starved = [], 0, 0, 0
     for c in clients:
+        shown = {}  # seq -> first arrival of that seq or a newer one
+        earliest = float("inf")
+        for seq in sorted(c.arrivals, reverse=True):
+            earliest = min(earliest, c.arrivals[seq])
+            shown[seq] = earliest
+        newer = sorted(shown)
         got = 0
         for seq, at in commits.items():
             if seq in c.arrivals:
                 latencies.append((c.arrivals[seq] - at) * 1000)
                 got += 1
+                continue
+            later = [s for s in newer if s > seq]
+            if later:
+                coalesced += 1
+                latencies.append((shown[later[0]] - at) * 1000)
             else:
-                missed += 1
+                never += 1  # the watcher never showed this state nor a newer one
         starved += not got
     if starved:
-        print(f"  {starved} watcher(s) received none of the writes", file=sys.stderr)
+        print(f"  {starved} watcher(s) received none of the writes as their own message", file=sys.stderr)
     return {
         "watchers": watchers,
         "writes": len(commits),
         "deliveries": len(latencies),
-        "missed": missed,
+        "coalesced": coalesced,
+        "never": never,
         "p50": percentile(latencies, 50),
         "p95": percentile(latencies, 95),
         "max": max(latencies) if latencies else float("nan"),
         "mean": statistics.fmean(latencies) if latencies else float("nan"),
         "cpu": cpu * 100,
     }
+
+
+def start_burners(n):
+    """``n`` CPU-bound processes beside the server, as on a busy management host."""
+    code = "while True:\n    pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
 
 def prepare():
@@ -269,6 +292,7 @@ def main():
     parser.add_argument("--watchers", type=int, nargs="+", default=[1, 200])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--hz", type=float, default=4)
+    parser.add_argument("--burners", type=int, default=2, help="CPU-bound processes run beside the server")
     parser.add_argument("--writer", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,6 +311,8 @@ def main():
         [str(ROOT / ".venv" / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
         cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    burners = []
+    results = []
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -304,22 +330,40 @@ def main():
         print(f" ({streaming.POLL_INTERVAL_WITH_LAYER * 1000:.0f} ms with a layer)" if scaleout else "")
         print(f"writer: {args.hz:g} progress writes/s for {args.seconds:g} s; daphne pid {daphne.pid}")
         print(f"database: {settings.DATABASES['default']['NAME']}")
-        print(f"{'watchers':>8} {'writes':>6} {'delivered':>9} {'coalesced':>9} "
+        burners = start_burners(args.burners)
+        print(f"{args.burners} CPU-bound process(es) running beside the server")
+        print("latency counts every write at the first arrival of that state or a newer one")
+        print(f"{'watchers':>8} {'writes':>6} {'counted':>7} {'coalesced':>9} {'never':>5} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} {'daphne CPU':>10}")  # fmt: skip
         for n in args.watchers:
-            r = asyncio.run(scenario(port, job.pk, cookie, n, args.seconds, args.hz, data_dir, daphne.pid))
+            try:
+                r = asyncio.run(
+                    scenario(port, job.pk, cookie, n, args.seconds, args.hz, data_dir, daphne.pid)
+                )
+            except Exception as exc:  # report the other rows
+                print(f"{n:>8} FAILED: {exc!r}", flush=True)
+                results.append({"watchers": n, "error": repr(exc)})
+                continue
+            flag = "  NOTHING DELIVERED" if not r["deliveries"] else ""
             print(
-                f"{r['watchers']:>8} {r['writes']:>6} {r['deliveries']:>9} {r['missed']:>9} "
-                f"{r['p50']:>7.1f} {r['p95']:>7.1f} {r['max']:>7.1f} {r['cpu']:>9.1f}%",
+                f"{r['watchers']:>8} {r['writes']:>6} {r['deliveries']:>7} {r['coalesced']:>9} {r['never']:>5} "
+                f"{r['p50']:>7.1f} {r['p95']:>7.1f} {r['max']:>7.1f} {r['cpu']:>9.1f}%{flag}",
                 flush=True,
             )
+            results.append({k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()})
     finally:
+        for b in burners:
+            b.kill()
+            b.wait(10)
         daphne.terminate()
         try:
             daphne.wait(10)
         except subprocess.TimeoutExpired:
             daphne.kill()
         log.close()
+        load = os.getloadavg()
+        print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(json.dumps({"burners": args.burners, "load": round(load[0], 2), "rows": results}))
 
 
 if __name__ == "__main__":

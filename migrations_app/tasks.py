@@ -10,6 +10,7 @@ granularity, so each run covers the minute until the next).
 
 import time
 
+from kvmweb import workers
 from migrations_app import reconcile, runner
 
 
@@ -31,4 +32,5 @@ def reconcile_watch(duration=55.0, every=3.0):
         results.append(reconcile.reconcile_jobs())
         if time.monotonic() + every > deadline:
             return [r for r in results if r]
-        time.sleep(every)
+        if workers.wait(every):  # the cluster is stopping: end now (kvmweb/workers.py)
+            return [r for r in results if r]

@@ -6,6 +6,8 @@ worker (`Q_CLUSTER_NAME=migrations manage.py qcluster`, started by scripts/run.s
 --wait follows the job row until it ends; exit status 0 only when it succeeded.
 """
 
+import atexit
+import gc
 import json
 import os
 import sys
@@ -13,12 +15,42 @@ import time
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
 
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
 from migrations_app.models import MigrationJob
 from migrations_app.options import MODES
 from migrations_app.services import JobError, do_create_job
+
+
+def _timing(label):
+    """With KVMWEB_CLI_TIMING=<epoch seconds when the process was started> (set by
+    benchmarks/migrate_vs_virsh.py), print "timing LABEL SECONDS" to stderr: where the
+    command's wall time goes."""
+    t0 = os.environ.get("KVMWEB_CLI_TIMING")
+    if t0:
+        try:
+            sys.stderr.write(f"timing {label} {time.time() - float(t0):.3f}\n")
+            sys.stderr.flush()
+        except ValueError:
+            pass
+
+
+_exit_handlers = []
+
+
+def _register_exit_handlers():
+    """Once per process (tests call the command many times). gc.freeze is registered last,
+    so it runs first at exit: every object alive then goes to the permanent generation and
+    the interpreter's final collection skips it. Tearing down the Django + libvirt object
+    graph that way took 0.3-0.8 s after the job had ended (benchmarks/migrate_vs_virsh.py);
+    the process still runs its exit handlers and flushes its streams normally, and the
+    operating system frees the memory."""
+    if not _exit_handlers:
+        _exit_handlers.append(True)
+        atexit.register(_timing, "exit")
+        atexit.register(gc.freeze)
 
 
 def job_json(job):
@@ -40,6 +72,9 @@ def job_json(job):
 
 class Command(BaseCommand):
     help = "Migrate a VM through a kvmweb job (same path as the wizard)."
+    # System checks cost ~0.1-2 s of every run (more on a loaded host) and find nothing
+    # here that `manage.py check`, the test suite and the web server's start do not.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("vm", help="VM name or UUID")
@@ -73,10 +108,17 @@ class Command(BaseCommand):
         parser.add_argument("--ack-all", action="store_true", help="acknowledge every warning")
         parser.add_argument("--override", action="append", default=[], help="override a failed check (id)")
         parser.add_argument("--reason", default="")
+        parser.add_argument(
+            "--quick",
+            action="store_true",
+            help="skip the 1 s dirty-rate measurement (the time estimate is then a lower bound)",
+        )
         parser.add_argument("--wait", action="store_true", help="follow the job until it ends")
         parser.add_argument("--json", action="store_true", help="print the job as JSON")
 
     def handle(self, *args, **o):
+        _timing("handle")
+        _register_exit_handlers()
         from migrations_app.plan import MigrationPlan, PlanError
         from migrations_app.preflight import run_preflight
 
@@ -102,7 +144,9 @@ class Command(BaseCommand):
             plan.validate()
         except PlanError as exc:
             raise CommandError(str(exc), returncode=2) from None
-        report = run_preflight(plan)
+        _timing("plan")
+        report = run_preflight(plan, measure_dirty_rate=not o["quick"])
+        _timing("preflight")
         acks = list(o["ack"])
         if o["ack_all"]:
             acks += warning_ids(report)
@@ -122,14 +166,17 @@ class Command(BaseCommand):
             if o["json"]:
                 self.stdout.write(json.dumps({"error": str(exc)}))
             raise CommandError(str(exc)) from None
+        _timing("job")
         if not o["json"]:
             self.stdout.write(
                 f"job #{job.pk}: {job.get_status_display()}  ({plan.virsh_command().splitlines()[0]})"
             )
         if o["wait"]:
             job = self.follow(job, quiet=o["json"])
+            _timing("final")
         if o["json"]:
             self.stdout.write(json.dumps(job_json(job)))
+        connections.close_all()
         if o["wait"] and job.status != MigrationJob.SUCCEEDED:
             sys.exit(1)
 
