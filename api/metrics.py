@@ -183,10 +183,8 @@ class DatabaseCollector:
             audit.add_metric([outcome], n)
         yield audit
 
-        try:
-            from notifications.models import Delivery
-        except ImportError:  # pragma: no cover
-            return
+        from notifications.models import Delivery
+
         deliveries = GaugeMetricFamily(
             "kvmweb_notification_deliveries", "Notification deliveries by state", labels=["status"]
         )

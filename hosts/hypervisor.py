@@ -274,7 +274,7 @@ class HostConnection:
         except DomainNotFound:
             return None
 
-    # -- preflight queries (owned by the preflight engineer) ----------------------
+    # -- preflight queries (migrations_app/preflight.py) ---------------------------
     # Each returns plain data for migrations_app/preflight.py. They are safe to call from
     # several threads at once on one connection (libvirt connections are thread-safe).
 

@@ -26,10 +26,8 @@ def cluster_stop_event():
     global _event
     if _event is _UNSET:
         _event = None
-        try:
-            from django_q.cluster import Sentinel
-        except ImportError:  # pragma: no cover - django-q2 is a dependency
-            return None
+        from django_q.cluster import Sentinel  # the forked worker runs under it
+
         frame = sys._getframe()
         while frame is not None:
             owner = frame.f_locals.get("self")

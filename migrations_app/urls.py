@@ -1,6 +1,7 @@
 from django.urls import path
 
 from migrations_app import views
+from migrations_app.preflight_views import preflight_check
 
 app_name = "migrations"
 urlpatterns = [
@@ -12,11 +13,5 @@ urlpatterns = [
     path("<int:pk>/downtime/", views.job_downtime, name="downtime"),
     path("<int:pk>/postcopy/", views.job_postcopy, name="postcopy"),
     path("left-copies/<int:pk>/delete/", views.left_copy_delete, name="left_copy_delete"),
+    path("preflight/", preflight_check, name="preflight_check"),  # the dry run
 ]
-
-# Preflight dry run / checklist re-run (owned by the preflight engineer).
-from django.urls import path as _path  # noqa: E402
-
-from migrations_app.preflight_views import preflight_check  # noqa: E402
-
-urlpatterns += [_path("preflight/", preflight_check, name="preflight_check")]

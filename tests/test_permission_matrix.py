@@ -1,7 +1,7 @@
 """The permission matrix: every URL of the project x every persona, asserted cell by cell.
 
 The expected status of a cell comes from the scope rule, written here by hand from
-DESIGN.md section 6 (not computed from the code under test):
+docs/architecture.md and docs/security.md (not computed from the code under test):
 
     anonymous -> 302 to the sign-in page (public routes excepted)
     object outside the persona's scope -> 404 (nobody learns it exists)

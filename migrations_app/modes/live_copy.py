@@ -57,7 +57,7 @@ def prepare_target_volumes(run):
 
 def remove_source_disks(run):
     """After a successful storage copy, and only when the user asked: delete the source
-    copies libvirt leaves behind (lab pitfall 6)."""
+    copies libvirt leaves behind: it never deletes them itself)."""
     job = run.job
     removed = []
     try:
