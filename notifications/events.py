@@ -95,6 +95,18 @@ def from_audit(audit):
                 base | {"job": info, "decision": decision, "reason": details.get("reason", "")},
                 job,
             )
+    elif action == "batch.end":
+        # Batches are staff business (operators run them): only those who may read the
+        # audit history hear about them.
+        status = details.get("status", "")
+        counts = details.get("counts") or {}
+        yield Event(
+            "batch.finished",
+            f"audit:{audit.pk}:batch.finished",
+            f"Batch {audit.target_name} finished: {status} {counts}".strip(),
+            base | {"batch": {"id": audit.target_id, "name": audit.target_name, "status": status, "counts": counts}},
+            audit_only=True,
+        )
     elif action == "host.status" and audit.target_type == "hosts.host":
         host = Host.objects.filter(pk=int(audit.target_id)).first() if audit.target_id.isdigit() else None
         info = {"id": audit.target_id, "name": audit.target_name, "error": details.get("error", "")}

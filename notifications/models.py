@@ -17,6 +17,7 @@ EVENTS = [
     ("host.unreachable", _("host unreachable")),
     ("host.back", _("host reachable again")),
     ("audit.chain_broken", _("audit chain verification failed")),
+    ("batch.finished", _("batch (evacuation) finished")),
 ]
 EVENT_KINDS = [kind for kind, _label in EVENTS]
 

@@ -264,3 +264,26 @@ def test_it_logs_an_apprise_target_it_cannot_use(admin, world, monkeypatch):
     dispatch.dispatch()
     delivery = Delivery.objects.get()
     assert delivery.status == "pending" and "apprise is not installed" in delivery.last_error
+
+
+def test_it_tells_staff_when_a_batch_finishes_and_nobody_else(admin, alice, world, webhook, smtp):
+    sub = services.do_subscribe(
+        admin, name="ops", kind="webhook", target=webhook.url, events=["batch.finished"], is_global=True
+    )
+    webhook.secret = sub.secret
+    services.do_subscribe(
+        alice, name="mine", kind="email", target="alice@example.com", events=["batch.finished"]
+    )
+    with transaction.atomic():  # what the batch scheduler writes when a batch ends
+        record(
+            "batch.end",
+            target_type="fleet.batch",
+            target_id="7",
+            target_name="evacuate lab-a",
+            details={"status": "succeeded", "counts": {"succeeded": 6}},
+        )
+    result = dispatch.dispatch()
+    assert result["sent"] == 1 and result["failed"] == 0
+    assert [r["event"] for r in webhook.requests] == ["batch.finished"] and webhook.requests[0]["verified"]
+    assert webhook.requests[0]["body"]["batch"]["status"] == "succeeded"
+    assert smtp.messages == []  # self-service users do not hear about batches
