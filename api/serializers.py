@@ -4,6 +4,7 @@ Input serializers validate request bodies; the services judge them."""
 from django.urls import reverse
 from rest_framework import serializers
 
+from fleet.models import Batch, BatchItem
 from hosts.models import VM, Host
 from kvmweb.accounts.masking import HostMask
 from kvmweb.audit.models import AuditEvent
@@ -46,6 +47,9 @@ class HostSerializer(serializers.ModelSerializer):
             "libvirt_version",
             "hypervisor_version",
             "hypervisor_type",
+            "maintenance",
+            "maintenance_reason",
+            "maintenance_since",
         ]
         read_only_fields = fields
 
@@ -215,6 +219,62 @@ class JobCreateSerializer(PlanSerializer):
     acknowledged = serializers.ListField(child=serializers.CharField(), required=False, default=list)
     overridden = serializers.ListField(child=serializers.CharField(), required=False, default=list)
     reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class MaintenanceSerializer(serializers.Serializer):
+    on = serializers.BooleanField()
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
+class BatchItemSerializer(serializers.ModelSerializer):
+    job = serializers.SerializerMethodField()
+    status = serializers.CharField(read_only=True)  # plain text: no second "status" enum in the schema
+
+    class Meta:
+        model = BatchItem
+        fields = ["id", "vm_name", "source_name", "target_name", "mode", "position", "status", "job"]
+        read_only_fields = fields
+
+    def get_job(self, item) -> str | None:
+        return reverse("api:job_detail", kwargs={"pk": item.job_id}) if item.job_id else None
+
+
+class BatchSerializer(serializers.ModelSerializer):
+    status = serializers.CharField(read_only=True)  # plain text: no second "status" enum in the schema
+
+    class Meta:
+        model = Batch
+        fields = [
+            "id",
+            "kind",
+            "host_name",
+            "status",
+            "max_parallel",
+            "per_source",
+            "per_target",
+            "stop_on_failure",
+            "not_before",
+            "not_after",
+            "waiting_for",
+            "predicted_seconds",
+            "created_by_name",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class BatchDetailSerializer(BatchSerializer):
+    items = BatchItemSerializer(many=True, read_only=True)
+
+    class Meta(BatchSerializer.Meta):
+        fields = BatchSerializer.Meta.fields + ["items"]
+        read_only_fields = fields
+
+
+class BatchCancelSerializer(serializers.Serializer):
+    cancel_running = serializers.BooleanField(default=False)
 
 
 class PowerSerializer(serializers.Serializer):

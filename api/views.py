@@ -18,6 +18,8 @@ from rest_framework.views import APIView
 from api import serializers as s
 from api.idempotency import idempotent
 from api.metrics import observe_preflight
+from fleet import services as fleet_services
+from fleet.models import Batch
 from hosts import services as host_services
 from hosts.models import VM, Host
 from kvmweb.access import get_scoped_or_404, require, scoped
@@ -209,6 +211,23 @@ class VMDetailView(APIView):
         """One VM."""
         vm = get_scoped_or_404(VM, request.user, pk=pk)
         return Response(s.VMSerializer(vm).data)
+
+
+class HostMaintenanceView(APIView):
+    @extend_schema(request=s.MaintenanceSerializer, responses=s.HostSerializer)
+    def post(self, request, pk):
+        """Put the host in maintenance (never a migration target then) or take it out."""
+        host = get_scoped_or_404(Host, request.user, perm=fleet_services.PERM, pk=pk)
+        body = s.MaintenanceSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        host = host_services.do_set_maintenance(
+            host,
+            body.validated_data["on"],
+            reason=body.validated_data["reason"],
+            actor=request.user,
+            request=request,
+        )
+        return Response(s.HostSerializer(host, context={"request": request}).data)
 
 
 class VMPowerView(APIView):
@@ -489,3 +508,63 @@ class AuditDetailView(APIView):
         """One audit event."""
         event = get_scoped_or_404(AuditEvent, request.user, perm=AUDIT, pk=pk)
         return Response(s.AuditEventSerializer(event).data)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchListView(ListView):
+    serializer_class = s.BatchSerializer
+
+    def get_queryset(self):
+        """Batches (evacuations, bulk moves): the staff roles see them (fleet/models.py)."""
+        return scoped(Batch, self.request.user).order_by("-created_at", "-id")
+
+
+class BatchDetailView(APIView):
+    @extend_schema(responses=s.BatchDetailSerializer)
+    def get(self, request, pk):
+        """One batch with one row per VM (and its job, once started)."""
+        batch = get_scoped_or_404(Batch, request.user, pk=pk)
+        return Response(s.BatchDetailSerializer(batch).data)
+
+
+def _batch_action(request, pk, action):
+    batch = get_scoped_or_404(Batch, request.user, perm=fleet_services.PERM, pk=pk)
+    try:
+        batch = action(batch)
+    except fleet_services.BatchError as exc:
+        return Response({"detail": str(exc)}, status=409)
+    return Response(s.BatchSerializer(batch).data, status=202)
+
+
+class BatchPauseView(APIView):
+    @extend_schema(request=None, responses={202: s.BatchSerializer, 409: s.DetailSerializer})
+    def post(self, request, pk):
+        """No new children start; running ones finish."""
+        return _batch_action(request, pk, lambda b: fleet_services.do_pause_batch(b, request.user, request))
+
+
+class BatchResumeView(APIView):
+    @extend_schema(request=None, responses={202: s.BatchSerializer, 409: s.DetailSerializer})
+    def post(self, request, pk):
+        """Start children again."""
+        return _batch_action(request, pk, lambda b: fleet_services.do_resume_batch(b, request.user, request))
+
+
+class BatchCancelView(APIView):
+    @extend_schema(
+        request=s.BatchCancelSerializer, responses={202: s.BatchSerializer, 409: s.DetailSerializer}
+    )
+    def post(self, request, pk):
+        """Cancel the batch; ``cancel_running`` cancels the running children too."""
+        body = s.BatchCancelSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        running = body.validated_data["cancel_running"]
+        return _batch_action(
+            request,
+            pk,
+            lambda b: fleet_services.do_cancel_batch(
+                b, request.user, cancel_running=running, request=request
+            ),
+        )

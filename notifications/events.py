@@ -104,7 +104,15 @@ def from_audit(audit):
             "batch.finished",
             f"audit:{audit.pk}:batch.finished",
             f"Batch {audit.target_name} finished: {status} {counts}".strip(),
-            base | {"batch": {"id": audit.target_id, "name": audit.target_name, "status": status, "counts": counts}},
+            base
+            | {
+                "batch": {
+                    "id": audit.target_id,
+                    "name": audit.target_name,
+                    "status": status,
+                    "counts": counts,
+                }
+            },
             audit_only=True,
         )
     elif action == "host.status" and audit.target_type == "hosts.host":

@@ -752,6 +752,30 @@ API_ROUTES = [
     ApiRoute("api:vm_list", allowed=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),
     ApiRoute("api:vm_detail", objects=("vm_alice", "vm_hidden"), allowed=SIGNED_IN),
     ApiRoute(
+        "api:host_maintenance",
+        "POST",
+        objects=("host_p1", "host_s1"),
+        allowed=MIGRATORS,  # hosts.maintain_host
+        data=lambda w, host: {"on": True, "reason": "kernel update"},
+        action="host.maintenance",
+    ),
+    ApiRoute("api:batch_list", allowed=SIGNED_IN),  # an empty list for those who see no batch
+    ApiRoute("api:batch_detail", objects=("batch_run", "batch_done"), allowed=STAFF),
+    ApiRoute(
+        "api:batch_pause", "POST", objects=("batch_run",), allowed=MIGRATORS, ok=202, action="batch.pause"
+    ),
+    ApiRoute(
+        "api:batch_resume",
+        "POST",
+        objects=("batch_paused",),
+        allowed=MIGRATORS,
+        ok=202,
+        action="batch.resume",
+    ),
+    ApiRoute(
+        "api:batch_cancel", "POST", objects=("batch_run",), allowed=MIGRATORS, ok=202, action="batch.cancel"
+    ),
+    ApiRoute(
         "api:vm_power",
         "POST",
         objects=("vm_alice", "vm_hidden"),
