@@ -84,7 +84,8 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     """Register a host by libvirt URI, then probe it and sync its VMs.
 
     The host row is created even when the host is unreachable right now (it is shown as
-    unreachable with the reason); bad or duplicate names/URIs are refused with HostError.
+    unreachable with the reason); bad or duplicate names/URIs, and a qemu+tls URI whose
+    certificates libvirt rejects (expired, untrusted, missing), are refused with HostError.
     """
     name = (name or "").strip()
     if not name:
@@ -107,6 +108,21 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     # One machine, one host row: two rows for the same libvirtd would each claim its VMs
     # and every sync would move them from one row to the other.
     host_uuid, unreachable = _probe_uuid(uri)
+    if isinstance(unreachable, hypervisor.TLSCertificateError):
+        # Not a host that is down for a while: no connection can ever succeed with this
+        # certificate, so nothing is registered and the remedy is shown at once.
+        message = f"{unreachable.message} {unreachable.remedy}"
+        with transaction.atomic():
+            record(
+                "host.register",
+                actor=actor,
+                request=request,
+                target_type="hosts.host",
+                target_name=name,
+                outcome=AuditEvent.FAILURE,
+                details={"uri": uri, "error": message, "tls_problem": unreachable.problem},
+            )
+        raise HostError(message)
     twin = host_twin(host_uuid)
     if twin is not None:
         message = _twin_message(twin, twin.host_uuid)

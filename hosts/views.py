@@ -8,7 +8,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from hosts import services
+from hosts import services, transport
 from hosts.forms import HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
@@ -26,7 +26,14 @@ def host_detail(request, pk):
     vms = scoped(VM, request.user).filter(host=host).select_related("host", "owner_user", "owner_group")
     vms = list(vms.order_by("gone", "name", "pk"))
     return render(
-        request, "hosts/host_detail.html", {"host": host, "vms": vms, "busy": services.busy_vm_ids(vms)}
+        request,
+        "hosts/host_detail.html",
+        {
+            "host": host,
+            "vms": vms,
+            "busy": services.busy_vm_ids(vms),
+            "certificate": transport.client_certificate(host.uri),
+        },
     )
 
 
