@@ -237,3 +237,76 @@ def migration_check(source, target, tunnelled=False, now=None):
         else " " + _("Requires: %(needs)s.") % {"needs": p2p["needs"]}
     )
     return "pass", sentence + needs, "", details
+
+
+# ------------------------------------------------------------------ kvmweb's SSH identity
+
+
+def ssh_key_path():
+    """kvmweb's SSH private key: KVMWEB_SSH_KEY_FILE, else <data dir>/ssh/id_ed25519."""
+    configured = getattr(settings, "SSH_KEY_FILE", "")
+    return Path(configured) if configured else Path(settings.DATA_DIR) / "ssh" / "id_ed25519"
+
+
+@dataclass
+class SSHIdentity:
+    """The public half of kvmweb's SSH key, to paste into a host's authorized_keys."""
+
+    path: str
+    public_key: str
+    fingerprint: str  # SHA256:..., as `ssh-keygen -lf` prints it
+
+
+def _fingerprint(public_line):
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def ssh_identity():
+    """kvmweb's SSHIdentity, or None when there is no key yet.  Reads ``<key>.pub``, or
+    derives the public key from the private one (a key given by KVMWEB_SSH_KEY_FILE may
+    come without its .pub)."""
+    path = ssh_key_path()
+    pub = path.with_name(path.name + ".pub")
+    try:
+        line = pub.read_text().strip()
+    except FileNotFoundError:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_ssh_private_key(data, password=None)
+        line = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+    return SSHIdentity(str(path), line, _fingerprint(line))
+
+
+def generate_ssh_key(comment="kvmweb"):
+    """Create kvmweb's ed25519 key at ssh_key_path(): private 0600 in a 0700 directory,
+    public ``.pub`` next to it.  Never overwrites (FileExistsError): hosts already trust
+    the key that is there.  Returns the SSHIdentity."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = ssh_key_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    # O_EXCL: two administrators pressing the button at once get one key, not two.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    pub = path.with_name(path.name + ".pub")
+    pub.write_text(f"{public.decode()} {comment}\n")
+    return ssh_identity()

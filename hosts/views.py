@@ -17,7 +17,21 @@ from kvmweb.access import get_scoped_or_404, require, scoped
 @login_required
 def host_list(request):
     hosts = scoped(Host, request.user).select_related("group")
-    return render(request, "hosts/host_list.html", {"hosts": hosts})
+    identity = transport.ssh_identity() if request.user.has_perm("hosts.add_host") else None
+    return render(request, "hosts/host_list.html", {"hosts": hosts, "ssh_identity": identity})
+
+
+@login_required
+@require_POST
+def ssh_key_generate(request):
+    require(request.user, "hosts.add_host")
+    try:
+        identity = services.do_generate_ssh_key(actor=request.user, request=request)
+    except services.HostError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("SSH key generated: %(fp)s") % {"fp": identity.fingerprint})
+    return redirect("hosts:list")
 
 
 @login_required
