@@ -666,6 +666,7 @@ def up(n: int = 2) -> list[str]:
     names = HOST_NAMES[: _host_count(n)]
     check_prerequisites()
     with _locked():
+        _upgrade_without_tls(names)
         if all(_host_running(h) and _port_open(h) for h in names) and _shared_healthy():
             return []
         _check_namespaces()
@@ -699,6 +700,21 @@ def up(n: int = 2) -> list[str]:
             except _libvirt().libvirtError as exc:
                 raise LabError(f"{name}: storage pools: {exc.get_error_message()}") from None
         return list(procs)
+
+
+def _upgrade_without_tls(names) -> None:
+    """Stop running hosts whose libvirtd has no TLS listener (started by lab code older
+    than lab/pki.py) so that up() restarts them with it, but only when it harms nobody:
+    no other live session holds a lease and no guest runs on them.  Otherwise they are
+    left alone and require_tls() says why TLS is missing.  Call under the lock."""
+    stale = [h for h in names if _host_running(h) and _port_open(h, 0.5) and not tls_ready(h, 0.5)]
+    if not stale:
+        return
+    mine = str(os.getpid())
+    if any(f.name != mine for f in _live_leases()) or _active_guests(stale):
+        return
+    for name in stale:
+        _stop_host(name)
 
 
 def running_hosts() -> list[str]:
