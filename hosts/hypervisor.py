@@ -84,6 +84,80 @@ class DomainNotFound(HypervisorError):
     """No domain with that UUID or name on this host."""
 
 
+class TLSCertificateError(HypervisorError):
+    """A qemu+tls connection failed on a certificate (expired, untrusted, missing, or
+    issued for another name); ``problem`` names which, the remedy says what to renew."""
+
+    def __init__(self, message, *, problem, **kwargs):
+        super().__init__(message, **kwargs)
+        self.problem = problem
+
+
+def _tls_problem(lowered):
+    """Which certificate problem a libvirt/GnuTLS message describes, or ""."""
+    if "certificate" not in lowered and ".pem" not in lowered:
+        return ""
+    if "expired" in lowered:
+        return "expired"
+    if "not yet activated" in lowered or "not yet valid" in lowered:
+        return "not_yet_valid"
+    if "known issuer" in lowered or "not trusted" in lowered or "failed validation" in lowered:
+        return "untrusted"
+    if "does not match the hostname" in lowered or "owner does not match" in lowered:
+        return "hostname"
+    if "cannot read" in lowered or "cannot access" in lowered or "no such file" in lowered:
+        return "missing"
+    if "revoked" in lowered:
+        return "revoked"
+    return ""
+
+
+def _explain_tls(problem, raw, uri):
+    texts = {
+        "expired": (
+            _("TLS certificate expired for %(uri)s: %(raw)s"),
+            _(
+                "Issue a new certificate from the CA the hosts trust and install it where the message says "
+                "(kvmweb's client certificate is in the URI's pkipath directory, or /etc/pki/libvirt); "
+                "a host's server certificate lives in /etc/pki/libvirt/servercert.pem: restart libvirtd after."
+            ),
+        ),
+        "not_yet_valid": (
+            _("TLS certificate not valid yet for %(uri)s: %(raw)s"),
+            _(
+                "Check the clocks of kvmweb's machine and the host (NTP); the certificate's start date is ahead."
+            ),
+        ),
+        "untrusted": (
+            _("TLS certificate not trusted for %(uri)s: %(raw)s"),
+            _(
+                "The certificate was signed by a CA the other side does not know: put the signing CA in "
+                "cacert.pem on both sides, or issue the certificate from the CA the host trusts."
+            ),
+        ),
+        "hostname": (
+            _("TLS certificate issued for another name than %(uri)s: %(raw)s"),
+            _(
+                "Connect with the name or address the host's server certificate lists (its subjectAltName), "
+                "or reissue the certificate with this name."
+            ),
+        ),
+        "missing": (
+            _("TLS certificate files missing for %(uri)s: %(raw)s"),
+            _(
+                "Install cacert.pem, clientcert.pem and clientkey.pem (0600) in the URI's pkipath directory "
+                "(default /etc/pki/CA and /etc/pki/libvirt), readable by the user kvmweb runs as."
+            ),
+        ),
+        "revoked": (
+            _("TLS certificate revoked for %(uri)s: %(raw)s"),
+            _("Issue and install a new certificate; the revoked one cannot be used again."),
+        ),
+    }
+    message, remedy = texts[problem]
+    return message % {"uri": uri, "raw": raw}, remedy
+
+
 def _explain(exc, uri, what):
     """Turn a libvirtError into a HypervisorError a person can act on."""
     code = exc.get_error_code()
@@ -93,6 +167,10 @@ def _explain(exc, uri, what):
         return DomainNotFound(
             _("%(what)s: no such VM on %(uri)s (%(raw)s)") % {"what": what, "uri": uri, "raw": raw}, code=code
         )
+    problem = _tls_problem(lowered)
+    if problem:
+        message, remedy = _explain_tls(problem, raw, uri)
+        return TLSCertificateError(message, problem=problem, code=code, remedy=remedy)
     if "connection refused" in lowered:
         return HypervisorError(
             _("Cannot reach libvirtd at %(uri)s: connection refused.") % {"uri": uri},

@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from hosts import hypervisor
+from hosts import hypervisor, transport
 from hosts.models import VM, Host, VMLocation
 from hosts.uris import InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record
@@ -84,7 +84,8 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     """Register a host by libvirt URI, then probe it and sync its VMs.
 
     The host row is created even when the host is unreachable right now (it is shown as
-    unreachable with the reason); bad or duplicate names/URIs are refused with HostError.
+    unreachable with the reason); bad or duplicate names/URIs, and a qemu+tls URI whose
+    certificates libvirt rejects (expired, untrusted, missing), are refused with HostError.
     """
     name = (name or "").strip()
     if not name:
@@ -107,6 +108,21 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     # One machine, one host row: two rows for the same libvirtd would each claim its VMs
     # and every sync would move them from one row to the other.
     host_uuid, unreachable = _probe_uuid(uri)
+    if isinstance(unreachable, hypervisor.TLSCertificateError):
+        # Not a host that is down for a while: no connection can ever succeed with this
+        # certificate, so nothing is registered and the remedy is shown at once.
+        message = f"{unreachable.message} {unreachable.remedy}"
+        with transaction.atomic():
+            record(
+                "host.register",
+                actor=actor,
+                request=request,
+                target_type="hosts.host",
+                target_name=name,
+                outcome=AuditEvent.FAILURE,
+                details={"uri": uri, "error": message, "tls_problem": unreachable.problem},
+            )
+        raise HostError(message)
     twin = host_twin(host_uuid)
     if twin is not None:
         message = _twin_message(twin, twin.host_uuid)
@@ -142,6 +158,55 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
         do_probe_host(host)
     host.refresh_from_db()
     return host
+
+
+def do_generate_ssh_key(*, actor=None, request=None):
+    """Generate kvmweb's SSH key (hosts/transport.py) for qemu+ssh hosts; audited.
+
+    Refused with HostError when a key exists: hosts already trust it, and replacing it
+    would lock kvmweb out of all of them."""
+    existing = transport.ssh_identity()
+    if existing is not None:
+        message = _("kvmweb already has an SSH key (%(fp)s); it is never replaced from here.") % {
+            "fp": existing.fingerprint
+        }
+        with transaction.atomic():
+            record(
+                "host.ssh_key",
+                actor=actor,
+                request=request,
+                target_type="hosts.sshkey",
+                target_name=existing.path,
+                outcome=AuditEvent.FAILURE,
+                details={"error": message, "fingerprint": existing.fingerprint},
+            )
+        raise HostError(message)
+    try:
+        identity = transport.generate_ssh_key()
+    except FileExistsError:  # another administrator generated it a moment ago
+        raise HostError(_("The SSH key was generated at the same moment by someone else.")) from None
+    except OSError as exc:
+        with transaction.atomic():
+            record(
+                "host.ssh_key",
+                actor=actor,
+                request=request,
+                target_type="hosts.sshkey",
+                target_name=str(transport.ssh_key_path()),
+                outcome=AuditEvent.FAILURE,
+                details={"error": str(exc)},
+            )
+        raise HostError(_("Cannot write the SSH key: %(error)s") % {"error": exc.strerror}) from None
+    with transaction.atomic():
+        record(
+            "host.ssh_key",
+            actor=actor,
+            request=request,
+            target_type="hosts.sshkey",
+            target_name=identity.path,
+            details={"fingerprint": identity.fingerprint, "public_key": identity.public_key},
+        )
+    return identity
 
 
 def do_update_host(host, *, name, uri, group=None, description="", actor=None, request=None):

@@ -6,6 +6,7 @@ app_name = "hosts"
 urlpatterns = [
     path("hosts/", views.host_list, name="list"),
     path("hosts/add/", views.host_add, name="add"),
+    path("hosts/ssh-key/", views.ssh_key_generate, name="ssh_key"),
     path("hosts/<int:pk>/", views.host_detail, name="detail"),
     path("hosts/<int:pk>/edit/", views.host_edit, name="edit"),
     path("hosts/<int:pk>/remove/", views.host_remove, name="remove"),

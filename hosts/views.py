@@ -8,7 +8,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from hosts import services
+from hosts import services, transport
 from hosts.forms import HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
@@ -17,7 +17,21 @@ from kvmweb.access import get_scoped_or_404, require, scoped
 @login_required
 def host_list(request):
     hosts = scoped(Host, request.user).select_related("group")
-    return render(request, "hosts/host_list.html", {"hosts": hosts})
+    identity = transport.ssh_identity() if request.user.has_perm("hosts.add_host") else None
+    return render(request, "hosts/host_list.html", {"hosts": hosts, "ssh_identity": identity})
+
+
+@login_required
+@require_POST
+def ssh_key_generate(request):
+    require(request.user, "hosts.add_host")
+    try:
+        identity = services.do_generate_ssh_key(actor=request.user, request=request)
+    except services.HostError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("SSH key generated: %(fp)s") % {"fp": identity.fingerprint})
+    return redirect("hosts:list")
 
 
 @login_required
@@ -26,7 +40,14 @@ def host_detail(request, pk):
     vms = scoped(VM, request.user).filter(host=host).select_related("host", "owner_user", "owner_group")
     vms = list(vms.order_by("gone", "name", "pk"))
     return render(
-        request, "hosts/host_detail.html", {"host": host, "vms": vms, "busy": services.busy_vm_ids(vms)}
+        request,
+        "hosts/host_detail.html",
+        {
+            "host": host,
+            "vms": vms,
+            "busy": services.busy_vm_ids(vms),
+            "certificate": transport.client_certificate(host.uri),
+        },
     )
 
 

@@ -187,6 +187,10 @@ KVMWEB_TEST_DRIVER_DIR = env_str("KVMWEB_TEST_DRIVER_DIR")
 # Every libvirt connect and call from web-facing code is bounded by these (seconds).
 LIBVIRT_CONNECT_TIMEOUT = env_float("KVMWEB_LIBVIRT_CONNECT_TIMEOUT", 5.0, minimum=0.1)
 LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.1)
+# qemu+tls hosts: warn this many days before kvmweb's client certificate expires. hosts/transport.py
+TLS_EXPIRY_WARN_DAYS = env_int("KVMWEB_TLS_EXPIRY_WARN_DAYS", 30, minimum=1)
+# kvmweb's own SSH key for qemu+ssh hosts (unset: <data dir>/ssh/id_ed25519). hosts/transport.py
+SSH_KEY_FILE = env_str("KVMWEB_SSH_KEY_FILE")
 
 # Preflight checklist (migrations_app/preflight.py): free memory the target must keep
 # beyond the guest's size; the whole checklist's time limit and its libvirt timeouts; the

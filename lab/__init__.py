@@ -17,8 +17,10 @@ LOCAL_IN_HOST (pool "images").  See lab/README.md.
 from .core import (
     HOST_NAMES,
     LAB_DIR,
+    LIBVIRTD_TLS_PORT,
     LOCAL_IN_HOST,
     SHARED_IN_HOST,
+    TRANSPORTS,
     LabError,
     check_prerequisites,
     fqdn,
@@ -28,11 +30,13 @@ from .core import (
     keep_running,
     local_dir,
     migration_ports,
+    require_tls,
     running_hosts,
     session,
     shared_dir,
     skip_reason,
     status,
+    tls_ready,
     up,
     uri,
 )
@@ -51,6 +55,7 @@ from .guests import (
     wait_counter_moves,
     where,
 )
+from .pki import CLIENT_DIRS
 
 
 def down(purge: bool = False, hosts=None) -> list[str]:
@@ -62,6 +67,11 @@ def down(purge: bool = False, hosts=None) -> list[str]:
 
 
 __all__ = [
+    "CLIENT_DIRS",
+    "LIBVIRTD_TLS_PORT",
+    "TRANSPORTS",
+    "require_tls",
+    "tls_ready",
     "HOST_NAMES",
     "LAB_DIR",
     "LOCAL_IN_HOST",

@@ -36,6 +36,8 @@ LAB_NET = os.environ.get("KVMWEB_LAB_NET", "127.0.0")
 HOST_NAMES = ["lab-a", "lab-b", "lab-c", "lab-d"]
 DOMAIN = "lab.test"
 LIBVIRTD_PORT = 16509
+LIBVIRTD_TLS_PORT = 16514
+TRANSPORTS = ("tcp", "tls")
 MIGRATION_PORT_BASE = 49152  # each host gets its own block of MIGRATION_PORTS_PER_HOST
 MIGRATION_PORTS_PER_HOST = 32
 SHARED_IN_HOST = "/var/lib/libvirt/shared"
@@ -77,9 +79,33 @@ def ip(name: str) -> str:
     return f"{LAB_NET}.{_index(name) + 2}"
 
 
-def uri(name: str) -> str:
-    """libvirt URI of a lab host (TCP, no auth: lab only)."""
-    return f"qemu+tcp://{ip(name)}/system"
+def uri(name: str, transport: str = "tcp", client: str = "client") -> str:
+    """libvirt URI of a lab host.  ``tcp``: no auth (loopback lab only); ``tls``: the
+    lab CA's certificates, ``pkipath`` naming a client directory (lab/pki.py: ``client``,
+    or ``client-expired`` / ``client-foreign`` to provoke the failures)."""
+    if transport == "tcp":
+        return f"qemu+tcp://{ip(name)}/system"
+    if transport == "tls":
+        from . import pki
+
+        return f"qemu+tls://{ip(name)}/system?pkipath={pki.client_dir(LAB_DIR, client)}"
+    raise LabError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")
+
+
+def tls_ready(name: str, timeout: float = 1.0) -> bool:
+    """True when the host's libvirtd TLS listener accepts connections."""
+    return _port_open(name, timeout, LIBVIRTD_TLS_PORT)
+
+
+def require_tls(names) -> None:
+    """Raise LabError unless every host in ``names`` listens for TLS: a lab started by code
+    that predates the TLS listener keeps running without it until `make lab-down`."""
+    missing = [h for h in names if not tls_ready(h)]
+    if missing:
+        raise LabError(
+            f"{', '.join(missing)}: libvirtd has no TLS listener on :{LIBVIRTD_TLS_PORT} (the running lab was "
+            "started by older lab code); stop it with `make lab-down` when nobody uses it"
+        )
 
 
 def fqdn(name: str) -> str:
@@ -278,9 +304,9 @@ def _check_port_free(name: str) -> None:
         s.close()
 
 
-def _port_open(name: str, timeout: float = 1.0) -> bool:
+def _port_open(name: str, timeout: float = 1.0, port: int = LIBVIRTD_PORT) -> bool:
     try:
-        with socket.create_connection((ip(name), LIBVIRTD_PORT), timeout=timeout):
+        with socket.create_connection((ip(name), port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -399,14 +425,24 @@ def _write_host_config(name: str) -> None:
     uuid_file = hd / "host_uuid"
     if not _read(uuid_file):  # distinct and stable per host (libvirt refuses same-UUID migration)
         uuid_file.write_text(f"{uuidlib.uuid4()}\n")
+    from . import pki
+
+    pki.ensure(LAB_DIR, {name: (ip(name), fqdn(name))})
+    tls = pki.pki_dir(LAB_DIR) / name
     lo, hi = migration_ports(name)
     (hd / "etc" / "libvirtd.conf").write_text(
         "# Written by kvmweb lab (lab/core.py); TCP without auth: loopback lab only.\n"
-        "listen_tls = 0\n"
+        "# TLS: certificates of the lab CA (lab/pki.py); clients must present one it signed.\n"
+        "listen_tls = 1\n"
         "listen_tcp = 1\n"
         f'listen_addr = "{ip(name)}"\n'
         f'tcp_port = "{LIBVIRTD_PORT}"\n'
+        f'tls_port = "{LIBVIRTD_TLS_PORT}"\n'
         'auth_tcp = "none"\n'
+        'auth_tls = "none"\n'
+        f'ca_file = "{pki.pki_dir(LAB_DIR) / "ca" / "cacert.pem"}"\n'
+        f'cert_file = "{tls / "servercert.pem"}"\n'
+        f'key_file = "{tls / "serverkey.pem"}"\n'
         'auth_unix_ro = "none"\n'
         'auth_unix_rw = "none"\n'
         f'host_uuid = "{_read(uuid_file)}"\n'
@@ -424,6 +460,9 @@ def _write_host_config(name: str) -> None:
         f'migration_host = "{ip(name)}"\n'
         f"migration_port_min = {lo}\n"
         f"migration_port_max = {hi}\n"
+        "# Native TLS migration (VIR_MIGRATE_TLS / virsh migrate --tls): the lab CA's files.\n"
+        f'default_tls_x509_cert_dir = "{tls / "qemu"}"\n'
+        "default_tls_x509_verify = 1\n"
     )
 
 
@@ -627,6 +666,7 @@ def up(n: int = 2) -> list[str]:
     names = HOST_NAMES[: _host_count(n)]
     check_prerequisites()
     with _locked():
+        _upgrade_without_tls(names)
         if all(_host_running(h) and _port_open(h) for h in names) and _shared_healthy():
             return []
         _check_namespaces()
@@ -660,6 +700,21 @@ def up(n: int = 2) -> list[str]:
             except _libvirt().libvirtError as exc:
                 raise LabError(f"{name}: storage pools: {exc.get_error_message()}") from None
         return list(procs)
+
+
+def _upgrade_without_tls(names) -> None:
+    """Stop running hosts whose libvirtd has no TLS listener (started by lab code older
+    than lab/pki.py) so that up() restarts them with it, but only when it harms nobody:
+    no other live session holds a lease and no guest runs on them.  Otherwise they are
+    left alone and require_tls() says why TLS is missing.  Call under the lock."""
+    stale = [h for h in names if _host_running(h) and _port_open(h, 0.5) and not tls_ready(h, 0.5)]
+    if not stale:
+        return
+    mine = str(os.getpid())
+    if any(f.name != mine for f in _live_leases()) or _active_guests(stale):
+        return
+    for name in stale:
+        _stop_host(name)
 
 
 def running_hosts() -> list[str]:

@@ -5,6 +5,7 @@
     python lab/labctl.py status
     python lab/labctl.py guest NAME --host lab-a --storage shared|local [--shutoff]
     python lab/labctl.py rm-guest NAME
+    python lab/labctl.py uri HOST [--transport tcp|tls] [--client client|client-expired|client-foreign]
 
 Errors are one line on stderr and exit status 2 (no tracebacks).
 """
@@ -78,6 +79,10 @@ def _cmd_rm_guest(args) -> None:
     print(f"{args.name}: removed")
 
 
+def _cmd_uri(args) -> None:
+    print(lab.uri(args.host, args.transport, args.client))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="labctl", description="kvmweb KVM lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -97,6 +102,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("rm-guest", help="remove a guest and its disks everywhere")
     p.add_argument("name")
     p.set_defaults(func=_cmd_rm_guest)
+    p = sub.add_parser("uri", help="print a URI that works with `virsh -c`")
+    p.add_argument("host", choices=lab.HOST_NAMES)
+    p.add_argument("--transport", default="tcp", choices=lab.TRANSPORTS)
+    p.add_argument(
+        "--client", default="client", choices=lab.CLIENT_DIRS, help="TLS client certificate (the others fail)"
+    )
+    p.set_defaults(func=_cmd_uri)
     args = ap.parse_args(argv)
     try:
         args.func(args)

@@ -32,7 +32,7 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from hosts import hypervisor
+from hosts import hypervisor, transport
 from migrations_app import modes
 from migrations_app.models import LeftCopy, MigrationJob
 from migrations_app.plan import MigrationPlan, PlanError
@@ -2012,6 +2012,17 @@ def check_prediction(ctx):
 
 # ----------------------------------------------------------------------------- registry
 
+
+def check_transport(ctx):
+    """Which connection the peer-to-peer migration uses (the source's libvirtd opens the
+    target's URI) and, for qemu+tls hosts, whether the client certificates are valid:
+    expired or missing fails, expiring soon warns (hosts/transport.py)."""
+    status, message, remedy, details = transport.migration_check(
+        ctx.source, ctx.target, tunnelled=bool(ctx.options.get("tunnelled"))
+    )
+    return _result("transport", status, message, remedy, details)
+
+
 TITLES = {
     "connection": gettext_lazy("Connections"),
     "versions": gettext_lazy("libvirt and QEMU versions"),
@@ -2031,6 +2042,7 @@ TITLES = {
     "firmware": gettext_lazy("UEFI variables and TPM"),
     "disk_cache": gettext_lazy("Disk cache mode"),
     "prediction": gettext_lazy("Duration and convergence"),
+    "transport": gettext_lazy("Transport between the hosts"),
 }
 # Display order. The slow one (the dirty-rate measurement) is submitted first so it
 # overlaps with everything else.
@@ -2053,6 +2065,7 @@ CHECKS = [
     ("firmware", check_firmware),
     ("disk_cache", check_disk_cache),
     ("prediction", check_prediction),
+    ("transport", check_transport),
 ]
 
 

@@ -406,6 +406,8 @@ EXEMPT = {
     "set_language": "Django's language switch: stores a cookie, reads and changes no data",
     "accounts:theme": "the signed-in user's own colour theme (like the language switch): changes "
     "nothing anyone else sees, not audited; tested in tests/accounts/test_theme.py",
+    "hosts:ssh_key": "writes kvmweb's SSH key file, not the database (the matrix compares rows); "
+    "administrators only (hosts.add_host), audited: tested in tests/hosts/test_ssh_identity.py",
 }
 
 

@@ -18,6 +18,7 @@ ACTIONS = {
     "host.change": _("Host changed"),
     "host.remove": _("Host removed"),
     "host.status": _("Host status changed"),
+    "host.ssh_key": _("kvmweb SSH key generated"),
     "inventory.sync": _("Inventory synced"),
     "vm.owner": _("VM owner changed"),
     "vm.power": _("VM power action"),

@@ -179,3 +179,56 @@ def test_it_starts_once_when_started_twice_at_once_and_stops_without_leftovers(t
         assert pids == {"tini": 0, "libvirtd": 0} and members == []  # no daemon, no QEMU left
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
     subprocess.run([*cmd, "down", "--purge"], cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+_OLD_LAB = """
+import json, sys, lab
+from lab import core
+orig = core._write_host_config
+def without_tls(name):  # what lab code older than lab/pki.py wrote
+    orig(name)
+    conf = core.host_dir(name) / "etc" / "libvirtd.conf"
+    conf.write_text(conf.read_text().replace("listen_tls = 1", "listen_tls = 0"))
+core._write_host_config = without_tls
+lab.up(2)
+core._write_host_config = orig
+before = [lab.tls_ready(h) for h in ("lab-a", "lab-b")]
+started = lab.up(2)
+print(json.dumps({"before": before, "started": started, "after": [lab.tls_ready(h) for h in ("lab-a", "lab-b")]}))
+"""
+
+
+def test_it_restarts_an_idle_lab_without_tls_listener_and_prints_tls_uris(tmp_path):
+    """A private lab (127.0.8.x) started without TLS, idle and unleased, gets it at the next
+    up(); `labctl uri --transport tls` names the lab CA's client directory."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    env = dict(os.environ, KVMWEB_LAB_DIR=str(tmp_path / "lab"), KVMWEB_LAB_NET="127.0.8")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", _OLD_LAB], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {
+            "before": [False, False],
+            "started": ["lab-a", "lab-b"],
+            "after": [True, True],
+        }
+        r = subprocess.run(
+            [sys.executable, "lab/labctl.py", "uri", "lab-b", "--transport", "tls"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert (
+            r.stdout.strip() == f"qemu+tls://127.0.8.3/system?pkipath={tmp_path / 'lab' / 'pki' / 'client'}"
+        )
+        virsh = subprocess.run(["virsh", "-c", r.stdout.strip(), "hostname"], capture_output=True, text=True)
+        assert virsh.stdout.strip() == "lab-b.lab.test", virsh.stderr
+        key = tmp_path / "lab" / "pki" / "client" / "clientkey.pem"
+        assert key.stat().st_mode & 0o777 == 0o600
+    finally:
+        subprocess.run(
+            [sys.executable, "lab/labctl.py", "down", "--purge"], cwd=ROOT, env=env, capture_output=True
+        )

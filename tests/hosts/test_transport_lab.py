@@ -1,0 +1,98 @@
+"""qemu+tls on the KVM lab: hosts registered with the lab CA's client certificate
+(lab/pki.py) migrate a running guest peer-to-peer over TLS; an expired or foreign
+certificate ends in a named error with its remedy, and nothing is registered or moved."""
+
+import pytest
+
+import lab as labkit
+from hosts import services as host_services
+from hosts.models import VM, Host
+from kvmweb.audit.models import AuditEvent
+from migrations_app import runner
+from migrations_app.models import MigrationJob
+from migrations_app.plan import MigrationPlan
+from migrations_app.preflight import run_preflight
+from migrations_app.services import do_create_job
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def tls_lab(lab):
+    """The lab, failing in one line when its libvirtd has no TLS listener."""
+    try:
+        labkit.require_tls(lab.hosts)
+    except labkit.LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return lab
+
+
+@pytest.fixture
+def tls_hosts(tls_lab, db):
+    """lab-a and lab-b registered by qemu+tls (kvmweb's certificate: pki/client)."""
+    lab = tls_lab
+    return {h: host_services.do_register_host(h, labkit.uri(h, "tls"), sync=False) for h in lab.hosts}
+
+
+def _preflight(guest, target, mode="live"):
+    vm = VM.objects.get(uuid=guest.uuid)
+    return vm, run_preflight(MigrationPlan(vm, vm.host, target, mode, {}), measure_dirty_rate=False)
+
+
+def test_it_live_migrates_peer_to_peer_between_hosts_registered_over_tls(tls_hosts, lab_guest, admin):
+    assert all(h.status == Host.REACHABLE and h.uri.startswith("qemu+tls://") for h in tls_hosts.values())
+    guest = lab_guest("tls-live")
+    assert not host_services.do_sync_inventory(tls_hosts["lab-a"])["error"]
+    vm, report = _preflight(guest, tls_hosts["lab-b"])
+    assert not report.fails, [(r.id, r.message) for r in report.fails]
+    check = {r.id: r for r in report.results}["transport"]
+    assert check.status == "pass" and "TLS" in check.message
+    assert check.details["target_certificate"]["status"] == "ok" and check.details["source_files_verified"]
+    before = labkit.read_counter("lab-a", guest)
+    job = do_create_job(
+        vm,
+        tls_hosts["lab-b"],
+        "live",
+        {},
+        actor=admin,
+        report=report,
+        acknowledged=[r.id for r in report.warnings],
+    )
+    assert runner.run_job(job.pk) == MigrationJob.SUCCEEDED
+    job.refresh_from_db()
+    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert labkit.where(guest) == {"lab-b": "running"}
+    assert labkit.read_counter("lab-b", guest) >= before  # the RAM moved, no fresh boot
+    assert VM.objects.get(uuid=guest.uuid).host.name == "lab-b"
+
+
+@pytest.mark.parametrize(
+    ("client", "problem", "said"),
+    [("client-expired", "expired", "has expired"), ("client-foreign", "untrusted", "known issuer")],
+)
+def test_it_refuses_a_host_whose_tls_certificate_is_rejected_and_changes_nothing(
+    tls_lab, db, admin, client, problem, said
+):
+    uri = labkit.uri("lab-b", "tls", client=client)
+    with pytest.raises(host_services.HostError) as caught:
+        host_services.do_register_host("lab-b", uri, actor=admin)
+    assert said in str(caught.value) and "certificate" in str(caught.value)
+    assert "Issue" in str(caught.value) or "CA" in str(caught.value)  # the remedy comes with it
+    assert not Host.objects.exists() and not VM.objects.exists()
+    event = AuditEvent.objects.get(action="host.register")
+    assert event.outcome == AuditEvent.FAILURE and event.details["tls_problem"] == problem
+
+
+def test_it_blocks_a_migration_when_the_target_certificate_has_expired(tls_hosts, lab_guest):
+    guest = lab_guest("tls-exp", wait=False)
+    assert not host_services.do_sync_inventory(tls_hosts["lab-a"])["error"]
+    # The certificate kvmweb (and the source, peer to peer) uses for lab-b expires.
+    Host.objects.filter(pk=tls_hosts["lab-b"].pk).update(
+        uri=labkit.uri("lab-b", "tls", client="client-expired")
+    )
+    _vm, report = _preflight(guest, Host.objects.get(pk=tls_hosts["lab-b"].pk))
+    fails = {r.id: r for r in report.fails}
+    assert {"connection", "transport"} <= set(fails)
+    assert "expired" in fails["transport"].message and "clientcert.pem" in fails["transport"].remedy
+    assert "has expired" in fails["connection"].message and fails["connection"].remedy
+    assert labkit.where(guest) == {"lab-a": "running"} and not MigrationJob.objects.exists()
