@@ -273,6 +273,15 @@ class BatchDetailSerializer(BatchSerializer):
         read_only_fields = fields
 
 
+class EvacuateSerializer(serializers.Serializer):
+    dry_run = serializers.BooleanField(default=True)
+    allow_cold = serializers.BooleanField(default=False)
+    max_parallel = serializers.IntegerField(min_value=1, max_value=64, default=4)
+    per_source = serializers.IntegerField(min_value=1, max_value=64, default=2)
+    per_target = serializers.IntegerField(min_value=1, max_value=64, default=2)
+    stop_on_failure = serializers.BooleanField(default=False)
+
+
 class BatchCancelSerializer(serializers.Serializer):
     cancel_running = serializers.BooleanField(default=False)
 

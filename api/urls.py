@@ -17,6 +17,7 @@ urlpatterns = [
     path("hosts/<int:pk>/", views.HostDetailView.as_view(), name="host_detail"),
     path("hosts/<int:pk>/sync/", views.HostSyncView.as_view(), name="host_sync"),
     path("hosts/<int:pk>/maintenance/", views.HostMaintenanceView.as_view(), name="host_maintenance"),
+    path("hosts/<int:pk>/evacuate/", views.HostEvacuateView.as_view(), name="host_evacuate"),
     path("vms/", views.VMListView.as_view(), name="vm_list"),
     path("vms/<int:pk>/", views.VMDetailView.as_view(), name="vm_detail"),
     path("vms/<int:pk>/power/", views.VMPowerView.as_view(), name="vm_power"),

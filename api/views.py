@@ -24,6 +24,7 @@ from hosts import services as host_services
 from hosts.models import VM, Host
 from kvmweb.access import get_scoped_or_404, require, scoped
 from kvmweb.accounts import scope
+from kvmweb.accounts.masking import HostMask
 from kvmweb.audit.forms import AuditFilterForm
 from kvmweb.audit.models import AuditEvent
 from migrations_app import services as job_services
@@ -228,6 +229,34 @@ class HostMaintenanceView(APIView):
             request=request,
         )
         return Response(s.HostSerializer(host, context={"request": request}).data)
+
+
+class HostEvacuateView(APIView):
+    @extend_schema(request=s.EvacuateSerializer, responses={200: dict, 202: s.BatchSerializer})
+    def post(self, request, pk):
+        """Plan the evacuation of the host (the full preflight for every VM); with
+        ``dry_run`` false, start it as a batch (202 with the batch's URL)."""
+        host = get_scoped_or_404(Host, request.user, perm=fleet_services.PERM, pk=pk)
+        body = s.EvacuateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        limits = {k: data[k] for k in ("max_parallel", "per_source", "per_target")}
+        try:
+            plan = fleet_services.plan_evacuation(
+                host, request.user, allow_cold=data["allow_cold"], limits=limits
+            )
+            if data["dry_run"]:
+                # The plan's checklists name hosts by URI: masked like every page.
+                mask = HostMask.for_user(request.user)
+                return Response(mask.about_hosts(plan.to_dict(), Host.objects.all()))
+            batch = fleet_services.do_create_batch(
+                plan, request.user, host=host, stop_on_failure=data["stop_on_failure"], request=request
+            )
+        except fleet_services.BatchError as exc:
+            return Response({"detail": str(exc)}, status=409)
+        response = Response(s.BatchSerializer(batch).data, status=202)
+        response["Location"] = reverse("api:batch_detail", kwargs={"pk": batch.pk})
+        return response
 
 
 class VMPowerView(APIView):

@@ -761,6 +761,14 @@ API_ROUTES = [
         data=lambda w, host: {"on": True, "reason": "kernel update"},
         action="host.maintenance",
     ),
+    ApiRoute(
+        "api:host_evacuate",
+        "POST",
+        objects=("host_p1", "host_s1"),
+        allowed=MIGRATORS,
+        data=lambda w, host: {"dry_run": True},
+        notes="the dry run plans and changes nothing; starting a batch: tests/api/test_api.py",
+    ),
     ApiRoute("api:batch_list", allowed=SIGNED_IN),  # an empty list for those who see no batch
     ApiRoute("api:batch_detail", objects=("batch_run", "batch_done"), allowed=STAFF),
     ApiRoute(

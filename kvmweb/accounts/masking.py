@@ -143,6 +143,14 @@ class HostMask:
         pairs = self.job_pairs(job)
         return self._data(value, pairs) if pairs else value
 
+    def about_hosts(self, value, hosts):
+        """``value`` (text, or dicts and lists of it) about ``hosts`` (Host objects), as
+        this viewer may read it: URIs hidden, out-of-scope names replaced."""
+        if self.is_identity or not value:
+            return value
+        pairs = self._pairs([(h.name, [h.uri]) for h in hosts])
+        return self._data(value, pairs) if pairs else value
+
     def host_text(self, host, text):
         """A text about one host in the viewer's scope (its last error): URIs hidden."""
         if self.sees_uris or not text:

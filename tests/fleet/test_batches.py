@@ -363,3 +363,22 @@ def test_it_waits_out_a_blackout_unless_an_administrator_overrides_it(
     forced = services.do_create_batch(plan, admin, host=fleet["ha"], ignore_blackouts=True)
     scheduler.tick(forced.pk)
     assert forced.items.get().job.target == fleet["hb"]
+
+
+def test_it_plans_and_starts_an_evacuation_through_the_api(fleet, make_vm, operator, login, fake_preflight):
+    for i in range(2):
+        make_vm(f"api{i}")
+    client = login(operator)
+    url = f"/api/v1/hosts/{fleet['ha'].pk}/evacuate/"
+    plan = client.post(url, {"dry_run": True}, content_type="application/json")
+    assert plan.status_code == 200 and not Batch.objects.exists()
+    started = client.post(url, {"dry_run": False, "max_parallel": 1}, content_type="application/json")
+    assert started.status_code == 202, started.content
+    batch = Batch.objects.get()
+    assert started["Location"] == f"/api/v1/batches/{batch.pk}/" and batch.max_parallel == 1
+    assert batch.items.count() == 2
+    assert AuditEvent.objects.filter(action="batch.start", actor=operator).exists()
+    detail = client.get(started["Location"]).json()
+    assert {row["vm_name"] for row in detail["items"]} == {"api0", "api1"}
+    paused = client.post(f"/api/v1/batches/{batch.pk}/pause/")
+    assert paused.status_code == 202 and paused.json()["status"] == Batch.PAUSED
