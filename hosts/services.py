@@ -80,6 +80,21 @@ def _probe_uuid(uri):
         return "", exc
 
 
+def _refuse_registration(name, uri, actor, request, message, **details):
+    """Audit a refused registration (nothing is created) and raise HostError."""
+    with transaction.atomic():
+        record(
+            "host.register",
+            actor=actor,
+            request=request,
+            target_type="hosts.host",
+            target_name=name,
+            outcome=AuditEvent.FAILURE,
+            details={"uri": uri, "error": message, **details},
+        )
+    raise HostError(message)
+
+
 def do_register_host(name, uri, *, actor=None, request=None, group=None, description="", sync=True):
     """Register a host by libvirt URI, then probe it and sync its VMs.
 
@@ -112,31 +127,12 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
         # Not a host that is down for a while: no connection can ever succeed with this
         # certificate, so nothing is registered and the remedy is shown at once.
         message = f"{unreachable.message} {unreachable.remedy}"
-        with transaction.atomic():
-            record(
-                "host.register",
-                actor=actor,
-                request=request,
-                target_type="hosts.host",
-                target_name=name,
-                outcome=AuditEvent.FAILURE,
-                details={"uri": uri, "error": message, "tls_problem": unreachable.problem},
-            )
-        raise HostError(message)
+        _refuse_registration(name, uri, actor, request, message, tls_problem=unreachable.problem)
     twin = host_twin(host_uuid)
     if twin is not None:
-        message = _twin_message(twin, twin.host_uuid)
-        with transaction.atomic():
-            record(
-                "host.register",
-                actor=actor,
-                request=request,
-                target_type="hosts.host",
-                target_name=name,
-                outcome=AuditEvent.FAILURE,
-                details={"uri": uri, "error": message, "same_as": twin.name},
-            )
-        raise HostError(message)
+        _refuse_registration(
+            name, uri, actor, request, _twin_message(twin, twin.host_uuid), same_as=twin.name
+        )
     try:
         with transaction.atomic():
             host = Host.objects.create(name=name, uri=uri, group=group, description=description)
