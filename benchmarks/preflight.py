@@ -44,6 +44,8 @@ from hosts import hypervisor, services  # noqa: E402
 from hosts.models import VM  # noqa: E402
 from migrations_app import preflight  # noqa: E402
 from migrations_app.plan import MigrationPlan  # noqa: E402
+from migrations_app.preflight import run as preflight_run  # noqa: E402
+from migrations_app.preflight.checks import prediction  # noqa: E402
 
 
 def stats(samples):
@@ -92,7 +94,7 @@ def main():
             print()
 
             def fresh():
-                preflight._dirty_cache.clear()
+                prediction._dirty_cache.clear()
                 return preflight.run_preflight(plan)
 
             rows = [
@@ -107,14 +109,14 @@ def main():
                 samples, rep = timed(fn, args.runs)
                 print(f"{label:40s} {stats(samples)}   verdict {rep.verdict}")
 
-            original = preflight.ThreadPoolExecutor
-            preflight.ThreadPoolExecutor = Sequential
+            original = preflight_run.ThreadPoolExecutor
+            preflight_run.ThreadPoolExecutor = Sequential
             try:
                 samples, rep = timed(
                     lambda: preflight.run_preflight(plan, measure_dirty_rate=False), args.runs
                 )
             finally:
-                preflight.ThreadPoolExecutor = original
+                preflight_run.ThreadPoolExecutor = original
             print(f"{'quick, checks run sequentially':40s} {stats(samples)}   verdict {rep.verdict}")
 
             # On loopback every libvirt call takes ~0.1 ms, so running checks concurrently
@@ -134,13 +136,13 @@ def main():
                 print(
                     f"{f'quick, +{args.rtt_ms} ms per libvirt call':40s} {stats(samples)}   verdict {rep.verdict}"
                 )
-                preflight.ThreadPoolExecutor = Sequential
+                preflight_run.ThreadPoolExecutor = Sequential
                 samples, rep = timed(quick, args.runs)
                 label = "  same, checks run sequentially"
                 print(f"{label:40s} {stats(samples)}   verdict {rep.verdict}")
             finally:
                 hypervisor.HostConnection.call = real_call
-                preflight.ThreadPoolExecutor = original
+                preflight_run.ThreadPoolExecutor = original
 
             virsh = []
             for _ in range(args.runs):

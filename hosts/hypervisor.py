@@ -24,6 +24,8 @@ import libvirt
 from django.conf import settings
 from django.utils.translation import gettext as _
 
+from hosts.domxml import parse_guest
+
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
 
 # ----------------------------------------------------- migrate flags and params
@@ -352,8 +354,8 @@ class HostConnection:
         except DomainNotFound:
             return None
 
-    # -- preflight queries (migrations_app/preflight.py) ---------------------------
-    # Each returns plain data for migrations_app/preflight.py. They are safe to call from
+    # -- preflight queries (migrations_app/preflight/) ------------------------
+    # Each returns plain data for migrations_app/preflight/. They are safe to call from
     # several threads at once on one connection (libvirt connections are thread-safe).
 
     def is_alive(self):
@@ -1084,50 +1086,32 @@ def _read_domains(c):
 
 
 def _domain_record(dom):
-    """Plain-data description of a domain for the inventory."""
-    xml = ET.fromstring(dom.XMLDesc(0))
+    """Plain-data description of a domain for the inventory (the XML read by hosts.domxml)."""
+    guest = parse_guest(dom.XMLDesc(0))
     state, reason = _state_names(*dom.state())
     running = state != "shutoff"
     disks = []
-    for disk in xml.findall("devices/disk"):
-        source = disk.find("source")
-        path = ""
-        if source is not None:
-            path = source.get("file") or source.get("dev") or source.get("name") or ""
-        driver = disk.find("driver")
-        target = disk.find("target")
+    for disk in guest["disks"]:
         entry = {
-            "target": target.get("dev", "") if target is not None else "",
-            "bus": target.get("bus", "") if target is not None else "",
-            "device": disk.get("device", "disk"),
-            "type": disk.get("type", ""),
-            "source": path,
-            "format": driver.get("type", "") if driver is not None else "",
-            "cache": driver.get("cache", "") if driver is not None else "",
+            "target": disk["dev"],
+            "bus": disk["bus"],
+            "device": disk["device"],
+            "type": disk["kind_attr"],
+            "source": disk["source"],
+            "format": disk["format"],
+            "cache": disk["driver_cache"],
             "capacity": None,
         }
-        if entry["target"] and path and entry["device"] == "disk":
+        if entry["target"] and entry["source"] and entry["device"] == "disk":
             try:
                 entry["capacity"] = dom.blockInfo(entry["target"])[0]
             except libvirt.libvirtError:
                 pass
         disks.append(entry)
-    interfaces = []
-    for iface in xml.findall("devices/interface"):
-        source = iface.find("source")
-        mac = iface.find("mac")
-        model = iface.find("model")
-        interfaces.append(
-            {
-                "type": iface.get("type", ""),
-                "network": source.get("network", "") if source is not None else "",
-                "bridge": source.get("bridge", "") if source is not None else "",
-                "mac": mac.get("address", "") if mac is not None else "",
-                "model": model.get("type", "") if model is not None else "",
-            }
-        )
-    cpu = xml.find("cpu")
-    os_type = xml.find("os/type")
+    interfaces = [
+        {key: iface[key] for key in ("type", "network", "bridge", "mac", "model")}
+        for iface in guest["interfaces"]
+    ]
     try:
         snapshots = dom.snapshotNum(0)
     except libvirt.libvirtError:
@@ -1136,24 +1120,23 @@ def _domain_record(dom):
         autostart = bool(dom.autostart())
     except libvirt.libvirtError:
         autostart = False
-    vcpu = xml.find("vcpu")
     return {
         "uuid": dom.UUIDString(),
         "name": dom.name(),
         "state": state,
         "state_reason": reason,
-        "vcpus": int(vcpu.get("current", vcpu.text)) if vcpu is not None else 0,
+        "vcpus": guest["vcpu_current"] if guest["has_vcpu"] else 0,
         "memory": int(dom.maxMemory()) * 1024,
         "persistent": bool(dom.isPersistent()),
         "autostart": autostart,
         "active": running,
-        "machine_type": os_type.get("machine", "") if os_type is not None else "",
-        "cpu_mode": cpu.get("mode", "") if cpu is not None else "",
-        "cpu_model": _text(cpu, "model") if cpu is not None else "",
+        "machine_type": guest["machine"],
+        "cpu_mode": guest["cpu_mode_attr"],
+        "cpu_model": guest["cpu_model"],
         "disks": disks,
         "interfaces": interfaces,
         "snapshot_count": snapshots,
-        "hostdev_count": len(xml.findall("devices/hostdev")),
+        "hostdev_count": len(guest["hostdevs"]),
     }
 
 

@@ -192,7 +192,7 @@ TLS_EXPIRY_WARN_DAYS = env_int("KVMWEB_TLS_EXPIRY_WARN_DAYS", 30, minimum=1)
 # kvmweb's own SSH key for qemu+ssh hosts (unset: <data dir>/ssh/id_ed25519). hosts/transport.py
 SSH_KEY_FILE = env_str("KVMWEB_SSH_KEY_FILE")
 
-# Preflight checklist (migrations_app/preflight.py): free memory the target must keep
+# Preflight checklist (migrations_app/preflight/): free memory the target must keep
 # beyond the guest's size; the whole checklist's time limit and its libvirt timeouts; the
 # dirty-rate measurement (period, reuse window); the link speed assumed when no earlier
 # migration between two hosts tells us better.

@@ -121,6 +121,18 @@ def _audit_guards_for_transactional_tests(request):
 
 
 @pytest.fixture(autouse=True)
+def _default_language():
+    """A request made in another language leaves that language active on the thread
+    (LocaleMiddleware activates it and nothing resets it): every test starts and ends in
+    the default language, so messages asserted in English do not depend on test order."""
+    from django.utils import translation
+
+    translation.deactivate()
+    yield
+    translation.deactivate()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_channel_layers():
     """Every test gets fresh channel layer instances. A channels-redis layer keeps asyncio
     locks bound to the event loop that first used it, and each async test (and each

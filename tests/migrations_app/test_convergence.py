@@ -6,10 +6,12 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from migrations_app import jobrun, preflight
+from migrations_app import jobrun
 from migrations_app.lifecycle import write_event
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 from migrations_app.plan import MigrationPlan
+from migrations_app.preflight import Context
+from migrations_app.preflight.checks.prediction import _link_bandwidth
 
 MIB = 1048576
 
@@ -55,8 +57,8 @@ def test_it_keeps_the_learned_link_speed_after_a_capped_job(make_job):
         status=MigrationJob.SUCCEEDED, started_at=now, finished_at=now, result={"link_mibs": 900.0}
     )
     plan = MigrationPlan(first.vm, first.source, first.target, "live", {})
-    ctx = preflight.Context(plan, memory_margin_mib=0, deadline=0)
-    assert preflight._link_bandwidth(ctx)[0] == 900.0
+    ctx = Context(plan, memory_margin_mib=0, deadline=0)
+    assert _link_bandwidth(ctx)[0] == 900.0
     make_job(  # a 1 MiB/s job records no link sample: the link stays what it was
         status=MigrationJob.SUCCEEDED,
         options={"bandwidth": 1},
@@ -64,7 +66,7 @@ def test_it_keeps_the_learned_link_speed_after_a_capped_job(make_job):
         vm_name="db",
         result={"link_mibs": None},
     )
-    assert preflight._link_bandwidth(ctx)[0] == 900.0
+    assert _link_bandwidth(ctx)[0] == 900.0
 
 
 def test_it_keeps_one_pass_line_and_a_small_page_after_a_thousand_passes(make_job, login, operator):

@@ -16,6 +16,7 @@ from hosts.models import VM, Host
 from migrations_app import preflight
 from migrations_app.plan import MigrationPlan
 from migrations_app.preflight import CheckResult, Report, parse_guest, predict_precopy, run_preflight
+from migrations_app.preflight.checks import prediction
 
 MIB = 1024 * 1024
 
@@ -152,7 +153,7 @@ def domain_facts(xml=None, **over):
 @pytest.fixture
 def fake(monkeypatch, db):
     """fake(source=..., target=...) -> run(mode, **options) with scripted hosts."""
-    preflight._dirty_cache.clear()
+    prediction._dirty_cache.clear()
     a = Host.objects.create(name="alpha", uri="qemu+tcp://10.0.0.1/system")
     b = Host.objects.create(name="beta", uri="qemu+tcp://10.0.0.2/system")
     vm = VM.objects.create(uuid="11111111-2222-3333-4444-555555555501", name="web1", host=a, state=VM.RUNNING)
