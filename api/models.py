@@ -4,11 +4,14 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from kvmweb.accounts.scope import check_action
+
 
 class ApiTokenQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for API tokens: everyone sees and manages only their own tokens
         (an administrator deactivates an account to stop all of its tokens)."""
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         return self.filter(user=user)

@@ -6,13 +6,13 @@ from rest_framework import serializers
 
 from fleet.models import Batch, BatchItem
 from hosts.models import VM, Host
-from kvmweb.accounts.masking import HostMask
 from kvmweb.audit.models import AuditEvent
+from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 
 
 def _mask(serializer):
-    """The viewer's mask (kvmweb/accounts/masking.py): the API hides exactly what the
+    """The viewer's mask (migrations_app/masking.py): the API hides exactly what the
     pages hide (URIs from non-administrators, out-of-scope host names in job texts)."""
     request = serializer.context.get("request")
     if request is None:

@@ -21,13 +21,12 @@ from api.metrics import observe_preflight
 from fleet import services as fleet_services
 from fleet.models import Batch
 from hosts import services as host_services
-from hosts.models import VM, Host
+from hosts.models import VM, Host, HostGroup
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.accounts import scope
-from kvmweb.accounts.masking import HostMask
 from kvmweb.audit.forms import AuditFilterForm
 from kvmweb.audit.models import AuditEvent
 from migrations_app import services as job_services
+from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 
 ADD_JOB = "migrations_app.add_migrationjob"
@@ -80,7 +79,7 @@ class IndexView(APIView):
 def _host_group(request, value):
     if value in (None, ""):
         return None
-    group = scope.host_groups(request.user).filter(pk=_pk(value)).first()
+    group = scoped(HostGroup, request.user).filter(pk=_pk(value)).first()
     if group is None:
         raise ValidationError({"group": "No such host group."})
     return group

@@ -10,6 +10,9 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from kvmweb.accounts.roles import sees_everything
+from kvmweb.accounts.scope import check_action
+
 
 class VMTag(models.Model):
     """An anti-affinity tag on a VM: the planner never places two VMs that share a tag on
@@ -56,8 +59,7 @@ class BatchQuerySet(models.QuerySet):
         """Scope rule for batches: the staff roles that see every host and VM see every
         batch; self-service users and people without a role see none (they cannot
         evacuate hosts)."""
-        from kvmweb.accounts.roles import sees_everything
-
+        check_action(action)
         if not user.is_authenticated or not sees_everything(user):
             return self.none()
         return self

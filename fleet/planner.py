@@ -2,7 +2,7 @@
 
 1. Placement (database only, no libvirt): VMs are placed biggest first on the candidate
    host with the most memory left (spreading, never "everything to one node"). A host is a
-   candidate when the person may target it (kvmweb.accounts.policy.allowed_targets: host
+   candidate when the person may target it (migrations_app.policy.allowed_targets: host
    groups and self-service policies, and never a host in maintenance), it is not
    unreachable, it keeps ``KVMWEB_FLEET_MEMORY_MARGIN_MIB`` free after the VMs placed so far
    (only VMs that will run there count), the vCPUs of its running VMs stay within
@@ -193,7 +193,7 @@ class _Capacity:
 def candidates_for(user, vm):
     """Hosts ``user`` may send ``vm`` to (never a host in maintenance, never its own)."""
     from hosts.models import Host
-    from kvmweb.accounts.policy import allowed_targets
+    from migrations_app.policy import allowed_targets
 
     return list(allowed_targets(user, vm).exclude(status=Host.UNREACHABLE).exclude(maintenance=True))
 

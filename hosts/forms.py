@@ -1,8 +1,14 @@
 from django import forms
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.utils.translation import gettext_lazy as _
 
-from hosts.models import HostGroup
+from hosts.models import Host, HostGroup
+from hosts.services import KEEP as KEEP_OWNER
 from hosts.uris import InvalidURI, validate_uri
+from kvmweb.accounts.roles import ROLES
+
+KEEP, NOBODY = "keep", "none"  # the owner form's choices for "leave as is" and "clear"
 
 
 class HostForm(forms.Form):
@@ -29,3 +35,61 @@ class VMFilterForm(forms.Form):
     host = forms.IntegerField(required=False)
     state = forms.CharField(required=False)
     gone = forms.BooleanField(label=_("Include gone"), required=False)
+
+
+def owner_groups():
+    """Groups that may own VMs: any group except the role groups (owning a VM through
+    "Self-service" would hand it to every self-service user)."""
+    return Group.objects.exclude(name__in=ROLES).order_by("name")
+
+
+class OwnerForm(forms.Form):
+    """Owner user and group; "keep" leaves that part unchanged, "nobody" clears it."""
+
+    owner_user = forms.ChoiceField(label=_("Owner (user)"))
+    owner_group = forms.ChoiceField(label=_("Owner (group)"))
+
+    def __init__(self, *args, keep=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        head = [(KEEP, _("— keep as is —"))] if keep else []
+        head.append((NOBODY, _("— nobody —")))
+        users = get_user_model().objects.filter(is_active=True).order_by("username")
+        self.fields["owner_user"].choices = head + [(str(u.pk), u.get_username()) for u in users]
+        self.fields["owner_group"].choices = head + [(str(g.pk), g.name) for g in owner_groups()]
+
+    def _resolve(self, value, queryset):
+        if value == KEEP:
+            return KEEP_OWNER
+        if value == NOBODY:
+            return None
+        return queryset.get(pk=int(value))
+
+    def owners(self):
+        """(owner_user, owner_group) for do_set_owner (services.KEEP, None or an object)."""
+        users = get_user_model().objects.filter(is_active=True)
+        return (
+            self._resolve(self.cleaned_data["owner_user"], users),
+            self._resolve(self.cleaned_data["owner_group"], owner_groups()),
+        )
+
+
+class OwnershipFilterForm(forms.Form):
+    q = forms.CharField(label=_("Name"), required=False)
+    host = forms.ModelChoiceField(label=_("Host"), queryset=Host.objects.all(), required=False)
+    group = forms.ModelChoiceField(label=_("Host group"), queryset=HostGroup.objects.all(), required=False)
+    owner = forms.CharField(label=_("Owner"), required=False, help_text=_("user or group name"))
+    unowned = forms.BooleanField(label=_("Only VMs without owner"), required=False)
+
+
+class HostGroupForm(forms.Form):
+    name = forms.CharField(label=_("Name"), max_length=100)
+    description = forms.CharField(
+        label=_("Description"), widget=forms.Textarea(attrs={"rows": 2}), required=False
+    )
+    hosts = forms.ModelMultipleChoiceField(
+        label=_("Hosts"),
+        queryset=Host.objects.all(),
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        help_text=_("A host belongs to one group; picking it here moves it from its current group."),
+    )

@@ -6,13 +6,20 @@ from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
+from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.roles import is_self_service, sees_everything
+from kvmweb.accounts.scope import check_action
+
 
 class HostGroupQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
-        """Scope rule for host groups (see kvmweb.accounts.scope.host_groups)."""
-        from kvmweb.accounts.scope import host_groups
-
-        return self.filter(pk__in=host_groups(user, action).values("pk"))
+        """Scope rule for host groups: the staff roles see every group; self-service users
+        and outsiders none (they never need the group pages; the policy reason names their
+        allowed target groups as text)."""
+        check_action(action)
+        if not user.is_authenticated or not sees_everything(user):
+            return self.none()
+        return self
 
 
 class HostGroup(models.Model):
@@ -30,20 +37,31 @@ class HostGroup(models.Model):
         return self.name
 
 
+def self_service_target_hosts(user):
+    """Hosts a self-service user may pick as migration targets (by policy).
+
+    Returns a subquery of Host primary keys: the hosts of every target group allowed by
+    the policies that cover the host groups where the user's (not gone) VMs run now. One
+    SQL subquery, so a host list stays one query however many VMs the user owns.
+    """
+    source_groups = (
+        VM.objects.restrict(user).filter(gone=False, host__group__isnull=False).values("host__group")
+    )
+    target_groups = SelfServicePolicy.objects.filter(source_group__in=source_groups).values("target_groups")
+    return Host.objects.filter(group__in=target_groups).values("pk")
+
+
 class HostQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for hosts. Staff roles see all hosts. A self-service user sees the
         hosts their VMs are on plus the hosts their policy lets them migrate to."""
-        from kvmweb.accounts.roles import is_self_service, sees_everything
-
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         if sees_everything(user):
             return self
         if is_self_service(user):
             own_vms = VM.objects.restrict(user)
-            from kvmweb.accounts.scope import self_service_target_hosts
-
             return self.filter(
                 Q(pk__in=own_vms.values("host")) | Q(pk__in=self_service_target_hosts(user))
             ).distinct()
@@ -92,7 +110,7 @@ class Host(models.Model):
 
     # Maintenance mode (hosts.services.do_set_maintenance): a host in maintenance is never
     # offered or accepted as a migration target (preflight check "same_host", rank_targets,
-    # kvmweb.accounts.policy.allowed_targets, the fleet planner).
+    # migrations_app.policy.allowed_targets, the fleet planner).
     maintenance = models.BooleanField(_("in maintenance"), default=False, db_index=True)
     maintenance_reason = models.CharField(_("maintenance reason"), max_length=500, blank=True)
     maintenance_by = models.CharField(max_length=150, blank=True)
@@ -163,8 +181,7 @@ class VMQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for VMs: staff roles see all; self-service users see the VMs owned
         by them or by one of their groups; anyone else sees nothing."""
-        from kvmweb.accounts.roles import is_self_service, sees_everything
-
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         if sees_everything(user):

@@ -9,8 +9,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from hosts import hypervisor, transport
-from hosts.models import VM, Host, VMLocation
+from hosts import busy, hypervisor, transport
+from hosts.models import VM, Host, HostGroup, VMLocation
 from hosts.uris import InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
@@ -357,8 +357,6 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
     whose last recorded move is newer than ``listed_at``; the migration runner
     (``via="migration"``) owns those rows until the job ends.
     """
-    from migrations_app.models import MigrationJob
-
     now = timezone.now()
     by_uuid = {r["uuid"]: r for r in records}
     summary = {"added": [], "moved": [], "gone": [], "updated": 0, "error": ""}
@@ -372,7 +370,7 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
         held = set()
         if via != "migration":
             candidates = [vm.pk for vm in existing.values()]
-            active = MigrationJob.objects.active()
+            active = busy.active_jobs()
             held = set(active.filter(vm__host=host).values_list("vm_id", flat=True))
             held |= set(active.filter(vm_id__in=candidates).values_list("vm_id", flat=True))
             if listed_at is not None:
@@ -540,8 +538,6 @@ def check_vm_power(user, vm, action):
     change in the middle of a move could leave the guest half on each host. A request still
     waiting for approval does not block: its preflight runs again when it is approved.
     """
-    from migrations_app.models import MigrationJob
-
     if action not in POWER_ACTIONS:
         raise PowerError(_("Unknown power action."))
     if (
@@ -551,17 +547,11 @@ def check_vm_power(user, vm, action):
         raise PowerDenied(_("You may not change the power state of this VM."))
     if vm.gone or vm.host_id is None:
         raise PowerError(_("This VM is gone: it is not on any registered host."))
-    busy = (
-        MigrationJob.objects.active()
-        .exclude(status=MigrationJob.PENDING_APPROVAL)
-        .filter(vm=vm)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    if busy:
+    job = busy.active_jobs(waiting=False).filter(vm=vm).values_list("pk", flat=True).first()
+    if job:
         raise PowerError(
             _("Migration job #%(job)s is under way for this VM: wait for it to end or cancel it first.")
-            % {"job": busy}
+            % {"job": job}
         )
 
 
@@ -611,10 +601,137 @@ def do_vm_power(user, vm, action, *, request=None):
 def busy_vm_ids(vms):
     """Primary keys among ``vms`` that have a migration job queued or running (one query):
     the lists hide power actions and the Migrate link for those."""
-    from migrations_app.models import MigrationJob
-
     ids = [vm.pk for vm in vms]
     if not ids:
         return set()
-    active = MigrationJob.objects.active().exclude(status=MigrationJob.PENDING_APPROVAL)
+    active = busy.active_jobs(waiting=False)
     return set(active.filter(vm_id__in=ids).values_list("vm_id", flat=True))
+
+
+# --- VM ownership (moved from kvmweb/accounts/services.py) ---------------------------
+
+KEEP = object()  # do_set_owner: leave that part of the owner as it is
+
+
+def _owner_text(vm):
+    return {
+        "user": vm.owner_user.get_username() if vm.owner_user_id else None,
+        "group": vm.owner_group.name if vm.owner_group_id else None,
+    }
+
+
+def do_set_owner(vms, *, owner_user=KEEP, owner_group=KEEP, actor, request=None):
+    """Set the owning user and/or group of each VM in ``vms``; KEEP leaves that part as
+    it is, None clears it. One audit event per VM that actually changes (before/after),
+    all in one transaction. Returns the number of VMs changed.
+
+    Ownership lives on the VM row, which follows the domain's UUID across hosts, so it
+    survives moves made by kvmweb or by hand.
+    """
+    changed = 0
+    with transaction.atomic():
+        # FOR UPDATE (a no-op on SQLite, whose IMMEDIATE transactions already serialize
+        # writers): two administrators editing the same VM each audit a true "before".
+        rows = (
+            VM.objects.select_for_update(of=("self",))  # not the nullable owner joins
+            .select_related("owner_user", "owner_group")
+            .filter(pk__in=[vm.pk for vm in vms])
+            .order_by("pk")
+        )
+        for vm in rows:
+            before = _owner_text(vm)
+            if owner_user is not KEEP:
+                vm.owner_user = owner_user
+            if owner_group is not KEEP:
+                vm.owner_group = owner_group
+            after = _owner_text(vm)
+            if after == before:
+                continue
+            vm.save(update_fields=["owner_user", "owner_group"])
+            record(
+                "vm.owner",
+                actor=actor,
+                request=request,
+                target=vm,
+                details={"before": before, "after": after},
+            )
+            changed += 1
+    return changed
+
+
+# --- Host groups (moved from kvmweb/accounts/services.py) ------------------------------
+
+
+class HostGroupError(Exception):
+    """A host group change refused (the message is safe to show)."""
+
+
+def _refused(action, actor, request, obj, target_type, name, reason):
+    """Audit a refused change as a failure (its own transaction: the refusal is a fact
+    even though nothing changed)."""
+    with transaction.atomic():
+        record(
+            action,
+            actor=actor,
+            request=request,
+            target=obj,
+            target_type=target_type,
+            target_name=name if obj is None else "",
+            outcome=AuditEvent.FAILURE,
+            details={"reason": reason},
+        )
+
+
+def do_save_host_group(group, *, name, description="", hosts=(), actor, request=None):
+    """Create (group=None) or change a host group and set which hosts belong to it.
+
+    Hosts moved into the group leave their previous group; hosts left out of the list
+    that were in it end up in no group. Audited with the membership change.
+    """
+    name = (name or "").strip()
+    action = "hostgroup.create" if group is None else "hostgroup.change"
+    if not name:
+        raise HostGroupError(_("Enter a name for the host group."))
+    if HostGroup.objects.filter(name=name).exclude(pk=getattr(group, "pk", None)).exists():
+        _refused(action, actor, request, group, "hosts.hostgroup", name, "name taken")
+        raise HostGroupError(_("A host group named %(name)s exists already.") % {"name": name})
+    with transaction.atomic():
+        created = group is None
+        before = {} if created else {"name": group.name, "description": group.description}
+        if created:
+            group = HostGroup.objects.create(name=name, description=description)
+            old_members = set()
+        else:
+            old_members = set(group.hosts.values_list("pk", flat=True))
+            group.name, group.description = name, description
+            group.save(update_fields=["name", "description"])
+        new_members = {h.pk for h in hosts}
+        Host.objects.filter(pk__in=new_members - old_members).update(group=group)
+        Host.objects.filter(pk__in=old_members - new_members).update(group=None)
+        names = dict(Host.objects.filter(pk__in=new_members | old_members).values_list("pk", "name"))
+        record(
+            action,
+            actor=actor,
+            request=request,
+            target=group,
+            details={
+                "before": before,
+                "after": {"name": name, "description": description},
+                "hosts_added": sorted(names[pk] for pk in new_members - old_members),
+                "hosts_removed": sorted(names[pk] for pk in old_members - new_members),
+            },
+        )
+    return group
+
+
+def do_delete_host_group(group, *, actor, request=None):
+    """Delete a host group; its hosts stay, without a group, and its policy goes."""
+    with transaction.atomic():
+        record(
+            "hostgroup.delete",
+            actor=actor,
+            request=request,
+            target=group,
+            details={"hosts": sorted(group.hosts.values_list("name", flat=True))},
+        )
+        group.delete()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from hosts import views
+from hosts import groups, ownership, views
 
 app_name = "hosts"
 urlpatterns = [
@@ -14,4 +14,10 @@ urlpatterns = [
     path("vms/", views.vm_list, name="vm_list"),
     path("vms/<int:pk>/", views.vm_detail, name="vm_detail"),
     path("vms/<int:pk>/power/", views.vm_power, name="vm_power"),
+    path("vms/<int:pk>/owner/", ownership.vm_owner, name="vm_owner"),
+    path("vms/ownership/", ownership.bulk_owner, name="bulk_owner"),
+    path("host-groups/", groups.host_groups, name="groups"),
+    path("host-groups/add/", groups.host_group_edit, name="group_add"),
+    path("host-groups/<int:pk>/", groups.host_group_edit, name="group_edit"),
+    path("host-groups/<int:pk>/delete/", groups.host_group_delete, name="group_delete"),
 ]

@@ -38,6 +38,8 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
+from migrations_app.models import MigrationJob
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FUNC = "kvmweb.health.heartbeat"
@@ -146,8 +148,6 @@ def worker_last_seen():
     )
     seen = {label: rows.get(cluster) for label, cluster in names.items()}
     if "migrations" in seen:
-        from migrations_app.models import MigrationJob
-
         busy = MigrationJob.objects.active().aggregate(last=Max("heartbeat_at"))["last"]
         if busy and (seen["migrations"] is None or busy > seen["migrations"]):
             seen["migrations"] = busy

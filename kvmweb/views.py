@@ -5,7 +5,7 @@ from django.templatetags.static import static
 
 from hosts.models import VM, Host
 from kvmweb.access import scoped
-from kvmweb.accounts.masking import HostMask
+from migrations_app.masking import HostMask
 from migrations_app.models import MigrationJob
 
 

@@ -10,7 +10,19 @@ class MigrationsAppConfig(AppConfig):
     def ready(self):
         from django_q.signals import post_spawn
 
+        from hosts import busy
+
         post_spawn.connect(_reconcile_at_worker_start, dispatch_uid="kvmweb-reconcile-at-start")
+        busy.register(_active_jobs)
+
+
+def _active_jobs(waiting):
+    """hosts.busy's provider: jobs under way (without those waiting for approval unless
+    ``waiting``)."""
+    from migrations_app.models import MigrationJob
+
+    jobs = MigrationJob.objects.active()
+    return jobs if waiting else jobs.exclude(status=MigrationJob.PENDING_APPROVAL)
 
 
 def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):

@@ -6,6 +6,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
+from hosts.models import VM
+from kvmweb.accounts.roles import is_self_service, sees_everything
+from kvmweb.accounts.scope import check_action
 from migrations_app import states
 from migrations_app.events import COLLAPSING, render
 from migrations_app.options import LIVE_MODES
@@ -15,9 +18,7 @@ class MigrationJobQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for jobs: staff roles see all; self-service users see jobs of the
         VMs they own; anyone else sees nothing."""
-        from hosts.models import VM
-        from kvmweb.accounts.roles import is_self_service, sees_everything
-
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         if sees_everything(user):
@@ -260,8 +261,7 @@ class LeftCopyQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for left copies: staff roles only (a copy names a host and a path,
         which self-service users do not see)."""
-        from kvmweb.accounts.roles import sees_everything
-
+        check_action(action)
         if not user.is_authenticated or not sees_everything(user):
             return self.none()
         return self

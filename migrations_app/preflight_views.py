@@ -13,10 +13,11 @@ from django.views.decorators.http import require_GET
 
 from hosts.models import VM, Host
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.accounts.masking import HostMask
+from migrations_app.masking import HostMask
 from migrations_app.models import MigrationJob
 from migrations_app.plan import DEFAULTS, MigrationPlan, PlanError
 from migrations_app.preflight import run_preflight
+from migrations_app.signals import announce
 
 
 def _pk(value):
@@ -65,6 +66,7 @@ def preflight_check(request):
             else:
                 context["options"] = plan.options
                 report = run_preflight(plan)
+                announce(report, "dry_run")  # counted by the API's metrics
                 subject = HostMask.subject(plan.source, plan.target)
                 context["report"] = HostMask.for_user(request.user).report(report, subject)
     if request.htmx:

@@ -15,13 +15,14 @@ from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
 from hosts.services import refresh_vm_state
-from kvmweb.accounts.policy import check_request
+from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.options import MODE_KEYS, OptionError, clean_control
+from migrations_app.policy import check_request
 from migrations_app.streaming import publish_job
 
 log = logging.getLogger(__name__)
@@ -466,3 +467,89 @@ def do_delete_left_copy(copy, actor, request=None):
             details={"host": copy.host_name, "path": copy.path, "job": copy.job_id, "file_existed": existed},
         )
     return copy
+
+
+# --- Self-service policies (moved from kvmweb/accounts/services.py) ---------------------
+
+
+class PolicyError(Exception):
+    """A policy change refused (the message is safe to show)."""
+
+
+def _refused_policy(action, actor, request, obj, target_type, name, reason):
+    """Audit a refused policy change as a failure (its own transaction: the refusal is a
+    fact even though nothing changed)."""
+    with transaction.atomic():
+        record(
+            action,
+            actor=actor,
+            request=request,
+            target=obj,
+            target_type=target_type,
+            target_name=name if obj is None else "",
+            outcome=AuditEvent.FAILURE,
+            details={"reason": reason},
+        )
+
+
+def do_save_policy(
+    policy,
+    *,
+    source_group,
+    target_groups,
+    allowed_modes,
+    max_bandwidth=None,
+    requires_approval=True,
+    actor,
+    request=None,
+):
+    """Create (policy=None) or change the self-service policy of a source host group,
+    audited with the before and after rule."""
+    valid_modes = [mode for mode, _label in MigrationJob.MODES]
+    unknown = set(allowed_modes) - set(valid_modes)
+    if unknown:
+        raise PolicyError(_("Unknown mode: %(mode)s") % {"mode": ", ".join(sorted(unknown))})
+    action = "policy.create" if policy is None else "policy.change"
+    other = SelfServicePolicy.objects.filter(source_group=source_group).exclude(
+        pk=getattr(policy, "pk", None)
+    )
+    if other.exists():
+        _refused_policy(
+            action,
+            actor,
+            request,
+            policy,
+            "accounts.selfservicepolicy",
+            str(source_group),
+            "group has a policy",
+        )
+        raise PolicyError(
+            _("The host group %(group)s has a policy already; edit that one.") % {"group": source_group}
+        )
+    with transaction.atomic():
+        created = policy is None
+        before = {} if created else policy.as_dict()
+        policy = policy or SelfServicePolicy()
+        policy.source_group = source_group
+        policy.allowed_modes = [mode for mode in valid_modes if mode in set(allowed_modes)]
+        policy.max_bandwidth = max_bandwidth
+        policy.requires_approval = requires_approval
+        policy.save()
+        policy.target_groups.set(target_groups)
+        record(
+            action,
+            actor=actor,
+            request=request,
+            target=policy,
+            details={"before": before, "after": policy.as_dict()},
+        )
+    return policy
+
+
+def do_delete_policy(policy, *, actor, request=None):
+    """Remove a policy: VMs in its source group can then be moved by operators only."""
+    with transaction.atomic():
+        record(
+            "policy.delete", actor=actor, request=request, target=policy, details={"before": policy.as_dict()}
+        )
+        policy.delete()

@@ -47,7 +47,8 @@ from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import translation
 
-from kvmweb.accounts.masking import HostMask
+from kvmweb.accounts.roles import sees_everything
+from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 
 log = logging.getLogger(__name__)
@@ -568,8 +569,6 @@ def _still_allowed(session_keys, wanted):
             "session_key", flat=True
         )
     )
-    from kvmweb.accounts.roles import sees_everything
-
     allowed, users = {}, {}
     for user in get_user_model().objects.filter(pk__in=list(wanted), is_active=True):
         users[user.pk] = (user, sees_everything(user))

@@ -19,9 +19,9 @@ from django.views.decorators.http import require_POST
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.accounts.masking import HostMask
 from migrations_app import services
 from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
+from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
 
 ADD = "migrations_app.add_migrationjob"
@@ -182,6 +182,7 @@ def wizard(request):
 def _wizard_preflight(request, vm, target, mode, options, *, error="", status=200, ack=(), override=()):
     from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
+    from migrations_app.signals import announce
 
     context = {"step": "preflight", "vm": vm, "target": target, "mode": mode, "error": error}
     try:
@@ -192,6 +193,7 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         context.update(step="options", form=form, error=str(exc))
         return render(request, "migrations_app/wizard.html", context, status=400)
     report = run_preflight(plan)  # libvirt, through the gateway's timeouts; no transaction open
+    announce(report, "wizard")  # counted by the API's metrics (api/apps.py)
     request.session[SESSION_REPORT] = {
         "key": _plan_key(vm, target, mode, plan.options),
         "at": time.time(),

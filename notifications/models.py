@@ -7,6 +7,9 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from kvmweb.accounts.roles import ADMINISTRATOR, has_role
+from kvmweb.accounts.scope import check_action
+
 EVENTS = [
     ("job.succeeded", _("migration succeeded")),
     ("job.failed", _("migration failed")),
@@ -30,8 +33,7 @@ class SubscriptionQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule: administrators see every subscription (their own, everyone's and the
         global ones); everyone else only their own."""
-        from kvmweb.accounts.roles import ADMINISTRATOR, has_role
-
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         if has_role(user, ADMINISTRATOR):

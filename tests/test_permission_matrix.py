@@ -66,7 +66,7 @@ SCOPE = {
     "job_alice_run": STAFF | {"alice"},  # a running live migration of alice's VM
     "job_hidden_run": STAFF,
     # alice's VM came from the secret host before it was hers: she sees the job, but
-    # not the host's name or anything's URI (kvmweb/accounts/masking.py).
+    # not the host's name or anything's URI (migrations_app/masking.py).
     "job_alice_past": STAFF | {"alice"},
     "event_alice": STAFF | {"alice"},  # an event alice caused
     "event_admin": STAFF,
@@ -231,7 +231,7 @@ ROUTES = [
         notes="clears failed sign-ins: its state is the audit event (db_state counts them)",
     ),
     Route(
-        "accounts:bulk_owner",
+        "hosts:bulk_owner",
         get=ADMIN,
         post=ADMIN,
         data=_bulk_owner_data,
@@ -239,40 +239,42 @@ ROUTES = [
         lists=("vm_alice", "vm_bob", "vm_hidden"),
     ),
     Route(
-        "accounts:vm_owner",
+        "hosts:vm_owner",
         objects=("vm_alice", "vm_hidden"),
         get=ADMIN,
         post=ADMIN,
         data=_owner_data,
         action="vm.owner",
     ),
-    Route("accounts:host_groups", get=STAFF),
-    Route("accounts:host_group_add", get=ADMIN, post=ADMIN, data=_group_data, action="hostgroup.create"),
+    Route("hosts:groups", get=STAFF),
+    Route("hosts:group_add", get=ADMIN, post=ADMIN, data=_group_data, action="hostgroup.create"),
     Route(
-        "accounts:host_group_edit",
+        "hosts:group_edit",
         objects=("group_prod",),
         get=ADMIN,
         post=ADMIN,
         data=_group_data,
         action="hostgroup.change",
     ),
-    Route("accounts:host_group_delete", objects=("group_prod",), post=ADMIN, action="hostgroup.delete"),
-    Route("accounts:policy_add", get=ADMIN, post=ADMIN, data=_policy_data("secret"), action="policy.create"),
+    Route("hosts:group_delete", objects=("group_prod",), post=ADMIN, action="hostgroup.delete"),
     Route(
-        "accounts:policy_edit",
+        "migrations:policy_add", get=ADMIN, post=ADMIN, data=_policy_data("secret"), action="policy.create"
+    ),
+    Route(
+        "migrations:policy_edit",
         objects=("policy_prod",),
         get=ADMIN,
         post=ADMIN,
         data=_policy_data("prod"),
         action="policy.change",
     ),
-    Route("accounts:policy_delete", objects=("policy_prod",), post=ADMIN, action="policy.delete"),
-    Route("accounts:approvals", get=MIGRATORS, lists=("vm_alice", "vm_hidden")),
+    Route("migrations:policy_delete", objects=("policy_prod",), post=ADMIN, action="policy.delete"),
+    Route("migrations:approvals", get=MIGRATORS, lists=("vm_alice", "vm_hidden")),
     Route(
-        "accounts:approve", objects=("job_alice", "job_hidden"), post=MIGRATORS, action="migration.approve"
+        "migrations:approve", objects=("job_alice", "job_hidden"), post=MIGRATORS, action="migration.approve"
     ),
     Route(
-        "accounts:reject",
+        "migrations:reject",
         objects=("job_alice", "job_hidden"),
         post=MIGRATORS,
         data=lambda w, job: {"reason": "not now"},

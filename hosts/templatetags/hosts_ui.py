@@ -16,6 +16,9 @@ from django.utils.html import escape, format_html
 from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 
+from hosts.models import VM
+from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.roles import is_self_service, is_staff_migrator
 from kvmweb.accounts.templatetags.kvmweb_format import binary_size
 
 register = template.Library()
@@ -33,10 +36,6 @@ def _policy_groups(user):
     """For a self-service user: the host groups whose VMs a policy lets them move (one
     query per page), so the Migrate link shows only where the wizard can go on. None for
     everyone else (staff may move any VM; the wizard has the last word either way)."""
-    from kvmweb.accounts.models import SelfServicePolicy
-    from kvmweb.accounts.policy import is_staff_migrator
-    from kvmweb.accounts.roles import is_self_service
-
     if is_staff_migrator(user) or not is_self_service(user):
         return None
     with_targets = SelfServicePolicy.objects.filter(target_groups__isnull=False)
@@ -141,8 +140,6 @@ def vm_rows(context, vms, selectable=False, hide_host=False, actions=False):
     """The ``<tr>`` rows of a VM table (templates/hosts/partials/vm_table.html has the
     header). Built as strings with every value escaped: a page of fifty rows as template
     markup cost about as much as all of the page's queries."""
-    from hosts.models import VM
-
     request = context["request"]
     states = getattr(request, "_kvmweb_state_labels", None)
     if states is None:

@@ -8,13 +8,15 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from kvmweb.accounts.roles import sees_everything
+from kvmweb.accounts.scope import check_action
+
 
 class SelfServicePolicyQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule: the staff roles see every policy; nobody else sees any (a
         self-service user learns what applies to a VM from the wizard's reasons)."""
-        from kvmweb.accounts.roles import sees_everything
-
+        check_action(action)
         if not user.is_authenticated or not sees_everything(user):
             return self.none()
         return self
@@ -58,12 +60,6 @@ class SelfServicePolicy(models.Model):
 
     def __str__(self):
         return str(_("Self-service policy for %(group)s") % {"group": self.source_group})
-
-    def mode_labels(self):
-        from migrations_app.models import MigrationJob
-
-        labels = dict(MigrationJob.MODES)
-        return [str(labels.get(mode, mode)) for mode in self.allowed_modes]
 
     def as_dict(self):
         """A plain description for audit details (names as text)."""

@@ -122,3 +122,8 @@ def sees_everything(user):
 
 def is_self_service(user):
     return user.is_authenticated and not sees_everything(user) and SELF_SERVICE in _group_names(user)
+
+
+def is_staff_migrator(user):
+    """Administrators and operators may migrate any VM anywhere, no approval needed."""
+    return user.is_authenticated and (has_role(user, ADMINISTRATOR) or has_role(user, OPERATOR))

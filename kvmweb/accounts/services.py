@@ -1,15 +1,20 @@
-"""Account services: sign-in and sign-out (audited, rate-limited), roles, VM ownership,
-host groups and self-service policies. Every change writes its audit event in the same
-transaction."""
+"""Account services: sign-in and sign-out (audited, rate-limited), users, roles and
+display preferences. Every change writes its audit event in the same transaction. (VM
+ownership and host groups are in hosts/services.py, self-service policies in
+migrations_app/services.py.)"""
 
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib import auth
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from kvmweb.accounts.models import UserPreference
+from kvmweb.accounts.roles import ADMINISTRATOR, ROLES
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from kvmweb.audit.services import client_ip
@@ -119,7 +124,6 @@ class AccountError(Exception):
 
 
 def user_roles(user):
-    from kvmweb.accounts.roles import ROLES
 
     return sorted(set(user.groups.filter(name__in=ROLES).values_list("name", flat=True)))
 
@@ -132,10 +136,6 @@ def do_set_roles(user, roles, *, active=None, actor, request=None):
     Refuses (audited as a failure) to remove or disable the last active administrator,
     so nobody can lock everyone out of the administration pages.
     """
-    from django.contrib.auth import get_user_model
-    from django.contrib.auth.models import Group
-
-    from kvmweb.accounts.roles import ADMINISTRATOR, ROLES
 
     roles = sorted(set(roles))
     unknown = set(roles) - set(ROLES)
@@ -179,62 +179,6 @@ def do_set_roles(user, roles, *, active=None, actor, request=None):
     return roles
 
 
-# --- VM ownership ---------------------------------------------------------------------
-
-KEEP = object()
-
-
-def _owner_text(vm):
-    return {
-        "user": vm.owner_user.get_username() if vm.owner_user_id else None,
-        "group": vm.owner_group.name if vm.owner_group_id else None,
-    }
-
-
-def do_set_owner(vms, *, owner_user=KEEP, owner_group=KEEP, actor, request=None):
-    """Set the owning user and/or group of each VM in ``vms``; KEEP leaves that part as
-    it is, None clears it. One audit event per VM that actually changes (before/after),
-    all in one transaction. Returns the number of VMs changed.
-
-    Ownership lives on the VM row, which follows the domain's UUID across hosts, so it
-    survives moves made by kvmweb or by hand.
-    """
-    from hosts.models import VM
-
-    changed = 0
-    with transaction.atomic():
-        # FOR UPDATE (a no-op on SQLite, whose IMMEDIATE transactions already serialize
-        # writers): two administrators editing the same VM each audit a true "before".
-        rows = (
-            VM.objects.select_for_update(of=("self",))  # not the nullable owner joins
-            .select_related("owner_user", "owner_group")
-            .filter(pk__in=[vm.pk for vm in vms])
-            .order_by("pk")
-        )
-        for vm in rows:
-            before = _owner_text(vm)
-            if owner_user is not KEEP:
-                vm.owner_user = owner_user
-            if owner_group is not KEEP:
-                vm.owner_group = owner_group
-            after = _owner_text(vm)
-            if after == before:
-                continue
-            vm.save(update_fields=["owner_user", "owner_group"])
-            record(
-                "vm.owner",
-                actor=actor,
-                request=request,
-                target=vm,
-                details={"before": before, "after": after},
-            )
-            changed += 1
-    return changed
-
-
-# --- Host groups and self-service policies --------------------------------------------
-
-
 def _refused(action, actor, request, obj, target_type, name, reason):
     """Audit a refused change as a failure (its own transaction: the refusal is a fact
     even though nothing changed)."""
@@ -251,132 +195,8 @@ def _refused(action, actor, request, obj, target_type, name, reason):
         )
 
 
-def do_save_host_group(group, *, name, description="", hosts=(), actor, request=None):
-    """Create (group=None) or change a host group and set which hosts belong to it.
-
-    Hosts moved into the group leave their previous group; hosts left out of the list
-    that were in it end up in no group. Audited with the membership change.
-    """
-    from hosts.models import Host, HostGroup
-
-    name = (name or "").strip()
-    action = "hostgroup.create" if group is None else "hostgroup.change"
-    if not name:
-        raise AccountError(_("Enter a name for the host group."))
-    if HostGroup.objects.filter(name=name).exclude(pk=getattr(group, "pk", None)).exists():
-        _refused(action, actor, request, group, "hosts.hostgroup", name, "name taken")
-        raise AccountError(_("A host group named %(name)s exists already.") % {"name": name})
-    with transaction.atomic():
-        created = group is None
-        before = {} if created else {"name": group.name, "description": group.description}
-        if created:
-            group = HostGroup.objects.create(name=name, description=description)
-            old_members = set()
-        else:
-            old_members = set(group.hosts.values_list("pk", flat=True))
-            group.name, group.description = name, description
-            group.save(update_fields=["name", "description"])
-        new_members = {h.pk for h in hosts}
-        Host.objects.filter(pk__in=new_members - old_members).update(group=group)
-        Host.objects.filter(pk__in=old_members - new_members).update(group=None)
-        names = dict(Host.objects.filter(pk__in=new_members | old_members).values_list("pk", "name"))
-        record(
-            action,
-            actor=actor,
-            request=request,
-            target=group,
-            details={
-                "before": before,
-                "after": {"name": name, "description": description},
-                "hosts_added": sorted(names[pk] for pk in new_members - old_members),
-                "hosts_removed": sorted(names[pk] for pk in old_members - new_members),
-            },
-        )
-    return group
-
-
-def do_delete_host_group(group, *, actor, request=None):
-    """Delete a host group; its hosts stay, without a group, and its policy goes."""
-    with transaction.atomic():
-        record(
-            "hostgroup.delete",
-            actor=actor,
-            request=request,
-            target=group,
-            details={"hosts": sorted(group.hosts.values_list("name", flat=True))},
-        )
-        group.delete()
-
-
-def do_save_policy(
-    policy,
-    *,
-    source_group,
-    target_groups,
-    allowed_modes,
-    max_bandwidth=None,
-    requires_approval=True,
-    actor,
-    request=None,
-):
-    """Create (policy=None) or change the self-service policy of a source host group,
-    audited with the before and after rule."""
-    from kvmweb.accounts.models import SelfServicePolicy
-    from migrations_app.models import MigrationJob
-
-    valid_modes = [mode for mode, _label in MigrationJob.MODES]
-    unknown = set(allowed_modes) - set(valid_modes)
-    if unknown:
-        raise AccountError(_("Unknown mode: %(mode)s") % {"mode": ", ".join(sorted(unknown))})
-    action = "policy.create" if policy is None else "policy.change"
-    other = SelfServicePolicy.objects.filter(source_group=source_group).exclude(
-        pk=getattr(policy, "pk", None)
-    )
-    if other.exists():
-        _refused(
-            action,
-            actor,
-            request,
-            policy,
-            "accounts.selfservicepolicy",
-            str(source_group),
-            "group has a policy",
-        )
-        raise AccountError(
-            _("The host group %(group)s has a policy already; edit that one.") % {"group": source_group}
-        )
-    with transaction.atomic():
-        created = policy is None
-        before = {} if created else policy.as_dict()
-        policy = policy or SelfServicePolicy()
-        policy.source_group = source_group
-        policy.allowed_modes = [mode for mode in valid_modes if mode in set(allowed_modes)]
-        policy.max_bandwidth = max_bandwidth
-        policy.requires_approval = requires_approval
-        policy.save()
-        policy.target_groups.set(target_groups)
-        record(
-            action,
-            actor=actor,
-            request=request,
-            target=policy,
-            details={"before": before, "after": policy.as_dict()},
-        )
-    return policy
-
-
-def do_delete_policy(policy, *, actor, request=None):
-    """Remove a policy: VMs in its source group can then be moved by operators only."""
-    with transaction.atomic():
-        record(
-            "policy.delete", actor=actor, request=request, target=policy, details={"before": policy.as_dict()}
-        )
-        policy.delete()
-
-
 def do_create_user(username, password, roles, *, actor, request=None):
     """Create a sign-in account with the given roles (audited; the password never is)."""
-    from django.contrib.auth import get_user_model
 
     User = get_user_model()
     username = (username or "").strip()
@@ -398,7 +218,6 @@ def do_set_theme(request, theme):
     """Remember the signed-in user's colour theme (auto, light, dark) on their account and
     in the session. A display preference of one's own: changes nothing anyone else sees,
     so it is not part of the audit history (like the language switch)."""
-    from kvmweb.accounts.models import UserPreference
 
     if theme not in dict(UserPreference.THEMES):
         raise ValueError(theme)
@@ -409,7 +228,6 @@ def do_set_theme(request, theme):
 
 def current_theme(request):
     """The user's theme, from the session (read from the account once per session)."""
-    from kvmweb.accounts.models import UserPreference
 
     theme = request.session.get(THEME_SESSION_KEY)
     if theme is None and request.user.is_authenticated:

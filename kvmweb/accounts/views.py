@@ -1,4 +1,4 @@
-"""Sign-in, users and roles, host groups and self-service policies (administration)."""
+"""Sign-in, users and roles (administration), display preferences."""
 
 from django import forms
 from django.contrib import messages
@@ -9,11 +9,9 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
-from hosts.models import Host
-from kvmweb.access import get_scoped_or_404, require, scoped
+from kvmweb.access import require
 from kvmweb.accounts import scope, services
-from kvmweb.accounts.forms import HostGroupForm, NewUserForm, PolicyForm, RolesForm
-from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.forms import NewUserForm, RolesForm
 from kvmweb.accounts.roles import ROLES
 
 
@@ -96,95 +94,6 @@ def user_unlock(request, pk):
         request, _("%(name)s may sign in again from every address.") % {"name": target.get_username()}
     )
     return redirect("accounts:user_roles", pk=target.pk)
-
-
-# --- Host groups and self-service policies --------------------------------------------
-
-
-@login_required
-def host_groups(request):
-    require(request.user, "hosts.view_hostgroup")
-    groups = scope.host_groups(request.user).prefetch_related("hosts")
-    policies = {
-        p.source_group_id: p
-        for p in scoped(SelfServicePolicy, request.user).prefetch_related("target_groups")
-    }
-    rows = [(group, policies.get(group.pk)) for group in groups]
-    ungrouped = scoped(Host, request.user).filter(group__isnull=True)
-    return render(request, "accounts/host_groups.html", {"rows": rows, "ungrouped": ungrouped})
-
-
-@login_required
-def host_group_edit(request, pk=None):
-    group = None
-    if pk is None:
-        require(request.user, "hosts.add_hostgroup")
-    else:
-        group = get_object_or_404(scope.host_groups(request.user, "change"), pk=pk)
-        require(request.user, "hosts.change_hostgroup")
-    initial = {}
-    if group is not None:
-        initial = {"name": group.name, "description": group.description, "hosts": list(group.hosts.all())}
-    form = HostGroupForm(request.POST or None, initial=initial)
-    if request.method == "POST" and form.is_valid():
-        try:
-            services.do_save_host_group(group, actor=request.user, request=request, **form.cleaned_data)
-        except services.AccountError as exc:
-            form.add_error(None, str(exc))
-        else:
-            messages.success(request, _("Host group saved."))
-            return redirect("accounts:host_groups")
-    return render(request, "accounts/host_group_form.html", {"form": form, "group": group})
-
-
-@login_required
-@require_POST
-def host_group_delete(request, pk):
-    group = get_object_or_404(scope.host_groups(request.user, "delete"), pk=pk)
-    require(request.user, "hosts.delete_hostgroup")
-    services.do_delete_host_group(group, actor=request.user, request=request)
-    messages.success(request, _("Host group deleted; its hosts are now ungrouped."))
-    return redirect("accounts:host_groups")
-
-
-@login_required
-def policy_edit(request, pk=None):
-    policy = None
-    if pk is None:
-        require(request.user, "accounts.add_selfservicepolicy")
-        initial = {"source_group": request.GET.get("group"), "requires_approval": True}
-    else:
-        policy = get_scoped_or_404(
-            SelfServicePolicy, request.user, "change", perm="accounts.change_selfservicepolicy", pk=pk
-        )
-        initial = {
-            "source_group": policy.source_group,
-            "target_groups": list(policy.target_groups.all()),
-            "allowed_modes": policy.allowed_modes,
-            "max_bandwidth": policy.max_bandwidth,
-            "requires_approval": policy.requires_approval,
-        }
-    form = PolicyForm(request.POST or None, initial=initial)
-    if request.method == "POST" and form.is_valid():
-        try:
-            services.do_save_policy(policy, actor=request.user, request=request, **form.cleaned_data)
-        except services.AccountError as exc:
-            form.add_error(None, str(exc))
-        else:
-            messages.success(request, _("Self-service policy saved."))
-            return redirect("accounts:host_groups")
-    return render(request, "accounts/policy_form.html", {"form": form, "policy": policy})
-
-
-@login_required
-@require_POST
-def policy_delete(request, pk):
-    policy = get_scoped_or_404(
-        SelfServicePolicy, request.user, "delete", perm="accounts.delete_selfservicepolicy", pk=pk
-    )
-    services.do_delete_policy(policy, actor=request.user, request=request)
-    messages.success(request, _("Self-service policy removed."))
-    return redirect("accounts:host_groups")
 
 
 # --- Display preferences --------------------------------------------------------------

@@ -4,13 +4,15 @@ from django.conf import settings
 from django.db import models
 from django.utils.translation import gettext_lazy as _
 
+from kvmweb.accounts.roles import sees_everything
+from kvmweb.accounts.scope import check_action
+
 
 class AuditQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule: auditors, operators and administrators read the whole history;
         everyone else sees only events they caused themselves."""
-        from kvmweb.accounts.roles import sees_everything
-
+        check_action(action)
         if not user.is_authenticated:
             return self.none()
         if sees_everything(user):

@@ -11,9 +11,10 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.audit import export, labels, record
+from kvmweb.audit import export, objects, record
 from kvmweb.audit.forms import AuditFilterForm
 from kvmweb.audit.models import AuditEvent
+from migrations_app.models import MigrationJob
 
 PERM = "audit.view_auditevent"
 PAGE_SIZE = 50
@@ -29,7 +30,7 @@ def event_list(request):
     require(request.user, PERM)
     form, events = _filtered(request)
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
-    page.object_list = labels.describe(page.object_list, request.user)
+    page.object_list = objects.describe(page.object_list, request.user)
     query = request.GET.copy()
     query.pop("page", None)
     return render(request, "audit/event_list.html", {"form": form, "page": page, "query": query.urlencode()})
@@ -51,7 +52,7 @@ SECTIONS = [
 @login_required
 def event_detail(request, pk):
     event = get_scoped_or_404(AuditEvent, request.user, perm=PERM, pk=pk)
-    labels.describe([event], request.user)
+    objects.describe([event], request.user)
     details = event.details if isinstance(event.details, dict) else {"value": event.details}
     parts = dict(details)
     preflight = parts.get("preflight")
@@ -62,8 +63,6 @@ def event_detail(request, pk):
     rest = {k: v for k, v in details.items() if k not in {key for key, _label in SECTIONS} | {"virsh"}}
     job = None
     if event.target_type == "migrations_app.migrationjob" and event.target_id.isdigit():
-        from migrations_app.models import MigrationJob
-
         job = scoped(MigrationJob, request.user).filter(pk=int(event.target_id)).first()
     return render(
         request,

@@ -64,7 +64,7 @@ def test_it_queues_at_once_when_the_policy_needs_no_approval(world, alice):
 
 def test_it_lists_waiting_requests_for_operators(pending, login, operator, admin, auditor):
     for user in (operator, admin):
-        response = login(user).get(reverse("accounts:approvals"))
+        response = login(user).get(reverse("migrations:approvals"))
         assert response.status_code == 200 and list(response.context["jobs"]) == [pending]
         assert "alice-web" in response.content.decode()
         # The navigation shows how many wait.
@@ -73,23 +73,23 @@ def test_it_lists_waiting_requests_for_operators(pending, login, operator, admin
 
 
 def test_it_starts_the_job_when_an_operator_approves(pending, login, operator):
-    response = login(operator).post(reverse("accounts:approve", args=[pending.pk]))
+    response = login(operator).post(reverse("migrations:approve", args=[pending.pk]))
     assert response.status_code == 302
     pending.refresh_from_db()
     assert pending.status == MigrationJob.QUEUED and pending.approved_by == operator
     event = AuditEvent.objects.get(action="migration.approve")
     assert event.actor == operator and event.target_id == str(pending.pk)
     # A second click (or a second operator) does not approve twice.
-    login(operator).post(reverse("accounts:approve", args=[pending.pk]))
+    login(operator).post(reverse("migrations:approve", args=[pending.pk]))
     assert AuditEvent.objects.filter(action="migration.approve").count() == 1
 
 
 def test_it_rejects_with_a_reason_the_requester_sees(pending, world, login, operator, alice):
     client = login(operator)
-    client.post(reverse("accounts:reject", args=[pending.pk]), {"reason": ""})
+    client.post(reverse("migrations:reject", args=[pending.pk]), {"reason": ""})
     pending.refresh_from_db()
     assert pending.status == MigrationJob.PENDING_APPROVAL  # a reason is required
-    client.post(reverse("accounts:reject", args=[pending.pk]), {"reason": "Freeze until Monday"})
+    client.post(reverse("migrations:reject", args=[pending.pk]), {"reason": "Freeze until Monday"})
     pending.refresh_from_db()
     assert pending.status == MigrationJob.REJECTED and pending.reason == "Freeze until Monday"
     event = AuditEvent.objects.get(action="migration.reject")
@@ -107,11 +107,12 @@ def test_it_lets_nobody_else_decide(pending, login, alice, bob, auditor, mallory
     cases = [(alice, 403), (auditor, 403), (bob, 404), (mallory, 404)]
     for user, status in cases:
         client = login(user)
-        assert client.post(reverse("accounts:approve", args=[pending.pk])).status_code == status
+        assert client.post(reverse("migrations:approve", args=[pending.pk])).status_code == status
         assert (
-            client.post(reverse("accounts:reject", args=[pending.pk]), {"reason": "x"}).status_code == status
+            client.post(reverse("migrations:reject", args=[pending.pk]), {"reason": "x"}).status_code
+            == status
         )
-        assert client.get(reverse("accounts:approvals")).status_code == 403
+        assert client.get(reverse("migrations:approvals")).status_code == 403
     pending.refresh_from_db()
     assert pending.status == MigrationJob.PENDING_APPROVAL
     assert not AuditEvent.objects.filter(action__in=["migration.approve", "migration.reject"]).exists()

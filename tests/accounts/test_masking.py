@@ -1,4 +1,4 @@
-"""Host masking (kvmweb/accounts/masking.py): one helper decides what a viewer reads of
+"""Host masking (migrations_app/masking.py): one helper decides what a viewer reads of
 hosts, on pages and in live fragments alike. A self-service user who now owns a VM that
 once ran on a host outside their scope reads "another host"; libvirt URIs are for
 administrators only."""
@@ -7,8 +7,8 @@ import pytest
 from django.db.models import F
 from django.urls import reverse
 
-from kvmweb.accounts.masking import HostMask
 from migrations_app import streaming
+from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 from tests.accounts.world import build
 

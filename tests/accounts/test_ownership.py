@@ -3,9 +3,9 @@
 import pytest
 from django.urls import reverse
 
+from hosts import services
 from hosts import services as host_services
 from hosts.models import VM
-from kvmweb.accounts import services
 from kvmweb.audit.models import AuditEvent
 from tests.accounts.world import build
 
@@ -18,7 +18,7 @@ def world(alice, bob):
 
 
 def test_it_sets_the_owner_of_one_vm_and_audits_before_and_after(world, login, admin, bob):
-    url = reverse("accounts:vm_owner", args=[world.hidden.pk])
+    url = reverse("hosts:vm_owner", args=[world.hidden.pk])
     client = login(admin)
     assert client.get(url).status_code == 200
     response = client.post(url, {"owner_user": str(bob.pk), "owner_group": str(world.team.pk)})
@@ -40,14 +40,14 @@ def test_it_sets_the_owner_of_one_vm_and_audits_before_and_after(world, login, a
 
 def test_it_sets_owners_in_bulk_from_a_filtered_list(world, login, admin, alice):
     client = login(admin)
-    page = client.get(reverse("accounts:bulk_owner"), {"group": world.prod.pk}).content.decode()
+    page = client.get(reverse("hosts:bulk_owner"), {"group": world.prod.pk}).content.decode()
     assert "alice-web" in page and "bob-db" in page and "hidden-vm" not in page
-    page = client.get(reverse("accounts:bulk_owner"), {"owner": "team"}).content.decode()
+    page = client.get(reverse("hosts:bulk_owner"), {"owner": "team"}).content.decode()
     assert "team-app" in page and "alice-web" not in page
-    page = client.get(reverse("accounts:bulk_owner"), {"unowned": "on"}).content.decode()
+    page = client.get(reverse("hosts:bulk_owner"), {"unowned": "on"}).content.decode()
     assert "hidden-vm" in page and "alice-web" not in page
     response = client.post(
-        reverse("accounts:bulk_owner") + f"?group={world.prod.pk}",
+        reverse("hosts:bulk_owner") + f"?group={world.prod.pk}",
         {
             "vm": [world.bob_db.pk, world.hidden.pk, 999999],
             "owner_user": str(alice.pk),
@@ -74,22 +74,22 @@ def test_it_writes_no_event_when_nothing_changes(world, admin):
 def test_it_refuses_owner_pages_to_everyone_but_administrators(
     world, login, operator, auditor, alice, mallory
 ):
-    url = reverse("accounts:vm_owner", args=[world.alice_web.pk])
+    url = reverse("hosts:vm_owner", args=[world.alice_web.pk])
     for user in (operator, auditor, alice):
         client = login(user)
         assert client.get(url).status_code == 403
         assert client.post(url, {"owner_user": "none", "owner_group": "none"}).status_code == 403
-        assert client.post(reverse("accounts:bulk_owner"), {"vm": [world.alice_web.pk]}).status_code == 403
+        assert client.post(reverse("hosts:bulk_owner"), {"vm": [world.alice_web.pk]}).status_code == 403
     # Outsiders and other owners do not learn the VM exists.
     assert login(mallory).get(url).status_code == 404
-    assert login(alice).get(reverse("accounts:vm_owner", args=[world.hidden.pk])).status_code == 404
+    assert login(alice).get(reverse("hosts:vm_owner", args=[world.hidden.pk])).status_code == 404
     world.alice_web.refresh_from_db()
     assert world.alice_web.owner_user == alice
     assert not AuditEvent.objects.filter(action="vm.owner").exists()
 
 
 def test_it_offers_no_role_group_as_owner(world, login, admin):
-    body = login(admin).get(reverse("accounts:vm_owner", args=[world.hidden.pk])).content.decode()
+    body = login(admin).get(reverse("hosts:vm_owner", args=[world.hidden.pk])).content.decode()
     assert "team-a" in body and ">Self-service<" not in body and ">Administrator<" not in body
 
 

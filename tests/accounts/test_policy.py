@@ -3,8 +3,8 @@
 import pytest
 
 from hosts.models import Host
-from kvmweb.accounts import policy
-from kvmweb.accounts.policy import check_request
+from migrations_app import policy
+from migrations_app.policy import check_request
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db

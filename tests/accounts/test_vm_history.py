@@ -8,8 +8,8 @@ from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from hosts import services
 from hosts.models import VMLocation
-from kvmweb.accounts import services
 from kvmweb.audit import record
 from migrations_app.models import MigrationJob
 from tests.accounts.world import build
@@ -96,4 +96,4 @@ def test_it_shows_owners_only_their_own_actions_and_no_audit_links(world, login,
 
 def test_it_offers_administrators_the_owner_change(world, login, admin):
     body = history(login(admin), world.alice_web)
-    assert reverse("accounts:vm_owner", args=[world.alice_web.pk]) in body
+    assert reverse("hosts:vm_owner", args=[world.alice_web.pk]) in body

@@ -124,6 +124,19 @@ def test_it_counts_preflight_failures_by_check(operator, api):
     assert sample(text, "kvmweb_preflight_runs_total", verdict="fail", source="api") >= 1
 
 
+def test_it_counts_the_dry_run_pages_preflight_failures(operator, login):
+    """The dry-run page is in the migrations app, which cannot import the API: it announces
+    its run (migrations_app.signals.py) and the metrics count it."""
+    src = Host.objects.create(name="dry-src", uri="test:///nowhere-dry-src.xml")
+    dst = Host.objects.create(name="dry-dst", uri="test:///nowhere-dry-dst.xml")
+    vm = VM.objects.create(uuid=uuid.uuid4(), name="vm-dry", host=src, state=VM.RUNNING)
+    labels = {"check": "connection", "source": "dry_run"}
+    before = sample(scrape(), "kvmweb_preflight_failures_total", **labels)
+    page = login(operator).get(f"/migrations/preflight/?vm={vm.pk}&target={dst.pk}&mode=live")
+    assert page.status_code == 200 and 'data-verdict="fail"' in page.content.decode()
+    assert sample(scrape(), "kvmweb_preflight_failures_total", **labels) == before + 1
+
+
 def test_it_counts_open_websocket_watchers():
     from api.metrics import WatcherCount
 

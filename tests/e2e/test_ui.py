@@ -128,10 +128,10 @@ def main_pages(ids):
         f"/migrations/new/?vm={ids['vm']}",
         "/audit/",
         f"/audit/{ids['event']}/",
-        "/accounts/approvals/",
+        "/migrations/approvals/",
         "/accounts/users/",
-        "/accounts/host-groups/",
-        "/accounts/ownership/",
+        "/host-groups/",
+        "/vms/ownership/",
     ]
 
 

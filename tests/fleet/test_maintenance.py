@@ -9,9 +9,9 @@ from django.core.management.base import CommandError
 from hosts.models import HostGroup
 from hosts.services import do_set_maintenance
 from kvmweb.accounts.models import SelfServicePolicy
-from kvmweb.accounts.policy import allowed_targets, check_request
 from kvmweb.audit.models import AuditEvent
 from migrations_app.plan import MigrationPlan
+from migrations_app.policy import allowed_targets, check_request
 from migrations_app.preflight import rank_targets, run_preflight
 from migrations_app.services import JobError, do_create_job
 from tests.fleet.conftest import report

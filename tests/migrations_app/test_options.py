@@ -8,11 +8,11 @@ from django.core.management.base import CommandError
 
 from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
-from kvmweb.accounts.policy import check_request
 from migrations_app import options
 from migrations_app.forms import BandwidthForm, OptionsForm
 from migrations_app.models import MigrationJob
 from migrations_app.plan import PlanError, parse_options
+from migrations_app.policy import check_request
 from migrations_app.services import JobError, do_set_bandwidth
 
 NEGATIVE = "bandwidth (MiB/s) must be between 1 and 1000000."

@@ -8,6 +8,8 @@ from django.urls import NoReverseMatch, reverse
 from kvmweb.access import scoped
 from kvmweb.audit.labels import action_label
 from kvmweb.audit.models import AuditEvent
+from migrations_app.masking import HostMask
+from migrations_app.models import MigrationJob
 
 register = template.Library()
 
@@ -33,11 +35,8 @@ def vm_events(user, vm, job_ids):
     return scoped(AuditEvent, user).filter(about).order_by("-id")
 
 
-@register.inclusion_tag("accounts/partials/vm_history.html", takes_context=True)
+@register.inclusion_tag("migrations_app/partials/vm_history.html", takes_context=True)
 def vm_history(context, vm):
-    from kvmweb.accounts.masking import HostMask
-    from migrations_app.models import MigrationJob
-
     user = context["request"].user
     # A VM's past may name hosts outside the viewer's scope (it ran there before it became
     # theirs): those names are shown as "another host", never as themselves.

@@ -12,26 +12,11 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.accounts.forms import RejectForm
+from migrations_app import services
 from migrations_app.models import MigrationJob
+from migrations_app.policy_forms import RejectForm
 
 PERM = "migrations_app.approve_migrationjob"
-
-
-def _job_services():
-    # Imported late: the job services import the policy module of this app.
-    from migrations_app import services
-
-    return services
-
-
-def _refusals(services):
-    """The exceptions the job services raise for a refused transition (message safe to show)."""
-    return tuple(
-        getattr(services, name)
-        for name in ("JobError", "JobRefused", "MigrationError")
-        if hasattr(services, name)
-    ) or (ValueError,)
 
 
 @login_required
@@ -54,7 +39,9 @@ def queue(request):
         .order_by("-id")[:20]
     )
     return render(
-        request, "accounts/approvals.html", {"jobs": jobs, "decided": decided, "reject_form": RejectForm()}
+        request,
+        "migrations_app/approvals.html",
+        {"jobs": jobs, "decided": decided, "reject_form": RejectForm()},
     )
 
 
@@ -62,14 +49,13 @@ def queue(request):
 @require_POST
 def approve(request, pk):
     job = get_scoped_or_404(MigrationJob, request.user, "approve", perm=PERM, pk=pk)
-    services = _job_services()
     try:
         services.do_approve_job(job, request.user, request=request)
-    except _refusals(services) as exc:
+    except services.JobError as exc:
         messages.error(request, str(exc))
     else:
         messages.success(request, _("Job #%(id)d approved; it starts now.") % {"id": job.pk})
-    return redirect("accounts:approvals")
+    return redirect("migrations:approvals")
 
 
 @login_required
@@ -79,12 +65,11 @@ def reject(request, pk):
     form = RejectForm(request.POST)
     if not form.is_valid():
         messages.error(request, _("Give a reason for the rejection; the requester will see it."))
-        return redirect("accounts:approvals")
-    services = _job_services()
+        return redirect("migrations:approvals")
     try:
         services.do_reject_job(job, request.user, form.cleaned_data["reason"], request=request)
-    except _refusals(services) as exc:
+    except services.JobError as exc:
         messages.error(request, str(exc))
     else:
         messages.success(request, _("Job #%(id)d rejected.") % {"id": job.pk})
-    return redirect("accounts:approvals")
+    return redirect("migrations:approvals")

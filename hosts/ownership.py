@@ -8,10 +8,10 @@ from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
+from hosts import services
+from hosts.forms import KEEP, NOBODY, OwnerForm, OwnershipFilterForm
 from hosts.models import VM
 from kvmweb.access import get_scoped_or_404, require, scoped
-from kvmweb.accounts import services
-from kvmweb.accounts.forms import KEEP, NOBODY, OwnerForm, OwnershipFilterForm
 
 PAGE_SIZE = 100
 
@@ -31,7 +31,7 @@ def vm_owner(request, pk):
         )
         messages.success(request, _("Owner of %(name)s saved.") % {"name": vm.name})
         return redirect("hosts:vm_detail", pk=vm.pk)
-    return render(request, "accounts/vm_owner.html", {"vm": vm, "form": form})
+    return render(request, "hosts/vm_owner.html", {"vm": vm, "form": form})
 
 
 def _filtered_vms(user, filters):
@@ -79,6 +79,6 @@ def bulk_owner(request):
     query.pop("page", None)
     return render(
         request,
-        "accounts/bulk_owner.html",
+        "hosts/bulk_owner.html",
         {"page": page, "form": form, "filters": filters_form, "query": query.urlencode()},
     )

@@ -21,14 +21,15 @@ from urllib.parse import urlsplit
 
 from django.utils.translation import gettext as _
 
+from hosts.models import Host
+from kvmweb.accounts.roles import sees_everything
+
 
 class HostMask:
     """The masking rules for one viewer (cheap to build; one query the first time a
     host name must be checked against a self-service user's scope)."""
 
     def __init__(self, user):
-        from kvmweb.accounts.roles import sees_everything
-
         self.user = user
         self.sees_all = sees_everything(user)
         self.sees_uris = user.is_authenticated and user.has_perm("hosts.change_host")
@@ -51,8 +52,6 @@ class HostMask:
     @property
     def visible(self):
         if self._visible is None:
-            from hosts.models import Host
-
             self._visible = set(Host.objects.restrict(self.user).values_list("name", flat=True))
         return self._visible
 
@@ -199,6 +198,8 @@ class HostMask:
         virsh line masked."""
         if self.is_identity or report is None:
             return report
+        # Imported here: the preflight package imports the job modules, which publish
+        # masked job updates through this module.
         from migrations_app.preflight import Report
 
         data = report.to_dict() if isinstance(report, Report) else report

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from django.utils.translation import gettext as _
 
-from kvmweb.accounts.roles import ADMINISTRATOR, OPERATOR, has_role, is_self_service
+from hosts.models import VM, Host
+from kvmweb.accounts.models import SelfServicePolicy
+from kvmweb.accounts.roles import is_self_service, is_staff_migrator
+from migrations_app.models import MigrationJob
 from migrations_app.options import SCHEMA, OptionError, applies
 
 
@@ -32,15 +35,14 @@ class Decision:
         return self.allowed
 
 
-def is_staff_migrator(user):
-    """Administrators and operators may migrate any VM anywhere, no approval needed."""
-    return user.is_authenticated and (has_role(user, ADMINISTRATOR) or has_role(user, OPERATOR))
+def mode_labels(policy):
+    """The labels of the modes ``policy`` allows, in the viewer's language."""
+    labels = dict(MigrationJob.MODES)
+    return [str(labels.get(mode, mode)) for mode in policy.allowed_modes]
 
 
 def policy_for(vm):
     """The self-service policy that covers ``vm`` where it runs now, or None."""
-    from kvmweb.accounts.models import SelfServicePolicy
-
     host = vm.host
     if host is None or host.group_id is None:
         return None
@@ -59,8 +61,6 @@ def allowed_targets(user, vm):
     Anyone else: none. Hosts in maintenance are never targets. Use it to fill the
     wizard's target choice.
     """
-    from hosts.models import VM, Host
-
     if is_staff_migrator(user):
         return Host.objects.exclude(pk=vm.host_id).exclude(maintenance=True)
     if not is_self_service(user) or not VM.objects.restrict(user).filter(pk=vm.pk).exists():
@@ -100,8 +100,6 @@ def check_request(user, vm, target, mode, options=None):
     if not is_self_service(user) or not user.has_perm("migrations_app.add_migrationjob"):
         return Decision(False, reason=_("Your role does not allow migration requests."))
 
-    from hosts.models import VM
-
     # Same sentence for "not yours" and "does not exist": nothing to learn from it.
     if vm is None or not VM.objects.restrict(user).filter(pk=vm.pk).exists():
         return Decision(False, reason=_("That VM is not available to you."))
@@ -129,7 +127,7 @@ def check_request(user, vm, target, mode, options=None):
         return Decision(
             False,
             reason=_("The mode %(mode)s is not allowed for this VM. Allowed: %(allowed)s.")
-            % {"mode": mode, "allowed": ", ".join(policy.mode_labels()) or _("none")},
+            % {"mode": mode, "allowed": ", ".join(mode_labels(policy)) or _("none")},
         )
     try:
         bandwidth = _bandwidth(options)

@@ -3,7 +3,7 @@ are for administrators only; kvmweb/accounts/masking.py)."""
 
 from django import template
 
-from kvmweb.accounts.masking import HostMask
+from migrations_app.masking import HostMask
 
 register = template.Library()
 
