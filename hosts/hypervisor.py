@@ -419,7 +419,6 @@ class HostConnection:
             state, reason = _state_names(*dom.state())
             active = bool(dom.isActive())
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
-            root = ET.fromstring(xml)
             job_type = 0
             block_jobs = {}
             rss = None
@@ -433,9 +432,8 @@ class HostConnection:
                 except libvirt.libvirtError:
                     rss = None
             disks = {}
-            for disk in root.findall("devices/disk"):
-                target = disk.find("target")
-                dev = target.get("dev", "") if target is not None else ""
+            for disk in parse_guest(xml)["disks"]:
+                dev = disk["dev"]
                 if not dev:
                     continue
                 if active:
