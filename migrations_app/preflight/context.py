@@ -18,9 +18,6 @@ def setting(name, default):
     return getattr(settings, name, default)
 
 
-_setting = setting
-
-
 class Unavailable(Exception):
     """A fact a check needs could not be obtained; the check becomes ``skip`` (the cause
     is reported by the check that owns it, e.g. Connections)."""
@@ -81,8 +78,8 @@ class Context:
         def open_():
             conn = hypervisor.connect(
                 host.uri,
-                timeout=_setting("PREFLIGHT_CONNECT_TIMEOUT", 3.0),
-                call_timeout=_setting("PREFLIGHT_CALL_TIMEOUT", 8.0),
+                timeout=setting("PREFLIGHT_CONNECT_TIMEOUT", 3.0),
+                call_timeout=setting("PREFLIGHT_CALL_TIMEOUT", 8.0),
             )
             with self._lock:
                 self._conns.append(conn)
