@@ -10,7 +10,9 @@ Two sources, added up on each scrape:
 * Events that leave no row are counted where they happen, in prometheus-client's
   multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by kvmweb/settings.py): open WebSocket
   watchers (an ASGI wrapper in kvmweb/asgi.py) and preflight failures by check
-  (``observe_preflight``).
+  (``observe_preflight``: the API's own runs; the dry-run page's and the wizard's, which
+  the migrations app announces through ``migrations_app.signals.preflight_checked``,
+  subscribed in api/apps.py; the jobs' from their request's audit event).
 
 Access: loopback, the addresses in KVMWEB_METRICS_ALLOW, or ``Authorization: Bearer`` with
 a token of a user holding api.view_metrics. Everyone else is refused.

@@ -1,5 +1,6 @@
-"""``preflight_checked``: sent when a person's checklist run finishes (the dry-run page, the wizard's
-preflight step), with ``report`` (a Report) and ``source`` ("dry_run", "wizard").
+"""``preflight_checked``: sent when a person's checklist run finishes (the dry-run page,
+the wizard's preflight step), with ``report`` (a Report) and ``source`` ("dry_run",
+"wizard").
 
 The migrations app cannot import the API app (a layer above), so the API's metrics
 subscribe to this signal (api/apps.py) instead of being called. Receivers must not raise;
