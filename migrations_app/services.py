@@ -39,7 +39,7 @@ class JobError(Exception):
 
 
 def _policy_check(user, vm, target, mode, options):
-    """The self-service policy's decision (kvmweb/accounts/policy.py)."""
+    """The self-service policy's decision (migrations_app/policy.py)."""
     return check_request(user, vm, target, mode, options)
 
 

@@ -20,7 +20,7 @@ most one poll interval, and a message never carries state the DB has not got.
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
 extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
-(names outside their scope, libvirt URIs) is masked by kvmweb/accounts/masking.py, the
+(names outside their scope, libvirt URIs) is masked by migrations_app/masking.py, the
 same as on the pages: a fragment is rendered once per language and masking variant
 (watchers who see a job the same way share it), not once per watcher.
 
@@ -416,7 +416,7 @@ class JobHub:
     def _read_and_render(self, job_langs, list_langs, restricted_users, users):
         """One tick, in a worker thread: one query for the jobs that may have changed,
         one for new event-log lines (only when job pages are watched), then one render
-        per changed job, language and masking variant (kvmweb/accounts/masking.py).
+        per changed job, language and masking variant (migrations_app/masking.py).
 
         ``job_langs``: job id -> {(lang, user pk)} of its watchers; ``restricted_users``:
         user pk -> (user, {langs}) of list watchers who do not see every job; ``users``:

@@ -50,7 +50,7 @@ def job_virsh(job):
     rebuilt (its source or target host was removed since)."""
     from migrations_app.plan import MigrationPlan
 
-    mask = getattr(job, "host_mask", None)  # a MaskedJob (kvmweb/accounts/masking.py)
+    mask = getattr(job, "host_mask", None)  # a MaskedJob (migrations_app/masking.py)
     if mask is not None:
         return mask.text(job_virsh(job._obj), job._obj)
     if job.source is not None and job.target is not None:

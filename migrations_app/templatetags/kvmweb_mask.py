@@ -1,5 +1,5 @@
 """{{ host|host_error:user }}: a host's last error as ``user`` may read it (libvirt URIs
-are for administrators only; kvmweb/accounts/masking.py)."""
+are for administrators only; migrations_app/masking.py)."""
 
 from django import template
 
