@@ -33,7 +33,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor, transport
-from migrations_app import modes
+from migrations_app import modes, prediction
 from migrations_app.models import LeftCopy, MigrationJob
 from migrations_app.plan import MigrationPlan, PlanError
 
@@ -1857,7 +1857,7 @@ def check_prediction(ctx):
     dom = ctx.domain()
     g = ctx.guest()
     opts = ctx.options
-    link, link_source = _link_bandwidth(ctx)
+    link, link_source = prediction.link_rate(ctx.source, ctx.target) or _link_bandwidth(ctx)
     cap = opts.get("bandwidth")
     bw_mib = min(link, cap) if cap else link
     details = {
@@ -1932,6 +1932,7 @@ def check_prediction(ctx):
             details["dirty_rate_source"] = assumption
     details["dirty_rate_mib_s"] = dirty_mib
     model = predict_precopy(memory, bw, dirty_mib * MIB, downtime_ms / 1000)
+    model = prediction.with_learned_costs(model, ctx.source, ctx.target, details)
     copy_s = disk_bytes / bw if bw else 0
     details.update(
         iterations=model["iterations"],
