@@ -306,8 +306,9 @@ class LeftCopy(models.Model):
 class MigrationCostSample(models.Model):
     """What one finished live migration cost between two hosts, beyond moving its memory:
     the fixed part of its duration (libvirt's elapsed time minus the bytes moved at
-    QEMU's transfer rate: target start-up, device state, handshakes), its downtime, and
-    the transfer rate itself when it says something about the link (uncapped, alone).
+    QEMU's transfer rate: target start-up, device state, handshakes), its downtime, the
+    transfer rate itself when it says something about the link (uncapped, alone), and how
+    much less the VM sent than its resident memory.
     migrations_app/prediction.py learns per (source, target) from the last ten."""
 
     source = models.ForeignKey("hosts.Host", on_delete=models.CASCADE, related_name="+")
@@ -319,6 +320,10 @@ class MigrationCostSample(models.Model):
     fixed_ms = models.PositiveIntegerField()
     downtime_ms = models.PositiveIntegerField(null=True, blank=True)
     transfer_mibs = models.FloatField(null=True, blank=True)  # None: capped or concurrent
+    # The VM's memory the preflight counted (QEMU's resident memory, MiB) minus what the
+    # job really moved: QEMU's own memory, not guest RAM. None when the report had no figure.
+    vm = models.ForeignKey("hosts.VM", null=True, on_delete=models.SET_NULL, related_name="+")
+    overhead_mib = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -12,7 +12,10 @@ the jobs really had.
 The preflight's prediction takes, per (source, target): the median of the last ten fixed
 parts, the median of the last ten downtimes as the floor, and the median transfer rate of
 the last ten jobs that ran uncapped and alone as the link's rate. With no sample yet it
-predicts as before (no fixed part, the model's downtime).
+predicts as before (no fixed part, the model's downtime). Per VM it learns how much of
+QEMU's resident memory is not guest data (QEMU's own code and buffers: resident memory
+counted by the preflight minus what the job moved), so a small guest is not predicted to
+send tens of MiB it does not have.
 """
 
 import logging
@@ -53,6 +56,8 @@ def record(job, stats, link_mibs):
         return None
     elapsed, data, fixed, rate = sample
     downtime = stats.get("downtime")
+    counted = counted_memory_mib(job.preflight)
+    overhead = round(counted - data / MIB, 1) if counted is not None else None
     try:
         row, _created = MigrationCostSample.objects.update_or_create(
             job=job,
@@ -64,12 +69,47 @@ def record(job, stats, link_mibs):
                 "fixed_ms": fixed,
                 "downtime_ms": int(downtime) if downtime is not None else None,
                 "transfer_mibs": round(rate / MIB, 1) if link_mibs else None,
+                "vm_id": job.vm_id,
+                "overhead_mib": overhead,
             },
         )
     except DatabaseError as exc:  # a prediction aid: never fails a job
         log.warning("job %s: cost sample not stored: %s", job.pk, exc)
         return None
     return row
+
+
+def counted_memory_mib(report):
+    """The memory (MiB) a stored preflight report counted to send, before any learned
+    correction, or None."""
+    for result in (report or {}).get("results", []):
+        if result.get("id") == "prediction":
+            details = result.get("details") or {}
+            value = details.get("memory_resident_mib", details.get("memory_to_send_mib"))
+            return float(value) if value is not None else None
+    return None
+
+
+def memory_to_send(memory, vm, details):
+    """The bytes of RAM a live migration of ``vm`` will send: ``memory`` (QEMU's resident
+    memory, or the VM's size) less what its earlier migrations showed is not guest data
+    (the median of its last three), never below 1 MiB. ``details`` gets both figures."""
+    details["memory_resident_mib"] = round(memory / MIB)
+    try:
+        overheads = list(
+            MigrationCostSample.objects.filter(vm=vm, overhead_mib__isnull=False).values_list(
+                "overhead_mib", flat=True
+            )[:3]
+        )
+    except (DatabaseError, ValueError, TypeError):  # no database, or an unsaved VM
+        overheads = []
+    if not overheads:
+        return memory
+    overhead = max(0.0, statistics.median(overheads))
+    details["memory_overhead_mib"] = round(overhead, 1)
+    memory = max(MIB, memory - overhead * MIB)
+    details["memory_to_send_mib"] = round(memory / MIB)
+    return memory
 
 
 def learned(source, target):

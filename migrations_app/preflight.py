@@ -1905,6 +1905,7 @@ def check_prediction(ctx):
     else:
         details["memory_source"] = _("the VM's full memory size (upper bound)")
     details["memory_to_send_mib"] = _mib(memory)
+    memory = prediction.memory_to_send(memory, ctx.vm, details)
     downtime_ms = opts.get("max_downtime") or QEMU_DEFAULT_DOWNTIME_MS
     details["max_downtime_ms"] = downtime_ms
     assumption = ""

@@ -76,3 +76,19 @@ def test_it_adds_the_learned_fixed_cost_and_downtime_floor_to_the_preflight_esti
     assert after["fixed_seconds"] == 0.8 and after["downtime_floor_ms"] == 250
     assert after["estimated_seconds"] == round(before["estimated_seconds"] + 0.8, 2)
     assert after["estimated_downtime_ms"] == 250
+
+
+def test_it_learns_how_much_of_a_vms_resident_memory_is_not_guest_data(make_job):
+    # The preflight counted 72 MiB (QEMU's resident memory); the job moved 34 MiB.
+    report = {"results": [{"id": "prediction", "details": {"memory_to_send_mib": 72}}]}
+    job = make_job(status=MigrationJob.SUCCEEDED, preflight=report)
+    row = prediction.record(job, _stats(2000, 34, 100), 90.0)
+    assert row.vm_id == job.vm_id and row.overhead_mib == 38.0
+    details = {}
+    assert prediction.memory_to_send(80 * MIB, job.vm, details) == 42 * MIB
+    assert details == {"memory_resident_mib": 80, "memory_overhead_mib": 38.0, "memory_to_send_mib": 42}
+    # A report that already had a correction: the resident figure is what counts.
+    report["results"][0]["details"].update(memory_resident_mib=70, memory_to_send_mib=32)
+    assert prediction.counted_memory_mib(report) == 70.0
+    other = make_job(status=MigrationJob.SUCCEEDED, vm_name="fresh")
+    assert prediction.memory_to_send(80 * MIB, other.vm, {}) == 80 * MIB  # nothing learned yet
