@@ -11,7 +11,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
-from migrations_app.convergence import Ladder
+from migrations_app.convergence import Action, Ladder
 from migrations_app.jobrun import (
     MIB,
     POLL_SECONDS,
@@ -414,7 +414,7 @@ def ladder_step(run, mon, uuid, fields):
         run.applied["postcopy"] = True
         if safe(run, "Switching to post-copy", lambda: mon.start_postcopy(uuid)):
             return action.mark()
-        action = run.ladder.final = type(action)("abort")  # post-copy refused: the ladder ends in abort
+        action = run.ladder.final = Action("abort")  # post-copy refused: the ladder ends in abort
     write_event(run.job_id, ("policy_abort", {}), "warn")
     run.applied["ladder_abort"] = True
     safe(run, "Aborting", lambda: mon.abort_job(uuid))
