@@ -189,3 +189,11 @@ def test_it_keeps_ladder_marks_on_a_thinned_chart(make_job):
     samples = job.chart_samples(limit=100)
     assert len(samples) <= 101 and [s["mark"] for s in samples if s["mark"]] == ["670 ms"]
     assert [s["t"] for s in samples] == sorted(s["t"] for s in samples)
+
+
+def test_it_sends_the_ladder_marks_with_the_chart_history(make_job, login, operator):
+    job = make_job(status=MigrationJob.RUNNING, started_at=timezone.now())
+    ProgressSample.objects.create(job=job, t=1.0, rate=MIB, remaining=8 * MIB)
+    ProgressSample.objects.create(job=job, t=1.25, rate=MIB, remaining=8 * MIB, mark="480 ms")
+    page = login(operator).get(f"/migrations/{job.pk}/").content.decode()
+    assert '[1.000,1048576,8388608],[1.250,1048576,8388608,"480 ms"]' in page
