@@ -21,7 +21,7 @@ from hosts import hypervisor as hv
 from hosts.models import Host
 from hosts.services import apply_inventory, do_sync_inventory
 from kvmweb.audit.models import AuditEvent
-from migrations_app import states
+from migrations_app import prediction, states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import LeftCopy, MigrationJob, ProgressSample
 from migrations_app.services import add_event, publish_job
@@ -161,8 +161,9 @@ class JobRun:
         add_event(self.job_id, message, level)
         publish_job(self.job_id)
 
-    def progress(self, fields, sample=True):
-        """One progress write (row + chart sample) and the phase/iteration events."""
+    def progress(self, fields, sample=True, mark=""):
+        """One progress write (row + chart sample, ``mark`` labels a convergence-ladder
+        step on the chart) and the phase/iteration events."""
         now = timezone.now()
         with transaction.atomic():
             MigrationJob.objects.filter(pk=self.job_id).update(
@@ -177,6 +178,7 @@ class JobRun:
                     processed=fields.get("data_processed", 0),
                     dirty_rate=fields.get("dirty_rate", 0),
                     iteration=fields.get("iteration", 0),
+                    mark=mark,
                 )
         phase = fields.get("phase")
         if phase and phase != self.last_phase:
@@ -279,6 +281,7 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     result.update(extra or {})
     if live:
         result["link_mibs"] = link_sample(job, stats)
+        prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
     if records is not None:
         apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
     run.mark("concluded")

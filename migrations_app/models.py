@@ -194,12 +194,15 @@ class MigrationJob(models.Model):
 
     def chart_samples(self, limit=600):
         """The chart's samples, thinned evenly to at most ``limit`` (a long migration
-        writes four a second; the page must stay small however long it ran)."""
-        rows = list(self.samples.values("t", "rate", "remaining"))
+        writes four a second; the page must stay small however long it ran). Samples that
+        mark a convergence-ladder step are always kept."""
+        rows = list(self.samples.values("t", "rate", "remaining", "mark"))
         if len(rows) <= limit:
             return rows
         step = len(rows) / limit
-        return [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
+        kept = {int(i * step) for i in range(limit - 1)} | {len(rows) - 1}
+        kept |= {i for i, row in enumerate(rows) if row["mark"]}
+        return [rows[i] for i in sorted(kept)]
 
     @property
     def duration_seconds(self):
@@ -221,6 +224,9 @@ class ProgressSample(models.Model):
     processed = models.BigIntegerField(default=0)
     dirty_rate = models.BigIntegerField(default=0)
     iteration = models.PositiveIntegerField(default=0)
+    # A convergence-ladder step taken at this sample ("600 ms", "postcopy", "abort"):
+    # drawn as a marker on the chart.
+    mark = models.CharField(max_length=40, blank=True, default="")
 
     class Meta:
         ordering = ["job", "t"]
@@ -295,3 +301,33 @@ class LeftCopy(models.Model):
     @property
     def is_present(self):
         return self.removed_at is None
+
+
+class MigrationCostSample(models.Model):
+    """What one finished live migration cost between two hosts, beyond moving its memory:
+    the fixed part of its duration (libvirt's elapsed time minus the bytes moved at
+    QEMU's transfer rate: target start-up, device state, handshakes), its downtime, the
+    transfer rate itself when it says something about the link (uncapped, alone), and how
+    much less the VM sent than its resident memory.
+    migrations_app/prediction.py learns per (source, target) from the last ten."""
+
+    source = models.ForeignKey("hosts.Host", on_delete=models.CASCADE, related_name="+")
+    target = models.ForeignKey("hosts.Host", on_delete=models.CASCADE, related_name="+")
+    job = models.OneToOneField(MigrationJob, null=True, on_delete=models.SET_NULL, related_name="cost_sample")
+    created_at = models.DateTimeField(auto_now_add=True)
+    elapsed_ms = models.PositiveIntegerField()
+    data_bytes = models.BigIntegerField()
+    fixed_ms = models.PositiveIntegerField()
+    downtime_ms = models.PositiveIntegerField(null=True, blank=True)
+    transfer_mibs = models.FloatField(null=True, blank=True)  # None: capped or concurrent
+    # The VM's memory the preflight counted (QEMU's resident memory, MiB) minus what the
+    # job really moved: QEMU's own memory, not guest RAM. None when the report had no figure.
+    vm = models.ForeignKey("hosts.VM", null=True, on_delete=models.SET_NULL, related_name="+")
+    overhead_mib = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["source", "target", "-created_at"], name="cost_sample_pair_recent")]
+
+    def __str__(self):
+        return f"{self.source_id}->{self.target_id}: fixed {self.fixed_ms} ms"

@@ -121,6 +121,28 @@ SCHEMA = {
             LIVE,
             choices=("abort", "postcopy"),
         ),
+        # The convergence ladder (migrations_app/convergence.py): while the job is "not
+        # converging", raise the allowed downtime in steps, then optionally switch to
+        # post-copy or abort. Unset numbers take the ladder's defaults (1000 ms, 3 steps, 10 s).
+        Option(
+            "convergence_policy",
+            "choice",
+            "none",
+            gettext_lazy("Convergence policy"),
+            LIVE,
+            choices=("none", "ladder", "ladder-postcopy", "ladder-abort"),
+        ),
+        Option(
+            "ladder_max_downtime",
+            "int",
+            None,
+            gettext_lazy("ladder: highest downtime (ms)"),
+            LIVE,
+            1,
+            3_600_000,
+        ),
+        Option("ladder_steps", "int", None, gettext_lazy("ladder: downtime steps"), LIVE, 1, 20),
+        Option("ladder_step_seconds", "int", None, gettext_lazy("ladder: seconds per step"), LIVE, 1, 3_600),
         Option("tunnelled", "bool", False, gettext_lazy("Tunnelled through libvirtd"), LIVE),
         Option("migrate_uri", "uri", None, gettext_lazy("Migration URI (tcp://address)"), LIVE),
         Option(

@@ -105,6 +105,8 @@ class MigrationPlan:
             and not opts.get("postcopy")
         ):
             raise PlanError(_("Switching to post-copy at the timeout needs post-copy enabled."))
+        if opts.get("convergence_policy") == "ladder-postcopy" and not opts.get("postcopy"):
+            raise PlanError(_("A convergence policy that ends in post-copy needs post-copy enabled."))
         if opts.get("undefine_source") and not opts.get("persist", True):
             raise PlanError(
                 _(

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
+from migrations_app.convergence import Action, Ladder
 from migrations_app.jobrun import (
     MIB,
     POLL_SECONDS,
@@ -109,6 +110,7 @@ class Live(Mode):
             )
         if opts.get("postcopy"):
             lines.append(f"# to switch to post-copy: virsh -c {src} migrate-postcopy {name}")
+        lines += Ladder(opts, opts.get("max_downtime")).plan_lines(src, name)
         return "\n".join(lines)
 
     def before_migrate(self, run):
@@ -303,6 +305,9 @@ def monitor(run, mon, op=None):
     timeout = (job.options or {}).get("completion_timeout") or 0
     timeout_action = (job.options or {}).get("completion_action") or "abort"
     timed_out = False
+    # Started from the downtime in effect: on a re-attach that is the row's, which the
+    # ladder keeps up to date, so a restarted worker goes on from the step it reached.
+    run.ladder = Ladder(job.options, job.max_downtime)
     while True:
         if op is not None:
             if op.wait(POLL_SECONDS):
@@ -331,9 +336,11 @@ def monitor(run, mon, op=None):
             return
         if stats["type"] in ("bounded", "unbounded"):
             fields = progress_from_stats(stats, state)
+            mark = ""
             if fields["phase"] == "memory":
                 judge_convergence(run, fields)
-            run.progress(fields)
+                mark = ladder_step(run, mon, uuid, fields)
+            run.progress(fields, mark=mark)
         else:
             run.heartbeat()
         row = run.controls()
@@ -378,6 +385,40 @@ def judge_convergence(run, fields):
         ),
         "warn",
     )
+
+
+def ladder_step(run, mon, uuid, fields):
+    """Ask the job's convergence ladder what to do after this sample and do it; returns
+    the chart mark of the step taken ("" when none)."""
+    downtime = run.applied.get("downtime") or run.job.max_downtime
+    action = run.ladder.decide(
+        round(time.monotonic() - run.t0, 3), fields.get("iteration", 0), run.convergence.converging, downtime
+    )
+    if action is None:
+        return ""
+    if action.kind == "downtime":
+        if not safe(run, "Raising the maximum downtime", lambda: mon.set_max_downtime(uuid, action.ms)):
+            return ""
+        # Recorded as the requested downtime: the page shows it, apply_controls sees
+        # nothing new to apply, and reconcile's re-attach goes on from this step.
+        run.applied["downtime"] = action.ms
+        run.update(requested_downtime=action.ms)
+        write_event(
+            run.job_id,
+            ("policy_downtime", {"ms": action.ms, "step": action.step, "steps": action.steps}),
+            "warn",
+        )
+        return action.mark()
+    if action.kind == "postcopy":
+        write_event(run.job_id, ("policy_postcopy", {}), "warn")
+        run.applied["postcopy"] = True
+        if safe(run, "Switching to post-copy", lambda: mon.start_postcopy(uuid)):
+            return action.mark()
+        action = run.ladder.final = Action("abort")  # post-copy refused: the ladder ends in abort
+    write_event(run.job_id, ("policy_abort", {}), "warn")
+    run.applied["ladder_abort"] = True
+    safe(run, "Aborting", lambda: mon.abort_job(uuid))
+    return action.mark()
 
 
 def safe(run, what, fn):
@@ -436,6 +477,11 @@ def explain_failure(run, error):
         if on_src
         else f"the VM was not found on {job.source_name}"
     )
+    if code == hv.ERR_OPERATION_ABORTED and run.applied.get("ladder_abort") and not run.applied.get("cancel"):
+        raise Failed(
+            f"The convergence policy aborted the migration: it did not converge even at "
+            f"{run.applied.get('downtime') or job.max_downtime} ms of allowed downtime; {place}."
+        )
     if code == hv.ERR_OPERATION_ABORTED and run.applied.get("cancel"):
         raise Cancelled(f"Cancelled; {place}.")
     if dst == "unreachable":

@@ -180,6 +180,23 @@
     }
     line(1, maxRate, "#1f5fa8");
     line(2, maxRem, "#c25e00");
+    // Convergence-ladder steps (a sample's 4th field: "600 ms", "postcopy", "abort"):
+    // a dashed vertical line with its label.
+    ctx.setLineDash([4, 3]);
+    ctx.strokeStyle = "#7a3fb0";
+    ctx.fillStyle = "#7a3fb0";
+    ctx.lineWidth = 1;
+    ctx.textAlign = "left";
+    pts.forEach(function (p) {
+      if (typeof p[3] !== "string" || !p[3]) return;
+      var x = Math.round(left + (pw * p[0]) / maxT) + 0.5;
+      ctx.beginPath();
+      ctx.moveTo(x, top);
+      ctx.lineTo(x, top + ph);
+      ctx.stroke();
+      ctx.fillText(p[3], x + 3, top + 12);
+    });
+    ctx.setLineDash([]);
   }
 
   function updateAll() {

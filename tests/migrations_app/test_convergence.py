@@ -4,11 +4,13 @@ passes keeps a small job page."""
 
 from datetime import timedelta
 
-from django.utils import timezone
+import pytest
+from django.utils import timezone, translation
 
-from migrations_app import jobrun
+from migrations_app import convergence, jobrun
 from migrations_app.lifecycle import write_event
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
+from migrations_app.options import PlanError
 from migrations_app.plan import MigrationPlan
 from migrations_app.preflight import Context
 from migrations_app.preflight.checks.prediction import _link_bandwidth
@@ -93,3 +95,107 @@ def test_it_renders_worker_lines_in_the_viewers_language(make_job, login, operat
     client.cookies["django_language"] = "zh-hans"
     page = client.get(f"/migrations/{job.pk}/", HTTP_ACCEPT_LANGUAGE="zh-hans")
     assert "Asking the guest to shut down" not in page.content.decode()
+
+
+# ---------------------------------------------------------------- the convergence ladder
+
+
+def _feed(ladder, samples):
+    """Feed (t, iteration, converging) samples; returns [(t, action)] for the actions taken,
+    applying each downtime step as the worker does."""
+    downtime, taken = None, []
+    for t, iteration, converging in samples:
+        action = ladder.decide(t, iteration, converging, downtime)
+        if action is not None:
+            taken.append((t, action))
+            if action.kind == "downtime":
+                downtime = action.ms
+    return taken
+
+
+def _stuck(seconds, per_pass=1.0, start_iteration=4):
+    """A never-converging run: one sample a second, a pass every ``per_pass`` seconds."""
+    return [(float(t), start_iteration + int(t / per_pass), False) for t in range(seconds)]
+
+
+def test_it_spaces_the_ladder_downtimes_geometrically_up_to_the_highest():
+    assert convergence.downtime_steps(300, 1000, 3) == [450, 670, 1000]
+    assert convergence.downtime_steps(100, 500, 5) == [140, 190, 260, 360, 500]
+    assert convergence.downtime_steps(300, 300, 3) == []  # nothing above the start
+    assert convergence.downtime_steps(995, 1000, 3) == [1000]  # rounded duplicates dropped
+
+
+def test_it_raises_the_downtime_in_steps_then_aborts():
+    ladder = convergence.Ladder(
+        {"convergence_policy": "ladder-abort", "ladder_step_seconds": 5, "ladder_max_downtime": 1000}
+    )
+    taken = _feed(ladder, _stuck(40, per_pass=10))  # slow passes: the seconds decide
+    assert [(t, a.kind, a.ms, a.step) for t, a in taken] == [
+        (0.0, "downtime", 450, 1),
+        (5.0, "downtime", 670, 2),
+        (10.0, "downtime", 1000, 3),
+        (15.0, "abort", 0, 0),
+    ]
+    assert ladder.decide(20.0, 9, False, 1000) is None  # over: nothing more
+
+
+def test_it_takes_the_next_step_after_three_passes_when_they_come_first():
+    ladder = convergence.Ladder({"convergence_policy": "ladder-abort", "ladder_step_seconds": 60})
+    taken = _feed(ladder, _stuck(12, per_pass=1))  # a pass a second, steps every 60 s
+    assert [t for t, _a in taken] == [0.0, 3.0, 6.0, 9.0]
+    assert taken[-1][1].kind == "abort"
+
+
+def test_it_waits_while_converging_and_goes_on_from_a_downtime_raised_by_hand():
+    ladder = convergence.Ladder({"convergence_policy": "ladder-postcopy", "postcopy": True})
+    assert ladder.decide(0.0, 2, True, None) is None  # converging: nothing to do
+    first = ladder.decide(1.0, 3, False, 800)  # the user already raised it to 800 ms
+    assert (first.kind, first.ms, first.step) == ("downtime", 1000, 3)
+    assert ladder.decide(2.0, 4, False, 1000) is None  # not due yet (3 passes or 10 s)
+    assert ladder.decide(11.0, 5, False, 1000).kind == "postcopy"
+
+
+def test_it_ends_a_plain_ladder_at_its_highest_step_and_never_acts_without_a_policy():
+    plain = convergence.Ladder({"convergence_policy": "ladder", "ladder_steps": 1})
+    taken = _feed(plain, _stuck(60))
+    assert [(a.kind, a.ms) for _t, a in taken] == [("downtime", 1000)]
+    assert _feed(convergence.Ladder({}), _stuck(60)) == []
+    # ladder-postcopy without post-copy enabled (the plan refuses it; reconcile may still
+    # meet an old job): abort rather than leave it running.
+    no_postcopy = convergence.Ladder({"convergence_policy": "ladder-postcopy", "ladder_steps": 1})
+    assert [a.kind for _t, a in _feed(no_postcopy, _stuck(30))] == ["downtime", "abort"]
+
+
+def test_it_refuses_a_ladder_ending_in_postcopy_without_postcopy_and_shows_the_virsh_lines(make_job):
+    job = make_job()
+    plan = MigrationPlan(job.vm, job.source, job.target, "live", {"convergence_policy": "ladder-postcopy"})
+    with translation.override("en"), pytest.raises(PlanError, match="needs post-copy enabled"):
+        plan.validate_options()
+    with (
+        translation.override("en"),
+        pytest.raises(PlanError, match="one of: none, ladder, ladder-postcopy, ladder-abort"),
+    ):
+        MigrationPlan(job.vm, job.source, job.target, "live", {"convergence_policy": "sometimes"})
+    plan = MigrationPlan(job.vm, job.source, job.target, "live", {"convergence_policy": "ladder-abort"})
+    lines = plan.virsh_command()
+    assert "migrate-setmaxdowntime web1 MS (MS = 450, 670, 1000)" in lines
+    assert "domjobabort web1" in lines
+
+
+def test_it_keeps_ladder_marks_on_a_thinned_chart(make_job):
+    job = make_job(status=MigrationJob.RUNNING, started_at=timezone.now())
+    ProgressSample.objects.bulk_create(
+        ProgressSample(job=job, t=i / 4, rate=MIB, remaining=8 * MIB, mark="670 ms" if i == 1001 else "")
+        for i in range(3000)
+    )
+    samples = job.chart_samples(limit=100)
+    assert len(samples) <= 101 and [s["mark"] for s in samples if s["mark"]] == ["670 ms"]
+    assert [s["t"] for s in samples] == sorted(s["t"] for s in samples)
+
+
+def test_it_sends_the_ladder_marks_with_the_chart_history(make_job, login, operator):
+    job = make_job(status=MigrationJob.RUNNING, started_at=timezone.now())
+    ProgressSample.objects.create(job=job, t=1.0, rate=MIB, remaining=8 * MIB)
+    ProgressSample.objects.create(job=job, t=1.25, rate=MIB, remaining=8 * MIB, mark="480 ms")
+    page = login(operator).get(f"/migrations/{job.pk}/").content.decode()
+    assert '[1.000,1048576,8388608],[1.250,1048576,8388608,"480 ms"]' in page

@@ -195,6 +195,34 @@ def test_it_says_not_converging_when_the_guest_dirties_faster_than_the_cap(hosts
     assert labkit.where(guest) == {"lab-a": "running"}
 
 
+def test_it_raises_the_downtime_in_steps_then_aborts_a_migration_that_never_converges(
+    hosts, lab_guest, admin
+):
+    # The stalled guest above with the ladder-abort policy: 300 ms -> 380, 480, 600 ms, a
+    # step every 2 s (or 3 passes) while not converging; at 4 MiB/s only 2.4 MiB fit in
+    # 600 ms while 8 MiB stay hot, so the ladder must end in an abort, the VM on lab-a.
+    guest = lab_guest("mj-ladder", memory_mib=64, fill_mib=16, hot_mib=8, delay_ms=10)
+    _sync(hosts["lab-a"])
+    options = {"convergence_policy": "ladder-abort", "ladder_max_downtime": 600, "ladder_step_seconds": 2}
+    # The completion timeout is only a backstop: the ladder must act well before it.
+    job = _run(_create(admin, guest, hosts["lab-b"], "live", bandwidth=4, completion_timeout=50, **options))
+    assert job.status == MigrationJob.FAILED, job.error
+    assert "convergence policy aborted" in job.error and "600 ms" in job.error, job.error
+    assert "still running on lab-a" in job.error
+    steps = JobEvent.objects.filter(job=job, code="policy_downtime").order_by("id")
+    assert [(e.params["ms"], e.params["step"]) for e in steps] == [(380, 1), (480, 2), (600, 3)]
+    assert JobEvent.objects.filter(job=job, code="policy_abort").count() == 1
+    assert not JobEvent.objects.filter(job=job, code="timeout_abort").exists()
+    marks = list(ProgressSample.objects.filter(job=job).exclude(mark="").values_list("mark", flat=True))
+    assert marks == ["380 ms", "480 ms", "600 ms", "abort"]
+    assert job.requested_downtime == 600  # the row shows the downtime the ladder reached
+    finish = AuditEvent.objects.filter(action="migration.finish", target_id=str(job.pk)).get()
+    assert finish.outcome == AuditEvent.FAILURE
+    # libvirt agrees with the job: the VM runs on lab-a only and keeps running.
+    assert labkit.where(guest) == {"lab-a": "running"}
+    labkit.wait_counter_moves("lab-a", guest)
+
+
 def test_it_aborts_at_the_completion_timeout_and_leaves_the_vm_on_the_source(hosts, lab_guest, admin):
     guest = lab_guest("mj-timeout")
     _sync(hosts["lab-a"])

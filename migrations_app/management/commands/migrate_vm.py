@@ -93,6 +93,13 @@ class Command(BaseCommand):
         parser.add_argument("--postcopy", action="store_true", help="enable post-copy")
         parser.add_argument("--completion-timeout", type=int, help="seconds")
         parser.add_argument("--completion-action", choices=["abort", "postcopy"])
+        parser.add_argument(
+            "--convergence-policy",
+            help="none, ladder, ladder-postcopy or ladder-abort (raise the downtime in steps while not converging)",
+        )
+        parser.add_argument("--ladder-max-downtime", type=int, help="ms (highest step of the ladder)")
+        parser.add_argument("--ladder-steps", type=int, help="number of downtime steps")
+        parser.add_argument("--ladder-step-seconds", type=int, help="seconds without converging per step")
         parser.add_argument("--tunnelled", action="store_true")
         parser.add_argument("--migrate-uri")
         parser.add_argument("--no-persist", action="store_true", help="do not persist on the target")
@@ -197,10 +204,19 @@ class Command(BaseCommand):
 
 def options_from_args(o):
     options = {}
-    for key in ("bandwidth", "max_downtime", "parallel", "completion_timeout", "shutdown_timeout"):
+    for key in (
+        "bandwidth",
+        "max_downtime",
+        "parallel",
+        "completion_timeout",
+        "shutdown_timeout",
+        "ladder_max_downtime",
+        "ladder_steps",
+        "ladder_step_seconds",
+    ):
         if o.get(key) is not None:
             options[key] = o[key]
-    for key in ("completion_action", "migrate_uri", "copy_storage"):
+    for key in ("completion_action", "migrate_uri", "copy_storage", "convergence_policy"):
         if o.get(key):
             options[key] = o[key]
     for key in ("auto_converge", "compression", "postcopy", "tunnelled", "force_off", "remove_source_disks"):

@@ -13,6 +13,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor
+from migrations_app import prediction as learned
 from migrations_app.models import MigrationJob
 from migrations_app.preflight.context import Unavailable
 from migrations_app.preflight.context import setting as _setting
@@ -157,7 +158,7 @@ def check_prediction(ctx):
     dom = ctx.domain()
     g = ctx.guest()
     opts = ctx.options
-    link, link_source = _link_bandwidth(ctx)
+    link, link_source = learned.link_rate(ctx.source, ctx.target) or _link_bandwidth(ctx)
     cap = opts.get("bandwidth")
     bw_mib = min(link, cap) if cap else link
     details = {
@@ -203,6 +204,7 @@ def check_prediction(ctx):
     else:
         details["memory_source"] = _("the VM's full memory size (upper bound)")
     details["memory_to_send_mib"] = _mib(memory)
+    memory = learned.memory_to_send(memory, ctx.vm, details)
     downtime_ms = opts.get("max_downtime") or QEMU_DEFAULT_DOWNTIME_MS
     details["max_downtime_ms"] = downtime_ms
     assumption = ""
@@ -230,6 +232,7 @@ def check_prediction(ctx):
             details["dirty_rate_source"] = assumption
     details["dirty_rate_mib_s"] = dirty_mib
     model = predict_precopy(memory, bw, dirty_mib * MIB, downtime_ms / 1000)
+    model = learned.with_learned_costs(model, ctx.source, ctx.target, details)
     copy_s = disk_bytes / bw if bw else 0
     details.update(
         iterations=model["iterations"],
