@@ -1917,7 +1917,10 @@ def check_prediction(ctx):
         details["dirty_rate_source"] = assumption
     else:
         try:
-            measured = measure_dirty_rate(ctx.need_conn("source"), ctx.source, ctx.vm.uuid)
+            # A measurement younger than a minute stored by any process (dirtyrate.recall).
+            measured = getattr(ctx, "stored_dirty_rate", None) or measure_dirty_rate(
+                ctx.need_conn("source"), ctx.source, ctx.vm.uuid
+            )
             dirty_mib = float(measured["mib_per_s"])
             details["dirty_rate"] = measured
             details["dirty_rate_source"] = _("measured by libvirt over %(p)d s (%(m)s)") % {
@@ -2121,6 +2124,9 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     # Database facts are read here, on the caller's thread and connection (the checks
     # run on pool threads with connections of their own).
     ctx.left_copies = _left_copies(plan.target)
+    from migrations_app import dirtyrate  # stored measurements shared by every process
+
+    ctx.stored_dirty_rate = dirtyrate.recall(plan.vm.uuid) if measure_dirty_rate else None
     order = [cid for cid, _fn in CHECKS]
     functions = dict(CHECKS)
     submit_order = ["prediction"] + [cid for cid in order if cid != "prediction"]
@@ -2144,6 +2150,10 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         pool.shutdown(wait=False, cancel_futures=True)
         ctx.close()
     ordered = [results[cid] for cid in order]
+    if measure_dirty_rate:  # a fresh measurement is stored for the next minute's checklists
+        dirtyrate.remember(
+            plan.vm.uuid, getattr(plan.source, "name", ""), results["prediction"].details.get("dirty_rate")
+        )
     try:
         plan_dict = plan.to_dict()
     except Exception:  # a plan that cannot even render flags: still report
