@@ -51,6 +51,9 @@ SECURE_PROXY_SSL_HEADER = (
 KVMWEB_MAX_REQUEST_BYTES = env_int("KVMWEB_MAX_REQUEST_BYTES", 2 * 1024 * 1024, minimum=1024)
 KVMWEB_REQUEST_TIMEOUT = env_int("KVMWEB_REQUEST_TIMEOUT", 30, minimum=1)
 KVMWEB_WS_MAX_MESSAGE_BYTES = env_int("KVMWEB_WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
+# Listen backlog of daphne's sockets (kvmweb/serve.py): connections queued by the kernel
+# while daphne accepts, e.g. every browser's WebSocket reconnecting after a restart.
+KVMWEB_LISTEN_BACKLOG = env_int("KVMWEB_LISTEN_BACKLOG", 1024, minimum=16)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KVMWEB_MAX_REQUEST_BYTES
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -175,7 +178,11 @@ Q_CLUSTER = {
     "poll": 0.2,
     "ALT_CLUSTERS": {
         "migrations": {
-            "workers": env_int("KVMWEB_MIGRATION_WORKERS", 4, minimum=1),
+            # One worker per concurrent migration; a worker mostly waits on libvirt (the
+            # source libvirtd drives a peer-to-peer migration). With 4, eight migrations
+            # started together ran in two waves (benchmarks/concurrent_migrations.py
+            # --embedded: the second four queued ~4 s, 2.3x eight parallel virsh).
+            "workers": env_int("KVMWEB_MIGRATION_WORKERS", 8, minimum=1),
             "timeout": MIGRATION_TIMEOUT,
             "retry": MIGRATION_TIMEOUT + 600,
             "max_attempts": 1,
