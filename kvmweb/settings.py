@@ -54,6 +54,9 @@ KVMWEB_WS_MAX_MESSAGE_BYTES = env_int("KVMWEB_WS_MAX_MESSAGE_BYTES", 64 * 1024, 
 # Listen backlog of daphne's sockets (kvmweb/serve.py): connections queued by the kernel
 # while daphne accepts, e.g. every browser's WebSocket reconnecting after a restart.
 KVMWEB_LISTEN_BACKLOG = env_int("KVMWEB_LISTEN_BACKLOG", 1024, minimum=16)
+# WebSocket handshakes run at a time per daphne process (kvmweb/handshake.py); the others
+# wait their turn instead of all timing out together when many browsers reconnect at once.
+KVMWEB_WS_HANDSHAKE_CONCURRENCY = env_int("KVMWEB_WS_HANDSHAKE_CONCURRENCY", 8, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KVMWEB_MAX_REQUEST_BYTES
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
