@@ -1,6 +1,13 @@
-"""OpenAPI description of the Bearer token scheme (drf-spectacular extension)."""
+"""OpenAPI description of the Bearer token scheme (drf-spectacular extension) and the schema
+class settings name (REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"]): DRF imports this module when
+it first builds a view's schema, which registers the extension before it is needed."""
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
+
+
+class AutoSchema(SpectacularAutoSchema):
+    """drf-spectacular's AutoSchema; a subclass only so that loading it loads this module."""
 
 
 class BearerTokenScheme(OpenApiAuthenticationExtension):

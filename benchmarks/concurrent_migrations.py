@@ -22,12 +22,16 @@ the target; the job's memory_total equals ITS guest's memory; data moved > 0; el
 downtime recorded; progress samples written; exactly one worker pickup event.
 
 Run as root: .venv/bin/python benchmarks/concurrent_migrations.py [--rounds 2]
-[--bandwidth 32] [--guests 8]. Uses DATABASE_URL/REDIS_URL when set, else a throwaway
-PostgreSQL + Redis (scripts/services.sh). Creates and removes its own guests; stops the
-lab hosts it started.
+[--bandwidth 32] [--guests 8] [--embedded] [--clusters N] [--workers W]. Uses
+DATABASE_URL/REDIS_URL when set, else a throwaway PostgreSQL + Redis (scripts/services.sh).
+--embedded measures the embedded default instead: SQLite in the throwaway data directory,
+no Redis, one migrations cluster with the default worker count (KVMWEB_MIGRATION_WORKERS
+unless --workers). Creates and removes its own guests; stops the lab hosts it started.
+Prints the load average and ends with one JSON line of its figures.
 """
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -67,12 +71,15 @@ def stop_services(services_dir):
     )
 
 
-def start_cluster(tmp, n):
+def start_cluster(tmp, n, workers=None):
     log = open(tmp / f"qcluster-{n}.log", "ab")  # noqa: SIM115 - lives as long as the worker
+    env = dict(os.environ, Q_CLUSTER_NAME="migrations")
+    if workers:
+        env["KVMWEB_MIGRATION_WORKERS"] = str(workers)
     return subprocess.Popen(
         [sys.executable, "manage.py", "qcluster"],
         cwd=ROOT,
-        env=dict(os.environ, Q_CLUSTER_NAME="migrations", KVMWEB_MIGRATION_WORKERS="4"),
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -209,17 +216,31 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="kvmweb and virsh rounds each")
     ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s per migration (both sides)")
     ap.add_argument("--guests", type=int, default=8)
+    ap.add_argument(
+        "--embedded", action="store_true", help="SQLite, no Redis, one cluster (the default setup)"
+    )
+    ap.add_argument("--clusters", type=int, help="migrations clusters (default 2; 1 with --embedded)")
+    ap.add_argument(
+        "--workers", type=int, help="workers per cluster (default 4; the settings' with --embedded)"
+    )
     args = ap.parse_args()
+    clusters_n = args.clusters or (1 if args.embedded else 2)
+    workers = args.workers or (None if args.embedded else 4)
 
     tmp = Path(tempfile.mkdtemp(prefix="kvmweb-bench-concurrent-"))
     services_dir = None
-    if not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
+    if args.embedded:
+        for key in ("DATABASE_URL", "REDIS_URL"):
+            os.environ.pop(key, None)
+        os.environ["KVMWEB_SQLITE_PATH"] = str(tmp / "kvmweb.sqlite3")
+    elif not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL")):
         services_dir = start_services()
     os.environ["KVMWEB_DATA_DIR"] = str(tmp)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
     import django
 
     django.setup()
+    from django.conf import settings
     from django.contrib.auth.models import Group, User
     from django.core.management import call_command
 
@@ -236,6 +257,8 @@ def main():
     guests, memory_of, positions = [], {}, {}
     clusters = []
     rows = []
+    figures = {}
+    per = workers
     try:
         for i in range(args.guests):
             name = f"bench-cc-{tag}-{i}"
@@ -248,13 +271,15 @@ def main():
             lab.wait_counter_moves(positions[name], name)
         for h in hosts.values():
             host_services.do_sync_inventory(h)
-        clusters = [start_cluster(tmp, n) for n in (1, 2)]
-        time.sleep(4)  # both clusters forked their workers and poll the queue
+        clusters = [start_cluster(tmp, n, workers) for n in range(1, clusters_n + 1)]
+        time.sleep(4)  # the clusters forked their workers and poll the queue
+        per = workers or settings.Q_CLUSTER["ALT_CLUSTERS"]["migrations"]["workers"]
+        where = "SQLite (embedded default)" if args.embedded else "PostgreSQL + Redis"
         print(
             f"{args.guests} concurrent live p2p migrations, guests {min(memory_of.values())}-"
             f"{max(memory_of.values())} MiB on shared storage, --bandwidth {args.bandwidth} MiB/s each, "
-            f"4 lab hosts, {lab.virt_type()} guests; kvmweb on PostgreSQL + Redis with 2 migrations "
-            f"clusters x 4 workers; {os.cpu_count()} CPUs",
+            f"4 lab hosts, {lab.virt_type()} guests; kvmweb on {where} with {clusters_n} migrations "
+            f"cluster(s) x {per} workers; {os.cpu_count()} CPUs",
             flush=True,
         )
         for r in range(args.rounds):
@@ -271,10 +296,10 @@ def main():
                         for j in jobs
                         if j.finished_at and j.started_at and j.elapsed_ms
                     ]
-                    workers = len({j.worker for j in jobs})
+                    used = len({j.worker for j in jobs})
                     print(
                         f"round {r + 1} kvmweb: wall {wall:.2f} s ({len(jobs)} confirmations took {submitted:.2f} s); "
-                        f"{ok}/{len(jobs)} succeeded on {workers} worker processes; libvirt elapsed per job "
+                        f"{ok}/{len(jobs)} succeeded on {used} worker processes; libvirt elapsed per job "
                         f"median {statistics.median(elapsed):.2f} s max {max(elapsed):.2f} s; downtime median "
                         f"{statistics.median(downtime):.0f} ms max {max(downtime)} ms; "
                         + ("figures all correct" if not problems else f"PROBLEMS: {problems}")
@@ -284,6 +309,9 @@ def main():
                         flush=True,
                     )
                     rows.append(("kvmweb", wall, not problems))
+                    figures.setdefault("pickup_s", []).append(round(statistics.median(pickup), 3))
+                    figures.setdefault("pickup_max_s", []).append(round(max(pickup), 3))
+                    figures.setdefault("around_s", []).append(round(statistics.median(around), 3))
                 else:
                     wall = virsh_round(guests, positions, args.bandwidth)
                     for h in hosts.values():  # kvmweb learns where virsh put them (not timed)
@@ -312,12 +340,26 @@ def main():
             stop_services(services_dir)
     k = [w for side, w, _ in rows if side == "kvmweb"]
     v = [w for side, w, _ in rows if side == "virsh"]
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    summary = {
+        "setup": "embedded" if args.embedded else "scale-out",
+        "clusters": clusters_n,
+        "workers": per,
+    }
+    summary.update(figures, guests=args.guests, bandwidth=args.bandwidth, load=round(load[0], 2))
     if k and v:
+        correct = all(ok for side, _, ok in rows if side == "kvmweb")
         print(
             f"median wall: kvmweb {statistics.median(k):.2f} s, virsh {statistics.median(v):.2f} s, "
-            f"ratio {statistics.median(k) / statistics.median(v):.3f}; all kvmweb figures correct: "
-            f"{all(ok for side, _, ok in rows if side == 'kvmweb')}"
+            f"ratio {statistics.median(k) / statistics.median(v):.3f} (goal <= 1.3); all kvmweb figures "
+            f"correct: {correct}"
         )
+        summary.update(kvmweb_s=round(statistics.median(k), 3), virsh_s=round(statistics.median(v), 3))
+        summary.update(ratio=round(statistics.median(k) / statistics.median(v), 3), correct=correct)
+    else:
+        print("NOTHING COMPLETED on one side")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

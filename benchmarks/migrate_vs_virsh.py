@@ -15,7 +15,8 @@ Prints every run, the median per side, and the median of the per-pair ratios
 conclusion). Goal: median ratio <= 1.05.
 
 Run as root with the lab available: .venv/bin/python benchmarks/migrate_vs_virsh.py
-[--pairs 6] [--bandwidth 16] [--memory 128]
+[--pairs 6] [--bandwidth 16] [--memory 128]; --bandwidth 0 runs both sides uncapped (no
+--bandwidth flag, no bandwidth option).
 Uses a throwaway SQLite database and data dir; creates and removes its own guest.
 """
 
@@ -73,14 +74,13 @@ def start_worker():
 
 def run_kvmweb(user, name, target, bandwidth):
     vm = VM.objects.get(name=name, gone=False)
-    plan = MigrationPlan(vm, vm.host, target, "live", {"bandwidth": bandwidth})
+    options = {"bandwidth": bandwidth} if bandwidth else {}
+    plan = MigrationPlan(vm, vm.host, target, "live", dict(options))
     report = run_preflight(plan)  # the wizard's step 4 (not timed: the user reads it)
     acks = [r.id for r in report.warnings]
     t0 = time.monotonic()
     # The confirm POST: the wizard hands over the report the user just read (views._seen_report).
-    job = do_create_job(
-        vm, target, "live", {"bandwidth": bandwidth}, actor=user, report=report, acknowledged=acks
-    )
+    job = do_create_job(vm, target, "live", dict(options), actor=user, report=report, acknowledged=acks)
     while True:
         status = MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).get()
         if status not in MigrationJob.ACTIVE_STATES:
@@ -109,7 +109,8 @@ def run_cli(user, name, target, bandwidth, extra=()):
     time of the process, start to exit (Django start-up, checklist, job, queue, worker,
     conclusion, exit), as a user of the command waits for it."""
     cmd = [sys.executable, "manage.py", "migrate_vm", name, target.name, "--mode", "live"]
-    cmd += ["--bandwidth", str(bandwidth), "--user", user.username, "--ack-all", "--wait", *extra]
+    cmd += ["--bandwidth", str(bandwidth)] if bandwidth else []
+    cmd += ["--user", user.username, "--ack-all", "--wait", *extra]
     env = dict(os.environ, KVMWEB_CLI_TIMING=repr(time.time()))
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -134,8 +135,7 @@ def run_virsh(name, source, target, bandwidth):
         "--p2p",
         "--persistent",
         "--undefinesource",
-        "--bandwidth",
-        str(bandwidth),
+        *(["--bandwidth", str(bandwidth)] if bandwidth else []),
         name,
         lab.uri(target),
     ]
@@ -239,7 +239,8 @@ def main():
     med = statistics.median
     load = os.getloadavg()
     print()
-    print(f"live p2p, {args.memory} MiB guest, --bandwidth {args.bandwidth} MiB/s, {len(rows)} rounds")
+    cap = f"--bandwidth {args.bandwidth} MiB/s" if args.bandwidth else "uncapped"
+    print(f"live p2p, {args.memory} MiB guest, {cap}, {len(rows)} rounds")
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; failed runs {failures}")
     summary = {"bandwidth": args.bandwidth, "rounds": len(rows), "failures": failures, "load": load[0]}
     summary["ratio"] = {}

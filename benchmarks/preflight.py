@@ -7,6 +7,9 @@ Prints median / p95 / max over N runs (default 20) for:
     a whole second by itself: QEMU's calc-time is in whole seconds);
   * full (reused dirty rate): the default in the web app, where a measurement younger
     than KVMWEB_PREFLIGHT_DIRTY_RATE_MAX_AGE (60 s) is reused (the wizard's re-run);
+  * full (stored dirty rate, another process): the in-process reuse emptied before each
+    run, as in a fresh `manage.py migrate_vm` / `preflight` process or another daphne: the
+    measurement comes from the database (migrations_app/dirtyrate.py);
   * quick (no dirty-rate measurement): what the wizard uses to rank targets;
   * sequential: the same checks one after another (concurrency off), for comparison;
 and, for scale, `virsh domstate` on the same VM (one process start and one call).
@@ -17,6 +20,7 @@ Uses a throwaway SQLite database under a temp dir.
 """
 
 import argparse
+import json
 import os
 import secrets
 import statistics
@@ -43,14 +47,20 @@ import lab  # noqa: E402
 from hosts import hypervisor, services  # noqa: E402
 from hosts.models import VM  # noqa: E402
 from migrations_app import preflight  # noqa: E402
+from migrations_app.models import DirtyRateSample  # noqa: E402
 from migrations_app.plan import MigrationPlan  # noqa: E402
 from migrations_app.preflight import run as preflight_run  # noqa: E402
 from migrations_app.preflight.checks import prediction  # noqa: E402
 
 
+def p95_of(samples):
+    ordered = sorted(samples)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
 def stats(samples):
     ordered = sorted(samples)
-    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
+    p95 = p95_of(samples)
     return f"median {statistics.median(ordered):7.1f} ms   p95 {p95:7.1f} ms   max {ordered[-1]:7.1f} ms"
 
 
@@ -95,19 +105,28 @@ def main():
 
             def fresh():
                 prediction._dirty_cache.clear()
+                DirtyRateSample.objects.all().delete()
+                return preflight.run_preflight(plan)
+
+            def other_process():
+                prediction._dirty_cache.clear()  # what a new process starts with
                 return preflight.run_preflight(plan)
 
             rows = [
-                ("full (fresh dirty-rate measurement)", lambda: fresh()),
-                ("full (dirty rate reused < 60 s)", lambda: preflight.run_preflight(plan)),
+                ("fresh", "full (fresh dirty-rate measurement)", fresh),
+                ("reused", "full (dirty rate reused < 60 s)", lambda: preflight.run_preflight(plan)),
+                ("stored", "full (stored dirty rate, other process)", other_process),
                 (
+                    "quick",
                     "quick (no dirty-rate measurement)",
                     lambda: preflight.run_preflight(plan, measure_dirty_rate=False),
                 ),
             ]
-            for label, fn in rows:
+            summary = {"runs": args.runs, "p95_ms": {}}
+            for key, label, fn in rows:
                 samples, rep = timed(fn, args.runs)
                 print(f"{label:40s} {stats(samples)}   verdict {rep.verdict}")
+                summary["p95_ms"][key] = round(p95_of(samples), 1)
 
             original = preflight_run.ThreadPoolExecutor
             preflight_run.ThreadPoolExecutor = Sequential
@@ -152,6 +171,10 @@ def main():
                 )
                 virsh.append((time.perf_counter() - t0) * 1000)
             print(f"{'for scale: one `virsh domstate` call':40s} {stats(virsh)}")
+            load = os.getloadavg()
+            print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (goal: full p95 <= 1000 ms)")
+            summary["load"] = round(load[0], 2)
+            print(json.dumps(summary))
         finally:
             lab.remove_guest(name)
 

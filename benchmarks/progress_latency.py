@@ -17,7 +17,8 @@ Embedded default (SQLite file, in-memory channel layer, the DB poller) unless
 DATABASE_URL and REDIS_URL are set (then: PostgreSQL + channels-redis, e.g. after
 `eval "$(bash scripts/services.sh start)"`; the tables are created there by migrate).
 
-Run: .venv/bin/python benchmarks/progress_latency.py [--watchers 1 200] [--seconds 20] [--hz 4]
+Run: .venv/bin/python benchmarks/progress_latency.py [--watchers 1 200 1000] [--seconds 20] [--hz 4]
+[--at-once] (every watcher connects in the same instant; the "conn" column counts who got in)
 Uses a throwaway data dir; starts daphne and the writer itself and stops them by PID.
 """
 
@@ -184,11 +185,28 @@ def percentile(values, p):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def scenario(port, job_id, cookie, watchers, seconds, hz, data_dir, daphne_pid):
+async def scenario(port, job_id, cookie, watchers, seconds, hz, data_dir, daphne_pid, at_once=False):
     clients = [Watcher(port, f"/ws/jobs/{job_id}/", cookie) for _ in range(watchers)]
     firsts = [asyncio.get_running_loop().create_future() for _ in clients]
     tasks = []
-    for i in range(0, watchers, 25):
+    refused = {}
+    if at_once:
+        # Every watcher in the same instant (a daphne restart: every open job page
+        # reconnects): count those whose handshake fails instead of failing the row.
+        outcomes = await asyncio.gather(*(c.connect() for c in clients), return_exceptions=True)
+        kept = []
+        for c, f, out in zip(clients, firsts, outcomes, strict=True):
+            if isinstance(out, BaseException):
+                reason = str(out)[:60] or type(out).__name__
+                refused[reason] = refused.get(reason, 0) + 1
+            else:
+                kept.append((c, f))
+        clients, firsts = [c for c, _f in kept], [f for _c, f in kept]
+        tasks = [asyncio.create_task(c.run(f)) for c, f in kept]
+        done, _pending = await asyncio.wait(firsts, timeout=120) if firsts else (set(), set())
+        if len(done) < len(firsts):
+            refused["no snapshot within 120 s"] = len(firsts) - len(done)
+    for i in range(0, watchers if not at_once else 0, 25):
         # Browsers arrive in groups of 25; the next group once these have their snapshot
         # (200 handshakes in the same instant would measure daphne's handshake timeout).
         batch = slice(i, i + 25)
@@ -238,8 +256,11 @@ async def scenario(port, job_id, cookie, watchers, seconds, hz, data_dir, daphne
         starved += not got
     if starved:
         print(f"  {starved} watcher(s) received none of the writes as their own message", file=sys.stderr)
+    if refused:
+        print(f"  not connected: {refused}", file=sys.stderr)
     return {
         "watchers": watchers,
+        "connected": len(clients),
         "writes": len(commits),
         "deliveries": len(latencies),
         "coalesced": coalesced,
@@ -293,6 +314,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--hz", type=float, default=4)
     parser.add_argument("--burners", type=int, default=2, help="CPU-bound processes run beside the server")
+    parser.add_argument(
+        "--at-once",
+        action="store_true",
+        help="every watcher connects in the same instant (not in groups of 25)",
+    )
     parser.add_argument("--writer", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -308,7 +334,8 @@ def main():
     port = free_port()
     log = open(Path(data_dir) / "daphne.log", "wb")
     daphne = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
+        # As scripts/run.sh serves it (kvmweb.serve: daphne with kvmweb's limits and backlog).
+        [PY, "-m", "kvmweb.serve", "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
         cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     burners = []
@@ -333,12 +360,14 @@ def main():
         burners = start_burners(args.burners)
         print(f"{args.burners} CPU-bound process(es) running beside the server")
         print("latency counts every write at the first arrival of that state or a newer one")
-        print(f"{'watchers':>8} {'writes':>6} {'counted':>7} {'coalesced':>9} {'never':>5} "
+        print(f"{'watchers':>8} {'conn':>5} {'writes':>6} {'counted':>7} {'coalesced':>9} {'never':>5} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'max ms':>7} {'daphne CPU':>10}")  # fmt: skip
         for n in args.watchers:
             try:
                 r = asyncio.run(
-                    scenario(port, job.pk, cookie, n, args.seconds, args.hz, data_dir, daphne.pid)
+                    scenario(
+                        port, job.pk, cookie, n, args.seconds, args.hz, data_dir, daphne.pid, args.at_once
+                    )
                 )
             except Exception as exc:  # report the other rows
                 print(f"{n:>8} FAILED: {exc!r}", flush=True)
@@ -346,7 +375,7 @@ def main():
                 continue
             flag = "  NOTHING DELIVERED" if not r["deliveries"] else ""
             print(
-                f"{r['watchers']:>8} {r['writes']:>6} {r['deliveries']:>7} {r['coalesced']:>9} {r['never']:>5} "
+                f"{r['watchers']:>8} {r['connected']:>5} {r['writes']:>6} {r['deliveries']:>7} {r['coalesced']:>9} {r['never']:>5} "
                 f"{r['p50']:>7.1f} {r['p95']:>7.1f} {r['max']:>7.1f} {r['cpu']:>9.1f}%{flag}",
                 flush=True,
             )

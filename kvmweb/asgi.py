@@ -2,8 +2,10 @@
 
 Run it with `python -m kvmweb.serve` (daphne with request limits, see kvmweb/serve.py).
 HTTP request bodies are capped (kvmweb/limits.py BodyLimit). WebSockets are origin-checked
-exactly against the site's own origin and the trusted origins (OriginCheck), authenticated
-from the session, and a path that matches no route closes cleanly (NoRoute).
+exactly against the site's own origin and the trusted origins (OriginCheck), admitted a
+few handshakes at a time (HandshakeGate: a thousand reconnecting at once are served one
+after another instead of all timing out), authenticated from the session, and a path that
+matches no route closes cleanly (NoRoute).
 """
 
 import os
@@ -17,6 +19,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from api.metrics import WatcherCount  # noqa: E402
+from kvmweb.handshake import HandshakeGate  # noqa: E402
 from kvmweb.limits import BodyLimit, NoRoute, OriginCheck  # noqa: E402
 from kvmweb.routing import websocket_urlpatterns  # noqa: E402
 
@@ -24,7 +27,7 @@ application = ProtocolTypeRouter(
     {
         "http": BodyLimit(django_asgi_app),
         "websocket": WatcherCount(
-            OriginCheck(AuthMiddlewareStack(NoRoute(URLRouter(websocket_urlpatterns))))
+            OriginCheck(HandshakeGate(AuthMiddlewareStack(NoRoute(URLRouter(websocket_urlpatterns)))))
         ),
     }
 )

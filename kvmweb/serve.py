@@ -14,7 +14,10 @@ with a request class and a connection class that:
   connection), and drop a keep-alive connection idle for as long;
 
 and passes WebSocket limits daphne already has (KVMWEB_WS_MAX_MESSAGE_BYTES for the
-largest message and frame; handshake timeout) unless given on the command line.
+largest message and frame; handshake timeout) unless given on the command line. TCP and
+UNIX listeners get a listen backlog of KVMWEB_LISTEN_BACKLOG (default 1024) instead of
+Twisted's 50: with 50, a thousand browsers reconnecting their progress sockets at once
+(a daphne restart) saw handshakes reset (benchmarks/progress_latency.py).
 Everything else is daphne's (same options, same behaviour).
 """
 
@@ -142,12 +145,29 @@ def default_args(argv):
     return extra + list(argv)
 
 
+def with_backlog(descriptions, backlog):
+    """Twisted endpoint strings with ``backlog`` added to TCP and UNIX listeners that do
+    not name one (an inherited file descriptor is already listening)."""
+    out = []
+    for d in descriptions:
+        kind = d.split(":", 1)[0]
+        if kind in ("tcp", "tcp6", "unix") and ":backlog=" not in d:
+            d = f"{d}:backlog={int(backlog)}"
+        out.append(d)
+    return out
+
+
 def main(argv=None):
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
-    from daphne import server
+    from daphne import cli, server
     from daphne.cli import CommandLineInterface
+    from django.conf import settings
 
     server.HTTPFactory = LimitedFactory
+    build = cli.build_endpoint_description_strings
+    cli.build_endpoint_description_strings = lambda *a, **kw: with_backlog(
+        build(*a, **kw), settings.KVMWEB_LISTEN_BACKLOG
+    )
     CommandLineInterface().run(default_args(sys.argv[1:] if argv is None else argv))
 
 

@@ -331,3 +331,25 @@ class MigrationCostSample(models.Model):
 
     def __str__(self):
         return f"{self.source_id}->{self.target_id}: fixed {self.fixed_ms} ms"
+
+
+class DirtyRateSample(models.Model):
+    """The last dirty-rate measurement of a VM's guest, shared by every process
+    (migrations_app/dirtyrate.py): a checklist in the web server, a `migrate_vm` or
+    `preflight` command and an API call within KVMWEB_PREFLIGHT_DIRTY_RATE_MAX_AGE seconds
+    reuse it instead of measuring for a second each.
+
+    Keyed by the guest's UUID, not by host: the rate is the guest's workload, which a
+    migration does not change, and a VM that just moved keeps its recent figure. Not a
+    foreign key, so that a sample outlives a VM row re-created by an inventory sync; old
+    rows are harmless (one per VM, overwritten) and ignored once older than the window."""
+
+    vm_uuid = models.CharField(max_length=36, unique=True)
+    host_name = models.CharField(max_length=255, blank=True)  # where it was measured
+    mib_per_s = models.PositiveIntegerField()
+    mode = models.CharField(max_length=32)
+    period = models.PositiveIntegerField()
+    measured_at = models.DateTimeField()
+
+    def __str__(self):
+        return f"{self.vm_uuid}: {self.mib_per_s} MiB/s at {self.measured_at:%Y-%m-%d %H:%M:%S}"

@@ -46,6 +46,7 @@ class Context:
         self.measure_dirty_rate = measure_dirty_rate
         self._memo = {}
         self.left_copies = {}  # path -> LeftCopy on the target (read by run_preflight)
+        self.stored_dirty_rate = None  # a stored measurement (dirtyrate.recall), read by run_preflight
         self._lock = threading.Lock()
         self._conns = []
 

@@ -15,6 +15,7 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor
+from migrations_app import dirtyrate
 from migrations_app.models import LeftCopy
 from migrations_app.preflight.context import Context, Unavailable, setting
 from migrations_app.preflight.registry import checks, result_for
@@ -89,6 +90,8 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     # Database facts are read here, on the caller's thread and connection (the checks
     # run on pool threads with connections of their own).
     ctx.left_copies = _left_copies(plan.target)
+    # A measurement younger than a minute, stored by any process, is reused.
+    ctx.stored_dirty_rate = dirtyrate.recall(plan.vm.uuid) if measure_dirty_rate else None
     specs = checks()
     order = [spec.id for spec in specs]
     submit_order = sorted(specs, key=lambda spec: spec.id != FIRST)
@@ -112,6 +115,10 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         pool.shutdown(wait=False, cancel_futures=True)
         ctx.close()
     ordered = [results[cid] for cid in order]
+    if measure_dirty_rate:  # a fresh measurement is stored for the next minute's checklists
+        dirtyrate.remember(
+            plan.vm.uuid, getattr(plan.source, "name", ""), results["prediction"].details.get("dirty_rate")
+        )
     try:
         plan_dict = plan.to_dict()
     except Exception:  # a plan that cannot even render flags: still report

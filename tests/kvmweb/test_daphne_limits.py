@@ -302,3 +302,24 @@ def test_it_closes_a_websocket_that_sends_an_oversized_message(server):
         assert closed.value.code in (1009, None)
 
     asyncio.run(run())
+
+
+def test_it_adds_a_listen_backlog_to_tcp_and_unix_listeners_only():
+    from kvmweb.serve import with_backlog
+
+    got = with_backlog(["tcp:port=8000:interface=127.0.0.1", "unix:/run/k.sock", "fd:fileno=3"], 1024)
+    assert got == [
+        "tcp:port=8000:interface=127.0.0.1:backlog=1024",
+        "unix:/run/k.sock:backlog=1024",
+        "fd:fileno=3",
+    ]
+    assert with_backlog(["tcp:port=1:backlog=64"], 1024) == ["tcp:port=1:backlog=64"]
+
+
+def test_it_listens_with_the_configured_backlog(server):
+    # For a listening socket, ss shows the accept queue's limit as Send-Q (Twisted's
+    # default was 50: a thousand reconnecting watchers saw resets).
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{server.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "LISTEN" and int(out[2]) == 1024, out

@@ -7,7 +7,12 @@ from django.core.management.base import BaseCommand
 
 from hosts.models import VM, Host
 from migrations_app import preflight
+from migrations_app.management.commands import preflight as preflight_command  # noqa: F401
 from migrations_app.models import MigrationJob
+
+# The preflight command binds run_preflight when its module is first imported; imported
+# here, before checklist_calls patches it, so the recorder never leaks into later tests
+# (tests/api's call_command("preflight") got it when this file ran first).
 
 
 class Stop(Exception):

@@ -178,3 +178,15 @@ def test_it_queues_a_long_waiting_job_again_once(job, django_capture_on_commit_c
         assert reconcile.requeue_lost() == []  # not again within five minutes
     assert OrmQ.objects.filter(key="migrations").count() == 1
     assert JobEvent.objects.filter(job=job, message__startswith="Queued again").count() == 1
+
+
+def test_it_records_the_guest_memory_from_the_completed_statistics(job):
+    # No progress poll saw the RAM phase (a short migration on a busy worker): the job
+    # still ends with its guest's memory, from libvirt's completed-job statistics.
+    assert job.memory_total == 0
+    run = jobrun.JobRun(job, "w:1")
+    stats = {"memory_total": 96 * MiB, "data_processed": 30 * MiB, "time_elapsed": 1200, "downtime": 40}
+    jobrun.conclude_success(run, stats)
+    job.refresh_from_db()
+    assert job.status == MigrationJob.SUCCEEDED
+    assert (job.memory_total, job.data_processed, job.elapsed_ms) == (96 * MiB, 30 * MiB, 1200)

@@ -217,7 +217,10 @@ def check_prediction(ctx):
         details["dirty_rate_source"] = assumption
     else:
         try:
-            measured = measure_dirty_rate(ctx.need_conn("source"), ctx.source, ctx.vm.uuid)
+            # A measurement younger than a minute stored by any process (dirtyrate.recall).
+            measured = ctx.stored_dirty_rate or measure_dirty_rate(
+                ctx.need_conn("source"), ctx.source, ctx.vm.uuid
+            )
             dirty_mib = float(measured["mib_per_s"])
             details["dirty_rate"] = measured
             details["dirty_rate_source"] = _("measured by libvirt over %(p)d s (%(m)s)") % {

@@ -1,0 +1,80 @@
+"""A bound on WebSocket handshakes in progress in one daphne process.
+
+Every handshake makes sync database calls before it is accepted (channels' session and
+user lookups) and one after (the consumer's snapshot); channels runs them all on ONE
+thread, first come first served. When a thousand browsers reconnect at once (a daphne
+restart with that many job pages open), each handshake's first call is queued before any
+handshake's second: nobody was accepted before daphne's connect timeout and all 1,000
+were dropped together (benchmarks/progress_latency.py --at-once). ``HandshakeGate`` lets
+KVMWEB_WS_HANDSHAKE_CONCURRENCY handshakes run their calls at a time and the others wait
+their turn, so handshakes complete one after another at the rate the process can serve
+them; one that waits past the connect timeout is dropped as before and its browser
+reconnects.
+
+A handshake holds its place until the application accepts or closes the socket (or the
+application ends); open sockets never hold one. A handshake that waited longer than the
+connect timeout kvmweb.serve gives daphne (KVMWEB_REQUEST_TIMEOUT) was already dropped by
+daphne: it is not run at all, so its lookups do not delay the ones still waiting.
+"""
+
+import asyncio
+import time
+import weakref
+
+from django.conf import settings
+
+
+class HandshakeGate:
+    """ASGI middleware for the websocket stack: at most ``limit`` handshakes of this
+    event loop run inside the wrapped application at a time."""
+
+    def __init__(self, app, limit=None):
+        self.app = app
+        self.limit = limit
+        self._semaphores = weakref.WeakKeyDictionary()  # per event loop (tests run many)
+        self.peak = 0  # most handshakes inside at once (tests)
+        self.dropped = 0  # handshakes not run: they waited past the connect timeout
+        self._inside = 0
+
+    def _semaphore(self):
+        loop = asyncio.get_running_loop()
+        semaphore = self._semaphores.get(loop)
+        if semaphore is None:
+            limit = self.limit or settings.KVMWEB_WS_HANDSHAKE_CONCURRENCY
+            semaphore = self._semaphores[loop] = asyncio.Semaphore(limit)
+        return semaphore
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "websocket":
+            return await self.app(scope, receive, send)
+        semaphore = self._semaphore()
+        queued = time.monotonic()
+        await semaphore.acquire()
+        if time.monotonic() - queued >= settings.KVMWEB_REQUEST_TIMEOUT:
+            semaphore.release()  # daphne gave up on this one meanwhile; the browser retries
+            self.dropped += 1
+            return None
+        self._inside += 1
+        self.peak = max(self.peak, self._inside)
+        held = True
+
+        def release():
+            nonlocal held
+            if held:
+                held = False
+                self._inside -= 1
+                semaphore.release()
+
+        async def gated_send(message):
+            if message.get("type") in (
+                "websocket.accept",
+                "websocket.close",
+                "websocket.http.response.start",
+            ):
+                release()  # the handshake is over (accepted or refused)
+            await send(message)
+
+        try:
+            return await self.app(scope, receive, gated_send)
+        finally:
+            release()
