@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 
 from migrations_app import dirtyrate, preflight
+from migrations_app.preflight.checks import prediction
 from migrations_app.models import DirtyRateSample
 from tests.migrations_app.test_preflight import fake  # noqa: F401 - the scripted-hosts fixture
 
@@ -59,14 +60,14 @@ def test_it_reuses_a_measurement_stored_by_another_process(fake):  # noqa: F811
     assert DirtyRateSample.objects.get(vm_uuid=UUID).mib_per_s == 5
     assert "stored" not in first["dirty_rate"]
     # Another process: its in-process reuse is empty, the stored measurement is not.
-    preflight._dirty_cache.clear()
+    prediction._dirty_cache.clear()
     fake.scripts[fake.a.uri]["dirty"] = 99  # a new measurement would say so
     second = fake("live")["prediction"].details
     assert fake.scripts[fake.a.uri]["measured"] == 1
     assert second["dirty_rate"]["stored"] is True and second["dirty_rate_mib_s"] == 5
     # Once the stored one is too old, the next checklist measures again and stores that.
     DirtyRateSample.objects.update(measured_at=timezone.now() - timedelta(minutes=5))
-    preflight._dirty_cache.clear()
+    prediction._dirty_cache.clear()
     third = fake("live")["prediction"].details
     assert fake.scripts[fake.a.uri]["measured"] == 2 and third["dirty_rate_mib_s"] == 99
     assert DirtyRateSample.objects.get(vm_uuid=UUID).mib_per_s == 99
