@@ -29,7 +29,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from fleet.models import Batch, BatchItem, blackout_for
+from fleet.models import Batch, BatchItem, blackout_for, blackout_text
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
@@ -97,7 +97,7 @@ def _follow_children(batch):
     started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
     for item in started.select_related("job"):
         job = item.job
-        outcome = JOB_TO_ITEM[job.status]
+        outcome = BatchItem.MISSED if job.missed_window else JOB_TO_ITEM[job.status]
         if lost_with_its_worker(item, job):
             with transaction.atomic():
                 if BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
@@ -249,6 +249,9 @@ def _start_item(batch, item):
                     report=report,
                     acknowledged=[r.id for r in report.warnings],
                     reason=_("Batch #%(b)d (%(k)s)") % {"b": batch.pk, "k": batch.get_kind_display()},
+                    # The worker's claim enforces the batch's window end and blackouts too.
+                    not_after=batch.not_after,
+                    ignore_blackouts=batch.ignore_blackouts,
                 )
             except JobError as exc:
                 error = str(exc)
@@ -346,14 +349,7 @@ def _start_within_limits(batch, owner):
         if not batch.ignore_blackouts:
             blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
             if blackout is not None:
-                waiting.append(
-                    _("Blackout of %(g)s until %(t)s%(r)s")
-                    % {
-                        "g": blackout.group.name,
-                        "t": blackout.ends_at.isoformat(timespec="minutes"),
-                        "r": f" ({blackout.reason})" if blackout.reason else "",
-                    }
-                )
+                waiting.append(blackout_text(blackout))
                 continue
         if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
             return waiting  # paused or cancelled meanwhile
