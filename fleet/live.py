@@ -2,12 +2,12 @@
 
 A ``BatchFeed`` rides on the process's JobHub (migrations_app/streaming.py, ``hub.feed``):
 the hub's poller ticks it after the jobs, on the poller's DB thread, so a batch page costs
-no poller of its own. A tick reads, in one query, a fingerprint of every watched batch
+no poller of its own. A tick reads, in two queries, a fingerprint of every watched batch
 (its status, why it waits, and each item's status, job and the job's progress_seq) and
 re-renders the live partial (fleet/partials/batch_live.html) of the batches whose
-fingerprint changed, at most every ``MIN_INTERVAL`` seconds per batch and once per
-language; every watcher of that batch gets the same text. The database is the truth: a
-watcher first gets a snapshot, then changes.
+fingerprint changed, once per language; each batch is read at most every
+``MIN_INTERVAL`` seconds and every watcher of that batch gets the same text. The
+database is the truth: a watcher first gets a snapshot, then changes.
 
 Scope: the same rule as job sockets. Batch.objects.restrict(user) at connect (anonymous
 closed 4401, no such batch OR out of scope closed 4404, one answer for both) and again
@@ -106,7 +106,7 @@ class BatchFeed:
     def __init__(self):
         self.subs = {}  # batch id -> set[streaming.Subscriber] (job_id holds the batch id)
         self.seen = {}  # batch id -> fingerprint last rendered
-        self.rendered_at = {}  # batch id -> loop time of the last render
+        self.checked_at = {}  # batch id -> loop time of its last read
         self.next_recheck = None
         self.renders = 0
 
@@ -123,7 +123,7 @@ class BatchFeed:
         snapshot's read and now is never lost."""
         self.subs.setdefault(sub.job_id, set()).add(sub)
         self.seen.pop(sub.job_id, None)
-        self.rendered_at.pop(sub.job_id, None)
+        self.checked_at.pop(sub.job_id, None)
 
     def remove(self, hub, sub):
         subs = self.subs.get(sub.job_id)
@@ -132,7 +132,7 @@ class BatchFeed:
             if not subs:
                 del self.subs[sub.job_id]
                 self.seen.pop(sub.job_id, None)
-                self.rendered_at.pop(sub.job_id, None)
+                self.checked_at.pop(sub.job_id, None)
         hub.wake.set()
 
     async def tick(self, hub):
@@ -146,15 +146,16 @@ class BatchFeed:
             await self._recheck(hub)
         now = loop.time()
         due = [
-            b for b, subs in self.subs.items() if now - self.rendered_at.get(b, -1e9) >= MIN_INTERVAL and subs
+            b for b, subs in self.subs.items() if now - self.checked_at.get(b, -1e9) >= MIN_INTERVAL and subs
         ]
         if not due:
             return
+        for batch_id in due:
+            self.checked_at[batch_id] = now
         langs = {b: {s.lang for s in self.subs[b]} for b in due}
         changed = await streaming.poller_db(self._read_and_render, langs)
         sends = []
         for batch_id, html in changed.items():
-            self.rendered_at[batch_id] = now
             for sub in list(self.subs.get(batch_id, ())):
                 if sub.ready and sub.lang in html:
                     sends.append(sub.send(html[sub.lang]))
