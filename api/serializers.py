@@ -149,6 +149,9 @@ class JobSerializer(serializers.ModelSerializer):
             "elapsed_ms",
             "result",
             "error",
+            "not_before",
+            "not_after",
+            "waiting_for",
         ]
         read_only_fields = fields
 
@@ -219,6 +222,13 @@ class JobCreateSerializer(PlanSerializer):
     acknowledged = serializers.ListField(child=serializers.CharField(), required=False, default=list)
     overridden = serializers.ListField(child=serializers.CharField(), required=False, default=list)
     reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+    not_before = serializers.DateTimeField(required=False, allow_null=True, default=None)
+    not_after = serializers.DateTimeField(
+        required=False, allow_null=True, default=None, help_text="not started by then: ends 'missed window'"
+    )
+    ignore_blackouts = serializers.BooleanField(
+        required=False, default=False, help_text="administrators only"
+    )
 
 
 class MaintenanceSerializer(serializers.Serializer):

@@ -363,6 +363,9 @@ class JobListView(ListView):
                 acknowledged=data["acknowledged"],
                 overridden=data["overridden"],
                 reason=data["reason"],
+                not_before=data["not_before"],
+                not_after=data["not_after"],
+                ignore_blackouts=data["ignore_blackouts"],
             )
         except job_services.JobError as exc:
             return _job_error(request, exc)

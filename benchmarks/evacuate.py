@@ -21,31 +21,17 @@ Uses a throwaway SQLite database and data dir; creates and removes its own guest
 """
 
 import argparse
-import os
 import secrets
-import signal
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TMP = Path(tempfile.mkdtemp(prefix="kvmweb-bench-evacuate-"))
-os.environ["KVMWEB_DATA_DIR"] = str(TMP)
-os.environ["KVMWEB_SQLITE_PATH"] = str(TMP / "kvmweb.sqlite3")
-os.environ.pop("DATABASE_URL", None)
-os.environ.pop("REDIS_URL", None)
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import labbench  # noqa: E402
 
-import django  # noqa: E402
-
-django.setup()
-
-from django.contrib.auth.models import Group, User  # noqa: E402
-from django.core.management import call_command  # noqa: E402
+TMP = labbench.setup("kvmweb-bench-evacuate-")
 
 import lab  # noqa: E402
 from fleet import scheduler  # noqa: E402
@@ -54,32 +40,9 @@ from fleet.planner import make_plan  # noqa: E402
 from fleet.services import do_create_batch  # noqa: E402
 from hosts import services as host_services  # noqa: E402
 from hosts.models import VM, Host  # noqa: E402
-from kvmweb.accounts.roles import OPERATOR  # noqa: E402
 
 HOSTS = ("lab-a", "lab-b", "lab-c")
-
-
-def start_worker():
-    log = open(TMP / "qcluster.log", "a")  # noqa: SIM115 - lives as long as the worker
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "qcluster"],
-        cwd=ROOT,
-        env=dict(os.environ, Q_CLUSTER_NAME="migrations"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    time.sleep(3)  # workers forked and polling
-    return proc
-
-
-def virsh_migrate(name, source, target, bandwidth):
-    cmd = ["virsh", "-c", lab.uri(source), "migrate", "--live", "--p2p", "--persistent", "--undefinesource"]
-    if bandwidth:
-        cmd += ["--bandwidth", str(bandwidth)]
-    r = subprocess.run([*cmd, name, lab.uri(target)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"virsh migrate {name} {source} -> {target} failed: {r.stderr.strip()}")
+virsh_migrate = labbench.virsh_migrate
 
 
 def bring_back(placement):
@@ -135,11 +98,7 @@ def main():
     args = ap.parse_args()
 
     started = lab.up(3)
-    call_command("migrate", verbosity=0)
-    user = User.objects.create_user("bench-operator", password=secrets.token_hex(8))
-    user.groups.add(Group.objects.get(name=OPERATOR))
-    for h in HOSTS:
-        host_services.do_register_host(h, lab.uri(h), sync=False)
+    user, _hosts = labbench.kvmweb(HOSTS)
     names = [f"bench-ev-{i}-{secrets.token_hex(3)}" for i in range(args.guests)]
     worker = None
     results = []
@@ -149,7 +108,7 @@ def main():
         for name in names:
             lab.wait_counter_moves("lab-a", name)
         host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
-        worker = start_worker()
+        worker = labbench.start_worker()
         for i in range(args.rounds):
             kvm, planning, predicted, placement = run_kvmweb(user, names, args.parallel, args.bandwidth)
             bring_back(placement)
@@ -165,12 +124,7 @@ def main():
                 flush=True,
             )
     finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        labbench.stop_worker(worker)
         for name in names:
             lab.remove_guest(name)
         if started:
@@ -187,6 +141,8 @@ def main():
             f"{label}: kvmweb {r[0]:.2f} s, virsh parallel {r[1]:.2f} s (ratio {r[0] / r[1]:.3f}; goal <= 1.15), "
             f"virsh sequential {r[2]:.2f} s, predicted {r[3]:.1f} s (actual / predicted {r[0] / r[3]:.2f})"
         )
+    ratios = [r[0] / r[1] for r in results]
+    print(f"median ratio kvmweb / virsh parallel {statistics.median(ratios):.3f} over {len(ratios)} rounds")
 
 
 if __name__ == "__main__":

@@ -24,52 +24,25 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TMP = Path(tempfile.mkdtemp(prefix="kvmweb-bench-migrate-"))
-os.environ["KVMWEB_DATA_DIR"] = str(TMP)
-os.environ["KVMWEB_SQLITE_PATH"] = str(TMP / "kvmweb.sqlite3")
-os.environ.pop("DATABASE_URL", None)
-os.environ.pop("REDIS_URL", None)
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import labbench  # noqa: E402
 
-import django  # noqa: E402
-
-django.setup()
-
-from django.contrib.auth.models import Group, User  # noqa: E402
-from django.core.management import call_command  # noqa: E402
+TMP = labbench.setup("kvmweb-bench-migrate-")
+ROOT = labbench.ROOT
 
 import lab  # noqa: E402
 from hosts import services as host_services  # noqa: E402
 from hosts.models import VM, Host  # noqa: E402
-from kvmweb.accounts.roles import OPERATOR  # noqa: E402
 from migrations_app.models import MigrationJob  # noqa: E402
 from migrations_app.plan import MigrationPlan  # noqa: E402
 from migrations_app.preflight import run_preflight  # noqa: E402
 from migrations_app.services import do_create_job  # noqa: E402
-
-
-def start_worker():
-    log = open(TMP / "qcluster.log", "a")  # noqa: SIM115 - lives as long as the worker
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "qcluster"],
-        cwd=ROOT,
-        env=dict(os.environ, Q_CLUSTER_NAME="migrations"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    time.sleep(3)  # workers forked and polling
-    return proc
 
 
 def run_kvmweb(user, name, target, bandwidth):
@@ -126,25 +99,7 @@ def run_cli(user, name, target, bandwidth, extra=()):
 
 
 def run_virsh(name, source, target, bandwidth):
-    cmd = [
-        "virsh",
-        "-c",
-        lab.uri(source),
-        "migrate",
-        "--live",
-        "--p2p",
-        "--persistent",
-        "--undefinesource",
-        *(["--bandwidth", str(bandwidth)] if bandwidth else []),
-        name,
-        lab.uri(target),
-    ]
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"virsh failed: {r.stderr.strip()}")
-    return wall
+    return labbench.virsh_migrate(name, source, target, bandwidth)
 
 
 def main():
@@ -162,14 +117,11 @@ def main():
         args.pairs = min(args.pairs, 3)
 
     started = lab.up(2)
-    call_command("migrate", verbosity=0)
-    user = User.objects.create_user("bench-operator", password=secrets.token_hex(8))
-    user.groups.add(Group.objects.get(name=OPERATOR))
-    hosts = {h: host_services.do_register_host(h, lab.uri(h), sync=False) for h in ("lab-a", "lab-b")}
+    user, hosts = labbench.kvmweb(("lab-a", "lab-b"))
     name = f"bench-mig-{secrets.token_hex(3)}"
     lab.create_guest(name, host="lab-a", storage="shared", memory_mib=args.memory)
     lab.wait_counter_moves("lab-a", name)
-    worker = start_worker()
+    worker = labbench.start_worker()
     where = "lab-a"
     rows = []
     failures = 0
@@ -228,11 +180,7 @@ def main():
                 )
             print(line, flush=True)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        labbench.stop_worker(worker)
         lab.remove_guest(name)
         if started:
             lab.down(hosts=started)

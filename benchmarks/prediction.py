@@ -24,15 +24,14 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Sets up the throwaway database and Django, and gives the worker and job helpers.
-from migrate_vs_virsh import run_kvmweb, start_worker  # noqa: E402
+from labbench import start_worker, stop_worker  # noqa: E402
+from migrate_vs_virsh import run_kvmweb  # noqa: E402
 
 # isort: split
 from django.contrib.auth.models import Group, User  # noqa: E402
@@ -134,11 +133,7 @@ def main():
                         flush=True,
                     )
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop_worker(worker)
         for name in guests:
             lab.remove_guest(name)
         if started:

@@ -6,3 +6,11 @@ class FleetConfig(AppConfig):
 
     name = "fleet"
     verbose_name = "Fleet"
+
+    def ready(self):
+        # Host-group blackouts hold single jobs too: the runner's claim requires the
+        # gate's condition (migrations_app/windows.py); migrations_app never imports fleet.
+        from fleet.models import blackout_gate
+        from migrations_app.windows import register_gate
+
+        register_gate(blackout_gate())

@@ -54,6 +54,36 @@ def blackout_for(host, when):
     return Blackout.objects.filter(group_id=host.group_id, starts_at__lte=when, ends_at__gt=when).first()
 
 
+def blackout_text(blackout):
+    """What a page says about a blackout that holds a migration back."""
+    from django.utils.translation import gettext
+
+    return gettext("Blackout of %(g)s until %(t)s%(r)s") % {
+        "g": blackout.group.name,
+        "t": blackout.ends_at.isoformat(timespec="minutes"),
+        "r": f" ({blackout.reason})" if blackout.reason else "",
+    }
+
+
+def blackout_gate():
+    """The blackouts as a gate of single jobs (migrations_app/windows.py): a job whose
+    source or target is in a group with a blackout now is not claimed by a worker, unless
+    an administrator set ``ignore_blackouts`` on it."""
+    from django.db.models import Q
+
+    from migrations_app.windows import Gate
+
+    def condition(now):
+        groups = Blackout.objects.filter(starts_at__lte=now, ends_at__gt=now).values("group_id")
+        return Q(ignore_blackouts=True) | (~Q(source__group_id__in=groups) & ~Q(target__group_id__in=groups))
+
+    def blocker(source, target, now):
+        blackout = blackout_for(source, now) or blackout_for(target, now)
+        return blackout_text(blackout) + "." if blackout else ""
+
+    return Gate("fleet-blackouts", condition, blocker)
+
+
 class BatchQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for batches: the staff roles that see every host and VM see every

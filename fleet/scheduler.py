@@ -29,7 +29,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from fleet.models import Batch, BatchItem, blackout_for
+from fleet.models import Batch, BatchItem, blackout_for, blackout_text
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
@@ -75,18 +75,25 @@ def _audit(action, batch, outcome=AuditEvent.SUCCESS, **details):
 
 
 MAX_RETRIES = 1
+# Journal steps that change nothing on a host (migrations_app/journal.py): a cold or
+# offline child whose journal holds only these never touched the VM.
+HARMLESS_STEPS = {"begin", "storage"}
 
 
 def lost_with_its_worker(item, job):
     """The child failed only because its worker died before libvirt moved anything:
-    reconcile (worker "reconcile:...") concluded it failed and the VM is still on the
-    item's source, not gone. Such a child may be retried: the VM was never migrated."""
+    reconcile (worker "reconcile:...") concluded it failed, the VM is still on the item's
+    source, not gone, and a journaled (cold, offline) child never started a step with a
+    side effect (a shutdown, a volume, a definition). Such a child may be retried once:
+    the VM was never migrated nor stopped (docs/fleet.md says why once, and why not a
+    child that was rolled back)."""
     from hosts.models import VM
 
     return (
         job.status == states.FAILED
         and job.worker.startswith("reconcile:")
         and item.attempts < MAX_RETRIES
+        and all(entry.get("step") in HARMLESS_STEPS for entry in job.journal or [])
         and VM.objects.filter(pk=item.vm_id, host_id=item.source_id, gone=False).exists()
     )
 
@@ -97,7 +104,7 @@ def _follow_children(batch):
     started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
     for item in started.select_related("job"):
         job = item.job
-        outcome = JOB_TO_ITEM[job.status]
+        outcome = BatchItem.MISSED if job.missed_window else JOB_TO_ITEM[job.status]
         if lost_with_its_worker(item, job):
             with transaction.atomic():
                 if BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
@@ -249,6 +256,9 @@ def _start_item(batch, item):
                     report=report,
                     acknowledged=[r.id for r in report.warnings],
                     reason=_("Batch #%(b)d (%(k)s)") % {"b": batch.pk, "k": batch.get_kind_display()},
+                    # The worker's claim enforces the batch's window end and blackouts too.
+                    not_after=batch.not_after,
+                    ignore_blackouts=batch.ignore_blackouts,
                 )
             except JobError as exc:
                 error = str(exc)
@@ -346,14 +356,7 @@ def _start_within_limits(batch, owner):
         if not batch.ignore_blackouts:
             blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
             if blackout is not None:
-                waiting.append(
-                    _("Blackout of %(g)s until %(t)s%(r)s")
-                    % {
-                        "g": blackout.group.name,
-                        "t": blackout.ends_at.isoformat(timespec="minutes"),
-                        "r": f" ({blackout.reason})" if blackout.reason else "",
-                    }
-                )
+                waiting.append(blackout_text(blackout))
                 continue
         if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
             return waiting  # paused or cancelled meanwhile
@@ -372,10 +375,41 @@ def run_active(owner=None):
     return {b: tick(b, owner) for b in Batch.objects.active().values_list("pk", flat=True)}
 
 
+# Between full passes, a watcher asks this often whether a child ended (one indexed
+# query): the next child then starts within this time, not a pass interval later. A
+# freed slot waiting for the next pass was most of kvmweb's extra time per wave of an
+# evacuation (benchmarks/evacuate.py, docs/fleet.md).
+REACT_SECONDS = 0.03
+
+
+def child_ended(batch_id=None):
+    """True when a started item's child job reached a final state (a pass has work):
+    of batch ``batch_id``, or of any active batch."""
+    items = BatchItem.objects.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
+    if batch_id is None:
+        return items.filter(batch__status__in=Batch.ACTIVE_STATES).exists()
+    return items.filter(batch_id=batch_id).exists()
+
+
+def wait_for_work(batch_id, seconds, stop=None, react=None):
+    """Wait up to ``seconds``, returning early when a child ended (checked every
+    ``react`` seconds). ``stop(t)``: the sleep (returns True when the caller must stop,
+    e.g. the worker shuts down); returned as is."""
+    stop = stop or (lambda t: time.sleep(t))
+    react = react or REACT_SECONDS
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if stop(min(react, max(0.0, deadline - time.monotonic()))):
+            return True
+        if child_ended(batch_id):
+            return False
+    return False
+
+
 def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
-    """Pass over the batch every ``every`` seconds until it is final (or ``timeout``).
-    Used by `manage.py evacuate --wait` / `batch ID wait`; the periodic task may run
-    passes too (the lease keeps them apart)."""
+    """Pass over the batch every ``every`` seconds (at once when a child ends) until it
+    is final (or ``timeout``). Used by `manage.py evacuate --wait` / `batch ID wait`; the
+    periodic task may run passes too (the lease keeps them apart)."""
     owner = uuid.uuid4().hex
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -387,4 +421,4 @@ def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
             return batch
         if deadline is not None and time.monotonic() > deadline:
             return batch
-        time.sleep(every)
+        wait_for_work(batch_id, every)

@@ -14,7 +14,8 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_POST
 
 from fleet import services
-from fleet.models import Batch, BatchItem
+from fleet.live import batch_context
+from fleet.models import Batch
 from fleet.planner import make_plan
 from hosts.models import VM, Host
 from hosts.services import do_set_maintenance
@@ -139,37 +140,18 @@ def batch_list(request):
     return render(request, "fleet/batch_list.html", {"batches": batches})
 
 
-def _batch_context(batch):
-    items = list(batch.items.select_related("job"))
-    counts = batch.counts()
-    done = sum(
-        counts[s] for s in (BatchItem.SUCCEEDED, BatchItem.FAILED, BatchItem.CANCELLED, BatchItem.SKIPPED)
-    )
-    movable = len(items) - counts[BatchItem.BLOCKED]
-    jobs = [i.job for i in items if i.job_id]
-    return {
-        "batch": batch,
-        "items": items,
-        "counts": counts,
-        "done": done,
-        "movable": movable,
-        "percent": round(100 * done / movable) if movable else 100,
-        "jobs": jobs,
-        "now": timezone.now(),
-    }
-
-
 @login_required
 def batch_detail(request, pk):
     batch = get_scoped_or_404(Batch, request.user, pk=pk)
-    return render(request, "fleet/batch_detail.html", _batch_context(batch))
+    return render(request, "fleet/batch_detail.html", batch_context(batch))
 
 
 @login_required
 def batch_rows(request, pk):
-    """The live part of the batch page (aggregate, one row per VM), polled by htmx."""
+    """The live part of the batch page (aggregate, one row per VM) as HTML: what the
+    WebSocket (fleet/live.py) pushes, for clients without one."""
     batch = get_scoped_or_404(Batch, request.user, pk=pk)
-    return render(request, "fleet/partials/batch_live.html", _batch_context(batch))
+    return render(request, "fleet/partials/batch_live.html", batch_context(batch))
 
 
 def _control(request, pk, do):

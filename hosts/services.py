@@ -347,7 +347,7 @@ def do_sync_inventory(host, *, actor=None, request=None):
     return apply_inventory(host, records, actor=actor, request=request, listed_at=listed_at)
 
 
-def apply_inventory(host, records, *, actor=None, request=None, via="sync", listed_at=None):
+def apply_inventory(host, records, *, actor=None, request=None, via="sync", listed_at=None, partial=False):
     """Reconcile the VM rows with the domains found on ``host`` (one transaction).
 
     A listing is a snapshot that may be stale by the time it is applied. Two races matter:
@@ -356,6 +356,8 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
     (``via="sync"``) never moves or buries a VM that has an active migration job, nor one
     whose last recorded move is newer than ``listed_at``; the migration runner
     (``via="migration"``) owns those rows until the job ends.
+    ``partial``: ``records`` are some of the host's domains (the VM a migration just
+    moved), not a listing: nothing absent from them is marked gone.
     """
     now = timezone.now()
     by_uuid = {r["uuid"]: r for r in records}
@@ -412,21 +414,25 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
             VM.objects.bulk_update(to_update, VM_FIELDS + ["host", "gone", "stale_hosts"], batch_size=200)
             summary["updated"] = len(to_update)
         VM.objects.filter(host=host, uuid__in=list(by_uuid)).update(last_seen_at=now)
-        # Stale copies that vanished from this host.
-        for vm in VM.objects.exclude(stale_hosts=[]).exclude(uuid__in=list(by_uuid)):
+        # Stale copies that vanished from this host (a partial read cannot tell).
+        vanished = VM.objects.none() if partial else VM.objects.exclude(stale_hosts=[])
+        for vm in vanished.exclude(uuid__in=list(by_uuid)):
             if host.name in vm.stale_hosts:
                 vm.stale_hosts = [h for h in vm.stale_hosts if h != host.name]
                 vm.save(update_fields=["stale_hosts"])
         missing = (
             VM.objects.filter(host=host, gone=False).exclude(uuid__in=list(by_uuid)).exclude(pk__in=held)
         )
+        if partial:
+            missing = missing.none()
         summary["gone"] = list(missing.values_list("name", flat=True))
         missing.update(gone=True)
         VMLocation.objects.bulk_create(
             VMLocation(vm=vm, host=host, host_name=host.name, at=now, via=via, note=note)
             for vm, note in locations
         )
-        Host.objects.filter(pk=host.pk).update(last_sync_at=now)
+        if not partial:
+            Host.objects.filter(pk=host.pk).update(last_sync_at=now)
         if summary["added"] or summary["moved"] or summary["gone"]:
             record(
                 "inventory.sync",

@@ -2,6 +2,7 @@
 
 from django.urls import path, register_converter
 
+from fleet.consumers import BatchConsumer
 from migrations_app import consumers
 
 
@@ -23,4 +24,5 @@ register_converter(JobId, "jobid")
 websocket_urlpatterns = [
     path("ws/jobs/", consumers.JobListConsumer.as_asgi()),
     path("ws/jobs/<jobid:job_id>/", consumers.JobProgressConsumer.as_asgi()),
+    path("ws/batches/<jobid:batch_id>/", BatchConsumer.as_asgi()),
 ]

@@ -80,6 +80,10 @@ CATALOG = {
         "The worker's heartbeat stopped (last at %(at)s); asking libvirt what really happened."
     ),
     "reattached": _("libvirt is still migrating the VM: re-attached, monitoring it again."),
+    # Windows of single jobs (migrations_app/windows.py).
+    "waiting": _("Waiting: %(reason)s"),
+    "released": _("Its time came: queued for a worker."),
+    "missed_window": _("Missed its window: not started by %(at)s. The VM was not touched."),
 }
 
 

@@ -254,7 +254,9 @@ def blocking(run, fn, what):
 def conclude_success(run, stats=None, extra=None, *, live=False):
     """Record success: final figures, the VM row moved to the target (location trail
     "migration") in the same pass that reads the completed-job statistics, the job row,
-    the audit event; then the source's inventory (nothing there decides the outcome).
+    the audit event; then both hosts' inventories (nothing there decides the outcome).
+    Only the moved VM is read before the job ends: listing every domain of a busy target
+    took up to a second and held the batch slot (benchmarks/evacuate.py).
     ``live``: read libvirt's completed-job statistics and learn the link speed from them."""
     job = run.job
     if stats is None:
@@ -267,7 +269,7 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
                     stats = dst.job_stats(str(job.vm.uuid), completed=True)
                 except hv.HypervisorError as exc:
                     run.event(("stats_unreadable", {"error": str(exc)}), "warn")
-            records = dst.domains()
+            records = [dst.domain_record(str(job.vm.uuid))]
     except hv.HypervisorError as exc:
         run.event(("sync_failed", {"host": job.target_name, "error": str(exc)}), "warn")
     result = {
@@ -283,7 +285,7 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         result["link_mibs"] = link_sample(job, stats)
         prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
     if records is not None:
-        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration")
+        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration", partial=True)
     run.mark("concluded")
     result["timing_ms"] = dict(run.marks)
     fields = {
@@ -305,9 +307,10 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         # still say how much memory the guest had.
         fields["memory_total"] = stats["memory_total"]
     finish(run, MigrationJob.SUCCEEDED, "", **fields)
-    summary = do_sync_inventory(Host.objects.get(pk=job.source_id))
-    if summary.get("error"):
-        run.event(("sync_failed", {"host": job.source_name, "error": str(summary["error"])}), "warn")
+    for host_id, name in ((job.target_id, job.target_name), (job.source_id, job.source_name)):
+        summary = do_sync_inventory(Host.objects.get(pk=host_id))
+        if summary.get("error"):
+            run.event(("sync_failed", {"host": name, "error": str(summary["error"])}), "warn")
 
 
 def link_sample(job, stats):

@@ -37,12 +37,14 @@ def transition(
     request=None,
     outcome=None,
     details=None,
+    where=None,
     **fields,
 ):
     """Move job ``job_id`` to state ``to`` from one of ``from_`` (default: every state
     the table allows), setting ``fields`` too. ``event`` is a job-log line (text, or a
     (code, params) pair for migrations_app/events.py); ``audit`` an audit action name
-    written with ``details`` (the job's identity is added). Returns True when it moved."""
+    written with ``details`` (the job's identity is added); ``where`` a Q the row must
+    also match (part of the same conditional UPDATE). Returns True when it moved."""
     allowed = states.sources_of(to)
     wanted = tuple(from_) if from_ is not None else allowed
     illegal = [s for s in wanted if s not in allowed]
@@ -52,7 +54,8 @@ def transition(
     if to in states.FINAL:
         fields.setdefault("finished_at", now)
     with transaction.atomic():
-        moved = MigrationJob.objects.filter(pk=job_id, status__in=wanted).update(
+        rows = MigrationJob.objects.filter(pk=job_id, status__in=wanted)
+        moved = (rows.filter(where) if where is not None else rows).update(
             status=to, progress_seq=F("progress_seq") + 1, **fields
         )
         if not moved:

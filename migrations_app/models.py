@@ -133,6 +133,13 @@ class MigrationJob(models.Model):
     elapsed_ms = models.PositiveIntegerField(null=True, blank=True)
     result = models.JSONField(default=dict, blank=True)
     error = models.TextField(blank=True)
+    # Window (migrations_app/windows.py): the worker's claim requires not_before <= now <=
+    # not_after; a job not started by not_after ends cancelled as "missed window".
+    # waiting_for: why a queued job is held (not queued for a worker until it is due).
+    not_before = models.DateTimeField(null=True, blank=True)
+    not_after = models.DateTimeField(null=True, blank=True)
+    ignore_blackouts = models.BooleanField(default=False)  # administrators only, audited
+    waiting_for = models.CharField(max_length=500, blank=True)
     # Cold and offline jobs: every step with a side effect, written before ("started")
     # and after ("done") it runs, so a job whose worker died resumes or rolls back from
     # here (see migrations_app/journal.py).
@@ -171,6 +178,29 @@ class MigrationJob(models.Model):
     def is_cancellable(self):
         """Waiting, queued, preflight or running jobs can be cancelled."""
         return self.status in states.CANCEL_AT_ONCE + states.CANCEL_THROUGH_WORKER
+
+    @property
+    def missed_window(self):
+        """Ended because it was not started before its window closed."""
+        return self.status == self.CANCELLED and bool((self.result or {}).get("missed_window"))
+
+    def _until(self, when):
+        from django.utils import timezone
+
+        if when is None or self.status not in (self.QUEUED, self.PENDING_APPROVAL):
+            return None
+        left = (when - timezone.now()).total_seconds()
+        return left if left > 0 else None
+
+    @property
+    def opens_in(self):
+        """Seconds until the window opens (not started yet), else None."""
+        return self._until(self.not_before)
+
+    @property
+    def closes_in(self):
+        """Seconds until the window closes (not started yet), else None."""
+        return self._until(self.not_after)
 
     @property
     def is_controllable(self):

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from kvmweb.audit.models import AuditEvent
-from migrations_app import modes, states
+from migrations_app import modes, states, windows
 from migrations_app.jobrun import JobRun, finish, worker_name
 from migrations_app.lifecycle import transition
 from migrations_app.models import JobEvent, MigrationJob
@@ -60,7 +60,7 @@ def requeue_lost(now=None):
     requeued = []
     waiting = MigrationJob.objects.filter(
         status=MigrationJob.QUEUED, created_at__lt=now - timedelta(seconds=REQUEUE_AFTER_SECONDS)
-    )
+    ).filter(waiting_for="")  # held on purpose (windows.py): release_due queues them
     for job in waiting.only("pk"):
         recent = JobEvent.objects.filter(
             job=job, message__startswith="Queued again", at__gt=now - timedelta(seconds=REQUEUE_EVERY_SECONDS)
@@ -75,9 +75,11 @@ def requeue_lost(now=None):
 
 
 def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS):
-    """One pass: mark stale jobs, queue lost ones again, then reconcile every job that
+    """One pass: mark stale jobs, queue the held jobs that are due (and end those whose
+    window closed: windows.release_due), queue lost ones again, then reconcile every job that
     needs it. Returns {job_id: outcome} for the jobs it looked at."""
     mark_stale(now, stale_seconds)
+    windows.release_due(now)
     requeue_lost(now)
     results = {}
     for job_id in MigrationJob.objects.filter(status=MigrationJob.NEEDS_RECONCILE).values_list(

@@ -2,9 +2,12 @@
 
 Shape of a run (docs/architecture.md):
 
-1. Claim: a conditional transition queued -> preflight (lifecycle.transition). No row
-   moved means another delivery of the same message (or a cancel) got there first: do
-   nothing. A redelivered or duplicated task is harmless; a migration never starts twice.
+1. Claim: a conditional transition queued -> preflight (lifecycle.transition) that also
+   requires the job's window to be open and no blackout to hold it (windows.py, in the
+   same UPDATE). No row moved means another delivery of the same message (or a cancel)
+   got there first, or the job is not due: then it is held with the reason
+   (windows.hold) and windows.release_due queues it when its time comes. A redelivered
+   or duplicated task is harmless; a migration never starts twice.
 2. Preflight again, right before starting (the world may have changed since the wizard);
    a blocking result fails the job with the new report stored.
 3. The mode runs it (migrations_app/modes/): live modes call migrateToURI3 in a helper
@@ -18,6 +21,7 @@ import logging
 
 from django.conf import settings
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
 from migrations_app import modes
@@ -36,6 +40,7 @@ from migrations_app.lifecycle import transition
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
 from migrations_app.preflight import run_preflight
+from migrations_app.windows import claim_condition, hold, miss, why_not_due
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,11 @@ def run_job(job_id, worker=None):
         worker=worker,
         heartbeat_at=now,
         started_at=now,
+        where=claim_condition(now),
         event=("picked_up", {"worker": worker}),
     )
     if not claimed:
-        log.info("job %s: not claimed (already taken, cancelled or gone); nothing to do", job_id)
-        return None
+        return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     try:
@@ -73,6 +78,22 @@ def run_job(job_id, worker=None):
     finally:
         _close_unused(run)
     return MigrationJob.objects.filter(pk=job_id).values_list("status", flat=True).first()
+
+
+def _not_claimed(job_id, now):
+    """The claim moved nothing: taken, cancelled or gone (nothing to do), or still queued
+    but not due: window not open yet, closed, or a blackout (held with the reason)."""
+    job = MigrationJob.objects.select_related("source", "target").filter(pk=job_id).first()
+    if job is None or job.status != MigrationJob.QUEUED:
+        log.info("job %s: not claimed (already taken, cancelled or gone); nothing to do", job_id)
+        return None
+    if job.not_after and now > job.not_after:
+        miss(job, now)
+        return None
+    # Not due, or a blackout that ended between the claim and now: held either way, the
+    # next release_due pass (seconds) queues it again when it may start.
+    hold(job_id, why_not_due(job, now) or _("Not due at the worker's claim; checked again shortly."))
+    return None
 
 
 def _close_unused(run):

@@ -18,7 +18,7 @@ from hosts.services import refresh_vm_state
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app import states
+from migrations_app import states, windows
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.options import MODE_KEYS, OptionError, clean_control
@@ -120,9 +120,17 @@ def do_create_job(
     acknowledged=(),
     overridden=(),
     reason="",
+    not_before=None,
+    not_after=None,
+    ignore_blackouts=False,
 ):
     """Create the migration job for ``vm`` to ``target`` and queue it (or park it for
     approval when the requester's policy says so).
+
+    ``not_before``/``not_after``: the job's window (migrations_app/windows.py); a job
+    whose window opens later is held, not queued, until it does. A blackout of the source's
+    or target's host group refuses a job that would start now, unless an administrator
+    sets ``ignore_blackouts`` (audited with the request).
 
     Runs the preflight (unless ``report`` is given) before the transaction; refuses with
     JobError when a check blocks (fail not overridden, warning not acknowledged). The
@@ -145,8 +153,19 @@ def do_create_job(
     except PlanError as exc:
         raise JobError(str(exc)) from None
     try:
+        not_before, not_after = windows.clean_window(not_before, not_after)
+    except windows.WindowError as exc:
+        raise JobError(str(exc)) from None
+    window = {
+        "not_before": not_before.isoformat() if not_before else None,
+        "not_after": not_after.isoformat() if not_after else None,
+        "ignore_blackouts": bool(ignore_blackouts),
+    }
+    try:
         decision = check_can_request(actor, vm, target, mode, options)
         check_overrides(actor, report, overridden)
+        if ignore_blackouts and not actor.has_perm("migrations_app.override_preflight"):
+            raise JobError(_("Only an administrator may start a migration inside a blackout window."))
     except JobError as exc:
         with transaction.atomic():
             record(
@@ -164,6 +183,24 @@ def do_create_job(
             _("%(vm)s already has an active migration (job #%(job)d).") % {"vm": vm.name, "job": active.pk},
             active_job=active,
         )
+    now = timezone.now()
+    held = bool(not_before and not_before > now)
+    blackout = "" if ignore_blackouts or held else windows.blocker(source, target, now)
+    if blackout:
+        message = _(
+            "%(why)s Nothing starts inside a blackout window: schedule the migration after it "
+            "(not before), or ask an administrator to override the blackout."
+        ) % {"why": blackout}
+        with transaction.atomic():
+            record(
+                "migration.request",
+                actor=actor,
+                request=request,
+                target=vm,
+                outcome=AuditEvent.DENIED,
+                details={"target": target.name, "mode": mode, "error": message, **window},
+            )
+        raise JobError(message)
     if report is None:
         report = run_preflight(plan)  # libvirt: outside any transaction
     blocking = report.blocking_reasons(acknowledged, overridden)
@@ -201,6 +238,12 @@ def do_create_job(
                 preflight=report.to_dict(),
                 acknowledged=acknowledged,
                 overridden=overridden,
+                not_before=not_before,
+                not_after=not_after,
+                ignore_blackouts=bool(ignore_blackouts),
+                waiting_for=(_("Scheduled: starts at %(t)s.") % {"t": windows.fmt(not_before)})
+                if held
+                else "",
             )
             JobEvent.objects.create(
                 job=job,
@@ -223,9 +266,12 @@ def do_create_job(
                     "acknowledged": acknowledged,
                     "overridden": overridden,
                     "preflight": report.to_dict(),
+                    **window,
                 },
             )
-            if not needs_approval:
+            if held:
+                write_event(job.pk, ("waiting", {"reason": job.waiting_for}))
+            elif not needs_approval:
                 enqueue(job)
     except IntegrityError:
         # Lost the race against a concurrent request for the same VM: the conditional

@@ -227,6 +227,7 @@ class JobHub:
         self.channel = None
         self.listener = None
         self.groups = set()
+        self.feeds = {}  # name -> another app's live feed (fleet's batch pages), see feed()
 
     # -- subscriptions (all on the event loop thread) --
 
@@ -266,9 +267,19 @@ class JobHub:
         if parts:
             await sub.send("".join(parts))
 
+    def feed(self, name, factory):
+        """Another app's live feed ``name`` (made by ``factory()`` on first use), ticked by
+        this poller after the jobs while it has watchers. A feed has ``count()``,
+        ``groups()`` (channel groups that should wake the poller) and ``async tick(hub)``."""
+        if name not in self.feeds:
+            self.feeds[name] = factory()
+        self._ensure_running()
+        return self.feeds[name]
+
     @property
     def watcher_count(self):
-        return len(self.lists) + sum(len(s) for s in self.jobs.values())
+        feeds = sum(f.count() for f in self.feeds.values())
+        return len(self.lists) + sum(len(s) for s in self.jobs.values()) + feeds
 
     @property
     def is_polling(self):
@@ -298,6 +309,8 @@ class JobHub:
                         next_recheck = loop.time() + RECHECK_INTERVAL
                         await self._recheck()
                     await self._tick()
+                    for feed in list(self.feeds.values()):
+                        await feed.tick(self)
                 except Exception:  # a DB hiccup must not kill streaming for everyone
                     log.exception("job progress poller tick failed")
                 interval = POLL_INTERVAL_WITH_LAYER if self.layer else POLL_INTERVAL
@@ -342,6 +355,8 @@ class JobHub:
         wanted = {group_for_job(j) for j in self.jobs}
         if self.lists:
             wanted.add(JOBS_GROUP)
+        for feed in self.feeds.values():
+            wanted |= feed.groups()
         for group in wanted - self.groups:
             await self.layer.group_add(group, self.channel)
         for group in self.groups - wanted:

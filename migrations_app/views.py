@@ -236,6 +236,9 @@ def _wizard_create(request):
             overridden=override,
             report=report,
             reason=request.POST.get("reason", "")[:2000],
+            not_before=request.POST.get("not_before") or None,
+            not_after=request.POST.get("not_after") or None,
+            ignore_blackouts=bool(request.POST.get("ignore_blackouts")),
         )
     except services.JobError as exc:
         if (

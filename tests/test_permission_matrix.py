@@ -1186,6 +1186,8 @@ WS_OBJECTS = (
     "job_alice_past",
     "job_missing",
     "list",
+    "batch_run",  # ws/batches/<id>/ (fleet/consumers.py): the batch page's live rows
+    "batch_missing",
 )
 WS_TIMEOUT = 3
 
@@ -1208,7 +1210,7 @@ def _ws_session(user):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(("obj", "persona"), list(ws_cells()))
 async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, transactional_db, monkeypatch):
-    """ws/jobs/<id>/ and ws/jobs/: anonymous -> closed 4401; a job outside the persona's
+    """ws/jobs/<id>/, ws/jobs/ and ws/batches/<id>/: anonymous -> closed 4401; a job outside the persona's
     scope or one that does not exist -> closed 4404 with nothing sent, and later progress
     of that job reaches nobody who guessed its id; in scope -> the snapshot first."""
     from channels.db import database_sync_to_async
@@ -1225,6 +1227,10 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
         path, job = "/ws/jobs/", None
     elif obj == "job_missing":
         path, job = "/ws/jobs/987654/", None
+    elif obj == "batch_missing":
+        path, job = "/ws/batches/987654/", None
+    elif obj.startswith("batch"):
+        path, job = f"/ws/batches/{world.objects[obj].pk}/", None
     else:
         job = world.objects[obj]
         path = f"/ws/jobs/{job.pk}/"
@@ -1267,6 +1273,10 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
                 while not comm.output_queue.empty():
                     text = comm.output_queue.get_nowait().get("text", "")
                     assert not leaked_names(persona, text), f"{persona} heard {leaked_names(persona, text)}"
+            return
+        if obj == "batch_run" and persona in SCOPE[obj]:
+            first = await comm.receive_from(timeout=WS_TIMEOUT)
+            assert f'id="batch-live-{world.objects[obj].pk}"' in first
             return
         if job is not None and persona in SCOPE[obj]:
             first = await comm.receive_from(timeout=WS_TIMEOUT)

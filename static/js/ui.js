@@ -48,4 +48,15 @@
   });
 
   document.addEventListener("htmx:afterSwap", function () { refresh("vm"); });
+
+  // Countdowns (a job's or a batch's window): <span data-countdown="EPOCH SECONDS">.
+  function countdown() {
+    var now = Date.now() / 1000;
+    document.querySelectorAll("[data-countdown]").forEach(function (el) {
+      var left = Math.max(0, Math.round(parseFloat(el.getAttribute("data-countdown")) - now));
+      var h = Math.floor(left / 3600), m = Math.floor((left % 3600) / 60), s = left % 60;
+      el.textContent = (h ? h + " h " : "") + (h || m ? (m < 10 && h ? "0" : "") + m + " min " : "") + (s < 10 ? "0" : "") + s + " s";
+    });
+  }
+  window.setInterval(countdown, 1000);
 })();

@@ -2,6 +2,8 @@
 transaction, followed to the end, pause/resume/cancel, stop on first failure, the
 scheduler's lease, crash safety of a pass, audit events and the pages."""
 
+import time
+
 import pytest
 from django.db import transaction
 
@@ -178,6 +180,32 @@ def test_it_retries_once_a_child_lost_with_its_worker_before_libvirt_moved_anyth
     scheduler.tick(batch.pk)
     item.refresh_from_db()
     assert item.status == BatchItem.FAILED and MigrationJob.objects.count() == 2
+
+
+def test_it_reacts_at_once_when_a_child_ends(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    assert not scheduler.child_ended(batch.pk) and not scheduler.child_ended()
+    t0 = time.monotonic()
+    assert scheduler.wait_for_work(batch.pk, 0.2) is False  # nothing ended: waited it out
+    assert time.monotonic() - t0 >= 0.2
+    MigrationJob.objects.update(status=MigrationJob.SUCCEEDED)
+    assert scheduler.child_ended(batch.pk) and scheduler.child_ended()
+    t0 = time.monotonic()
+    assert scheduler.wait_for_work(batch.pk, 60) is False
+    assert time.monotonic() - t0 < 30  # returned on the ended child, not after a minute
+    assert scheduler.wait_for_work(None, 60, stop=lambda seconds: True) is True  # worker stops
+
+
+def test_it_does_not_retry_a_child_rolled_back_after_a_side_effect(batch_of):
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    # A cold child whose worker died after the shutdown: reconcile rolled it back (the VM
+    # runs on the source again). Retrying would shut the VM down a second time.
+    journal = [{"step": "begin", "state": "done"}, {"step": "shutdown", "state": "started"}]
+    MigrationJob.objects.update(status=MigrationJob.FAILED, worker="reconcile:w1", journal=journal)
+    scheduler.tick(batch.pk)
+    assert batch.items.get().status == BatchItem.FAILED and MigrationJob.objects.count() == 1
 
 
 def test_it_does_not_retry_a_child_that_failed_on_its_own(batch_of):

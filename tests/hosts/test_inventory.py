@@ -150,3 +150,22 @@ def test_it_ignores_a_listing_older_than_the_vms_last_move(node_xml):
     services.apply_inventory(a, records, listed_at=listed_at)
     web.refresh_from_db()
     assert web.host == b
+
+
+def test_it_applies_a_partial_read_without_burying_the_vms_it_did_not_read(node_xml):
+    """What a migration's conclusion does: only the moved VM is read on the target."""
+    from hosts import hypervisor
+
+    a = register("a", node_xml("a"))
+    b = Host.objects.create(name="b", uri="test:///default")
+    web = VM.objects.get(name="web1")
+    with hypervisor.session(a.uri) as conn:
+        record = conn.domain_record(str(web.uuid))
+    VM.objects.filter(pk=web.pk).update(host=b)  # as if it had been elsewhere
+    synced = Host.objects.get(pk=a.pk).last_sync_at
+    summary = services.apply_inventory(a, [record], via="migration", partial=True)
+    web.refresh_from_db()
+    assert web.host == a and summary["moved"] == ["web1"] and summary["gone"] == []
+    assert VM.objects.filter(host=a, gone=False).count() == 3  # db1, batch1 untouched
+    assert Host.objects.get(pk=a.pk).last_sync_at == synced  # not a full sync
+    assert VMLocation.objects.filter(vm=web, host=a, via="migration").exists()

@@ -18,7 +18,7 @@ import pytest
 
 import lab as labkit
 from hosts import services as host_services
-from hosts.models import VM, Host
+from hosts.models import VM, Host, HostGroup
 from migrations_app.models import MigrationJob
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,33 @@ ROOT = Path(__file__).resolve().parents[2]
 def hosts(lab, db):
     """lab-a and lab-b registered in this test's kvmweb (no inventory sync yet)."""
     return {h: host_services.do_register_host(h, lab.uri(h), sync=False) for h in ("lab-a", "lab-b")}
+
+
+@pytest.fixture
+def world(db, alice):
+    """Hosts ha (group g1) and hb (group g2), test-driver URIs; web1 (alice's) runs on ha."""
+    g1, g2 = HostGroup.objects.create(name="g1"), HostGroup.objects.create(name="g2")
+    a = Host.objects.create(name="ha", uri="test:///default", group=g1)
+    b = Host.objects.create(name="hb", uri="test:///other", group=g2)
+    vm = VM.objects.create(
+        uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", name="web1", host=a, state="running", owner_user=alice
+    )
+    return {"a": a, "b": b, "vm": vm, "g1": g1, "g2": g2}
+
+
+@pytest.fixture
+def passing_preflight(monkeypatch):
+    """run_preflight answers a pass without contacting any host (for service, page, API
+    and command tests of what happens around the checklist)."""
+    import kvmweb.urls  # noqa: F401  (views bind names when the URLconf loads: load it first)
+    from migrations_app.preflight import CheckResult, Report
+
+    def answer(plan, **kwargs):
+        results = [CheckResult("connection", "Connections", "pass", "ok")]
+        return Report(results=results, verdict=Report.verdict_of(results), started_at="", duration_ms=1)
+
+    monkeypatch.setattr("migrations_app.preflight.run_preflight", answer)
+    return answer
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import pytest
 from django.db import IntegrityError, transaction
 from django_q.models import OrmQ
 
-from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.audit.models import AuditEvent
 from migrations_app import services
@@ -17,17 +16,6 @@ from migrations_app.preflight import CheckResult, Report
 def _report(*results):
     results = list(results) or [CheckResult("connection", "Connections", "pass", "ok")]
     return Report(results=results, verdict=Report.verdict_of(results), started_at="", duration_ms=1)
-
-
-@pytest.fixture
-def world(db, alice):
-    g1, g2 = HostGroup.objects.create(name="g1"), HostGroup.objects.create(name="g2")
-    a = Host.objects.create(name="ha", uri="test:///default", group=g1)
-    b = Host.objects.create(name="hb", uri="test:///other", group=g2)
-    vm = VM.objects.create(
-        uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", name="web1", host=a, state="running", owner_user=alice
-    )
-    return {"a": a, "b": b, "vm": vm, "g1": g1, "g2": g2}
 
 
 def test_it_creates_a_queued_job_and_enqueues_it_after_the_commit(

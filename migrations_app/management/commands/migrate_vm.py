@@ -22,6 +22,7 @@ from hosts.services import refresh_vm_state
 from migrations_app.models import MigrationJob
 from migrations_app.options import MODES
 from migrations_app.services import JobError, do_create_job
+from migrations_app.windows import WindowError, clean_window
 
 
 def _timing(label):
@@ -67,6 +68,9 @@ def job_json(job):
         "elapsed_ms": job.elapsed_ms,
         "error": job.error,
         "result": job.result,
+        "not_before": job.not_before.isoformat() if job.not_before else None,
+        "not_after": job.not_after.isoformat() if job.not_after else None,
+        "waiting_for": job.waiting_for,
     }
 
 
@@ -115,6 +119,13 @@ class Command(BaseCommand):
         parser.add_argument("--ack-all", action="store_true", help="acknowledge every warning")
         parser.add_argument("--override", action="append", default=[], help="override a failed check (id)")
         parser.add_argument("--reason", default="")
+        parser.add_argument("--not-before", help="start no earlier than this ISO date-time")
+        parser.add_argument(
+            "--not-after", help="not started by this ISO date-time: the job ends 'missed window'"
+        )
+        parser.add_argument(
+            "--ignore-blackouts", action="store_true", help="administrators: start inside a blackout window"
+        )
         parser.add_argument(
             "--quick",
             action="store_true",
@@ -145,6 +156,10 @@ class Command(BaseCommand):
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
         options = options_from_args(o)
+        try:
+            window = clean_window(o["not_before"], o["not_after"])
+        except WindowError as exc:
+            raise CommandError(str(exc), returncode=2) from None
         refresh_vm_state(vm)  # plan defaults follow the VM's state now, not the last sync
         try:
             plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
@@ -168,6 +183,9 @@ class Command(BaseCommand):
                 acknowledged=acks,
                 overridden=o["override"],
                 reason=o["reason"],
+                not_before=window[0],
+                not_after=window[1],
+                ignore_blackouts=o["ignore_blackouts"],
             )
         except JobError as exc:
             if o["json"]:

@@ -1,0 +1,91 @@
+"""What the lab benchmarks against virsh share (benchmarks/evacuate.py,
+benchmarks/migrate_vs_virsh.py): a throwaway kvmweb (SQLite DB and data dir of its own),
+an operator, the lab hosts registered, a real migrations worker, and `virsh migrate`.
+
+Call ``setup(prefix)`` before importing anything that needs Django.
+"""
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TMP = None
+
+
+def setup(prefix):
+    """A throwaway data dir and SQLite DB, Django set up. Returns the data dir."""
+    global TMP
+    sys.path.insert(0, str(ROOT))
+    TMP = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ["KVMWEB_DATA_DIR"] = str(TMP)
+    os.environ["KVMWEB_SQLITE_PATH"] = str(TMP / "kvmweb.sqlite3")
+    os.environ.pop("DATABASE_URL", None)
+    os.environ.pop("REDIS_URL", None)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+    import django
+
+    django.setup()
+    return TMP
+
+
+def kvmweb(hosts):
+    """Migrate the DB, create an operator and register ``hosts`` (no inventory sync).
+    Returns (user, {name: Host})."""
+    from django.contrib.auth.models import Group, User
+    from django.core.management import call_command
+
+    import lab
+    from hosts import services as host_services
+    from kvmweb.accounts.roles import OPERATOR
+
+    call_command("migrate", verbosity=0)
+    user = User.objects.create_user("bench-operator", password=secrets.token_hex(8))
+    user.groups.add(Group.objects.get(name=OPERATOR))
+    return user, {h: host_services.do_register_host(h, lab.uri(h), sync=False) for h in hosts}
+
+
+def start_worker():
+    """A real `Q_CLUSTER_NAME=migrations manage.py qcluster` (its log in the data dir)."""
+    log = open(TMP / "qcluster.log", "a")  # noqa: SIM115 - lives as long as the worker
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "qcluster"],
+        cwd=ROOT,
+        env=dict(os.environ, Q_CLUSTER_NAME="migrations"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    time.sleep(3)  # workers forked and polling
+    return proc
+
+
+def stop_worker(proc):
+    if proc is None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def virsh_migrate(name, source, target, bandwidth=0):
+    """`virsh migrate --live --p2p --persistent --undefinesource [--bandwidth B]`; its wall
+    time in seconds. SystemExit with virsh's words when it fails."""
+    import lab
+
+    cmd = ["virsh", "-c", lab.uri(source), "migrate", "--live", "--p2p", "--persistent", "--undefinesource"]
+    if bandwidth:
+        cmd += ["--bandwidth", str(bandwidth)]
+    t0 = time.monotonic()
+    r = subprocess.run([*cmd, name, lab.uri(target)], capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"virsh migrate {name} {source} -> {target} failed: {r.stderr.strip()}")
+    return wall
