@@ -750,7 +750,8 @@ def changed_host_key(host, user):
     else None.  Scans only in that case (ssh-keyscan, bounded by KEYSCAN_TIMEOUT)."""
     if not user.has_perm("hosts.change_host") or transport.ssh_target(host.uri) is None:
         return None
-    if host.status != Host.UNREACHABLE or "CHANGED" not in (host.last_error or ""):
+    # libssh's own words are kept in the stored error (hypervisor._explain_ssh).
+    if host.status != Host.UNREACHABLE or "differs from stored identity" not in (host.last_error or ""):
         return None
     state, stored, scanned, _error = host_key_state(host.uri)
     if state != transport.CHANGED:
