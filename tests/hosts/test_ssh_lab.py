@@ -12,10 +12,9 @@ from hosts import services as host_services
 from hosts import transport
 from hosts.models import VM, Host
 from kvmweb.audit.models import AuditEvent
-from migrations_app import runner
+from migrations_app import preflight, runner
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
-from migrations_app import preflight
 from migrations_app.services import do_create_job
 
 pytestmark = pytest.mark.lab
@@ -79,7 +78,9 @@ def test_it_adds_a_host_over_ssh_confirming_its_fingerprint_and_live_migrates_pe
     guest = lab_guest("ssh-live")
     assert not host_services.do_sync_inventory(hosts["lab-a"])["error"]
     vm = VM.objects.get(uuid=guest.uuid)
-    report = preflight.run_preflight(MigrationPlan(vm, vm.host, hosts["lab-b"], "live", {}), measure_dirty_rate=False)
+    report = preflight.run_preflight(
+        MigrationPlan(vm, vm.host, hosts["lab-b"], "live", {}), measure_dirty_rate=False
+    )
     assert not report.fails, [(r.id, r.message) for r in report.fails]
     check = {r.id: r for r in report.results}["transport"]
     assert "SSH" in check.message and str(kh) in check.message
@@ -148,7 +149,9 @@ def test_it_names_each_ssh_failure_with_its_remedy_and_changes_nothing(
     assert labkit.stop_sshd("lab-b")
     try:
         vm = VM.objects.get(uuid=guest.uuid)
-        report = preflight.run_preflight(MigrationPlan(vm, vm.host, target_b, "live", {}), measure_dirty_rate=False)
+        report = preflight.run_preflight(
+            MigrationPlan(vm, vm.host, target_b, "live", {}), measure_dirty_rate=False
+        )
         fails = {r.id: r for r in report.fails}
         assert "Cannot reach the SSH server" in fails["connection"].message
         assert "sshd" in fails["connection"].remedy
