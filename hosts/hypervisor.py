@@ -46,6 +46,7 @@ MIGRATE_FLAGS = {
     "auto_converge": libvirt.VIR_MIGRATE_AUTO_CONVERGE,
     "postcopy": libvirt.VIR_MIGRATE_POSTCOPY,
     "parallel": libvirt.VIR_MIGRATE_PARALLEL,
+    "tls": libvirt.VIR_MIGRATE_TLS,  # QEMU's memory/disk stream over TLS (virsh migrate --tls)
 }
 # Typed parameters of migrateToURI3 (names are libvirt's strings, e.g. "bandwidth").
 # Max downtime is NOT a migrate parameter: it is set with migrateSetMaxDowntime() once the

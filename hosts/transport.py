@@ -489,3 +489,66 @@ def build_uri(transport, address, *, user="root", port=None, pkipath=""):
     if transport == "tcp":
         return f"qemu+tcp://{netloc}/system"
     raise ValueError(transport)
+
+
+# ------------------------------------------------------------------ transport options
+
+# Option -> (virsh flag, minimum libvirt version, minimum QEMU version) on both hosts.
+TRANSPORT_OPTIONS = {
+    "tls": ("--tls", 3_009_000, 2_011_000),
+    "tunnelled": ("--p2p --tunnelled", 0, 0),
+    "parallel": ("--parallel --parallel-connections N", 5_002_000, 4_000_000),
+    "compression": ("--compressed", 0, 0),
+}
+
+
+def _ver(number):
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def option_support(source_facts, target_facts, options):
+    """{option: {"chosen", "supported", "virsh", "note"}} for the migration transport
+    options, from both hosts' libvirt and QEMU versions (facts of hosts/hypervisor.py)."""
+    out = {}
+    for name, (virsh, libvirt_min, qemu_min) in TRANSPORT_OPTIONS.items():
+        low_libvirt = min(source_facts.get("libvirt_version") or 0, target_facts.get("libvirt_version") or 0)
+        low_qemu = min(
+            source_facts.get("hypervisor_version") or 0, target_facts.get("hypervisor_version") or 0
+        )
+        supported = low_libvirt >= libvirt_min and low_qemu >= qemu_min
+        note = ""
+        if not supported:
+            note = _("needs libvirt %(lv)s and QEMU %(qv)s on both hosts") % {
+                "lv": _ver(libvirt_min),
+                "qv": _ver(qemu_min),
+            }
+        elif name == "tls":
+            note = _(
+                "both hosts need default_tls_x509_cert_dir in qemu.conf with certificates of one CA "
+                "(libvirt reports a missing one when the migration starts)"
+            )
+        out[name] = {"chosen": bool(options.get(name)), "supported": supported, "virsh": virsh, "note": note}
+    return out
+
+
+def with_option_support(result, source_facts, target_facts, options):
+    """The transport check's (status, message, remedy, details) with what the hosts
+    support of the transport options; a chosen option they do not support fails."""
+    status, message, remedy, details = result
+    support = option_support(source_facts, target_facts, options)
+    details = {**details, "options": support}
+    usable = [n for n, s in support.items() if s["supported"]]
+    message = f"{message} " + _("Transport options both hosts support: %(names)s.") % {
+        "names": ", ".join(f"{n} ({support[n]['virsh']})" for n in usable) or "—"
+    }
+    refused = [n for n, s in support.items() if s["chosen"] and not s["supported"]]
+    if refused:
+        status = "fail"
+        remedy = " ".join(
+            [remedy]
+            + [
+                _("Turn off %(name)s: it %(note)s.") % {"name": n, "note": support[n]["note"]}
+                for n in refused
+            ]
+        ).strip()
+    return status, message, remedy, details

@@ -122,6 +122,9 @@ SCHEMA = {
             choices=("abort", "postcopy"),
         ),
         Option("tunnelled", "bool", False, gettext_lazy("Tunnelled through libvirtd"), LIVE),
+        Option(
+            "tls", "bool", False, gettext_lazy("Native TLS for the memory stream (virsh migrate --tls)"), LIVE
+        ),
         Option("migrate_uri", "uri", None, gettext_lazy("Migration URI (tcp://address)"), LIVE),
         Option(
             "copy_storage",

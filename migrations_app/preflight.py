@@ -2020,6 +2020,14 @@ def check_transport(ctx):
     status, message, remedy, details = transport.migration_check(
         ctx.source, ctx.target, tunnelled=bool(ctx.options.get("tunnelled"))
     )
+    # --- transport options both hosts support (hosts/transport.py option_support) ---
+    try:
+        status, message, remedy, details = transport.with_option_support(
+            (status, message, remedy, details), ctx.host("source"), ctx.host("target"), ctx.options
+        )
+    except hypervisor.HypervisorError:
+        pass  # the connection check names the unreachable host
+    # --- end transport options ---
     return _result("transport", status, message, remedy, details)
 
 
