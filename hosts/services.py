@@ -861,7 +861,7 @@ def check_connection(uri, timeout=5):
                 steps.append(_step("tcp", _("TCP connection"), PASS, f"{address}:{port}"))
             except OSError as exc:
                 blocked = True
-                service = _("sshd") if sch in transport.SSH_SCHEMES else _("libvirtd")
+                service = "sshd" if sch in transport.SSH_SCHEMES else "libvirtd"  # program names
                 steps.append(
                     _step(
                         "tcp",
