@@ -170,6 +170,13 @@ def start_sshd(names) -> None:
         raise LabError(f"{failed[0]}: sshd did not start: {sshd.failure(host_dir(failed[0]))}")
 
 
+def _start_sshd_quietly(names) -> None:
+    """sshd is for the SSH tests only: a failure (port 22 taken by a system sshd on
+    0.0.0.0, say) must not take the lab from everyone else; require_ssh() names it."""
+    with contextlib.suppress(LabError, OSError, subprocess.SubprocessError):
+        start_sshd(names)
+
+
 def stop_sshd(name: str) -> bool:
     """Stop one host's sshd (verified PID); True when one was running.  Tests use it to
     provoke "sshd down"; start_sshd() brings it back."""
@@ -761,7 +768,7 @@ def up(n: int = 2) -> list[str]:
     with _locked():
         _upgrade_without_tls(names)
         if all(_host_running(h) and _port_open(h) for h in names) and _shared_healthy():
-            start_sshd(names)
+            _start_sshd_quietly(names)
             return []
         _check_namespaces()
         if not _shared_healthy():
@@ -793,7 +800,7 @@ def up(n: int = 2) -> list[str]:
                 _ensure_pools(name)
             except _libvirt().libvirtError as exc:
                 raise LabError(f"{name}: storage pools: {exc.get_error_message()}") from None
-        start_sshd(names)
+        _start_sshd_quietly(names)
         return list(procs)
 
 

@@ -14,7 +14,7 @@ from hosts import services, transport
 from hosts.models import VM, Host
 from hosts.uris import InvalidURI, validate_uri
 from kvmweb.audit.models import AuditEvent
-from migrations_app.plan import MigrationPlan
+from migrations_app.plan import MigrationPlan, PlanError
 
 pytestmark = pytest.mark.django_db
 
@@ -165,6 +165,10 @@ def test_it_maps_native_tls_to_its_flag_and_says_which_options_the_hosts_support
     vm = VM.objects.create(uuid="11111111-2222-3333-4444-555555555599", name="w", host=a, state=VM.RUNNING)
     plan = MigrationPlan(vm=vm, source=a, target=b, mode="live", options={"tls": True})
     assert plan.flags() & libvirt.VIR_MIGRATE_TLS and "--tls" in plan.virsh_command()
+    with pytest.raises(PlanError, match="tunnelled"):
+        MigrationPlan(
+            vm=vm, source=a, target=b, mode="live", options={"tls": True, "tunnelled": True}
+        ).validate()
     new = {"libvirt_version": 9_000_000, "hypervisor_version": 7_002_000}
     old = {"libvirt_version": 3_000_000, "hypervisor_version": 2_005_000}
     support = transport.option_support(new, new, {"tls": True})
