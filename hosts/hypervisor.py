@@ -150,6 +150,13 @@ def _explain_ssh(problem, raw, uri):
         ),
     }
     message, remedy = texts[problem]
+    if problem in ("host_key_unknown", "host_key_changed") and str(uri).startswith("qemu+ssh:"):
+        # The ssh binary ignores the URI's known_hosts: kvmweb's confirmations do not apply.
+        remedy = _(
+            "qemu+ssh runs the ssh program, which checks ~/.ssh/known_hosts of the user kvmweb runs as: "
+            "put the host's key there after comparing its fingerprint, or add the host with the wizard "
+            "(qemu+libssh), where kvmweb's confirmed keys apply."
+        )
     return message % {"uri": uri, "raw": raw}, remedy
 
 

@@ -646,14 +646,25 @@ def _known_hosts_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _ssh_target_or_error(uri):
+def _ssh_target_or_error(uri, action, actor, request):
+    """The SSHTarget of ``uri``, or HostError (audited as a failed host-key action)."""
     try:
-        uri = validate_uri(uri)
+        target = transport.ssh_target(validate_uri(uri))
+        message = "" if target else _("Host keys apply to SSH URIs only (qemu+ssh, qemu+libssh).")
     except InvalidURI as exc:
-        raise HostError(str(exc)) from None
-    target = transport.ssh_target(uri)
-    if target is None:
-        raise HostError(_("Host keys apply to SSH URIs only (qemu+ssh, qemu+libssh)."))
+        message = str(exc)
+    if message:
+        with transaction.atomic():
+            record(
+                "host.ssh_hostkey",
+                actor=actor,
+                request=request,
+                target_type="hosts.sshhostkey",
+                target_name=(uri or "")[:200],
+                outcome=AuditEvent.FAILURE,
+                details={"action": action, "error": message},
+            )
+        raise HostError(message)
     return target
 
 
@@ -677,8 +688,8 @@ def do_confirm_host_key(uri, fingerprint, *, actor=None, request=None, replace=F
     or someone may sit in the middle since).  A host whose stored key differs is refused
     unless ``replace`` (the audited "replace host key" action).  Returns the stored
     HostKeys.  Audited as ``host.ssh_hostkey`` (action confirm / replace), failures too."""
-    target = _ssh_target_or_error(uri)
     action = "replace" if replace else "confirm"
+    target = _ssh_target_or_error(uri, action, actor, request)
     path = target.known_hosts or transport.known_hosts_path()
 
     def refuse(message, **details):
