@@ -2025,7 +2025,7 @@ def check_transport(ctx):
         status, message, remedy, details = transport.with_option_support(
             (status, message, remedy, details), ctx.host("source"), ctx.host("target"), ctx.options
         )
-    except hypervisor.HypervisorError:
+    except (hypervisor.HypervisorError, Unavailable):
         pass  # the connection check names the unreachable host
     # --- end transport options ---
     return _result("transport", status, message, remedy, details)
