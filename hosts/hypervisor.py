@@ -104,12 +104,12 @@ class SSHError(HypervisorError):
 
 
 def _ssh_problem(lowered):
-    """Which SSH problem a libvirt message (libssh transport or ssh binary) describes."""
+    """Which SSH problem a libvirt message (libssh2/libssh transports or ssh binary) describes."""
     if "host key verification failed" in lowered and "differs from stored identity" in lowered:
         return "host_key_changed"
     if "can't verify the session host key" in lowered or "host key verification failed" in lowered:
         return "host_key_unknown"
-    if "error while reading private key" in lowered:
+    if "error while reading private key" in lowered or "can't retrieve private key passphrase" in lowered:
         return "key_unreadable"
     if (
         "authentication methods with credentials were rejected" in lowered
@@ -155,7 +155,7 @@ def _explain_ssh(problem, raw, uri):
         remedy = _(
             "qemu+ssh runs the ssh program, which checks ~/.ssh/known_hosts of the user kvmweb runs as: "
             "put the host's key there after comparing its fingerprint, or add the host with the wizard "
-            "(qemu+libssh), where kvmweb's confirmed keys apply."
+            "(qemu+libssh2), where kvmweb's confirmed keys apply."
         )
     return message % {"uri": uri, "raw": raw}, remedy
 
@@ -242,7 +242,9 @@ def _explain(exc, uri, what):
     if problem:
         message, remedy = _explain_tls(problem, raw, uri)
         return TLSCertificateError(message, problem=problem, code=code, remedy=remedy)
-    if "connection refused" in lowered and str(uri).startswith(("qemu+ssh:", "qemu+libssh:")):
+    if "connection refused" in lowered and str(uri).startswith(
+        ("qemu+ssh:", "qemu+libssh2:", "qemu+libssh:")
+    ):
         return SSHError(
             _("Cannot reach the SSH server of %(uri)s: connection refused.") % {"uri": uri},
             problem="sshd_down",

@@ -650,7 +650,9 @@ def _ssh_target_or_error(uri, action, actor, request):
     """The SSHTarget of ``uri``, or HostError (audited as a failed host-key action)."""
     try:
         target = transport.ssh_target(validate_uri(uri))
-        message = "" if target else _("Host keys apply to SSH URIs only (qemu+ssh, qemu+libssh).")
+        message = (
+            "" if target else _("Host keys apply to SSH URIs only (qemu+ssh, qemu+libssh2, qemu+libssh).")
+        )
     except InvalidURI as exc:
         message = str(exc)
     if message:
@@ -761,7 +763,7 @@ def changed_host_key(host, user):
     else None.  Scans only in that case (ssh-keyscan, bounded by KEYSCAN_TIMEOUT)."""
     if not user.has_perm("hosts.change_host") or transport.ssh_target(host.uri) is None:
         return None
-    # libssh's own words are kept in the stored error (hypervisor._explain_ssh).
+    # libvirt's own words are kept in the stored error (hypervisor._explain_ssh).
     if host.status != Host.UNREACHABLE or "differs from stored identity" not in (host.last_error or ""):
         return None
     state, stored, scanned, _error = host_key_state(host.uri)

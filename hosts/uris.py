@@ -28,10 +28,19 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-# qemu+libssh: libvirt's built-in SSH client, the one SSH transport that honours
-# ``known_hosts=`` (qemu+ssh runs the ssh binary, which reads ~/.ssh/known_hosts).
-ALLOWED_SCHEMES = {"qemu", "qemu+ssh", "qemu+libssh", "qemu+tls", "qemu+tcp", "qemu+unix", "test"}
-SSH_SCHEMES = {"qemu+ssh", "qemu+libssh"}
+# qemu+libssh2 / qemu+libssh: libvirt's built-in SSH clients, the SSH transports that
+# honour ``known_hosts=`` (qemu+ssh runs the ssh binary, which reads ~/.ssh/known_hosts).
+ALLOWED_SCHEMES = {
+    "qemu",
+    "qemu+ssh",
+    "qemu+libssh2",
+    "qemu+libssh",
+    "qemu+tls",
+    "qemu+tcp",
+    "qemu+unix",
+    "test",
+}
+SSH_SCHEMES = {"qemu+ssh", "qemu+libssh2", "qemu+libssh"}
 ALLOWED_PATHS = {"qemu": {"/system", "/session"}}
 # Parameter -> transports where it is accepted. Everything else is refused.
 SAFE_PARAMS = {
@@ -42,7 +51,7 @@ SAFE_PARAMS = {
     "no_tty": {"qemu+ssh"},
     "pkipath": {"qemu+tls"},
     "tls_priority": {"qemu+tls"},
-    "mode": {"qemu+ssh", "qemu+libssh", "qemu+tls", "qemu+tcp", "qemu+unix"},
+    "mode": {"qemu+ssh", "qemu+libssh2", "qemu+libssh", "qemu+tls", "qemu+tcp", "qemu+unix"},
     "proxy": SSH_SCHEMES,
 }
 PARAM_VALUES = {
@@ -61,7 +70,7 @@ REFUSED_REASONS = {
     "name": gettext_lazy("it overrides which hypervisor driver the remote end opens"),
 }
 FORBIDDEN_CHARS = set(" \t\r\n\"'`;|$<>\\")
-DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22, "qemu+libssh": 22}
+DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22, "qemu+libssh2": 22, "qemu+libssh": 22}
 HOST_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 HOST_NAME = re.compile(rf"{HOST_LABEL}(\.{HOST_LABEL})*")
 # What inet_aton (and so getaddrinfo) reads as an IPv4 address: 1 to 4 parts, decimal,
@@ -155,7 +164,7 @@ def validate_uri(uri):
             )
         if scheme in ("qemu", "qemu+unix") and parts.hostname:
             raise InvalidURI(_("%(scheme)s URIs connect locally and take no host name.") % {"scheme": scheme})
-        if scheme in ("qemu+ssh", "qemu+libssh", "qemu+tls", "qemu+tcp") and not parts.hostname:
+        if scheme in ("qemu+tls", "qemu+tcp", *SSH_SCHEMES) and not parts.hostname:
             raise InvalidURI(_("%(scheme)s URIs need a host name.") % {"scheme": scheme})
         try:
             parts.port  # noqa: B018  (raises on a malformed port)

@@ -92,10 +92,11 @@ def uri(name: str, transport: str = "tcp", client: str = "client") -> str:
     if transport == "ssh":
         from . import sshd
 
-        # libssh: the only SSH transport of libvirt that takes known_hosts from the URI
-        # (qemu+ssh runs the ssh binary, which reads ~/.ssh/known_hosts of the user).
+        # libssh2: an SSH transport of libvirt that takes known_hosts from the URI (qemu+ssh
+        # runs the ssh binary, which reads ~/.ssh/known_hosts of the user; qemu+libssh
+        # stalls each reply over ~4 KiB until the next keepalive, 5 s).
         return (
-            f"qemu+libssh://root@{ip(name)}/system?keyfile={sshd.client_key(LAB_DIR)}"
+            f"qemu+libssh2://root@{ip(name)}/system?keyfile={sshd.client_key(LAB_DIR)}"
             f"&known_hosts={sshd.known_hosts(LAB_DIR)}"
         )
     raise LabError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")

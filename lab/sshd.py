@@ -1,4 +1,4 @@
-"""An OpenSSH server per lab host, for qemu+ssh / qemu+libssh connections and peer-to-peer
+"""An OpenSSH server per lab host, for qemu+ssh / qemu+libssh2 connections and peer-to-peer
 migration over SSH.
 
 No system sshd is installed or started: scripts/setup.sh unpacks the Debian packages

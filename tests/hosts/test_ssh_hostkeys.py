@@ -47,9 +47,9 @@ def _uri(address="kvm1.example.com", port=None):
     return validate_uri(transport.build_uri("ssh", address, user="root", port=port))
 
 
-def test_it_builds_libssh_uris_naming_kvmwebs_key_and_known_hosts(data_dir):
+def test_it_builds_libssh2_uris_naming_kvmwebs_key_and_known_hosts(data_dir):
     uri = _uri(port=2222)
-    assert uri.startswith("qemu+libssh://root@kvm1.example.com:2222/system?")
+    assert uri.startswith("qemu+libssh2://root@kvm1.example.com:2222/system?")
     assert (
         f"keyfile={data_dir / 'ssh' / 'id_ed25519'}" in uri
         and f"known_hosts={data_dir / 'ssh' / 'known_hosts'}" in uri
@@ -60,7 +60,7 @@ def test_it_builds_libssh_uris_naming_kvmwebs_key_and_known_hosts(data_dir):
     )
     for silent in ("auto", "ignore"):  # no silent trust of host keys
         with pytest.raises(InvalidURI, match="known_hosts_verify"):
-            validate_uri(f"qemu+libssh://root@h/system?known_hosts_verify={silent}")
+            validate_uri(f"qemu+libssh2://root@h/system?known_hosts_verify={silent}")
 
 
 def test_it_stores_a_confirmed_fingerprint_in_its_own_known_hosts_and_audits_it(data_dir, presents, admin):
@@ -155,7 +155,7 @@ def test_it_names_libssh_failures_with_a_remedy():
     for raw, problem in cases.items():
         exc = libvirt.libvirtError(raw)
         exc.err = (libvirt.VIR_ERR_AUTH_FAILED, 0, raw, 0, "", "", "", 0, 0)
-        named = hypervisor._explain(exc, "qemu+libssh://root@h/system", "Connecting")
+        named = hypervisor._explain(exc, "qemu+libssh2://root@h/system", "Connecting")
         assert isinstance(named, hypervisor.SSHError) and named.problem == problem and named.remedy
 
 

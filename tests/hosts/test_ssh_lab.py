@@ -57,7 +57,7 @@ def test_it_adds_a_host_over_ssh_confirming_its_fingerprint_and_live_migrates_pe
     ssh_lab, lab_guest, admin
 ):
     uri = _uri("lab-a")
-    assert uri.startswith("qemu+libssh://root@") and f"known_hosts={transport.known_hosts_path()}" in uri
+    assert uri.startswith("qemu+libssh2://root@") and f"known_hosts={transport.known_hosts_path()}" in uri
     steps = _steps(uri)
     assert [steps[s]["status"] for s in ("uri", "resolve", "tcp")] == ["pass"] * 3
     first = steps["host_key"]
