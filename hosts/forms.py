@@ -93,3 +93,40 @@ class HostGroupForm(forms.Form):
         required=False,
         help_text=_("A host belongs to one group; picking it here moves it from its current group."),
     )
+
+
+class ConnectForm(forms.Form):
+    """The add-host wizard's answers; ``uri()`` turns them into a libvirt URI."""
+
+    transport = forms.ChoiceField(
+        label=_("Transport"),
+        choices=[
+            ("ssh", _("SSH (kvmweb's key, host key confirmed here)")),
+            ("tls", _("TLS (client certificate)")),
+            ("tcp", _("TCP without encryption (lab or trusted network only)")),
+        ],
+    )
+    user = forms.CharField(label=_("SSH user"), max_length=64, required=False, initial="root")
+    address = forms.CharField(label=_("Host name or address"), max_length=253)
+    port = forms.IntegerField(label=_("Port"), min_value=1, max_value=65535, required=False)
+    pkipath = forms.CharField(label=_("TLS certificate directory (pkipath)"), max_length=300, required=False)
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        from hosts import transport
+
+        try:
+            data["uri"] = validate_uri(
+                transport.build_uri(
+                    data["transport"],
+                    data["address"],
+                    user=data.get("user") or "root",
+                    port=data.get("port"),
+                    pkipath=data.get("pkipath") or "",
+                )
+            )
+        except InvalidURI as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return data

@@ -48,6 +48,7 @@ MIGRATE_FLAGS = {
     "auto_converge": libvirt.VIR_MIGRATE_AUTO_CONVERGE,
     "postcopy": libvirt.VIR_MIGRATE_POSTCOPY,
     "parallel": libvirt.VIR_MIGRATE_PARALLEL,
+    "tls": libvirt.VIR_MIGRATE_TLS,  # QEMU's memory/disk stream over TLS (virsh migrate --tls)
 }
 # Typed parameters of migrateToURI3 (names are libvirt's strings, e.g. "bandwidth").
 # Max downtime is NOT a migrate parameter: it is set with migrateSetMaxDowntime() once the
@@ -93,6 +94,72 @@ class TLSCertificateError(HypervisorError):
     def __init__(self, message, *, problem, **kwargs):
         super().__init__(message, **kwargs)
         self.problem = problem
+
+
+class SSHError(HypervisorError):
+    """An SSH connection failed on the host key or the login; ``problem`` is one of
+    "host_key_unknown", "host_key_changed", "auth_rejected", "key_unreadable", "sshd_down"."""
+
+    def __init__(self, message, *, problem, **kwargs):
+        super().__init__(message, **kwargs)
+        self.problem = problem
+
+
+def _ssh_problem(lowered):
+    """Which SSH problem a libvirt message (libssh2/libssh transports or ssh binary) describes."""
+    if "host key verification failed" in lowered and "differs from stored identity" in lowered:
+        return "host_key_changed"
+    if "can't verify the session host key" in lowered or "host key verification failed" in lowered:
+        return "host_key_unknown"
+    if "error while reading private key" in lowered or "can't retrieve private key passphrase" in lowered:
+        return "key_unreadable"
+    if (
+        "authentication methods with credentials were rejected" in lowered
+        or "permission denied (publickey" in lowered
+    ):
+        return "auth_rejected"
+    return ""
+
+
+def _explain_ssh(problem, raw, uri):
+    texts = {
+        "host_key_unknown": (
+            _("The SSH host key of %(uri)s is not confirmed in kvmweb's known_hosts."),
+            _(
+                'Run "Test connection" in the Add host wizard, compare the fingerprint with '
+                "`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on the host and confirm it."
+            ),
+        ),
+        "host_key_changed": (
+            _(
+                "The SSH host key of %(uri)s has CHANGED since it was confirmed; kvmweb does not connect: %(raw)s"
+            ),
+            _(
+                "If the host was reinstalled or its keys were regenerated, check the new fingerprint on the "
+                'host console and use "Replace host key" on the host\'s page; otherwise treat it as an attack.'
+            ),
+        ),
+        "auth_rejected": (
+            _("The host %(uri)s rejected kvmweb's SSH key."),
+            _(
+                "Append kvmweb's public key (Hosts page) to ~/.ssh/authorized_keys of the URI's user on the "
+                "host; for peer-to-peer migration every source host's libvirtd uses the same key."
+            ),
+        ),
+        "key_unreadable": (
+            _("kvmweb cannot read the SSH key named in %(uri)s: %(raw)s"),
+            _("Generate kvmweb's SSH key on the Hosts page, or set KVMWEB_SSH_KEY_FILE to a readable key."),
+        ),
+    }
+    message, remedy = texts[problem]
+    if problem in ("host_key_unknown", "host_key_changed") and str(uri).startswith("qemu+ssh:"):
+        # The ssh binary ignores the URI's known_hosts: kvmweb's confirmations do not apply.
+        remedy = _(
+            "qemu+ssh runs the ssh program, which checks ~/.ssh/known_hosts of the user kvmweb runs as: "
+            "put the host's key there after comparing its fingerprint, or add the host with the wizard "
+            "(qemu+libssh2), where kvmweb's confirmed keys apply."
+        )
+    return message % {"uri": uri, "raw": raw}, remedy
 
 
 def _tls_problem(lowered):
@@ -169,10 +236,26 @@ def _explain(exc, uri, what):
         return DomainNotFound(
             _("%(what)s: no such VM on %(uri)s (%(raw)s)") % {"what": what, "uri": uri, "raw": raw}, code=code
         )
+    ssh_problem = _ssh_problem(lowered)
+    if ssh_problem:
+        message, remedy = _explain_ssh(ssh_problem, raw, uri)
+        return SSHError(message, problem=ssh_problem, code=code, remedy=remedy)
     problem = _tls_problem(lowered)
     if problem:
         message, remedy = _explain_tls(problem, raw, uri)
         return TLSCertificateError(message, problem=problem, code=code, remedy=remedy)
+    if "connection refused" in lowered and str(uri).startswith(
+        ("qemu+ssh:", "qemu+libssh2:", "qemu+libssh:")
+    ):
+        return SSHError(
+            _("Cannot reach the SSH server of %(uri)s: connection refused.") % {"uri": uri},
+            problem="sshd_down",
+            code=code,
+            remedy=_(
+                "Start sshd on the host (systemctl start ssh) and check that it listens on the URI's port "
+                "and that no firewall blocks it."
+            ),
+        )
     if "connection refused" in lowered:
         return HypervisorError(
             _("Cannot reach libvirtd at %(uri)s: connection refused.") % {"uri": uri},
@@ -199,12 +282,6 @@ def _explain(exc, uri, what):
             _("libvirt at %(uri)s refused the credentials: %(raw)s") % {"uri": uri, "raw": raw},
             code=code,
             remedy=_("Check the SSH key or TLS client certificate kvmweb uses for this host."),
-        )
-    if "host key verification failed" in lowered:
-        return HypervisorError(
-            _("SSH host key verification failed for %(uri)s.") % {"uri": uri},
-            code=code,
-            remedy=_("Add the host's key to known_hosts of the user kvmweb runs as."),
         )
     if code == libvirt.VIR_ERR_NO_SUPPORT:
         return HypervisorError(

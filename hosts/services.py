@@ -3,7 +3,12 @@ transaction. libvirt is never called inside a transaction: a slow host must not 
 database write lock, so every service reads from libvirt first, then writes atomically.
 """
 
+import fcntl
 import logging
+import socket
+import threading
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -11,7 +16,7 @@ from django.utils.translation import gettext as _
 
 from hosts import busy, hypervisor, transport
 from hosts.models import VM, Host, HostGroup, VMLocation
-from hosts.uris import InvalidURI, normalize_uri, validate_uri
+from hosts.uris import DEFAULT_PORTS, InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 
@@ -123,6 +128,11 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     # One machine, one host row: two rows for the same libvirtd would each claim its VMs
     # and every sync would move them from one row to the other.
     host_uuid, unreachable = _probe_uuid(uri)
+    if isinstance(unreachable, hypervisor.SSHError) and unreachable.problem != "sshd_down":
+        # Unknown or changed host key, key not authorised: no silent trust and no retry
+        # can fix it, so nothing is registered (an sshd that is down is a host that is down).
+        message = f"{unreachable.message} {unreachable.remedy}"
+        _refuse_registration(name, uri, actor, request, message, ssh_problem=unreachable.problem)
     if isinstance(unreachable, hypervisor.TLSCertificateError):
         # Not a host that is down for a while: no connection can ever succeed with this
         # certificate, so nothing is registered and the remedy is shown at once.
@@ -741,3 +751,385 @@ def do_delete_host_group(group, *, actor, request=None):
             details={"hosts": sorted(group.hosts.values_list("name", flat=True))},
         )
         group.delete()
+
+
+# ------------------------------------------------------------------ SSH host keys
+
+
+@contextmanager
+def _known_hosts_lock():
+    """Serialise writers of kvmweb's known_hosts across processes (web, workers)."""
+    path = transport.known_hosts_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ssh_target_or_error(uri, action, actor, request):
+    """The SSHTarget of ``uri``, or HostError (audited as a failed host-key action)."""
+    try:
+        target = transport.ssh_target(validate_uri(uri))
+        message = (
+            "" if target else _("Host keys apply to SSH URIs only (qemu+ssh, qemu+libssh2, qemu+libssh).")
+        )
+    except InvalidURI as exc:
+        message = str(exc)
+    if message:
+        with transaction.atomic():
+            record(
+                "host.ssh_hostkey",
+                actor=actor,
+                request=request,
+                target_type="hosts.sshhostkey",
+                target_name=(uri or "")[:200],
+                outcome=AuditEvent.FAILURE,
+                details={"action": action, "error": message},
+            )
+        raise HostError(message)
+    return target
+
+
+def _host_key_event(target, action, actor, request, outcome=AuditEvent.SUCCESS, **details):
+    record(
+        "host.ssh_hostkey",
+        actor=actor,
+        request=request,
+        target_type="hosts.sshhostkey",
+        target_name=target.token,
+        outcome=outcome,
+        details={"action": action, **details},
+    )
+
+
+def do_confirm_host_key(uri, fingerprint, *, actor=None, request=None, replace=False):
+    """Store the host key of an SSH URI's host in kvmweb's known_hosts, after an
+    administrator compared ``fingerprint`` (what the page showed) with the host.
+
+    The key is scanned again and must still have that fingerprint (the page may be old,
+    or someone may sit in the middle since).  A host whose stored key differs is refused
+    unless ``replace`` (the audited "replace host key" action).  Returns the stored
+    HostKeys.  Audited as ``host.ssh_hostkey`` (action confirm / replace), failures too."""
+    action = "replace" if replace else "confirm"
+    target = _ssh_target_or_error(uri, action, actor, request)
+    path = target.known_hosts or transport.known_hosts_path()
+
+    def refuse(message, **details):
+        with transaction.atomic():
+            _host_key_event(target, action, actor, request, AuditEvent.FAILURE, error=message, **details)
+        raise HostError(message)
+
+    if str(path) != str(transport.known_hosts_path()):
+        refuse(
+            _("This URI names another known_hosts file (%(path)s); kvmweb only writes its own (%(own)s).")
+            % {"path": path, "own": transport.known_hosts_path()}
+        )
+    try:
+        scanned = transport.scan_host_keys(target.address, target.port)
+    except transport.KeyScanError as exc:
+        refuse(_("Cannot read the host key of %(host)s: %(error)s") % {"host": target.token, "error": exc})
+    chosen = [k for k in scanned if k.fingerprint == fingerprint]
+    if not chosen:
+        refuse(
+            _(
+                "The host %(host)s does not present the key %(fp)s any more (it presents %(now)s); nothing stored."
+            )
+            % {"host": target.token, "fp": fingerprint, "now": ", ".join(k.fingerprint for k in scanned)},
+            presented=[k.fingerprint for k in scanned],
+        )
+    with _known_hosts_lock():
+        stored = transport.stored_host_keys(target)
+        state = transport.compare_host_keys(stored, scanned)
+        if state == transport.CHANGED and not replace:
+            refuse(
+                _(
+                    'kvmweb holds another host key for %(host)s (%(old)s); use "Replace host key" '
+                    "if the change is expected."
+                )
+                % {"host": target.token, "old": ", ".join(k.fingerprint for k in stored)},
+                stored=[k.fingerprint for k in stored],
+            )
+        # Every key the host presents whose type we confirmed: the fingerprint shown is the
+        # one the administrator compared; the host's other key types are not trusted.
+        transport.write_host_keys(target, chosen)
+        with transaction.atomic():
+            _host_key_event(
+                target,
+                action,
+                actor,
+                request,
+                fingerprint=fingerprint,
+                keytype=chosen[0].keytype,
+                previous=[k.fingerprint for k in stored],
+            )
+    return chosen
+
+
+def host_key_state(uri):
+    """(state, stored HostKeys, scanned HostKeys or [], error text) for an SSH URI:
+    state is transport.UNKNOWN / MATCHES / CHANGED, or "" when the key cannot be read."""
+    target = transport.ssh_target(uri)
+    stored = transport.stored_host_keys(target, target.known_hosts or None)
+    try:
+        scanned = transport.scan_host_keys(target.address, target.port)
+    except transport.KeyScanError as exc:
+        return "", stored, [], str(exc)
+    return transport.compare_host_keys(stored, scanned), stored, scanned, ""
+
+
+def changed_host_key(host, user):
+    """For an administrator looking at an SSH host whose last error is a changed host
+    key: {"stored": [fingerprints], "presented": [HostKey]} to offer "Replace host key";
+    else None.  Scans only in that case (ssh-keyscan, bounded by KEYSCAN_TIMEOUT)."""
+    if not user.has_perm("hosts.change_host") or transport.ssh_target(host.uri) is None:
+        return None
+    # libvirt's own words are kept in the stored error (hypervisor._explain_ssh).
+    if host.status != Host.UNREACHABLE or "differs from stored identity" not in (host.last_error or ""):
+        return None
+    state, stored, scanned, _error = host_key_state(host.uri)
+    if state != transport.CHANGED:
+        return None
+    return {"stored": [k.fingerprint for k in stored], "presented": scanned}
+
+
+# ------------------------------------------------------------------ "Test connection"
+
+PASS, FAIL, CONFIRM, SKIP = "pass", "fail", "confirm", "skip"
+
+
+def _step(sid, label, status, message="", remedy="", **details):
+    return {
+        "id": sid,
+        "label": label,
+        "status": status,
+        "message": message,
+        "remedy": remedy,
+        "details": details,
+    }
+
+
+def _resolve(address, timeout):
+    """getaddrinfo bounded by ``timeout`` (it has no timeout of its own)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name=f"resolve {address}")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise OSError(_("no answer from the resolver within %(s)s s") % {"s": timeout})
+    if "error" in box:
+        raise box["error"]
+    return sorted({info[4][0] for info in box["value"]})
+
+
+def _ssh_login(target, timeout):
+    """Log in with kvmweb's key and the confirmed host key only (the ssh binary in batch
+    mode: no prompt, no agent, no user config).  Returns (ok, last line of stderr)."""
+    import subprocess
+
+    cmd = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
+    cmd += ["-o", f"UserKnownHostsFile={target.known_hosts or transport.known_hosts_path()}"]
+    cmd += ["-o", "GlobalKnownHostsFile=/dev/null", "-o", f"ConnectTimeout={int(timeout)}"]
+    cmd += ["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-T", "-p", str(target.port)]
+    if target.keyfile:
+        cmd += ["-i", target.keyfile]
+    if target.user:
+        cmd += ["-l", target.user]
+    cmd += ["--", target.address, "true"]
+    try:
+        run = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout + 5, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        return False, _("no answer within %(s)s s") % {"s": timeout}
+    lines = [ln for ln in run.stderr.strip().splitlines() if ln and not ln.startswith("Warning")]
+    return run.returncode == 0, (lines or [""])[-1]
+
+
+def check_connection(uri, timeout=5):
+    """Diagnose a URI step by step for the add-host wizard, changing nothing.
+
+    Returns a list of steps {id, label, status, message, remedy, details}; status is
+    "pass", "fail", "confirm" (an SSH host key an administrator must confirm first) or
+    "skip" (an earlier step failed).  Steps: URI, name resolution, TCP, then for SSH the
+    host key and the login with kvmweb's key, for TLS the client certificate, and last
+    libvirt itself (socket permission, polkit), opened through hosts/hypervisor.py with
+    a timeout."""
+    steps = []
+    try:
+        uri = validate_uri(uri)
+    except InvalidURI as exc:
+        return [_step("uri", _("URI"), FAIL, str(exc), _("Correct the address, user or port."))]
+    steps.append(_step("uri", _("URI"), PASS, uri))
+    parts = urlsplit(uri)
+    sch = transport.scheme(uri)
+    blocked = False
+    if parts.hostname:
+        address = parts.hostname.strip("[]")
+        port = parts.port or DEFAULT_PORTS.get(sch)
+        try:
+            found = _resolve(address, timeout)
+            steps.append(_step("resolve", _("Name resolution"), PASS, ", ".join(found)))
+        except OSError as exc:
+            blocked = True
+            steps.append(
+                _step(
+                    "resolve",
+                    _("Name resolution"),
+                    FAIL,
+                    _("%(host)s does not resolve: %(error)s")
+                    % {"host": address, "error": exc.strerror or exc},
+                    _("Use a name the kvmweb machine resolves (DNS or /etc/hosts), or the IP address."),
+                )
+            )
+        if not blocked:
+            try:
+                socket.create_connection((address, port), timeout=timeout).close()
+                steps.append(_step("tcp", _("TCP connection"), PASS, f"{address}:{port}"))
+            except OSError as exc:
+                blocked = True
+                service = "sshd" if sch in transport.SSH_SCHEMES else "libvirtd"  # program names
+                steps.append(
+                    _step(
+                        "tcp",
+                        _("TCP connection"),
+                        FAIL,
+                        _("Cannot connect to %(addr)s:%(port)s: %(error)s")
+                        % {"addr": address, "port": port, "error": exc.strerror or exc},
+                        _(
+                            "Check that %(service)s runs on the host and listens on port %(port)s, and that "
+                            "no firewall between kvmweb and the host blocks it."
+                        )
+                        % {"service": service, "port": port},
+                    )
+                )
+    if sch in transport.SSH_SCHEMES and not blocked:
+        blocked = _ssh_steps(uri, steps, timeout)
+    if sch == "qemu+tls" and not blocked:
+        cert = transport.client_certificate(uri)
+        status = FAIL if cert.status not in (transport.OK, transport.EXPIRING) else PASS
+        blocked = status == FAIL
+        steps.append(
+            _step("tls", _("TLS client certificate"), status, cert.message, cert.remedy, path=cert.path)
+        )
+    if blocked:
+        steps.append(_step("libvirt", _("libvirt"), SKIP, _("Not tried: an earlier step failed.")))
+        return steps
+    try:
+        with hypervisor.session(uri, timeout=timeout) as conn:
+            facts = conn.facts()
+        steps.append(
+            _step(
+                "libvirt",
+                _("libvirt"),
+                PASS,
+                _("Connected to %(host)s (libvirt %(version)s).")
+                % {"host": facts.get("hostname") or uri, "version": _version(facts.get("libvirt_version"))},
+            )
+        )
+    except hypervisor.HypervisorError as exc:
+        lowered = exc.message.lower()
+        remedy = exc.remedy
+        if "polkit" in lowered or "authentication unavailable" in lowered or "permission denied" in lowered:
+            remedy = _(
+                "The login works but libvirt refuses the user: add the URI's user to the libvirt group "
+                "(usermod -aG libvirt USER), or allow it in polkit (org.libvirt.unix.manage), or log in as root."
+            )
+        steps.append(_step("libvirt", _("libvirt"), FAIL, exc.message, remedy))
+    return steps
+
+
+def _version(number):
+    """libvirt's version integer (9000000) as text (9.0.0)."""
+    if not isinstance(number, int):
+        return "?"
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def _ssh_steps(uri, steps, timeout):
+    """The host-key and login steps of check_connection; True when they block."""
+    target = transport.ssh_target(uri)
+    state, stored, scanned, error = host_key_state(uri)
+    if error:
+        steps.append(
+            _step(
+                "host_key",
+                _("SSH host key"),
+                FAIL,
+                _("No SSH host key received: %(error)s") % {"error": error},
+                _("Check that the port is the host's sshd."),
+            )
+        )
+        return True
+    fingerprints = [{"type": k.keytype, "fingerprint": k.fingerprint} for k in scanned]
+    if state == transport.UNKNOWN:
+        steps.append(
+            _step(
+                "host_key",
+                _("SSH host key"),
+                CONFIRM,
+                _("First connection to %(host)s: compare the fingerprint with the host before confirming it.")
+                % {"host": target.token},
+                _("On the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"),
+                presented=fingerprints,
+            )
+        )
+        return True
+    if state == transport.CHANGED:
+        steps.append(
+            _step(
+                "host_key",
+                _("SSH host key"),
+                FAIL,
+                _("The host key of %(host)s CHANGED: kvmweb holds %(old)s, the host presents %(new)s.")
+                % {
+                    "host": target.token,
+                    "old": ", ".join(k.fingerprint for k in stored),
+                    "new": ", ".join(k.fingerprint for k in scanned),
+                },
+                _(
+                    "Check on the host console whether its keys were regenerated; if so, replace the key "
+                    "(audited). Otherwise someone may be in the middle: do not connect."
+                ),
+                presented=fingerprints,
+                stored=[k.fingerprint for k in stored],
+            )
+        )
+        return True
+    steps.append(
+        _step(
+            "host_key",
+            _("SSH host key"),
+            PASS,
+            ", ".join(k.fingerprint for k in stored),
+            presented=fingerprints,
+        )
+    )
+    ok, said = _ssh_login(target, timeout)
+    if ok:
+        steps.append(
+            _step("ssh_auth", _("SSH login"), PASS, _("Logged in as %(user)s.") % {"user": target.user})
+        )
+        return False
+    identity = transport.ssh_identity()
+    steps.append(
+        _step(
+            "ssh_auth",
+            _("SSH login"),
+            FAIL,
+            _("The host refused kvmweb's key for %(user)s: %(said)s")
+            % {"user": target.user or "?", "said": said},
+            _("Append kvmweb's public key %(fp)s (Hosts page) to ~%(user)s/.ssh/authorized_keys on the host.")
+            % {"fp": identity.fingerprint if identity else _("(generate it first)"), "user": target.user},
+        )
+    )
+    return True

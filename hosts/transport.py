@@ -162,6 +162,16 @@ def peer_to_peer(target_uri, tunnelled=False):
             "the source host needs %(ca)s, %(cert)s and %(key)s (the source reads them, not kvmweb) "
             "with a client certificate the target's CA signed"
         ) % {"ca": files["ca"], "cert": files["cert"], "key": files["key"]}
+    elif sch in ("qemu+libssh2", "qemu+libssh"):
+        params = parse_qs(urlsplit(target_uri).query)
+        control = _("SSH (libvirt's own client), from the source's libvirtd to %(uri)s") % {"uri": target_uri}
+        needs = _(
+            "the source host needs the key %(keyfile)s (authorised on the target) and the known_hosts file "
+            "%(known_hosts)s holding the target's confirmed host key (the source reads them, not kvmweb)"
+        ) % {
+            "keyfile": (params.get("keyfile") or ["~/.ssh/id_*"])[0],
+            "known_hosts": (params.get("known_hosts") or ["$XDG_CONFIG_HOME/libvirt/known_hosts"])[0],
+        }
     elif sch == "qemu+ssh":
         control = _("SSH, from the source's libvirtd (as root) to %(uri)s") % {"uri": target_uri}
         needs = _("root on the source host needs an SSH key authorised on the target and its host key known")
@@ -310,3 +320,238 @@ def generate_ssh_key(comment="kvmweb"):
     pub = path.with_name(path.name + ".pub")
     pub.write_text(f"{public.decode()} {comment}\n")
     return ssh_identity()
+
+
+# ------------------------------------------------------------------ SSH host keys
+#
+# kvmweb keeps the host keys an administrator confirmed in its own known_hosts file
+# (<data dir>/ssh/known_hosts, 0600, OpenSSH format) and names it in every SSH URI it
+# builds (``known_hosts=``), with libvirt's default verification: an unknown key refuses
+# the connection ("Can't verify the session host key") and a changed one fails with
+# "SSH HOST KEY VERIFICATION FAILED".  Only qemu+libssh2 and qemu+libssh honour
+# ``known_hosts=``; qemu+ssh runs the ssh binary, which reads ~/.ssh/known_hosts of the
+# user.  kvmweb builds qemu+libssh2: libvirt 9.0's libssh transport leaves every reply
+# larger than about 4 KiB (capabilities, big domain XML) waiting for the next keepalive
+# tick (5 s), measured in the lab; libssh2 answers the same call in 0.04 s.
+
+SSH_SCHEMES = ("qemu+ssh", "qemu+libssh2", "qemu+libssh")
+KEYSCAN_TIMEOUT = 5
+
+
+def known_hosts_path():
+    """kvmweb's known_hosts: <data dir>/ssh/known_hosts."""
+    return Path(settings.DATA_DIR) / "ssh" / "known_hosts"
+
+
+@dataclass
+class SSHTarget:
+    """Where an SSH URI connects: address, port, user and the files it names."""
+
+    address: str
+    port: int
+    user: str
+    keyfile: str
+    known_hosts: str
+
+    @property
+    def token(self):
+        """The host field of a known_hosts line: ``host``, or ``[host]:port`` off port 22."""
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
+
+def ssh_target(uri):
+    """The SSHTarget of a qemu+ssh / qemu+libssh2 / qemu+libssh URI, else None."""
+    if scheme(uri) not in SSH_SCHEMES:
+        return None
+    parts = urlsplit(uri)
+    params = parse_qs(parts.query)
+    return SSHTarget(
+        address=(parts.hostname or "").strip("[]"),
+        port=parts.port or 22,
+        user=parts.username or "",
+        keyfile=(params.get("keyfile") or [""])[0],
+        known_hosts=(params.get("known_hosts") or [""])[0],
+    )
+
+
+@dataclass
+class HostKey:
+    """One SSH host key: type, base64 blob and its SHA256 fingerprint."""
+
+    keytype: str
+    blob: str
+
+    @property
+    def fingerprint(self):
+        return _fingerprint(f"{self.keytype} {self.blob}")
+
+    def line(self, token):
+        return f"{token} {self.keytype} {self.blob}"
+
+
+class KeyScanError(Exception):
+    """ssh-keyscan got no key: the message says why (refused, timeout, not SSH)."""
+
+
+def scan_host_keys(address, port=22, timeout=KEYSCAN_TIMEOUT):
+    """The host keys ``address:port`` presents now, via ``ssh-keyscan`` (bounded by
+    ``timeout``).  Raises KeyScanError when none could be read."""
+    import subprocess
+
+    try:
+        run = subprocess.run(
+            ["ssh-keyscan", "-T", str(int(timeout)), "-p", str(int(port)), "--", address],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
+        )
+    except FileNotFoundError:
+        raise KeyScanError(_("ssh-keyscan is not installed (Debian package openssh-client).")) from None
+    except subprocess.TimeoutExpired:
+        raise KeyScanError(_("No SSH answer within %(s)s s.") % {"s": timeout}) from None
+    keys = []
+    for line in run.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and not line.startswith("#"):
+            keys.append(HostKey(fields[1], fields[2]))
+    if not keys:
+        raise KeyScanError((run.stderr.strip().splitlines() or [_("no SSH host key received")])[-1])
+    return keys
+
+
+def _known_lines(path=None):
+    path = Path(path or known_hosts_path())
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def stored_host_keys(target, path=None):
+    """The confirmed HostKeys kvmweb holds for ``target`` (an SSHTarget)."""
+    keys = []
+    for line in _known_lines(path):
+        fields = line.split()
+        if len(fields) >= 3 and target.token in fields[0].split(","):
+            keys.append(HostKey(fields[1], fields[2]))
+    return keys
+
+
+UNKNOWN, MATCHES, CHANGED = "unknown", "matches", "changed"
+
+
+def compare_host_keys(stored, scanned):
+    """UNKNOWN (nothing stored), MATCHES (a scanned key is stored) or CHANGED (keys are
+    stored and none of them is presented any more)."""
+    if not stored:
+        return UNKNOWN
+    stored_set = {(k.keytype, k.blob) for k in stored}
+    if any((k.keytype, k.blob) in stored_set for k in scanned):
+        return MATCHES
+    return CHANGED
+
+
+def write_host_keys(target, keys, path=None):
+    """Replace kvmweb's known_hosts entries of ``target`` with ``keys``: file 0600 in a
+    0700 directory, written to a temporary file and renamed (a reader never sees half).
+    Callers serialise writers (hosts/services.py holds a lock)."""
+    path = Path(path or known_hosts_path())
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kept = [ln for ln in _known_lines(path) if not (ln.split() and target.token in ln.split()[0].split(","))]
+    lines = kept + [k.line(target.token) for k in keys]
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{ln}\n" for ln in lines))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ URIs the wizard builds
+
+WIZARD_TRANSPORTS = ("ssh", "tls", "tcp")
+
+
+def build_uri(transport, address, *, user="root", port=None, pkipath=""):
+    """The libvirt URI for the add-host wizard's answers.
+
+    ``ssh`` gives ``qemu+libssh2://USER@ADDRESS[:PORT]/system?keyfile=<kvmweb's key>&
+    known_hosts=<kvmweb's known_hosts>``: libvirt then checks the host key against the
+    keys an administrator confirmed.  ``tls`` gives ``qemu+tls://ADDRESS[:PORT]/system``
+    (``pkipath`` when given); ``tcp`` gives ``qemu+tcp://`` (lab or trusted network only).
+    The result still goes through validate_uri()."""
+    address = (address or "").strip()
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    netloc = host + (f":{int(port)}" if port else "")
+    if transport == "ssh":
+        user = (user or "root").strip()
+        return (
+            f"qemu+libssh2://{user}@{netloc}/system?keyfile={ssh_key_path()}&known_hosts={known_hosts_path()}"
+        )
+    if transport == "tls":
+        return f"qemu+tls://{netloc}/system" + (f"?pkipath={pkipath}" if pkipath else "")
+    if transport == "tcp":
+        return f"qemu+tcp://{netloc}/system"
+    raise ValueError(transport)
+
+
+# ------------------------------------------------------------------ transport options
+
+# Option -> (virsh flag, minimum libvirt version, minimum QEMU version) on both hosts.
+TRANSPORT_OPTIONS = {
+    "tls": ("--tls", 3_009_000, 2_011_000),
+    "tunnelled": ("--p2p --tunnelled", 0, 0),
+    "parallel": ("--parallel --parallel-connections N", 5_002_000, 4_000_000),
+    "compression": ("--compressed", 0, 0),
+}
+
+
+def _ver(number):
+    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def option_support(source_facts, target_facts, options):
+    """{option: {"chosen", "supported", "virsh", "note"}} for the migration transport
+    options, from both hosts' libvirt and QEMU versions (facts of hosts/hypervisor.py)."""
+    out = {}
+    for name, (virsh, libvirt_min, qemu_min) in TRANSPORT_OPTIONS.items():
+        low_libvirt = min(source_facts.get("libvirt_version") or 0, target_facts.get("libvirt_version") or 0)
+        low_qemu = min(
+            source_facts.get("hypervisor_version") or 0, target_facts.get("hypervisor_version") or 0
+        )
+        supported = low_libvirt >= libvirt_min and low_qemu >= qemu_min
+        note = ""
+        if not supported:
+            note = _("needs libvirt %(lv)s and QEMU %(qv)s on both hosts") % {
+                "lv": _ver(libvirt_min),
+                "qv": _ver(qemu_min),
+            }
+        elif name == "tls":
+            note = _(
+                "both hosts need default_tls_x509_cert_dir in qemu.conf with certificates of one CA "
+                "(libvirt reports a missing one when the migration starts)"
+            )
+        out[name] = {"chosen": bool(options.get(name)), "supported": supported, "virsh": virsh, "note": note}
+    return out
+
+
+def with_option_support(result, source_facts, target_facts, options):
+    """The transport check's (status, message, remedy, details) with what the hosts
+    support of the transport options; a chosen option they do not support fails."""
+    status, message, remedy, details = result
+    support = option_support(source_facts, target_facts, options)
+    details = {**details, "options": support}
+    usable = [n for n, s in support.items() if s["supported"]]
+    message = f"{message} " + _("Transport options both hosts support: %(names)s.") % {
+        "names": ", ".join(f"{n} ({support[n]['virsh']})" for n in usable) or "—"
+    }
+    refused = [n for n, s in support.items() if s["chosen"] and not s["supported"]]
+    if refused:
+        status = "fail"
+        remedy = " ".join(
+            [remedy]
+            + [
+                _("Turn off %(name)s: it %(note)s.") % {"name": n, "note": support[n]["note"]}
+                for n in refused
+            ]
+        ).strip()
+    return status, message, remedy, details

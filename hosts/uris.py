@@ -28,24 +28,38 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-ALLOWED_SCHEMES = {"qemu", "qemu+ssh", "qemu+tls", "qemu+tcp", "qemu+unix", "test"}
+# qemu+libssh2 / qemu+libssh: libvirt's built-in SSH clients, the SSH transports that
+# honour ``known_hosts=`` (qemu+ssh runs the ssh binary, which reads ~/.ssh/known_hosts).
+ALLOWED_SCHEMES = {
+    "qemu",
+    "qemu+ssh",
+    "qemu+libssh2",
+    "qemu+libssh",
+    "qemu+tls",
+    "qemu+tcp",
+    "qemu+unix",
+    "test",
+}
+SSH_SCHEMES = {"qemu+ssh", "qemu+libssh2", "qemu+libssh"}
 ALLOWED_PATHS = {"qemu": {"/system", "/session"}}
 # Parameter -> transports where it is accepted. Everything else is refused.
 SAFE_PARAMS = {
-    "keyfile": {"qemu+ssh"},
-    "known_hosts": {"qemu+ssh"},
-    "known_hosts_verify": {"qemu+ssh"},
-    "sshauth": {"qemu+ssh"},
+    "keyfile": SSH_SCHEMES,
+    "known_hosts": SSH_SCHEMES,
+    "known_hosts_verify": SSH_SCHEMES,
+    "sshauth": SSH_SCHEMES,
     "no_tty": {"qemu+ssh"},
     "pkipath": {"qemu+tls"},
     "tls_priority": {"qemu+tls"},
-    "mode": {"qemu+ssh", "qemu+tls", "qemu+tcp", "qemu+unix"},
-    "proxy": {"qemu+ssh"},
+    "mode": {"qemu+ssh", "qemu+libssh2", "qemu+libssh", "qemu+tls", "qemu+tcp", "qemu+unix"},
+    "proxy": SSH_SCHEMES,
 }
 PARAM_VALUES = {
     "mode": {"auto", "legacy", "direct"},
     "proxy": {"auto", "native"},
-    "known_hosts_verify": {"normal", "auto"},
+    # "auto" adds an unknown host key without asking and "ignore" skips the check: kvmweb
+    # confirms host keys with an administrator instead (hosts/services.py).
+    "known_hosts_verify": {"normal"},
     "no_tty": {"0", "1"},
 }
 REFUSED_REASONS = {
@@ -56,7 +70,7 @@ REFUSED_REASONS = {
     "name": gettext_lazy("it overrides which hypervisor driver the remote end opens"),
 }
 FORBIDDEN_CHARS = set(" \t\r\n\"'`;|$<>\\")
-DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22}
+DEFAULT_PORTS = {"qemu+tcp": 16509, "qemu+tls": 16514, "qemu+ssh": 22, "qemu+libssh2": 22, "qemu+libssh": 22}
 HOST_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
 HOST_NAME = re.compile(rf"{HOST_LABEL}(\.{HOST_LABEL})*")
 # What inet_aton (and so getaddrinfo) reads as an IPv4 address: 1 to 4 parts, decimal,
@@ -150,7 +164,7 @@ def validate_uri(uri):
             )
         if scheme in ("qemu", "qemu+unix") and parts.hostname:
             raise InvalidURI(_("%(scheme)s URIs connect locally and take no host name.") % {"scheme": scheme})
-        if scheme in ("qemu+ssh", "qemu+tls", "qemu+tcp") and not parts.hostname:
+        if scheme in ("qemu+tls", "qemu+tcp", *SSH_SCHEMES) and not parts.hostname:
             raise InvalidURI(_("%(scheme)s URIs need a host name.") % {"scheme": scheme})
         try:
             parts.port  # noqa: B018  (raises on a malformed port)

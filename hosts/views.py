@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from hosts import services, transport
-from hosts.forms import HostForm, VMFilterForm
+from hosts.forms import ConnectForm, HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
 
@@ -47,6 +47,7 @@ def host_detail(request, pk):
             "vms": vms,
             "busy": services.busy_vm_ids(vms),
             "certificate": transport.client_certificate(host.uri),
+            "host_key": services.changed_host_key(host, request.user),
         },
     )
 
@@ -78,6 +79,60 @@ def host_add(request):
                 )
             return redirect("hosts:detail", pk=host.pk)
     return render(request, "hosts/host_form.html", {"form": form})
+
+
+@login_required
+def host_connect(request):
+    """The add-host wizard: transport, user, address, port -> the URI, and "Test
+    connection" step by step (GET: it changes nothing)."""
+    require(request.user, "hosts.add_host")
+    form = ConnectForm(request.GET or None)
+    steps = services.check_connection(form.cleaned_data["uri"]) if form.is_valid() else None
+    return render(
+        request,
+        "hosts/host_connect.html",
+        {"form": form, "steps": steps, "uri": form.cleaned_data.get("uri", "") if form.is_bound else ""},
+    )
+
+
+@login_required
+@require_POST
+def host_key_confirm(request):
+    """Confirm the SSH host key the wizard showed (audited), then back to the wizard."""
+    require(request.user, "hosts.add_host")
+    try:
+        services.do_confirm_host_key(
+            request.POST.get("uri", ""),
+            request.POST.get("fingerprint", ""),
+            actor=request.user,
+            request=request,
+        )
+    except services.HostError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request, _("Host key confirmed: %(fp)s") % {"fp": request.POST.get("fingerprint", "")}
+        )
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure()):
+        return redirect(back)
+    return redirect("hosts:connect")
+
+
+@login_required
+@require_POST
+def host_key_replace(request, pk):
+    """Replace a registered host's SSH host key after it changed (audited)."""
+    host = get_scoped_or_404(Host, request.user, "change", perm="hosts.change_host", pk=pk)
+    try:
+        services.do_confirm_host_key(
+            host.uri, request.POST.get("fingerprint", ""), actor=request.user, request=request, replace=True
+        )
+    except services.HostError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, _("Host key replaced; the next connection uses it."))
+    return redirect("hosts:detail", pk=host.pk)
 
 
 @login_required

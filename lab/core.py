@@ -37,7 +37,7 @@ HOST_NAMES = ["lab-a", "lab-b", "lab-c", "lab-d"]
 DOMAIN = "lab.test"
 LIBVIRTD_PORT = 16509
 LIBVIRTD_TLS_PORT = 16514
-TRANSPORTS = ("tcp", "tls")
+TRANSPORTS = ("tcp", "tls", "ssh")
 MIGRATION_PORT_BASE = 49152  # each host gets its own block of MIGRATION_PORTS_PER_HOST
 MIGRATION_PORTS_PER_HOST = 32
 SHARED_IN_HOST = "/var/lib/libvirt/shared"
@@ -89,6 +89,16 @@ def uri(name: str, transport: str = "tcp", client: str = "client") -> str:
         from . import pki
 
         return f"qemu+tls://{ip(name)}/system?pkipath={pki.client_dir(LAB_DIR, client)}"
+    if transport == "ssh":
+        from . import sshd
+
+        # libssh2: an SSH transport of libvirt that takes known_hosts from the URI (qemu+ssh
+        # runs the ssh binary, which reads ~/.ssh/known_hosts of the user; qemu+libssh
+        # stalls each reply over ~4 KiB until the next keepalive, 5 s).
+        return (
+            f"qemu+libssh2://root@{ip(name)}/system?keyfile={sshd.client_key(LAB_DIR)}"
+            f"&known_hosts={sshd.known_hosts(LAB_DIR)}"
+        )
     raise LabError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")
 
 
@@ -106,6 +116,95 @@ def require_tls(names) -> None:
             f"{', '.join(missing)}: libvirtd has no TLS listener on :{LIBVIRTD_TLS_PORT} (the running lab was "
             "started by older lab code); stop it with `make lab-down` when nobody uses it"
         )
+
+
+def _sshd_pid(name: str) -> int:
+    """PID of the host's own sshd (verified: comm and namespace), or 0."""
+    from . import sshd
+
+    pid = _pid_from(sshd.host_ssh_dir(host_dir(name)) / "sshd.pid")
+    return pid if pid and _alive(pid) and _comm(pid) == "sshd" and _in_host_ns(pid, name) else 0
+
+
+def ssh_ready(name: str, timeout: float = 1.0) -> bool:
+    """True when the host's sshd runs and accepts connections on port 22."""
+    from . import sshd
+
+    return bool(_sshd_pid(name)) and _port_open(name, timeout, sshd.SSH_PORT)
+
+
+def require_ssh(names) -> None:
+    """Raise LabError unless every host in ``names`` runs its sshd (one line: why not)."""
+    from . import sshd
+
+    reason = sshd.missing_reason()
+    if reason:
+        raise LabError(reason)
+    missing = [h for h in names if not ssh_ready(h)]
+    if missing:
+        raise LabError(
+            f"{', '.join(missing)}: no lab sshd on :{sshd.SSH_PORT}: {sshd.failure(host_dir(missing[0]))}"
+        )
+
+
+def start_sshd(names) -> None:
+    """Start the sshd of running hosts that have none (idempotent); LabError when one
+    does not come up.  Also used by up(), so a lab started by older code gains sshd
+    without restarting libvirtd or its guests."""
+    from . import sshd
+
+    if sshd.missing_reason():
+        return
+    if not os.path.isdir(sshd.PRIVSEP_DIR):
+        os.makedirs(sshd.PRIVSEP_DIR, mode=0o755)
+        created = set(_read(LAB_DIR / "created-mountpoints").split()) | {sshd.PRIVSEP_DIR}
+        (LAB_DIR / "created-mountpoints").write_text("\n".join(sorted(created)) + "\n")  # down removes it
+    procs = {}
+    for name in names:
+        pids = _host_pids(name)
+        if not pids["libvirtd"] or _sshd_pid(name):
+            continue
+        sshd.write_config(LAB_DIR, name, host_dir(name), ip(name))
+        procs[name] = sshd.spawn(LAB_DIR, host_dir(name), pids["libvirtd"])
+    failed = sshd.wait_listening(procs, _port_open, READY_TIMEOUT)
+    if failed:
+        raise LabError(f"{failed[0]}: sshd did not start: {sshd.failure(host_dir(failed[0]))}")
+
+
+def _start_sshd_quietly(names) -> None:
+    """sshd is for the SSH tests only: a failure (port 22 taken by a system sshd on
+    0.0.0.0, say) must not take the lab from everyone else; require_ssh() names it."""
+    with contextlib.suppress(LabError, OSError, subprocess.SubprocessError):
+        start_sshd(names)
+
+
+def stop_sshd(name: str) -> bool:
+    """Stop one host's sshd (verified PID); True when one was running.  Tests use it to
+    provoke "sshd down"; start_sshd() brings it back."""
+    pid = _sshd_pid(name)
+    if not pid:
+        return False
+    _kill_verified(pid, lambda p: _comm(p) == "sshd" and _in_host_ns(p, name))
+    if _wait_gone([pid], STOP_TIMEOUT):
+        _kill_verified(pid, lambda p: _comm(p) == "sshd" and _in_host_ns(p, name), signal.SIGKILL)
+        _wait_gone([pid], 2.0)
+    return True
+
+
+def authorize_ssh_key(public_line: str, names=None) -> None:
+    """Authorise a public key (kvmweb's, in tests) for root on lab hosts; only adds."""
+    from . import sshd
+
+    for name in names or HOST_NAMES:
+        if (sshd.host_ssh_dir(host_dir(name))).is_dir():
+            sshd.authorize(host_dir(name), public_line)
+
+
+def ssh_host_key(name: str) -> str:
+    """'ssh-ed25519 AAAA...' of a lab host (what its sshd presents)."""
+    from . import sshd
+
+    return sshd.host_public_key(host_dir(name))
 
 
 def fqdn(name: str) -> str:
@@ -624,6 +723,8 @@ def _stop_host(name: str, graceful: bool = True) -> bool:
     if graceful and pids["libvirtd"] and _port_open(name):
         _destroy_guests(name)  # through the API: QEMU survives a libvirtd that just exits
     in_ns = lambda p: _in_host_ns(p, name)  # noqa: E731
+    if hd.exists():
+        stop_sshd(name)
     for pid in (pids["tini"], pids["libvirtd"]):  # tini forwards SIGTERM to libvirtd
         _kill_verified(pid, in_ns)
     left = _wait_gone([p for p in pids.values() if p], STOP_TIMEOUT)
@@ -668,6 +769,7 @@ def up(n: int = 2) -> list[str]:
     with _locked():
         _upgrade_without_tls(names)
         if all(_host_running(h) and _port_open(h) for h in names) and _shared_healthy():
+            _start_sshd_quietly(names)
             return []
         _check_namespaces()
         if not _shared_healthy():
@@ -699,6 +801,7 @@ def up(n: int = 2) -> list[str]:
                 _ensure_pools(name)
             except _libvirt().libvirtError as exc:
                 raise LabError(f"{name}: storage pools: {exc.get_error_message()}") from None
+        _start_sshd_quietly(names)
         return list(procs)
 
 

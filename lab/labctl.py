@@ -5,7 +5,7 @@
     python lab/labctl.py status
     python lab/labctl.py guest NAME --host lab-a --storage shared|local [--shutoff]
     python lab/labctl.py rm-guest NAME
-    python lab/labctl.py uri HOST [--transport tcp|tls] [--client client|client-expired|client-foreign]
+    python lab/labctl.py uri HOST [--transport tcp|tls|ssh] [--client client|client-expired|client-foreign]
 
 Errors are one line on stderr and exit status 2 (no tracebacks).
 """

@@ -144,6 +144,9 @@ SCHEMA = {
         Option("ladder_steps", "int", None, gettext_lazy("ladder: downtime steps"), LIVE, 1, 20),
         Option("ladder_step_seconds", "int", None, gettext_lazy("ladder: seconds per step"), LIVE, 1, 3_600),
         Option("tunnelled", "bool", False, gettext_lazy("Tunnelled through libvirtd"), LIVE),
+        Option(
+            "tls", "bool", False, gettext_lazy("Native TLS for the memory stream (virsh migrate --tls)"), LIVE
+        ),
         Option("migrate_uri", "uri", None, gettext_lazy("Migration URI (tcp://address)"), LIVE),
         Option(
             "copy_storage",

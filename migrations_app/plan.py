@@ -116,6 +116,12 @@ class MigrationPlan:
             )
         if opts.get("tunnelled") and opts.get("parallel"):
             raise PlanError(_("libvirt cannot combine tunnelled migration with parallel connections."))
+        if opts.get("tunnelled") and opts.get("tls"):
+            # libvirt 9.0 fails with "failed to convert virJSONValue to yajl data"; the tunnel
+            # already rides the (SSH or TLS) libvirt connection.
+            raise PlanError(
+                _("Native TLS does not apply to a tunnelled migration: its tunnel is already encrypted.")
+            )
         if opts.get("tunnelled") and self.strategy.live and self.strategy.copies_disks:
             raise PlanError(_("libvirt cannot copy storage (NBD) through a tunnelled migration."))
         if opts.get("tunnelled") and opts.get("migrate_uri"):

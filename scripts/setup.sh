@@ -10,7 +10,7 @@ PROFILE=${1:-run}
 # profile adds the lab (real libvirtd + QEMU), Chromium for browser tests, PostgreSQL
 # and Redis for the scale-out tests, nginx to test the deployment guide's proxy site.
 APT_RUN="libvirt-dev pkg-config gcc libvirt-clients gettext"
-APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils chromium postgresql redis-server nginx"
+APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils openssh-client chromium postgresql redis-server nginx"
 want=$APT_RUN
 [ "$PROFILE" = test ] && want=$APT_TEST
 missing=""
@@ -28,6 +28,17 @@ if [ -n "$missing" ]; then
     echo "       run as root once, or: sudo apt-get install$missing"
     exit 1
   fi
+fi
+
+# The lab's per-host sshd (lab/sshd.py): openssh-server is unpacked with `dpkg -x`, never
+# installed, so no system sshd is started or enabled on this machine.
+OPENSSH=${KVMWEB_LAB_OPENSSH_DIR:-/var/cache/kvmweb-lab/openssh}
+if [ "$PROFILE" = test ] && [ "$(id -u)" = 0 ] && [ ! -x /usr/sbin/sshd ] && [ ! -x "$OPENSSH/root/usr/sbin/sshd" ]; then
+  echo "setup: unpacking openssh-server for the lab into $OPENSSH (no service is started)"
+  mkdir -p "$OPENSSH"
+  debs="openssh-server openssh-sftp-server libwrap0"
+  (cd "$OPENSSH" && { apt-get download -qq $debs 2>/dev/null || { apt-get update -qq && apt-get download -qq $debs; }; })
+  for deb in "$OPENSSH"/*.deb; do dpkg -x "$deb" "$OPENSSH/root"; done
 fi
 
 REQ=requirements.txt

@@ -16,6 +16,7 @@ ACTIONS = {
     "host.remove": _("Host removed"),
     "host.status": _("Host status changed"),
     "host.ssh_key": _("kvmweb SSH key generated"),
+    "host.ssh_hostkey": _("SSH host key confirmed or replaced"),
     "inventory.sync": _("Inventory synced"),
     "vm.owner": _("VM owner changed"),
     "vm.power": _("VM power action"),

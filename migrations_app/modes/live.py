@@ -69,6 +69,7 @@ class Live(Mode):
             ("compression", "compressed"),
             ("parallel", "parallel"),
             ("postcopy", "postcopy"),
+            ("tls", "tls"),
         ):
             if options.get(option):
                 names.append(flag)
@@ -79,6 +80,8 @@ class Live(Mode):
         parts = ["virsh", "-c", src, "migrate", "--live", "--p2p"]
         if opts.get("tunnelled"):
             parts.append("--tunnelled")
+        if opts.get("tls"):
+            parts.append("--tls")
         if opts.get("persist", True):
             parts.append("--persistent")
         if opts.get("undefine_source", True):

@@ -8,8 +8,8 @@ import pytest
 from django.utils import timezone
 
 from migrations_app import dirtyrate, preflight
-from migrations_app.preflight.checks import prediction
 from migrations_app.models import DirtyRateSample
+from migrations_app.preflight.checks import prediction
 from tests.migrations_app.test_preflight import fake  # noqa: F401 - the scripted-hosts fixture
 
 UUID = "11111111-2222-3333-4444-555555555501"

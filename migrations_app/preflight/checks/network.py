@@ -5,7 +5,8 @@ from __future__ import annotations
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from hosts import transport
+from hosts import hypervisor, transport
+from migrations_app.preflight.context import Unavailable
 from migrations_app.preflight.registry import check, result
 from migrations_app.preflight.registry import uri_flag as _uri_flag
 from migrations_app.preflight.report import FAIL, PASS, WARN
@@ -102,4 +103,11 @@ def check_transport(ctx):
     status, message, remedy, details = transport.migration_check(
         ctx.source, ctx.target, tunnelled=bool(ctx.options.get("tunnelled"))
     )
+    # Which transport options (--tls, --parallel, compression...) both hosts support.
+    try:
+        status, message, remedy, details = transport.with_option_support(
+            (status, message, remedy, details), ctx.host("source"), ctx.host("target"), ctx.options
+        )
+    except (hypervisor.HypervisorError, Unavailable):
+        pass  # the connection check names the unreachable host
     return result(status, message, remedy, details)
