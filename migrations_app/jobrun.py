@@ -203,6 +203,8 @@ class JobRun:
                 "requested_bandwidth",
                 "requested_downtime",
                 "postcopy_requested",
+                "force_off_requested",
+                "force_off_requested_by",
             )
             .first()
         )

@@ -2023,6 +2023,57 @@ def check_transport(ctx):
     return _result("transport", status, message, remedy, details)
 
 
+# --- guest_shutdown (added with the cold move's countdown; a self-contained check) ------
+
+
+def check_guest_shutdown(ctx):
+    """A cold move asks the guest to shut down (ACPI power button, or the guest agent):
+    warn when the definition shows no sign of either, since such a guest usually ignores
+    the request and the move then waits the whole timeout (and fails unless forced off)."""
+    if not ctx.strategy.shuts_down:
+        return _result("guest_shutdown", PASS, _("Not needed: this mode does not shut the guest down."))
+    dom = ctx.domain()
+    if not dom["active"]:
+        return _result("guest_shutdown", PASS, _("The VM is already shut off: nothing to shut down."))
+    root = ET.fromstring(dom["xml"])
+    acpi = root.find("features/acpi") is not None
+    agent = any(
+        (ch.find("target") is not None and ch.find("target").get("name") == "org.qemu.guest_agent.0")
+        for ch in root.findall("devices/channel")
+    )
+    details = {"acpi": acpi, "guest_agent_channel": agent}
+    if acpi or agent:
+        how = _("ACPI") if acpi else _("the guest agent channel")
+        return _result(
+            "guest_shutdown",
+            PASS,
+            _("The guest can be asked to shut down (%(how)s).") % {"how": how},
+            details=details,
+        )
+    forced = bool(ctx.options.get("force_off"))
+    return _result(
+        "guest_shutdown",
+        WARN,
+        _(
+            "The definition has no <acpi/> feature and no guest agent channel: the guest will probably "
+            "ignore the shutdown request, and the move waits %(timeout)s s."
+        )
+        % {"timeout": ctx.options.get("shutdown_timeout", 120)}
+        + (
+            " " + _("Then it is forced off (as checked).")
+            if forced
+            else " " + _("Then it fails: the VM stays on the source.")
+        ),
+        _(
+            "Check “Force off when the guest does not shut down”, shut the guest down yourself first, or use “Force off now” on the running job."
+        ),
+        details,
+    )
+
+
+# --- end guest_shutdown -------------------------------------------------------------------
+
+
 TITLES = {
     "connection": gettext_lazy("Connections"),
     "versions": gettext_lazy("libvirt and QEMU versions"),
@@ -2043,6 +2094,7 @@ TITLES = {
     "disk_cache": gettext_lazy("Disk cache mode"),
     "prediction": gettext_lazy("Duration and convergence"),
     "transport": gettext_lazy("Transport between the hosts"),
+    "guest_shutdown": gettext_lazy("Guest can be shut down"),
 }
 # Display order. The slow one (the dirty-rate measurement) is submitted first so it
 # overlaps with everything else.
@@ -2066,6 +2118,7 @@ CHECKS = [
     ("disk_cache", check_disk_cache),
     ("prediction", check_prediction),
     ("transport", check_transport),
+    ("guest_shutdown", check_guest_shutdown),
 ]
 
 

@@ -38,6 +38,7 @@ ACTIONS = {
     "migration.bandwidth": _("Migration bandwidth changed"),
     "migration.downtime": _("Migration downtime changed"),
     "migration.postcopy": _("Switched to post-copy"),
+    "migration.force_off": _("Forced the guest off (cold move)"),
 }
 
 POWER = {

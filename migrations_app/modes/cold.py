@@ -10,7 +10,9 @@ error, or in reconcile after the worker died.
 import os
 import shlex
 import time
+from datetime import timedelta
 
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
@@ -192,9 +194,15 @@ def run_cold(run, plan):
 
 
 def shutdown(run, journal, src, uuid, options):
+    """Ask the guest to shut down and wait until libvirt says shut off, at most the
+    timeout. The deadline is stored on the row (every watcher counts down to the same
+    instant). "Force off now" (services.do_force_off_now) ends the wait at the next poll;
+    the timeout forces off only when the job's force_off option allows it. Forcing off is
+    the journaled ``force_off`` step either way."""
     timeout = float(options.get("shutdown_timeout") or 60)
     force = bool(options.get("force_off"))
-    run.update(phase="shutdown", eta_seconds=timeout)
+    deadline_at = timezone.now() + timedelta(seconds=timeout)
+    run.update(phase="shutdown", eta_seconds=timeout, shutdown_deadline=deadline_at)
     run.event(("shutdown_asked", {"timeout": f"{timeout:g}"}))
     journal.started("shutdown")
     try:
@@ -202,6 +210,7 @@ def shutdown(run, journal, src, uuid, options):
     except hv.HypervisorError as exc:
         run.event(("shutdown_request_failed", {"error": str(exc)}), "warn")
     deadline = time.monotonic() + timeout
+    asked_by = None
     while time.monotonic() < deadline:
         state = src.find_domain(uuid)
         if state is not None and state[0] == "shutoff":
@@ -211,14 +220,21 @@ def shutdown(run, journal, src, uuid, options):
         row = run.controls()
         if row and row["cancel_requested"]:
             raise Cancelled("Cancelled during the shutdown.")
+        if row and row.get("force_off_requested"):
+            asked_by = row.get("force_off_requested_by") or "-"
+            break
         run.update(eta_seconds=round(max(0.0, deadline - time.monotonic()), 1))
         time.sleep(SHUTDOWN_POLL_SECONDS)
-    if not force:
+    if asked_by is not None:
+        run.event(("forced_off_now", {"user": asked_by}), "warn")
+    elif not force:
         raise Failed(f"The guest did not shut down within {timeout:g} s and forcing it off was not allowed.")
-    run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
-    journal.started("force_off")
+    else:
+        run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
+    journal.started("force_off", asked_by=asked_by or "")
     src.destroy(uuid)
     journal.done("force_off")
+    run.update(eta_seconds=None)
 
 
 def copy_disks(run, journal, src, dst):
