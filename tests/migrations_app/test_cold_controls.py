@@ -177,7 +177,7 @@ def test_it_offers_try_again_prefilled_with_force_off_after_a_failed_shutdown(vm
     client = login(operator)
     page = client.get(reverse("migrations:detail", args=[job.pk]))
     html = page.content.decode()
-    assert 'data-testid="job-retry-link"' in html and "retry=%d" % job.pk in page.context["retry_query"]
+    assert 'data-testid="job-retry-link"' in html and f"retry={job.pk}" in page.context["retry_query"]
     assert 'data-testid="job-steps"' in html
     wizard = client.get(reverse("migrations:new") + "?" + page.context["retry_query"])
     assert wizard.status_code == 200 and wizard.context["step"] == "options"
