@@ -98,6 +98,16 @@ def check_can_request(user, vm, target, mode, options):
     return decision
 
 
+def check_can_request_quietly(user, vm, target, mode, options):
+    """The policy's decision for showing it (the wizard's confirm button says "Send for
+    approval" when the request will wait); None when refused or no policy applies.
+    Not audited: nothing is requested yet."""
+    try:
+        return check_can_request(user, vm, target, mode, options)
+    except JobError:
+        return None
+
+
 def check_overrides(user, report, overridden):
     """Only users with override_preflight may override a failed check, and only checks
     the report marks overridable."""

@@ -22,6 +22,7 @@ from hosts.services import refresh_vm_state
 from kvmweb.access import get_scoped_or_404, require, scoped
 from kvmweb.accounts.masking import HostMask
 from migrations_app import services
+from migrations_app import wizard as wizard_help
 from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
 
@@ -41,10 +42,6 @@ def _pk(value):
         return int(value)
     except (TypeError, ValueError):
         raise Http404 from None
-
-
-def _default_mode(vm):
-    return MigrationJob.LIVE if vm.is_running else MigrationJob.OFFLINE
 
 
 @login_required
@@ -211,12 +208,25 @@ def wizard(request):
         return redirect("migrations:new")
     if not data.get("mode") or data.get("step") != "preflight":
         refresh_vm_state(vm)  # the defaults below follow the VM's state now, not the last sync
-    context = {"vm": vm, "mode": data.get("mode") or _default_mode(vm)}
+    choices = wizard_help.mode_choices(request.user, vm)
+    mode = data.get("mode") or ""
+    if data.get("step") != "preflight":
+        mode = wizard_help.fitting_mode(choices, mode, vm)  # never Live for a shut-off VM
+    context = {"vm": vm, "mode": mode or wizard_help.default_mode(vm), "mode_choices": choices}
     if not data.get("target"):
         from migrations_app.preflight import rank_targets
 
         ranked = rank_targets(vm, context["mode"], {}, request.user)
-        return render(request, "migrations_app/wizard.html", dict(context, step="target", ranked=ranked))
+        return render(
+            request,
+            "migrations_app/wizard.html",
+            dict(
+                context,
+                step="target",
+                ranked=ranked,
+                no_target_help=wizard_help.no_target_help(request.user, vm),
+            ),
+        )
     target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(data["target"]))
     context["target"] = target
     if data.get("step") != "preflight":
@@ -240,7 +250,9 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         plan.validate()
     except PlanError as exc:
         form = OptionsForm(initial=dict(options, mode=mode))
-        context.update(step="options", form=form, error=str(exc))
+        context.update(
+            step="options", form=form, error=str(exc), mode_choices=wizard_help.mode_choices(request.user, vm)
+        )
         return render(request, "migrations_app/wizard.html", context, status=400)
     report = run_preflight(plan)  # libvirt, through the gateway's timeouts; no transaction open
     request.session[SESSION_REPORT] = {
@@ -249,8 +261,10 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         "report": report.to_dict(),
     }
     mask, subject = HostMask.for_user(request.user), HostMask.subject(vm.host, target)
+    decision = services.check_can_request_quietly(request.user, vm, target, mode, plan.options)
     context.update(
         plan=plan,
+        needs_approval=bool(decision is not None and decision.needs_approval),
         virsh=mask.text(plan.virsh_command(), subject),
         report=mask.report(report, subject),
         options_json=json.dumps(plan.options),
