@@ -18,7 +18,7 @@ from hosts.services import refresh_vm_state
 from kvmweb.accounts.policy import check_request
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app import states
+from migrations_app import events, states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.options import MODE_KEYS, OptionError, clean_control
@@ -330,7 +330,9 @@ def _cancel(job, actor, request):
             MigrationJob.CANCELLED,
             from_=states.CANCEL_AT_ONCE,
             cancel_requested=True,
-            error=_("Cancelled before it started; the VM was not touched."),
+            # Stored in English with its code: each viewer reads it in their language.
+            error=events.english(events.parts(("err_cancelled_before_start", {}))),
+            error_parts=events.parts(("err_cancelled_before_start", {})),
             outcome=AuditEvent.SUCCESS,
             **common,
         ) or transition(

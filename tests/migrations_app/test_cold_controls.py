@@ -225,3 +225,50 @@ def test_it_does_not_ask_about_shutdown_for_live_or_shut_off_vms(db):
     xml = XML.format(features="", channel="")
     assert preflight.check_guest_shutdown(_Ctx(xml, shuts_down=False)).status == "pass"
     assert preflight.check_guest_shutdown(_Ctx(xml, active=False)).status == "pass"
+
+
+def test_it_shows_a_coded_job_error_in_the_viewers_language(vm, operator, login):
+    from migrations_app.jobrun import finish
+
+    job = _cold(vm)
+    run = JobRun(job, "w1")
+    finish(
+        run,
+        MigrationJob.FAILED,
+        [
+            ("err_shutdown_timeout", {"timeout": "120"}),
+            ("err_rolled_back", {}),
+            ("restarted_source", {"host": "ha"}),
+            ("err_where_still", {"state": "running", "host": "ha"}),
+        ],
+    )
+    job.refresh_from_db()
+    assert job.status == MigrationJob.FAILED
+    # Stored in English (logs, API, audit) with the codes beside it.
+    assert (
+        job.error.startswith("The guest did not shut down within 120 s")
+        and "still running on ha" in job.error
+    )
+    assert [p["code"] for p in job.error_parts][0] == "err_shutdown_timeout"
+    event = AuditEvent.objects.get(action="migration.finish")
+    assert event.details["error"] == job.error
+    client = login(operator)
+    client.cookies["django_language"] = "zh-hans"
+    page = client.get(reverse("migrations:detail", args=[job.pk]), HTTP_ACCEPT_LANGUAGE="zh-hans")
+    html = page.content.decode()
+    assert "客户机未在 120 秒内关机" in html and "仍为运行中" in html
+    assert "did not shut down within" not in html.split('data-testid="job-error"')[1].split("</p>")[0]
+
+
+def test_it_stores_a_cancel_before_start_with_its_code(vm, operator):
+    job = _cold(vm, status=MigrationJob.QUEUED, phase="")
+    services.do_cancel_job(job, operator)
+    job.refresh_from_db()
+    assert (
+        job.status == MigrationJob.CANCELLED
+        and job.error == "Cancelled before it started; the VM was not touched."
+    )
+    from django.utils import translation
+
+    with translation.override("zh-hans"):
+        assert job.error_text == "在开始前已取消；虚拟机未受影响。"
