@@ -408,6 +408,17 @@ ROUTES = [
         post=frozenset({"admin", "bob"}),
         action="notification.unsubscribe",
     ),
+    Route(
+        "notifications:bell",
+        get=SIGNED_IN,
+        notes="the header's bell: each user's own notifications, scoped like the job pages",
+    ),
+    Route(
+        "notifications:mark_read",
+        post=SIGNED_IN,
+        data=lambda w, obj: {"up_to": "1000000"},
+        action="notifications.read",
+    ),
 ]
 
 # URL names deliberately outside the matrix, each with its reason.
