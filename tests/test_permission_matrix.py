@@ -38,7 +38,7 @@ from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
-from notifications.models import Subscription
+from notifications.models import InboxMark, Subscription
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -618,6 +618,7 @@ def db_state():
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
         "tokens": list(ApiToken.objects.order_by("pk").values_list("pk", "revoked_at")),
         "subscriptions": list(Subscription.objects.order_by("pk").values_list("pk", "owner_id", "target")),
+        "inbox_marks": list(InboxMark.objects.order_by("pk").values_list("user_id", "seen_event_id")),
         "unlocks": AuditEvent.objects.filter(action="auth.unlock", outcome=AuditEvent.SUCCESS).count(),
     }
 
