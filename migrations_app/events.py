@@ -84,6 +84,24 @@ CATALOG = {
     "waiting": _("Waiting: %(reason)s"),
     "released": _("Its time came: queued for a worker."),
     "missed_window": _("Missed its window: not started by %(at)s. The VM was not touched."),
+    # Sentences of a job's error (MigrationJob.error_parts), joined in the viewer's language.
+    "err_shutdown_timeout": _(
+        "The guest did not shut down within %(timeout)s s and forcing it off was not allowed."
+    ),
+    "err_cancelled_shutdown": _("Cancelled during the shutdown."),
+    "err_cancelled_copy": _("Cancelled during the disk copy."),
+    "err_cancelled_before_start": _("Cancelled before it started; the VM was not touched."),
+    "err_cold_failed": _("The cold migration failed: %(error)s."),
+    "err_worker_stopped": _("The worker stopped during the job (last step: %(step)s)."),
+    "err_untouched": _("The VM was not touched."),
+    "err_nothing_undone": _("Nothing had to be undone."),
+    "err_rolled_back": _("Rolled back:"),
+    "err_where_neither": _("The VM is on neither %(source)s nor %(target)s."),
+    "err_where_running": _("The VM is running on %(host)s."),
+    "err_where_start_failed": _(
+        "Starting it again on %(host)s failed: %(error)s. It is shut off on %(host)s."
+    ),
+    "err_where_still": _("The VM is still %(state)s on %(host)s."),
 }
 
 
@@ -91,12 +109,42 @@ CATALOG = {
 COLLAPSING = {"memory_pass"}
 
 
+# VM states as error sentences name them (rendered in the viewer's language).
+STATE_WORDS = {"running": _("running"), "paused": _("paused"), "shut off": _("shut off")}
+
+
+def parts(*items):
+    """Sentences of a job's error as stored in MigrationJob.error_parts: each item a
+    (code, params) pair or a plain (English) string; each keeps its English text."""
+    from django.utils import translation
+
+    out = []
+    with translation.override("en"):
+        for item in items:
+            if isinstance(item, dict):
+                out.append(item)
+            elif isinstance(item, tuple):
+                code, params = item
+                out.append({"code": code, "params": params, "en": render(code, params, code)})
+            elif item:
+                out.append({"code": "", "params": {}, "en": str(item)})
+    return out
+
+
+def english(error_parts):
+    """The stored English text of error sentences."""
+    return " ".join(p["en"] for p in error_parts)
+
+
 def render(code, params, fallback=""):
     """The line for ``code`` in the active language, or ``fallback``."""
     template = CATALOG.get(code)
     if template is None:
         return fallback
+    params = dict(params or {})
+    if "state" in params and params["state"] in STATE_WORDS:
+        params["state"] = str(STATE_WORDS[params["state"]])
     try:
-        return str(template) % (params or {})
+        return str(template) % params
     except (KeyError, TypeError, ValueError):
         return fallback

@@ -21,7 +21,7 @@ from hosts import hypervisor as hv
 from hosts.models import Host
 from hosts.services import apply_inventory, do_sync_inventory
 from kvmweb.audit.models import AuditEvent
-from migrations_app import prediction, states
+from migrations_app import events, prediction, states
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import LeftCopy, MigrationJob, ProgressSample
 from migrations_app.services import add_event, publish_job
@@ -37,11 +37,24 @@ def worker_name():
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class Cancelled(Exception):
+class _Coded(Exception):
+    """An error whose message is a text or a (code, params) pair of
+    migrations_app/events.py (shown in each viewer's language; str() is English)."""
+
+    @property
+    def parts(self):
+        first = self.args[0] if self.args else ""
+        return events.parts(first)
+
+    def __str__(self):
+        return events.english(self.parts)
+
+
+class Cancelled(_Coded):
     """The user cancelled; the message says where the VM is."""
 
 
-class Failed(Exception):
+class Failed(_Coded):
     """The job failed; the message says what happened and where the VM is."""
 
 
@@ -205,6 +218,8 @@ class JobRun:
                 "requested_bandwidth",
                 "requested_downtime",
                 "postcopy_requested",
+                "force_off_requested",
+                "force_off_requested_by",
             )
             .first()
         )
@@ -406,11 +421,17 @@ def finish(run, status, error, **fields):
             message = ("succeeded", params)
     else:
         message = error
+    error_parts = []
+    if isinstance(error, list | tuple):
+        # Coded sentences: stored with their English text, shown in the viewer's language.
+        error_parts = events.parts(*(error if isinstance(error, list) else [error]))
+        error = message = events.english(error_parts)
     done = transition(
         job.pk,
         status,
         from_=held,
         error=error,
+        error_parts=error_parts,
         finished_at=now,
         heartbeat_at=now,
         event=message,

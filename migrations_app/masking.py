@@ -250,7 +250,7 @@ class MaskedJob(_Masked):
             return replaced[name]
         if name in ("source_name", "target_name"):
             return self.host_mask.host_name(getattr(self._obj, name))
-        if name in ("error", "preflight", "reason"):
+        if name in ("error", "error_text", "preflight", "reason"):
             cache = self.__dict__["_cache"]
             if name not in cache:
                 cache[name] = self.host_mask.data(getattr(self._obj, name), self._obj)

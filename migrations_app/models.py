@@ -13,6 +13,22 @@ from migrations_app import states
 from migrations_app.events import COLLAPSING, render
 from migrations_app.options import LIVE_MODES
 
+# The journal's steps (migrations_app/journal.py) as the job page names them.
+JOURNAL_STEPS = {
+    "begin": _("started"),
+    "shutdown": _("guest shutdown"),
+    "force_off": _("forced off"),
+    "storage": _("storage decision"),
+    "migrate_definition": _("definition moved"),
+    "create_volume": _("target volume created"),
+    "copy": _("disk copied"),
+    "define": _("defined on the target"),
+    "undefine_source": _("removed from the source"),
+    "remove_source_disks": _("source disks removed"),
+    "start": _("started on the target"),
+    "verify": _("verified"),
+}
+
 
 class MigrationJobQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
@@ -108,6 +124,10 @@ class MigrationJob(models.Model):
     requested_bandwidth = models.PositiveIntegerField(null=True, blank=True)  # MiB/s
     requested_downtime = models.PositiveIntegerField(null=True, blank=True)  # ms
     postcopy_requested = models.BooleanField(default=False)
+    # Cold moves: "Force off now" on a guest that ignores the shutdown request; the
+    # shutdown wait (modes/cold.py) sees it within a poll and destroys the domain.
+    force_off_requested = models.BooleanField(default=False)
+    force_off_requested_by = models.CharField(max_length=150, blank=True)
 
     # Live progress (written by the worker about four times a second).
     phase = models.CharField(max_length=32, blank=True)
@@ -125,6 +145,9 @@ class MigrationJob(models.Model):
     dirty_rate = models.BigIntegerField(default=0)  # bytes/s
     iteration = models.PositiveIntegerField(default=0)
     eta_seconds = models.FloatField(null=True, blank=True)
+    # When the graceful shutdown wait of a cold move ends (stored, so every watcher and a
+    # reload count down to the same instant).
+    shutdown_deadline = models.DateTimeField(null=True, blank=True)
     progress_at = models.DateTimeField(null=True, blank=True)
     progress_seq = models.PositiveIntegerField(default=0)
 
@@ -140,6 +163,9 @@ class MigrationJob(models.Model):
     not_after = models.DateTimeField(null=True, blank=True)
     ignore_blackouts = models.BooleanField(default=False)  # administrators only, audited
     waiting_for = models.CharField(max_length=500, blank=True)
+    # The error as sentences with codes ([{"code", "params", "en"}], migrations_app/events.py)
+    # so each viewer reads it in their language; ``error`` keeps the English text.
+    error_parts = models.JSONField(default=list, blank=True)
     # Cold and offline jobs: every step with a side effect, written before ("started")
     # and after ("done") it runs, so a job whose worker died resumes or rolls back from
     # here (see migrations_app/journal.py).
@@ -206,6 +232,35 @@ class MigrationJob(models.Model):
     def is_controllable(self):
         """Bandwidth, downtime and post-copy only change a live migration that runs."""
         return self.status == self.RUNNING and self.mode in LIVE_MODES
+
+    @property
+    def error_text(self):
+        """The error in the active language (its coded sentences), else the stored text."""
+        if not self.error_parts:
+            return self.error
+        return " ".join(render(p.get("code", ""), p.get("params"), p.get("en", "")) for p in self.error_parts)
+
+    @property
+    def journal_steps(self):
+        """The journal as lines for the job page: [(label, state, detail)], one per step
+        (the latest state of each step and disk), in the order the steps began."""
+        order, latest = [], {}
+        for entry in self.journal or []:
+            key = (entry.get("step"), entry.get("path", ""))
+            if key not in latest:
+                order.append(key)
+            latest[key] = entry.get("state", "")
+        return [(JOURNAL_STEPS.get(step, step), latest[(step, path)], path) for step, path in order]
+
+    @property
+    def is_shutting_down(self):
+        """A cold move waiting for the guest to shut down (Force off now applies)."""
+        return self.status == self.RUNNING and self.phase == "shutdown" and not self.force_off_requested
+
+    @property
+    def can_retry(self):
+        """Failed or cancelled: the wizard may be opened again with the same plan."""
+        return self.status in (self.FAILED, self.CANCELLED)
 
     @property
     def postcopy_enabled(self):

@@ -18,7 +18,7 @@ from hosts.services import refresh_vm_state
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
-from migrations_app import states, windows
+from migrations_app import events, states, windows
 from migrations_app.lifecycle import transition, write_event
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.options import MODE_KEYS, OptionError, clean_control
@@ -97,6 +97,16 @@ def check_can_request(user, vm, target, mode, options):
     if decision is not None and not decision.allowed:
         raise JobError(decision.reason or _("This migration is not allowed."))
     return decision
+
+
+def check_can_request_quietly(user, vm, target, mode, options):
+    """The policy's decision for showing it (the wizard's confirm button says "Send for
+    approval" when the request will wait); None when refused or no policy applies.
+    Not audited: nothing is requested yet."""
+    try:
+        return check_can_request(user, vm, target, mode, options)
+    except JobError:
+        return None
 
 
 def check_overrides(user, report, overridden):
@@ -367,7 +377,9 @@ def _cancel(job, actor, request):
             MigrationJob.CANCELLED,
             from_=states.CANCEL_AT_ONCE,
             cancel_requested=True,
-            error=_("Cancelled before it started; the VM was not touched."),
+            # Stored in English with its code: each viewer reads it in their language.
+            error=events.english(events.parts(("err_cancelled_before_start", {}))),
+            error_parts=events.parts(("err_cancelled_before_start", {})),
             outcome=AuditEvent.SUCCESS,
             **common,
         ) or transition(
@@ -599,3 +611,70 @@ def do_delete_policy(policy, *, actor, request=None):
             "policy.delete", actor=actor, request=request, target=policy, details={"before": policy.as_dict()}
         )
         policy.delete()
+
+
+def may_force_off(user, job):
+    """May ``user`` force the guest of ``job`` off while a cold move waits for it to shut
+    down? Operators and administrators (they may control any job); the VM's owner when
+    the self-service policy covering the VM allows cold moves (a cold request may ask for
+    force off itself, so forcing off a running one asks for nothing more)."""
+    from kvmweb.accounts.roles import is_self_service
+    from migrations_app.policy import policy_for
+
+    if user.has_perm("migrations_app.control_migrationjob"):
+        return True
+    if not is_self_service(user) or job.vm is None:
+        return False
+    from hosts.models import VM
+
+    if not VM.objects.restrict(user).filter(pk=job.vm_id).exists():
+        return False
+    policy = policy_for(job.vm)
+    return policy is not None and MigrationJob.COLD in (policy.allowed_modes or [])
+
+
+def do_force_off_now(job, actor, request=None):
+    """Ask the worker of a cold move that waits for the guest to shut down to force it
+    off now (the journaled ``force_off`` step of modes/cold.py, at its next poll, ~0.25 s).
+
+    Recorded only while the job runs in its shutdown phase; once the guest is off (or
+    the job ended, or someone asked first) the request is refused and audited as a
+    failure. Audited as ``migration.force_off``."""
+    name = actor.get_username()
+    with transaction.atomic():
+        changed = MigrationJob.objects.filter(
+            pk=job.pk,
+            status=MigrationJob.RUNNING,
+            mode=MigrationJob.COLD,
+            phase="shutdown",
+            force_off_requested=False,
+        ).update(force_off_requested=True, force_off_requested_by=name, progress_seq=F("progress_seq") + 1)
+        if changed:
+            job.refresh_from_db()
+            JobEvent.objects.create(
+                job=job,
+                level="warn",
+                message=_("%(user)s asked to force the guest off now.") % {"user": name},
+            )
+            _audit_job(
+                "migration.force_off", job, actor=actor, request=request, details={"phase": "shutdown"}
+            )
+    if not changed:
+        job.refresh_from_db()
+        with transaction.atomic():
+            record(
+                "migration.force_off",
+                actor=actor,
+                request=request,
+                target=job,
+                outcome=AuditEvent.FAILURE,
+                details={
+                    "job": job.pk,
+                    "status": job.status,
+                    "phase": job.phase,
+                    "error": "not shutting down",
+                },
+            )
+        raise JobError(_("The guest is no longer waiting to shut down; nothing to force off."))
+    publish_job(job.pk)
+    return job

@@ -12,6 +12,7 @@ urlpatterns = [
     path("<int:pk>/bandwidth/", views.job_bandwidth, name="bandwidth"),
     path("<int:pk>/downtime/", views.job_downtime, name="downtime"),
     path("<int:pk>/postcopy/", views.job_postcopy, name="postcopy"),
+    path("<int:pk>/force-off/", views.job_force_off, name="force_off"),
     path("left-copies/<int:pk>/delete/", views.left_copy_delete, name="left_copy_delete"),
     path("preflight/", preflight_check, name="preflight_check"),  # the dry run
     path("approvals/", approvals.queue, name="approvals"),

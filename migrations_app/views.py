@@ -11,6 +11,7 @@ import time
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.utils.translation import gettext as _
@@ -20,6 +21,7 @@ from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
 from kvmweb.access import get_scoped_or_404, require, scoped
 from migrations_app import services
+from migrations_app import wizard as wizard_help
 from migrations_app.forms import BandwidthForm, DowntimeForm, OptionsForm
 from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
@@ -40,10 +42,6 @@ def _pk(value):
         return int(value)
     except (TypeError, ValueError):
         raise Http404 from None
-
-
-def _default_mode(vm):
-    return MigrationJob.LIVE if vm.is_running else MigrationJob.OFFLINE
 
 
 @login_required
@@ -83,6 +81,10 @@ def job_detail(request, pk):
             and request.user.has_perm("migrations_app.control_migrationjob"),
             "bandwidth_form": BandwidthForm(initial={"bandwidth": job.bandwidth or 0}),
             "downtime_form": DowntimeForm(initial={"downtime": job.max_downtime or 300}),
+            "can_force_off": job.is_shutting_down and services.may_force_off(request.user, job),
+            "retry_query": retry_query(job)
+            if job.can_retry and job.vm_id and request.user.has_perm(ADD)
+            else "",
         },
     )
 
@@ -143,6 +145,52 @@ def job_postcopy(request, pk):
 
 
 @login_required
+@require_POST
+def job_force_off(request, pk):
+    """ "Force off now" on a cold move waiting for its guest to shut down."""
+    job = get_scoped_or_404(MigrationJob, request.user, "control", pk=pk)
+    if not services.may_force_off(request.user, job):
+        raise PermissionDenied
+    try:
+        services.do_force_off_now(job, request.user, request=request)
+        messages.success(request, _("Force off requested: the guest is switched off at once."))
+    except services.JobError as exc:
+        messages.error(request, str(exc))
+    return redirect("migrations:detail", pk=job.pk)
+
+
+def retry_query(job):
+    """The wizard's query string for "Try again with …": the job's VM, target, mode and
+    options, with force off checked when the job failed waiting for a shutdown."""
+    from urllib.parse import urlencode
+
+    params = {"vm": job.vm_id, "target": job.target_id or "", "mode": job.mode, "retry": job.pk}
+    return urlencode(params)
+
+
+def _retry_initial(request, vm, mode):
+    """Initial options of the wizard's options step from the job given as ?retry=N (in the
+    user's scope, same VM), else the defaults."""
+    initial = {"mode": mode, "start_on_target": vm.is_running}
+    pk = request.GET.get("retry")
+    if not pk:
+        return initial
+    job = scoped(MigrationJob, request.user).filter(pk=_pk(pk), vm=vm).first()
+    if job is None:
+        return initial
+    initial.update(job.options or {})
+    initial["mode"] = mode
+    steps = {(e.get("step"), e.get("state")) for e in job.journal or []}
+    if (
+        job.mode == MigrationJob.COLD
+        and ("shutdown", "started") in steps
+        and ("shutdown", "done") not in steps
+    ):
+        initial["force_off"] = True  # it ended while waiting for the guest to shut down
+    return initial
+
+
+@login_required
 def wizard(request):
     """VM → target → mode and options → preflight + confirm (GET); create the job (POST)."""
     require(request.user, ADD)
@@ -160,16 +208,29 @@ def wizard(request):
         return redirect("migrations:new")
     if not data.get("mode") or data.get("step") != "preflight":
         refresh_vm_state(vm)  # the defaults below follow the VM's state now, not the last sync
-    context = {"vm": vm, "mode": data.get("mode") or _default_mode(vm)}
+    choices = wizard_help.mode_choices(request.user, vm)
+    mode = data.get("mode") or ""
+    if data.get("step") != "preflight":
+        mode = wizard_help.fitting_mode(choices, mode, vm)  # never Live for a shut-off VM
+    context = {"vm": vm, "mode": mode or wizard_help.default_mode(vm), "mode_choices": choices}
     if not data.get("target"):
         from migrations_app.preflight import rank_targets
 
         ranked = rank_targets(vm, context["mode"], {}, request.user)
-        return render(request, "migrations_app/wizard.html", dict(context, step="target", ranked=ranked))
+        return render(
+            request,
+            "migrations_app/wizard.html",
+            dict(
+                context,
+                step="target",
+                ranked=ranked,
+                no_target_help=wizard_help.no_target_help(request.user, vm),
+            ),
+        )
     target = get_scoped_or_404(Host, request.user, "migrate", pk=_pk(data["target"]))
     context["target"] = target
     if data.get("step") != "preflight":
-        form = OptionsForm(initial={"mode": context["mode"], "start_on_target": vm.is_running})
+        form = OptionsForm(initial=_retry_initial(request, vm, context["mode"]))
         return render(request, "migrations_app/wizard.html", dict(context, step="options", form=form))
     form = OptionsForm(data)
     if not form.is_valid():
@@ -190,7 +251,9 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         plan.validate()
     except PlanError as exc:
         form = OptionsForm(initial=dict(options, mode=mode))
-        context.update(step="options", form=form, error=str(exc))
+        context.update(
+            step="options", form=form, error=str(exc), mode_choices=wizard_help.mode_choices(request.user, vm)
+        )
         return render(request, "migrations_app/wizard.html", context, status=400)
     report = run_preflight(plan)  # libvirt, through the gateway's timeouts; no transaction open
     announce(report, "wizard")  # counted by the API's metrics (api/apps.py)
@@ -200,8 +263,10 @@ def _wizard_preflight(request, vm, target, mode, options, *, error="", status=20
         "report": report.to_dict(),
     }
     mask, subject = HostMask.for_user(request.user), HostMask.subject(vm.host, target)
+    decision = services.check_can_request_quietly(request.user, vm, target, mode, plan.options)
     context.update(
         plan=plan,
+        needs_approval=bool(decision is not None and decision.needs_approval),
         virsh=mask.text(plan.virsh_command(), subject),
         report=mask.report(report, subject),
         options_json=json.dumps(plan.options),

@@ -123,3 +123,16 @@ class Cursor(models.Model):
 
     def __str__(self):
         return f"{self.name}={self.position}"
+
+
+class InboxMark(models.Model):
+    """How far one user has read their in-app notifications (the header's bell): every
+    notification-worthy audit event with a higher id is unread. One row per user, moved
+    forward only (notifications.services.do_mark_read)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    seen_event_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"{self.user_id} read up to {self.seen_event_id}"

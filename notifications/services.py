@@ -93,3 +93,19 @@ def do_unsubscribe(subscription, *, actor, request=None):
             },
         )
         subscription.delete()
+
+
+def do_mark_read(user, up_to, request=None):
+    """Mark the user's in-app notifications read up to audit event ``up_to`` (never
+    backwards: two tabs marking at once keep the higher mark). Audited."""
+    from django.db.models.functions import Greatest
+
+    from notifications.models import InboxMark
+
+    up_to = max(0, int(up_to or 0))
+    with transaction.atomic():
+        mark, _created = InboxMark.objects.get_or_create(user=user)
+        InboxMark.objects.filter(pk=mark.pk).update(seen_event_id=Greatest("seen_event_id", up_to))
+        record("notifications.read", actor=user, request=request, details={"up_to": up_to})
+    mark.refresh_from_db()
+    return mark

@@ -58,3 +58,30 @@ def subscription_delete(request, pk):
     services.do_unsubscribe(sub, actor=request.user, request=request)
     messages.success(request, _("Subscription removed."))
     return redirect("notifications:list")
+
+
+@login_required
+def bell(request):
+    """The header's bell (count and list), polled by htmx; scoped like the job pages."""
+    from notifications import inbox
+
+    found = inbox.items(request.user)
+    return render(
+        request,
+        "notifications/partials/bell.html",
+        {"items": found, "unread": inbox.unread_count(found), "latest": found[0].event_id if found else 0},
+    )
+
+
+@login_required
+@require_POST
+def mark_read(request):
+    """Mark the bell's notifications read (up to the newest the user saw)."""
+    try:
+        up_to = int(request.POST.get("up_to") or 0)
+    except ValueError:
+        up_to = 0
+    services.do_mark_read(request.user, up_to, request=request)
+    if request.headers.get("HX-Request"):
+        return bell(request)
+    return redirect(request.POST.get("next") or "dashboard")

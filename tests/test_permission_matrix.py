@@ -38,7 +38,7 @@ from kvmweb.accounts.roles import AUDITOR
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, LeftCopy, MigrationJob
-from notifications.models import Subscription
+from notifications.models import InboxMark, Subscription
 from tests.accounts.world import build
 
 pytestmark = pytest.mark.django_db
@@ -65,6 +65,8 @@ SCOPE = {
     "job_hidden": STAFF,
     "job_alice_run": STAFF | {"alice"},  # a running live migration of alice's VM
     "job_hidden_run": STAFF,
+    "job_alice_cold": STAFF | {"alice"},  # a cold move of alice's VM waiting for the shutdown
+    "job_hidden_cold": STAFF,
     # alice's VM came from the secret host before it was hers: she sees the job, but
     # not the host's name or anything's URI (migrations_app/masking.py).
     "job_alice_past": STAFF | {"alice"},
@@ -332,6 +334,14 @@ ROUTES = [
         action="migration.postcopy",
     ),
     Route(
+        "migrations:force_off",
+        objects=("job_alice_cold", "job_hidden_cold"),
+        post=MIGRATORS,
+        action="migration.force_off",
+        notes="operators, or the VM's owner when the policy covering it allows cold moves "
+        "(the world's policy does not): 403 for alice",
+    ),
+    Route(
         "migrations:left_copy_delete",
         objects=("copy_bob", "copy_team"),
         post=MIGRATORS,
@@ -405,6 +415,17 @@ ROUTES = [
         objects=("sub_bob",),
         post=frozenset({"admin", "bob"}),
         action="notification.unsubscribe",
+    ),
+    Route(
+        "notifications:bell",
+        get=SIGNED_IN,
+        notes="the header's bell: each user's own notifications, scoped like the job pages",
+    ),
+    Route(
+        "notifications:mark_read",
+        post=SIGNED_IN,
+        data=lambda w, obj: {"up_to": "1000000"},
+        action="notifications.read",
     ),
 ]
 
@@ -526,6 +547,16 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
     JobEvent.objects.create(job_id=w.job_alice_past.pk, message=f"Connected to {w.s1.name} ({w.s1.uri}).")
     w.job_alice_run = running("alice-run", w.p1, alice)
     w.job_hidden_run = running("hidden-run", w.s1, None)
+
+    def shutting_down(name, host, owner):
+        """A cold move waiting for its guest to shut down ("Force off now" applies)."""
+        j = running(name, host, owner)
+        MigrationJob.objects.filter(pk=j.pk).update(mode=MigrationJob.COLD, options={}, phase="shutdown")
+        j.refresh_from_db()
+        return j
+
+    w.job_alice_cold = shutting_down("alice-cold", w.p1, alice)
+    w.job_hidden_cold = shutting_down("hidden-cold", w.s1, None)
     from api.services import do_create_token
 
     w.token_bob = do_create_token(bob, "bob's script", actor=bob)[0]
@@ -554,6 +585,8 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         "job_hidden": w.job_hidden,
         "job_alice_run": w.job_alice_run,
         "job_hidden_run": w.job_hidden_run,
+        "job_alice_cold": w.job_alice_cold,
+        "job_hidden_cold": w.job_hidden_cold,
         "job_alice_past": w.job_alice_past,
         "vm_bob": w.bob_db,
         "vm_team": w.team_app,
@@ -593,6 +626,7 @@ def db_state():
         "auth_groups": list(Group.objects.order_by("pk").values_list("name", flat=True)),
         "tokens": list(ApiToken.objects.order_by("pk").values_list("pk", "revoked_at")),
         "subscriptions": list(Subscription.objects.order_by("pk").values_list("pk", "owner_id", "target")),
+        "inbox_marks": list(InboxMark.objects.order_by("pk").values_list("user_id", "seen_event_id")),
         "unlocks": AuditEvent.objects.filter(action="auth.unlock", outcome=AuditEvent.SUCCESS).count(),
     }
 

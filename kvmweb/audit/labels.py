@@ -36,6 +36,8 @@ ACTIONS = {
     "migration.bandwidth": _("Migration bandwidth changed"),
     "migration.downtime": _("Migration downtime changed"),
     "migration.postcopy": _("Switched to post-copy"),
+    "migration.force_off": _("Forced the guest off (cold move)"),
+    "notifications.read": _("Notifications marked read"),
 }
 
 POWER = {

@@ -10,7 +10,9 @@ error, or in reconcile after the worker died.
 import os
 import shlex
 import time
+from datetime import timedelta
 
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
@@ -192,9 +194,15 @@ def run_cold(run, plan):
 
 
 def shutdown(run, journal, src, uuid, options):
+    """Ask the guest to shut down and wait until libvirt says shut off, at most the
+    timeout. The deadline is stored on the row (every watcher counts down to the same
+    instant). "Force off now" (services.do_force_off_now) ends the wait at the next poll;
+    the timeout forces off only when the job's force_off option allows it. Forcing off is
+    the journaled ``force_off`` step either way."""
     timeout = float(options.get("shutdown_timeout") or 60)
     force = bool(options.get("force_off"))
-    run.update(phase="shutdown", eta_seconds=timeout)
+    deadline_at = timezone.now() + timedelta(seconds=timeout)
+    run.update(phase="shutdown", eta_seconds=timeout, shutdown_deadline=deadline_at)
     run.event(("shutdown_asked", {"timeout": f"{timeout:g}"}))
     journal.started("shutdown")
     try:
@@ -202,6 +210,7 @@ def shutdown(run, journal, src, uuid, options):
     except hv.HypervisorError as exc:
         run.event(("shutdown_request_failed", {"error": str(exc)}), "warn")
     deadline = time.monotonic() + timeout
+    asked_by = None
     while time.monotonic() < deadline:
         state = src.find_domain(uuid)
         if state is not None and state[0] == "shutoff":
@@ -210,15 +219,22 @@ def shutdown(run, journal, src, uuid, options):
             return
         row = run.controls()
         if row and row["cancel_requested"]:
-            raise Cancelled("Cancelled during the shutdown.")
+            raise Cancelled(("err_cancelled_shutdown", {}))
+        if row and row.get("force_off_requested"):
+            asked_by = row.get("force_off_requested_by") or "-"
+            break
         run.update(eta_seconds=round(max(0.0, deadline - time.monotonic()), 1))
         time.sleep(SHUTDOWN_POLL_SECONDS)
-    if not force:
-        raise Failed(f"The guest did not shut down within {timeout:g} s and forcing it off was not allowed.")
-    run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
-    journal.started("force_off")
+    if asked_by is not None:
+        run.event(("forced_off_now", {"user": asked_by}), "warn")
+    elif not force:
+        raise Failed(("err_shutdown_timeout", {"timeout": f"{timeout:g}"}))
+    else:
+        run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
+    journal.started("force_off", asked_by=asked_by or "")
     src.destroy(uuid)
     journal.done("force_off")
+    run.update(eta_seconds=None)
 
 
 def copy_disks(run, journal, src, dst):
@@ -280,7 +296,7 @@ def copy_disks(run, journal, src, dst):
                 run.stop_copy.set()
         if op.error is not None:
             if run.stop_copy.is_set():
-                raise Cancelled("Cancelled during the disk copy.")
+                raise Cancelled(("err_cancelled_copy", {}))
             raise Failed(f"Copying the disk {path} failed: {op.error}.")
         journal.done("copy", path=path)
         base += sizes[path]
@@ -388,47 +404,54 @@ def forward(run, journal, src, dst, on_src, on_dst, cause):
 def roll_back(run, journal, src, dst, on_src, on_dst, cause, begin, options):
     job = run.job
     uuid = str(job.vm.uuid)
-    done = []
+    done = []  # sentences (code, params) of what was undone, shown in each viewer's language
     if journal.entries:
         run.event(("rollback", {"step": journal.last_step or "-"}), "warn")
     for path in journal.created_volumes():
         if dst.volume_at(path) is not None:
             dst.delete_volume(path)
-            done.append(f"removed the volume {path} it had created on {job.target_name}")
-            run.event(("rolled_back_volume", {"path": path, "host": job.target_name}))
+            done.append(("rolled_back_volume", {"path": path, "host": job.target_name}))
+            run.event(done[-1])
     if on_src is None:
-        where = f"The VM is on neither {job.source_name} nor {job.target_name}."
+        where = ("err_where_neither", {"source": job.source_name, "target": job.target_name})
     elif begin.get("was_running") and on_src[0] == "shutoff":
         try:
             src.start(uuid)
-            done.append(f"started the VM again on {job.source_name}")
-            run.event(("restarted_source", {"host": job.source_name}))
-            where = f"The VM is running on {job.source_name}."
+            done.append(("restarted_source", {"host": job.source_name}))
+            run.event(done[-1])
+            where = ("err_where_running", {"host": job.source_name})
         except hv.HypervisorError as exc:
-            where = (
-                f"Starting it again on {job.source_name} failed: {exc}. It is shut off on {job.source_name}."
-            )
+            where = ("err_where_start_failed", {"host": job.source_name, "error": str(exc)})
     else:
-        where = f"The VM is still {state_words(src.find_domain(uuid))} on {job.source_name}."
+        where = ("err_where_still", {"state": state_words(src.find_domain(uuid)), "host": job.source_name})
     what = (
-        cause_words(cause)
+        cause_parts(cause)
         if cause is not None
-        else (f"The worker stopped during the job (last step: {journal.last_step or 'none'}).")
+        else [("err_worker_stopped", {"step": journal.last_step or "none"})]
     )
-    undone = f" Rolled back: {'; '.join(done)}." if done else " Nothing had to be undone."
+    undone = [("err_rolled_back", {}), *done] if done else [("err_nothing_undone", {})]
     if not journal.entries:
-        undone = " The VM was not touched."
+        undone = [("err_untouched", {})]
     status = (
         MigrationJob.CANCELLED
         if isinstance(cause, Cancelled) or cancel_requested(run)
         else MigrationJob.FAILED
     )
-    return finish(run, status, f"{what}{undone} {where}")
+    return finish(run, status, [*what, *undone, where])
 
 
 def cancel_requested(run):
     row = run.controls()
     return bool(row and row["cancel_requested"])
+
+
+def cause_parts(cause):
+    """The error sentences of what stopped the run (coded when the cause is)."""
+    if isinstance(cause, hv.HypervisorError):
+        return [("err_cold_failed", {"error": str(cause).strip().rstrip(".")})]
+    if getattr(cause, "parts", None) and cause.parts[0]["code"]:
+        return list(cause.parts)
+    return [cause_words(cause)]
 
 
 def cause_words(cause):

@@ -96,11 +96,13 @@
           s.points.push([t, num(prog.dataset.rate) || 0, num(prog.dataset.remaining) || 0]);
         }
       }
-      var status = prog.dataset.status;
+      // The controls follow the state and the phase (a cold move's shutdown wait offers
+      // "Force off now"; a failed job offers "Try again").
+      var status = prog.dataset.status + "/" + (prog.dataset.phase || "");
       if (s.status && s.status !== status) refreshControls();
       s.status = status;
       if (prog.dataset.final === "1") {
-        document.querySelectorAll("[data-live-controls]").forEach(function (el) {
+        document.querySelectorAll("[data-live-controls]:not([data-keep])").forEach(function (el) {
           el.hidden = true;
         });
       }
@@ -116,6 +118,17 @@
     var el = document.querySelector("[data-live-controls]");
     if (!el) return;
     htmx.ajax("GET", window.location.pathname, { target: el, select: "[data-live-controls]", swap: "outerHTML" });
+  }
+
+  // The cold move's shutdown countdown: the deadline is stored on the job, so every
+  // watcher and a reload count down to the same instant; this ticks it every second.
+  function tickCountdowns() {
+    document.querySelectorAll(".countdown[data-deadline]").forEach(function (el) {
+      var deadline = num(el.getAttribute("data-deadline"));
+      if (deadline === null) return;
+      var left = Math.max(0, Math.round(deadline - Date.now() / 1000));
+      el.textContent = left + " s";
+    });
   }
 
   function draw(jobId) {
@@ -237,4 +250,7 @@
     connection(e, "closed");
   });
   window.addEventListener("resize", updateAll);
+  document.addEventListener("htmx:wsAfterMessage", tickCountdowns);
+  document.addEventListener("DOMContentLoaded", tickCountdowns);
+  window.setInterval(tickCountdowns, 1000);
 })();

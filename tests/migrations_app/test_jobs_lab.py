@@ -336,6 +336,39 @@ def test_it_cancels_a_cold_job_while_it_waits_for_the_shutdown(cluster, lab_gues
     assert labkit.where(guest) == {"lab-a": "running"}
 
 
+def test_it_forces_off_now_a_guest_that_ignores_acpi_and_finishes_the_move(cluster, lab_guest):
+    guest = lab_guest("mj-forceoff")  # ignores ACPI: without "Force off now" it would wait 120 s
+    _sync_cli(cluster, "lab-a")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "cold", "--shutdown-timeout", "120")
+    cluster.wait(job_id, lambda j: j["status"] == "running", 60, "running")
+    deadline = time.monotonic() + 60
+    while cluster.q("select phase from migrations_app_migrationjob where id=?", job_id)[0][0] != "shutdown":
+        assert time.monotonic() < deadline, "the shutdown wait did not begin"
+        time.sleep(0.1)
+    stored = cluster.q("select shutdown_deadline from migrations_app_migrationjob where id=?", job_id)[0][0]
+    assert stored  # every watcher counts down to this instant
+    asked = time.monotonic()
+    cluster.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; from migrations_app import services; "
+        "from migrations_app.models import MigrationJob; "
+        f"services.do_force_off_now(MigrationJob.objects.get(pk={job_id}), User.objects.get(username='admin'))",
+    )
+    job = cluster.wait(job_id, lambda j: j["status"] in ("cancelled", "failed", "succeeded"), 120, "final")
+    took = time.monotonic() - asked
+    assert job["status"] == "succeeded", job
+    assert labkit.where(guest) == {"lab-b": "running"}
+    journal = json.loads(
+        cluster.q("select journal from migrations_app_migrationjob where id=?", job_id)[0][0]
+    )
+    forced = [e for e in journal if e["step"] == "force_off"]
+    assert [e["state"] for e in forced] == ["started", "done"] and forced[0]["asked_by"] == "admin"
+    audit = cluster.q("select outcome from audit_auditevent where action='migration.force_off'")
+    assert audit == [("success",)], audit
+    print(f"force off now: the cold move finished {took:.1f} s after the request (shutdown timeout 120 s)")
+
+
 def _seconds(text):
     from datetime import datetime
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
@@ -142,3 +144,45 @@ def check_firmware(ctx):
         return result(WARN, text[0].upper() + text[1:], remedy, details)
     text = "; ".join(notes) + "."
     return result(PASS, text[0].upper() + text[1:], details=details)
+
+
+@check("guest_shutdown", gettext_lazy("Guest can be shut down"), order=200)
+def check_guest_shutdown(ctx):
+    """A cold move asks the guest to shut down (ACPI power button, or the guest agent):
+    warn when the definition shows no sign of either, since such a guest usually ignores
+    the request and the move then waits the whole timeout (and fails unless forced off)."""
+    if not ctx.strategy.shuts_down:
+        return result(PASS, _("Not needed: this mode does not shut the guest down."))
+    dom = ctx.domain()
+    if not dom["active"]:
+        return result(PASS, _("The VM is already shut off: nothing to shut down."))
+    root = ET.fromstring(dom["xml"])
+    acpi = root.find("features/acpi") is not None
+    agent = any(
+        (ch.find("target") is not None and ch.find("target").get("name") == "org.qemu.guest_agent.0")
+        for ch in root.findall("devices/channel")
+    )
+    details = {"acpi": acpi, "guest_agent_channel": agent}
+    if acpi or agent:
+        how = _("ACPI") if acpi else _("the guest agent channel")
+        return result(
+            PASS, _("The guest can be asked to shut down (%(how)s).") % {"how": how}, details=details
+        )
+    forced = bool(ctx.options.get("force_off"))
+    return result(
+        WARN,
+        _(
+            "The definition has no <acpi/> feature and no guest agent channel: the guest will probably "
+            "ignore the shutdown request, and the move waits %(timeout)s s."
+        )
+        % {"timeout": ctx.options.get("shutdown_timeout", 120)}
+        + (
+            " " + _("Then it is forced off (as checked).")
+            if forced
+            else " " + _("Then it fails: the VM stays on the source.")
+        ),
+        _(
+            "Check “Force off when the guest does not shut down”, shut the guest down yourself first, or use “Force off now” on the running job."
+        ),
+        details,
+    )

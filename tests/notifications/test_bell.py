@@ -1,0 +1,88 @@
+"""The header's bell: a user's own jobs that ended or were decided, and requests waiting
+for their approval; scoped like the job pages; "mark read" moves the user's mark (audited)."""
+
+import pytest
+from django.db import transaction
+from django.urls import reverse
+
+from hosts.models import VM, Host
+from kvmweb.audit import record
+from kvmweb.audit.models import AuditEvent
+from migrations_app.models import MigrationJob
+from notifications import inbox
+from notifications.models import InboxMark
+
+
+@pytest.fixture
+def jobs(db, alice, bob):
+    a = Host.objects.create(name="ha", uri="test:///default")
+    b = Host.objects.create(name="hb", uri="test:///other")
+
+    def job(name, owner, status):
+        vm = VM.objects.create(
+            uuid=f"6695eb01-f6a4-8304-79aa-{VM.objects.count() + 1:012d}",
+            name=name,
+            host=a,
+            state="running",
+            owner_user=owner,
+        )
+        return MigrationJob.objects.create(
+            vm=vm,
+            vm_name=name,
+            source=a,
+            source_name=a.name,
+            target=b,
+            target_name=b.name,
+            mode="live",
+            status=status,
+            requested_by=owner,
+            requested_by_name=owner.username,
+        )
+
+    return {
+        "alice_done": job("alice-web", alice, MigrationJob.FAILED),
+        "bob_done": job("bob-db", bob, MigrationJob.SUCCEEDED),
+        "alice_waiting": job("alice-app", alice, MigrationJob.PENDING_APPROVAL),
+    }
+
+
+def _audit(action, job, actor=None, **details):
+    with transaction.atomic():
+        return record(action, actor=actor, target=job, details=details)
+
+
+def test_it_lists_a_users_finished_jobs_and_nobody_elses(jobs, alice, bob, login):
+    _audit("migration.finish", jobs["alice_done"], status="failed", error="boom")
+    _audit("migration.finish", jobs["bob_done"], status="succeeded")
+    page = login(alice).get(reverse("notifications:bell"))
+    html = page.content.decode()
+    assert page.status_code == 200 and page.context["unread"] == 1
+    assert "alice-web" in html and "failed" in html and "bob-db" not in html
+    assert [i.kind for i in inbox.items(bob)] == ["job.succeeded"]
+
+
+def test_it_shows_waiting_requests_to_approvers_only(jobs, alice, operator, auditor):
+    _audit("migration.request", jobs["alice_waiting"], actor=alice, status="pending_approval")
+    assert [i.kind for i in inbox.items(operator)] == ["approval.requested"]
+    assert inbox.items(auditor) == []  # sees the job, may not approve it
+    assert inbox.items(alice) == []  # her own request is not news to her
+
+
+def test_it_marks_read_and_audits_it(jobs, alice, login):
+    event = _audit("migration.finish", jobs["alice_done"], status="failed")
+    client = login(alice)
+    response = client.post(reverse("notifications:mark_read"), {"up_to": event.pk}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and response.context["unread"] == 0
+    assert InboxMark.objects.get(user=alice).seen_event_id == event.pk
+    read = AuditEvent.objects.get(action="notifications.read")
+    assert read.actor == alice and read.details["up_to"] == event.pk
+    # Never backwards (an older tab marking later keeps the newer mark).
+    client.post(reverse("notifications:mark_read"), {"up_to": 1})
+    assert InboxMark.objects.get(user=alice).seen_event_id == event.pk
+    newer = _audit("migration.finish", jobs["alice_done"], status="cancelled")
+    assert [(i.event_id, i.unread) for i in inbox.items(alice)] == [(newer.pk, True), (event.pk, False)]
+
+
+def test_it_loads_the_bell_lazily_on_every_page(jobs, alice, login):
+    html = login(alice).get(reverse("migrations:list")).content.decode()
+    assert 'id="bell"' in html and 'hx-trigger="load"' in html and "js/bell.js" in html
