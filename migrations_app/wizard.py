@@ -3,16 +3,18 @@ the VM as it is now (and why the others do not), which mode to preselect, and wh
 ask an administrator for when no target is open to a self-service user.
 
 Read-only helpers for migrations_app/views.py; the rules themselves stay where they live
-(each mode's ``validate_state``, the self-service policy in kvmweb/accounts/policy.py).
+(each mode's ``validate_state``, the self-service policy in migrations_app/policy.py).
 """
 
 from dataclasses import dataclass
 
 from django.utils.translation import gettext as _
 
+from kvmweb.accounts.roles import is_self_service, is_staff_migrator
 from migrations_app import modes
 from migrations_app.models import MigrationJob
 from migrations_app.options import SCHEMA, PlanError
+from migrations_app.policy import policy_for
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,6 @@ class ModeChoice:
 
 
 def _policy(user, vm):
-    from kvmweb.accounts.policy import is_staff_migrator, policy_for
-    from kvmweb.accounts.roles import is_self_service
-
     if is_staff_migrator(user) or not is_self_service(user):
         return None, False
     return policy_for(vm), True

@@ -15,11 +15,12 @@ from django.utils import timezone
 from hosts.models import VM, Host, HostGroup
 from kvmweb.accounts.models import SelfServicePolicy
 from kvmweb.audit.models import AuditEvent
-from migrations_app import preflight, services
+from migrations_app import services
 from migrations_app.jobrun import Failed, JobRun
 from migrations_app.journal import Journal
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.modes import cold
+from migrations_app.preflight.checks.devices import check_guest_shutdown
 
 
 @pytest.fixture
@@ -215,7 +216,7 @@ class _Ctx:
     [("", "", "warn"), ("<features><acpi/></features>", "", "pass"), ("", AGENT, "pass")],
 )
 def test_it_warns_when_the_guest_shows_no_way_to_be_shut_down(db, features, channel, status):
-    result = preflight.check_guest_shutdown(_Ctx(XML.format(features=features, channel=channel)))
+    result = check_guest_shutdown(_Ctx(XML.format(features=features, channel=channel)))
     assert result.status == status
     if status == "warn":
         assert "<acpi/>" in result.message and "Force off" in result.remedy
@@ -223,8 +224,8 @@ def test_it_warns_when_the_guest_shows_no_way_to_be_shut_down(db, features, chan
 
 def test_it_does_not_ask_about_shutdown_for_live_or_shut_off_vms(db):
     xml = XML.format(features="", channel="")
-    assert preflight.check_guest_shutdown(_Ctx(xml, shuts_down=False)).status == "pass"
-    assert preflight.check_guest_shutdown(_Ctx(xml, active=False)).status == "pass"
+    assert check_guest_shutdown(_Ctx(xml, shuts_down=False)).status == "pass"
+    assert check_guest_shutdown(_Ctx(xml, active=False)).status == "pass"
 
 
 def test_it_shows_a_coded_job_error_in_the_viewers_language(vm, operator, login):

@@ -33,7 +33,7 @@ def world(db, alice, monkeypatch):
 
     def rank(vm, mode, options, user):
         ranked.append(mode)
-        from kvmweb.accounts.policy import allowed_targets
+        from migrations_app.policy import allowed_targets
 
         return [(h, _report()) for h in allowed_targets(user, vm)]
 
