@@ -114,6 +114,7 @@ def test_it_translates_into_chinese(entries):
     assert untouched <= {
         "libvirt URI",
         "URI",
+        "ACPI",
         "UUID",
         "CPU",
         "Hypervisor",

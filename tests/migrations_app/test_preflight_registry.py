@@ -25,6 +25,7 @@ DISPLAY_ORDER = [
     "disk_cache",
     "prediction",
     "transport",
+    "guest_shutdown",
 ]
 
 
