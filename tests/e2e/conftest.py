@@ -1,16 +1,9 @@
-"""Browser-test fixtures shared by the e2e modules: a kvmweb site in its own data dir
-(daphne, and workers when asked) and Debian's Chromium driven by Playwright."""
+"""Browser-test fixtures shared by the e2e modules: Debian's Chromium driven by Playwright
+(the kvmweb site itself is the `site` fixture of tests/conftest.py, tests/sites.py)."""
 
 import pytest
 
-from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, Site
-
-
-@pytest.fixture
-def site(tmp_path):
-    site = Site(tmp_path)
-    yield site
-    site.stop()
+from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture
