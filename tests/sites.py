@@ -151,13 +151,19 @@ class Site:
         except ValueError:
             return status, hdrs, text
 
-    def stop(self):
+    def stop(self, grace=8):
+        """SIGTERM every process, SIGKILL what still runs after ``grace`` seconds in all.
+
+        A daphne that served a job socket after a restart, and a qcluster, can sit out
+        20 s and more before they exit; nothing after a test needs them to stop cleanly
+        (tests/kvmweb/test_worker_shutdown.py proves the workers' prompt stop)."""
         for proc, _log in self.procs:
             if proc.poll() is None:
                 proc.terminate()
+        deadline = time.monotonic() + grace
         for proc, log in self.procs:
             try:
-                proc.wait(20)
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
