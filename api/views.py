@@ -398,13 +398,29 @@ class JobEventsView(APIView):
         )
 
 
-def _job_action(request, pk, perm, action, action_kind="control"):
-    job = get_scoped_or_404(MigrationJob, request.user, action_kind, perm=perm, pk=pk)
+def _act(request, model, pk, action, *, scope="view", perm, refusal, respond):
+    """Act on one object: fetch it in the user's scope (404) with the permission (403), run
+    the service ``action(obj)``; the service's refusal (an exception of class ``refusal``,
+    e.g. a job that already ended) is a 409 with its message, else ``respond(obj)``."""
+    obj = get_scoped_or_404(model, request.user, scope, perm=perm, pk=pk)
     try:
-        job = action(job)
-    except job_services.JobError as exc:
+        obj = action(obj)
+    except refusal as exc:
         return Response({"detail": str(exc)}, status=409)
-    return _job_response(request, job, 202)
+    return respond(obj)
+
+
+def _job_action(request, pk, perm, action, action_kind="control"):
+    return _act(
+        request,
+        MigrationJob,
+        pk,
+        action,
+        scope=action_kind,
+        perm=perm,
+        refusal=job_services.JobError,
+        respond=lambda job: _job_response(request, job, 202),
+    )
 
 
 class JobCancelView(APIView):
@@ -561,12 +577,15 @@ class BatchDetailView(APIView):
 
 
 def _batch_action(request, pk, action):
-    batch = get_scoped_or_404(Batch, request.user, perm=fleet_services.PERM, pk=pk)
-    try:
-        batch = action(batch)
-    except fleet_services.BatchError as exc:
-        return Response({"detail": str(exc)}, status=409)
-    return Response(s.BatchSerializer(batch).data, status=202)
+    return _act(
+        request,
+        Batch,
+        pk,
+        action,
+        perm=fleet_services.PERM,
+        refusal=fleet_services.BatchError,
+        respond=lambda batch: Response(s.BatchSerializer(batch).data, status=202),
+    )
 
 
 class BatchPauseView(APIView):

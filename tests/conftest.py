@@ -142,3 +142,13 @@ def _fresh_channel_layers():
 
     channel_layers.backends.clear()
     yield
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A kvmweb of its own served by real processes (tests/sites.py), stopped after the test."""
+    from tests.sites import Site
+
+    site = Site(tmp_path)
+    yield site
+    site.stop()

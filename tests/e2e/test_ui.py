@@ -1,8 +1,9 @@
 """The pages a sysadmin uses every day, in Chromium: sorting and filtering the VM list,
 every main page on a 390 px wide phone without sideways scrolling, and dark mode.
 
-One site per test (real daphne on a file SQLite database, test-driver hosts); every
-process is started by the fixtures and stopped by its PID.
+One site for the module (real daphne on a file SQLite database, test-driver hosts), each
+test signing in as its own user (only the theme test changes a stored setting, of the
+user only it uses); every process is started by the fixtures and stopped by its PID.
 """
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_browser import CHROMIUM, PASSWORD, ROOT, sign_in, snap
+from tests.sites import Site
 
 pytestmark = [
     pytest.mark.browser,
@@ -57,7 +59,15 @@ print(json.dumps({{"host": a.pk, "vm": web.pk, "long": long_vm.pk, "job": job.pk
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """One site for these tests: they read the same world and change nothing another reads."""
+    site = Site(tmp_path_factory.mktemp("ui"))
+    yield site
+    site.stop()
+
+
+@pytest.fixture(scope="module")
 def world(site):
     nodes = {}
     for name in ("a", "b"):
