@@ -32,12 +32,15 @@ REQUEUE_AFTER_SECONDS = 60
 REQUEUE_EVERY_SECONDS = 300
 
 
-def mark_stale(now=None, stale_seconds=STALE_SECONDS):
-    """Active jobs without a heartbeat for ``stale_seconds`` -> needs_reconcile."""
+def mark_stale(now=None, stale_seconds=STALE_SECONDS, job_ids=None):
+    """Active jobs without a heartbeat for ``stale_seconds`` -> needs_reconcile (only
+    ``job_ids`` when given)."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=stale_seconds)
     marked = []
     stale = MigrationJob.objects.filter(status__in=states.WORKING, heartbeat_at__lt=cutoff)
+    if job_ids is not None:
+        stale = stale.filter(pk__in=job_ids)
     for job in stale.only("pk", "status", "heartbeat_at"):
         # Conditional on the heartbeat too: a worker that wrote one meanwhile keeps its job.
         if MigrationJob.objects.filter(pk=job.pk, heartbeat_at__lt=cutoff).exists() and transition(
@@ -74,17 +77,24 @@ def requeue_lost(now=None):
     return requeued
 
 
-def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS):
+def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS, job_ids=None):
     """One pass: mark stale jobs, queue the held jobs that are due (and end those whose
     window closed: windows.release_due), queue lost ones again, then reconcile every job that
-    needs it. Returns {job_id: outcome} for the jobs it looked at."""
-    mark_stale(now, stale_seconds)
-    windows.release_due(now)
-    requeue_lost(now)
+    needs it. Returns {job_id: outcome} for the jobs it looked at.
+
+    With ``job_ids``, only those jobs are marked and reconciled (nothing is released or
+    queued again): an operator who knows a job's worker is dead can conclude it at once
+    with a stale age of 0 without touching jobs whose workers are alive but between two
+    heartbeats."""
+    mark_stale(now, stale_seconds, job_ids)
+    if job_ids is None:
+        windows.release_due(now)
+        requeue_lost(now)
     results = {}
-    for job_id in MigrationJob.objects.filter(status=MigrationJob.NEEDS_RECONCILE).values_list(
-        "pk", flat=True
-    ):
+    waiting = MigrationJob.objects.filter(status=MigrationJob.NEEDS_RECONCILE)
+    if job_ids is not None:
+        waiting = waiting.filter(pk__in=job_ids)
+    for job_id in waiting.values_list("pk", flat=True):
         try:
             results[job_id] = reconcile_one(job_id)
         except Exception:  # one job's trouble must not stop the others

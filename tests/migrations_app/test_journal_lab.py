@@ -57,7 +57,8 @@ def _crash_and_reconcile(c, guest, mode, options, step):
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     assert lines and "id" in json.loads(lines[0]), f"{step}: worker output {r.stdout}{r.stderr}"
     job_id = json.loads(lines[0])["id"]
-    reconciled = c.manage("reconcile_jobs", "--stale", "0")
+    # Only this job: the other scenarios' workers are alive, between two heartbeats.
+    reconciled = c.manage("reconcile_jobs", "--stale", "0", "--job", str(job_id))
     row = c.q("select status, error, journal from migrations_app_migrationjob where id=?", job_id)[0]
     return {
         "status": row[0],

@@ -104,6 +104,25 @@ def test_it_marks_a_silent_job_for_reconcile_and_leaves_a_beating_one_alone(job)
     assert JobEvent.objects.filter(job=job, message__contains="heartbeat stopped").exists()
 
 
+def test_it_reconciles_only_the_named_job_when_asked(job, monkeypatch):
+    # `reconcile_jobs --job ID --stale 0`: another running job, between two heartbeats,
+    # must not be taken from its live worker.
+    other = MigrationJob.objects.create(
+        vm=VM.objects.create(uuid="11111111-2222-3333-4444-555555555555", name="db", host=job.source),
+        vm_name="db",
+        source_name="ha",
+        target_name="hb",
+        mode="live",
+        status=MigrationJob.RUNNING,
+        heartbeat_at=timezone.now(),
+    )
+    _where(monkeypatch, source=("running", "migration_canceled"), source_job="none", target=None)
+    assert reconcile.reconcile_jobs(stale_seconds=0, job_ids=[job.pk]) == {job.pk: MigrationJob.FAILED}
+    other.refresh_from_db()
+    assert other.status == MigrationJob.RUNNING
+    assert not JobEvent.objects.filter(job=other).exists()
+
+
 def test_it_concludes_failed_when_libvirt_kept_the_vm_on_the_source(job, monkeypatch):
     _where(monkeypatch, source=("running", "migration_canceled"), source_job="none", target=None)
     assert reconcile.reconcile_jobs() == {job.pk: MigrationJob.FAILED}
