@@ -102,6 +102,73 @@ CATALOG = {
         "Starting it again on %(host)s failed: %(error)s. It is shut off on %(host)s."
     ),
     "err_where_still": _("The VM is still %(state)s on %(host)s."),
+    "err_where_not_found": _("The VM was not found on %(host)s."),
+    # Where the VM is, as the end of a sentence (a nested param: {"code": ..., "params": ...}).
+    "err_place_still": _("the VM is still %(state)s on %(host)s"),
+    "err_place_not_found": _("the VM was not found on %(host)s"),
+    # Live modes (migrations_app/modes/live.py, live_copy.py).
+    "err_cancelled_place": _("Cancelled; %(place)s."),
+    "err_cancelled_where": _("Cancelled; the VM is %(state)s on %(host)s."),
+    "err_live_not_completed": _(
+        "The worker stopped during the job and libvirt did not complete the migration; the VM is "
+        "%(state)s on %(host)s. Nothing was retried."
+    ),
+    "err_live_both": _(
+        "The VM is %(src_state)s on %(source)s and %(dst_state)s on %(target)s: check which copy is the "
+        "real one before starting anything."
+    ),
+    "err_source_unreachable": _("Cannot reach the source host %(host)s: %(error)s"),
+    "err_lost_contact_reattach": _("Lost contact with %(host)s while re-attaching: %(error)s"),
+    "err_migrate_no_return": _(
+        "The migrate call did not return and the target does not report the VM; check %(host)s."
+    ),
+    "err_timeout_aborted": _(
+        "The migration did not complete within the completion timeout and was aborted; the VM is still "
+        "running on %(host)s."
+    ),
+    "err_policy_aborted": _(
+        "The convergence policy aborted the migration: it did not converge even at %(ms)s ms of allowed "
+        "downtime; %(place)s."
+    ),
+    "err_target_gone": _("The target host's libvirtd went away during the migration; %(place)s."),
+    "err_source_stopped": _(
+        "The source host %(host)s stopped answering during the migration (%(error)s); check it before "
+        "retrying."
+    ),
+    "err_migration_failed": _("The migration failed: %(error)s."),
+    "err_no_target_pool": _(
+        "%(target)s has no storage pool at %(dir)s, so the disk %(path)s cannot be created there. Define "
+        "and start a directory pool at that path on %(target)s. The VM is still on %(source)s."
+    ),
+    "err_target_volumes": _("Cannot prepare the target volumes on %(host)s: %(error)s"),
+    # The runner, reconcile and the checks after a move (runner.py, reconcile.py, jobrun.py).
+    "err_host_removed_before": _("The source or target host was removed from kvmweb before the job started."),
+    "err_preflight_blocks": _(
+        "The preflight checklist now blocks this migration (checked again right before starting): "
+        "%(checks)s. Nothing was changed; the VM is still on %(host)s."
+    ),
+    "err_cancelled_before_migration": _(
+        "Cancelled before the migration started; the VM was not touched and is on %(host)s."
+    ),
+    "err_internal": _("Internal error in the worker: %(error)s"),
+    "err_host_removed_reconcile": _("A host of this job was removed; cannot reconcile."),
+    "err_verify_missing": _("Verification failed: %(host)s does not report the VM after the move."),
+    "err_verify_not_running": _(
+        "Verification failed: the VM is %(state)s (%(reason)s) on %(host)s, not running."
+    ),
+    # Cold mode before and around the move (migrations_app/modes/cold.py).
+    "err_cold_unreachable": _("Cannot reach a host: %(error)s. Nothing was changed; the VM is on %(host)s."),
+    "err_not_on_source": _("The VM is not on %(host)s any more. Nothing was changed."),
+    "err_not_in_pool": _("The disk %(path)s is not in a storage pool on %(host)s, so it cannot be copied."),
+    "err_copy_failed": _("Copying the disk %(path)s failed: %(error)s."),
+    "err_defined_both": _(
+        "The VM is defined on %(target)s but %(state)s on %(source)s: check which copy is the real one "
+        "before starting anything. Nothing else was changed."
+    ),
+    "err_start_on_target_failed": _(
+        "The VM was moved to %(target)s, but starting it there failed: %(error)s. It is defined and shut "
+        "off on %(target)s, no longer on %(source)s."
+    ),
 }
 
 
@@ -142,8 +209,12 @@ def render(code, params, fallback=""):
     if template is None:
         return fallback
     params = dict(params or {})
-    if "state" in params and params["state"] in STATE_WORDS:
-        params["state"] = str(STATE_WORDS[params["state"]])
+    for key, value in params.items():
+        if (key == "state" or key.endswith("_state")) and value in STATE_WORDS:
+            params[key] = str(STATE_WORDS[value])
+        elif isinstance(value, dict) and "code" in value:
+            # A nested sentence part (where the VM is), in the same language.
+            params[key] = render(value["code"], value.get("params"), value.get("en", ""))
     try:
         return str(template) % params
     except (KeyError, TypeError, ValueError):

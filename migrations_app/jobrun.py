@@ -38,13 +38,13 @@ def worker_name():
 
 
 class _Coded(Exception):
-    """An error whose message is a text or a (code, params) pair of
-    migrations_app/events.py (shown in each viewer's language; str() is English)."""
+    """An error whose message is a text, a (code, params) pair of migrations_app/events.py
+    or a list of them (shown in each viewer's language; str() is English)."""
 
     @property
     def parts(self):
         first = self.args[0] if self.args else ""
-        return events.parts(first)
+        return events.parts(*first) if isinstance(first, list) else events.parts(first)
 
     def __str__(self):
         return events.english(self.parts)
@@ -379,10 +379,10 @@ def verify_moved(run, running):
         run.heartbeat()
         time.sleep(POLL_SECONDS)
     if dst in (None, "unreachable"):
-        raise Failed(f"Verification failed: {job.target_name} does not report the VM after the move.")
+        raise Failed(("err_verify_missing", {"host": job.target_name}))
     if running and dst[0] != "running":
         raise Failed(
-            f"Verification failed: the VM is {state_words(dst)} ({dst[1]}) on {job.target_name}, not running."
+            ("err_verify_not_running", {"state": state_words(dst), "reason": dst[1], "host": job.target_name})
         )
     if src not in (None, "unreachable") and job.options.get("undefine_source", True):
         run.event(("definition_left", {"host": job.source_name, "state": state_words(src)}), "warn")

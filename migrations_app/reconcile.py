@@ -118,5 +118,5 @@ def reconcile_one(job_id):
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     if job.source is None or job.target is None:
-        return finish(run, MigrationJob.FAILED, "A host of this job was removed; cannot reconcile.")
+        return finish(run, MigrationJob.FAILED, [("err_host_removed_reconcile", {})])
     return modes.get(job.mode).reconcile(run)

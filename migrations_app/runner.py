@@ -67,14 +67,14 @@ def run_job(job_id, worker=None):
     try:
         _run(run)
     except Cancelled as exc:
-        return finish(run, MigrationJob.CANCELLED, str(exc))
+        return finish(run, MigrationJob.CANCELLED, exc.parts)
     except Failed as exc:
-        return finish(run, MigrationJob.FAILED, str(exc))
+        return finish(run, MigrationJob.FAILED, exc.parts)
     except Unsettled as exc:
         return hand_to_reconcile(run, str(exc))
     except Exception as exc:  # never leave a job hanging in an active state
         log.exception("job %s crashed", job_id)
-        return finish(run, MigrationJob.FAILED, f"Internal error in the worker: {exc}")
+        return finish(run, MigrationJob.FAILED, [("err_internal", {"error": str(exc)})])
     finally:
         _close_unused(run)
     return MigrationJob.objects.filter(pk=job_id).values_list("status", flat=True).first()
@@ -110,7 +110,7 @@ def _close_unused(run):
 def _run(run):
     job = run.job
     if job.source is None or job.target is None:
-        raise Failed("The source or target host was removed from kvmweb before the job started.")
+        raise Failed(("err_host_removed_before", {}))
     plan = MigrationPlan.from_job(job)
     mode = modes.get(job.mode)
     if mode.live:
@@ -140,10 +140,7 @@ def _run(run):
     blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
     if blocking:
         run.update(preflight=report.to_dict())
-        raise Failed(
-            "The preflight checklist now blocks this migration (checked again right before "
-            f"starting): {'; '.join(blocking)}. Nothing was changed; the VM is still on {job.source_name}."
-        )
+        raise Failed(("err_preflight_blocks", {"checks": "; ".join(blocking), "host": job.source_name}))
     run.mark("preflight_done")
     started = transition(
         job.pk,
@@ -155,9 +152,7 @@ def _run(run):
     )
     if not started:
         run.update(preflight=report.to_dict())
-        raise Cancelled(
-            f"Cancelled before the migration started; the VM was not touched and is on {job.source_name}."
-        )
+        raise Cancelled(("err_cancelled_before_migration", {"host": job.source_name}))
     for r in report.warnings:
         if r.id not in acknowledged:
             run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")

@@ -123,7 +123,7 @@ def reconcile_from_journal(run):
         )
         return "retry"
     except Failed as exc:
-        return finish(run, MigrationJob.FAILED, str(exc))
+        return finish(run, MigrationJob.FAILED, exc.parts)
 
 
 def disk_dirs(job):
@@ -149,13 +149,11 @@ def run_cold(run, plan):
         src = hv.connect(job.source.uri)
         dst = hv.connect(job.target.uri)
     except hv.HypervisorError as exc:
-        raise Failed(
-            f"Cannot reach a host: {exc}. Nothing was changed; the VM is on {job.source_name}."
-        ) from None
+        raise Failed(("err_cold_unreachable", {"error": str(exc), "host": job.source_name})) from None
     try:
         state = src.find_domain(uuid)
         if state is None:
-            raise Failed(f"The VM is not on {job.source_name} any more. Nothing was changed.")
+            raise Failed(("err_not_on_source", {"host": job.source_name}))
         was_running = state[0] != "shutoff"
         journal.done(
             "begin",
@@ -247,9 +245,7 @@ def copy_disks(run, journal, src, dst):
     for path in paths:
         vol = src.volume_at(path)
         if vol is None:
-            raise Failed(
-                f"The disk {path} is not in a storage pool on {job.source_name}, so it cannot be copied."
-            )
+            raise Failed(("err_not_in_pool", {"path": path, "host": job.source_name}))
         sizes[path] = vol["physical"]
     total = sum(sizes.values())
     state = {"done": 0}
@@ -297,7 +293,7 @@ def copy_disks(run, journal, src, dst):
         if op.error is not None:
             if run.stop_copy.is_set():
                 raise Cancelled(("err_cancelled_copy", {}))
-            raise Failed(f"Copying the disk {path} failed: {op.error}.")
+            raise Failed(("err_copy_failed", {"path": path, "error": str(op.error)}))
         journal.done("copy", path=path)
         base += sizes[path]
         state["done"] = base
@@ -357,8 +353,12 @@ def forward(run, journal, src, dst, on_src, on_dst, cause):
             return finish(
                 run,
                 MigrationJob.FAILED,
-                f"The VM is defined on {job.target_name} but {state_words(on_src)} on {job.source_name}: "
-                "check which copy is the real one before starting anything. Nothing else was changed.",
+                [
+                    (
+                        "err_defined_both",
+                        {"target": job.target_name, "state": state_words(on_src), "source": job.source_name},
+                    )
+                ],
             )
         journal.started("undefine_source")
         src.undefine(uuid)
@@ -387,8 +387,12 @@ def forward(run, journal, src, dst, on_src, on_dst, cause):
             return finish(
                 run,
                 MigrationJob.FAILED,
-                f"The VM was moved to {job.target_name}, but starting it there failed: {exc}. "
-                f"It is defined and shut off on {job.target_name}, no longer on {job.source_name}.",
+                [
+                    (
+                        "err_start_on_target_failed",
+                        {"target": job.target_name, "error": str(exc), "source": job.source_name},
+                    )
+                ],
             )
         journal.done("start")
         run.event(("started", {"host": job.target_name}))

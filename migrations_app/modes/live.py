@@ -165,24 +165,28 @@ class Live(Mode):
         if src is not None and dst is None:
             if job.cancel_requested:
                 return finish(
-                    run, MigrationJob.CANCELLED, f"Cancelled; the VM is {src_words} on {job.source_name}."
+                    run,
+                    MigrationJob.CANCELLED,
+                    [("err_cancelled_where", {"state": src_words, "host": job.source_name})],
                 )
             return finish(
                 run,
                 MigrationJob.FAILED,
-                f"The worker stopped during the job and libvirt did not complete the migration; the VM is "
-                f"{src_words} on {job.source_name}. Nothing was retried.",
+                [("err_live_not_completed", {"state": src_words, "host": job.source_name})],
             )
         if src is None and dst is None:
             return finish(
-                run, MigrationJob.FAILED, f"The VM is on neither {job.source_name} nor {job.target_name}."
+                run,
+                MigrationJob.FAILED,
+                [("err_where_neither", {"source": job.source_name, "target": job.target_name})],
             )
-        return finish(
-            run,
-            MigrationJob.FAILED,
-            f"The VM is {src_words} on {job.source_name} and {dst_words} on {job.target_name}: check which copy "
-            "is the real one before starting anything.",
-        )
+        both = {
+            "src_state": src_words,
+            "source": job.source_name,
+            "dst_state": dst_words,
+            "target": job.target_name,
+        }
+        return finish(run, MigrationJob.FAILED, [("err_live_both", both)])
 
 
 def release(run, why):
@@ -214,7 +218,7 @@ def run_live(mode, run, plan):
             mig = hv.connect(src_uri, call_timeout=settings.MIGRATION_TIMEOUT)
             mon = hv.connect(src_uri)
     except hv.HypervisorError as exc:
-        raise Failed(f"Cannot reach the source host {job.source_name}: {exc}") from None
+        raise Failed(("err_source_unreachable", {"host": job.source_name, "error": str(exc)})) from None
     op = None
     try:
         run.mark("migrate_start")
@@ -237,9 +241,7 @@ def run_live(mode, run, plan):
         )
         where = where_is(job)
         if where.get("target") in (None, "unreachable"):
-            raise Failed(
-                f"The migrate call did not return and the target does not report the VM; check {job.source_name}."
-            )
+            raise Failed(("err_migrate_no_return", {"host": job.source_name}))
     mode.conclude(run)
 
 
@@ -333,7 +335,9 @@ def monitor(run, mon, op=None):
                 except hv.HypervisorError:
                     pass
             if op is None and errors > 40:
-                raise Failed(f"Lost contact with {job.source_name} while re-attaching: {exc}") from None
+                raise Failed(
+                    ("err_lost_contact_reattach", {"host": job.source_name, "error": str(exc)})
+                ) from None
             continue
         if op is None and stats["type"] in ("none", "completed", "failed", "cancelled"):
             return
@@ -463,10 +467,7 @@ def explain_failure(run, error):
     code = getattr(error, "code", None)
     raw = str(error)
     if code == hv.ERR_OPERATION_ABORTED and run.applied.get("timeout_abort"):
-        raise Failed(
-            f"The migration did not complete within the completion timeout and was aborted; "
-            f"the VM is still running on {job.source_name}."
-        )
+        raise Failed(("err_timeout_aborted", {"host": job.source_name}))
     where = where_is(job)
     src, dst = where.get("source"), where.get("target")
     on_src = src not in (None, "unreachable")
@@ -475,23 +476,17 @@ def explain_failure(run, error):
         # phase); libvirt's own answer about where it runs wins.
         run.event(("error_but_moved", {"error": raw}), "warn")
         return
-    place = (
-        f"the VM is still {state_words(src)} on {job.source_name}"
-        if on_src
-        else f"the VM was not found on {job.source_name}"
-    )
+    # Where the VM is, as the end of a sentence and as a sentence of its own.
+    at = {"state": state_words(src), "host": job.source_name} if on_src else {"host": job.source_name}
+    place = {"code": "err_place_still" if on_src else "err_place_not_found", "params": at}
+    where = ("err_where_still" if on_src else "err_where_not_found", at)
     if code == hv.ERR_OPERATION_ABORTED and run.applied.get("ladder_abort") and not run.applied.get("cancel"):
-        raise Failed(
-            f"The convergence policy aborted the migration: it did not converge even at "
-            f"{run.applied.get('downtime') or job.max_downtime} ms of allowed downtime; {place}."
-        )
+        ms = run.applied.get("downtime") or job.max_downtime
+        raise Failed(("err_policy_aborted", {"ms": ms, "place": place}))
     if code == hv.ERR_OPERATION_ABORTED and run.applied.get("cancel"):
-        raise Cancelled(f"Cancelled; {place}.")
+        raise Cancelled(("err_cancelled_place", {"place": place}))
     if dst == "unreachable":
-        raise Failed(f"The target host's libvirtd went away during the migration; {place}.")
+        raise Failed(("err_target_gone", {"place": place}))
     if src == "unreachable":
-        raise Failed(
-            f"The source host {job.source_name} stopped answering during the migration ({raw}); "
-            f"check it before retrying."
-        )
-    raise Failed(f"The migration failed: {raw.rstrip('.')}. {place[0].upper()}{place[1:]}.")
+        raise Failed(("err_source_stopped", {"host": job.source_name, "error": raw}))
+    raise Failed([("err_migration_failed", {"error": raw.rstrip(".")}), where])

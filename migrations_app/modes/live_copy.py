@@ -46,12 +46,18 @@ def prepare_target_volumes(run):
             for path in disk_paths(job.vm):
                 if dst.volume_at(path) is None and dst.pool_for_dir(os.path.dirname(path)) is None:
                     raise Failed(
-                        f"{job.target_name} has no storage pool at {os.path.dirname(path)}, so the disk "
-                        f"{path} cannot be created there. Define and start a directory pool at that "
-                        f"path on {job.target_name}. The VM is still on {job.source_name}."
+                        (
+                            "err_no_target_pool",
+                            {
+                                "target": job.target_name,
+                                "dir": os.path.dirname(path),
+                                "path": path,
+                                "source": job.source_name,
+                            },
+                        )
                     )
     except hv.HypervisorError as exc:
-        raise Failed(f"Cannot prepare the target volumes on {job.target_name}: {exc}") from None
+        raise Failed(("err_target_volumes", {"host": job.target_name, "error": str(exc)})) from None
     run.event(("target_pools_ready", {}))
 
 
