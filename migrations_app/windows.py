@@ -32,7 +32,7 @@ from django.utils.dateparse import parse_datetime
 from django.utils.translation import gettext as _
 
 from kvmweb.audit.models import AuditEvent
-from migrations_app import states
+from migrations_app import events, states
 
 _gates = []
 
@@ -153,13 +153,15 @@ def miss(job, now=None):
     anything ran, the VM untouched). Conditional: False when it moved meanwhile."""
     from migrations_app.lifecycle import transition
 
-    error = _("Missed its window: not started by %(t)s. The VM was not touched.") % {"t": fmt(job.not_after)}
+    # The event line's sentence, stored coded so the job page shows it in each viewer's language.
+    error_parts = events.parts(("missed_window", {"at": fmt(job.not_after)}))
     return transition(
         job.pk,
         states.CANCELLED,
         from_=[states.QUEUED, states.PENDING_APPROVAL],
         where=Q(not_after__lt=now or timezone.now()),
-        error=error,
+        error=events.english(error_parts),
+        error_parts=error_parts,
         waiting_for="",
         result={"missed_window": job.not_after.isoformat()},
         event=("missed_window", {"at": fmt(job.not_after)}),

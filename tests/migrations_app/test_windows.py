@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.utils import timezone
+from django.utils import timezone, translation
 from django_q.models import OrmQ
 
 from fleet.models import Blackout
@@ -88,6 +88,9 @@ def test_it_ends_a_job_not_started_by_its_window_as_missed(world, operator, ran)
     job.refresh_from_db()
     assert job.status == MigrationJob.CANCELLED and job.missed_window
     assert "Missed its window" in job.error and job.finished_at is not None
+    assert [p["code"] for p in job.error_parts] == ["missed_window"]
+    with translation.override("zh-hans"):
+        assert job.error_text.startswith("错过时间窗口：在 ") and "Missed" not in job.error_text
     event = AuditEvent.objects.get(action="migration.missed_window")
     assert event.outcome == AuditEvent.FAILURE and event.target_id == str(job.pk)
     assert JobEvent.objects.filter(job=job, code="missed_window").exists()
