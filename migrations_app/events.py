@@ -80,6 +80,11 @@ CATALOG = {
         "The worker's heartbeat stopped (last at %(at)s); asking libvirt what really happened."
     ),
     "reattached": _("libvirt is still migrating the VM: re-attached, monitoring it again."),
+    "retry_reattach": _("Cannot reach the source host to re-attach; will retry."),
+    "retry_where": _("Cannot reach %(host)s to find out where the VM is; will retry."),
+    "migrate_not_returned": _(
+        "The migrate call has not returned yet; concluding from where libvirt shows the VM."
+    ),
     # Windows of single jobs (migrations_app/windows.py).
     "waiting": _("Waiting: %(reason)s"),
     "released": _("Its time came: queued for a worker."),

@@ -139,11 +139,12 @@ class Live(Mode):
             try:
                 mon = hv.connect(job.source.uri)
             except hv.HypervisorError:
-                return release(run, "Cannot reach the source host to re-attach; will retry.")
+                return release(run, ("retry_reattach", {}))
             try:
                 monitor(run, mon, None)
             except Failed as exc:
-                return release(run, str(exc))
+                first = exc.parts[0]
+                return release(run, (first["code"], first["params"]) if first["code"] else first["en"])
             finally:
                 mon.close()
             where = where_is(job)
@@ -154,7 +155,7 @@ class Live(Mode):
         src, dst = where.get("source"), where.get("target")
         if "unreachable" in (src, dst):
             side = job.source_name if src == "unreachable" else job.target_name
-            return release(run, f"Cannot reach {side} to find out where the VM is; will retry.")
+            return release(run, ("retry_where", {"host": side}))
         src_words, dst_words = state_words(src), state_words(dst)
         if dst is not None and dst[0] == "running" and (src is None or src[0] == "shutoff"):
             if src is not None:
@@ -236,9 +237,7 @@ def run_live(mode, run, plan):
     if op.error is not None:
         explain_failure(run, op.error)
     elif not op.done:
-        run.event(
-            "The migrate call has not returned yet; concluding from where libvirt shows the VM.", "warn"
-        )
+        run.event(("migrate_not_returned", {}), "warn")
         where = where_is(job)
         if where.get("target") in (None, "unreachable"):
             raise Failed(("err_migrate_no_return", {"host": job.source_name}))

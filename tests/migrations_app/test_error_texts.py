@@ -11,7 +11,13 @@ from django.utils import translation
 from migrations_app import events, runner
 from migrations_app.models import MigrationJob
 
-ERR_CODES = sorted(code for code in events.CATALOG if code.startswith("err_"))
+# The error sentences, plus the lines said when a job fails or waits outside its error.
+ERR_CODES = sorted(code for code in events.CATALOG if code.startswith("err_")) + [
+    "missed_window",
+    "retry_reattach",
+    "retry_where",
+    "migrate_not_returned",
+]
 HAN = re.compile(r"[\u4e00-\u9fff]")
 # Parameter values chosen so no English word can come from them: what is left is the template's.
 PARAMS = {
@@ -29,6 +35,7 @@ PARAMS = {
     "dir": "/v",
     "reason": "r1",
     "checks": "C-1",
+    "at": "2026-12-07 06:00:00",
     "place": {"code": "err_place_still", "params": {"state": "running", "host": "h1"}},
 }
 

@@ -5,7 +5,7 @@ Plus the progress maths, on jobStats dicts shaped like the lab's."""
 from datetime import timedelta
 
 import pytest
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from hosts.models import VM, Host
 from kvmweb.audit.models import AuditEvent
@@ -148,7 +148,9 @@ def test_it_waits_when_a_host_cannot_be_reached(job, monkeypatch):
     assert reconcile.reconcile_jobs() == {job.pk: "retry"}
     job.refresh_from_db()
     assert job.status == MigrationJob.NEEDS_RECONCILE and not job.finished_at
-    assert JobEvent.objects.filter(job=job, message__startswith="Cannot reach ha").exists()
+    line = JobEvent.objects.get(job=job, message__startswith="Cannot reach ha")
+    with translation.override("zh-hans"):
+        assert line.code == "retry_where" and line.text == "无法连接 ha 以确定虚拟机所在位置；稍后重试。"
 
 
 def test_it_refuses_to_guess_when_the_vm_is_on_both_hosts(job, monkeypatch):
