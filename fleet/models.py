@@ -71,11 +71,16 @@ def blackout_gate():
     an administrator set ``ignore_blackouts`` on it."""
     from django.db.models import Q
 
+    from hosts.models import Host
     from migrations_app.windows import Gate
 
     def condition(now):
         groups = Blackout.objects.filter(starts_at__lte=now, ends_at__gt=now).values("group_id")
-        return Q(ignore_blackouts=True) | (~Q(source__group_id__in=groups) & ~Q(target__group_id__in=groups))
+        # Subqueries on the job's own columns, never a join (source__group): a join makes
+        # the claim an UPDATE ... WHERE id IN (SELECT ...), which PostgreSQL does not
+        # re-check after a concurrent claim, and two workers would both win.
+        held = Host.objects.filter(group_id__in=groups).values("pk")
+        return Q(ignore_blackouts=True) | (~Q(source_id__in=held) & ~Q(target_id__in=held))
 
     def blocker(source, target, now):
         blackout = blackout_for(source, now) or blackout_for(target, now)

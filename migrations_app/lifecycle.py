@@ -53,11 +53,18 @@ def transition(
     now = timezone.now()
     if to in states.FINAL:
         fields.setdefault("finished_at", now)
+    rows = MigrationJob.objects.filter(pk=job_id, status__in=wanted)
+    if where is not None:
+        rows = rows.filter(where)
+        # A join would make Django write UPDATE ... WHERE id IN (SELECT ... status ...):
+        # PostgreSQL re-checks only the outer WHERE after waiting for a concurrent update,
+        # so two workers could both claim the job. ``where`` names the job's own columns
+        # (subqueries on them are fine).
+        query = rows.query
+        if sum(1 for alias in query.alias_map if query.alias_refcount[alias]) > 1:
+            raise ValueError("transition(where=...) must not join other tables")
     with transaction.atomic():
-        rows = MigrationJob.objects.filter(pk=job_id, status__in=wanted)
-        moved = (rows.filter(where) if where is not None else rows).update(
-            status=to, progress_seq=F("progress_seq") + 1, **fields
-        )
+        moved = rows.update(status=to, progress_seq=F("progress_seq") + 1, **fields)
         if not moved:
             return False
         if event is not None:

@@ -55,6 +55,19 @@ def test_it_lets_one_of_two_racing_transitions_win(make_job):
     assert transition(job.pk, states.CANCELLED, from_=states.CANCEL_AT_ONCE) is False
 
 
+def test_it_keeps_the_claim_a_single_table_update_so_postgresql_rechecks_it(make_job):
+    # A join (source__group) would become UPDATE ... WHERE id IN (SELECT ...), which
+    # PostgreSQL does not re-check after a concurrent claim: two workers both won.
+    from django.db.models import Q
+
+    from migrations_app.windows import claim_condition
+
+    job = make_job(status=states.QUEUED)
+    with pytest.raises(ValueError):
+        transition(job.pk, states.PREFLIGHT, from_=[states.QUEUED], where=Q(source__name="x"))
+    assert transition(job.pk, states.PREFLIGHT, from_=[states.QUEUED], where=claim_condition(job.created_at))
+
+
 def test_it_derives_the_model_and_the_constraint_from_the_table():
     assert set(MigrationJob.ACTIVE_STATES) == {s for s in states.ALL if states.TRANSITIONS[s]}
     assert set(MigrationJob.FINAL_STATES) == {s for s in states.ALL if not states.TRANSITIONS[s]}
