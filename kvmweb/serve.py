@@ -18,15 +18,18 @@ largest message and frame; handshake timeout) unless given on the command line. 
 UNIX listeners get a listen backlog of KVMWEB_LISTEN_BACKLOG (default 1024) instead of
 Twisted's 50: with 50, a thousand browsers reconnecting their progress sockets at once
 (a daphne restart) saw handshakes reset (benchmarks/progress_latency.py).
+
 On SIGTERM daphne used to cancel every application at once and stop its event loop. A
 request whose sync code (a view, a sync middleware) was still running on a worker thread
 then waited forever for the loop to resume it, and Python's exit waits for that thread:
 the process never exited until it was killed (a restarted server whose page had just
 reconnected its job socket sat out every stop timeout). :class:`GracefulServer` instead
-stops listening, closes every open WebSocket with 1001 "going away" (browsers reconnect,
-to the next server), lets the requests in flight finish for up to KVMWEB_SHUTDOWN_GRACE
-seconds while the loop still runs, and only then cancels what is left. A thread still
-stuck after that cannot hold the exit for more than a few seconds (:func:`main`).
+stops listening, closes every open WebSocket with 1012 "service restart" (htmx's ws
+extension reconnects only after 1006, 1011, 1012 or 1013, never after 1001 "going away":
+the pages reconnect, to the next server), lets the requests in flight finish for up to
+KVMWEB_SHUTDOWN_GRACE seconds while the loop still runs, and only then cancels what is
+left. A thread still stuck after that cannot hold the exit for more than a few seconds
+(:func:`main`).
 
 Everything else is daphne's (same options, same behaviour).
 """
@@ -49,7 +52,7 @@ from twisted.web import http
 
 log = logging.getLogger(__name__)
 
-GOING_AWAY = 1001  # WebSocket close code: the server is shutting down
+SERVICE_RESTART = 1012  # WebSocket close code: the server restarts, reconnect later
 # Seconds the process may take to exit once its event loop stopped before it exits
 # without waiting for worker threads (one stuck on the stopped loop would wait forever).
 EXIT_WATCHDOG = 3.0
@@ -188,7 +191,7 @@ class GracefulServer(daphne.server.Server):
                 # ends; a browser that does not answer is dropped by autobahn's close timeout.
                 # (autobahn's sendClose allows applications only 1000 and 3000-4999.)
                 try:
-                    protocol.sendCloseFrame(code=GOING_AWAY, isReply=False)
+                    protocol.sendCloseFrame(code=SERVICE_RESTART, isReply=False)
                     closed += 1
                 except Exception:
                     log.warning("could not close WebSocket %r", protocol, exc_info=True)
@@ -201,7 +204,7 @@ class GracefulServer(daphne.server.Server):
         if left:
             await asyncio.gather(*left, return_exceptions=True)
         log.info(
-            "Stopped in %.1f s: %d WebSocket(s) closed going away, %d application(s) cancelled",
+            "Stopped in %.1f s: %d WebSocket(s) closed (service restart), %d application(s) cancelled",
             time.monotonic() - started,
             closed,
             len(left),

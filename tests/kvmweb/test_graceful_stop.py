@@ -1,8 +1,9 @@
 """A real `python -m kvmweb.serve` stops promptly on SIGTERM while a browser watches a job
 over a WebSocket and a request is still in its view (kvmweb/serve.py GracefulServer):
 
-- the WebSocket is closed with 1001 "going away", so the page reconnects (to the next
-  server);
+- the WebSocket is closed with 1012 "service restart", one of the codes after which
+  htmx's ws extension reconnects (1001 "going away" is not: the page would stay
+  disconnected; tests/e2e/test_browser.py restarts the server under a page);
 - the request in flight is answered, not dropped;
 - the process exits within a generous bound. Before, daphne stopped its event loop under
   the request's worker thread, which then waited for it forever, and the exit waited for
@@ -88,7 +89,7 @@ def test_it_closes_sockets_going_away_answers_requests_in_flight_and_exits(site)
         return closed.value.code, took, status, body
 
     code, took, status, body = asyncio.run(scenario())
-    assert code == 1001  # going away: htmx's ws extension reconnects
+    assert code == 1012  # service restart: htmx's ws extension reconnects
     assert (status, body) == (200, "finished")
     assert site.web.returncode == 0
     assert took < EXIT_LIMIT
