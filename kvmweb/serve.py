@@ -18,17 +18,44 @@ largest message and frame; handshake timeout) unless given on the command line. 
 UNIX listeners get a listen backlog of KVMWEB_LISTEN_BACKLOG (default 1024) instead of
 Twisted's 50: with 50, a thousand browsers reconnecting their progress sockets at once
 (a daphne restart) saw handshakes reset (benchmarks/progress_latency.py).
+
+On SIGTERM daphne used to cancel every application at once and stop its event loop. A
+request whose sync code (a view, a sync middleware) was still running on a worker thread
+then waited forever for the loop to resume it, and Python's exit waits for that thread:
+the process never exited until it was killed (a restarted server whose page had just
+reconnected its job socket sat out every stop timeout). :class:`GracefulServer` instead
+stops listening, closes every open WebSocket with 1012 "service restart" (htmx's ws
+extension reconnects only after 1006, 1011, 1012 or 1013, never after 1001 "going away":
+the pages reconnect, to the next server), lets the requests in flight finish for up to
+KVMWEB_SHUTDOWN_GRACE seconds while the loop still runs, and only then cancels what is
+left. A thread still stuck after that cannot hold the exit for more than a few seconds
+(:func:`main`).
+
 Everything else is daphne's (same options, same behaviour).
 """
 
+import asyncio
+import logging
 import os
 import sys
+import threading
+import time
 
 # daphne.server installs Twisted's asyncio reactor: it must be imported before anything
 # imports twisted.internet.reactor (which would install the default one).
-import daphne.server  # noqa: F401, I001
+import daphne.server  # noqa: I001
 from daphne import http_protocol
+from daphne.cli import CommandLineInterface
+from daphne.ws_protocol import WebSocketProtocol
+from twisted.internet import defer
 from twisted.web import http
+
+log = logging.getLogger(__name__)
+
+SERVICE_RESTART = 1012  # WebSocket close code: the server restarts, reconnect later
+# Seconds the process may take to exit once its event loop stopped before it exits
+# without waiting for worker threads (one stuck on the stopped loop would wait forever).
+EXIT_WATCHDOG = 3.0
 
 
 def _limits():
@@ -128,6 +155,81 @@ class LimitedFactory(http_protocol.HTTPFactory):
         return protocol
 
 
+class GracefulServer(daphne.server.Server):
+    """daphne's server with a graceful stop (see the module docstring)."""
+
+    def run(self):
+        self.ports = []
+        super().run()
+
+    def listen_success(self, port):
+        self.ports.append(port)
+        super().listen_success(port)
+
+    def kill_all_applications(self):
+        # A "before shutdown" trigger: the reactor (and the asyncio loop under it) keeps
+        # running until the returned Deferred fires.
+        return defer.Deferred.fromFuture(asyncio.ensure_future(self._drain()))
+
+    def _instances(self):
+        return [
+            details["application_instance"]
+            for details in self.connections.values()
+            if details.get("application_instance") is not None
+        ]
+
+    async def _drain(self):
+        from django.conf import settings
+
+        started = time.monotonic()
+        for port in self.ports:
+            port.stopListening()  # new connections go to the next server
+        closed = 0
+        for protocol in list(self.connections):
+            if isinstance(protocol, WebSocketProtocol) and protocol.state == protocol.STATE_OPEN:
+                # The close handshake tells the application (websocket.disconnect), which
+                # ends; a browser that does not answer is dropped by autobahn's close timeout.
+                # (autobahn's sendClose allows applications only 1000 and 3000-4999.)
+                try:
+                    protocol.sendCloseFrame(code=SERVICE_RESTART, isReply=False)
+                    closed += 1
+                except Exception:
+                    log.warning("could not close WebSocket %r", protocol, exc_info=True)
+        deadline = started + settings.KVMWEB_SHUTDOWN_GRACE
+        while any(not i.done() for i in self._instances()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [i for i in self._instances() if not i.done()]
+        for instance in left:
+            instance.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        log.info(
+            "Stopped in %.1f s: %d WebSocket(s) closed (service restart), %d application(s) cancelled",
+            time.monotonic() - started,
+            closed,
+            len(left),
+        )
+
+
+class GracefulCommandLine(CommandLineInterface):
+    server_class = GracefulServer
+
+
+def _exit_watchdog(seconds):
+    """Exit the process ``seconds`` from now unless it exited by itself before: worker
+    threads are joined at exit, and one waiting on the stopped event loop never ends."""
+
+    def watchdog():
+        time.sleep(seconds)
+        log.warning("worker threads still busy %.0f s after the server stopped; exiting anyway", seconds)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    threading.Thread(target=watchdog, name="kvmweb-exit-watchdog", daemon=True).start()
+
+
 def default_args(argv):
     """daphne options kvmweb sets unless the command line does."""
     from django.conf import settings
@@ -160,7 +262,6 @@ def with_backlog(descriptions, backlog):
 def main(argv=None):
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
     from daphne import cli, server
-    from daphne.cli import CommandLineInterface
     from django.conf import settings
 
     server.HTTPFactory = LimitedFactory
@@ -168,7 +269,8 @@ def main(argv=None):
     cli.build_endpoint_description_strings = lambda *a, **kw: with_backlog(
         build(*a, **kw), settings.KVMWEB_LISTEN_BACKLOG
     )
-    CommandLineInterface().run(default_args(sys.argv[1:] if argv is None else argv))
+    GracefulCommandLine().run(default_args(sys.argv[1:] if argv is None else argv))
+    _exit_watchdog(EXIT_WATCHDOG)
 
 
 if __name__ == "__main__":

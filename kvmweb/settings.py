@@ -54,6 +54,9 @@ KVMWEB_WS_MAX_MESSAGE_BYTES = env_int("KVMWEB_WS_MAX_MESSAGE_BYTES", 64 * 1024, 
 # Listen backlog of daphne's sockets (kvmweb/serve.py): connections queued by the kernel
 # while daphne accepts, e.g. every browser's WebSocket reconnecting after a restart.
 KVMWEB_LISTEN_BACKLOG = env_int("KVMWEB_LISTEN_BACKLOG", 1024, minimum=16)
+# Seconds daphne (kvmweb/serve.py) gives requests in flight to finish after SIGTERM, once
+# it stopped listening and closed every WebSocket with 1012 "service restart" (pages reconnect).
+KVMWEB_SHUTDOWN_GRACE = env_float("KVMWEB_SHUTDOWN_GRACE", 5.0, minimum=0.0)
 # WebSocket handshakes run at a time per daphne process (kvmweb/handshake.py); the others
 # wait their turn instead of all timing out together when many browsers reconnect at once.
 KVMWEB_WS_HANDSHAKE_CONCURRENCY = env_int("KVMWEB_WS_HANDSHAKE_CONCURRENCY", 8, minimum=1)

@@ -101,16 +101,20 @@ class Site:
         self.procs.append((proc, log))
         return proc
 
-    def start_web(self, timeout=60):
-        """Start daphne and wait until it accepts connections."""
+    def start_web(self, timeout=60, env=None):
+        """Start daphne the way scripts/run.sh does (`python -m kvmweb.serve`: its limits
+        and graceful stop) and wait until it accepts connections."""
         proc = self.start(
             "daphne",
-            str(Path(PY).parent / "daphne"),
+            PY,
+            "-m",
+            "kvmweb.serve",
             "-b",
             "127.0.0.1",
             "-p",
             str(self.port),
             "kvmweb.asgi:application",
+            env=env,
         )
         self.web = proc
         deadline = time.monotonic() + timeout
@@ -154,9 +158,8 @@ class Site:
     def stop(self, grace=8):
         """SIGTERM every process, SIGKILL what still runs after ``grace`` seconds in all.
 
-        A daphne that served a job socket after a restart, and a qcluster, can sit out
-        20 s and more before they exit; nothing after a test needs them to stop cleanly
-        (tests/kvmweb/test_worker_shutdown.py proves the workers' prompt stop)."""
+        Nothing after a test needs them to stop cleanly; tests/kvmweb/test_graceful_stop.py
+        and tests/kvmweb/test_worker_shutdown.py prove daphne's and the workers' prompt stop."""
         for proc, _log in self.procs:
             if proc.poll() is None:
                 proc.terminate()
