@@ -129,7 +129,7 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
     driver.send_signal(signal.SIGKILL)
     driver.wait(10)
     batch_id = c.q("select id from fleet_batch")[0][0]
-    r = c.manage("batch", str(batch_id), "wait", "--json", "--timeout", "300", check=False)
+    r = c.manage("batch", str(batch_id), "wait", "--json", "--timeout", "300", check=False, timeout=330)
     wall = time.monotonic() - t0
     result = json.loads(r.stdout.strip().splitlines()[-1])
     items = {i["vm"]: i for i in result["items"]}

@@ -100,14 +100,14 @@ class Cluster:
         self.env.pop("REDIS_URL", None)
         self.proc = None
 
-    def manage(self, *args, check=True, **kw):
+    def manage(self, *args, check=True, timeout=120, **kw):
         r = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
             env=dict(self.env, **kw.pop("env", {})),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
         if check and r.returncode != 0:
             raise AssertionError(f"manage.py {' '.join(args)} failed: {r.stdout}{r.stderr}")
