@@ -17,7 +17,7 @@ from django.utils.translation import gettext as _
 from hosts import busy, hypervisor, transport
 from hosts.models import VM, Host, HostGroup, VMLocation
 from hosts.uris import DEFAULT_PORTS, InvalidURI, normalize_uri, validate_uri
-from kvmweb.audit import record
+from kvmweb.audit import record, record_refusal
 from kvmweb.audit.models import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -682,22 +682,6 @@ class HostGroupError(Exception):
     """A host group change refused (the message is safe to show)."""
 
 
-def _refused(action, actor, request, obj, target_type, name, reason):
-    """Audit a refused change as a failure (its own transaction: the refusal is a fact
-    even though nothing changed)."""
-    with transaction.atomic():
-        record(
-            action,
-            actor=actor,
-            request=request,
-            target=obj,
-            target_type=target_type,
-            target_name=name if obj is None else "",
-            outcome=AuditEvent.FAILURE,
-            details={"reason": reason},
-        )
-
-
 def do_save_host_group(group, *, name, description="", hosts=(), actor, request=None):
     """Create (group=None) or change a host group and set which hosts belong to it.
 
@@ -709,7 +693,15 @@ def do_save_host_group(group, *, name, description="", hosts=(), actor, request=
     if not name:
         raise HostGroupError(_("Enter a name for the host group."))
     if HostGroup.objects.filter(name=name).exclude(pk=getattr(group, "pk", None)).exists():
-        _refused(action, actor, request, group, "hosts.hostgroup", name, "name taken")
+        record_refusal(
+            action,
+            actor=actor,
+            request=request,
+            obj=group,
+            target_type="hosts.hostgroup",
+            name=name,
+            reason="name taken",
+        )
         raise HostGroupError(_("A host group named %(name)s exists already.") % {"name": name})
     with transaction.atomic():
         created = group is None

@@ -16,7 +16,7 @@ from django.utils.translation import gettext as _
 from hosts import hypervisor as hv
 from hosts.services import refresh_vm_state
 from kvmweb.accounts.models import SelfServicePolicy
-from kvmweb.audit import record
+from kvmweb.audit import record, record_refusal
 from kvmweb.audit.models import AuditEvent
 from migrations_app import events, states, windows
 from migrations_app.lifecycle import transition, write_event
@@ -534,22 +534,6 @@ class PolicyError(Exception):
     """A policy change refused (the message is safe to show)."""
 
 
-def _refused_policy(action, actor, request, obj, target_type, name, reason):
-    """Audit a refused policy change as a failure (its own transaction: the refusal is a
-    fact even though nothing changed)."""
-    with transaction.atomic():
-        record(
-            action,
-            actor=actor,
-            request=request,
-            target=obj,
-            target_type=target_type,
-            target_name=name if obj is None else "",
-            outcome=AuditEvent.FAILURE,
-            details={"reason": reason},
-        )
-
-
 def do_save_policy(
     policy,
     *,
@@ -572,14 +556,14 @@ def do_save_policy(
         pk=getattr(policy, "pk", None)
     )
     if other.exists():
-        _refused_policy(
+        record_refusal(
             action,
-            actor,
-            request,
-            policy,
-            "accounts.selfservicepolicy",
-            str(source_group),
-            "group has a policy",
+            actor=actor,
+            request=request,
+            obj=policy,
+            target_type="accounts.selfservicepolicy",
+            name=str(source_group),
+            reason="group has a policy",
         )
         raise PolicyError(
             _("The host group %(group)s has a policy already; edit that one.") % {"group": source_group}

@@ -15,7 +15,7 @@ from django.utils.translation import gettext as _
 
 from kvmweb.accounts.models import UserPreference
 from kvmweb.accounts.roles import ADMINISTRATOR, ROLES
-from kvmweb.audit import record
+from kvmweb.audit import record, record_refusal
 from kvmweb.audit.models import AuditEvent
 from kvmweb.audit.services import client_ip
 
@@ -179,29 +179,21 @@ def do_set_roles(user, roles, *, active=None, actor, request=None):
     return roles
 
 
-def _refused(action, actor, request, obj, target_type, name, reason):
-    """Audit a refused change as a failure (its own transaction: the refusal is a fact
-    even though nothing changed)."""
-    with transaction.atomic():
-        record(
-            action,
-            actor=actor,
-            request=request,
-            target=obj,
-            target_type=target_type,
-            target_name=name if obj is None else "",
-            outcome=AuditEvent.FAILURE,
-            details={"reason": reason},
-        )
-
-
 def do_create_user(username, password, roles, *, actor, request=None):
     """Create a sign-in account with the given roles (audited; the password never is)."""
 
     User = get_user_model()
     username = (username or "").strip()
     if User.objects.filter(username=username).exists():
-        _refused("user.create", actor, request, None, "auth.user", username, "name taken")
+        record_refusal(
+            "user.create",
+            actor=actor,
+            request=request,
+            obj=None,
+            target_type="auth.user",
+            name=username,
+            reason="name taken",
+        )
         raise AccountError(_("A user named %(name)s exists already.") % {"name": username})
     with transaction.atomic():
         user = User.objects.create_user(username=username, password=password)

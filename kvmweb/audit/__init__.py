@@ -10,3 +10,10 @@ def record(*args, **kwargs):
     from kvmweb.audit.services import record as _record
 
     return _record(*args, **kwargs)
+
+
+def record_refusal(*args, **kwargs):
+    """Audit a refused change as a failure (see kvmweb.audit.services.record_refusal)."""
+    from kvmweb.audit.services import record_refusal as _record_refusal
+
+    return _record_refusal(*args, **kwargs)

@@ -103,6 +103,23 @@ def record(
     return event
 
 
+def record_refusal(action, *, actor, request, obj, target_type, name, reason):
+    """Audit a refused change as a failure, in its own transaction: the refusal is a fact
+    even though nothing changed. ``obj`` is the object when it exists (else ``name`` and
+    ``target_type`` say what was asked for)."""
+    with transaction.atomic():
+        return record(
+            action,
+            actor=actor,
+            request=request,
+            target=obj,
+            target_type=target_type,
+            target_name=name if obj is None else "",
+            outcome=AuditEvent.FAILURE,
+            details={"reason": reason},
+        )
+
+
 def verify_chain(using="default"):
     """Walk the chain in order. Returns (checked_count, first_bad_event_or_None, reason).
 
