@@ -10,17 +10,15 @@ from channels.db import database_sync_to_async
 
 from fleet import live
 from migrations_app import streaming
-from migrations_app.consumers import CLOSE_NOT_FOUND, CLOSE_UNAUTHENTICATED, _HubConsumer
+from migrations_app.consumers import CLOSE_NOT_FOUND, _HubConsumer
 
 
 class BatchConsumer(_HubConsumer):
     """ws/batches/<id>/: one batch's aggregate progress and its item rows."""
 
     async def connect(self):
-        await self.accept()
-        user = self._user()
+        user = await self._accepted_user()
         if user is None:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         batch_id = self.scope["url_route"]["kwargs"]["batch_id"]
         sub = self._subscriber(user, job_id=batch_id)

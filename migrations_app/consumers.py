@@ -25,9 +25,15 @@ CLOSE_NOT_FOUND = 4404
 class _HubConsumer(AsyncWebsocketConsumer):
     sub = None
 
-    def _user(self):
+    async def _accepted_user(self):
+        """Accept the socket; the signed-in user, or None after closing it with 4401
+        (accepted first so the browser sees the close code, not a failed handshake)."""
+        await self.accept()
         user = self.scope.get("user")
-        return user if user is not None and user.is_authenticated else None
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return None
+        return user
 
     async def _send_text(self, text):
         await self.send(text_data=text)
@@ -60,10 +66,8 @@ class JobProgressConsumer(_HubConsumer):
     """ws/jobs/<id>/: one job's progress, figures and event log."""
 
     async def connect(self):
-        await self.accept()
-        user = self._user()
+        user = await self._accepted_user()
         if user is None:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         job_id = self.scope["url_route"]["kwargs"]["job_id"]
         # Register before reading the snapshot, but not ready: the hub pushes nothing to
@@ -86,10 +90,8 @@ class JobListConsumer(_HubConsumer):
     """ws/jobs/: state changes of the jobs the user may see (job list, dashboard)."""
 
     async def connect(self):
-        await self.accept()
-        user = self._user()
+        user = await self._accepted_user()
         if user is None:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         sees_all = await database_sync_to_async(sees_everything)(user)
         self.sub = self._subscriber(user, job_id=None, sees_all=sees_all)
