@@ -1047,6 +1047,12 @@ def _version(number):
     return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
 
 
+def connection_ready(steps):
+    """True when every step of check_connection passed: the wizard then offers to
+    register the host (a skipped or confirm step means something is still missing)."""
+    return bool(steps) and all(step["status"] == PASS for step in steps)
+
+
 def _ssh_steps(uri, steps, timeout):
     """The host-key and login steps of check_connection; True when they block."""
     target = transport.ssh_target(uri)

@@ -84,14 +84,21 @@ def host_add(request):
 @login_required
 def host_connect(request):
     """The add-host wizard: transport, user, address, port -> the URI, and "Test
-    connection" step by step (GET: it changes nothing)."""
+    connection" step by step (GET: it changes nothing).  A host key to confirm posts to
+    host_key_confirm, which comes back here and so tests again; when every step passed,
+    "Register this host" posts the URI to host_add (the same registration, audited)."""
     require(request.user, "hosts.add_host")
     form = ConnectForm(request.GET or None)
     steps = services.check_connection(form.cleaned_data["uri"]) if form.is_valid() else None
     return render(
         request,
         "hosts/host_connect.html",
-        {"form": form, "steps": steps, "uri": form.cleaned_data.get("uri", "") if form.is_bound else ""},
+        {
+            "form": form,
+            "steps": steps,
+            "ready": services.connection_ready(steps),
+            "uri": form.cleaned_data.get("uri", "") if form.is_bound else "",
+        },
     )
 
 

@@ -3,9 +3,14 @@ SSH by confirming its fingerprint, a running guest live-migrates peer to peer ov
 and sshd down, a key not authorised and a changed host key each end in a named error with
 its remedy while nothing changes."""
 
+import re
 import stat
+from html import unescape
+from urllib.parse import urlencode
 
 import pytest
+from django.test import Client
+from django.urls import reverse
 
 import lab as labkit
 from hosts import services as host_services
@@ -100,6 +105,62 @@ def test_it_adds_a_host_over_ssh_confirming_its_fingerprint_and_live_migrates_pe
     assert labkit.where(guest) == {"lab-b": "running"}
     assert labkit.read_counter("lab-b", guest) >= before  # the RAM moved, no fresh boot
     assert VM.objects.get(uuid=guest.uuid).host.name == "lab-b"
+
+
+def _client(user):
+    web = Client()
+    web.force_login(user)
+    return web
+
+
+def test_it_adds_a_host_through_the_wizard_pages_confirming_its_fingerprint(
+    ssh_lab, admin, operator, mallory
+):
+    connect, confirm, register = (reverse(f"hosts:{r}") for r in ("connect", "host_key_confirm", "add"))
+    answers = {"transport": "ssh", "user": "root", "address": labkit.ip("lab-b"), "port": 22}
+    wizard = f"{connect}?{urlencode(answers)}"
+    web = _client(admin)
+    assert web.get(connect).status_code == 200
+    page = web.get(connect, answers)
+    html = page.content.decode()
+    uri = page.context["uri"]
+    assert uri == _uri("lab-b") and uri.startswith(f"qemu+libssh2://root@{labkit.ip('lab-b')}/system?")
+    steps = {s["id"]: s for s in page.context["steps"]}
+    assert steps["host_key"]["status"] == "confirm" and steps["host_key"]["remedy"] in html
+    fingerprint = _fingerprint("lab-b")
+    assert f'data-confirm-key="{fingerprint}"' in html and "Confirm this fingerprint" in html
+    assert 'id="register-form"' not in html and not page.context["ready"]
+
+    # Operators may not add hosts (403); mallory, without a role, neither (no object: 403).
+    for user in (operator, mallory):
+        other = _client(user)
+        assert other.get(connect, answers).status_code == 403
+        assert other.post(confirm, {"uri": uri, "fingerprint": fingerprint}).status_code == 403
+        assert other.post(register, {"name": "lab-b", "uri": uri}).status_code == 403
+    assert not AuditEvent.objects.filter(action="host.ssh_hostkey").exists() and not Host.objects.exists()
+
+    # Confirm (the form's own fields): audited, then back on the wizard, which tests again.
+    shown = dict(re.findall(r'name="(uri|fingerprint|next)" value="([^"]*)"', html))
+    shown = {k: unescape(v) for k, v in shown.items()}
+    assert shown == {"uri": uri, "fingerprint": fingerprint, "next": wizard}
+    page = web.post(confirm, shown, follow=True)
+    assert page.redirect_chain == [(wizard, 302)]
+    event = AuditEvent.objects.get(action="host.ssh_hostkey", outcome=AuditEvent.SUCCESS)
+    assert event.actor == admin and event.details["fingerprint"] == fingerprint
+    assert [s["status"] for s in page.context["steps"]] == ["pass"] * len(page.context["steps"])
+    assert {s["id"] for s in page.context["steps"]} >= {"host_key", "ssh_auth", "libvirt"}
+    html = page.content.decode()
+    assert page.context["ready"] and 'id="register-form"' in html and "Register this host" in html
+
+    # Register with the built URI (a name with HTML is shown escaped).
+    page = web.post(register, {"name": "lab-b<i>", "uri": uri}, follow=True)
+    host = Host.objects.get()
+    assert page.redirect_chain == [(reverse("hosts:detail", args=[host.pk]), 302)]
+    assert host.uri == uri and host.status == Host.REACHABLE, host.last_error
+    html = page.content.decode()
+    assert "lab-b&lt;i&gt;" in html and "lab-b<i>" not in html
+    event = AuditEvent.objects.get(action="host.register", outcome=AuditEvent.SUCCESS)
+    assert event.actor == admin
 
 
 def test_it_names_each_ssh_failure_with_its_remedy_and_changes_nothing(
