@@ -107,15 +107,17 @@ def test_it_diagnoses_step_by_step_and_stops_at_the_first_failure(data_dir, pres
         ("resolve", "fail"),
         ("libvirt", "skip"),
     ]
-    assert steps[1]["remedy"]
+    assert steps[1]["remedy"] and not services.connection_ready(steps)
     with socket.socket() as s:  # a port nobody listens on: "sshd down"
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     steps = {s["id"]: s for s in services.check_connection(_uri("127.0.0.1", port), timeout=3)}
     assert steps["tcp"]["status"] == "fail" and "sshd" in steps["tcp"]["remedy"]
     assert "host_key" not in steps and steps["libvirt"]["status"] == "skip"
+    assert not services.connection_ready(list(steps.values())) and not services.connection_ready([])
     steps = {s["id"]: s for s in services.check_connection("test:///default")}
     assert steps["libvirt"]["status"] == "pass"
+    assert services.connection_ready(list(steps.values()))
 
 
 def test_it_offers_the_wizard_and_key_actions_to_administrators_only(
@@ -123,6 +125,7 @@ def test_it_offers_the_wizard_and_key_actions_to_administrators_only(
 ):
     page = login(admin).get(reverse("hosts:connect"), {"transport": "tcp", "address": "nosuch.invalid"})
     assert page.status_code == 200 and "qemu+tcp://nosuch.invalid/system" in page.content.decode()
+    assert not page.context["ready"] and 'id="register-form"' not in page.content.decode()
     assert login(operator).get(reverse("hosts:connect")).status_code == 403
     presents(KEY_A)
     uri = _uri()
