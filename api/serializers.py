@@ -182,7 +182,10 @@ class JobEventSerializer(serializers.ModelSerializer):
 
     def to_representation(self, event):
         data = super().to_representation(event)
-        data["message"] = _mask(self).text(event.message, self.context["job"])
+        mask = _mask(self)
+        data["message"] = mask.text(event.message, self.context["job"])
+        # Parameters carry host names and libvirt's own words (URIs, key paths) too.
+        data["params"] = mask.data(event.params, self.context["job"])
         return data
 
 

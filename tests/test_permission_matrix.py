@@ -545,6 +545,13 @@ def world(admin, operator, auditor, alice, bob, mallory, tmp_path, monkeypatch):
         },
     )
     JobEvent.objects.create(job_id=w.job_alice_past.pk, message=f"Connected to {w.s1.name} ({w.s1.uri}).")
+    # A coded line: its parameters carry the host name and libvirt's words (the URI) too.
+    JobEvent.objects.create(
+        job_id=w.job_alice_past.pk,
+        code="sync_failed",
+        params={"host": w.s1.name, "error": f"cannot connect to {w.s1.uri}"},
+        message=f"Could not read the inventory of {w.s1.name}: cannot connect to {w.s1.uri}",
+    )
     w.job_alice_run = running("alice-run", w.p1, alice)
     w.job_hidden_run = running("hidden-run", w.s1, None)
 
@@ -859,7 +866,7 @@ API_ROUTES = [
         notes="as the wizard: the right to migrate first; alice's team VM: refused by policy",
     ),
     ApiRoute("api:job_detail", objects=("job_alice", "job_hidden"), allowed=SIGNED_IN),
-    ApiRoute("api:job_events", objects=("job_alice", "job_hidden"), allowed=SIGNED_IN),
+    ApiRoute("api:job_events", objects=("job_alice", "job_hidden", "job_alice_past"), allowed=SIGNED_IN),
     ApiRoute(
         "api:job_cancel",
         "POST",
