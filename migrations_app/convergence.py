@@ -71,6 +71,7 @@ class Ladder:
         )
         self.taken = 0  # downtime steps taken
         self.since = None  # (t, iteration) of the last step, or of the verdict
+        self.last_ms = None  # the downtime the ladder set last
         self.final = None  # the final action, once taken
 
     @property
@@ -90,14 +91,20 @@ class Ladder:
             return None
         if converging:
             return None
+        current = downtime_ms or QEMU_DEFAULT_DOWNTIME_MS
+        if self.last_ms is not None and current != self.last_ms:
+            # Someone changed the downtime by hand since the last step: that counts as a
+            # step, and gets its own time to work before the ladder goes on from it.
+            self.since, self.last_ms = (t, iteration), current
+            return None
         if not self._due(t, iteration):
             return None
         self.since = (t, iteration)
-        current = downtime_ms or QEMU_DEFAULT_DOWNTIME_MS
         # A downtime the user raised by hand counts: the ladder goes on from above it.
         higher = [ms for ms in self.steps if ms > current]
         if higher:
             self.taken = len(self.steps) - len(higher) + 1
+            self.last_ms = higher[0]
             return Action("downtime", higher[0], self.taken, len(self.steps))
         if self.policy == "ladder-postcopy" and self.postcopy_enabled:
             self.final = Action("postcopy")

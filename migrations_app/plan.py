@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from django.utils.translation import gettext as _
 
 from migrations_app import modes, options
+from migrations_app.convergence import DEFAULT_MAX_DOWNTIME_MS
 from migrations_app.options import DEFAULTS, LIVE_MODES, MODE_KEYS, MODES, SCHEMA, OptionError, PlanError
 
 __all__ = ["DEFAULTS", "LIVE_MODES", "MODE_KEYS", "MODES", "MigrationPlan", "PlanError", "parse_options"]
@@ -107,6 +108,18 @@ class MigrationPlan:
             raise PlanError(_("Switching to post-copy at the timeout needs post-copy enabled."))
         if opts.get("convergence_policy") == "ladder-postcopy" and not opts.get("postcopy"):
             raise PlanError(_("A convergence policy that ends in post-copy needs post-copy enabled."))
+        if opts.get("convergence_policy", "none") != "none":
+            top = opts.get("ladder_max_downtime") or DEFAULT_MAX_DOWNTIME_MS
+            if opts.get("max_downtime") and top <= opts["max_downtime"]:
+                # No step to take: the ladder would end (abort, post-copy) at the first
+                # "not converging" verdict.
+                raise PlanError(
+                    _(
+                        "The convergence ladder's highest downtime (%(top)s ms) must be above the "
+                        "allowed downtime (%(ms)s ms): raise it, or lower the allowed downtime."
+                    )
+                    % {"top": top, "ms": opts["max_downtime"]}
+                )
         if opts.get("undefine_source") and not opts.get("persist", True):
             raise PlanError(
                 _(

@@ -214,6 +214,8 @@ def shutdown(run, journal, src, uuid, options):
         if state is not None and state[0] == "shutoff":
             journal.done("shutdown")
             run.event(("shut_down", {}))
+            # Out of the shutdown phase: no countdown, no "Force off now" any more.
+            run.update(phase="moving", eta_seconds=None, shutdown_deadline=None)
             return
         row = run.controls()
         if row and row["cancel_requested"]:
@@ -230,9 +232,16 @@ def shutdown(run, journal, src, uuid, options):
     else:
         run.event(("forcing_off", {"timeout": f"{timeout:g}"}), "warn")
     journal.started("force_off", asked_by=asked_by or "")
-    src.destroy(uuid)
+    try:
+        src.destroy(uuid)
+    except hv.HypervisorError:
+        # The guest may have finished shutting down since the last poll ("domain is not
+        # running"): that is the state we wanted, not a failure to roll back.
+        state = src.find_domain(uuid)
+        if state is None or state[0] != "shutoff":
+            raise
     journal.done("force_off")
-    run.update(eta_seconds=None)
+    run.update(phase="moving", eta_seconds=None, shutdown_deadline=None)
 
 
 def copy_disks(run, journal, src, dst):

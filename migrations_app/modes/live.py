@@ -8,6 +8,7 @@ import shlex
 import time
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils.translation import gettext as _
 
 from hosts import hypervisor as hv
@@ -406,9 +407,14 @@ def ladder_step(run, mon, uuid, fields):
         if not safe(run, "Raising the maximum downtime", lambda: mon.set_max_downtime(uuid, action.ms)):
             return ""
         # Recorded as the requested downtime: the page shows it, apply_controls sees
-        # nothing new to apply, and reconcile's re-attach goes on from this step.
+        # nothing new to apply, and reconcile's re-attach goes on from this step. Only
+        # over the value the ladder itself saw: a downtime an operator asked for meanwhile
+        # stays requested, and apply_controls applies it on the next loop (theirs wins).
+        previous = run.applied.get("downtime")
         run.applied["downtime"] = action.ms
-        run.update(requested_downtime=action.ms)
+        unchanged = Q(requested_downtime__isnull=True) | Q(requested_downtime=previous)
+        if MigrationJob.objects.filter(unchanged, pk=run.job_id).update(requested_downtime=action.ms):
+            run.update()
         write_event(
             run.job_id,
             ("policy_downtime", {"ms": action.ms, "step": action.step, "steps": action.steps}),

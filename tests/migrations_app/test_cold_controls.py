@@ -146,13 +146,50 @@ def test_it_forces_the_guest_off_when_asked_during_the_wait(vm, operator):
     assert src.destroyed and src.asked == 1 and src.polls == 3
     assert took < 25  # the wait ended at the request, not at the 30 s timeout
     job.refresh_from_db()
-    assert job.shutdown_deadline is not None and job.eta_seconds is None
+    # Out of the shutdown phase: no countdown, no "Force off now" button any more.
+    assert job.shutdown_deadline is None and job.eta_seconds is None and job.phase == "moving"
+    assert not job.is_shutting_down
     forced = [e for e in job.journal if e["step"] == "force_off"]
     assert [e["state"] for e in forced] == ["started", "done"] and forced[0]["asked_by"] == operator.username
     assert JobEvent.objects.filter(job=job, code="forced_off_now").exists()
     assert ("forced off", "done", "") in [
         (str(label), state, path) for label, state, path in job.journal_steps
     ]
+
+
+class _ShutsDownAtTheLastMoment(_StubbornGuest):
+    """The guest reaches shut off between the last poll and the forced power-off: libvirt
+    answers "domain is not running" to the destroy."""
+
+    def destroy(self, uuid):
+        from hosts.hypervisor import HypervisorError
+
+        self.destroyed = True  # it is off now, but not by this call
+        raise HypervisorError("Requested operation is not valid: domain is not running")
+
+
+def test_it_goes_on_when_the_guest_shut_down_just_before_the_forced_power_off(vm, operator):
+    job = _cold(vm, phase="", shutdown_deadline=None)
+    run, journal, src = JobRun(job, "w1"), Journal.load(job.pk), _ShutsDownAtTheLastMoment()
+    cold.shutdown(run, journal, src, str(vm.uuid), {"shutdown_timeout": 0.3, "force_off": True})
+    job.refresh_from_db()
+    assert [e["state"] for e in job.journal if e["step"] == "force_off"] == ["started", "done"]
+    assert job.phase == "moving"
+
+
+def test_it_leaves_the_shutdown_phase_once_the_guest_is_off(vm, operator):
+    job = _cold(vm, phase="", shutdown_deadline=None)
+
+    class Obedient(_StubbornGuest):
+        def find_domain(self, uuid):
+            return ("shutoff", "shutdown")
+
+    cold.shutdown(JobRun(job, "w1"), Journal.load(job.pk), Obedient(), str(vm.uuid), {"shutdown_timeout": 30})
+    job.refresh_from_db()
+    assert job.phase == "moving" and job.shutdown_deadline is None and not job.is_shutting_down
+    # A click that comes now is refused (and audited as such), not recorded as a success.
+    with pytest.raises(services.JobError):
+        services.do_force_off_now(job, operator)
 
 
 def test_it_stores_the_deadline_and_fails_without_force_when_nobody_asks(vm, monkeypatch):

@@ -155,6 +155,26 @@ def test_it_waits_while_converging_and_goes_on_from_a_downtime_raised_by_hand():
     assert ladder.decide(11.0, 5, False, 1000).kind == "postcopy"
 
 
+def test_it_gives_a_downtime_changed_by_hand_its_own_time_before_the_next_step():
+    # Review finding: a step to 450 ms, then an operator raises it to 1,500 ms; the next
+    # sample (judged on passes from before the raise) must not abort at once.
+    ladder = convergence.Ladder({"convergence_policy": "ladder-abort", "ladder_step_seconds": 10})
+    assert ladder.decide(10.0, 5, False, 300).ms == 450
+    assert ladder.decide(21.0, 9, False, 1500) is None  # the hand-raised value counts as a step
+    assert ladder.decide(25.0, 10, False, 1500) is None  # its own 10 s / 3 passes
+    assert ladder.decide(31.0, 12, False, 1500).kind == "abort"  # nothing above 1,500 left
+
+
+def test_it_refuses_a_ladder_whose_top_is_not_above_the_allowed_downtime(make_job):
+    job = make_job()
+    options = {"convergence_policy": "ladder-abort", "max_downtime": 2000}
+    plan = MigrationPlan(job.vm, job.source, job.target, "live", options)
+    with translation.override("en"), pytest.raises(PlanError, match="highest downtime"):
+        plan.validate_options()
+    ok = MigrationPlan(job.vm, job.source, job.target, "live", dict(options, ladder_max_downtime=4000))
+    ok.validate_options()
+
+
 def test_it_ends_a_plain_ladder_at_its_highest_step_and_never_acts_without_a_policy():
     plain = convergence.Ladder({"convergence_policy": "ladder", "ladder_steps": 1})
     taken = _feed(plain, _stuck(60))
