@@ -413,7 +413,7 @@ def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
     owner = uuid.uuid4().hex
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        tick(batch_id, owner)
+        ran = tick(batch_id, owner) is not None
         batch = Batch.objects.get(pk=batch_id)
         if on_tick:
             on_tick(batch)
@@ -421,4 +421,9 @@ def drive(batch_id, *, timeout=None, every=0.25, on_tick=None):
             return batch
         if deadline is not None and time.monotonic() > deadline:
             return batch
-        wait_for_work(batch_id, every)
+        if ran:
+            wait_for_work(batch_id, every)
+        else:
+            # Another scheduler holds the lease: an ended child stays "work" until that
+            # one passes, so waking at it would spin; wait the whole interval instead.
+            time.sleep(every)

@@ -10,7 +10,6 @@ overlapping runs are harmless.
 import time
 
 from fleet import scheduler
-from fleet.models import Batch
 from kvmweb import workers
 
 
@@ -20,11 +19,13 @@ def batch_watch(duration=55.0, every=2.0):
     cluster stops (kvmweb/workers.py)."""
     deadline = time.monotonic() + duration
     while True:
-        scheduler.run_active()
+        passes = scheduler.run_active()
         if time.monotonic() + every > deadline:
             return
-        if not Batch.objects.active().exists():
-            if workers.wait(every):  # nothing to react to: no query meanwhile
+        # Nothing to react to, or another scheduler holds a lease (an ended child stays
+        # "work" until that one passes: waking at it would spin): wait the interval.
+        if not passes or None in passes.values():
+            if workers.wait(every):
                 return
         elif scheduler.wait_for_work(None, every, stop=workers.wait, react=0.1):
             return

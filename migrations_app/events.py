@@ -39,6 +39,7 @@ CATALOG = {
     "shut_down": _("The guest shut down."),
     "forcing_off": _("The guest did not shut down within %(timeout)s s: forcing it off."),
     "forced_off_now": _("Forced off now, as %(user)s asked."),
+    "force_off_asked": _("%(user)s asked to force the guest off now."),
     "storage_shared": _("Disks are on proved shared storage: moving the definition (offline migration)."),
     "storage_copy": _("Disks are not on storage %(target)s shares: copying them."),
     "volume_created": _("Created the empty volume %(path)s on %(host)s for the copy."),

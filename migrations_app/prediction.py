@@ -105,11 +105,18 @@ def memory_to_send(memory, vm, details):
         overheads = []
     if not overheads:
         return memory
-    overhead = max(0.0, statistics.median(overheads))
+    # Bounded: resident memory that is mostly zero pages (a guest that zeroes freed
+    # memory) also "never travels", but that is the guest's state at that moment, not
+    # QEMU's own memory; unbounded, it would make a later, fuller guest look tiny.
+    overhead = min(max(0.0, statistics.median(overheads)), MAX_OVERHEAD_MIB)
     details["memory_overhead_mib"] = round(overhead, 1)
     memory = max(MIB, memory - overhead * MIB)
     details["memory_to_send_mib"] = round(memory / MIB)
     return memory
+
+
+# QEMU's own resident memory (its code, device state, buffers): tens of MiB on the lab.
+MAX_OVERHEAD_MIB = 128
 
 
 def learned(source, target):

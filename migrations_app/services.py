@@ -635,11 +635,8 @@ def do_force_off_now(job, actor, request=None):
         ).update(force_off_requested=True, force_off_requested_by=name, progress_seq=F("progress_seq") + 1)
         if changed:
             job.refresh_from_db()
-            JobEvent.objects.create(
-                job=job,
-                level="warn",
-                message=_("%(user)s asked to force the guest off now.") % {"user": name},
-            )
+            # Coded: every viewer reads it in their own language, not the clicker's.
+            write_event(job.pk, ("force_off_asked", {"user": name}), "warn")
             _audit_job(
                 "migration.force_off", job, actor=actor, request=request, details={"phase": "shutdown"}
             )

@@ -5,6 +5,8 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
@@ -84,4 +86,10 @@ def mark_read(request):
     services.do_mark_read(request.user, up_to, request=request)
     if request.headers.get("HX-Request"):
         return bell(request)
-    return redirect(request.POST.get("next") or "dashboard")
+    # Back where the user was: a path on this site only, and never the bell's own
+    # fragment (its form is rendered by the htmx request for the bell).
+    back = request.POST.get("next", "")
+    safe = url_has_allowed_host_and_scheme(back, {request.get_host()}, request.is_secure())
+    if back and safe and not back.startswith(reverse("notifications:bell")):
+        return redirect(back)
+    return redirect("dashboard")

@@ -3,13 +3,14 @@ first, then the aggregate and rows as children start and end; same scope rule an
 codes as the job sockets; the hub's one poller serves it and stops with the last watcher."""
 
 import asyncio
+import time
 
 import pytest
 import pytest_asyncio
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.sessions.models import Session
-from django.db import connections
+from django.db import OperationalError, connections
 from django.test import Client
 
 from fleet import live, scheduler, services
@@ -66,6 +67,25 @@ async def _until(comm, needle):
             return text
 
 
+@database_sync_to_async
+def _write(fn):
+    """Run a write. The test database is in-memory SQLite with a shared cache, where a
+    reader (the hub's poller thread) makes a writer fail at once with "table is locked"
+    instead of waiting: retry like a busy timeout would."""
+    for attempt in range(50):
+        try:
+            return fn()
+        except OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02)
+
+
+def _tick(batch_id):
+    """A scheduler pass (one owner: a retried pass keeps the lease it took)."""
+    return _write(lambda: scheduler.tick(batch_id, "test-scheduler"))
+
+
 async def _hub_stops():
     hub = streaming.get_hub()
     for _ in range(250):
@@ -80,16 +100,14 @@ async def test_it_pushes_the_aggregate_and_rows_as_children_start_and_end(batch,
     first = await comm.receive_from(timeout=TIMEOUT)
     assert f'id="batch-live-{batch.pk}" hx-swap-oob="true"' in first and "0 of 3 done" in first
     # The scheduler starts children (another process in real life: only the DB changes).
-    await database_sync_to_async(scheduler.tick)(batch.pk)
+    await _tick(batch.pk)
     jobs = await database_sync_to_async(lambda: list(MigrationJob.objects.order_by("pk")))()
     assert jobs
     text = await _until(comm, f"#{jobs[0].pk}")
     assert 'data-testid="batch-item"' in text
     # A child ends and the next pass follows it: the aggregate moves.
-    await database_sync_to_async(
-        lambda: MigrationJob.objects.filter(pk=jobs[0].pk).update(status=MigrationJob.SUCCEEDED)
-    )()
-    await database_sync_to_async(scheduler.tick)(batch.pk)
+    await _write(lambda: MigrationJob.objects.filter(pk=jobs[0].pk).update(status=MigrationJob.SUCCEEDED))
+    await _tick(batch.pk)
     await _until(comm, "1 of 3 done")
     await comm.disconnect()
     assert await _hub_stops()
@@ -106,8 +124,8 @@ async def test_it_closes_sockets_out_of_scope_like_the_job_sockets(batch, operat
     monkeypatch.setattr(streaming, "RECHECK_INTERVAL", 0.2)
     comm = await _connect(f"/ws/batches/{batch.pk}/", operator)
     await comm.receive_from(timeout=TIMEOUT)
-    await database_sync_to_async(lambda: Session.objects.all().delete())()
-    await database_sync_to_async(lambda: Batch.objects.filter(pk=batch.pk).update(waiting_for="x"))()
+    await _write(lambda: Session.objects.all().delete())
+    await _write(lambda: Batch.objects.filter(pk=batch.pk).update(waiting_for="x"))
     message = await comm.receive_output(timeout=TIMEOUT)
     while message.get("type") != "websocket.close":
         message = await comm.receive_output(timeout=TIMEOUT)

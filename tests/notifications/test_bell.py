@@ -83,6 +83,14 @@ def test_it_marks_read_and_audits_it(jobs, alice, login):
     assert [(i.event_id, i.unread) for i in inbox.items(alice)] == [(newer.pk, True), (event.pk, False)]
 
 
+def test_it_sends_the_reader_back_only_to_a_page_of_this_site(jobs, alice, login):
+    client = login(alice)
+    url = reverse("notifications:mark_read")
+    assert client.post(url, {"next": "/migrations/"})["Location"] == "/migrations/"
+    assert client.post(url, {"next": "https://evil.example/"})["Location"] == reverse("dashboard")
+    assert client.post(url, {"next": reverse("notifications:bell")})["Location"] == reverse("dashboard")
+
+
 def test_it_loads_the_bell_lazily_on_every_page(jobs, alice, login):
     html = login(alice).get(reverse("migrations:list")).content.decode()
     assert 'id="bell"' in html and 'hx-trigger="load"' in html and "js/bell.js" in html
