@@ -34,16 +34,18 @@ def tls_hosts(tls_lab, db):
     return {h: host_services.do_register_host(h, labkit.uri(h, "tls"), sync=False) for h in lab.hosts}
 
 
-def _preflight(guest, target, mode="live"):
+def _preflight(guest, target, mode="live", options=None):
     vm = VM.objects.get(uuid=guest.uuid)
-    return vm, run_preflight(MigrationPlan(vm, vm.host, target, mode, {}), measure_dirty_rate=False)
+    plan = MigrationPlan(vm, vm.host, target, mode, dict(options or {}))
+    return vm, run_preflight(plan, measure_dirty_rate=False)
 
 
 def test_it_live_migrates_peer_to_peer_between_hosts_registered_over_tls(tls_hosts, lab_guest, admin):
     assert all(h.status == Host.REACHABLE and h.uri.startswith("qemu+tls://") for h in tls_hosts.values())
     guest = lab_guest("tls-live")
     assert not host_services.do_sync_inventory(tls_hosts["lab-a"])["error"]
-    vm, report = _preflight(guest, tls_hosts["lab-b"])
+    # Native TLS for the migration stream too (virsh migrate --tls: QEMU's own certificates).
+    vm, report = _preflight(guest, tls_hosts["lab-b"], options={"tls": True})
     assert not report.fails, [(r.id, r.message) for r in report.fails]
     check = {r.id: r for r in report.results}["transport"]
     assert check.status == "pass" and "TLS" in check.message
@@ -53,14 +55,15 @@ def test_it_live_migrates_peer_to_peer_between_hosts_registered_over_tls(tls_hos
         vm,
         tls_hosts["lab-b"],
         "live",
-        {},
+        {"tls": True},
         actor=admin,
         report=report,
         acknowledged=[r.id for r in report.warnings],
     )
+    assert "--tls" in job.preflight["plan"]["virsh"]  # the plan ran with VIR_MIGRATE_TLS
     assert runner.run_job(job.pk) == MigrationJob.SUCCEEDED
     job.refresh_from_db()
-    assert job.status == MigrationJob.SUCCEEDED, job.error
+    assert job.status == MigrationJob.SUCCEEDED and job.options.get("tls") is True, job.error
     assert labkit.where(guest) == {"lab-b": "running"}
     assert labkit.read_counter("lab-b", guest) >= before  # the RAM moved, no fresh boot
     assert VM.objects.get(uuid=guest.uuid).host.name == "lab-b"
