@@ -113,17 +113,7 @@ def do_register_host(name, uri, *, actor=None, request=None, group=None, descrip
     try:
         uri = validate_uri(uri)
     except InvalidURI as exc:
-        with transaction.atomic():
-            record(
-                "host.register",
-                actor=actor,
-                request=request,
-                target_type="hosts.host",
-                target_name=name,
-                outcome=AuditEvent.FAILURE,
-                details={"uri": uri, "error": str(exc)},
-            )
-        raise HostError(str(exc)) from None
+        _refuse_registration(name, uri, actor, request, str(exc))
     _check_unique(name, uri)
     # One machine, one host row: two rows for the same libvirtd would each claim its VMs
     # and every sync would move them from one row to the other.
