@@ -4,6 +4,7 @@ from django.urls import path, register_converter
 
 from fleet.consumers import BatchConsumer
 from migrations_app import consumers
+from notifications.consumers import BellConsumer
 
 
 class JobId:
@@ -25,4 +26,5 @@ websocket_urlpatterns = [
     path("ws/jobs/", consumers.JobListConsumer.as_asgi()),
     path("ws/jobs/<jobid:job_id>/", consumers.JobProgressConsumer.as_asgi()),
     path("ws/batches/<jobid:batch_id>/", BatchConsumer.as_asgi()),
+    path("ws/notifications/", BellConsumer.as_asgi()),
 ]

@@ -64,15 +64,11 @@ def subscription_delete(request, pk):
 
 @login_required
 def bell(request):
-    """The header's bell (count and list), polled by htmx; scoped like the job pages."""
-    from notifications import inbox
+    """The header's bell (count and list); pushed by ws/notifications/ and fetched here
+    when the socket is down. Scoped like the job pages (notifications/inbox.py)."""
+    from notifications import live
 
-    found = inbox.items(request.user)
-    return render(
-        request,
-        "notifications/partials/bell.html",
-        {"items": found, "unread": inbox.unread_count(found), "latest": found[0].event_id if found else 0},
-    )
+    return render(request, "notifications/partials/bell.html", live.context(request.user))
 
 
 @login_required

@@ -1235,6 +1235,7 @@ WS_OBJECTS = (
     "list",
     "batch_run",  # ws/batches/<id>/ (fleet/consumers.py): the batch page's live rows
     "batch_missing",
+    "bell",  # ws/notifications/ (notifications/consumers.py): the header's bell, live
 )
 WS_TIMEOUT = 3
 
@@ -1257,9 +1258,11 @@ def _ws_session(user):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(("obj", "persona"), list(ws_cells()))
 async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, transactional_db, monkeypatch):
-    """ws/jobs/<id>/, ws/jobs/ and ws/batches/<id>/: anonymous -> closed 4401; a job outside the persona's
-    scope or one that does not exist -> closed 4404 with nothing sent, and later progress
-    of that job reaches nobody who guessed its id; in scope -> the snapshot first."""
+    """ws/jobs/<id>/, ws/jobs/, ws/batches/<id>/ and ws/notifications/: anonymous -> closed 4401; a job
+    outside the persona's scope or one that does not exist -> closed 4404 with nothing sent, and later
+    progress of that job reaches nobody who guessed its id; in scope -> the snapshot first. The bell:
+    the persona's own bell first; a hidden job's end and the secret host going away reach the staff
+    only."""
     from channels.db import database_sync_to_async
     from channels.testing import WebsocketCommunicator
     from django.db import OperationalError, connections
@@ -1267,10 +1270,14 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
 
     from kvmweb.asgi import application
     from migrations_app import streaming
+    from notifications import live
 
     monkeypatch.setattr(streaming, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(live, "MIN_INTERVAL", 0.05)
     user = world.people[persona]
-    if obj == "list":
+    if obj == "bell":
+        path, job = "/ws/notifications/", None
+    elif obj == "list":
         path, job = "/ws/jobs/", None
     elif obj == "job_missing":
         path, job = "/ws/jobs/987654/", None
@@ -1301,6 +1308,20 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
                 time.sleep(0.02)
         streaming.publish_job(target.pk)
 
+    @database_sync_to_async
+    def bell_news():
+        """The hidden job fails and the secret host goes away (their audit events)."""
+        for attempt in range(50):
+            try:
+                with transaction.atomic():
+                    record("migration.finish", target=world.job_hidden_run, details={"status": "failed"})
+                    record("host.status", target=world.s1, details={"from": "reachable", "to": "unreachable"})
+                break
+            except OperationalError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.02)
+
     comm = WebsocketCommunicator(application, path, headers=headers)
     try:
         connected, _ = await comm.connect(timeout=WS_TIMEOUT)
@@ -1317,6 +1338,20 @@ async def test_it_enforces_the_scope_rule_on_websockets(obj, persona, world, tra
             if persona not in STAFF:
                 # Drain what arrived, without a receive timeout (that would end the app).
                 await asyncio.sleep(0.5)
+                while not comm.output_queue.empty():
+                    text = comm.output_queue.get_nowait().get("text", "")
+                    assert not leaked_names(persona, text), f"{persona} heard {leaked_names(persona, text)}"
+            return
+        if obj == "bell":
+            first = await comm.receive_from(timeout=WS_TIMEOUT)
+            assert 'id="bell"' in first and not leaked_names(persona, first)
+            await bell_news()
+            if persona in STAFF:  # they see s1: the news arrives live
+                deadline = asyncio.get_running_loop().time() + 10 * WS_TIMEOUT
+                while "s1-secret" not in (text := await comm.receive_from(timeout=10 * WS_TIMEOUT)):
+                    assert asyncio.get_running_loop().time() < deadline
+            else:
+                await asyncio.sleep(1.0)
                 while not comm.output_queue.empty():
                     text = comm.output_queue.get_nowait().get("text", "")
                     assert not leaked_names(persona, text), f"{persona} heard {leaked_names(persona, text)}"

@@ -91,6 +91,31 @@ def test_it_sends_the_reader_back_only_to_a_page_of_this_site(jobs, alice, login
     assert client.post(url, {"next": reverse("notifications:bell")})["Location"] == reverse("dashboard")
 
 
-def test_it_loads_the_bell_lazily_on_every_page(jobs, alice, login):
+def test_it_loads_the_bell_through_the_socket_on_every_page(jobs, alice, login):
     html = login(alice).get(reverse("migrations:list")).content.decode()
-    assert 'id="bell"' in html and 'hx-trigger="load"' in html and "js/bell.js" in html
+    # The page itself reads no notification: the socket's snapshot fills the bell, and
+    # bell.js fetches it over HTTP only while the socket is down.
+    assert 'ws-connect="/ws/notifications/"' in html and 'hx-trigger="bell-refresh"' in html
+    assert "js/bell.js" in html and "bell-count" not in html
+
+
+def _host_status(host, was, to, error=""):
+    details = {"from": was, "to": to} | ({"error": error} if error else {})
+    return _audit("host.status", host, **details)
+
+
+def test_it_tells_of_hosts_going_and_coming_back_to_those_who_see_them(jobs, alice, bob, operator, mallory):
+    ha, hb = Host.objects.get(name="ha"), Host.objects.get(name="hb")
+    gone = _host_status(ha, "reachable", "unreachable", "connection refused")
+    back = _host_status(ha, "unreachable", "reachable")
+    hidden = _host_status(hb, "unknown", "unreachable", "no route")  # no self-service VM on hb
+    _host_status(hb, "unknown", "reachable")  # a first probe is no news
+    expected = [(back.pk, "host.back"), (gone.pk, "host.unreachable")]
+    assert [(i.event_id, i.kind) for i in inbox.items(operator)] == [
+        (hidden.pk, "host.unreachable")
+    ] + expected
+    for owner in (alice, bob):  # their VMs run on ha; hb is outside their scope
+        assert [(i.event_id, i.kind) for i in inbox.items(owner) if i.kind.startswith("host.")] == expected
+    assert inbox.items(mallory) == []
+    texts = [i.text for i in inbox.items(alice) if i.kind.startswith("host.")]
+    assert texts == ["Host ha is reachable again.", "Host ha is unreachable."]
