@@ -76,12 +76,15 @@
 
   document.addEventListener("htmx:afterSwap", checkBell);
   document.addEventListener("htmx:wsOpen", function (evt) {
-    if (isBellSocket(evt)) socketOpen = true;
+    if (!isBellSocket(evt)) return;
+    socketOpen = true;
+    evt.target.setAttribute("data-state", "open");
   });
   document.addEventListener("htmx:wsClose", function (evt) {
     if (!isBellSocket(evt)) return;
     var was = socketOpen;
     socketOpen = false;
+    evt.target.setAttribute("data-state", "closed");
     if (was || latestSeen === null) refreshBell(); // catch up now, then every FALLBACK_MS
   });
   window.setInterval(function () {

@@ -131,6 +131,32 @@
     });
   }
 
+  // The chart's marks, [[t, label]]: those of the stored samples (page load, reconnect),
+  // then the event-log lines that changed the downtime or the ladder's course
+  // (data-chart-mark, swapped in live) whose label the samples do not have yet: a page
+  // open while the ladder steps sees the step at once, not only after a reload. A label
+  // is unique per job (the ladder's downtimes only go up), so it is the key.
+  function chartMarks(jobId, pts) {
+    var marks = [], seen = {};
+    pts.forEach(function (p) {
+      if (typeof p[3] === "string" && p[3] && !seen[p[3]]) {
+        seen[p[3]] = true;
+        marks.push([p[0], p[3]]);
+      }
+    });
+    var prog = document.getElementById("job-progress-" + jobId);
+    var started = prog ? num(prog.dataset.started) : null;
+    if (started === null) return marks;
+    document.querySelectorAll("#job-events-" + jobId + " li[data-chart-mark]").forEach(function (li) {
+      var label = li.getAttribute("data-chart-mark");
+      var at = num(li.getAttribute("data-at"));
+      if (!label || seen[label] || at === null || at < started) return;
+      seen[label] = true;
+      marks.push([at - started, label]);
+    });
+    return marks;
+  }
+
   function draw(jobId) {
     var canvas = document.getElementById("job-chart-" + jobId);
     if (!canvas || !canvas.getContext) return;
@@ -200,14 +226,13 @@
     ctx.fillStyle = "#7a3fb0";
     ctx.lineWidth = 1;
     ctx.textAlign = "left";
-    pts.forEach(function (p) {
-      if (typeof p[3] !== "string" || !p[3]) return;
-      var x = Math.round(left + (pw * p[0]) / maxT) + 0.5;
+    chartMarks(jobId, pts).forEach(function (m) {
+      var x = Math.round(left + (pw * Math.min(m[0], maxT)) / maxT) + 0.5;
       ctx.beginPath();
       ctx.moveTo(x, top);
       ctx.lineTo(x, top + ph);
       ctx.stroke();
-      ctx.fillText(p[3], x + 3, top + 12);
+      ctx.fillText(m[1], x + 3, top + 12);
     });
     ctx.setLineDash([]);
   }
