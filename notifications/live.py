@@ -5,9 +5,11 @@ like the batch pages' feed (fleet/live.py): the hub's poller ticks it on the pol
 thread, so the bells of every open page cost no poller of their own. A tick (at most every
 ``MIN_INTERVAL`` seconds) asks one indexed question: are there audit events after the
 newest one it has seen whose action can change a bell (notifications/inbox.py
-``LIVE_ACTIONS``)? Only when there are, it reads each watching user's inbox again (fresh
-user rows: a role taken away counts at once), renders the bell once per user and
-language, and sends it to that user's sockets whose bell would read differently. The
+``LIVE_ACTIONS``)? Only when there are, it reads the inbox again of the watching users
+whose bell they may change (a job's end: its requester; a "mark read": that user; a
+request, a decision or a host's status: everyone watching), with fresh user rows (a
+role taken away counts at once), renders the bell once per user and language, and sends
+it to that user's sockets whose bell would read differently. The
 toast is made in the browser (static/js/bell.js) from the items newer than the ones the
 page had.
 
@@ -68,17 +70,36 @@ def newest_event_id():
     return AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
 
 
-def changes_since(after):
-    """(newest relevant audit id after ``after`` or ``after``, whether there is any)."""
-    from kvmweb.audit.models import AuditEvent
+# Audit actions whose bell changes only for one user: a job's end (its requester) and a
+# "mark read" (its actor). The others (a request waiting for approval, a decision, which
+# also clears the approvers' item; a host going away or coming back) may change anyone's.
+EVERYONE = object()
 
-    newest = (
+
+def changes_since(after):
+    """(newest relevant audit id after ``after``, or ``after``; whose bells may have
+    changed: a set of user pks, or EVERYONE). Two small queries at most."""
+    from kvmweb.audit.models import AuditEvent
+    from migrations_app.models import MigrationJob
+
+    rows = list(
         AuditEvent.objects.filter(id__gt=after, action__in=inbox.LIVE_ACTIONS)
-        .order_by("-id")
-        .values_list("id", flat=True)
-        .first()
+        .order_by("id")
+        .values_list("id", "action", "actor_id", "target_id")
     )
-    return (newest, True) if newest else (after, False)
+    if not rows:
+        return after, set()
+    users, jobs = set(), set()
+    for _pk, action, actor_id, target_id in rows:
+        if action == "notifications.read":
+            users.add(actor_id)
+        elif action == "migration.finish" and str(target_id).isdigit():
+            jobs.add(int(target_id))
+        else:
+            return rows[-1][0], EVERYONE
+    if jobs:
+        users |= set(MigrationJob.objects.filter(pk__in=jobs).values_list("requested_by_id", flat=True))
+    return rows[-1][0], users
 
 
 def render_for(wanted):
@@ -162,11 +183,15 @@ class InboxFeed:
         # The cursor is taken BEFORE the watchers are rendered: an event committed
         # during the render is seen by the next tick (a bell sent twice, never a lost one).
         if self.cursor is None:
-            self.cursor, changed = await streaming.poller_db(newest_event_id), False
+            self.cursor, changed = await streaming.poller_db(newest_event_id), set()
         else:
             self.cursor, changed = await streaming.poller_db(changes_since, self.cursor)
         self.reads += 1
-        targets = [s for s in self.subs if s.ready] if changed else [s for s in self.dirty if s.ready]
+        targets = [
+            s
+            for s in self.subs
+            if s.ready and (s in self.dirty or changed is EVERYONE or s.user.pk in changed)
+        ]
         self.dirty.clear()
         if not targets:
             return
