@@ -259,7 +259,7 @@
 
   function connection(evt, state) {
     var el = document.getElementById("job-connection");
-    if (!el) return;
+    if (!el || (evt.target && evt.target.id === "bell-live")) return; // the header's bell socket
     el.textContent = el.getAttribute("data-" + state) || "";
     el.setAttribute("data-state", state);
   }
