@@ -30,6 +30,34 @@ class HostForm(forms.Form):
             raise forms.ValidationError(str(exc)) from None
 
 
+class HostEditForm(HostForm):
+    """The host's Edit page: HostForm plus the migration port range of its qemu.conf."""
+
+    migration_port_min = forms.IntegerField(
+        label=_("Migration ports from"),
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text=_("migration_port_min in the host's qemu.conf; empty: QEMU's default 49152"),
+    )
+    migration_port_max = forms.IntegerField(
+        label=_("Migration ports to"),
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text=_("migration_port_max in the host's qemu.conf; empty: QEMU's default 49215"),
+    )
+
+    def clean(self):
+        data = super().clean()
+        lo, hi = data.get("migration_port_min"), data.get("migration_port_max")
+        if (lo is None) != (hi is None):
+            raise forms.ValidationError(_("Give both ends of the migration port range, or neither."))
+        if lo is not None and hi is not None and lo > hi:
+            raise forms.ValidationError(_("The migration port range ends before it starts."))
+        return data
+
+
 class VMFilterForm(forms.Form):
     q = forms.CharField(label=_("Name"), required=False)
     host = forms.IntegerField(required=False)

@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from hosts import busy, hypervisor, transport
+from hosts import busy, hypervisor, reach, transport
 from hosts.models import VM, Host, HostGroup, VMLocation
 from hosts.uris import DEFAULT_PORTS, InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record, record_refusal
@@ -205,24 +205,59 @@ def do_generate_ssh_key(*, actor=None, request=None):
     return identity
 
 
-def do_update_host(host, *, name, uri, group=None, description="", actor=None, request=None):
-    """Change a host's name, URI, group or description (audited with before/after)."""
+_KEEP_PORTS = object()
+
+
+def _ports_text(lo, hi):
+    return f"{lo}-{hi}" if lo else ""
+
+
+def do_update_host(
+    host,
+    *,
+    name,
+    uri,
+    group=None,
+    description="",
+    migration_port_min=_KEEP_PORTS,
+    migration_port_max=_KEEP_PORTS,
+    actor=None,
+    request=None,
+):
+    """Change a host's name, URI, group, description or migration port range (audited
+    with before/after; the port range is kept when not given)."""
     name = (name or "").strip()
     try:
         uri = validate_uri(uri)
     except InvalidURI as exc:
         raise HostError(str(exc)) from None
     _check_unique(name, uri, exclude_pk=host.pk)
+    if migration_port_min is _KEEP_PORTS or migration_port_max is _KEEP_PORTS:
+        migration_port_min, migration_port_max = host.migration_port_min, host.migration_port_max
+    if (migration_port_min is None) != (migration_port_max is None) or (
+        migration_port_min is not None and not 0 < migration_port_min <= migration_port_max <= 65535
+    ):
+        raise HostError(_("The migration port range must be two ports, the first not above the second."))
     before = {
         "name": host.name,
         "uri": host.uri,
         "group": str(host.group or ""),
         "description": host.description,
+        "migration_ports": _ports_text(host.migration_port_min, host.migration_port_max),
     }
     with transaction.atomic():
         host.name, host.uri, host.group, host.description = name, uri, group, description
-        host.save(update_fields=["name", "uri", "group", "description"])
-        after = {"name": name, "uri": uri, "group": str(group or ""), "description": description}
+        host.migration_port_min, host.migration_port_max = migration_port_min, migration_port_max
+        host.save(
+            update_fields=["name", "uri", "group", "description", "migration_port_min", "migration_port_max"]
+        )
+        after = {
+            "name": name,
+            "uri": uri,
+            "group": str(group or ""),
+            "description": description,
+            "migration_ports": _ports_text(migration_port_min, migration_port_max),
+        }
         changes = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
         record("host.change", actor=actor, request=request, target=host, details={"changes": changes})
     return host
@@ -918,15 +953,7 @@ def _ssh_login(target, timeout):
     mode: no prompt, no agent, no user config).  Returns (ok, last line of stderr)."""
     import subprocess
 
-    cmd = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-    cmd += ["-o", f"UserKnownHostsFile={target.known_hosts or transport.known_hosts_path()}"]
-    cmd += ["-o", "GlobalKnownHostsFile=/dev/null", "-o", f"ConnectTimeout={int(timeout)}"]
-    cmd += ["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-T", "-p", str(target.port)]
-    if target.keyfile:
-        cmd += ["-i", target.keyfile]
-    if target.user:
-        cmd += ["-l", target.user]
-    cmd += ["--", target.address, "true"]
+    cmd = reach.ssh_command(target, ["true"], timeout)
     try:
         run = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout + 5, stdin=subprocess.DEVNULL

@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from hosts import services, transport
-from hosts.forms import ConnectForm, HostForm, VMFilterForm
+from hosts.forms import ConnectForm, HostEditForm, HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
 
@@ -145,8 +145,15 @@ def host_key_replace(request, pk):
 @login_required
 def host_edit(request, pk):
     host = get_scoped_or_404(Host, request.user, "change", perm="hosts.change_host", pk=pk)
-    initial = {"name": host.name, "uri": host.uri, "group": host.group, "description": host.description}
-    form = HostForm(request.POST or None, initial=initial)
+    initial = {
+        "name": host.name,
+        "uri": host.uri,
+        "group": host.group,
+        "description": host.description,
+        "migration_port_min": host.migration_port_min,
+        "migration_port_max": host.migration_port_max,
+    }
+    form = HostEditForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         try:
             services.do_update_host(host, actor=request.user, request=request, **form.cleaned_data)

@@ -1,7 +1,11 @@
 """Fixtures of the host tests: TLS client certificate directories (pkipath) made with the
-lab CA code (lab/pki.py), valid for a chosen number of days."""
+lab CA code (lab/pki.py), valid for a chosen number of days; the lab with kvmweb's own SSH
+key authorised (ssh_lab)."""
 
 import pytest
+
+import lab as labkit
+from hosts import transport
 
 
 @pytest.fixture
@@ -21,3 +25,18 @@ def pki_dir(tmp_path):
         return d
 
     return make
+
+
+@pytest.fixture
+def ssh_lab(lab, db, settings, tmp_path):
+    """The lab with sshd on every host; kvmweb's data dir in tmp_path with a fresh SSH
+    key authorised on the lab hosts (only added: other sessions share the lab)."""
+    try:
+        labkit.require_ssh(lab.hosts)
+    except labkit.LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    settings.DATA_DIR = tmp_path
+    settings.SSH_KEY_FILE = ""
+    identity = transport.generate_ssh_key()
+    labkit.authorize_ssh_key(identity.public_key, lab.hosts)
+    return lab

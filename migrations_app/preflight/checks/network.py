@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from hosts import hypervisor, transport
+from hosts import hypervisor, reach, transport
+from hosts.uris import DEFAULT_PORTS
 from migrations_app.preflight.context import Unavailable
 from migrations_app.preflight.registry import check, result
 from migrations_app.preflight.registry import uri_flag as _uri_flag
-from migrations_app.preflight.report import FAIL, PASS, WARN
+from migrations_app.preflight.report import FAIL, PASS, SKIP, WARN
 
 
 @check("networks", gettext_lazy("Networks on the target"), order=110)
@@ -111,3 +114,115 @@ def check_transport(ctx):
     except (hypervisor.HypervisorError, Unavailable):
         pass  # the connection check names the unreachable host
     return result(status, message, remedy, details)
+
+
+def _stream_endpoint(ctx):
+    """(address, [ports], where the range came from) the memory stream will connect to:
+    the host and port of the ``migrate_uri`` option when given, else the address in the
+    target's URI and a sample of its migration range (hosts/reach.py)."""
+    given = ctx.options.get("migrate_uri")
+    if given:
+        parts = urlsplit(given)
+        if parts.hostname:
+            if parts.port:
+                return parts.hostname, [parts.port], _("the port of the migration URI")
+            lo, hi = reach.port_range(ctx.target)
+            return parts.hostname, reach.sample_ports(lo, hi), _("range %(lo)s-%(hi)s") % {"lo": lo, "hi": hi}
+    lo, hi = reach.port_range(ctx.target)
+    origin = (
+        _("range %(lo)s-%(hi)s, as set for %(t)s")
+        if getattr(ctx.target, "migration_port_min", None)
+        else _("range %(lo)s-%(hi)s, QEMU's default")
+    )
+    return (
+        (urlsplit(ctx.target.uri).hostname or "").strip("[]"),
+        reach.sample_ports(lo, hi),
+        origin % {"lo": lo, "hi": hi, "t": ctx.target.name},
+    )
+
+
+@check("migration_ports", gettext_lazy("Migration ports reachable"), order=195)
+def check_migration_ports(ctx):
+    """Whether the target's migration port range (and the target's libvirt port, which
+    the source's libvirtd opens peer to peer) can be reached, measured on the source over
+    SSH when it can be, else from kvmweb's machine, and saying which (hosts/reach.py).
+    A reset counts as reachable (nothing listens yet, the packets pass); no answer within
+    KVMWEB_PORT_PROBE_TIMEOUT is a firewall dropping them."""
+    if not ctx.strategy.live:
+        return result(PASS, _("Not needed: this mode sends no memory stream between the hosts."))
+    if ctx.options.get("tunnelled"):
+        return result(
+            PASS, _("Not needed: a tunnelled migration sends memory inside the libvirt connection.")
+        )
+    address, ports, origin = _stream_endpoint(ctx)
+    if not address:
+        return result(SKIP, _("The target's URI names no network address; nothing to measure."))
+    sch = transport.scheme(ctx.target.uri)
+    control = urlsplit(ctx.target.uri).port or DEFAULT_PORTS.get(sch)
+    target_host = (urlsplit(ctx.target.uri).hostname or "").strip("[]")
+    probe = ports + ([control] if control and target_host == address and control not in ports else [])
+    try:
+        found = ctx.fact("reach", lambda: reach.measure(ctx.source, address, probe))
+    except OSError as exc:
+        return result(
+            WARN,
+            _("Could not measure: %(address)s: %(error)s")
+            % {"address": address, "error": exc.strerror or exc},
+            _("Use a target URI whose address kvmweb and the source resolve."),
+        )
+    details = found.as_details()
+    details["range"] = origin
+    if found.vantage == reach.SOURCE:
+        where = _("measured on %(s)s over SSH") % {"s": ctx.source.name}
+    else:
+        where = _("measured from kvmweb's machine, not from %(s)s (%(why)s)") % {
+            "s": ctx.source.name,
+            "why": found.fallback,
+        }
+    states = ", ".join(f"{p.port} {p.state}" for p in found.ports)
+    blocked_control = [p for p in found.filtered if p.port == control and control not in ports]
+    blocked_stream = [p for p in found.filtered if p.port in ports]
+    if not blocked_control and not blocked_stream:
+        return result(
+            PASS,
+            _("%(addr)s answers on the probed ports (%(range)s), %(where)s: %(states)s.")
+            % {"addr": address, "range": origin, "where": where, "states": states},
+            details=details,
+        )
+    remedy = [
+        _(
+            "Open TCP %(lo)s-%(hi)s on %(t)s to %(s)s (firewalld: firewall-cmd --permanent --add-port=%(lo)s-%(hi)s/tcp "
+            "&& firewall-cmd --reload; ufw allow from SOURCE to any port %(lo)s:%(hi)s proto tcp; nftables: "
+            "tcp dport %(lo)s-%(hi)s accept), or tell kvmweb the range the target's qemu.conf sets "
+            "(migration_port_min/max, host's Edit page), or choose Tunnelled, which needs no extra port."
+        )
+        % {
+            "lo": reach.port_range(ctx.target)[0],
+            "hi": reach.port_range(ctx.target)[1],
+            "t": ctx.target.name,
+            "s": ctx.source.name,
+        }
+    ]
+    if blocked_control:
+        remedy.insert(
+            0,
+            _("Let %(s)s reach %(addr)s:%(port)s (the target's libvirt port, opened peer to peer).")
+            % {"s": ctx.source.name, "addr": address, "port": control},
+        )
+    message = _(
+        "%(addr)s cannot be reached on %(ports)s (%(range)s), %(where)s: a firewall drops or rejects "
+        "them. %(states)s."
+    ) % {
+        "addr": address,
+        "ports": ", ".join(str(p.port) for p in blocked_control + blocked_stream),
+        "range": origin,
+        "where": where,
+        "states": states,
+    }
+    # Measured on the source and nothing of the stream's ports answers: the migration
+    # cannot connect, unless the target's migration_host is another address, hence
+    # overridable.  Measured from kvmweb (another path), or only part of the range: warn.
+    conclusive = found.vantage == reach.SOURCE and (blocked_control or len(blocked_stream) == len(ports))
+    return result(
+        FAIL if conclusive else WARN, message, " ".join(remedy), details, overridable=bool(conclusive)
+    )
