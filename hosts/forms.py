@@ -58,6 +58,41 @@ class HostEditForm(HostForm):
         return data
 
 
+class CertificateForm(forms.Form):
+    """A qemu+tls host's own client certificate: three PEM texts, or a pkipath directory."""
+
+    ca_pem = forms.CharField(
+        label=_("CA certificate (cacert.pem)"), widget=forms.Textarea(attrs={"rows": 4}), required=False
+    )
+    cert_pem = forms.CharField(
+        label=_("Client certificate (clientcert.pem)"),
+        widget=forms.Textarea(attrs={"rows": 4}),
+        required=False,
+    )
+    key_pem = forms.CharField(
+        label=_("Client key (clientkey.pem)"),
+        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off"}),
+        required=False,
+        help_text=_("Stored by kvmweb with mode 0600; never shown again."),
+    )
+    pkipath = forms.CharField(
+        label=_("Or: a certificate directory (pkipath)"),
+        max_length=300,
+        required=False,
+        help_text=_("An absolute directory holding cacert.pem, clientcert.pem and clientkey.pem."),
+    )
+
+    def clean(self):
+        data = super().clean()
+        pems = [data.get(k, "").strip() for k in ("ca_pem", "cert_pem", "key_pem")]
+        if data.get("pkipath", "").strip():
+            if any(pems):
+                raise forms.ValidationError(_("Give either the three PEM texts or a directory, not both."))
+        elif not all(pems):
+            raise forms.ValidationError(_("Give the CA certificate, the client certificate and its key."))
+        return data
+
+
 class VMFilterForm(forms.Form):
     q = forms.CharField(label=_("Name"), required=False)
     host = forms.IntegerField(required=False)

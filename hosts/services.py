@@ -263,6 +263,78 @@ def do_update_host(
     return host
 
 
+def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath="", actor=None, request=None):
+    """Give a qemu+tls host its own client certificate: either the uploaded CA,
+    certificate and key (checked, then stored by kvmweb under <data dir>/pki/hosts/,
+    hosts/transport.py) or a ``pkipath`` directory the administrator manages.  The host's
+    URI then names that directory (``pkipath=``), so the next connection uses it.
+
+    Audited as ``host.tls_certificate`` (subject, issuer, expiry, SHA-256 fingerprint and
+    the directory; never the key).  A refusal (not a TLS host, a bundle or directory that
+    does not pass, a URI that would clash) is audited as a failure and raises HostError
+    with the remedy; nothing is written."""
+
+    def refuse(message, remedy=""):
+        text = f"{message} {remedy}".strip()
+        record_refusal(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            obj=host,
+            target_type="hosts.host",
+            name=host.name,
+            reason=text,
+        )
+        raise HostError(text)
+
+    if transport.scheme(host.uri) != "qemu+tls":
+        refuse(
+            _("Only qemu+tls hosts use a client certificate; this host's URI is %(uri)s.") % {"uri": host.uri}
+        )
+    source = "directory" if pkipath else "upload"
+    try:
+        if pkipath:
+            cert = transport.check_pkipath(pkipath)
+            directory = pkipath.strip().rstrip("/")
+            facts = {
+                "subject": cert.subject,
+                "issuer": cert.issuer,
+                "not_after": cert.not_after.isoformat() if cert.not_after else None,
+            }
+        else:
+            facts = transport.check_bundle(ca_pem, cert_pem, key_pem)
+            directory = None
+    except transport.CertificateProblem as exc:
+        refuse(str(exc), exc.remedy)
+    previous = (transport.tls_files(host.uri) or {}).get("cert")
+    if directory is None:
+        directory = str(transport.write_bundle(host.pk, ca_pem, cert_pem, key_pem, facts["fingerprint"]))
+    try:
+        uri = validate_uri(transport.with_pkipath(host.uri, directory))
+    except InvalidURI as exc:
+        refuse(str(exc), _("Use a directory path without spaces or quotes."))
+    clash = Host.objects.filter(uri=uri).exclude(pk=host.pk).first()
+    if clash is not None:
+        refuse(_("Host %(name)s already uses the URI %(uri)s.") % {"name": clash.name, "uri": uri})
+    with transaction.atomic():
+        Host.objects.filter(pk=host.pk).update(uri=uri)
+        host.uri = uri
+        record(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            target=host,
+            details={
+                "source": source,
+                "pkipath": directory,
+                "previous_certificate": str(previous or ""),
+                **facts,
+            },
+        )
+    transport.remove_old_bundles(host.pk, keep=directory)  # bundles kvmweb stored before
+    return host
+
+
 def do_remove_host(host, *, actor=None, request=None):
     """Forget a host. Its VMs keep their rows (and history) and are marked gone."""
     with transaction.atomic():
@@ -274,7 +346,9 @@ def do_remove_host(host, *, actor=None, request=None):
             target=host,
             details={"uri": host.uri, "vms_marked_gone": vm_count},
         )
+        pk = host.pk
         host.delete()
+    transport.remove_old_bundles(pk)  # the certificates kvmweb stored for it, key included
 
 
 def do_set_maintenance(host, on, *, reason="", actor=None, request=None):

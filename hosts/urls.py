@@ -12,6 +12,7 @@ urlpatterns = [
     path("hosts/<int:pk>/host-key/", views.host_key_replace, name="host_key_replace"),
     path("hosts/<int:pk>/", views.host_detail, name="detail"),
     path("hosts/<int:pk>/edit/", views.host_edit, name="edit"),
+    path("hosts/<int:pk>/certificate/", views.host_certificate, name="certificate"),
     path("hosts/<int:pk>/remove/", views.host_remove, name="remove"),
     path("hosts/<int:pk>/sync/", views.host_sync, name="sync"),
     path("vms/", views.vm_list, name="vm_list"),

@@ -9,7 +9,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from hosts import services, transport
-from hosts.forms import ConnectForm, HostEditForm, HostForm, VMFilterForm
+from hosts.forms import CertificateForm, ConnectForm, HostEditForm, HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
 
@@ -140,6 +140,26 @@ def host_key_replace(request, pk):
     else:
         messages.success(request, _("Host key replaced; the next connection uses it."))
     return redirect("hosts:detail", pk=host.pk)
+
+
+@login_required
+def host_certificate(request, pk):
+    """A qemu+tls host's own client certificate (administrators: hosts.change_host)."""
+    host = get_scoped_or_404(Host, request.user, "change", perm="hosts.change_host", pk=pk)
+    form = CertificateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.do_set_tls_certificate(host, actor=request.user, request=request, **form.cleaned_data)
+        except services.HostError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("Certificate saved; the next connection to the host uses it."))
+            return redirect("hosts:detail", pk=host.pk)
+    return render(
+        request,
+        "hosts/host_certificate.html",
+        {"form": form, "host": host, "certificate": transport.client_certificate(host.uri)},
+    )
 
 
 @login_required

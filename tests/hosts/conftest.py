@@ -40,3 +40,21 @@ def ssh_lab(lab, db, settings, tmp_path):
     identity = transport.generate_ssh_key()
     labkit.authorize_ssh_key(identity.public_key, lab.hosts)
     return lab
+
+
+@pytest.fixture
+def pem_bundle(tmp_path):
+    """pem_bundle(days=365, ca="ca", server_only=False) -> (ca_pem, cert_pem, key_pem) as
+    text: a client certificate valid for ``days`` (negative: expired), signed by the CA
+    named ``ca`` (another name: another CA) made with the lab CA code."""
+    from lab import pki
+
+    def make(days=365, ca="ca", server_only=False):
+        ca_cert, ca_key = pki._ca(tmp_path / "bundles", ca)
+        key = pki._new_key()
+        cert = pki._issue(
+            "kvmweb", key, ca_cert, ca_key, client=not server_only, server=server_only, days=days
+        )
+        return pki._pem_cert(ca_cert).decode(), pki._pem_cert(cert).decode(), pki._pem_key(key).decode()
+
+    return make
