@@ -23,8 +23,13 @@ Which ports: libvirt hands out the range from its lowest port upward, and a conn
 a port where a target QEMU is just waiting for an incoming migration would be taken as
 that migration's stream (and end it).  So the probe leaves the low end alone and takes
 the middle and the top of the range: a range nobody opened fails both, a range opened too
-narrowly fails the top.  Results are cached briefly per (vantage, source, address, ports)
-so that checklists run again and again (wizard, job start, batches) do not probe each time.
+narrowly fails the top.  A clean result is cached briefly (KVMWEB_PORT_PROBE_CACHE_SECONDS)
+per (source, address, ports, target URI) so that checklists run again and again (wizard,
+job start, batches) do not probe each time; a failure is measured again at the next run.
+
+Over the same SSH session the probe also runs ``virsh -c TARGET-URI hostname`` on the
+source: what the source's libvirtd does first in a peer-to-peer migration, with the key,
+known_hosts or certificate files the target's URI names, as they are on the source.
 """
 
 from __future__ import annotations
@@ -48,11 +53,19 @@ OPEN, CLOSED, REJECTED, FILTERED = "open", "closed", "rejected", "filtered"
 REACHABLE = (OPEN, CLOSED)
 SOURCE, KVMWEB = "source", "kvmweb"
 
-# Runs on the source with `bash -s -- ADDRESS TIMEOUT PORT...`; one line per port:
+# Runs on the source with `bash -s -- ADDRESS TIMEOUT P2P-URI PORT...`; one line per port:
 # "kvmweb-probe PORT EXIT-STATUS FIRST-LINE-OF-STDERR".  timeout(1) exits 124 when the
-# connection attempt got no answer; C locale so the error text can be read.
+# connection attempt got no answer; C locale so the error text can be read.  With a
+# P2P-URI other than "-" it also runs `virsh -c P2P-URI hostname` there, as the source's
+# libvirtd will open that URI for a peer-to-peer migration (the same key, known_hosts or
+# certificate files, read on the source): "kvmweb-p2p EXIT-STATUS OUTPUT-ON-ONE-LINE".
 PROBE_SCRIPT = r"""export LC_ALL=C
-h=$1; t=$2; shift 2
+h=$1; t=$2; u=$3; shift 3
+if [ "$u" != "-" ]; then
+  ( if command -v virsh >/dev/null 2>&1; then out=$(timeout 6 virsh -q -c "$u" hostname 2>&1); rc=$?
+    else out="virsh: command not found"; rc=127; fi
+    echo "kvmweb-p2p $rc ${out//$'\n'/ }" ) &
+fi
 for p in "$@"; do
   ( out=$(timeout "$t" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$h" "$p" 2>&1); rc=$?
     echo "kvmweb-probe $p $rc ${out%%$'\n'*}" ) &
@@ -84,6 +97,9 @@ class Reach:
     fallback: str = ""
     elapsed_ms: int = 0
     cached: bool = False
+    # On the source only: did `virsh -c TARGET-URI hostname` work there?
+    # {"uri", "ok", "said", "user"}; None when not tried.
+    p2p: dict | None = None
 
     @property
     def filtered(self):
@@ -176,20 +192,25 @@ def ssh_command(target, remote, connect_timeout):
     return [*cmd, "--", target.address, " ".join(shlex.quote(w) for w in remote)]
 
 
-def probe_from_source(source_uri, address, ports, timeout, connect_timeout=3.0):
+P2P_TIMEOUT = 6  # seconds for `virsh -c TARGET hostname` on the source (in PROBE_SCRIPT)
+
+
+def probe_from_source(source_uri, address, ports, timeout, connect_timeout=3.0, p2p_uri=None):
     """Run PROBE_SCRIPT on the source host of ``source_uri`` (an SSH URI) over SSH.
-    Raises ProbeError when it cannot run or gives no answer for every port."""
+    Returns ([PortState], p2p) where p2p is {"uri", "ok", "said", "user"} when
+    ``p2p_uri`` was tried, else None.  Raises ProbeError when it cannot run or gives no
+    answer for every port."""
     target = transport.ssh_target(source_uri)
     if target is None:
         raise ProbeError(_("the source is not reached over SSH"))
-    remote = ["bash", "-s", "--", address, f"{timeout:g}", *[str(int(p)) for p in ports]]
+    remote = ["bash", "-s", "--", address, f"{timeout:g}", p2p_uri or "-", *[str(int(p)) for p in ports]]
     try:
         run = subprocess.run(
             ssh_command(target, remote, connect_timeout),
             input=PROBE_SCRIPT,
             capture_output=True,
             text=True,
-            timeout=connect_timeout + timeout + 5,
+            timeout=connect_timeout + max(timeout, P2P_TIMEOUT if p2p_uri else 0) + 5,
         )
     except FileNotFoundError:
         raise ProbeError(
@@ -197,8 +218,15 @@ def probe_from_source(source_uri, address, ports, timeout, connect_timeout=3.0):
         ) from None
     except subprocess.TimeoutExpired:
         raise ProbeError(_("no answer from the source over SSH")) from None
-    found = {}
+    found, p2p = {}, None
     for line in run.stdout.splitlines():
+        if line.startswith("kvmweb-p2p ") and p2p_uri:
+            words = line.split(" ", 2)
+            said = words[2].strip() if len(words) > 2 else ""
+            if words[1] == "124":
+                said = _("no answer within %(s)g s") % {"s": P2P_TIMEOUT}
+            p2p = {"uri": p2p_uri, "ok": words[1] == "0", "said": said, "user": target.user or ""}
+            continue
         words = line.split(" ", 3)
         if len(words) >= 3 and words[0] == "kvmweb-probe" and words[1].isdigit() and words[2].isdigit():
             said = words[3].strip() if len(words) > 3 else ""
@@ -208,22 +236,23 @@ def probe_from_source(source_uri, address, ports, timeout, connect_timeout=3.0):
             if code == 124:
                 said = _("no answer within %(s)g s") % {"s": timeout}
             found[int(words[1])] = PortState(int(words[1]), _classify(code, said), said)
-    if set(found) != set(ports):
+    if set(found) != set(ports) or (p2p_uri and p2p is None):
         lines = [ln for ln in run.stderr.strip().splitlines() if ln and not ln.startswith("Warning")]
         raise ProbeError(
             (lines or [_("the probe printed nothing (exit status %(rc)s)") % {"rc": run.returncode}])[-1]
         )
-    return [found[p] for p in ports]
+    return [found[p] for p in ports], p2p
 
 
-def measure(source, target_address, ports, *, timeout=None, use_cache=True):
+def measure(source, target_address, ports, *, p2p_uri=None, timeout=None, use_cache=True):
     """A Reach of ``target_address`` on ``ports``: from the source host when its URI is an
-    SSH one, else (or when that fails) from kvmweb's machine.  Cached for
-    PORT_PROBE_CACHE_SECONDS per (source URI, address, ports)."""
+    SSH one (then also whether the source opens ``p2p_uri``, when given), else (or when
+    that fails) from kvmweb's machine.  Cached for PORT_PROBE_CACHE_SECONDS per (source
+    URI, address, ports, p2p URI)."""
     timeout = probe_timeout() if timeout is None else timeout
     import hashlib
 
-    wanted = "|".join([source.uri, target_address, ",".join(map(str, ports))])
+    wanted = "|".join([source.uri, target_address, ",".join(map(str, ports)), p2p_uri or ""])
     key = "hosts.reach:" + hashlib.sha256(wanted.encode()).hexdigest()
     if use_cache:
         hit = cache.get(key)
@@ -236,9 +265,8 @@ def measure(source, target_address, ports, *, timeout=None, use_cache=True):
     fallback = ""
     if transport.ssh_target(source.uri) is not None:
         try:
-            reach = Reach(
-                SOURCE, target_address, probe_from_source(source.uri, target_address, ports, timeout)
-            )
+            states, p2p = probe_from_source(source.uri, target_address, ports, timeout, p2p_uri=p2p_uri)
+            reach = Reach(SOURCE, target_address, states, p2p=p2p)
         except ProbeError as exc:
             fallback = _("the probe could not run on %(source)s over SSH: %(error)s") % {
                 "source": source.name,
@@ -251,6 +279,9 @@ def measure(source, target_address, ports, *, timeout=None, use_cache=True):
     if reach is None:
         reach = Reach(KVMWEB, target_address, probe_from_here(target_address, ports, timeout), fallback)
     reach.elapsed_ms = round((time.monotonic() - t0) * 1000)
-    if use_cache:
+    # Only a clean result is reused: after a fix to a firewall or a key the next checklist
+    # measures again instead of repeating the old failure for minutes.
+    clean = not reach.filtered and (reach.p2p is None or reach.p2p["ok"])
+    if use_cache and clean:
         cache.set(key, reach.as_details(), cache_seconds())
     return reach

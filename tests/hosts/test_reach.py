@@ -15,7 +15,8 @@ from django.utils import translation
 from hosts import reach
 from hosts.models import Host
 from kvmweb.audit.models import AuditEvent
-from migrations_app.preflight.checks.network import check_migration_ports
+from migrations_app.preflight.checks.network import check_migration_ports, check_transport
+from migrations_app.preflight.context import Unavailable
 
 SSH_URI = "qemu+libssh2://root@10.0.0.1/system?keyfile=/k/id&known_hosts=/k/known_hosts"
 
@@ -65,17 +66,30 @@ def test_it_reads_each_port_state_from_the_probe_run_on_the_source(monkeypatch):
         "kvmweb-probe 22 0 \n"
     )
     seen = _scripted_ssh(monkeypatch, out)
-    found = reach.probe_from_source(SSH_URI, "10.0.0.2", [49183, 49215, 16509, 22], timeout=1)
+    found, p2p = reach.probe_from_source(SSH_URI, "10.0.0.2", [49183, 49215, 16509, 22], timeout=1)
     assert [p.state for p in found] == [reach.CLOSED, reach.FILTERED, reach.REJECTED, reach.OPEN]
+    assert p2p is None
     cmd = seen["cmd"]
     # The URI's key and known_hosts only, batch mode, confirmed host keys; the script on stdin.
     assert ["-i", "/k/id"] == cmd[cmd.index("-i") : cmd.index("-i") + 2]
     assert "UserKnownHostsFile=/k/known_hosts" in cmd and "BatchMode=yes" in cmd
     assert "StrictHostKeyChecking=yes" in cmd and cmd[-2:] == [
         "10.0.0.1",
-        "bash -s -- 10.0.0.2 1 49183 49215 16509 22",
+        "bash -s -- 10.0.0.2 1 - 49183 49215 16509 22",
     ]
     assert "/dev/tcp" in seen["input"]
+
+
+def test_it_asks_the_source_to_open_the_target_uri_as_its_libvirtd_will(monkeypatch):
+    target_uri = "qemu+libssh2://root@10.0.0.2/system?keyfile=/k/id&known_hosts=/k/known_hosts"
+    seen = _scripted_ssh(monkeypatch, "kvmweb-p2p 0 beta.example\nkvmweb-probe 22 0 \n")
+    states, p2p = reach.probe_from_source(SSH_URI, "10.0.0.2", [22], timeout=1, p2p_uri=target_uri)
+    assert p2p == {"uri": target_uri, "ok": True, "said": "beta.example", "user": "root"}
+    assert "'" + target_uri + "'" in seen["cmd"][-1] and "virsh -q -c" in seen["input"]
+    said = "error: failed to connect to the hypervisor error: SSH HOST KEY VERIFICATION FAILED"
+    _scripted_ssh(monkeypatch, f"kvmweb-p2p 1 {said}\nkvmweb-probe 22 0 \n")
+    _states, p2p = reach.probe_from_source(SSH_URI, "10.0.0.2", [22], timeout=1, p2p_uri=target_uri)
+    assert p2p["ok"] is False and p2p["said"] == said
 
 
 def test_it_says_why_the_probe_could_not_run_on_the_source(monkeypatch):
@@ -90,7 +104,7 @@ def test_it_says_why_the_probe_could_not_run_on_the_source(monkeypatch):
 
 
 def test_it_measures_from_kvmweb_when_the_source_is_not_ssh_and_says_so(
-    real_port_probes, listening, settings
+    real_port_probes, listening, settings, monkeypatch
 ):
     open_port, closed_port = listening
     source = Host(name="src", uri="qemu+tls://10.0.0.1/system")
@@ -101,6 +115,13 @@ def test_it_measures_from_kvmweb_when_the_source_is_not_ssh_and_says_so(
     assert again.cached and [p.state for p in again.ports] == [p.state for p in found.ports]
     settings.PORT_PROBE_CACHE_SECONDS = 0
     assert not reach.measure(source, "127.0.0.1", [open_port], timeout=5).cached
+    settings.PORT_PROBE_CACHE_SECONDS = 300
+    # A failure is not reused: the next checklist after a fix measures again.
+    monkeypatch.setattr(
+        reach, "probe_from_here", lambda a, ports, t: [reach.PortState(p, reach.FILTERED) for p in ports]
+    )
+    assert reach.measure(source, "127.0.0.1", [closed_port], timeout=5).filtered
+    assert not reach.measure(source, "127.0.0.1", [closed_port], timeout=5).cached
 
 
 def test_it_falls_back_to_kvmweb_when_the_ssh_probe_fails_and_says_why(
@@ -122,14 +143,25 @@ def _ctx(measured, *, options=None, live=True, target_uri="qemu+tcp://10.0.0.2/s
     def fact(key, fn):
         return fn()
 
-    def measure(src, address, ports, **_kw):
+    def measure(src, address, ports, p2p_uri=None, **_kw):
         asked.update(address=address, ports=ports)
-        return reach.Reach(
-            measured[0], address, [reach.PortState(p, measured[1].get(p, reach.CLOSED)) for p in ports]
-        )
+        states = [reach.PortState(p, measured[1].get(p, reach.CLOSED)) for p in ports]
+        p2p = None
+        if measured[0] == reach.SOURCE and p2p_uri:  # what virsh said on the source
+            said = measured[2] if len(measured) > 2 else "dst.example"
+            p2p = {"uri": p2p_uri, "ok": said == "dst.example", "said": said, "user": "root"}
+        return reach.Reach(measured[0], address, states, p2p=p2p)
+
+    def host(side):
+        raise Unavailable("no facts in this test")
 
     ctx = SimpleNamespace(
-        source=source, target=target, options=options or {}, strategy=SimpleNamespace(live=live), fact=fact
+        source=source,
+        target=target,
+        options=options or {},
+        strategy=SimpleNamespace(live=live),
+        fact=fact,
+        host=host,
     )
     return ctx, measure, asked
 
@@ -203,3 +235,24 @@ def test_it_saves_the_migration_port_range_from_the_edit_page_audited(login, adm
     event = AuditEvent.objects.get(action="host.change")
     assert event.details["changes"]["migration_ports"] == ["", "50000-50063"] and event.actor == admin
     assert "50000–50063" in web.get(reverse("hosts:detail", args=[host.pk])).content.decode()
+
+
+def test_it_verifies_peer_to_peer_on_the_source_or_names_what_the_source_said(monkeypatch):
+    ctx, measure, _asked = _ctx((reach.SOURCE, {}))
+    monkeypatch.setattr(reach, "measure", measure)
+    made = check_transport(ctx)
+    assert made.status == "pass" and made.details["p2p_verified"] is True
+    assert (
+        "Verified on src: virsh -c qemu+tcp://10.0.0.2/system hostname answered dst.example" in made.message
+    )
+    said = "error: Cannot recv data: Host key verification failed."
+    ctx, measure, _asked = _ctx((reach.SOURCE, {}, said))
+    monkeypatch.setattr(reach, "measure", measure)
+    made = check_transport(ctx)
+    assert made.status == "fail" and said in made.message and not made.overridable  # virsh ran as root
+    assert "opens the target's URI itself" in made.remedy
+    # Measured from kvmweb: nothing said about the source's own connection but that.
+    ctx, measure, _asked = _ctx((reach.KVMWEB, {}))
+    monkeypatch.setattr(reach, "measure", measure)
+    made = check_transport(ctx)
+    assert made.status == "pass" and made.details["p2p_verified"] is None and "Verified" not in made.message

@@ -42,7 +42,7 @@ def _check(guest, target):
     vm = VM.objects.get(uuid=guest.uuid)
     t0 = time.monotonic()
     report = run_preflight(MigrationPlan(vm, vm.host, target, "live", {}), measure_dirty_rate=False)
-    return {r.id: r for r in report.results}["migration_ports"], time.monotonic() - t0
+    return {r.id: r for r in report.results}, time.monotonic() - t0
 
 
 def test_it_measures_the_migration_ports_on_the_source_and_names_a_firewall_that_drops_them(
@@ -67,8 +67,14 @@ def test_it_measures_the_migration_ports_on_the_source_and_names_a_firewall_that
     probed = reach.sample_ports(lo, hi)
     assert lo not in probed and hi in probed
 
-    check, _took = _check(guest, target)
+    results, took = _check(guest, target)
+    check = results["migration_ports"]
     assert check.status == "pass", check.message
+    # The same SSH session asked lab-a to open lab-b's URI, as its libvirtd will peer to peer.
+    p2p = results["transport"]
+    assert p2p.status == "pass" and p2p.details["p2p_verified"] is True, p2p.message
+    assert p2p.details["p2p_said"] == "lab-b.lab.test" and "Verified on lab-a" in p2p.message
+    print(f"migration_ports: reachable run {took:.2f} s, probe {check.details['elapsed_ms']} ms")
     assert check.details["vantage"] == reach.SOURCE and check.details["address"] == labkit.ip("lab-b")
     states = {p["port"]: p["state"] for p in check.details["ports"]}
     assert {states[p] for p in probed} <= set(reach.REACHABLE) and states[22] == reach.OPEN  # lab-b's sshd
@@ -80,7 +86,8 @@ def test_it_measures_the_migration_ports_on_the_source_and_names_a_firewall_that
     try:
         for rule in rules:
             _iptables("-I", "INPUT", "1", *rule)
-        check, took = _check(guest, target)
+        results, took = _check(guest, target)
+        check = results["migration_ports"]
     finally:
         for rule in rules:
             subprocess.run(["iptables", "-w", "5", "-D", "INPUT", *rule], capture_output=True, timeout=30)

@@ -113,7 +113,62 @@ def check_transport(ctx):
         )
     except (hypervisor.HypervisorError, Unavailable):
         pass  # the connection check names the unreachable host
-    return result(status, message, remedy, details)
+    before = status
+    status, message, remedy, details = _with_p2p_probe(ctx, status, message, remedy, details)
+    # virsh ran as the SSH user: as root it did what libvirtd (root) will do, so its
+    # failure is conclusive; as another user file permissions may differ: overridable.
+    overridable = (
+        before != FAIL and details.get("p2p_verified") is False and details.get("p2p_user") != "root"
+    )
+    return result(status, message, remedy, details, overridable=overridable)
+
+
+def _with_p2p_probe(ctx, status, message, remedy, details):
+    """Add what the source itself said when it opened the target's URI (`virsh -c URI
+    hostname` over kvmweb's SSH session, hosts/reach.py): verified, or a failure with
+    virsh's words.  Sources not reached over SSH stay "not verified" (said in details)."""
+    if not (urlsplit(ctx.target.uri).hostname or ""):
+        return status, message, remedy, details
+    try:
+        found = _source_probe(ctx)
+    except (OSError, Unavailable):
+        return status, message, remedy, details
+    if found.p2p is None:
+        details = {**details, "p2p_verified": None, "p2p_not_verified": found.fallback}
+        return status, message, remedy, details
+    details = {
+        **details,
+        "p2p_verified": found.p2p["ok"],
+        "p2p_said": found.p2p["said"],
+        "p2p_user": found.p2p["user"],
+    }
+    words = {
+        "s": ctx.source.name,
+        "uri": ctx.target.uri,
+        "said": found.p2p["said"] or "—",
+        "user": found.p2p["user"] or "?",
+    }
+    if found.p2p["ok"]:
+        return (
+            status,
+            f"{message} "
+            + _("Verified on %(s)s: virsh -c %(uri)s hostname answered %(said)s (run as %(user)s over SSH).")
+            % words,
+            remedy,
+            details,
+        )
+    p2p = transport.peer_to_peer(ctx.target.uri, tunnelled=bool(ctx.options.get("tunnelled")))
+    message = (
+        f"{message} "
+        + _("On %(s)s, virsh -c %(uri)s hostname failed (run as %(user)s over SSH): %(said)s") % words
+    )
+    remedy = " ".join(
+        [
+            remedy,
+            _("The source's libvirtd opens the target's URI itself: %(needs)s.") % {"needs": p2p["needs"]},
+        ]
+    ).strip()
+    return FAIL, message, remedy, details
 
 
 def _stream_endpoint(ctx):
@@ -141,6 +196,39 @@ def _stream_endpoint(ctx):
     )
 
 
+def _probe_plan(ctx):
+    """(address, stream ports, where the range came from, control port or None): what
+    one checklist run measures.  Stream ports only when the mode sends a memory stream
+    outside the libvirt connection (live, not tunnelled); the control port (the target
+    URI's libvirt/SSH port, opened by the source's libvirtd) when it is the same address."""
+    if ctx.strategy.live and not ctx.options.get("tunnelled"):
+        address, ports, origin = _stream_endpoint(ctx)
+    else:
+        address, ports, origin = (urlsplit(ctx.target.uri).hostname or "").strip("[]"), [], ""
+    target_host = (urlsplit(ctx.target.uri).hostname or "").strip("[]")
+    control = urlsplit(ctx.target.uri).port or DEFAULT_PORTS.get(transport.scheme(ctx.target.uri))
+    if not control or target_host != address or control in ports:
+        control = None
+    return address, ports, origin, control
+
+
+def _source_probe(ctx):
+    """The one measurement of a checklist run (hosts/reach.py), shared by the checks
+    migration_ports and transport: the ports, and on an SSH source whether it opens the
+    target's URI (peer to peer).  Raises OSError when the address does not resolve."""
+    address, ports, _origin, control = _probe_plan(ctx)
+    target_host = (urlsplit(ctx.target.uri).hostname or "").strip("[]")
+    return ctx.fact(
+        "reach",
+        lambda: reach.measure(
+            ctx.source,
+            address,
+            ports + ([control] if control else []),
+            p2p_uri=ctx.target.uri if target_host else None,
+        ),
+    )
+
+
 @check("migration_ports", gettext_lazy("Migration ports reachable"), order=195)
 def check_migration_ports(ctx):
     """Whether the target's migration port range (and the target's libvirt port, which
@@ -154,15 +242,11 @@ def check_migration_ports(ctx):
         return result(
             PASS, _("Not needed: a tunnelled migration sends memory inside the libvirt connection.")
         )
-    address, ports, origin = _stream_endpoint(ctx)
+    address, ports, origin, control = _probe_plan(ctx)
     if not address:
         return result(SKIP, _("The target's URI names no network address; nothing to measure."))
-    sch = transport.scheme(ctx.target.uri)
-    control = urlsplit(ctx.target.uri).port or DEFAULT_PORTS.get(sch)
-    target_host = (urlsplit(ctx.target.uri).hostname or "").strip("[]")
-    probe = ports + ([control] if control and target_host == address and control not in ports else [])
     try:
-        found = ctx.fact("reach", lambda: reach.measure(ctx.source, address, probe))
+        found = _source_probe(ctx)
     except OSError as exc:
         return result(
             WARN,
@@ -180,7 +264,7 @@ def check_migration_ports(ctx):
             "why": found.fallback,
         }
     states = ", ".join(f"{p.port} {p.state}" for p in found.ports)
-    blocked_control = [p for p in found.filtered if p.port == control and control not in ports]
+    blocked_control = [p for p in found.filtered if p.port == control]
     blocked_stream = [p for p in found.filtered if p.port in ports]
     if not blocked_control and not blocked_stream:
         return result(
