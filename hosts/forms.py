@@ -82,6 +82,11 @@ class CertificateForm(forms.Form):
         help_text=_("An absolute directory holding cacert.pem, clientcert.pem and clientkey.pem."),
     )
 
+    def __init__(self, *args, bundle_only=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if bundle_only:  # a host not registered yet: the wizard has its own pkipath field
+            del self.fields["pkipath"]
+
     def clean(self):
         data = super().clean()
         pems = [data.get(k, "").strip() for k in ("ca_pem", "cert_pem", "key_pem")]

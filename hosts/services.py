@@ -307,6 +307,7 @@ def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath=
     except transport.CertificateProblem as exc:
         refuse(str(exc), exc.remedy)
     previous = (transport.tls_files(host.uri) or {}).get("cert")
+    previous_dir = transport.managed_dir(host.uri)
     if directory is None:
         directory = str(transport.write_bundle(host.pk, ca_pem, cert_pem, key_pem, facts["fingerprint"]))
     try:
@@ -331,8 +332,49 @@ def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath=
                 **facts,
             },
         )
-    transport.remove_old_bundles(host.pk, keep=directory)  # bundles kvmweb stored before
+    _forget_bundle(previous_dir, keep=directory)
     return host
+
+
+def _forget_bundle(directory, keep=None):
+    """Delete a certificate directory kvmweb stored once no host's URI names it any more
+    (a connection opened before read its files at its handshake)."""
+    if directory is None or str(directory) == str(keep or ""):
+        return
+    if not Host.objects.filter(uri__contains=f"pkipath={directory}").exists():
+        transport.remove_bundle(directory)
+
+
+def do_stage_tls_certificate(*, ca_pem, cert_pem, key_pem, actor=None, request=None):
+    """Store a checked CA + client certificate + key for a host not registered yet (the
+    Add host wizard's TLS transport): a directory <data dir>/pki/hosts/new-<fp>/ whose path
+    the wizard puts in the URI as ``pkipath``.  Audited as ``host.tls_certificate``
+    (``staged``); a refusal is audited as a failure and raises HostError."""
+    try:
+        facts = transport.check_bundle(ca_pem, cert_pem, key_pem)
+    except transport.CertificateProblem as exc:
+        text = f"{exc} {exc.remedy}".strip()
+        record_refusal(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            obj=None,
+            target_type="hosts.host",
+            name=_("(new host)"),
+            reason=text,
+        )
+        raise HostError(text) from None
+    directory = transport.write_bundle("new", ca_pem, cert_pem, key_pem, facts["fingerprint"])
+    with transaction.atomic():
+        record(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            target_type="hosts.host",
+            target_name=_("(new host)"),
+            details={"source": "upload", "staged": True, "pkipath": str(directory), **facts},
+        )
+    return directory
 
 
 def do_remove_host(host, *, actor=None, request=None):
@@ -346,9 +388,9 @@ def do_remove_host(host, *, actor=None, request=None):
             target=host,
             details={"uri": host.uri, "vms_marked_gone": vm_count},
         )
-        pk = host.pk
+        stored = transport.managed_dir(host.uri)
         host.delete()
-    transport.remove_old_bundles(pk)  # the certificates kvmweb stored for it, key included
+    _forget_bundle(stored)  # the certificate kvmweb stored for it, key included
 
 
 def do_set_maintenance(host, on, *, reason="", actor=None, request=None):

@@ -270,12 +270,13 @@ def check_bundle(ca_pem, cert_pem, key_pem, now=None):
     }
 
 
-def write_bundle(host_pk, ca_pem, cert_pem, key_pem, fingerprint):
-    """Write a checked bundle into a new directory <managed root>/<pk>-<fp12>/ and return
-    it: cacert.pem and clientcert.pem 0644, clientkey.pem 0600, directory 0700."""
+def write_bundle(owner, ca_pem, cert_pem, key_pem, fingerprint):
+    """Write a checked bundle into a new directory <managed root>/<owner>-<fp12>/ (owner:
+    the host's id, or "new" for a host not registered yet) and return it: cacert.pem and
+    clientcert.pem 0644, clientkey.pem 0600, directory 0700."""
     root = managed_pki_root()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = root / f"{int(host_pk)}-{fingerprint[:12]}"
+    target = root / f"{owner}-{fingerprint[:12]}"
     tmp = root / f".{target.name}.{os.getpid()}.tmp"
     import shutil
 
@@ -294,15 +295,22 @@ def write_bundle(host_pk, ca_pem, cert_pem, key_pem, fingerprint):
     return target
 
 
-def remove_old_bundles(host_pk, keep=None):
-    """Delete the managed directories of host ``host_pk`` other than ``keep`` (after the
-    URI points at ``keep``; a connection opened before read its files at its handshake)."""
+def managed_dir(uri):
+    """The directory kvmweb stored for ``uri``'s pkipath, or None when the URI names no
+    pkipath or one kvmweb does not manage."""
+    files = tls_files(uri)
+    if not files:
+        return None
+    directory = files["cert"].parent
+    return directory if directory.parent == managed_pki_root() else None
+
+
+def remove_bundle(directory):
+    """Delete a directory kvmweb stored (key included); only inside the managed root."""
     import shutil
 
-    root = managed_pki_root()
-    for d in root.glob(f"{int(host_pk)}-*"):
-        if d.is_dir() and (keep is None or d != Path(keep)):
-            shutil.rmtree(d, ignore_errors=True)
+    if directory is not None and Path(directory).parent == managed_pki_root():
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def check_pkipath(path, now=None):

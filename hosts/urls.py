@@ -8,6 +8,7 @@ urlpatterns = [
     path("hosts/add/", views.host_add, name="add"),
     path("hosts/ssh-key/", views.ssh_key_generate, name="ssh_key"),
     path("hosts/add/connect/", views.host_connect, name="connect"),
+    path("hosts/add/certificate/", views.host_certificate_new, name="certificate_new"),
     path("hosts/host-key/", views.host_key_confirm, name="host_key_confirm"),
     path("hosts/<int:pk>/host-key/", views.host_key_replace, name="host_key_replace"),
     path("hosts/<int:pk>/", views.host_detail, name="detail"),

@@ -1,7 +1,10 @@
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
@@ -160,6 +163,32 @@ def host_certificate(request, pk):
         "hosts/host_certificate.html",
         {"form": form, "host": host, "certificate": transport.client_certificate(host.uri)},
     )
+
+
+@login_required
+def host_certificate_new(request):
+    """The Add host wizard's TLS certificate for a host not registered yet: the PEM texts
+    are posted here (never in the wizard's GET), stored, and the wizard comes back with
+    the directory as pkipath (administrators: hosts.add_host)."""
+    require(request.user, "hosts.add_host")
+    form = CertificateForm(request.POST or None, bundle_only=True)
+    if request.method == "POST" and form.is_valid():
+        try:
+            directory = services.do_stage_tls_certificate(
+                ca_pem=form.cleaned_data["ca_pem"],
+                cert_pem=form.cleaned_data["cert_pem"],
+                key_pem=form.cleaned_data["key_pem"],
+                actor=request.user,
+                request=request,
+            )
+        except services.HostError as exc:
+            form.add_error(None, str(exc))
+        else:
+            query = urlencode(
+                {"transport": "tls", "pkipath": str(directory), "address": request.GET.get("address", "")}
+            )
+            return redirect(f"{reverse('hosts:connect')}?{query}")
+    return render(request, "hosts/host_certificate.html", {"form": form, "host": None, "certificate": None})
 
 
 @login_required

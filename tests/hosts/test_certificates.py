@@ -125,3 +125,36 @@ def test_it_warns_in_the_host_list_before_the_certificate_bites(login, admin, op
     assert "certificate expires in 9 days" in page or "certificate expires in 10 days" in page
     assert "certificate not usable" in page and "libvirt refuses" not in page  # details for admins only
     assert "libvirt refuses to connect with it" in login(admin).get(reverse("hosts:list")).content.decode()
+
+
+def test_it_stores_a_certificate_for_a_host_not_registered_yet_and_hands_the_wizard_its_directory(
+    login, admin, operator, pem_bundle, settings, tmp_path
+):
+    settings.DATA_DIR = tmp_path / "data"
+    url = reverse("hosts:certificate_new") + "?address=kvm9.example"
+    ca, cert, key = pem_bundle()
+    assert login(operator).post(url, {"ca_pem": ca, "cert_pem": cert, "key_pem": key}).status_code == 403
+    web = login(admin)
+    assert (
+        web.post(
+            url, dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(days=-3), strict=True))
+        ).status_code
+        == 200
+    )
+    assert not transport.managed_pki_root().exists()
+    response = web.post(url, {"ca_pem": ca, "cert_pem": cert, "key_pem": key})
+    assert response.status_code == 302 and response.url.startswith(reverse("hosts:connect"))
+    [directory] = transport.managed_pki_root().iterdir()
+    assert (
+        directory.name.startswith("new-") and (directory / "clientkey.pem").read_text().strip() == key.strip()
+    )
+    assert (
+        f"pkipath={directory}".replace("/", "%2F") in response.url and "address=kvm9.example" in response.url
+    )
+    assert key.strip()[:40] not in response.url  # the key never travels in a URL
+    events = AuditEvent.objects.filter(action="host.tls_certificate").order_by("pk")
+    assert [e.outcome for e in events] == [AuditEvent.FAILURE, AuditEvent.SUCCESS]
+    assert events[1].details["staged"] is True and events[1].details["pkipath"] == str(directory)
+    # The wizard builds the URI with it; once registered, the host's page knows the certificate.
+    page = web.get(response.url).content.decode()
+    assert f"pkipath={directory}" in page

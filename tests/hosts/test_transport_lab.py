@@ -147,3 +147,22 @@ def test_it_connects_with_the_certificate_given_on_the_host_page_and_names_it_on
     assert "certificate not usable" in web.get(reverse("hosts:list")).content.decode()
     assert list(VM.objects.order_by("pk").values_list("uuid", "host_id")) == vms
     assert AuditEvent.objects.filter(action="host.status", outcome=AuditEvent.FAILURE).exists()
+
+
+def test_it_adds_a_tls_host_with_a_certificate_pasted_in_the_wizard(
+    tls_lab, db, admin, login, settings, tmp_path
+):
+    settings.DATA_DIR = tmp_path
+    web = login(admin)
+    address = labkit.ip("lab-b")
+    response = web.post(reverse("hosts:certificate_new") + f"?address={address}", _pems("client"))
+    assert response.status_code == 302
+    page = web.get(response.url).content.decode()  # the wizard tests the connection with it
+    assert 'class="step-fail"' not in page and "Register this host" in page, page[-3000:]
+    [directory] = transport.managed_pki_root().iterdir()
+    uri = transport.build_uri("tls", address, pkipath=str(directory))
+    assert web.post(reverse("hosts:add"), {"name": "lab-b", "uri": uri}).status_code == 302
+    host = Host.objects.get(name="lab-b")
+    assert host.status == Host.REACHABLE and transport.managed_dir(host.uri) == directory
+    event = AuditEvent.objects.get(action="host.tls_certificate")
+    assert event.details["staged"] is True and event.actor == admin
