@@ -30,6 +30,74 @@ class HostForm(forms.Form):
             raise forms.ValidationError(str(exc)) from None
 
 
+class HostEditForm(HostForm):
+    """The host's Edit page: HostForm plus the migration port range of its qemu.conf."""
+
+    migration_port_min = forms.IntegerField(
+        label=_("Migration ports from"),
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text=_("migration_port_min in the host's qemu.conf; empty: QEMU's default 49152"),
+    )
+    migration_port_max = forms.IntegerField(
+        label=_("Migration ports to"),
+        min_value=1,
+        max_value=65535,
+        required=False,
+        help_text=_("migration_port_max in the host's qemu.conf; empty: QEMU's default 49215"),
+    )
+
+    def clean(self):
+        data = super().clean()
+        lo, hi = data.get("migration_port_min"), data.get("migration_port_max")
+        if (lo is None) != (hi is None):
+            raise forms.ValidationError(_("Give both ends of the migration port range, or neither."))
+        if lo is not None and hi is not None and lo > hi:
+            raise forms.ValidationError(_("The migration port range ends before it starts."))
+        return data
+
+
+class CertificateForm(forms.Form):
+    """A qemu+tls host's own client certificate: three PEM texts, or a pkipath directory."""
+
+    ca_pem = forms.CharField(
+        label=_("CA certificate (cacert.pem)"), widget=forms.Textarea(attrs={"rows": 4}), required=False
+    )
+    cert_pem = forms.CharField(
+        label=_("Client certificate (clientcert.pem)"),
+        widget=forms.Textarea(attrs={"rows": 4}),
+        required=False,
+    )
+    key_pem = forms.CharField(
+        label=_("Client key (clientkey.pem)"),
+        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off"}),
+        required=False,
+        help_text=_("Stored by kvmweb with mode 0600; never shown again."),
+    )
+    pkipath = forms.CharField(
+        label=_("Or: a certificate directory (pkipath)"),
+        max_length=300,
+        required=False,
+        help_text=_("An absolute directory holding cacert.pem, clientcert.pem and clientkey.pem."),
+    )
+
+    def __init__(self, *args, bundle_only=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if bundle_only:  # a host not registered yet: the wizard has its own pkipath field
+            del self.fields["pkipath"]
+
+    def clean(self):
+        data = super().clean()
+        pems = [data.get(k, "").strip() for k in ("ca_pem", "cert_pem", "key_pem")]
+        if data.get("pkipath", "").strip():
+            if any(pems):
+                raise forms.ValidationError(_("Give either the three PEM texts or a directory, not both."))
+        elif not all(pems):
+            raise forms.ValidationError(_("Give the CA certificate, the client certificate and its key."))
+        return data
+
+
 class VMFilterForm(forms.Form):
     q = forms.CharField(label=_("Name"), required=False)
     host = forms.IntegerField(required=False)

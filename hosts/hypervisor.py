@@ -224,6 +224,10 @@ def _explain_tls(problem, raw, uri):
         ),
     }
     message, remedy = texts[problem]
+    if problem in ("expired", "untrusted", "missing"):
+        remedy += " " + _(
+            "An administrator can give kvmweb a new certificate on the host's TLS certificate page."
+        )
     return message % {"uri": uri, "raw": raw}, remedy
 
 

@@ -2,6 +2,7 @@
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
@@ -105,6 +106,21 @@ class Host(models.Model):
     hypervisor_version = models.PositiveBigIntegerField(null=True, blank=True)
     hypervisor_type = models.CharField(max_length=32, blank=True)
     migration_transports = models.JSONField(default=list, blank=True)
+    # The target's migration port range as its qemu.conf sets it (migration_port_min/max),
+    # entered by an administrator: libvirt does not tell it over the API.  Empty: QEMU's
+    # default 49152-49215.  The preflight check "migration_ports" probes it (hosts/reach.py).
+    migration_port_min = models.PositiveIntegerField(
+        _("migration port min"),
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
+    )
+    migration_port_max = models.PositiveIntegerField(
+        _("migration port max"),
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(65535)],
+    )
     pools = models.JSONField(default=list, blank=True)
     networks = models.JSONField(default=list, blank=True)
 

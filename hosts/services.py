@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from hosts import busy, hypervisor, transport
+from hosts import busy, hypervisor, reach, transport
 from hosts.models import VM, Host, HostGroup, VMLocation
 from hosts.uris import DEFAULT_PORTS, InvalidURI, normalize_uri, validate_uri
 from kvmweb.audit import record, record_refusal
@@ -205,27 +205,176 @@ def do_generate_ssh_key(*, actor=None, request=None):
     return identity
 
 
-def do_update_host(host, *, name, uri, group=None, description="", actor=None, request=None):
-    """Change a host's name, URI, group or description (audited with before/after)."""
+_KEEP_PORTS = object()
+
+
+def _ports_text(lo, hi):
+    return f"{lo}-{hi}" if lo else ""
+
+
+def do_update_host(
+    host,
+    *,
+    name,
+    uri,
+    group=None,
+    description="",
+    migration_port_min=_KEEP_PORTS,
+    migration_port_max=_KEEP_PORTS,
+    actor=None,
+    request=None,
+):
+    """Change a host's name, URI, group, description or migration port range (audited
+    with before/after; the port range is kept when not given)."""
     name = (name or "").strip()
     try:
         uri = validate_uri(uri)
     except InvalidURI as exc:
         raise HostError(str(exc)) from None
     _check_unique(name, uri, exclude_pk=host.pk)
+    if migration_port_min is _KEEP_PORTS or migration_port_max is _KEEP_PORTS:
+        migration_port_min, migration_port_max = host.migration_port_min, host.migration_port_max
+    if (migration_port_min is None) != (migration_port_max is None) or (
+        migration_port_min is not None and not 0 < migration_port_min <= migration_port_max <= 65535
+    ):
+        raise HostError(_("The migration port range must be two ports, the first not above the second."))
     before = {
         "name": host.name,
         "uri": host.uri,
         "group": str(host.group or ""),
         "description": host.description,
+        "migration_ports": _ports_text(host.migration_port_min, host.migration_port_max),
     }
     with transaction.atomic():
         host.name, host.uri, host.group, host.description = name, uri, group, description
-        host.save(update_fields=["name", "uri", "group", "description"])
-        after = {"name": name, "uri": uri, "group": str(group or ""), "description": description}
+        host.migration_port_min, host.migration_port_max = migration_port_min, migration_port_max
+        host.save(
+            update_fields=["name", "uri", "group", "description", "migration_port_min", "migration_port_max"]
+        )
+        after = {
+            "name": name,
+            "uri": uri,
+            "group": str(group or ""),
+            "description": description,
+            "migration_ports": _ports_text(migration_port_min, migration_port_max),
+        }
         changes = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
         record("host.change", actor=actor, request=request, target=host, details={"changes": changes})
     return host
+
+
+def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath="", actor=None, request=None):
+    """Give a qemu+tls host its own client certificate: either the uploaded CA,
+    certificate and key (checked, then stored by kvmweb under <data dir>/pki/hosts/,
+    hosts/transport.py) or a ``pkipath`` directory the administrator manages.  The host's
+    URI then names that directory (``pkipath=``), so the next connection uses it.
+
+    Audited as ``host.tls_certificate`` (subject, issuer, expiry, SHA-256 fingerprint and
+    the directory; never the key).  A refusal (not a TLS host, a bundle or directory that
+    does not pass, a URI that would clash) is audited as a failure and raises HostError
+    with the remedy; nothing is written."""
+
+    def refuse(message, remedy=""):
+        text = f"{message} {remedy}".strip()
+        record_refusal(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            obj=host,
+            target_type="hosts.host",
+            name=host.name,
+            reason=text,
+        )
+        raise HostError(text)
+
+    if transport.scheme(host.uri) != "qemu+tls":
+        refuse(
+            _("Only qemu+tls hosts use a client certificate; this host's URI is %(uri)s.") % {"uri": host.uri}
+        )
+    source = "directory" if pkipath else "upload"
+    try:
+        if pkipath:
+            cert = transport.check_pkipath(pkipath)
+            directory = pkipath.strip().rstrip("/")
+            facts = {
+                "subject": cert.subject,
+                "issuer": cert.issuer,
+                "not_after": cert.not_after.isoformat() if cert.not_after else None,
+            }
+        else:
+            facts = transport.check_bundle(ca_pem, cert_pem, key_pem)
+            directory = None
+    except transport.CertificateProblem as exc:
+        refuse(str(exc), exc.remedy)
+    previous = (transport.tls_files(host.uri) or {}).get("cert")
+    previous_dir = transport.managed_dir(host.uri)
+    if directory is None:
+        directory = str(transport.write_bundle(host.pk, ca_pem, cert_pem, key_pem, facts["fingerprint"]))
+    try:
+        uri = validate_uri(transport.with_pkipath(host.uri, directory))
+    except InvalidURI as exc:
+        refuse(str(exc), _("Use a directory path without spaces or quotes."))
+    clash = Host.objects.filter(uri=uri).exclude(pk=host.pk).first()
+    if clash is not None:
+        refuse(_("Host %(name)s already uses the URI %(uri)s.") % {"name": clash.name, "uri": uri})
+    with transaction.atomic():
+        Host.objects.filter(pk=host.pk).update(uri=uri)
+        host.uri = uri
+        record(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            target=host,
+            details={
+                "source": source,
+                "pkipath": directory,
+                "previous_certificate": str(previous or ""),
+                **facts,
+            },
+        )
+    _forget_bundle(previous_dir, keep=directory)
+    return host
+
+
+def _forget_bundle(directory, keep=None):
+    """Delete a certificate directory kvmweb stored once no host's URI names it any more
+    (a connection opened before read its files at its handshake)."""
+    if directory is None or str(directory) == str(keep or ""):
+        return
+    if not Host.objects.filter(uri__contains=f"pkipath={directory}").exists():
+        transport.remove_bundle(directory)
+
+
+def do_stage_tls_certificate(*, ca_pem, cert_pem, key_pem, actor=None, request=None):
+    """Store a checked CA + client certificate + key for a host not registered yet (the
+    Add host wizard's TLS transport): a directory <data dir>/pki/hosts/new-<fp>/ whose path
+    the wizard puts in the URI as ``pkipath``.  Audited as ``host.tls_certificate``
+    (``staged``); a refusal is audited as a failure and raises HostError."""
+    try:
+        facts = transport.check_bundle(ca_pem, cert_pem, key_pem)
+    except transport.CertificateProblem as exc:
+        text = f"{exc} {exc.remedy}".strip()
+        record_refusal(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            obj=None,
+            target_type="hosts.host",
+            name=_("(new host)"),
+            reason=text,
+        )
+        raise HostError(text) from None
+    directory = transport.write_bundle("new", ca_pem, cert_pem, key_pem, facts["fingerprint"])
+    with transaction.atomic():
+        record(
+            "host.tls_certificate",
+            actor=actor,
+            request=request,
+            target_type="hosts.host",
+            target_name=_("(new host)"),
+            details={"source": "upload", "staged": True, "pkipath": str(directory), **facts},
+        )
+    return directory
 
 
 def do_remove_host(host, *, actor=None, request=None):
@@ -239,7 +388,9 @@ def do_remove_host(host, *, actor=None, request=None):
             target=host,
             details={"uri": host.uri, "vms_marked_gone": vm_count},
         )
+        stored = transport.managed_dir(host.uri)
         host.delete()
+    _forget_bundle(stored)  # the certificate kvmweb stored for it, key included
 
 
 def do_set_maintenance(host, on, *, reason="", actor=None, request=None):
@@ -918,15 +1069,7 @@ def _ssh_login(target, timeout):
     mode: no prompt, no agent, no user config).  Returns (ok, last line of stderr)."""
     import subprocess
 
-    cmd = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-    cmd += ["-o", f"UserKnownHostsFile={target.known_hosts or transport.known_hosts_path()}"]
-    cmd += ["-o", "GlobalKnownHostsFile=/dev/null", "-o", f"ConnectTimeout={int(timeout)}"]
-    cmd += ["-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-T", "-p", str(target.port)]
-    if target.keyfile:
-        cmd += ["-i", target.keyfile]
-    if target.user:
-        cmd += ["-l", target.user]
-    cmd += ["--", target.address, "true"]
+    cmd = reach.ssh_command(target, ["true"], timeout)
     try:
         run = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout + 5, stdin=subprocess.DEVNULL

@@ -143,6 +143,195 @@ def client_certificate(uri, now=None):
     )
 
 
+# ------------------------------------------------------------------ a host's own certificates
+#
+# An administrator gives a qemu+tls host its own CA and client certificate (the host's
+# Certificate page): uploaded PEMs are checked (key matches, CA signed it, valid now, a
+# client certificate), written by kvmweb into a new directory <data dir>/pki/hosts/<pk>-<fp>/
+# (0700; key 0600) and the host's URI gets ``pkipath=`` that directory.  A new directory
+# per upload, not files overwritten in place: a connection being opened meanwhile reads
+# either the old three files or the new three, never a mix.  Or the administrator names
+# a pkipath directory they manage (the same path on every source host, for peer to peer).
+
+
+class CertificateProblem(ValueError):
+    """What is wrong with a certificate bundle or directory; ``remedy`` says what to do."""
+
+    def __init__(self, message, remedy=""):
+        super().__init__(message)
+        self.remedy = remedy
+
+
+def managed_pki_root():
+    """Where kvmweb keeps the certificates administrators upload: <data dir>/pki/hosts."""
+    return Path(settings.DATA_DIR) / "pki" / "hosts"
+
+
+def with_pkipath(uri, path):
+    """``uri`` with its ``pkipath`` parameter set to ``path`` (other parameters kept)."""
+    parts = urlsplit(uri)
+    kept = [p for p in parts.query.split("&") if p and not p.lower().startswith("pkipath=")]
+    query = "&".join(sorted([*kept, f"pkipath={path}"], key=str.lower))
+    return parts._replace(query=query).geturl()
+
+
+def _fingerprint_sha256(cert):
+    from cryptography.hazmat.primitives import hashes
+
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def check_bundle(ca_pem, cert_pem, key_pem, now=None):
+    """Check an uploaded CA + client certificate + key; returns facts for the audit
+    ({subject, issuer, not_after, fingerprint}) or raises CertificateProblem.
+
+    Refused: text that is not PEM, a key that does not belong to the certificate, a
+    certificate the given CA did not sign, one not valid now (expired or not yet), one
+    whose extended key usage excludes TLS client authentication, an encrypted key (libvirt
+    cannot ask for a passphrase)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    def load(what, fn):
+        try:
+            return fn()
+        except (ValueError, TypeError) as exc:
+            raise CertificateProblem(
+                _("The %(what)s is not readable PEM: %(error)s") % {"what": what, "error": exc},
+                _("Paste the whole PEM text, from -----BEGIN to -----END."),
+            ) from None
+
+    cas = load(_("CA certificate"), lambda: x509.load_pem_x509_certificates(ca_pem.strip().encode()))
+    cert = load(_("client certificate"), lambda: x509.load_pem_x509_certificate(cert_pem.strip().encode()))
+    try:
+        key = serialization.load_pem_private_key(key_pem.strip().encode(), password=None)
+    except TypeError:
+        raise CertificateProblem(
+            _("The private key is encrypted: libvirt cannot ask for its passphrase."),
+            _(
+                "Remove the passphrase (openssl pkey -in clientkey.pem -out clientkey.pem) and upload it again."
+            ),
+        ) from None
+    except ValueError as exc:
+        raise CertificateProblem(
+            _("The %(what)s is not readable PEM: %(error)s") % {"what": _("private key"), "error": exc},
+            _("Paste the whole PEM text, from -----BEGIN to -----END."),
+        ) from None
+    pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*pub) != cert.public_key().public_bytes(*pub):
+        raise CertificateProblem(
+            _("The private key does not belong to the client certificate."),
+            _("Upload the key the certificate was issued for."),
+        )
+    signed = False
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+            signed = True
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    if not signed:
+        raise CertificateProblem(
+            _("The client certificate (issuer %(issuer)s) was not signed by the CA certificate given.")
+            % {"issuer": cert.issuer.rfc4514_string()},
+            _("Give the CA that signed the client certificate, the one the host trusts in its cacert.pem."),
+        )
+    now = now or timezone.now()
+    when = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
+    if cert.not_valid_after_utc <= now:
+        raise CertificateProblem(
+            _("The client certificate expired on %(when)s: libvirt would refuse to connect with it.")
+            % {"when": when},
+            _("Issue a new client certificate from the CA the host trusts and upload that one."),
+        )
+    if cert.not_valid_before_utc > now:
+        raise CertificateProblem(
+            _("The client certificate is not valid before %(when)s.")
+            % {"when": cert.not_valid_before_utc.strftime("%Y-%m-%d %H:%M UTC")},
+            _("Check the clocks of kvmweb's machine and of the CA (NTP)."),
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise CertificateProblem(
+            _("The certificate is not for TLS clients (its extended key usage lacks clientAuth)."),
+            _("Issue it with tls_www_client (certtool) or extendedKeyUsage = clientAuth (openssl)."),
+        )
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "fingerprint": _fingerprint_sha256(cert),
+    }
+
+
+def write_bundle(owner, ca_pem, cert_pem, key_pem, fingerprint):
+    """Write a checked bundle into a new directory <managed root>/<owner>-<fp12>/ (owner:
+    the host's id, or "new" for a host not registered yet) and return it: cacert.pem and
+    clientcert.pem 0644, clientkey.pem 0600, directory 0700."""
+    root = managed_pki_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = root / f"{owner}-{fingerprint[:12]}"
+    tmp = root / f".{target.name}.{os.getpid()}.tmp"
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o700)
+    for name, text, mode in (
+        ("cacert.pem", ca_pem, 0o644),
+        ("clientcert.pem", cert_pem, 0o644),
+        ("clientkey.pem", key_pem, 0o600),
+    ):
+        fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text.strip() + "\n")
+    shutil.rmtree(target, ignore_errors=True)  # the same bundle uploaded again
+    os.replace(tmp, target)
+    return target
+
+
+def managed_dir(uri):
+    """The directory kvmweb stored for ``uri``'s pkipath, or None when the URI names no
+    pkipath or one kvmweb does not manage."""
+    files = tls_files(uri)
+    if not files:
+        return None
+    directory = files["cert"].parent
+    return directory if directory.parent == managed_pki_root() else None
+
+
+def remove_bundle(directory):
+    """Delete a directory kvmweb stored (key included); only inside the managed root."""
+    import shutil
+
+    if directory is not None and Path(directory).parent == managed_pki_root():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def check_pkipath(path, now=None):
+    """Check a pkipath directory an administrator names: absolute, the three files
+    there, the certificate readable and not expired.  Returns the Certificate or raises
+    CertificateProblem."""
+    path = (path or "").strip().rstrip("/")
+    if not path.startswith("/"):
+        raise CertificateProblem(_("Give an absolute directory path."))
+    missing = [n for n in ("cacert.pem", "clientcert.pem", "clientkey.pem") if not (Path(path) / n).is_file()]
+    if missing:
+        raise CertificateProblem(
+            _("%(dir)s lacks %(files)s.") % {"dir": path, "files": ", ".join(missing)},
+            _("Put cacert.pem, clientcert.pem and clientkey.pem (0600) in the directory."),
+        )
+    cert = client_certificate(f"qemu+tls://host/system?pkipath={path}", now=now)
+    if cert.status not in (OK, EXPIRING):
+        raise CertificateProblem(cert.message, cert.remedy)
+    return cert
+
+
 def peer_to_peer(target_uri, tunnelled=False):
     """How a peer-to-peer migration to ``target_uri`` travels, as plain data:
     {"control": text, "data": text, "needs": text, "scheme": scheme}.

@@ -1,7 +1,10 @@
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
@@ -9,7 +12,7 @@ from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_POST
 
 from hosts import services, transport
-from hosts.forms import ConnectForm, HostForm, VMFilterForm
+from hosts.forms import CertificateForm, ConnectForm, HostEditForm, HostForm, VMFilterForm
 from hosts.models import VM, Host, VMQuerySet
 from kvmweb.access import get_scoped_or_404, require, scoped
 
@@ -143,10 +146,63 @@ def host_key_replace(request, pk):
 
 
 @login_required
+def host_certificate(request, pk):
+    """A qemu+tls host's own client certificate (administrators: hosts.change_host)."""
+    host = get_scoped_or_404(Host, request.user, "change", perm="hosts.change_host", pk=pk)
+    form = CertificateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.do_set_tls_certificate(host, actor=request.user, request=request, **form.cleaned_data)
+        except services.HostError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, _("Certificate saved; the next connection to the host uses it."))
+            return redirect("hosts:detail", pk=host.pk)
+    return render(
+        request,
+        "hosts/host_certificate.html",
+        {"form": form, "host": host, "certificate": transport.client_certificate(host.uri)},
+    )
+
+
+@login_required
+def host_certificate_new(request):
+    """The Add host wizard's TLS certificate for a host not registered yet: the PEM texts
+    are posted here (never in the wizard's GET), stored, and the wizard comes back with
+    the directory as pkipath (administrators: hosts.add_host)."""
+    require(request.user, "hosts.add_host")
+    form = CertificateForm(request.POST or None, bundle_only=True)
+    if request.method == "POST" and form.is_valid():
+        try:
+            directory = services.do_stage_tls_certificate(
+                ca_pem=form.cleaned_data["ca_pem"],
+                cert_pem=form.cleaned_data["cert_pem"],
+                key_pem=form.cleaned_data["key_pem"],
+                actor=request.user,
+                request=request,
+            )
+        except services.HostError as exc:
+            form.add_error(None, str(exc))
+        else:
+            query = urlencode(
+                {"transport": "tls", "pkipath": str(directory), "address": request.GET.get("address", "")}
+            )
+            return redirect(f"{reverse('hosts:connect')}?{query}")
+    return render(request, "hosts/host_certificate.html", {"form": form, "host": None, "certificate": None})
+
+
+@login_required
 def host_edit(request, pk):
     host = get_scoped_or_404(Host, request.user, "change", perm="hosts.change_host", pk=pk)
-    initial = {"name": host.name, "uri": host.uri, "group": host.group, "description": host.description}
-    form = HostForm(request.POST or None, initial=initial)
+    initial = {
+        "name": host.name,
+        "uri": host.uri,
+        "group": host.group,
+        "description": host.description,
+        "migration_port_min": host.migration_port_min,
+        "migration_port_max": host.migration_port_max,
+    }
+    form = HostEditForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         try:
             services.do_update_host(host, actor=request.user, request=request, **form.cleaned_data)

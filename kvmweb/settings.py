@@ -211,6 +211,10 @@ LIBVIRT_CALL_TIMEOUT = env_float("KVMWEB_LIBVIRT_CALL_TIMEOUT", 15.0, minimum=0.
 TLS_EXPIRY_WARN_DAYS = env_int("KVMWEB_TLS_EXPIRY_WARN_DAYS", 30, minimum=1)
 # kvmweb's own SSH key for qemu+ssh hosts (unset: <data dir>/ssh/id_ed25519). hosts/transport.py
 SSH_KEY_FILE = env_str("KVMWEB_SSH_KEY_FILE")
+# Preflight "migration_ports": each probed port's answer limit (seconds) and how long a
+# measurement is reused for the same hosts. hosts/reach.py
+PORT_PROBE_TIMEOUT = env_float("KVMWEB_PORT_PROBE_TIMEOUT", 1.0, minimum=0.1)
+PORT_PROBE_CACHE_SECONDS = env_int("KVMWEB_PORT_PROBE_CACHE_SECONDS", 300, minimum=0)
 
 # Preflight checklist (migrations_app/preflight/): free memory the target must keep
 # beyond the guest's size; the whole checklist's time limit and its libvirt timeouts; the

@@ -132,6 +132,32 @@ def _default_language():
     translation.deactivate()
 
 
+@pytest.fixture
+def real_port_probes():
+    """Ask for it to let the preflight's migration_ports check really connect (see below)."""
+
+
+@pytest.fixture(autouse=True)
+def _port_probes(request, monkeypatch):
+    """The preflight check migration_ports opens TCP connections to the target's ports
+    (hosts/reach.py). Outside the lab the hosts are fakes whose addresses (10.0.0.x) may
+    lead anywhere on a CI machine: they answer "closed" (reachable) from kvmweb. Lab tests
+    (marker lab) and tests asking for real_port_probes connect for real, with no result
+    cached from an earlier test."""
+    from django.core.cache import cache
+
+    from hosts import reach
+
+    if request.node.get_closest_marker("lab") or "real_port_probes" in request.fixturenames:
+        cache.clear()
+        return
+
+    def answer_closed(source, address, ports, **_kwargs):
+        return reach.Reach(reach.KVMWEB, address, [reach.PortState(p, reach.CLOSED) for p in ports], "test")
+
+    monkeypatch.setattr(reach, "measure", answer_closed)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_channel_layers():
     """Every test gets fresh channel layer instances. A channels-redis layer keeps asyncio

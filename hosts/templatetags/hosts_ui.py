@@ -2,6 +2,7 @@
 
 ``{% vm_actions vm %}``: a VM's Migrate link and power buttons.
 ``{{ host|host_memory }}``: a host's memory, one definition for every page.
+``{{ host|tls_certificate }}``: kvmweb's TLS client certificate for it (list warnings).
 
 The VM list renders fifty of these per page; as template markup they cost more than the
 page's queries. Which buttons show follows the state the inventory knows; the service
@@ -115,6 +116,15 @@ def vm_power_form(context):
         context.get("csrf_token", ""),
         request.get_full_path(),
     )
+
+
+@register.filter
+def tls_certificate(host):
+    """kvmweb's TLS client certificate for ``host`` (hosts/transport.py), or None when
+    the host is not qemu+tls.  Reads one small file per TLS host."""
+    from hosts import transport
+
+    return transport.client_certificate(host.uri)
 
 
 @register.filter

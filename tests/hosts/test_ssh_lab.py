@@ -25,21 +25,6 @@ from migrations_app.services import do_create_job
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def ssh_lab(lab, db, settings, tmp_path):
-    """The lab with sshd on every host; kvmweb's data dir in tmp_path with a fresh SSH
-    key authorised on the lab hosts (only added: other sessions share the lab)."""
-    try:
-        labkit.require_ssh(lab.hosts)
-    except labkit.LabError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    settings.DATA_DIR = tmp_path
-    settings.SSH_KEY_FILE = ""
-    identity = transport.generate_ssh_key()
-    labkit.authorize_ssh_key(identity.public_key, lab.hosts)
-    return lab
-
-
 def _uri(host):
     return transport.build_uri("ssh", labkit.ip(host))
 

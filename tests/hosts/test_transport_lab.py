@@ -1,13 +1,20 @@
 """qemu+tls on the KVM lab: hosts registered with the lab CA's client certificate
 (lab/pki.py) migrate a running guest peer-to-peer over TLS; an expired or foreign
-certificate ends in a named error with its remedy, and nothing is registered or moved."""
+certificate ends in a named error with its remedy, and nothing is registered or moved; a
+certificate an administrator gives a host on its page is the one libvirt uses, and once it
+expires the host is named unreachable for that reason."""
+
+import shutil
 
 import pytest
+from django.urls import reverse
 
 import lab as labkit
 from hosts import services as host_services
+from hosts import transport
 from hosts.models import VM, Host
 from kvmweb.audit.models import AuditEvent
+from lab import pki
 from migrations_app import runner
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
@@ -99,3 +106,63 @@ def test_it_blocks_a_migration_when_the_target_certificate_has_expired(tls_hosts
     assert "expired" in fails["transport"].message and "clientcert.pem" in fails["transport"].remedy
     assert "has expired" in fails["connection"].message and fails["connection"].remedy
     assert labkit.where(guest) == {"lab-a": "running"} and not MigrationJob.objects.exists()
+
+
+def _pems(kind):
+    d = pki.client_dir(labkit.LAB_DIR, kind)
+    return {
+        "ca_pem": (d / "cacert.pem").read_text(),
+        "cert_pem": (d / "clientcert.pem").read_text(),
+        "key_pem": (d / "clientkey.pem").read_text(),
+    }
+
+
+def test_it_connects_with_the_certificate_given_on_the_host_page_and_names_it_once_expired(
+    tls_hosts, admin, login, settings, tmp_path
+):
+    settings.DATA_DIR = tmp_path
+    host = tls_hosts["lab-b"]
+    web = login(admin)
+    url = reverse("hosts:certificate", args=[host.pk])
+    assert web.post(url, _pems("client")).status_code == 302
+    host.refresh_from_db()
+    stored = transport.tls_files(host.uri)["cert"].parent
+    assert stored.parent == transport.managed_pki_root()
+    assert host_services.do_probe_host(host)  # lab-b's libvirtd accepted the stored certificate
+    uri = host.uri
+    # An expired certificate is refused when given: named, audited, nothing changed.
+    response = web.post(url, _pems("client-expired"))
+    assert response.status_code == 200 and "expired on" in response.content.decode()
+    refused = AuditEvent.objects.get(action="host.tls_certificate", outcome=AuditEvent.FAILURE)
+    assert "expired" in refused.details["reason"]
+    # Time passes: the stored certificate expires (the lab CA's expired one in its place).
+    for name in ("clientcert.pem", "clientkey.pem"):
+        shutil.copy(pki.client_dir(labkit.LAB_DIR, "client-expired") / name, stored / name)
+    vms = list(VM.objects.order_by("pk").values_list("uuid", "host_id"))
+    assert not host_services.do_probe_host(host)
+    host.refresh_from_db()
+    assert host.status == Host.UNREACHABLE and host.uri == uri
+    assert "TLS certificate expired" in host.last_error and "TLS certificate page" in host.last_error
+    assert "tls-certificate-warning" in web.get(reverse("hosts:detail", args=[host.pk])).content.decode()
+    assert "certificate not usable" in web.get(reverse("hosts:list")).content.decode()
+    assert list(VM.objects.order_by("pk").values_list("uuid", "host_id")) == vms
+    assert AuditEvent.objects.filter(action="host.status", outcome=AuditEvent.FAILURE).exists()
+
+
+def test_it_adds_a_tls_host_with_a_certificate_pasted_in_the_wizard(
+    tls_lab, db, admin, login, settings, tmp_path
+):
+    settings.DATA_DIR = tmp_path
+    web = login(admin)
+    address = labkit.ip("lab-b")
+    response = web.post(reverse("hosts:certificate_new") + f"?address={address}", _pems("client"))
+    assert response.status_code == 302
+    page = web.get(response.url).content.decode()  # the wizard tests the connection with it
+    assert 'class="step-fail"' not in page and "Register this host" in page, page[-3000:]
+    [directory] = transport.managed_pki_root().iterdir()
+    uri = transport.build_uri("tls", address, pkipath=str(directory))
+    assert web.post(reverse("hosts:add"), {"name": "lab-b", "uri": uri}).status_code == 302
+    host = Host.objects.get(name="lab-b")
+    assert host.status == Host.REACHABLE and transport.managed_dir(host.uri) == directory
+    event = AuditEvent.objects.get(action="host.tls_certificate")
+    assert event.details["staged"] is True and event.actor == admin

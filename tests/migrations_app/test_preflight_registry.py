@@ -25,6 +25,7 @@ DISPLAY_ORDER = [
     "disk_cache",
     "prediction",
     "transport",
+    "migration_ports",
     "guest_shutdown",
 ]
 

@@ -1,0 +1,160 @@
+"""A qemu+tls host's own client certificate (hosts/transport.py, do_set_tls_certificate):
+an administrator uploads a CA, certificate and key (checked, stored 0600 in a directory of
+their own, the URI's pkipath pointing at it) or names a pkipath directory; audited either
+way, refusals too; the host list warns before the certificate expires. The lab proof (a
+libvirtd accepting the stored files, an expired one named) is in test_transport_lab.py."""
+
+import stat
+from pathlib import Path
+
+import pytest
+from django.urls import reverse
+
+from hosts import services, transport
+from hosts.models import Host
+from kvmweb.audit.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def tls_host(settings, tmp_path):
+    settings.DATA_DIR = tmp_path / "data"
+    return Host.objects.create(name="kvm1", uri="qemu+tls://10.0.0.5/system?tls_priority=NORMAL")
+
+
+def test_it_checks_a_bundle_and_names_what_is_wrong(pem_bundle):
+    ca, cert, key = pem_bundle()
+    facts = transport.check_bundle(ca, cert, key)
+    assert "CN=kvmweb" in facts["subject"] and len(facts["fingerprint"]) == 64
+    other_ca = pem_bundle(ca="another-ca")[0]
+    wrong_key = pem_bundle()[2]
+    cases = [
+        ((ca, *pem_bundle(days=-1)[1:]), "expired"),
+        ((other_ca, cert, key), "not signed by the CA"),
+        ((ca, cert, wrong_key), "does not belong"),
+        ((ca, *pem_bundle(server_only=True)[1:]), "clientAuth"),
+        ((ca, "hello", key), "not readable PEM"),
+    ]
+    for args, said in cases:
+        with pytest.raises(transport.CertificateProblem, match=said) as caught:
+            transport.check_bundle(*args)
+        assert caught.value.remedy
+
+
+def test_it_stores_an_uploaded_certificate_for_one_host_and_points_its_uri_at_it(
+    login, admin, tls_host, pem_bundle
+):
+    ca, cert, key = pem_bundle()
+    web = login(admin)
+    url = reverse("hosts:certificate", args=[tls_host.pk])
+    assert web.get(url).status_code == 200
+    response = web.post(url, {"ca_pem": ca, "cert_pem": cert, "key_pem": key})
+    assert response.status_code == 302
+    tls_host.refresh_from_db()
+    files = transport.tls_files(tls_host.uri)
+    directory = files["cert"].parent
+    assert directory.parent == transport.managed_pki_root() and directory.name.startswith(f"{tls_host.pk}-")
+    assert "tls_priority=NORMAL" in tls_host.uri  # the other parameters are kept
+    assert (
+        files["cert"].read_text().strip() == cert.strip() and files["key"].read_text().strip() == key.strip()
+    )
+    assert (
+        stat.S_IMODE(files["key"].stat().st_mode) == 0o600 and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    )
+    event = AuditEvent.objects.get(action="host.tls_certificate")
+    assert event.outcome == AuditEvent.SUCCESS and event.details["source"] == "upload"
+    assert event.details["pkipath"] == str(directory) and event.details["fingerprint"]
+    assert "PRIVATE KEY" not in str(event.details)
+    assert transport.client_certificate(tls_host.uri).status == transport.OK
+    # A new upload replaces it: a new directory, the old one (key included) removed.
+    web.post(url, dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(), strict=True)))
+    tls_host.refresh_from_db()
+    assert transport.tls_files(tls_host.uri)["cert"].parent != directory and not directory.exists()
+    # Removing the host removes what kvmweb stored for it.
+    services.do_remove_host(tls_host, actor=admin)
+    assert not list(transport.managed_pki_root().iterdir())
+
+
+def test_it_refuses_an_expired_certificate_and_changes_nothing(login, admin, tls_host, pem_bundle):
+    ca, cert, key = pem_bundle(days=-1)
+    before = tls_host.uri
+    response = login(admin).post(
+        reverse("hosts:certificate", args=[tls_host.pk]), {"ca_pem": ca, "cert_pem": cert, "key_pem": key}
+    )
+    assert response.status_code == 200 and "expired on" in response.content.decode()
+    tls_host.refresh_from_db()
+    assert tls_host.uri == before and not transport.managed_pki_root().exists()
+    event = AuditEvent.objects.get(action="host.tls_certificate")
+    assert event.outcome == AuditEvent.FAILURE and "expired" in event.details["reason"]
+
+
+def test_it_points_a_host_at_a_certificate_directory(admin, tls_host, pki_dir):
+    directory = pki_dir(90)
+    services.do_set_tls_certificate(tls_host, pkipath=str(directory), actor=admin)
+    tls_host.refresh_from_db()
+    assert transport.tls_files(tls_host.uri)["cert"] == directory / "clientcert.pem"
+    event = AuditEvent.objects.get(action="host.tls_certificate")
+    assert event.details["source"] == "directory" and event.details["not_after"]
+    with pytest.raises(services.HostError, match="lacks"):
+        services.do_set_tls_certificate(tls_host, pkipath=str(Path(directory).parent), actor=admin)
+    with pytest.raises(services.HostError, match="expired"):
+        services.do_set_tls_certificate(tls_host, pkipath=str(pki_dir(-2)), actor=admin)
+    assert AuditEvent.objects.filter(action="host.tls_certificate", outcome=AuditEvent.FAILURE).count() == 2
+
+
+def test_it_lets_only_administrators_change_a_certificate_and_only_of_tls_hosts(
+    login, admin, operator, mallory, tls_host, pem_bundle
+):
+    url = reverse("hosts:certificate", args=[tls_host.pk])
+    assert login(operator).get(url).status_code == 403
+    assert login(mallory).get(url).status_code == 404  # out of scope
+    ssh = Host.objects.create(name="s1", uri="qemu+tcp://10.0.0.6/system")
+    with pytest.raises(services.HostError, match="Only qemu\\+tls hosts"):
+        services.do_set_tls_certificate(ssh, pkipath="/etc/pki", actor=admin)
+    assert not AuditEvent.objects.filter(action="host.tls_certificate", outcome=AuditEvent.SUCCESS).exists()
+
+
+def test_it_warns_in_the_host_list_before_the_certificate_bites(login, admin, operator, pki_dir, settings):
+    settings.TLS_EXPIRY_WARN_DAYS = 30
+    Host.objects.create(name="soon", uri=f"qemu+tls://10.0.0.7/system?pkipath={pki_dir(10)}")
+    Host.objects.create(name="gone", uri=f"qemu+tls://10.0.0.8/system?pkipath={pki_dir(-1)}")
+    Host.objects.create(name="fine", uri=f"qemu+tls://10.0.0.9/system?pkipath={pki_dir(200)}")
+    page = login(operator).get(reverse("hosts:list")).content.decode()
+    assert page.count("tls-certificate") == 2
+    assert "certificate expires in 9 days" in page or "certificate expires in 10 days" in page
+    assert "certificate not usable" in page and "libvirt refuses" not in page  # details for admins only
+    assert "libvirt refuses to connect with it" in login(admin).get(reverse("hosts:list")).content.decode()
+
+
+def test_it_stores_a_certificate_for_a_host_not_registered_yet_and_hands_the_wizard_its_directory(
+    login, admin, operator, pem_bundle, settings, tmp_path
+):
+    settings.DATA_DIR = tmp_path / "data"
+    url = reverse("hosts:certificate_new") + "?address=kvm9.example"
+    ca, cert, key = pem_bundle()
+    assert login(operator).post(url, {"ca_pem": ca, "cert_pem": cert, "key_pem": key}).status_code == 403
+    web = login(admin)
+    assert (
+        web.post(
+            url, dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(days=-3), strict=True))
+        ).status_code
+        == 200
+    )
+    assert not transport.managed_pki_root().exists()
+    response = web.post(url, {"ca_pem": ca, "cert_pem": cert, "key_pem": key})
+    assert response.status_code == 302 and response.url.startswith(reverse("hosts:connect"))
+    [directory] = transport.managed_pki_root().iterdir()
+    assert (
+        directory.name.startswith("new-") and (directory / "clientkey.pem").read_text().strip() == key.strip()
+    )
+    assert (
+        f"pkipath={directory}".replace("/", "%2F") in response.url and "address=kvm9.example" in response.url
+    )
+    assert key.strip()[:40] not in response.url  # the key never travels in a URL
+    events = AuditEvent.objects.filter(action="host.tls_certificate").order_by("pk")
+    assert [e.outcome for e in events] == [AuditEvent.FAILURE, AuditEvent.SUCCESS]
+    assert events[1].details["staged"] is True and events[1].details["pkipath"] == str(directory)
+    # The wizard builds the URI with it; once registered, the host's page knows the certificate.
+    page = web.get(response.url).content.decode()
+    assert f"pkipath={directory}" in page
