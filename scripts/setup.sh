@@ -9,8 +9,9 @@ PROFILE=${1:-run}
 # Packages: building libvirt-python needs libvirt-dev, pkg-config and gcc. The test
 # profile adds the lab (real libvirtd + QEMU), Chromium for browser tests, PostgreSQL
 # and Redis for the scale-out tests, nginx to test the deployment guide's proxy site.
+# iptables lets the lab play a firewall that drops the migration ports (tests/hosts/test_reach_lab.py).
 APT_RUN="libvirt-dev pkg-config gcc libvirt-clients gettext"
-APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils openssh-client chromium postgresql redis-server nginx"
+APT_TEST="$APT_RUN libvirt-daemon-system qemu-system-x86 qemu-utils bindfs fuse3 tini binutils openssh-client chromium postgresql redis-server nginx iptables"
 want=$APT_RUN
 [ "$PROFILE" = test ] && want=$APT_TEST
 missing=""
