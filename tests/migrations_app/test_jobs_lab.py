@@ -314,12 +314,19 @@ def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_gu
     labkit.wait_counter_moves("lab-b", guest)
 
 
-def test_it_runs_migrate_vm_with_wait_through_the_worker(cluster, lab_guest):
+def test_it_runs_migrate_vm_with_wait_in_its_own_process(cluster, lab_guest):
+    """--wait claims and runs the job itself (a worker is running beside it: its copy of
+    the message finds the job taken), with one "picked up" line."""
     guest = lab_guest("mj-cli", running=False)
     _sync_cli(cluster, "lab-a")
     r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
     job = json.loads(r.stdout.strip().splitlines()[-1])
     assert job["status"] == "succeeded" and job["target"] == "lab-b", r.stdout
+    (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job["id"])[0]
+    assert worker.startswith("migrate_vm:"), worker
+    messages = [m for _at, m in cluster.events(job["id"])]
+    assert len([m for m in messages if m.startswith("Picked up")]) == 1, messages
+    assert "Preflight passed (the checklist migrate_vm ran just before the request)." in messages
     assert labkit.where(guest) == {"lab-b": "shut off"}
     again = cluster.manage("migrate_vm", guest, "lab-a", "--mode", "live", "--json", check=False)
     assert again.returncode != 0 and "Live migration needs a running VM" in again.stdout + again.stderr
