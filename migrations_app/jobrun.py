@@ -158,6 +158,7 @@ class JobRun:
         self.marks = {}  # name -> ms since the claim (where the time goes)
         self.connections = None  # source connections opened while the checklist runs
         self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
+        self.checked = None  # the checklist the caller just ran, instead of the re-check
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)

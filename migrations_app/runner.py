@@ -71,9 +71,9 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
         return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
-    run.defer_sync = defer_sync
+    run.defer_sync, run.checked = defer_sync, checked
     try:
-        _run(run, checked)
+        _run(run)
     except Cancelled as exc:
         return finish(run, MigrationJob.CANCELLED, exc.parts)
     except Failed as exc:
@@ -115,8 +115,8 @@ def _close_unused(run):
             conn.close()
 
 
-def _run(run, checked=None):
-    job = run.job
+def _run(run):
+    job, checked = run.job, run.checked
     if job.source is None or job.target is None:
         raise Failed(("err_host_removed_before", {}))
     plan = MigrationPlan.from_job(job)
