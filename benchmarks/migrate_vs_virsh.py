@@ -87,6 +87,21 @@ def run_kvmweb(user, name, target, bandwidth):
     return wall, detail
 
 
+def last_job_marks():
+    """Where the newest job's time went (ms): created to claimed (queue pickup), claim to
+    the libvirt call, the call, the call's end to concluded."""
+    job = MigrationJob.objects.order_by("-pk").first()
+    t = (job.result or {}).get("timing_ms", {}) if job else {}
+    if not t:
+        return {}
+    return {
+        "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
+        "to_call": t.get("migrate_start", 0),
+        "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
+        "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),
+    }
+
+
 def child_env(**extra):
     """os.environ for a process started here (without the benchmark's own switch)."""
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
@@ -326,8 +341,10 @@ def main():
                         pair[side], pair[f"{side}_times"] = run_cli(
                             user, name, target, args.bandwidth, cli_extra, local=side == "cli_local"
                         )
+                        pair[f"{side}_marks"] = last_job_marks()
                     elif side == "wizard":
                         pair["wizard"] = wizard.migrate(name, target, args.bandwidth)
+                        pair["wizard_marks"] = last_job_marks()
                     else:
                         pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
                         for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
@@ -352,9 +369,11 @@ def main():
                 if side in pair:
                     t = pair[f"{side}_times"]
                     line += f"  {side} {pair[side]:.3f} s (ratio {pair[f'ratio_{side}']:.3f}"
-                    line += "".join(f", {k} {v:.2f}" for k, v in t.items()) + ")"
+                    line += "".join(f", {k} {v:.2f}" for k, v in t.items())
+                    line += "".join(f", {k} {v} ms" for k, v in pair[f"{side}_marks"].items()) + ")"
             if "wizard" in pair:
-                line += f"  wizard {pair['wizard']:.3f} s (ratio {pair['ratio_wizard']:.3f})"
+                line += f"  wizard {pair['wizard']:.3f} s (ratio {pair['ratio_wizard']:.3f}"
+                line += "".join(f", {k} {v} ms" for k, v in pair["wizard_marks"].items()) + ")"
             if "kvmweb" in pair:
                 d = pair["detail"]
                 line += (

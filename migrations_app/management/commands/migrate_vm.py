@@ -154,8 +154,9 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         _timing("handle")
         _register_exit_handlers()
+        from migrations_app import dirtyrate
         from migrations_app.plan import MigrationPlan, PlanError
-        from migrations_app.preflight import run_preflight
+        from migrations_app.preflight import prime_dirty_rate, run_preflight
 
         user = get_user_model().objects.filter(username=o["user"]).first()
         if user is None:
@@ -172,6 +173,11 @@ class Command(BaseCommand):
         target = Host.objects.restrict(user).filter(name=o["target"]).first()
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
+        if not o["quick"] and o["mode"] in ("live", "live-copy") and dirtyrate.recall(vm.uuid) is None:
+            # libvirt's dirty-rate measurement takes a second: started now, it runs while
+            # the state is read and the plan checked; the checklist waits for this one
+            # instead of starting its own (migrations_app/preflight/checks/prediction.py).
+            prime_dirty_rate(vm)
         options = options_from_args(o)
         try:
             window = clean_window(o["not_before"], o["not_after"])
