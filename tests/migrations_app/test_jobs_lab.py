@@ -445,3 +445,83 @@ def test_it_fails_clearly_when_the_target_libvirtd_dies_mid_migration(cluster, l
             labkit.down(hosts=["lab-c"])
         else:
             labkit.up(3)  # someone else's lab-c: bring its daemon back
+
+
+@pytest.fixture
+def cli_server(cluster, tmp_path):
+    """`manage.py cli_server` for the cluster's database (its own data dir for the socket,
+    the session's keys), stopped by its PID."""
+    import socket
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from migrations_app.cliclient import ROOT, socket_path
+
+    env = dict(cluster.env, KVMWEB_DATA_DIR=str(tmp_path))
+    for name, key in (("secret_key", "KVMWEB_SECRET_KEY"), ("audit_key", "KVMWEB_AUDIT_KEY")):
+        if not env.get(key) and not env.get(f"{key}_FILE"):
+            env[f"{key}_FILE"] = str(settings.DATA_DIR / name)
+    log_path = tmp_path / "cli_server.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "cli_server"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(socket_path(env)))
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    yield env, log_path
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_server, lab_guest):
+    """Served by cli_server, --wait runs the job in the served process; Ctrl-C on the
+    caller reaches it and cancels the migration (the VM stays on the source)."""
+    import subprocess
+    import sys
+
+    from migrations_app.cliclient import ROOT
+
+    env, log = cli_server
+    guest = lab_guest("mj-served")
+    _sync_cli(cluster, "lab-a")
+    before = cluster.q("select coalesce(max(id), 0) from migrations_app_migrationjob")[0][0]
+    cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "8"]
+    proc = subprocess.Popen(
+        [*cmd, "--ack-all", "--wait"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
+        cluster.wait(job_id, _running, 60, "running with progress")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert "cancelling job" in err
+    assert "migrate_vm in process" in log.read_text()
+    job = cluster.job(job_id)
+    assert job["status"] == "cancelled", job
+    (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job_id)[0]
+    assert worker.startswith("migrate_vm:"), worker
+    assert labkit.where(guest) == {"lab-a": "running"}
+    labkit.wait_counter_moves("lab-a", guest)
