@@ -1,29 +1,39 @@
 #!/usr/bin/env python3
-"""kvmweb's migration job against plain `virsh migrate`, same lab VM, same bandwidth cap.
+"""kvmweb's entry points against plain `virsh migrate`, same lab VM, same bandwidth cap.
 
-For each pair, one live migration through kvmweb and one with
-`virsh migrate --live --p2p --persistent --undefinesource --bandwidth N`, the VM going back
-and forth between lab-a and lab-b; the order inside a pair alternates. kvmweb's time runs
-from submission (the wizard's confirm: do_create_job, which runs the checklist again)
-to the job row recorded as succeeded, through the real path: on_commit enqueue, a real
-`Q_CLUSTER_NAME=migrations manage.py qcluster` worker, the worker's claim and preflight,
-the migration with progress polling, completed stats, inventory sync of both hosts,
-audit. virsh's time is the wall time of the virsh process.
+Each round migrates the VM once per side, back and forth between lab-a and lab-b, the
+order rotating from round to round (interleaved: the machine's load hits every side):
 
-Prints every run, the median per side, and the median of the per-pair ratios
-(kvmweb / virsh), plus where kvmweb's extra time goes (queue pickup, worker preflight,
-conclusion). Goal: median ratio <= 1.05.
+- virsh: the wall time of `virsh migrate --live --p2p --persistent --undefinesource
+  [--bandwidth N]`.
+- cli: the wall time of `manage.py migrate_vm VM TARGET --mode live [--bandwidth N]
+  --ack-all --wait`, process start to exit, as its user waits for it; served by
+  `manage.py cli_server` (started here, as scripts/run.sh does).
+- cli_local (--cli-local): the same with KVMWEB_CLI_SERVER=0 (Python and Django start-up
+  in the command's process).
+- wizard: Chromium (Playwright) on a real daphne (`python -m kvmweb.serve`) and the
+  migrations worker: the wizard's checklist page for the VM and target is opened (not
+  timed: the user reads it), warnings acknowledged, then the clock runs from the click on
+  the confirm button to the job page showing "succeeded".
+- kvmweb (--job): in-process do_create_job to the job row recorded succeeded, through the
+  worker, with where the time goes (pickup, claim to call, call end to recorded).
+
+Prints every round, the load average, per side the median and the median of the per-round
+ratios to virsh, flags a side that completed nothing, and ends with one JSON line:
+{"ratio": {"cli": ..., "wizard": ...}, ...}. Goal: ratios <= 1.10.
 
 Run as root with the lab available: .venv/bin/python benchmarks/migrate_vs_virsh.py
-[--pairs 6] [--bandwidth 16] [--memory 128]; --bandwidth 0 runs both sides uncapped (no
---bandwidth flag, no bandwidth option).
-Uses a throwaway SQLite database and data dir; creates and removes its own guest.
+[--quick] [--pairs 6] [--bandwidth 16] [--memory 128]; --bandwidth 0 runs every side
+uncapped. --quick: 3 rounds (within 5 minutes). Uses a throwaway SQLite database and data
+dir; creates and removes its own guest; stops every process it started by its PID.
 """
 
 import argparse
 import json
 import os
 import secrets
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,14 +87,36 @@ def run_kvmweb(user, name, target, bandwidth):
     return wall, detail
 
 
-def run_cli(user, name, target, bandwidth, extra=()):
+def last_job_marks():
+    """Where the newest job's time went (ms): created to claimed (queue pickup), claim to
+    the libvirt call, the call, the call's end to concluded."""
+    job = MigrationJob.objects.order_by("-pk").first()
+    t = (job.result or {}).get("timing_ms", {}) if job else {}
+    if not t:
+        return {}
+    return {
+        "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
+        "to_call": t.get("migrate_start", 0),
+        "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
+        "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),
+    }
+
+
+def child_env(**extra):
+    """os.environ for a process started here (without the benchmark's own switch)."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    env.update(extra)
+    return env
+
+
+def run_cli(user, name, target, bandwidth, extra=(), local=False):
     """`manage.py migrate_vm NAME TARGET --mode live --bandwidth N --ack-all --wait`: the wall
-    time of the process, start to exit (Django start-up, checklist, job, queue, worker,
-    conclusion, exit), as a user of the command waits for it."""
+    time of the process, start to exit (start-up, checklist, job, migration, conclusion,
+    exit), as a user of the command waits for it. ``local``: without the cli_server."""
     cmd = [sys.executable, "manage.py", "migrate_vm", name, target.name, "--mode", "live"]
     cmd += ["--bandwidth", str(bandwidth)] if bandwidth else []
     cmd += ["--user", user.username, "--ack-all", "--wait", *extra]
-    env = dict(os.environ, KVMWEB_CLI_TIMING=repr(time.time()))
+    env = child_env(KVMWEB_CLI_TIMING=repr(time.time()), **({"KVMWEB_CLI_SERVER": "0"} if local else {}))
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -102,58 +134,224 @@ def run_virsh(name, source, target, bandwidth):
     return labbench.virsh_migrate(name, source, target, bandwidth)
 
 
+PASSWORD = secrets.token_hex(12)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+]
+
+
+def start_process(args, log_name, **env):
+    log = open(TMP / log_name, "a")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        args, cwd=ROOT, env=child_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_process(proc):
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli_server():
+    """`manage.py cli_server` as scripts/run.sh starts it; returns once it listens."""
+    from migrations_app.cliclient import socket_path
+
+    proc = start_process([sys.executable, "manage.py", "cli_server"], "cli_server.log")
+    path = str(socket_path())
+
+    def listens():
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            return True
+        except OSError:
+            return False
+
+    wait_for("cli_server", listens, proc)
+    return proc
+
+
+def wait_for(what, ready, proc, timeout=120):
+    """Poll ``ready()`` until true (generous limit: the machine may be loaded)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not come up (see {TMP})")
+        time.sleep(0.05)
+
+
+class Wizard:
+    """daphne + Chromium signed in as the benchmark's operator."""
+
+    def __init__(self, user):
+        user.set_password(PASSWORD)
+        user.save()
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.web = start_process(
+            [
+                sys.executable,
+                "-m",
+                "kvmweb.serve",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "kvmweb.asgi:application",
+            ],
+            "daphne.log",
+            KVMWEB_ALLOWED_HOSTS="127.0.0.1",
+        )
+
+        def accepts():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for("daphne", accepts, self.web)
+        from playwright.sync_api import sync_playwright
+
+        # Playwright's sync API keeps an event loop on this thread; the benchmark's own ORM
+        # calls (between rounds) are plain synchronous code.
+        os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "1"
+        self.pw = sync_playwright().start()
+        self.browser = self.pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        self.page = self.browser.new_page()
+        self.page.goto(f"{self.url}/login/")
+        self.page.fill("input[name=username]", user.username)
+        self.page.fill("input[name=password]", PASSWORD)
+        self.page.click("button[type=submit]")
+        self.page.wait_for_url(f"{self.url}/")
+
+    def migrate(self, name, target, bandwidth):
+        """The checklist page (not timed), then click → "succeeded" shown."""
+        vm = VM.objects.get(name=name, gone=False)
+        query = f"vm={vm.pk}&target={target.pk}&step=preflight&mode=live"
+        query += f"&bandwidth={bandwidth}" if bandwidth else ""
+        page = self.page
+        page.goto(f"{self.url}/migrations/new/?{query}")
+        page.wait_for_selector("[data-testid=wizard-start]", timeout=120000)
+        for box in page.locator("input[name=ack]").all():
+            box.check()
+        t0 = time.monotonic()
+        page.click("[data-testid=wizard-start]")
+        try:
+            page.wait_for_selector(
+                "[data-testid=job-status].succeeded, [data-testid=job-status].failed, "
+                "[data-testid=job-status].cancelled",
+                timeout=300000,
+            )
+        except Exception as exc:
+            raise SystemExit(f"wizard: no final state shown: {exc}") from None
+        wall = time.monotonic() - t0
+        status = page.inner_text("[data-testid=job-status]")
+        if status != "succeeded":
+            raise SystemExit(f"wizard job ended {status}: {page.url}")
+        return wall
+
+    def close(self):
+        for step in (self.browser.close, self.pw.stop):
+            try:
+                step()
+            except Exception:
+                pass
+        os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        stop_process(self.web)
+
+
+SIDES = ("virsh", "cli", "cli_local", "wizard", "kvmweb")
+LABELS = {
+    "cli": "migrate_vm --wait process (cli_server)",
+    "cli_local": "migrate_vm --wait process (no cli_server)",
+    "wizard": "wizard confirm click to 'succeeded' shown",
+    "kvmweb": "job created to recorded (in-process submit)",
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=6, help="rounds")
     ap.add_argument("--bandwidth", type=int, default=16)
     ap.add_argument("--memory", type=int, default=128)
-    ap.add_argument("--quick", action="store_true", help="3 rounds (about 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds (within 5 minutes)")
     ap.add_argument(
         "--cli-quick", action="store_true", help="run migrate_vm with --quick (no dirty-rate measurement)"
     )
-    ap.add_argument("--no-job", action="store_true", help="leave out the in-process job side")
+    ap.add_argument("--cli-local", action="store_true", help="also migrate_vm without the cli_server")
+    ap.add_argument("--no-wizard", action="store_true", help="leave out the browser side")
+    ap.add_argument("--job", action="store_true", help="also the in-process job side")
+    ap.add_argument("--no-job", action="store_true", help=argparse.SUPPRESS)  # the default now
     args = ap.parse_args()
     if args.quick:
         args.pairs = min(args.pairs, 3)
+    sides = ["virsh", "cli"]
+    sides += ["cli_local"] if args.cli_local else []
+    sides += [] if args.no_wizard else ["wizard"]
+    sides += ["kvmweb"] if args.job else []
+    t_start = time.monotonic()
+    load_start = os.getloadavg()
+    print(f"load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
 
     started = lab.up(2)
     user, hosts = labbench.kvmweb(("lab-a", "lab-b"))
     name = f"bench-mig-{secrets.token_hex(3)}"
-    lab.create_guest(name, host="lab-a", storage="shared", memory_mib=args.memory)
-    lab.wait_counter_moves("lab-a", name)
-    worker = labbench.start_worker()
-    where = "lab-a"
+    worker = server = wizard = None
     rows = []
-    failures = 0
+    failures = {side: 0 for side in sides}
+    cli_extra = ("--quick",) if args.cli_quick else ()
     try:
+        lab.create_guest(name, host="lab-a", storage="shared", memory_mib=args.memory)
+        lab.wait_counter_moves("lab-a", name)
+        worker = labbench.start_worker()
+        server = start_cli_server()
         for h in hosts.values():
             host_services.do_sync_inventory(h)
-        sides = ["virsh", "cli"] + ([] if args.no_job else ["kvmweb"])
+        if "wizard" in sides:
+            wizard = Wizard(user)
+        where = "lab-a"
         for i in range(args.pairs):
             order = sides[i % len(sides) :] + sides[: i % len(sides)]  # rotate who goes first
             pair = {}
             for side in order:
                 other = "lab-b" if where == "lab-a" else "lab-a"
+                target = Host.objects.get(name=other)
                 try:
                     if side == "kvmweb":
-                        pair["kvmweb"], pair["detail"] = run_kvmweb(
-                            user, name, Host.objects.get(name=other), args.bandwidth
+                        pair["kvmweb"], pair["detail"] = run_kvmweb(user, name, target, args.bandwidth)
+                    elif side in ("cli", "cli_local"):
+                        pair[side], pair[f"{side}_times"] = run_cli(
+                            user, name, target, args.bandwidth, cli_extra, local=side == "cli_local"
                         )
-                    elif side == "cli":
-                        pair["cli"], pair["cli_times"] = run_cli(
-                            user,
-                            name,
-                            Host.objects.get(name=other),
-                            args.bandwidth,
-                            ("--quick",) if args.cli_quick else (),
-                        )
+                        pair[f"{side}_marks"] = last_job_marks()
+                    elif side == "wizard":
+                        pair["wizard"] = wizard.migrate(name, target, args.bandwidth)
+                        pair["wizard_marks"] = last_job_marks()
                     else:
                         pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
                         for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
                             host_services.do_sync_inventory(h)
                 except SystemExit as exc:  # report what the other rounds measured
                     print(f"round {i + 1} {side}: FAILED {exc}", flush=True)
-                    failures += 1
+                    failures[side] += 1
                     for h in hosts.values():
                         host_services.do_sync_inventory(h)
                     where = VM.objects.get(name=name, gone=False).host.name
@@ -162,15 +360,20 @@ def main():
                 lab.wait_counter_moves(where, name)
             if "virsh" not in pair:
                 continue
-            for side in ("kvmweb", "cli"):
+            for side in sides[1:]:
                 if side in pair:
                     pair[f"ratio_{side}"] = pair[side] / pair["virsh"]
             rows.append(pair)
             line = f"round {i + 1}: virsh {pair['virsh']:.3f} s"
-            if "cli" in pair:
-                t = pair["cli_times"]
-                line += f"  cli {pair['cli']:.3f} s (ratio {pair['ratio_cli']:.3f}"
-                line += "".join(f", {k} {v:.2f}" for k, v in t.items()) + ")"
+            for side in ("cli", "cli_local"):
+                if side in pair:
+                    t = pair[f"{side}_times"]
+                    line += f"  {side} {pair[side]:.3f} s (ratio {pair[f'ratio_{side}']:.3f}"
+                    line += "".join(f", {k} {v:.2f}" for k, v in t.items())
+                    line += "".join(f", {k} {v} ms" for k, v in pair[f"{side}_marks"].items()) + ")"
+            if "wizard" in pair:
+                line += f"  wizard {pair['wizard']:.3f} s (ratio {pair['ratio_wizard']:.3f}"
+                line += "".join(f", {k} {v} ms" for k, v in pair["wizard_marks"].items()) + ")"
             if "kvmweb" in pair:
                 d = pair["detail"]
                 line += (
@@ -180,6 +383,9 @@ def main():
                 )
             print(line, flush=True)
     finally:
+        if wizard is not None:
+            wizard.close()
+        stop_process(server)
         labbench.stop_worker(worker)
         lab.remove_guest(name)
         if started:
@@ -188,33 +394,44 @@ def main():
     load = os.getloadavg()
     print()
     cap = f"--bandwidth {args.bandwidth} MiB/s" if args.bandwidth else "uncapped"
-    print(f"live p2p, {args.memory} MiB guest, {cap}, {len(rows)} rounds")
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; failed runs {failures}")
-    summary = {"bandwidth": args.bandwidth, "rounds": len(rows), "failures": failures, "load": load[0]}
+    print(f"live p2p, {args.memory} MiB guest, {cap}, {len(rows)} rounds, {time.monotonic() - t_start:.0f} s")
+    print(f"load average at start {load_start[0]:.2f}, at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("failed runs: " + ", ".join(f"{k} {v}" for k, v in failures.items()))
+    summary = {
+        "bandwidth": args.bandwidth,
+        "rounds": len(rows),
+        "failures": failures,
+        "load": round(load[0], 2),
+    }
     summary["ratio"] = {}
     if not rows:
         print("NOTHING COMPLETED")
     else:
         summary["virsh_s"] = round(med(r["virsh"] for r in rows), 3)
         print(f"virsh median {summary['virsh_s']:.3f} s")
-        for side, label in (("cli", "migrate_vm --wait process"), ("kvmweb", "job created to recorded")):
+        for side in sides[1:]:
             got = [r for r in rows if side in r]
             if not got:
+                print(f"{LABELS[side]}: COMPLETED NOTHING")
+                summary["ratio"][side] = None
                 continue
             ratios = [r[f"ratio_{side}"] for r in got]
             summary[f"{side}_s"] = round(med(r[side] for r in got), 3)
             summary["ratio"][side] = round(med(ratios), 3)
             print(
-                f"{label}: median {summary[f'{side}_s']:.3f} s, median ratio to virsh {med(ratios):.3f}"
-                f" (min {min(ratios):.3f}, max {max(ratios):.3f}; goal <= 1.10)"
+                f"{LABELS[side]}: median {summary[f'{side}_s']:.3f} s, median ratio to virsh {med(ratios):.3f}"
+                f" (min {min(ratios):.3f}, max {max(ratios):.3f}; {len(got)} rounds; goal <= 1.10)"
             )
-        cli = [r["cli_times"] for r in rows if r.get("cli_times")]
-        if cli:
-            parts = sorted({k for t in cli for k in t}, key=lambda k: med(t[k] for t in cli if k in t))
-            print(
-                "cli timeline (median s since process start): "
-                + ", ".join(f"{k} {med(t[k] for t in cli if k in t):.2f}" for k in parts)
-            )
+        for side in ("cli", "cli_local"):
+            times = [r[f"{side}_times"] for r in rows if r.get(f"{side}_times")]
+            if times:
+                parts = sorted(
+                    {k for t in times for k in t}, key=lambda k: med(t[k] for t in times if k in t)
+                )
+                print(
+                    f"{side} timeline (median s since process start): "
+                    + ", ".join(f"{k} {med(t[k] for t in times if k in t):.2f}" for k in parts)
+                )
     print(json.dumps(summary))
 
 

@@ -15,6 +15,7 @@ CATALOG = {
     "picked_up": _("Picked up by worker %(worker)s."),
     "new_warning": _("New warning since the request: %(title)s: %(message)s"),
     "preflight_passed": _("Preflight passed again on the worker."),
+    "preflight_passed_here": _("Preflight passed (the checklist migrate_vm ran just before the request)."),
     "migration_started": _("Migration started: %(virsh)s"),
     "phase": _("Phase: %(phase)s."),
     # Collapsed: one line per job, updated in place with the latest pass.

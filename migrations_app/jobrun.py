@@ -157,6 +157,8 @@ class JobRun:
         self.convergence = Convergence()
         self.marks = {}  # name -> ms since the claim (where the time goes)
         self.connections = None  # source connections opened while the checklist runs
+        self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
+        self.checked = None  # the checklist the caller just ran, instead of the re-check
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)
@@ -322,10 +324,37 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         # still say how much memory the guest had.
         fields["memory_total"] = stats["memory_total"]
     finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    if run.defer_sync:
+        queue_sync(job)
+    else:
+        sync_after(job)
+
+
+def queue_sync(job):
+    """Both hosts' full inventory sync as a task of the default cluster (what
+    conclude_success runs inline for a worker). For ``migrate_vm --wait``, which runs the
+    job in its own process: the user waits for the process to exit, and a listing of every
+    domain of both hosts decides nothing about the job (the moved VM's row was applied
+    before the job ended). Without a default cluster the periodic sync catches up."""
+    from django_q.tasks import async_task
+
+    try:
+        async_task("migrations_app.tasks.sync_hosts_after_job", job.pk, task_name=f"sync-after-{job.pk}")
+    except Exception:  # a queue that cannot take it: the periodic sync catches up
+        log.warning("job %s: could not queue the inventory sync", job.pk, exc_info=True)
+
+
+def sync_after(job):
+    """Sync the target's then the source's inventory; a host that does not answer leaves
+    a warning line on the job."""
     for host_id, name in ((job.target_id, job.target_name), (job.source_id, job.source_name)):
-        summary = do_sync_inventory(Host.objects.get(pk=host_id))
+        host = Host.objects.filter(pk=host_id).first()
+        if host is None:
+            continue
+        summary = do_sync_inventory(host)
         if summary.get("error"):
-            run.event(("sync_failed", {"host": name, "error": str(summary["error"])}), "warn")
+            add_event(job.pk, ("sync_failed", {"host": name, "error": str(summary["error"])}), "warn")
+            publish_job(job.pk)
 
 
 def link_sample(job, stats):

@@ -45,9 +45,16 @@ from migrations_app.windows import claim_condition, hold, miss, why_not_due
 log = logging.getLogger(__name__)
 
 
-def run_job(job_id, worker=None):
+def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     """The task body: claim the job, run it, conclude it. Returns the final status, or
-    None when the claim found nothing to do (redelivery, duplicate, cancelled)."""
+    None when the claim found nothing to do (redelivery, duplicate, cancelled).
+
+    ``manage.py migrate_vm --wait`` calls it in its own process (as virsh's process waits
+    on its own migration), through the same claim, journal and heartbeat as a worker:
+    ``checked`` is the checklist that process ran for this job moments before creating it
+    (the re-check is skipped: it would run the same checks again within a second), and
+    ``defer_sync`` queues the two hosts' full inventory sync on the default cluster
+    instead of running it before returning (the moved VM is recorded either way)."""
     worker = worker or worker_name()
     now = timezone.now()
     claimed = transition(
@@ -64,6 +71,7 @@ def run_job(job_id, worker=None):
         return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
+    run.defer_sync, run.checked = defer_sync, checked
     try:
         _run(run)
     except Cancelled as exc:
@@ -108,7 +116,7 @@ def _close_unused(run):
 
 
 def _run(run):
-    job = run.job
+    job, checked = run.job, run.checked
     if job.source is None or job.target is None:
         raise Failed(("err_host_removed_before", {}))
     plan = MigrationPlan.from_job(job)
@@ -129,12 +137,15 @@ def _run(run):
     # In a helper thread so this one keeps the heartbeat going (a slow host can make the
     # checklist take up to its timeout, longer than reconcile's stale limit) and writes
     # the "picked up" line meanwhile: every write here is on the migration's critical path.
-    checking = Operation(lambda: run_preflight(plan, measure_dirty_rate=False), f"preflight job {job.pk}")
-    while not checking.wait(POLL_SECONDS):
-        run.heartbeat()
-    if checking.error is not None:
-        raise checking.error
-    report = checking.value
+    if checked is not None:
+        report = checked
+    else:
+        checking = Operation(lambda: run_preflight(plan, measure_dirty_rate=False), f"preflight job {job.pk}")
+        while not checking.wait(POLL_SECONDS):
+            run.heartbeat()
+        if checking.error is not None:
+            raise checking.error
+        report = checking.value
     overridden = set(job.overridden or [])
     acknowledged = set(job.acknowledged or [])
     blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
@@ -148,7 +159,7 @@ def _run(run):
         from_=[MigrationJob.PREFLIGHT],
         preflight=report.to_dict(),
         heartbeat_at=timezone.now(),
-        event=("preflight_passed", {}),
+        event=("preflight_passed" if checked is None else "preflight_passed_here", {}),
     )
     if not started:
         run.update(preflight=report.to_dict())

@@ -11,12 +11,21 @@ granularity, so each run covers the minute until the next).
 import time
 
 from kvmweb import workers
-from migrations_app import reconcile, runner
+from migrations_app import jobrun, reconcile, runner
+from migrations_app.models import MigrationJob
 
 
 def run_migration(job_id):
     """Run one migration job (the worker's whole code path)."""
     return runner.run_job(job_id)
+
+
+def sync_hosts_after_job(job_id):
+    """Both hosts' full inventory sync after a job that ran in `migrate_vm --wait`'s own
+    process (migrations_app/jobrun.py queue_sync)."""
+    job = MigrationJob.objects.filter(pk=job_id).first()
+    if job is not None:
+        jobrun.sync_after(job)
 
 
 def reconcile_jobs():

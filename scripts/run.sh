@@ -26,6 +26,8 @@ rm -f "${PROMETHEUS_MULTIPROC_DIR:-${KVMWEB_DATA_DIR:-var}/prometheus}"/*.db
 # when it gets the terminal's SIGINT and a SIGTERM on top of it.)
 setsid $PY manage.py qcluster & pids+=($!)
 Q_CLUSTER_NAME=migrations setsid $PY manage.py qcluster & pids+=($!)
+# manage.py migrate_vm/preflight are handed to this (no Django start-up per command).
+setsid $PY manage.py cli_server & pids+=($!)
 # daphne through kvmweb.serve: request body, request time and WebSocket message limits.
 setsid $PY -m kvmweb.serve -b "$ADDR" -p "$PORT" kvmweb.asgi:application & pids+=($!)
 echo

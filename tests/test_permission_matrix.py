@@ -1151,6 +1151,7 @@ MACHINE_COMMANDS = {
     "verify_audit": "read-only chain check (tests/audit/test_verify_audit.py)",
     "api_token": "creates or revokes a token of the named user (tests/api/test_api.py)",
     "notify": "the notification dispatcher, same as the scheduled task",
+    "cli_server": "runs migrate_vm/preflight for callers of its own user (migrations_app/cliserver.py)",
 }
 
 

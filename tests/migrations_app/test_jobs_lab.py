@@ -314,12 +314,19 @@ def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_gu
     labkit.wait_counter_moves("lab-b", guest)
 
 
-def test_it_runs_migrate_vm_with_wait_through_the_worker(cluster, lab_guest):
+def test_it_runs_migrate_vm_with_wait_in_its_own_process(cluster, lab_guest):
+    """--wait claims and runs the job itself (a worker is running beside it: its copy of
+    the message finds the job taken), with one "picked up" line."""
     guest = lab_guest("mj-cli", running=False)
     _sync_cli(cluster, "lab-a")
     r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
     job = json.loads(r.stdout.strip().splitlines()[-1])
     assert job["status"] == "succeeded" and job["target"] == "lab-b", r.stdout
+    (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job["id"])[0]
+    assert worker.startswith("migrate_vm:"), worker
+    messages = [m for _at, m in cluster.events(job["id"])]
+    assert len([m for m in messages if m.startswith("Picked up")]) == 1, messages
+    assert "Preflight passed (the checklist migrate_vm ran just before the request)." in messages
     assert labkit.where(guest) == {"lab-b": "shut off"}
     again = cluster.manage("migrate_vm", guest, "lab-a", "--mode", "live", "--json", check=False)
     assert again.returncode != 0 and "Live migration needs a running VM" in again.stdout + again.stderr
@@ -438,3 +445,83 @@ def test_it_fails_clearly_when_the_target_libvirtd_dies_mid_migration(cluster, l
             labkit.down(hosts=["lab-c"])
         else:
             labkit.up(3)  # someone else's lab-c: bring its daemon back
+
+
+@pytest.fixture
+def cli_server(cluster, tmp_path):
+    """`manage.py cli_server` for the cluster's database (its own data dir for the socket,
+    the session's keys), stopped by its PID."""
+    import socket
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from migrations_app.cliclient import ROOT, socket_path
+
+    env = dict(cluster.env, KVMWEB_DATA_DIR=str(tmp_path))
+    for name, key in (("secret_key", "KVMWEB_SECRET_KEY"), ("audit_key", "KVMWEB_AUDIT_KEY")):
+        if not env.get(key) and not env.get(f"{key}_FILE"):
+            env[f"{key}_FILE"] = str(settings.DATA_DIR / name)
+    log_path = tmp_path / "cli_server.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "cli_server"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(socket_path(env)))
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    yield env, log_path
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_server, lab_guest):
+    """Served by cli_server, --wait runs the job in the served process; Ctrl-C on the
+    caller reaches it and cancels the migration (the VM stays on the source)."""
+    import subprocess
+    import sys
+
+    from migrations_app.cliclient import ROOT
+
+    env, log = cli_server
+    guest = lab_guest("mj-served")
+    _sync_cli(cluster, "lab-a")
+    before = cluster.q("select coalesce(max(id), 0) from migrations_app_migrationjob")[0][0]
+    cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "8"]
+    proc = subprocess.Popen(
+        [*cmd, "--ack-all", "--wait"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
+        cluster.wait(job_id, _running, 60, "running with progress")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert "cancelling job" in err
+    assert "migrate_vm in process" in log.read_text()
+    job = cluster.job(job_id)
+    assert job["status"] == "cancelled", job
+    (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job_id)[0]
+    assert worker.startswith("migrate_vm:"), worker
+    assert labkit.where(guest) == {"lab-a": "running"}
+    labkit.wait_counter_moves("lab-a", guest)

@@ -62,3 +62,76 @@ def test_it_runs_without_system_checks(shutoff_vm, admin, checklist_calls, monke
         cmd.run_from_argv(["manage.py", "migrate_vm", *argv, "--user", admin.username])
     with pytest.raises(AssertionError, match="system checks ran"):  # a command that checks
         load_command_class("migrations_app", "preflight").run_from_argv(["manage.py", "preflight", *argv])
+
+
+class Inline:
+    """migrate_vm's Operation, run on the calling thread (the test database is one
+    connection's transaction: a second thread would not see the job row)."""
+
+    def __init__(self, fn, name):
+        self.error = self.value = None
+        try:
+            self.value = fn()
+        except BaseException as exc:
+            self.error = exc
+        self.done = True
+
+    def wait(self, timeout):
+        return True
+
+
+@pytest.fixture
+def runs_here(monkeypatch):
+    """run_job replaced by a recorder that concludes the job; the command's thread inline."""
+    from migrations_app.management.commands import migrate_vm
+    from migrations_app.preflight.report import Report
+
+    report = Report(results=[], verdict="pass", started_at="", duration_ms=0)
+    monkeypatch.setattr(preflight, "run_preflight", lambda plan, **kw: report)
+    monkeypatch.setattr(migrate_vm, "Operation", Inline)
+    calls = []
+
+    def fake_run_job(job_id, worker=None, **kwargs):
+        calls.append(dict(kwargs, job_id=job_id, worker=worker))
+        MigrationJob.objects.filter(pk=job_id).update(status=MigrationJob.SUCCEEDED)
+        return MigrationJob.SUCCEEDED
+
+    monkeypatch.setattr(migrate_vm.runner, "run_job", fake_run_job)
+    return report, calls
+
+
+def test_it_runs_the_job_in_its_own_process_with_its_own_checklist(shutoff_vm, admin, runs_here, capsys):
+    report, calls = runs_here
+    call_command(
+        "migrate_vm", "web1", "hb", "--mode", "offline", "--user", admin.username, "--wait", "--json"
+    )
+    job = MigrationJob.objects.get()
+    assert job.status == MigrationJob.SUCCEEDED
+    assert len(calls) == 1
+    (call,) = calls
+    assert call["job_id"] == job.pk and call["worker"].startswith("migrate_vm:")
+    assert call["checked"] is report and call["defer_sync"] is True
+    assert '"status": "succeeded"' in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_it_leaves_a_job_that_waits_for_its_window_to_the_worker(shutoff_vm, admin, runs_here, monkeypatch):
+    """Not due (--not-before later): held for the worker's release, not run here. Without
+    --wait the command only creates the job, as before."""
+    from migrations_app.management.commands import migrate_vm
+
+    _report, calls = runs_here
+    call_command(
+        "migrate_vm",
+        "web1",
+        "hb",
+        "--mode",
+        "offline",
+        "--user",
+        admin.username,
+        "--not-before",
+        "2099-01-01T00:00",
+    )
+    job = MigrationJob.objects.get()
+    assert job.status == MigrationJob.QUEUED and job.waiting_for
+    assert migrate_vm.run_here(job, runs_here[0], 0.0) is None
+    assert calls == []

@@ -211,3 +211,36 @@ def test_it_records_the_guest_memory_from_the_completed_statistics(job):
     job.refresh_from_db()
     assert job.status == MigrationJob.SUCCEEDED
     assert (job.memory_total, job.data_processed, job.elapsed_ms) == (96 * MiB, 30 * MiB, 1200)
+
+
+def test_it_runs_on_the_checklist_its_caller_just_made_and_queues_the_hosts_sync(job, monkeypatch):
+    """migrate_vm --wait: the command's own checklist stands in for the re-check, and the
+    hosts' full sync is queued instead of run before the job ends."""
+    from django_q.models import OrmQ
+
+    from migrations_app import modes
+    from migrations_app.preflight.report import Report
+
+    MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.QUEUED, heartbeat_at=None, worker="")
+
+    def no_checklist(*a, **kw):
+        raise AssertionError("the checklist ran again")
+
+    def no_sync(host):
+        raise AssertionError("synced before the job ended")
+
+    def migrated(mode, run, plan):
+        assert MigrationJob.objects.get(pk=job.pk).status == MigrationJob.RUNNING
+        jobrun.conclude_success(run, {"time_elapsed": 900, "downtime": 30, "data_processed": MiB})
+
+    monkeypatch.setattr(runner, "run_preflight", no_checklist)
+    monkeypatch.setattr(jobrun, "do_sync_inventory", no_sync)
+    monkeypatch.setattr(type(modes.get("live")), "run", migrated)
+    report = Report(results=[], verdict="pass", started_at="", duration_ms=0)
+    before = OrmQ.objects.count()
+    assert runner.run_job(job.pk, "migrate_vm:h:1", checked=report, defer_sync=True) == MigrationJob.SUCCEEDED
+    job.refresh_from_db()
+    assert job.status == MigrationJob.SUCCEEDED and job.worker == "migrate_vm:h:1"
+    assert job.preflight["verdict"] == "pass"
+    assert OrmQ.objects.count() == before + 1  # the sync, for the default cluster
+    assert AuditEvent.objects.filter(action="migration.finish", outcome=AuditEvent.SUCCESS).count() == 1

@@ -3,7 +3,17 @@
 The same service and job path as the wizard: preflight, do_create_job (policy, audit,
 one-active-job constraint), the job queued on the "migrations" cluster and run by a
 worker (`Q_CLUSTER_NAME=migrations manage.py qcluster`, started by scripts/run.sh).
---wait follows the job row until it ends; exit status 0 only when it succeeded.
+
+--wait runs the job in this process, as `virsh migrate` waits on its own migration:
+runner.run_job's conditional claim (the worker's), journal and heartbeats, so a job is
+never started twice (the queued message finds it claimed and does nothing) and a killed
+command leaves a job that reconcile concludes like a killed worker's. Why here and not
+in the worker: the hand-over (queue pickup, the worker's second checklist) and the
+hosts' full inventory sync before the row says "succeeded" cost 0.5-1.5 s of every run
+on a loaded host (docs/migration-jobs.md). A job that is not due (--not-before), waits
+for approval or that a worker took first is followed, not run. Ctrl-C asks the job to
+cancel (as virsh aborts its migration) and waits for it; a second Ctrl-C leaves it.
+Exit status 0 only when it succeeded.
 """
 
 import atexit
@@ -19,9 +29,11 @@ from django.db import connections
 
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
+from migrations_app import runner
+from migrations_app.jobrun import Operation, worker_name
 from migrations_app.models import MigrationJob
 from migrations_app.options import MODES
-from migrations_app.services import JobError, do_create_job
+from migrations_app.services import JobError, do_cancel_job, do_create_job
 from migrations_app.windows import WindowError, clean_window
 
 
@@ -39,6 +51,11 @@ def _timing(label):
 
 
 _exit_handlers = []
+
+# The checklist this process ran stands in for the worker's re-check when the job is
+# claimed within this many seconds of it (normally milliseconds: the job row is created
+# in between). Older, the runner runs the checklist again, as a worker does.
+CHECKED_FRESH_SECONDS = 10.0
 
 
 def _register_exit_handlers():
@@ -137,8 +154,9 @@ class Command(BaseCommand):
     def handle(self, *args, **o):
         _timing("handle")
         _register_exit_handlers()
+        from migrations_app import dirtyrate
         from migrations_app.plan import MigrationPlan, PlanError
-        from migrations_app.preflight import run_preflight
+        from migrations_app.preflight import prime_dirty_rate, run_preflight
 
         user = get_user_model().objects.filter(username=o["user"]).first()
         if user is None:
@@ -155,6 +173,11 @@ class Command(BaseCommand):
         target = Host.objects.restrict(user).filter(name=o["target"]).first()
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
+        if not o["quick"] and o["mode"] in ("live", "live-copy") and dirtyrate.recall(vm.uuid) is None:
+            # libvirt's dirty-rate measurement takes a second: started now, it runs while
+            # the state is read and the plan checked; the checklist waits for this one
+            # instead of starting its own (migrations_app/preflight/checks/prediction.py).
+            prime_dirty_rate(vm)
         options = options_from_args(o)
         try:
             window = clean_window(o["not_before"], o["not_after"])
@@ -168,6 +191,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc), returncode=2) from None
         _timing("plan")
         report = run_preflight(plan, measure_dirty_rate=not o["quick"])
+        checked_at = time.monotonic()
         _timing("preflight")
         acks = list(o["ack"])
         if o["ack_all"]:
@@ -197,7 +221,8 @@ class Command(BaseCommand):
                 f"job #{job.pk}: {job.get_status_display()}  ({plan.virsh_command().splitlines()[0]})"
             )
         if o["wait"]:
-            job = self.follow(job, quiet=o["json"])
+            running = run_here(job, report, checked_at)
+            job = self.follow(job, quiet=o["json"], running=running, user=user)
             _timing("final")
         if o["json"]:
             self.stdout.write(json.dumps(job_json(job)))
@@ -205,19 +230,57 @@ class Command(BaseCommand):
         if o["wait"] and job.status != MigrationJob.SUCCEEDED:
             sys.exit(1)
 
-    def follow(self, job, quiet=False):
+    def follow(self, job, quiet=False, running=None, user=None):
+        """Print the job's state as it changes until it ends. ``running``: the Operation
+        running it in this process (run_here); Ctrl-C then asks for a cancel once."""
         last = None
+        cancelled = running is None
         while True:
-            job.refresh_from_db()
-            line = f"#{job.pk} {job.status} {job.phase} {job.percent:.0f}%"
-            if not quiet and line != last:
-                self.stdout.write(line)
-                last = line
-            if job.is_final:
-                if not quiet:
-                    self.stdout.write(job.error or f"succeeded: {job.vm_name} is on {job.target_name}")
-                return job
-            time.sleep(0.05)
+            try:
+                job.refresh_from_db()
+                line = f"#{job.pk} {job.status} {job.phase} {job.percent:.0f}%"
+                if not quiet and line != last:
+                    self.stdout.write(line)
+                    last = line
+                if job.is_final:
+                    if not quiet:
+                        self.stdout.write(job.error or f"succeeded: {job.vm_name} is on {job.target_name}")
+                    if running is not None:
+                        # What the runner does after the row is final (queueing the
+                        # hosts' sync) is short; its thread must not be cut off by exit.
+                        running.wait(30)
+                    return job
+                if running is not None and running.done and running.error is not None:
+                    raise running.error
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                if cancelled:
+                    raise
+                cancelled = True
+                self.stderr.write(f"cancelling job #{job.pk} (Ctrl-C again leaves it to reconcile)")
+                try:
+                    do_cancel_job(job, user)
+                except JobError as exc:
+                    self.stderr.write(str(exc))
+
+
+def run_here(job, report, checked_at):
+    """Run the job in this process (the worker's claim decides: a job not due, waiting
+    for approval or already taken is left alone). Returns the Operation, or None when
+    there is nothing to run here."""
+    if job.status != MigrationJob.QUEUED or job.waiting_for:
+        return None
+    checked = report if time.monotonic() - checked_at <= CHECKED_FRESH_SECONDS else None
+
+    def body():
+        try:
+            return runner.run_job(
+                job.pk, worker=f"migrate_vm:{worker_name()}", checked=checked, defer_sync=True
+            )
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    return Operation(body, f"migrate_vm job {job.pk}")
 
 
 def options_from_args(o):

@@ -1,0 +1,236 @@
+"""`manage.py cli_server`: runs `migrate_vm` and `preflight` for manage.py without
+Django's start-up (the client side and why: migrations_app/cliclient.py).
+
+One process with Django set up and the commands' modules imported listens on
+<data dir>/cli.sock (0600 in the 0700 data directory). Per request it forks a child; the
+child takes the caller's standard input, output and error, environment, working directory
+and arguments, tells the caller its PID (the caller relays Ctrl-C to it), runs the
+command through Django's own ``execute_from_command_line`` and sends its exit status last.
+So a served command is a process of its own, like one manage.py started: its own
+database connection, its own libvirt connections, `migrate_vm --wait` runs its job in it
+with the worker's claim, journal and heartbeats, and a killed child is a killed command
+(reconcile concludes its job). A restart of the server does not touch running children
+(each is in a session of its own).
+
+Refused, so manage.py runs the command itself: another user than the server's (or root),
+a command not in ``SERVED``, or settings the server was not started with (the caller's
+KVMWEB_*, DJANGO_*, DATABASE_URL, REDIS_URL... differ: another data directory or
+database). The server must be restarted with the other services when the code changes,
+as the workers are.
+
+The server stays single-threaded (a fork from a process with threads could inherit a
+held lock) and opens no database or libvirt connection of its own.
+"""
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+from migrations_app.cliclient import SERVED, socket_path
+
+log = logging.getLogger(__name__)
+
+# Set for one run, never part of the settings: may differ between the caller and the server.
+PER_RUN = {"KVMWEB_CLI_TIMING", "KVMWEB_ADMIN_USER", "KVMWEB_CRASH_AFTER_STEP", "KVMWEB_CLI_SERVER"}
+SETTINGS_PREFIXES = ("KVMWEB_", "DJANGO_", "DATABASE_", "REDIS_", "Q_CLUSTER", "PROMETHEUS_")
+MAX_REQUEST = 1 << 20
+
+
+def settings_env(environ):
+    """The part of an environment the settings (and django-q2's) are read from."""
+    return {k: v for k, v in environ.items() if k.startswith(SETTINGS_PREFIXES) and k not in PER_RUN}
+
+
+def refusal(request, server_env):
+    """Why this server must not run ``request`` ("" when it may)."""
+    argv = request.get("argv") or []
+    if not argv or argv[0] not in SERVED:
+        return "not a served command"
+    theirs = settings_env(request.get("env") or {})
+    ours = settings_env(server_env)
+    # Values the settings module sets in the server's own environment at start-up.
+    for key in ("PROMETHEUS_MULTIPROC_DIR",):
+        if key not in theirs:
+            ours.pop(key, None)
+    if theirs != ours:
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        return "other settings: " + ", ".join(differ)
+    return ""
+
+
+def preload():
+    """Import what a served command imports (the point of the server)."""
+    from django.core.management import load_command_class
+
+    for name in SERVED:
+        load_command_class("migrations_app", name)
+    import libvirt  # noqa: F401 - hosts/hypervisor.py imports it lazily in places
+
+    from migrations_app import modes, runner  # noqa: F401
+    from migrations_app.preflight import registry  # noqa: F401
+
+
+def _recv_request(conn):
+    msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+    if len(msg) < 4:
+        raise ValueError("short request")
+    (size,) = struct.unpack("!I", msg[:4])
+    if size > MAX_REQUEST:
+        raise ValueError("request too large")
+    data = msg[4:]
+    while len(data) < size:
+        chunk = conn.recv(min(65536, size - len(data)))
+        if not chunk:
+            raise ValueError("truncated request")
+        data += chunk
+    return json.loads(data), fds
+
+
+def _peer_allowed(conn):
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (os.geteuid(), 0)
+
+
+def _child(conn, fds, request):
+    """In the forked child: become the caller's command, run it, report the status. Never
+    returns."""
+    status = 1
+    try:
+        os.setsid()
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own streams
+        sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        env = dict(request["env"])
+        for key in ("PROMETHEUS_MULTIPROC_DIR",):  # set by settings in this process
+            if key in os.environ:
+                env[key] = os.environ[key]
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(request["cwd"])
+        conn.sendall(f"P {os.getpid()}\n".encode())
+        sys.argv = ["manage.py", *request["argv"]]
+        from django.core.management import execute_from_command_line
+
+        try:
+            execute_from_command_line(sys.argv)
+            status = 0
+        except SystemExit as exc:
+            code = exc.code
+            status = code if isinstance(code, int) else (0 if code is None else 1)
+            if code is not None and not isinstance(code, int):
+                sys.stderr.write(f"{code}\n")
+        except KeyboardInterrupt:
+            status = 130
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        # What a normal exit does, then the status last (the caller exits on it).
+        import atexit
+
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        conn.sendall(f"X {status}\n".encode())
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
+    finally:
+        os._exit(status)
+
+
+def serve(stop=None):
+    """Listen until SIGTERM/SIGINT (or ``stop()`` returns True after an accept times out)."""
+    from django.db import connections
+
+    preload()
+    connections.close_all()
+    path = socket_path()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        if path.exists() or path.is_symlink():
+            path.unlink()  # left by a server that died
+    else:
+        probe.close()
+        raise RuntimeError(f"another cli_server listens on {path}")
+    finally:
+        probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    listener.settimeout(1.0)
+    stopping = []
+
+    def on_stop(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    server_env = dict(os.environ)
+    log.info("cli_server listening on %s", path)
+    print(f"cli_server: listening on {path}", flush=True)
+    try:
+        while not stopping and not (stop and stop()):
+            try:
+                conn, _addr = listener.accept()
+            except (TimeoutError, InterruptedError):
+                continue
+            fds = []
+            try:
+                conn.settimeout(5.0)
+                if not _peer_allowed(conn):
+                    conn.sendall(b"R not allowed\n")
+                    continue
+                request, fds = _recv_request(conn)
+                why = refusal(request, server_env) or ("" if len(fds) == 3 else "no standard streams")
+                if why:
+                    print(f"cli_server: refused {request.get('argv', ['?'])[:1]}: {why}", flush=True)
+                    conn.sendall(f"R {why}\n".encode())
+                    continue
+                conn.settimeout(None)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    _child(conn, fds, request)
+                print(f"cli_server: {request['argv'][0]} in process {pid}", flush=True)
+            except Exception as exc:  # one bad request never stops the server
+                print(f"cli_server: bad request: {exc}", flush=True)
+            finally:
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                conn.close()
+    finally:
+        listener.close()
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,84 @@
+"""`manage.py cli_server`: migrate_vm and preflight run in a process forked from a server
+that has Django loaded, with the caller's streams, environment and exit status; callers
+with other settings (or with KVMWEB_CLI_SERVER=0) run the command themselves."""
+
+import os
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+
+from migrations_app import cliclient, cliserver
+from tests.sites import PY, ROOT, migrated_template, site_env
+
+
+def test_it_refuses_other_settings_and_other_commands_but_not_per_run_values():
+    ours = {"KVMWEB_DATA_DIR": "/d", "DJANGO_SETTINGS_MODULE": "kvmweb.settings", "HOME": "/root"}
+    same = dict(ours, HOME="/home/x", KVMWEB_CLI_TIMING="1", KVMWEB_ADMIN_USER="bob")
+    assert cliserver.refusal({"argv": ["migrate_vm", "vm"], "env": same}, ours) == ""
+    other_db = dict(ours, DATABASE_URL="postgres://elsewhere/kvmweb")
+    assert "DATABASE_URL" in cliserver.refusal({"argv": ["migrate_vm"], "env": other_db}, ours)
+    assert "KVMWEB_DATA_DIR" in cliserver.refusal(
+        {"argv": ["preflight"], "env": {**ours, "KVMWEB_DATA_DIR": "/e"}}, ours
+    )
+    assert cliserver.refusal({"argv": ["shell"], "env": ours}, ours) == "not a served command"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A data dir with a migrated DB and a running cli_server (stopped by its PID)."""
+    for name in ("kvmweb.sqlite3", "secret_key", "audit_key"):
+        (tmp_path / name).write_bytes((migrated_template() / name).read_bytes())
+    env = site_env(tmp_path)
+    env.pop("KVMWEB_CLI_SERVER", None)
+    log = open(tmp_path / "cli_server.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [PY, "manage.py", "cli_server"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    path = cliclient.socket_path(env)
+    deadline = time.monotonic() + 120  # a loaded machine: Django start-up can take seconds
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "cli_server.log"
+            ).read_text()
+            time.sleep(0.05)
+    yield env, path, tmp_path / "cli_server.log"
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def _manage(env, *args):
+    return subprocess.run(
+        [PY, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_it_runs_migrate_vm_in_a_served_process_with_the_callers_streams_and_status(served):
+    env, path, log = served
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    r = _manage(env, "migrate_vm", "web1", "hb", "--mode", "live", "--user", "nobody-here")
+    assert r.returncode == 2 and "no kvmweb user 'nobody-here'" in r.stderr, r
+    assert "migrate_vm in process" in log.read_text()
+    helped = _manage(env, "migrate_vm", "--help")
+    assert helped.returncode == 0 and "usage: manage.py migrate_vm" in helped.stdout
+    assert log.read_text().count("migrate_vm in process") == 2
+
+
+def test_it_runs_the_command_itself_when_the_server_has_other_settings_or_is_switched_off(served):
+    env, _path, log = served
+    other = _manage(
+        dict(env, KVMWEB_LIBVIRT_CALL_TIMEOUT="7"), "migrate_vm", "w", "h", "--mode", "live", "--user", "x"
+    )
+    assert other.returncode == 2 and "no kvmweb user 'x'" in other.stderr
+    assert "refused ['migrate_vm']: other settings: KVMWEB_LIBVIRT_CALL_TIMEOUT" in log.read_text()
+    off = _manage(dict(env, KVMWEB_CLI_SERVER="0"), "migrate_vm", "w", "h", "--mode", "live", "--user", "x")
+    assert off.returncode == 2 and "no kvmweb user 'x'" in off.stderr
+    assert "in process" not in log.read_text()
