@@ -11,6 +11,13 @@ Crash safety:
   item is not pending any more; the VM's one-active-job constraint is a second guard).
   The job is queued on commit; a message lost in a crash is re-queued by
   migrations_app.reconcile (jobs waiting in QUEUED too long).
+- No child is left behind by a crash even where no reconcile pass runs (the default
+  cluster's schedule is down, or only `evacuate --wait` drives the batch): every pass
+  queues again a child that waited in QUEUED unclaimed for
+  KVMWEB_FLEET_CHILD_REQUEUE_SECONDS (its message was lost: a scheduler killed between
+  the commit and the on-commit message, or a migrations worker killed after taking the
+  message and before its claim), and reconciles a child whose worker stopped
+  heartbeating (``_rescue_children``).
 - Limits are counted from the database (active MigrationJobs by source, by target, in
   total, and this batch's started items) at every pass, so a restart sees what runs.
 - libvirt (the preflight) is called before the transaction opens, never inside it.
@@ -136,6 +143,79 @@ def _follow_children(batch):
                     job=job.pk,
                     status=outcome,
                 )
+
+
+def child_requeue_seconds():
+    return float(getattr(settings, "KVMWEB_FLEET_CHILD_REQUEUE_SECONDS", 15))
+
+
+# The prefix of the job-log line of a re-queued job (migrations_app/reconcile.py
+# requeue_lost writes the same): its time is when the job was last queued.
+REQUEUED_PREFIX = "Queued again"
+# A child in needs_reconcile is reconciled by this process at most this often (a host
+# that stays unreachable sends it back to needs_reconcile "will retry" every time).
+RECONCILE_EVERY_SECONDS = 5.0
+_reconciled_at = {}
+
+
+def _rescue_children(batch, now=None):
+    """The crash cases no other part of a pass would ever see end (docs/fleet.md):
+
+    - a child QUEUED, not held by a window or a gate (``waiting_for`` empty), that no
+      worker claimed within child_requeue_seconds of being queued (or queued again) lost
+      its message: queued again. A worker picks a message up in well under a second; the
+      message is lost when the scheduler dies between the job's commit and the
+      on-commit message, or when the migrations cluster is killed after taking it and
+      before its claim (the ORM broker redelivers only after ``retry``, hours later). A
+      duplicate is harmless: the worker's claim lets one delivery in.
+    - a child whose worker stopped heartbeating for reconcile.STALE_SECONDS, or that waits
+      in needs_reconcile: reconciled here (reconcile_jobs(job_ids=...): conditional claims,
+      so the default cluster's reconcile pass doing the same is harmless). Without this a
+      batch driven only by `evacuate --wait` would wait forever for a child whose worker
+      died after the last reconcile pass. A migration libvirt still runs is re-attached and
+      followed to its end inside this pass (its lease lapses meanwhile; other schedulers
+      may pass, the claims keep them apart).
+    Returns (requeued job ids, reconciled job ids)."""
+    from migrations_app import reconcile
+    from migrations_app.models import JobEvent
+    from migrations_app.services import add_event, enqueue
+
+    now = now or timezone.now()
+    children = MigrationJob.objects.filter(batch_item__batch=batch, batch_item__status=BatchItem.STARTED)
+    requeued = []
+    cutoff = now - timedelta(seconds=child_requeue_seconds())
+    for job in children.filter(status=states.QUEUED, waiting_for="", created_at__lt=cutoff):
+        again = JobEvent.objects.filter(job=job, message__startswith=REQUEUED_PREFIX, at__gte=cutoff)
+        if again.exists():
+            continue
+        with transaction.atomic():
+            if not MigrationJob.objects.filter(pk=job.pk, status=states.QUEUED).exists():
+                continue  # claimed meanwhile
+            add_event(
+                job.pk,
+                f"{REQUEUED_PREFIX} by batch #{batch.pk}: no worker had taken it for "
+                f"{child_requeue_seconds():.0f} s (its message may have been lost).",
+            )
+            enqueue(job)
+        requeued.append(job.pk)
+    stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
+    due = list(
+        children.filter(
+            Q(status__in=states.WORKING, heartbeat_at__lt=stale) | Q(status=states.NEEDS_RECONCILE)
+        ).values_list("pk", flat=True)
+    )
+    clock = time.monotonic()
+    due = [
+        pk
+        for pk in due
+        if clock - _reconciled_at.get(pk, -RECONCILE_EVERY_SECONDS) >= RECONCILE_EVERY_SECONDS
+    ]
+    for pk in [pk for pk, at in _reconciled_at.items() if clock - at > 60]:
+        del _reconciled_at[pk]
+    if due:
+        _reconciled_at.update(dict.fromkeys(due, clock))
+        reconcile.reconcile_jobs(now, job_ids=due)
+    return requeued, due
 
 
 def _skip_pending(batch, reason, status=BatchItem.SKIPPED):
@@ -292,6 +372,7 @@ def tick(batch_id, owner=None):
         return None
     try:
         batch = Batch.objects.get(pk=batch_id)
+        _rescue_children(batch)
         _follow_children(batch)
         if (
             batch.status == Batch.RUNNING
