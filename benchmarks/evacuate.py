@@ -21,6 +21,7 @@ Uses a throwaway SQLite database and data dir; creates and removes its own guest
 """
 
 import argparse
+import os
 import secrets
 import statistics
 import sys
@@ -117,8 +118,9 @@ def main():
             seq = run_virsh(placement, 1, args.bandwidth)
             bring_back(placement)
             results.append((kvm, par, seq, predicted, planning))
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(
-                f"round {i + 1}: kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
+                f"round {i + 1} (load average {load}): kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
                 f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
                 f"ratio kvmweb/virsh-parallel {kvm / par:.3f}",
                 flush=True,

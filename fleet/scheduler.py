@@ -107,7 +107,9 @@ def lost_with_its_worker(item, job):
 
 def _follow_children(batch):
     """Items whose child job reached a final state take its outcome (or, for a child
-    lost with its worker, go back to pending for one more attempt)."""
+    lost with its worker, go back to pending for one more attempt). Returns True when an
+    item went back to pending."""
+    retried = False
     started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
     for item in started.select_related("job"):
         job = item.job
@@ -120,6 +122,7 @@ def _follow_children(batch):
                     attempts=item.attempts + 1,
                     previous_jobs=[*item.previous_jobs, job.pk],
                 ):
+                    retried = True
                     _audit(
                         "batch.decision",
                         batch,
@@ -143,6 +146,7 @@ def _follow_children(batch):
                     job=job.pk,
                     status=outcome,
                 )
+    return retried
 
 
 def child_requeue_seconds():
@@ -372,8 +376,15 @@ def tick(batch_id, owner=None):
         return None
     try:
         batch = Batch.objects.get(pk=batch_id)
-        _rescue_children(batch)
-        _follow_children(batch)
+        # A freed slot is used first: the ended children's item ends and audit lines are
+        # then not on the next child's critical path (one more transaction per wave).
+        # `mine` counts only children still active, so an ended child not followed yet
+        # frees its slot. Not with "stop on first failure": an ended child may be the
+        # failure that must stop the batch before anything else starts.
+        early = _may_start(batch) and not batch.stop_on_failure
+        if early:
+            _start_next(batch, owner)
+        retried = _follow_children(batch)
         if (
             batch.status == Batch.RUNNING
             and batch.stop_on_failure
@@ -404,13 +415,25 @@ def tick(batch_id, owner=None):
                 % {"t": batch.not_after.isoformat(timespec="minutes")},
                 BatchItem.MISSED,
             )
-        if batch.status == Batch.RUNNING and not (batch.not_before and timezone.now() < batch.not_before):
+        if _may_start(batch) and (retried or not early):
             _start_next(batch, owner)
+        # Off the critical path: what it rescues is followed at the next pass.
+        _rescue_children(batch)
         if not batch.items.filter(status__in=BatchItem.OPEN).exists() and batch.status != Batch.PAUSED:
             _finish(batch)
         return batch.status
     finally:
         release(batch_id, owner)
+
+
+def _may_start(batch):
+    """The batch runs and its window is open (children may start now)."""
+    now = timezone.now()
+    return (
+        batch.status == Batch.RUNNING
+        and not (batch.not_before and now < batch.not_before)
+        and not (batch.not_after and now > batch.not_after)
+    )
 
 
 def _start_next(batch, owner):
@@ -425,7 +448,8 @@ def _start_within_limits(batch, owner):
     before each start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
     now, waiting = timezone.now(), []
-    mine = batch.items.filter(status=BatchItem.STARTED).count()
+    # Children still active (an ended child not followed yet holds no slot).
+    mine = batch.items.filter(status=BatchItem.STARTED).exclude(job__status__in=states.FINAL).count()
     limit = global_limit()
     for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
         if mine >= batch.max_parallel or total >= limit:

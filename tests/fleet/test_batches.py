@@ -232,8 +232,28 @@ def test_it_reconciles_a_child_whose_worker_died_after_the_last_reconcile(batch_
     first.refresh_from_db()
     assert first.status == MigrationJob.FAILED and first.worker.startswith("reconcile:")
     assert "did not complete the migration" in first.error
+    scheduler.tick(batch.pk)  # the next pass follows it: lost with its worker, retried
     item = batch.items.get()
     assert item.status == BatchItem.STARTED and item.previous_jobs == [first.pk] and item.job != first
+
+
+def test_it_starts_the_next_child_before_following_the_one_that_ended(batch_of):
+    """A freed slot is used first in a pass: the ended child's item end (a transaction and
+    an audit line) is written after the next child exists, off its critical path. Not
+    with "stop on first failure", where the ended child decides whether anything starts."""
+    batch = batch_of(3, per_source=1)
+    scheduler.tick(batch.pk)
+    first = MigrationJob.objects.get()
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.SUCCEEDED)
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 2 and _active_by_source() == 1
+    events = AuditEvent.objects.filter(action__in=["batch.decision", "batch.item_end"]).order_by("id")
+    assert [(e.action, e.details["job"]) for e in events] == [
+        ("batch.decision", first.pk),
+        ("batch.decision", first.pk + 1),
+        ("batch.item_end", first.pk),
+    ]
+    assert batch.items.get(job=first).status == BatchItem.SUCCEEDED
 
 
 def test_it_reacts_at_once_when_a_child_ends(batch_of):

@@ -218,9 +218,13 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
         peak = _max_overlap([(_ts(j["created_at"]), _ts(j["finished_at"])) for j in jobs])
         assert peak <= 2, jobs
         predicted = result["predicted_seconds"]
+        requeued = c.q("select count(*) from migrations_app_jobevent where message like 'Queued again%'")[0][
+            0
+        ]
         print(
             f"evacuation of {len(moved)} VMs: {wall:.1f} s wall (worker and scheduler killed once each), "
-            f"predicted {predicted:.1f} s, peak outbound {peak}, children lost with the worker and retried: {len(lost)}"
+            f"predicted {predicted:.1f} s, peak outbound {peak}, children lost with the worker and retried: {len(lost)}, "
+            f"children queued again (message lost with the killed processes): {requeued}"
         )
 
         # A host in maintenance is refused as a target.
