@@ -179,8 +179,11 @@ def _rescue_children(batch, now=None):
       died after the last reconcile pass. A migration libvirt still runs is re-attached and
       followed to its end inside this pass (its lease lapses meanwhile; other schedulers
       may pass, the claims keep them apart).
+    - a child held at its claim (a blackout) whose reason is over is released, and one
+      whose window closed ends as missed, as windows.release_due does.
     Returns (requeued job ids, reconciled job ids)."""
-    from migrations_app import reconcile
+    from migrations_app import reconcile, windows
+    from migrations_app.lifecycle import write_event
     from migrations_app.models import JobEvent
     from migrations_app.services import add_event, enqueue
 
@@ -202,6 +205,24 @@ def _rescue_children(batch, now=None):
             )
             enqueue(job)
         requeued.append(job.pk)
+    # A child held at its worker's claim (a blackout began between its creation and the
+    # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
+    # same for this batch's children, so a batch never depends on that cluster.
+    for job in (
+        children.filter(status=states.QUEUED).exclude(waiting_for="").select_related("source", "target")
+    ):
+        if job.not_after and now > job.not_after:
+            windows.miss(job, now)
+            continue
+        if windows.why_not_due(job, now):
+            continue
+        with transaction.atomic():
+            if MigrationJob.objects.filter(
+                pk=job.pk, status=states.QUEUED, waiting_for=job.waiting_for
+            ).update(waiting_for=""):
+                write_event(job.pk, ("released", {}))
+                enqueue(job)
+                requeued.append(job.pk)
     stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
     due = list(
         children.filter(

@@ -10,9 +10,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from fleet import scheduler, services
-from fleet.models import Batch, BatchItem
+from fleet.models import Batch, BatchItem, Blackout
 from fleet.planner import make_plan
-from hosts.models import VM
+from hosts.models import VM, Host, HostGroup
 from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, MigrationJob
 
@@ -204,11 +204,24 @@ def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, s
     assert JobEvent.objects.filter(job=job, message__startswith="Queued again by batch").count() == 1
     scheduler.tick(batch.pk)
     assert len(sent) == 2  # not again before another interval
-    # A child held by a window or a blackout has no message on purpose: left alone.
+    # A child held at its claim by a blackout has no message on purpose: left alone while
+    # the blackout lasts, released by the batch's pass when it is over (no reconcile pass
+    # runs here either).
+    group = HostGroup.objects.create(name="rack-a")
+    Host.objects.filter(pk=job.source_id).update(group=group)
+    blackout = Blackout.objects.create(
+        group=group,
+        starts_at=timezone.now() - timedelta(minutes=1),
+        ends_at=timezone.now() + timedelta(hours=1),
+    )
     JobEvent.objects.filter(job=job).update(at=queued_at)
-    MigrationJob.objects.filter(pk=job.pk).update(waiting_for="Blackout of g until 12:00.")
+    MigrationJob.objects.filter(pk=job.pk).update(waiting_for="Blackout of rack-a until later.")
     scheduler.tick(batch.pk)
     assert len(sent) == 2
+    blackout.delete()
+    scheduler.tick(batch.pk)
+    job.refresh_from_db()
+    assert len(sent) == 3 and job.waiting_for == "" and job.status == MigrationJob.QUEUED
 
 
 def test_it_reconciles_a_child_whose_worker_died_after_the_last_reconcile(batch_of, monkeypatch):
