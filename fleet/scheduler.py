@@ -57,11 +57,12 @@ def global_limit():
     return int(getattr(settings, "KVMWEB_FLEET_GLOBAL_LIMIT", 5))
 
 
-def claim(batch_id, owner, seconds=LEASE_SECONDS):
-    """Take the batch's lease (conditional UPDATE). True when this caller owns the pass."""
+def claim(batch_id, owner, seconds=LEASE_SECONDS, status=None):
+    """Take the batch's lease (conditional UPDATE). True when this caller owns the pass.
+    ``status``: only while the batch is in that state."""
     now = timezone.now()
     return bool(
-        Batch.objects.filter(pk=batch_id, status__in=Batch.ACTIVE_STATES)
+        Batch.objects.filter(pk=batch_id, status__in=[status] if status else Batch.ACTIVE_STATES)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
         .update(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
     )
@@ -283,10 +284,14 @@ def _finish(batch):
 
 def _active_counts():
     """Active migration jobs (all of kvmweb, not only batches) by source, by target, total."""
-    active = MigrationJob.objects.filter(status__in=states.ACTIVE)
-    by_source = dict(active.values_list("source_id").annotate(n=Count("id")).values_list("source_id", "n"))
-    by_target = dict(active.values_list("target_id").annotate(n=Count("id")).values_list("target_id", "n"))
-    return by_source, by_target, active.count()
+    by_source, by_target, total = {}, {}, 0
+    # One query (grouped by the pair), not three: this runs on every freed slot's path.
+    pairs = MigrationJob.objects.filter(status__in=states.ACTIVE).values_list("source_id", "target_id")
+    for source_id, target_id, n in pairs.annotate(n=Count("id")).values_list("source_id", "target_id", "n"):
+        by_source[source_id] = by_source.get(source_id, 0) + n
+        by_target[target_id] = by_target.get(target_id, 0) + n
+        total += n
+    return by_source, by_target, total
 
 
 def report_reuse_seconds():
@@ -335,6 +340,7 @@ def _start_item(batch, item):
     if item.mode == "cold":
         options.setdefault("start_on_target", vm.is_running)  # no libvirt call in do_create_job
     try:
+        vm.host = item.source  # the same row (checked above): no second query for it
         plan = MigrationPlan(vm, vm.host, item.target, item.mode, options)
         report = _recent_report(item) or run_preflight(plan, measure_dirty_rate=False)
     except PlanError as exc:
@@ -484,10 +490,11 @@ def _start_within_limits(batch, owner):
             if blackout is not None:
                 waiting.append(blackout_text(blackout))
                 continue
-        if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
-            return waiting  # paused or cancelled meanwhile
-        if not claim(batch.pk, owner):
-            return waiting  # the lease ran out and another scheduler took the batch: it counts anew
+        # One conditional UPDATE renews the lease and checks the batch still runs: paused
+        # or cancelled meanwhile, or the lease ran out and another scheduler took the
+        # batch (it counts anew): start nothing more.
+        if not claim(batch.pk, owner, status=Batch.RUNNING):
+            return waiting
         if _start_item(batch, item):
             mine += 1
             total += 1
