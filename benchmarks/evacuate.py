@@ -89,16 +89,8 @@ def run_virsh(placement, parallel, bandwidth):
     return time.monotonic() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--guests", type=int, default=6)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--memory", type=int, default=128)
-    ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-
-    started = lab.up(3)
+def run_rounds(args):
+    """Set up the guests and a worker, run the rounds, clean up. Returns the rounds' figures."""
     user, _hosts = labbench.kvmweb(HOSTS)
     names = [f"bench-ev-{i}-{secrets.token_hex(3)}" for i in range(args.guests)]
     worker = None
@@ -129,8 +121,23 @@ def main():
         labbench.stop_worker(worker)
         for name in names:
             lab.remove_guest(name)
-        if started:
-            lab.down(hosts=started)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guests", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=128)
+    ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    # lab.session: hosts this run had to start (lab-c) are stopped at the end only when no
+    # other session holds a lease and no guest runs on them (stopping lab-c outright killed
+    # other sessions' migrations to it).
+    with lab.session(3):
+        results = run_rounds(args)
     best = min(results, key=lambda r: r[0] / r[1])
     worst = max(results, key=lambda r: r[0] / r[1])
     print()
