@@ -21,6 +21,7 @@ Uses a throwaway SQLite database and data dir; creates and removes its own guest
 """
 
 import argparse
+import os
 import secrets
 import statistics
 import sys
@@ -88,16 +89,8 @@ def run_virsh(placement, parallel, bandwidth):
     return time.monotonic() - t0
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--guests", type=int, default=6)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--memory", type=int, default=128)
-    ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-
-    started = lab.up(3)
+def run_rounds(args):
+    """Set up the guests and a worker, run the rounds, clean up. Returns the rounds' figures."""
     user, _hosts = labbench.kvmweb(HOSTS)
     names = [f"bench-ev-{i}-{secrets.token_hex(3)}" for i in range(args.guests)]
     worker = None
@@ -117,8 +110,9 @@ def main():
             seq = run_virsh(placement, 1, args.bandwidth)
             bring_back(placement)
             results.append((kvm, par, seq, predicted, planning))
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(
-                f"round {i + 1}: kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
+                f"round {i + 1} (load average {load}): kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
                 f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
                 f"ratio kvmweb/virsh-parallel {kvm / par:.3f}",
                 flush=True,
@@ -127,8 +121,23 @@ def main():
         labbench.stop_worker(worker)
         for name in names:
             lab.remove_guest(name)
-        if started:
-            lab.down(hosts=started)
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--guests", type=int, default=6)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=128)
+    ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    # lab.session: hosts this run had to start (lab-c) are stopped at the end only when no
+    # other session holds a lease and no guest runs on them (stopping lab-c outright killed
+    # other sessions' migrations to it).
+    with lab.session(3):
+        results = run_rounds(args)
     best = min(results, key=lambda r: r[0] / r[1])
     worst = max(results, key=lambda r: r[0] / r[1])
     print()

@@ -11,6 +11,13 @@ Crash safety:
   item is not pending any more; the VM's one-active-job constraint is a second guard).
   The job is queued on commit; a message lost in a crash is re-queued by
   migrations_app.reconcile (jobs waiting in QUEUED too long).
+- No child is left behind by a crash even where no reconcile pass runs (the default
+  cluster's schedule is down, or only `evacuate --wait` drives the batch): every pass
+  queues again a child that waited in QUEUED unclaimed for
+  KVMWEB_FLEET_CHILD_REQUEUE_SECONDS (its message was lost: a scheduler killed between
+  the commit and the on-commit message, or a migrations worker killed after taking the
+  message and before its claim), and reconciles a child whose worker stopped
+  heartbeating (``_rescue_children``).
 - Limits are counted from the database (active MigrationJobs by source, by target, in
   total, and this batch's started items) at every pass, so a restart sees what runs.
 - libvirt (the preflight) is called before the transaction opens, never inside it.
@@ -50,11 +57,12 @@ def global_limit():
     return int(getattr(settings, "KVMWEB_FLEET_GLOBAL_LIMIT", 5))
 
 
-def claim(batch_id, owner, seconds=LEASE_SECONDS):
-    """Take the batch's lease (conditional UPDATE). True when this caller owns the pass."""
+def claim(batch_id, owner, seconds=LEASE_SECONDS, status=None):
+    """Take the batch's lease (conditional UPDATE). True when this caller owns the pass.
+    ``status``: only while the batch is in that state."""
     now = timezone.now()
     return bool(
-        Batch.objects.filter(pk=batch_id, status__in=Batch.ACTIVE_STATES)
+        Batch.objects.filter(pk=batch_id, status__in=[status] if status else Batch.ACTIVE_STATES)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
         .update(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
     )
@@ -100,7 +108,9 @@ def lost_with_its_worker(item, job):
 
 def _follow_children(batch):
     """Items whose child job reached a final state take its outcome (or, for a child
-    lost with its worker, go back to pending for one more attempt)."""
+    lost with its worker, go back to pending for one more attempt). Returns True when an
+    item went back to pending."""
+    retried = False
     started = batch.items.filter(status=BatchItem.STARTED, job__status__in=states.FINAL)
     for item in started.select_related("job"):
         job = item.job
@@ -113,6 +123,7 @@ def _follow_children(batch):
                     attempts=item.attempts + 1,
                     previous_jobs=[*item.previous_jobs, job.pk],
                 ):
+                    retried = True
                     _audit(
                         "batch.decision",
                         batch,
@@ -136,6 +147,101 @@ def _follow_children(batch):
                     job=job.pk,
                     status=outcome,
                 )
+    return retried
+
+
+def child_requeue_seconds():
+    return float(getattr(settings, "KVMWEB_FLEET_CHILD_REQUEUE_SECONDS", 15))
+
+
+# The prefix of the job-log line of a re-queued job (migrations_app/reconcile.py
+# requeue_lost writes the same): its time is when the job was last queued.
+REQUEUED_PREFIX = "Queued again"
+# A child in needs_reconcile is reconciled by this process at most this often (a host
+# that stays unreachable sends it back to needs_reconcile "will retry" every time).
+RECONCILE_EVERY_SECONDS = 5.0
+_reconciled_at = {}
+
+
+def _rescue_children(batch, now=None):
+    """The crash cases no other part of a pass would ever see end (docs/fleet.md):
+
+    - a child QUEUED, not held by a window or a gate (``waiting_for`` empty), that no
+      worker claimed within child_requeue_seconds of being queued (or queued again) lost
+      its message: queued again. A worker picks a message up in well under a second; the
+      message is lost when the scheduler dies between the job's commit and the
+      on-commit message, or when the migrations cluster is killed after taking it and
+      before its claim (the ORM broker redelivers only after ``retry``, hours later). A
+      duplicate is harmless: the worker's claim lets one delivery in.
+    - a child whose worker stopped heartbeating for reconcile.STALE_SECONDS, or that waits
+      in needs_reconcile: reconciled here (reconcile_jobs(job_ids=...): conditional claims,
+      so the default cluster's reconcile pass doing the same is harmless). Without this a
+      batch driven only by `evacuate --wait` would wait forever for a child whose worker
+      died after the last reconcile pass. A migration libvirt still runs is re-attached and
+      followed to its end inside this pass (its lease lapses meanwhile; other schedulers
+      may pass, the claims keep them apart).
+    - a child held at its claim (a blackout) whose reason is over is released, and one
+      whose window closed ends as missed, as windows.release_due does.
+    Returns (requeued job ids, reconciled job ids)."""
+    from migrations_app import reconcile, windows
+    from migrations_app.lifecycle import write_event
+    from migrations_app.models import JobEvent
+    from migrations_app.services import add_event, enqueue
+
+    now = now or timezone.now()
+    children = MigrationJob.objects.filter(batch_item__batch=batch, batch_item__status=BatchItem.STARTED)
+    requeued = []
+    cutoff = now - timedelta(seconds=child_requeue_seconds())
+    for job in children.filter(status=states.QUEUED, waiting_for="", created_at__lt=cutoff):
+        again = JobEvent.objects.filter(job=job, message__startswith=REQUEUED_PREFIX, at__gte=cutoff)
+        if again.exists():
+            continue
+        with transaction.atomic():
+            if not MigrationJob.objects.filter(pk=job.pk, status=states.QUEUED).exists():
+                continue  # claimed meanwhile
+            add_event(
+                job.pk,
+                f"{REQUEUED_PREFIX} by batch #{batch.pk}: no worker had taken it for "
+                f"{child_requeue_seconds():.0f} s (its message may have been lost).",
+            )
+            enqueue(job)
+        requeued.append(job.pk)
+    # A child held at its worker's claim (a blackout began between its creation and the
+    # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
+    # same for this batch's children, so a batch never depends on that cluster.
+    for job in (
+        children.filter(status=states.QUEUED).exclude(waiting_for="").select_related("source", "target")
+    ):
+        if job.not_after and now > job.not_after:
+            windows.miss(job, now)
+            continue
+        if windows.why_not_due(job, now):
+            continue
+        with transaction.atomic():
+            if MigrationJob.objects.filter(
+                pk=job.pk, status=states.QUEUED, waiting_for=job.waiting_for
+            ).update(waiting_for=""):
+                write_event(job.pk, ("released", {}))
+                enqueue(job)
+                requeued.append(job.pk)
+    stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
+    due = list(
+        children.filter(
+            Q(status__in=states.WORKING, heartbeat_at__lt=stale) | Q(status=states.NEEDS_RECONCILE)
+        ).values_list("pk", flat=True)
+    )
+    clock = time.monotonic()
+    due = [
+        pk
+        for pk in due
+        if clock - _reconciled_at.get(pk, -RECONCILE_EVERY_SECONDS) >= RECONCILE_EVERY_SECONDS
+    ]
+    for pk in [pk for pk, at in _reconciled_at.items() if clock - at > 60]:
+        del _reconciled_at[pk]
+    if due:
+        _reconciled_at.update(dict.fromkeys(due, clock))
+        reconcile.reconcile_jobs(now, job_ids=due)
+    return requeued, due
 
 
 def _skip_pending(batch, reason, status=BatchItem.SKIPPED):
@@ -178,10 +284,14 @@ def _finish(batch):
 
 def _active_counts():
     """Active migration jobs (all of kvmweb, not only batches) by source, by target, total."""
-    active = MigrationJob.objects.filter(status__in=states.ACTIVE)
-    by_source = dict(active.values_list("source_id").annotate(n=Count("id")).values_list("source_id", "n"))
-    by_target = dict(active.values_list("target_id").annotate(n=Count("id")).values_list("target_id", "n"))
-    return by_source, by_target, active.count()
+    by_source, by_target, total = {}, {}, 0
+    # One query (grouped by the pair), not three: this runs on every freed slot's path.
+    pairs = MigrationJob.objects.filter(status__in=states.ACTIVE).values_list("source_id", "target_id")
+    for source_id, target_id, n in pairs.annotate(n=Count("id")).values_list("source_id", "target_id", "n"):
+        by_source[source_id] = by_source.get(source_id, 0) + n
+        by_target[target_id] = by_target.get(target_id, 0) + n
+        total += n
+    return by_source, by_target, total
 
 
 def report_reuse_seconds():
@@ -230,6 +340,7 @@ def _start_item(batch, item):
     if item.mode == "cold":
         options.setdefault("start_on_target", vm.is_running)  # no libvirt call in do_create_job
     try:
+        vm.host = item.source  # the same row (checked above): no second query for it
         plan = MigrationPlan(vm, vm.host, item.target, item.mode, options)
         report = _recent_report(item) or run_preflight(plan, measure_dirty_rate=False)
     except PlanError as exc:
@@ -292,7 +403,15 @@ def tick(batch_id, owner=None):
         return None
     try:
         batch = Batch.objects.get(pk=batch_id)
-        _follow_children(batch)
+        # A freed slot is used first: the ended children's item ends and audit lines are
+        # then not on the next child's critical path (one more transaction per wave).
+        # `mine` counts only children still active, so an ended child not followed yet
+        # frees its slot. Not with "stop on first failure": an ended child may be the
+        # failure that must stop the batch before anything else starts.
+        early = _may_start(batch) and not batch.stop_on_failure
+        if early:
+            _start_next(batch, owner)
+        retried = _follow_children(batch)
         if (
             batch.status == Batch.RUNNING
             and batch.stop_on_failure
@@ -323,13 +442,25 @@ def tick(batch_id, owner=None):
                 % {"t": batch.not_after.isoformat(timespec="minutes")},
                 BatchItem.MISSED,
             )
-        if batch.status == Batch.RUNNING and not (batch.not_before and timezone.now() < batch.not_before):
+        if _may_start(batch) and (retried or not early):
             _start_next(batch, owner)
+        # Off the critical path: what it rescues is followed at the next pass.
+        _rescue_children(batch)
         if not batch.items.filter(status__in=BatchItem.OPEN).exists() and batch.status != Batch.PAUSED:
             _finish(batch)
         return batch.status
     finally:
         release(batch_id, owner)
+
+
+def _may_start(batch):
+    """The batch runs and its window is open (children may start now)."""
+    now = timezone.now()
+    return (
+        batch.status == Batch.RUNNING
+        and not (batch.not_before and now < batch.not_before)
+        and not (batch.not_after and now > batch.not_after)
+    )
 
 
 def _start_next(batch, owner):
@@ -344,7 +475,8 @@ def _start_within_limits(batch, owner):
     before each start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
     now, waiting = timezone.now(), []
-    mine = batch.items.filter(status=BatchItem.STARTED).count()
+    # Children still active (an ended child not followed yet holds no slot).
+    mine = batch.items.filter(status=BatchItem.STARTED).exclude(job__status__in=states.FINAL).count()
     limit = global_limit()
     for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
         if mine >= batch.max_parallel or total >= limit:
@@ -358,10 +490,11 @@ def _start_within_limits(batch, owner):
             if blackout is not None:
                 waiting.append(blackout_text(blackout))
                 continue
-        if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != Batch.RUNNING:
-            return waiting  # paused or cancelled meanwhile
-        if not claim(batch.pk, owner):
-            return waiting  # the lease ran out and another scheduler took the batch: it counts anew
+        # One conditional UPDATE renews the lease and checks the batch still runs: paused
+        # or cancelled meanwhile, or the lease ran out and another scheduler took the
+        # batch (it counts anew): start nothing more.
+        if not claim(batch.pk, owner, status=Batch.RUNNING):
+            return waiting
         if _start_item(batch, item):
             mine += 1
             total += 1

@@ -84,12 +84,12 @@ def make_vm(fleet):
 @pytest.fixture(scope="module")
 def fleet_cluster(lab, tmp_path_factory):
     """A kvmweb of its own (file SQLite DB) with lab-a, lab-b and lab-c registered and a
-    real migrations qcluster (tests/migrations_app/conftest.py Cluster). lab-c is taken
-    down again at the end when this fixture started it."""
+    real migrations qcluster (tests/migrations_app/conftest.py Cluster). A lab-c this
+    starts is left to the lab's own teardown (see _up_until_the_last_session_ends)."""
     import lab as labkit
     from tests.migrations_app.conftest import _prepared
 
-    started = labkit.up(3)
+    _up_until_the_last_session_ends(3)
     c = _prepared(tmp_path_factory.mktemp("fleet"))
     c.manage("add_host", "lab-c", labkit.uri("lab-c"), "--no-sync")
     c.start()
@@ -97,5 +97,19 @@ def fleet_cluster(lab, tmp_path_factory):
         yield c
     finally:
         c.stop()
-        if started:
-            labkit.down(hosts=["lab-c"])
+
+
+def _up_until_the_last_session_ends(n):
+    """Start the first n lab hosts and leave the ones this started to the lab's own
+    teardown (lab/core.py session: the last session out stops them, only when no other
+    session holds a lease and no guest runs there). Stopping lab-c here at the end of this
+    module killed other sessions' migrations to it (a concurrent evacuation test failed
+    with "the target host's libvirtd went away")."""
+    import lab as labkit
+    from lab import core
+
+    started = labkit.up(n)
+    if started:
+        with core._locked():
+            auto = set(core._read(core.LAB_DIR / "auto-started").split()) | set(started)
+            (core.LAB_DIR / "auto-started").write_text("\n".join(sorted(auto)) + "\n")

@@ -3,16 +3,18 @@ transaction, followed to the end, pause/resume/cancel, stop on first failure, th
 scheduler's lease, crash safety of a pass, audit events and the pages."""
 
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from fleet import scheduler, services
-from fleet.models import Batch, BatchItem
+from fleet.models import Batch, BatchItem, Blackout
 from fleet.planner import make_plan
-from hosts.models import VM
+from hosts.models import VM, Host, HostGroup
 from kvmweb.audit.models import AuditEvent
-from migrations_app.models import MigrationJob
+from migrations_app.models import JobEvent, MigrationJob
 
 
 @pytest.fixture
@@ -180,6 +182,91 @@ def test_it_retries_once_a_child_lost_with_its_worker_before_libvirt_moved_anyth
     scheduler.tick(batch.pk)
     item.refresh_from_db()
     assert item.status == BatchItem.FAILED and MigrationJob.objects.count() == 2
+
+
+def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, settings):
+    """The scheduler was killed between the child's commit and its on-commit message (or
+    the migrations cluster died holding the message): no reconcile pass runs, yet the
+    batch's own passes queue the child again, once per interval, until a worker claims it."""
+    settings.KVMWEB_FLEET_CHILD_REQUEUE_SECONDS = 15
+    sent = []
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    job = MigrationJob.objects.get()
+    assert sent == [job.pk]  # the first message, lost
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk]  # a fresh child waits for its worker
+    queued_at = job.created_at - timedelta(seconds=16)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=queued_at)
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk, job.pk]
+    assert JobEvent.objects.filter(job=job, message__startswith="Queued again by batch").count() == 1
+    scheduler.tick(batch.pk)
+    assert len(sent) == 2  # not again before another interval
+    # A child held at its claim by a blackout has no message on purpose: left alone while
+    # the blackout lasts, released by the batch's pass when it is over (no reconcile pass
+    # runs here either).
+    group = HostGroup.objects.create(name="rack-a")
+    Host.objects.filter(pk=job.source_id).update(group=group)
+    blackout = Blackout.objects.create(
+        group=group,
+        starts_at=timezone.now() - timedelta(minutes=1),
+        ends_at=timezone.now() + timedelta(hours=1),
+    )
+    JobEvent.objects.filter(job=job).update(at=queued_at)
+    MigrationJob.objects.filter(pk=job.pk).update(waiting_for="Blackout of rack-a until later.")
+    scheduler.tick(batch.pk)
+    assert len(sent) == 2
+    blackout.delete()
+    scheduler.tick(batch.pk)
+    job.refresh_from_db()
+    assert len(sent) == 3 and job.waiting_for == "" and job.status == MigrationJob.QUEUED
+
+
+def test_it_reconciles_a_child_whose_worker_died_after_the_last_reconcile(batch_of, monkeypatch):
+    """The child's worker died and no reconcile pass runs (the default cluster is down):
+    the batch's pass concludes it from libvirt (VM still on its source, no libvirt job)
+    and retries it, instead of waiting for it forever."""
+    monkeypatch.setattr(
+        "migrations_app.modes.live.where_is", lambda job: {"source": ("running", 1), "target": None}
+    )
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    first = MigrationJob.objects.get()
+    MigrationJob.objects.filter(pk=first.pk).update(
+        status=MigrationJob.RUNNING, worker="w1", heartbeat_at=timezone.now() - timedelta(seconds=5)
+    )
+    scheduler.tick(batch.pk)
+    first.refresh_from_db()
+    assert first.status == MigrationJob.RUNNING  # heartbeat recent enough: its worker may be alive
+    MigrationJob.objects.filter(pk=first.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=60))
+    scheduler.tick(batch.pk)
+    first.refresh_from_db()
+    assert first.status == MigrationJob.FAILED and first.worker.startswith("reconcile:")
+    assert "did not complete the migration" in first.error
+    scheduler.tick(batch.pk)  # the next pass follows it: lost with its worker, retried
+    item = batch.items.get()
+    assert item.status == BatchItem.STARTED and item.previous_jobs == [first.pk] and item.job != first
+
+
+def test_it_starts_the_next_child_before_following_the_one_that_ended(batch_of):
+    """A freed slot is used first in a pass: the ended child's item end (a transaction and
+    an audit line) is written after the next child exists, off its critical path. Not
+    with "stop on first failure", where the ended child decides whether anything starts."""
+    batch = batch_of(3, per_source=1)
+    scheduler.tick(batch.pk)
+    first = MigrationJob.objects.get()
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.SUCCEEDED)
+    scheduler.tick(batch.pk)
+    assert MigrationJob.objects.count() == 2 and _active_by_source() == 1
+    events = AuditEvent.objects.filter(action__in=["batch.decision", "batch.item_end"]).order_by("id")
+    assert [(e.action, e.details["job"]) for e in events] == [
+        ("batch.decision", first.pk),
+        ("batch.decision", first.pk + 1),
+        ("batch.item_end", first.pk),
+    ]
+    assert batch.items.get(job=first).status == BatchItem.SUCCEEDED
 
 
 def test_it_reacts_at_once_when_a_child_ends(batch_of):
