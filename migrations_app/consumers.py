@@ -76,7 +76,10 @@ class JobProgressConsumer(_HubConsumer):
         self.sub = self._subscriber(user, job_id=job_id)
         hub = streaming.get_hub()
         hub.subscribe(self.sub)
-        snapshot = await database_sync_to_async(streaming.job_snapshot)(user, job_id, self.sub.lang)
+        # On the pollers' DB thread (its connection stays open), not channels' one sync
+        # thread: a thousand handshakes' session lookups are not queued behind a thousand
+        # snapshots, and watchers of one job state share one rendering (SnapshotCache).
+        snapshot = await streaming.poller_db(streaming.job_snapshot, user, job_id, self.sub.lang)
         if snapshot is None:
             hub.unsubscribe(self.sub)
             self.sub = None
