@@ -18,10 +18,56 @@ daphne: it is not run at all, so its lookups do not delay the ones still waiting
 """
 
 import asyncio
+import functools
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
+from channels.auth import AuthMiddleware, get_user
+from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
+from django.db import DatabaseError, connections
+
+# The WebSockets' sync database work (each handshake's session and user lookup, the live
+# pollers' reads, snapshots) runs on ONE thread of its own that keeps its connection
+# open. channels' database_sync_to_async opens and closes a connection around every call
+# (CONN_MAX_AGE=0): a thousand reconnecting pages cost a thousand SQLite opens with their
+# PRAGMAs, or on PostgreSQL a thousand logins (a backend process each). The connection
+# is closed on any database error (a restarted server: the next call reconnects) and by
+# close_ws_db() (the job hub calls it when its last poller stops; tests).
+_db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-ws-db")
+
+
+def _on_db_thread(fn, *args):
+    try:
+        return fn(*args)
+    except DatabaseError:
+        connections.close_all()
+        raise
+
+
+async def ws_db(fn, *args):
+    """Run sync DB code ``fn(*args)`` on the WebSockets' DB thread (never on the loop)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_db_executor, functools.partial(_on_db_thread, fn, *args))
+
+
+async def close_ws_db():
+    """Close the WebSockets' DB thread's connection (it reopens on the next call)."""
+    await ws_db(connections.close_all)
+
+
+class SessionAuthMiddleware(AuthMiddleware):
+    """channels' AuthMiddleware (the same ``get_user``: session, backend, session hash,
+    inactive users refused) with the lookup on the WebSockets' DB thread."""
+
+    async def resolve_scope(self, scope):
+        scope["user"]._wrapped = await ws_db(get_user.func, scope)
+
+
+def SessionAuthStack(inner):  # noqa: N802 (named like channels' AuthMiddlewareStack)
+    """Cookies, session and user for a WebSocket, as channels' AuthMiddlewareStack."""
+    return CookieMiddleware(SessionMiddleware(SessionAuthMiddleware(inner)))
 
 
 class HandshakeGate:

@@ -31,24 +31,22 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.db import DatabaseError, connections
 from django.db.models import Count, Max, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import timezone, translation
 
 from kvmweb.accounts.roles import sees_everything
+from kvmweb.handshake import close_ws_db, ws_db
 from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
@@ -230,31 +228,22 @@ def list_snapshot(user, lang):
 
 # ---------------------------------------------------------------------------- the hub
 
-# The pollers' DB work runs on ONE thread of its own that keeps its DB connection open
-# while a poller runs: ~8 ticks a second through database_sync_to_async would open and
-# close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
-# PRAGMAs, on PostgreSQL a TCP login). It is closed when the last poller stops, and on
-# any DB error (restarted server), so the next tick reconnects.
-_poller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-poller")
-
-
-def _on_poller_thread(fn, *args):
-    try:
-        return fn(*args)
-    except DatabaseError:
-        connections.close_all()
-        raise
+# The pollers' DB work runs on the WebSockets' DB thread (kvmweb/handshake.py ws_db), which
+# keeps its connection open: ~8 ticks a second through database_sync_to_async would open
+# and close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
+# PRAGMAs, on PostgreSQL a login). The handshakes' session lookups and the job snapshots
+# run there too. It is closed when the last poller stops, and on any DB error (restarted
+# server), so the next call reconnects.
 
 
 async def poller_db(fn, *args):
     """Run sync DB code on the pollers' thread (never on the event loop)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_poller_executor, functools.partial(_on_poller_thread, fn, *args))
+    return await ws_db(fn, *args)
 
 
 async def close_poller_db():
     """Close the pollers' DB connection (when the last poller stops; tests)."""
-    await poller_db(connections.close_all)
+    await close_ws_db()
 
 
 def _watched_files():
