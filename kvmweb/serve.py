@@ -259,10 +259,42 @@ def with_backlog(descriptions, backlog):
     return out
 
 
+class _LazyFormat:
+    """pprint.pformat(value), computed only if a log line that uses it is written."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):
+        import pprint
+
+        return pprint.pformat(self.value)
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+    __repr__ = __str__
+
+
+def lazy_autobahn_debug():
+    """autobahn formats every new connection's ~40 options with pprint for a debug line
+    that is not written (``self.log.debug("\n{attrs}", attrs=pformat(...))`` in
+    WebSocketProtocol._connectionMade): about a tenth of the event loop's time per
+    WebSocket handshake when hundreds of pages connect at once (profiled). Format it only when the
+    line is written."""
+    from autobahn.websocket import protocol
+
+    protocol.pformat = _LazyFormat
+
+
 def main(argv=None):
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
     from daphne import cli, server
     from django.conf import settings
+
+    lazy_autobahn_debug()
 
     server.HTTPFactory = LimitedFactory
     build = cli.build_endpoint_description_strings

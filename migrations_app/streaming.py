@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import datetime
+import json
 import logging
 import os
 import threading
@@ -40,6 +42,8 @@ from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, connection
 from django.db.models import Count, Max, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
@@ -74,6 +78,10 @@ EVENTS_TEMPLATE = "migrations_app/partials/job_events.html"
 ROWS_TEMPLATE = "migrations_app/partials/job_list_rows.html"
 
 
+# Marks a watcher for whom a tick's result holds no masking variant (see _dispatch).
+NO_VARIANT = object()
+
+
 def group_for_job(job_id):
     return f"job-{int(job_id)}"
 
@@ -88,6 +96,13 @@ def render_progress(job, lang, oob=True):
     """The live progress block of one job (the same partial the job page includes)."""
     with translation.override(lang):
         return render_to_string(PROGRESS_TEMPLATE, {"job": job, "oob": oob})
+
+
+def render_masked(mask, job, lang):
+    """The progress block of ``job`` as ``mask``'s viewer sees it, in ``lang`` (masked
+    inside the language: "another host" is translated when the mask writes it)."""
+    with translation.override(lang):
+        return render_progress(mask.job(job), lang)
 
 
 def render_events(job_id, events, lang, *, append):
@@ -223,7 +238,10 @@ def list_snapshot(user, lang):
     jobs = list(scoped.filter(status__in=MigrationJob.ACTIVE_STATES)[:LIST_SNAPSHOT_LIMIT])
     jobs += list(scoped.exclude(pk__in=[j.pk for j in jobs])[: max(0, LIST_SNAPSHOT_LIMIT - len(jobs))])
     jobs.sort(key=lambda j: j.pk, reverse=True)
-    return render_rows(HostMask.for_user(user).jobs(jobs), lang) if jobs else ""
+    if not jobs:
+        return ""
+    with translation.override(lang):
+        return render_rows(HostMask.for_user(user).jobs(jobs), lang)
 
 
 # ---------------------------------------------------------------------------- the hub
@@ -323,8 +341,11 @@ class JobHub:
         self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
         self.channel = None
         self.listener = None
+        self._push_tasks = set()
         self.groups = set()
         self.feeds = {}  # name -> another app's live feed (fleet's batch pages), see feed()
+        self.pushed = {}  # job_id -> progress_seq last rendered from a pushed row (scale-out)
+        self.pushes = 0  # renders from pushed rows (tests)
 
     # -- subscriptions (all on the event loop thread) --
 
@@ -422,6 +443,7 @@ class JobHub:
             # in between and find a poller that is about to stop.
             self.task = None
             self.seen.clear()
+            self.pushed.clear()
             self.active_ids.clear()
             self.max_pk = self.last_event_id = None
             self.had_lists = False
@@ -484,17 +506,64 @@ class JobHub:
         self.groups = wanted
 
     async def _listen(self):
-        """A 'job changed' message only wakes the poller; the DB read follows."""
+        """A 'job changed' message that carries the job's row (publish_job read it after
+        the commit) is rendered from that row for the job's watchers at once, without a
+        DB read (_push); any message then wakes the poller, whose read brings the new
+        log lines and list rows (and the progress itself when no row came)."""
         while True:
             try:
-                await self.layer.receive(self.channel)
+                message = await self.layer.receive(self.channel)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("channel layer receive failed; relying on polling", exc_info=True)
                 await asyncio.sleep(POLL_INTERVAL_WITH_LAYER)
                 continue
+            job_id, row = message.get("job"), message.get("row")
+            if row and job_id in self.jobs:
+                # In order: pushes and ticks run one after another on the DB thread.
+                task = asyncio.get_running_loop().create_task(self._push(job_id, row))
+                self._push_tasks.add(task)
+                task.add_done_callback(self._push_tasks.discard)
+            else:
+                self.wake.set()
+
+    async def _push(self, job_id, row):
+        subs = self.jobs.get(job_id)
+        try:
+            if subs:
+                viewers = {(s.lang, s.user.pk) for s in subs}
+                users = {s.user.pk: s.user for s in subs}
+                result = await poller_db(self._render_row, job_id, row, viewers, users)
+                if result is not None:
+                    await self._dispatch(result)
+        except Exception:
+            log.exception("rendering a pushed job row failed; the poller catches up")
+        finally:
             self.wake.set()
+
+    def _render_row(self, job_id, row, viewers, users):
+        """A TickResult with the progress block of the job as ``row`` shows it, once per
+        language and masking variant of its watchers (DB thread); None when the poller
+        or an earlier push already had this state or a newer one. Nothing is read from
+        the database but what masking needs (a self-service viewer's hosts)."""
+        job = job_from_row(row)
+        if job is None or job.pk != job_id:
+            return None
+        seen = self.seen.get(job_id)
+        if self.pushed.get(job_id, -1) >= job.progress_seq or (seen and seen[0] >= job.progress_seq):
+            return None
+        self.pushed[job_id] = job.progress_seq
+        result = TickResult()
+        for lang, user_pk in viewers:
+            mask = HostMask.for_user(users[user_pk])
+            variant = mask.variant(job)
+            result.variants[(job_id, user_pk)] = variant
+            if (job_id, lang, variant) not in result.progress:
+                result.progress[(job_id, lang, variant)] = (job.progress_seq, render_masked(mask, job, lang))
+                self.renders += 1
+                self.pushes += 1
+        return result
 
     async def _recheck(self):
         """Close the sockets whose session ended or whose user no longer may see the job.
@@ -583,20 +652,19 @@ class JobHub:
         self.active_ids = {j.pk for j in jobs if j.is_active}
         by_pk = {job.pk: job for job in jobs}
         # The masking variant of each watched job for each of its watchers.
-        shown = {}  # (job_id, variant) -> the job as that variant shows it
         for job_id, viewers in job_langs.items():
             job = by_pk.get(job_id)
             for _lang, user_pk in viewers:
                 mask = masks[user_pk]
                 variant = mask.variant(job) if job is not None else ()
                 result.variants[(job_id, user_pk)] = variant
-                if job is not None:
-                    shown.setdefault((job_id, variant), mask.job(job))
         for job in changed:
+            if self.pushed.get(job.pk, -1) >= job.progress_seq:
+                continue  # its watchers got this state from the channel layer already
             for lang, user_pk in job_langs.get(job.pk, ()):
                 variant = result.variants[(job.pk, user_pk)]
                 if (job.pk, lang, variant) not in result.progress:
-                    html = render_progress(shown[(job.pk, variant)], lang)
+                    html = render_masked(masks[user_pk], job, lang)
                     result.progress[(job.pk, lang, variant)] = (job.progress_seq, html)
                     self.renders += 1
         if list_langs and changed:
@@ -617,7 +685,8 @@ class JobHub:
                             continue
                         key = (job.pk, lang, mask.variant(job))
                         if key not in rendered:
-                            rendered[key] = render_rows([mask.job(job)], lang)
+                            with translation.override(lang):
+                                rendered[key] = render_rows([mask.job(job)], lang)
                             self.renders += 1
                         rows.append((job.pk, rendered[key]))
                     result.user_rows[(user_pk, lang)] = rows
@@ -631,13 +700,16 @@ class JobHub:
                     variant = result.variants.get((event.job_id, user_pk), ())
                     if (lang, variant) not in html:
                         job = by_pk.get(event.job_id)
-                        shown_event = masks[user_pk].event(event, job) if job is not None else event
+                        with translation.override(lang):  # "another host" in their language
+                            shown_event = masks[user_pk].event(event, job) if job is not None else event
                         html[(lang, variant)] = render_events(event.job_id, [shown_event], lang, append=True)
                 result.events.setdefault(event.job_id, []).append((event.pk, html))
         # Forget jobs nobody can receive any more (keeps `seen` bounded).
         keep = set(job_langs) | self.active_ids
         for pk in [pk for pk in self.seen if pk not in keep]:
             del self.seen[pk]
+        for pk in [pk for pk in self.pushed if pk not in job_langs]:
+            del self.pushed[pk]
         return result
 
     async def _dispatch(self, result):
@@ -646,7 +718,12 @@ class JobHub:
         for job_id, subs in list(self.jobs.items()):
             events = result.events.get(job_id, [])
             for sub in list(subs):
-                variant = result.variants.get((job_id, sub.user.pk), ())
+                variant = result.variants.get((job_id, sub.user.pk), NO_VARIANT)
+                if variant is NO_VARIANT:
+                    # Subscribed while this result was being read: nothing in it was
+                    # rendered for this viewer (never fall back to another viewer's text).
+                    # Its snapshot is read after this result, so it misses nothing.
+                    continue
                 view = (sub.lang, variant)
                 progress = result.progress.get((job_id, sub.lang, variant))
                 if not sub.ready:
@@ -740,6 +817,38 @@ def get_hub():
 # ---------------------------------------------------------------------------- publishing
 
 
+def _json_default(value):
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()  # full precision (DjangoJSONEncoder keeps milliseconds)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return str(value)  # Decimal, UUID
+
+
+def row_of(job_id):
+    """The job's row as JSON (every column), read now, or None when it is gone."""
+    job = MigrationJob.objects.filter(pk=job_id).first()
+    if job is None:
+        return None
+    data = {f.attname: getattr(job, f.attname) for f in job._meta.concrete_fields}
+    return json.dumps(data, default=_json_default)
+
+
+def job_from_row(row):
+    """A MigrationJob built from ``row_of``'s JSON (not saved; related objects, if a
+    template asks for one, are read from the database like on any instance)."""
+    try:
+        data = json.loads(row)
+        fields = {f.attname: f.to_python(data[f.attname]) for f in MigrationJob._meta.concrete_fields}
+    except (ValueError, KeyError, TypeError, ValidationError):
+        log.warning("a pushed job row could not be read; the poller catches up", exc_info=True)
+        return None
+    job = MigrationJob(**fields)
+    job._state.adding = False
+    job._state.db = "default"
+    return job
+
+
 class _Publisher:
     """Sends 'job changed' messages from sync code without blocking it.
 
@@ -767,18 +876,18 @@ class _Publisher:
             except Exception:
                 pass
 
-    async def _send(self, job_id):
+    async def _send(self, job_id, row):
         message = {"type": "job.changed", "job": job_id}
         try:
-            await self.layer.group_send(group_for_job(job_id), message)
+            await self.layer.group_send(group_for_job(job_id), dict(message, row=row) if row else message)
             await self.layer.group_send(JOBS_GROUP, message)
         except Exception:
             log.warning(
                 "publishing job %s change failed; watchers catch up by polling", job_id, exc_info=True
             )
 
-    def publish(self, job_id):
-        future = asyncio.run_coroutine_threadsafe(self._send(job_id), self.loop)
+    def publish(self, job_id, row=None):
+        future = asyncio.run_coroutine_threadsafe(self._send(job_id, row), self.loop)
         self.pending.add(future)
         future.add_done_callback(self.pending.discard)
 
@@ -792,7 +901,10 @@ def publish_job(job_id):
 
     Cheap and safe from sync worker code: with the in-memory layer (embedded default,
     nothing crosses processes) it does nothing and the pollers notice the row; with a
-    real layer it schedules two small group messages and returns at once."""
+    real layer it reads the job's row (one query by primary key) and schedules two group
+    messages, returning at once: the job's watchers get that row rendered without
+    another read (JobHub._push). Inside a transaction the row is not sent (it is not
+    committed yet and may roll back): the message then only wakes the pollers."""
     global _publisher
     layer = get_channel_layer()
     if layer is None or isinstance(layer, InMemoryChannelLayer):
@@ -801,4 +913,10 @@ def publish_job(job_id):
         with _publisher_lock:
             if _publisher is None or _publisher.layer is not layer:
                 _publisher = _Publisher(layer)
-    _publisher.publish(int(job_id))
+    row = None
+    if not connection.in_atomic_block:
+        try:
+            row = row_of(job_id)
+        except DatabaseError:
+            log.warning("reading job %s to publish it failed; the pollers catch up", job_id, exc_info=True)
+    _publisher.publish(int(job_id), row)

@@ -96,3 +96,57 @@ def test_it_renders_again_after_any_write(moved, operator):
     ProgressSample.objects.create(job=moved, t=0.5, rate=2000, remaining=4000)
     fifth = streaming.job_snapshot(operator, moved.pk, "en")
     assert fifth is not fourth and "[0.500,2000,4000]" in fifth.html
+
+
+@pytest.mark.asyncio
+async def test_it_never_falls_back_to_another_viewers_fragment(admin, alice):
+    """A watcher that subscribed while a tick was being read has no variant in its result:
+    it gets nothing from it (its snapshot follows), never the fragment of another viewer."""
+    hub = streaming.JobHub()
+    got = {}
+
+    def watcher(user, ready=True):
+        async def send(text):
+            got.setdefault(user.username, []).append(text)
+
+        return streaming.Subscriber(send=send, lang="en", job_id=1, user=user, ready=ready)
+
+    admin_sub, alice_sub, late = watcher(admin), watcher(alice), watcher(alice, ready=False)
+    hub.jobs[1] = {admin_sub, alice_sub, late}
+    result = streaming.TickResult()
+    result.variants[(1, admin.pk)] = ()
+    result.progress[(1, "en", ())] = (9, "<unmasked progress>")
+    result.events[1] = [(5, {("en", ()): "<unmasked line>"})]
+    await hub._dispatch(result)
+    assert got == {"admin": ["<unmasked progress><unmasked line>"]}
+    assert alice_sub.seq == -1 and late.pending_progress is None and late.pending_events == []
+
+
+def test_it_renders_a_pushed_row_like_the_database_row(moved, admin, operator, alice):
+    """Scale-out: publish_job sends the row; the hub renders it without reading the job,
+    per language and masking variant, and the same text as from the database."""
+    row = streaming.row_of(moved.pk)
+    from_row = streaming.job_from_row(row)
+    assert streaming.render_progress(from_row, "en") == streaming.render_progress(
+        MigrationJob.objects.get(pk=moved.pk), "en"
+    )
+    hub = streaming.JobHub()
+    users = {u.pk: u for u in (admin, operator, alice)}
+    viewers = {("en", admin.pk), ("en", operator.pk), ("en", alice.pk), ("zh-hans", alice.pk)}
+    result = hub._render_row(moved.pk, row, viewers, users)
+    texts = {
+        (lang, pk): result.progress[(moved.pk, lang, result.variants[(moved.pk, pk)])] for lang, pk in viewers
+    }
+    assert {seq for seq, _html in texts.values()} == {7}
+    assert SECRET_URI in texts[("en", admin.pk)][1]
+    assert SECRET_URI not in texts[("en", operator.pk)][1] and "s1-secret" in texts[("en", operator.pk)][1]
+    for lang in ("en", "zh-hans"):
+        html = texts[(lang, alice.pk)][1]
+        assert SECRET_URI not in html and "s1-secret" not in html
+    assert "另一台宿主机" in texts[("zh-hans", alice.pk)][1]
+    assert hub.pushes == 4  # admin, operator, alice in two languages
+    # The same state again, or an older one, renders nothing.
+    assert hub._render_row(moved.pk, row, viewers, users) is None
+    MigrationJob.objects.filter(pk=moved.pk).update(progress_seq=F("progress_seq") + 1)
+    assert hub._render_row(moved.pk, streaming.row_of(moved.pk), viewers, users) is not None
+    assert hub._render_row(moved.pk, row, viewers, users) is None
