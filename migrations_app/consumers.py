@@ -48,6 +48,7 @@ class _HubConsumer(AsyncWebsocketConsumer):
             send=self._send_text,
             close=self._close,
             session_key=getattr(session, "session_key", None),
+            write_frame=self.scope.get("kvmweb_frame_writer"),
             lang=streaming.scope_language(self.scope),
             user=user,
             **kwargs,

@@ -28,7 +28,7 @@ from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 ORIGIN = b"http://127.0.0.1"
-TIMEOUT = 3
+TIMEOUT = 15  # generous: the machine may be loaded (a first render compiles templates)
 
 
 @pytest_asyncio.fixture(autouse=True)
