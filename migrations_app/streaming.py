@@ -12,11 +12,23 @@ watches a job page), renders each changed job's partial once per language, and s
 same text to every local watcher of the job. The cost per tick does not depend on the
 number of watchers; only the socket writes do.
 
+Embedded default on a SQLite file: between polls the hub looks at the database files'
+size and time stamps every FILE_WATCH_INTERVAL (two stat() calls on the loop) and reads
+as soon as they change, so a write waits ~20 ms for the poller instead of half an
+interval, at no query cost.
+
 Scale-out (REDIS_URL set, channels-redis): the worker also calls :func:`publish_job`
 after each progress write; the hub of every daphne process listens on ONE channel of its
-own that it adds to the groups ``job-<id>`` / ``jobs`` it needs, and a message only wakes
-the poller at once. The poller still reads the row, so a lost or late message costs at
-most one poll interval, and a message never carries state the DB has not got.
+own that it adds to the groups ``job-<id>`` / ``jobs`` it needs. The job's message carries
+its committed row: the hub renders it for the job's watchers at once without a DB read
+(JobHub._push), then wakes the poller, which reads new log lines and list rows. A lost or
+late message costs at most one poll interval, and a message never carries state the DB
+has not got (publish_job sends a row only outside a transaction).
+
+Sending: each distinct text is framed once and written as bytes to every daphne socket
+that shows it (kvmweb/handshake.py FrameWriter), not sent through the ASGI stack per
+socket. A job snapshot (what a watcher gets first) is rendered once per job state,
+language and masking variant (SnapshotCache); the scope check runs for every watcher.
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
 extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
