@@ -31,14 +31,18 @@ from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.db import DatabaseError, connections
 
-# The WebSockets' sync database work (each handshake's session and user lookup, the live
-# pollers' reads, snapshots) runs on ONE thread of its own that keeps its connection
-# open. channels' database_sync_to_async opens and closes a connection around every call
-# (CONN_MAX_AGE=0): a thousand reconnecting pages cost a thousand SQLite opens with their
-# PRAGMAs, or on PostgreSQL a thousand logins (a backend process each). The connection
-# is closed on any database error (a restarted server: the next call reconnects) and by
-# close_ws_db() (the job hub calls it when its last poller stops; tests).
+# The WebSockets' sync database work runs on two threads of their own that keep their
+# connections open: one for the handshakes' session and user lookups, one for the live
+# job pollers' reads and the job snapshots (ws_db). channels' database_sync_to_async opens
+# and closes a connection around every call (CONN_MAX_AGE=0): a thousand reconnecting
+# pages cost a thousand SQLite opens with their PRAGMAs, or on PostgreSQL a thousand
+# logins. Two threads, not one: a handshake's lookup must not queue behind the snapshots
+# of the sockets accepted before it (with a thousand arriving at once, those that waited
+# past daphne's connect timeout were dropped). A connection is closed on any database
+# error (a restarted server: the next call reconnects) and by close_ws_db() (the job hub
+# calls it when its last poller stops; tests).
 _db_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-ws-db")
+_auth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-ws-auth")
 
 
 def _on_db_thread(fn, *args):
@@ -49,23 +53,28 @@ def _on_db_thread(fn, *args):
         raise
 
 
+async def _run_on(executor, fn, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(_on_db_thread, fn, *args))
+
+
 async def ws_db(fn, *args):
     """Run sync DB code ``fn(*args)`` on the WebSockets' DB thread (never on the loop)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_db_executor, functools.partial(_on_db_thread, fn, *args))
+    return await _run_on(_db_executor, fn, *args)
 
 
 async def close_ws_db():
-    """Close the WebSockets' DB thread's connection (it reopens on the next call)."""
-    await ws_db(connections.close_all)
+    """Close both threads' connections (they reopen on the next call)."""
+    await _run_on(_db_executor, connections.close_all)
+    await _run_on(_auth_executor, connections.close_all)
 
 
 class SessionAuthMiddleware(AuthMiddleware):
     """channels' AuthMiddleware (the same ``get_user``: session, backend, session hash,
-    inactive users refused) with the lookup on the WebSockets' DB thread."""
+    inactive users refused) with the lookup on the handshakes' DB thread."""
 
     async def resolve_scope(self, scope):
-        scope["user"]._wrapped = await ws_db(get_user.func, scope)
+        scope["user"]._wrapped = await _run_on(_auth_executor, get_user.func, scope)
 
 
 def SessionAuthStack(inner):  # noqa: N802 (named like channels' AuthMiddlewareStack)

@@ -261,9 +261,9 @@ def list_snapshot(user, lang):
 # The pollers' DB work runs on the WebSockets' DB thread (kvmweb/handshake.py ws_db), which
 # keeps its connection open: ~8 ticks a second through database_sync_to_async would open
 # and close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
-# PRAGMAs, on PostgreSQL a login). The handshakes' session lookups and the job snapshots
-# run there too. It is closed when the last poller stops, and on any DB error (restarted
-# server), so the next call reconnects.
+# PRAGMAs, on PostgreSQL a login). The job snapshots run there too (the handshakes'
+# session lookups on a thread of their own). It is closed when the last poller stops, and
+# on any DB error (restarted server), so the next call reconnects.
 
 
 async def poller_db(fn, *args):
