@@ -63,8 +63,17 @@ class _HubConsumer(AsyncWebsocketConsumer):
         """Watchers only listen; anything sent is ignored."""
 
 
+# The job sockets get everything from the hub, which listens on ONE channel per process:
+# an alias with no layer behind it spares each socket its own channel and its own
+# pending channel-layer receive (on Redis, one more waiter on channels-redis' shared
+# receive loop per open job page).
+NO_CHANNEL_LAYER = "kvmweb-hub-only"
+
+
 class JobProgressConsumer(_HubConsumer):
     """ws/jobs/<id>/: one job's progress, figures and event log."""
+
+    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()
@@ -92,6 +101,8 @@ class JobProgressConsumer(_HubConsumer):
 
 class JobListConsumer(_HubConsumer):
     """ws/jobs/: state changes of the jobs the user may see (job list, dashboard)."""
+
+    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()
