@@ -33,8 +33,9 @@ left. A thread still stuck after that cannot hold the exit for more than a few s
 
 On a busy management host (CPU-bound neighbours), a live update waits mostly for the
 CPU, not for work: :func:`latency_slice` asks Linux for a short scheduler slice
-(KVMWEB_SCHED_SLICE_US, default 500 µs; 0 leaves the kernel's default) so daphne's
-threads run soon after they wake, at the same share of CPU time.
+(KVMWEB_SCHED_SLICE_US, e.g. 500 µs; the default 0 leaves the kernel's) so daphne's
+threads run soon after they wake, at the same share of CPU time. Opt-in: in one
+interleaved pair of benchmark runs (load ~16) it showed no gain.
 
 Everything else is daphne's (same options, same behaviour).
 """
