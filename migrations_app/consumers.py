@@ -48,6 +48,7 @@ class _HubConsumer(AsyncWebsocketConsumer):
             send=self._send_text,
             close=self._close,
             session_key=getattr(session, "session_key", None),
+            write_frame=self.scope.get("kvmweb_frame_writer"),
             lang=streaming.scope_language(self.scope),
             user=user,
             **kwargs,
@@ -62,8 +63,17 @@ class _HubConsumer(AsyncWebsocketConsumer):
         """Watchers only listen; anything sent is ignored."""
 
 
+# The job sockets get everything from the hub, which listens on ONE channel per process:
+# an alias with no layer behind it spares each socket its own channel and its own
+# pending channel-layer receive (on Redis, one more waiter on channels-redis' shared
+# receive loop per open job page).
+NO_CHANNEL_LAYER = "kvmweb-hub-only"
+
+
 class JobProgressConsumer(_HubConsumer):
     """ws/jobs/<id>/: one job's progress, figures and event log."""
+
+    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()
@@ -76,7 +86,10 @@ class JobProgressConsumer(_HubConsumer):
         self.sub = self._subscriber(user, job_id=job_id)
         hub = streaming.get_hub()
         hub.subscribe(self.sub)
-        snapshot = await database_sync_to_async(streaming.job_snapshot)(user, job_id, self.sub.lang)
+        # On the pollers' DB thread (its connection stays open), not channels' one sync
+        # thread: a thousand handshakes' session lookups are not queued behind a thousand
+        # snapshots, and watchers of one job state share one rendering (SnapshotCache).
+        snapshot = await streaming.poller_db(streaming.job_snapshot, user, job_id, self.sub.lang)
         if snapshot is None:
             hub.unsubscribe(self.sub)
             self.sub = None
@@ -88,6 +101,8 @@ class JobProgressConsumer(_HubConsumer):
 
 class JobListConsumer(_HubConsumer):
     """ws/jobs/: state changes of the jobs the user may see (job list, dashboard)."""
+
+    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()

@@ -12,11 +12,23 @@ watches a job page), renders each changed job's partial once per language, and s
 same text to every local watcher of the job. The cost per tick does not depend on the
 number of watchers; only the socket writes do.
 
+Embedded default on a SQLite file: between polls the hub looks at the database files'
+size and time stamps every FILE_WATCH_INTERVAL (two stat() calls on the loop) and reads
+as soon as they change, so a write waits ~20 ms for the poller instead of half an
+interval, at no query cost.
+
 Scale-out (REDIS_URL set, channels-redis): the worker also calls :func:`publish_job`
 after each progress write; the hub of every daphne process listens on ONE channel of its
-own that it adds to the groups ``job-<id>`` / ``jobs`` it needs, and a message only wakes
-the poller at once. The poller still reads the row, so a lost or late message costs at
-most one poll interval, and a message never carries state the DB has not got.
+own that it adds to the groups ``job-<id>`` / ``jobs`` it needs. The job's message carries
+its committed row: the hub renders it for the job's watchers at once without a DB read
+(JobHub._push), then wakes the poller, which reads new log lines and list rows. A lost or
+late message costs at most one poll interval, and a message never carries state the DB
+has not got (publish_job sends a row only outside a transaction).
+
+Sending: each distinct text is framed once and written as bytes to every daphne socket
+that shows it (kvmweb/handshake.py FrameWriter), not sent through the ASGI stack per
+socket. A job snapshot (what a watcher gets first) is rendered once per job state,
+language and masking variant (SnapshotCache); the scope check runs for every watcher.
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
 extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
@@ -31,25 +43,28 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
+import datetime
+import json
 import logging
+import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.db import DatabaseError, connections
-from django.db.models import Max, Q
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError, connection
+from django.db.models import Count, Max, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
-from django.utils import translation
+from django.utils import timezone, translation
 
 from kvmweb.accounts.roles import sees_everything
+from kvmweb.handshake import close_ws_db, text_frame, ws_db
 from migrations_app.masking import HostMask
-from migrations_app.models import JobEvent, MigrationJob
+from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +73,12 @@ log = logging.getLogger(__name__)
 # message wakes the poller at once and this only bounds catch-up after a lost message.
 POLL_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL", 0.12))
 POLL_INTERVAL_WITH_LAYER = float(getattr(settings, "KVMWEB_STREAM_POLL_INTERVAL_LAYER", 1.0))
+# Embedded default (SQLite file): seconds between two looks at the database file's size
+# and time stamps between polls. A commit anywhere changes them; the poller then reads at
+# once instead of at its next interval. A look is two stat() calls on the event loop (no
+# query, no thread), so the wait for a change is ~this long at a fraction of the cost
+# of polling that often. The poll interval still bounds a change the look missed.
+FILE_WATCH_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_FILE_WATCH_INTERVAL", 0.02))
 # How many of a user's most recent jobs a job list / dashboard snapshot refreshes.
 LIST_SNAPSHOT_LIMIT = 20
 # Seconds between re-checks of every watcher's session and scope: signing out, losing a
@@ -67,6 +88,10 @@ RECHECK_INTERVAL = float(getattr(settings, "KVMWEB_STREAM_RECHECK_INTERVAL", 15.
 PROGRESS_TEMPLATE = "migrations_app/partials/job_progress.html"
 EVENTS_TEMPLATE = "migrations_app/partials/job_events.html"
 ROWS_TEMPLATE = "migrations_app/partials/job_list_rows.html"
+
+
+# Marks a watcher for whom a tick's result holds no masking variant (see _dispatch).
+NO_VARIANT = object()
 
 
 def group_for_job(job_id):
@@ -83,6 +108,13 @@ def render_progress(job, lang, oob=True):
     """The live progress block of one job (the same partial the job page includes)."""
     with translation.override(lang):
         return render_to_string(PROGRESS_TEMPLATE, {"job": job, "oob": oob})
+
+
+def render_masked(mask, job, lang):
+    """The progress block of ``job`` as ``mask``'s viewer sees it, in ``lang`` (masked
+    inside the language: "another host" is translated when the mask writes it)."""
+    with translation.override(lang):
+        return render_progress(mask.job(job), lang)
 
 
 def render_events(job_id, events, lang, *, append):
@@ -117,22 +149,99 @@ class Snapshot:
     last_event_id: int
 
 
+class SnapshotCache:
+    """Rendered job snapshots shared by watchers who would get the same text.
+
+    A snapshot costs ~13 ms of CPU to render (the progress block, the whole event log,
+    the chart's samples); when a thousand pages of one job reconnect at once (a daphne
+    restart) most of them would render the very same text. An entry is keyed by
+    everything the text depends on: the job's row as read (every column, so any write
+    makes a new key), the number and newest id of its log lines and chart samples, the
+    language, the time zone, and the viewer's masking variant (``HostMask.variant``:
+    whether URIs are shown and which of the job's hosts are "another host"; () for a
+    viewer who sees everything as it is). Viewers whose key differs never share text.
+    The scope check is not cached: every watcher's snapshot first reads the job through
+    ``MigrationJob.objects.restrict(user)``.
+
+    Entries live ``TTL`` seconds (host URIs, which masking replaces, are read through the
+    job's host rows, not its own columns) and at most ``SIZE`` are kept. Used from the
+    pollers' thread and channels' sync thread: a lock guards the dict."""
+
+    TTL = 5.0
+    SIZE = 256
+
+    def __init__(self):
+        self.entries = {}  # key -> (expires, Snapshot)
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None and entry[0] > time.monotonic():
+                self.hits += 1
+                return entry[1]
+            self.misses += 1
+            return None
+
+    def put(self, key, snapshot):
+        now = time.monotonic()
+        with self.lock:
+            if len(self.entries) >= self.SIZE:
+                for k in [k for k, (expires, _s) in self.entries.items() if expires <= now]:
+                    del self.entries[k]
+                while len(self.entries) >= self.SIZE:  # oldest first (dicts keep order)
+                    del self.entries[next(iter(self.entries))]
+            self.entries[key] = (now + self.TTL, snapshot)
+
+    def clear(self):
+        with self.lock:
+            self.entries.clear()
+
+
+snapshots = SnapshotCache()
+
+
+def _row_key(job):
+    """Every column of the job as read: a value that changes with any write to the row."""
+    return repr(tuple(getattr(job, f.attname) for f in job._meta.concrete_fields))
+
+
 def job_snapshot(user, job_id, lang):
     """Everything a job page needs to be current: progress, the whole event log and the
     chart's samples. None when the job does not exist OR is outside the user's scope:
-    the caller answers both the same way, so an id reveals nothing."""
+    the caller answers both the same way, so an id reveals nothing.
+
+    The scope check runs for every call; the rendering is shared with earlier viewers of
+    the same job state in the same language and masking variant (SnapshotCache)."""
     job = MigrationJob.objects.restrict(user).filter(pk=job_id).first()
     if job is None:
         return None
+    mask = HostMask.for_user(user)
+    logs = JobEvent.objects.filter(job=job).aggregate(n=Count("pk"), last=Max("pk"))
+    charts = ProgressSample.objects.filter(job=job).aggregate(n=Count("pk"), last=Max("pk"))
+    key = (
+        job.pk,
+        _row_key(job),
+        (logs["n"], logs["last"]),
+        (charts["n"], charts["last"]),
+        lang,
+        timezone.get_current_timezone_name(),
+        mask.variant(job),
+    )
+    cached = snapshots.get(key)
+    if cached is not None:
+        return cached
     events = list(JobEvent.objects.filter(job=job))
     samples = job.chart_samples()
-    mask = HostMask.for_user(user)
     with translation.override(lang):
         html = render_to_string(
             "migrations_app/partials/job_snapshot.html",
             {"job": mask.job(job), "events": mask.events(events, job), "samples": samples, "oob": True},
         )
-    return Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
+    snapshot = Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
+    snapshots.put(key, snapshot)
+    return snapshot
 
 
 def list_snapshot(user, lang):
@@ -141,36 +250,53 @@ def list_snapshot(user, lang):
     jobs = list(scoped.filter(status__in=MigrationJob.ACTIVE_STATES)[:LIST_SNAPSHOT_LIMIT])
     jobs += list(scoped.exclude(pk__in=[j.pk for j in jobs])[: max(0, LIST_SNAPSHOT_LIMIT - len(jobs))])
     jobs.sort(key=lambda j: j.pk, reverse=True)
-    return render_rows(HostMask.for_user(user).jobs(jobs), lang) if jobs else ""
+    if not jobs:
+        return ""
+    with translation.override(lang):
+        return render_rows(HostMask.for_user(user).jobs(jobs), lang)
 
 
 # ---------------------------------------------------------------------------- the hub
 
-# The pollers' DB work runs on ONE thread of its own that keeps its DB connection open
-# while a poller runs: ~8 ticks a second through database_sync_to_async would open and
-# close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
-# PRAGMAs, on PostgreSQL a TCP login). It is closed when the last poller stops, and on
-# any DB error (restarted server), so the next tick reconnects.
-_poller_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmweb-poller")
-
-
-def _on_poller_thread(fn, *args):
-    try:
-        return fn(*args)
-    except DatabaseError:
-        connections.close_all()
-        raise
+# The pollers' DB work runs on the WebSockets' DB thread (kvmweb/handshake.py ws_db), which
+# keeps its connection open: ~8 ticks a second through database_sync_to_async would open
+# and close a connection each time (CONN_MAX_AGE=0: on SQLite that is a file open plus the
+# PRAGMAs, on PostgreSQL a login). The job snapshots run there too (the handshakes'
+# session lookups on a thread of their own). It is closed when the last poller stops, and
+# on any DB error (restarted server), so the next call reconnects.
 
 
 async def poller_db(fn, *args):
     """Run sync DB code on the pollers' thread (never on the event loop)."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_poller_executor, functools.partial(_on_poller_thread, fn, *args))
+    return await ws_db(fn, *args)
 
 
 async def close_poller_db():
     """Close the pollers' DB connection (when the last poller stops; tests)."""
-    await poller_db(connections.close_all)
+    await close_ws_db()
+
+
+def _watched_files():
+    """The SQLite database file and its write-ahead log, or None (another database, or
+    an in-memory one: nothing to watch, the poller only polls)."""
+    db = settings.DATABASES["default"]
+    name = str(db.get("NAME") or "")
+    if "sqlite" not in db.get("ENGINE", "") or not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return (name, name + "-wal")
+
+
+def _file_stamp(paths):
+    """A value that changes when a transaction commits to the database files."""
+    stamp = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamp.append(None)
+        else:
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
 
 
 @dataclass(eq=False)
@@ -182,6 +308,9 @@ class Subscriber:
     send: object
     lang: str
     close: object = None  # coroutine function(code): ends the WebSocket
+    # write_frame(frame bytes) -> bool: writes a ready-made text frame to the socket,
+    # False when it cannot (kvmweb/handshake.py FrameWriter); None: always ``send``.
+    write_frame: object = None
     session_key: str | None = None
     job_id: int | None = None  # None: a job list / dashboard watcher
     user: object = None
@@ -214,6 +343,7 @@ class JobHub:
         self.poller_starts = 0
         self.ticks = 0
         self.renders = 0
+        self.file_wakes = 0  # ticks started by a change of the SQLite files (tests)
         self.wake = asyncio.Event()
         # What the poller last saw: job_id -> (progress_seq, status).
         self.seen = {}
@@ -226,8 +356,11 @@ class JobHub:
         self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
         self.channel = None
         self.listener = None
+        self._push_tasks = set()
         self.groups = set()
         self.feeds = {}  # name -> another app's live feed (fleet's batch pages), see feed()
+        self.pushed = {}  # job_id -> progress_seq last rendered from a pushed row (scale-out)
+        self.pushes = 0  # renders from pushed rows (tests)
 
     # -- subscriptions (all on the event loop thread) --
 
@@ -299,11 +432,15 @@ class JobHub:
         try:
             loop = asyncio.get_running_loop()
             next_recheck = loop.time() + RECHECK_INTERVAL
+            files = _watched_files() if self.layer is None else None
             while self.watcher_count:
                 try:
                     await self._sync_groups()
                 except Exception:  # Redis away: keep serving by polling, retry next time
                     log.warning("channel layer unavailable; streaming by polling only", exc_info=True)
+                # Before the reads: a commit after this look is seen by the reads or by
+                # the next look, never lost between them.
+                stamp = _file_stamp(files) if files else None
                 try:
                     if loop.time() >= next_recheck:  # before sending more, not after
                         next_recheck = loop.time() + RECHECK_INTERVAL
@@ -314,16 +451,14 @@ class JobHub:
                 except Exception:  # a DB hiccup must not kill streaming for everyone
                     log.exception("job progress poller tick failed")
                 interval = POLL_INTERVAL_WITH_LAYER if self.layer else POLL_INTERVAL
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=interval)
-                except TimeoutError:
-                    pass
+                await self._wait(interval, files, stamp)
                 self.wake.clear()
         finally:
             # No await between the last watcher check and here: a subscribe() cannot slip
             # in between and find a poller that is about to stop.
             self.task = None
             self.seen.clear()
+            self.pushed.clear()
             self.active_ids.clear()
             self.max_pk = self.last_event_id = None
             self.had_lists = False
@@ -336,6 +471,28 @@ class JobHub:
                 loop.create_task(self._discard(groups, channel))
             if not any(hub.is_polling for hub in list(_hubs.values())):
                 loop.create_task(close_poller_db())
+
+    async def _wait(self, interval, files, stamp):
+        """Until woken, ``interval`` passed, or (SQLite) the database files changed."""
+        if not files:
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + interval
+        while not self.wake.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=min(FILE_WATCH_INTERVAL, left))
+            except TimeoutError:
+                pass
+            if _file_stamp(files) != stamp:
+                self.file_wakes += 1
+                return
 
     async def _discard(self, groups, channel):
         for group in groups:
@@ -364,17 +521,64 @@ class JobHub:
         self.groups = wanted
 
     async def _listen(self):
-        """A 'job changed' message only wakes the poller; the DB read follows."""
+        """A 'job changed' message that carries the job's row (publish_job read it after
+        the commit) is rendered from that row for the job's watchers at once, without a
+        DB read (_push); any message then wakes the poller, whose read brings the new
+        log lines and list rows (and the progress itself when no row came)."""
         while True:
             try:
-                await self.layer.receive(self.channel)
+                message = await self.layer.receive(self.channel)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("channel layer receive failed; relying on polling", exc_info=True)
                 await asyncio.sleep(POLL_INTERVAL_WITH_LAYER)
                 continue
+            job_id, row = message.get("job"), message.get("row")
+            if row and job_id in self.jobs:
+                # In order: pushes and ticks run one after another on the DB thread.
+                task = asyncio.get_running_loop().create_task(self._push(job_id, row))
+                self._push_tasks.add(task)
+                task.add_done_callback(self._push_tasks.discard)
+            else:
+                self.wake.set()
+
+    async def _push(self, job_id, row):
+        subs = self.jobs.get(job_id)
+        try:
+            if subs:
+                viewers = {(s.lang, s.user.pk) for s in subs}
+                users = {s.user.pk: s.user for s in subs}
+                result = await poller_db(self._render_row, job_id, row, viewers, users)
+                if result is not None:
+                    await self._dispatch(result)
+        except Exception:
+            log.exception("rendering a pushed job row failed; the poller catches up")
+        finally:
             self.wake.set()
+
+    def _render_row(self, job_id, row, viewers, users):
+        """A TickResult with the progress block of the job as ``row`` shows it, once per
+        language and masking variant of its watchers (DB thread); None when the poller
+        or an earlier push already had this state or a newer one. Nothing is read from
+        the database but what masking needs (a self-service viewer's hosts)."""
+        job = job_from_row(row)
+        if job is None or job.pk != job_id:
+            return None
+        seen = self.seen.get(job_id)
+        if self.pushed.get(job_id, -1) >= job.progress_seq or (seen and seen[0] >= job.progress_seq):
+            return None
+        self.pushed[job_id] = job.progress_seq
+        result = TickResult()
+        for lang, user_pk in viewers:
+            mask = HostMask.for_user(users[user_pk])
+            variant = mask.variant(job)
+            result.variants[(job_id, user_pk)] = variant
+            if (job_id, lang, variant) not in result.progress:
+                result.progress[(job_id, lang, variant)] = (job.progress_seq, render_masked(mask, job, lang))
+                self.renders += 1
+                self.pushes += 1
+        return result
 
     async def _recheck(self):
         """Close the sockets whose session ended or whose user no longer may see the job.
@@ -463,20 +667,19 @@ class JobHub:
         self.active_ids = {j.pk for j in jobs if j.is_active}
         by_pk = {job.pk: job for job in jobs}
         # The masking variant of each watched job for each of its watchers.
-        shown = {}  # (job_id, variant) -> the job as that variant shows it
         for job_id, viewers in job_langs.items():
             job = by_pk.get(job_id)
             for _lang, user_pk in viewers:
                 mask = masks[user_pk]
                 variant = mask.variant(job) if job is not None else ()
                 result.variants[(job_id, user_pk)] = variant
-                if job is not None:
-                    shown.setdefault((job_id, variant), mask.job(job))
         for job in changed:
+            if self.pushed.get(job.pk, -1) >= job.progress_seq:
+                continue  # its watchers got this state from the channel layer already
             for lang, user_pk in job_langs.get(job.pk, ()):
                 variant = result.variants[(job.pk, user_pk)]
                 if (job.pk, lang, variant) not in result.progress:
-                    html = render_progress(shown[(job.pk, variant)], lang)
+                    html = render_masked(masks[user_pk], job, lang)
                     result.progress[(job.pk, lang, variant)] = (job.progress_seq, html)
                     self.renders += 1
         if list_langs and changed:
@@ -497,7 +700,8 @@ class JobHub:
                             continue
                         key = (job.pk, lang, mask.variant(job))
                         if key not in rendered:
-                            rendered[key] = render_rows([mask.job(job)], lang)
+                            with translation.override(lang):
+                                rendered[key] = render_rows([mask.job(job)], lang)
                             self.renders += 1
                         rows.append((job.pk, rendered[key]))
                     result.user_rows[(user_pk, lang)] = rows
@@ -511,13 +715,16 @@ class JobHub:
                     variant = result.variants.get((event.job_id, user_pk), ())
                     if (lang, variant) not in html:
                         job = by_pk.get(event.job_id)
-                        shown_event = masks[user_pk].event(event, job) if job is not None else event
+                        with translation.override(lang):  # "another host" in their language
+                            shown_event = masks[user_pk].event(event, job) if job is not None else event
                         html[(lang, variant)] = render_events(event.job_id, [shown_event], lang, append=True)
                 result.events.setdefault(event.job_id, []).append((event.pk, html))
         # Forget jobs nobody can receive any more (keeps `seen` bounded).
         keep = set(job_langs) | self.active_ids
         for pk in [pk for pk in self.seen if pk not in keep]:
             del self.seen[pk]
+        for pk in [pk for pk in self.pushed if pk not in job_langs]:
+            del self.pushed[pk]
         return result
 
     async def _dispatch(self, result):
@@ -526,7 +733,12 @@ class JobHub:
         for job_id, subs in list(self.jobs.items()):
             events = result.events.get(job_id, [])
             for sub in list(subs):
-                variant = result.variants.get((job_id, sub.user.pk), ())
+                variant = result.variants.get((job_id, sub.user.pk), NO_VARIANT)
+                if variant is NO_VARIANT:
+                    # Subscribed while this result was being read: nothing in it was
+                    # rendered for this viewer (never fall back to another viewer's text).
+                    # Its snapshot is read after this result, so it misses nothing.
+                    continue
                 view = (sub.lang, variant)
                 progress = result.progress.get((job_id, sub.lang, variant))
                 if not sub.ready:
@@ -550,7 +762,7 @@ class JobHub:
                     sub.seq = progress[0]
                 if new:
                     sub.last_event_id = new[-1][0]
-                sends.append(sub.send(text))
+                sends.append((sub, text))
         for sub in list(self.lists):
             rows = result.rows.get(sub.lang)
             if not rows:
@@ -564,12 +776,29 @@ class JobHub:
             if text and not sub.ready:
                 sub.pending_rows.append(text)
             elif text:
-                sends.append(sub.send(text))
-        if sends:
-            # A socket that went away raises here; that watcher's disconnect cleans up.
-            for outcome in await asyncio.gather(*sends, return_exceptions=True):
-                if isinstance(outcome, Exception):
-                    log.debug("sending job progress failed: %r", outcome)
+                sends.append((sub, text))
+        await send_all(sends)
+
+
+async def send_all(sends):
+    """Send each (subscriber, text) in turn. A send only hands the frame to the server's
+    transport (it never waits for the client), so one after another on the loop costs
+    less than a task each through gather: with 1,000 watchers that is 1,000 tasks fewer
+    per update. Each distinct text is framed once and written as bytes to the sockets
+    that allow it (``Subscriber.write_frame``); the others go through their consumer's
+    send. A socket that went away raises; its disconnect cleans up."""
+    frames = {}
+    for sub, text in sends:
+        try:
+            if sub.write_frame is not None:
+                frame = frames.get(text)
+                if frame is None:
+                    frame = frames[text] = text_frame(text)
+                if sub.write_frame(frame):
+                    continue
+            await sub.send(text)
+        except Exception as exc:
+            log.debug("sending job progress failed: %r", exc)
 
 
 def _still_allowed(session_keys, wanted):
@@ -612,6 +841,38 @@ def get_hub():
 # ---------------------------------------------------------------------------- publishing
 
 
+def _json_default(value):
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()  # full precision (DjangoJSONEncoder keeps milliseconds)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return str(value)  # Decimal, UUID
+
+
+def row_of(job_id):
+    """The job's row as JSON (every column), read now, or None when it is gone."""
+    job = MigrationJob.objects.filter(pk=job_id).first()
+    if job is None:
+        return None
+    data = {f.attname: getattr(job, f.attname) for f in job._meta.concrete_fields}
+    return json.dumps(data, default=_json_default)
+
+
+def job_from_row(row):
+    """A MigrationJob built from ``row_of``'s JSON (not saved; related objects, if a
+    template asks for one, are read from the database like on any instance)."""
+    try:
+        data = json.loads(row)
+        fields = {f.attname: f.to_python(data[f.attname]) for f in MigrationJob._meta.concrete_fields}
+    except (ValueError, KeyError, TypeError, ValidationError):
+        log.warning("a pushed job row could not be read; the poller catches up", exc_info=True)
+        return None
+    job = MigrationJob(**fields)
+    job._state.adding = False
+    job._state.db = "default"
+    return job
+
+
 class _Publisher:
     """Sends 'job changed' messages from sync code without blocking it.
 
@@ -639,18 +900,18 @@ class _Publisher:
             except Exception:
                 pass
 
-    async def _send(self, job_id):
+    async def _send(self, job_id, row):
         message = {"type": "job.changed", "job": job_id}
         try:
-            await self.layer.group_send(group_for_job(job_id), message)
+            await self.layer.group_send(group_for_job(job_id), dict(message, row=row) if row else message)
             await self.layer.group_send(JOBS_GROUP, message)
         except Exception:
             log.warning(
                 "publishing job %s change failed; watchers catch up by polling", job_id, exc_info=True
             )
 
-    def publish(self, job_id):
-        future = asyncio.run_coroutine_threadsafe(self._send(job_id), self.loop)
+    def publish(self, job_id, row=None):
+        future = asyncio.run_coroutine_threadsafe(self._send(job_id, row), self.loop)
         self.pending.add(future)
         future.add_done_callback(self.pending.discard)
 
@@ -664,7 +925,10 @@ def publish_job(job_id):
 
     Cheap and safe from sync worker code: with the in-memory layer (embedded default,
     nothing crosses processes) it does nothing and the pollers notice the row; with a
-    real layer it schedules two small group messages and returns at once."""
+    real layer it reads the job's row (one query by primary key) and schedules two group
+    messages, returning at once: the job's watchers get that row rendered without
+    another read (JobHub._push). Inside a transaction the row is not sent (it is not
+    committed yet and may roll back): the message then only wakes the pollers."""
     global _publisher
     layer = get_channel_layer()
     if layer is None or isinstance(layer, InMemoryChannelLayer):
@@ -673,4 +937,10 @@ def publish_job(job_id):
         with _publisher_lock:
             if _publisher is None or _publisher.layer is not layer:
                 _publisher = _Publisher(layer)
-    _publisher.publish(int(job_id))
+    row = None
+    if not connection.in_atomic_block:
+        try:
+            row = row_of(job_id)
+        except DatabaseError:
+            log.warning("reading job %s to publish it failed; the pollers catch up", job_id, exc_info=True)
+    _publisher.publish(int(job_id), row)
