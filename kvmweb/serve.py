@@ -31,12 +31,6 @@ KVMWEB_SHUTDOWN_GRACE seconds while the loop still runs, and only then cancels w
 left. A thread still stuck after that cannot hold the exit for more than a few seconds
 (:func:`main`).
 
-On a busy management host (CPU-bound neighbours), a live update waits mostly for the
-CPU, not for work: :func:`latency_slice` asks Linux for a short scheduler slice
-(KVMWEB_SCHED_SLICE_US, e.g. 500 µs; the default 0 leaves the kernel's) so daphne's
-threads run soon after they wake, at the same share of CPU time. Opt-in: in one
-interleaved pair of benchmark runs (load ~16) it showed no gain.
-
 Everything else is daphne's (same options, same behaviour).
 """
 
@@ -295,58 +289,12 @@ def lazy_autobahn_debug():
     protocol.pformat = _LazyFormat
 
 
-def latency_slice(microseconds):
-    """Ask the kernel for a short time slice for this process's threads (EEVDF's
-    per-task slice: ``sched_setattr`` with ``sched_runtime`` on a normal, SCHED_OTHER
-    task; Linux 6.6 and later). The share of CPU time stays what it was (same policy,
-    same nice value); what changes is how soon a thread that wakes up runs: a task with
-    a shorter slice gets an earlier deadline, so daphne's loop, woken by a socket or the
-    database watch, runs before a CPU-bound neighbour finishes its slice. Called before
-    any thread starts (threads inherit it). Returns True when the kernel took it; any
-    refusal (older kernel, seccomp, another OS) leaves the default."""
-    if microseconds <= 0 or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import platform
-
-    numbers = {"x86_64": 314, "aarch64": 274}  # __NR_sched_setattr
-    number = numbers.get(platform.machine())
-    if number is None:
-        return False
-
-    class SchedAttr(ctypes.Structure):
-        _fields_ = [
-            ("size", ctypes.c_uint32),
-            ("sched_policy", ctypes.c_uint32),
-            ("sched_flags", ctypes.c_uint64),
-            ("sched_nice", ctypes.c_int32),
-            ("sched_priority", ctypes.c_uint32),
-            ("sched_runtime", ctypes.c_uint64),
-            ("sched_deadline", ctypes.c_uint64),
-            ("sched_period", ctypes.c_uint64),
-        ]
-
-    attr = SchedAttr(
-        size=ctypes.sizeof(SchedAttr),
-        sched_policy=0,  # SCHED_OTHER, as before
-        sched_nice=os.getpriority(os.PRIO_PROCESS, 0),  # unchanged
-        sched_runtime=int(microseconds) * 1000,
-    )
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(number, 0, ctypes.byref(attr), 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 def main(argv=None):
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
     from daphne import cli, server
     from django.conf import settings
 
     lazy_autobahn_debug()
-    if latency_slice(settings.KVMWEB_SCHED_SLICE_US):
-        log.debug("short scheduler slice: %d us", settings.KVMWEB_SCHED_SLICE_US)
 
     server.HTTPFactory = LimitedFactory
     build = cli.build_endpoint_description_strings

@@ -60,8 +60,6 @@ KVMWEB_SHUTDOWN_GRACE = env_float("KVMWEB_SHUTDOWN_GRACE", 5.0, minimum=0.0)
 # WebSocket handshakes run at a time per daphne process (kvmweb/handshake.py); the others
 # wait their turn instead of all timing out together when many browsers reconnect at once.
 KVMWEB_WS_HANDSHAKE_CONCURRENCY = env_int("KVMWEB_WS_HANDSHAKE_CONCURRENCY", 8, minimum=1)
-# Scheduler slice daphne asks Linux for (kvmweb/serve.py latency_slice), in µs; 0 = default.
-KVMWEB_SCHED_SLICE_US = env_int("KVMWEB_SCHED_SLICE_US", 0, minimum=0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KVMWEB_MAX_REQUEST_BYTES
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
