@@ -301,12 +301,18 @@ STARTED = 120
 ENDED = 120
 
 
+# A guest that dirties 0.5 MiB/s (256 KiB every 500 ms): a 1 MiB/s cap is still enough
+# for the preflight's prediction, and the migration runs long enough for a control to
+# arrive mid-way however slowly manage.py starts.
+SLOW_DIRTIER = {"hot_mib": 0.25, "delay_ms": 500}
+
+
 def _ended(job):
     return job["status"] in ("cancelled", "failed", "succeeded")
 
 
 def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
-    guest = lab_guest("mj-cancel")
+    guest = lab_guest("mj-cancel", **SLOW_DIRTIER)
     _sync_cli(cluster, "lab-a")
     # 1 MiB/s: 32 MiB of dirtied RAM take over 30 s, so the migration still runs when the
     # cancel arrives (a manage.py process starts in ~2 s here, in over 10 s on a loaded
@@ -326,7 +332,7 @@ def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
 
 
 def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_guest):
-    guest = lab_guest("mj-bw")
+    guest = lab_guest("mj-bw", **SLOW_DIRTIER)
     _sync_cli(cluster, "lab-a")
     # 1 MiB/s: still running when the change arrives (it lifts the cap: no time lost).
     job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "1", "--max-downtime", "500")
@@ -340,7 +346,7 @@ def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_gue
 
 
 def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_guest):
-    guest = lab_guest("mj-postcopy")
+    guest = lab_guest("mj-postcopy", **SLOW_DIRTIER)
     _sync_cli(cluster, "lab-a")
     # 1 MiB/s: still in pre-copy when the switch arrives; post-copy then runs uncapped
     # (libvirt sets no post-copy bandwidth unless asked).
@@ -460,9 +466,7 @@ def test_it_reconciles_after_the_worker_is_killed_and_never_migrates_twice(clust
         cluster.wait(job_id, _running, STARTED, "running with progress")
         cluster.kill()
         killed_at = time.monotonic()
-        reconcile.stdin.write("go\n")
-        reconcile.stdin.close()
-        said = reconcile.communicate(timeout=ENDED)[0]
+        said = reconcile.communicate("go\n", timeout=ENDED)[0]
         deadline = killed_at + ENDED
         while not _ended(cluster.job(job_id)):  # backstop: more passes, as the scheduled task does
             assert time.monotonic() < deadline, f"not reconciled: {cluster.job(job_id)} {said}"
