@@ -79,8 +79,9 @@ def _run_scenarios(workerless, lab_guest, table, mode, options, *, storage, runn
         return step, _crash_and_reconcile(workerless, guests[step], mode, options, step)
 
     # Four at a time (three took 207 s for the cold-copy table, four 178 s, on the same
-    # loaded machine): each scenario's reconcile is `--job ID`, so it never takes the job
-    # of a neighbour whose live worker is between two heartbeats.
+    # loaded 2-core machine; six were no faster than four, 116 s vs 110 s): each scenario's
+    # reconcile is `--job ID`, so it never takes the job of a neighbour whose live worker is
+    # between two heartbeats.
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(pool.map(one, table))
     problems = []
