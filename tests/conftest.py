@@ -55,6 +55,13 @@ def mallory(db):
     return _persona("mallory")
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """Personas are created per test; PBKDF2 at full strength costs ~0.3 s per user (more
+    on a loaded machine). Sign-in still checks the password, with a cheap hasher."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def login(client):
     """login(user) -> a test client signed in as that user."""

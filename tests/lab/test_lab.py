@@ -32,7 +32,7 @@ def _absent(conn, uuid):
     return False
 
 
-def _wait_counter_at_least(lab, host, name, value, timeout=10):
+def _wait_counter_at_least(lab, host, name, value, timeout=60):
     deadline = time.monotonic() + timeout
     while lab.read_counter(host, name) < value:
         assert time.monotonic() < deadline, f"counter of {name} stayed below {value}"
@@ -98,12 +98,12 @@ def test_it_aborts_a_migration_and_the_guest_keeps_running_on_the_source(lab, la
 
     worker = threading.Thread(target=migrate)
     worker.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a backstop: a loaded machine starts the job slowly
     while dom.jobStats().get("memory_processed", 0) <= 0:
         assert time.monotonic() < deadline, "migration job never showed progress"
         time.sleep(0.05)
     dom.abortJob()
-    worker.join(15)
+    worker.join(60)
     assert not worker.is_alive()
 
     assert failure and failure[0].get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED

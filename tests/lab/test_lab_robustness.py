@@ -7,10 +7,12 @@ never touch the shared lab's daemons, ports or files.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +39,9 @@ def test_it_reuses_a_running_lab_without_starting_anything(lab):
     before = {h: core._host_pids(h) for h in lab.hosts}
     t0 = time.monotonic()
     assert labkit.up(2) == []
-    assert time.monotonic() - t0 < 5
+    # Cheap: no host started (the PIDs below are the proof); a start takes far longer
+    # than this generous bound, which only a restart in disguise would exceed.
+    assert time.monotonic() - t0 < 30
     assert {h: core._host_pids(h) for h in lab.hosts} == before
     assert labkit.is_up(2)
     for h in lab.hosts:
@@ -75,8 +79,9 @@ def test_it_clears_a_dead_fuse_mount_left_by_a_killed_session(private_lab_dir):
     bindfs = core._bindfs_pid()
     assert bindfs
     os.kill(bindfs, signal.SIGKILL)  # what a killed session leaves: a dead FUSE endpoint
-    deadline = time.monotonic() + 5
-    while core._alive(bindfs) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while core._alive(bindfs):
+        assert time.monotonic() < deadline, "the killed bindfs did not exit"
         time.sleep(0.02)
     try:
         with pytest.raises(OSError):
@@ -118,24 +123,48 @@ def test_it_sweeps_the_guests_of_a_killed_session_and_spares_live_ones(lab, lab_
     assert labkit.where(kept) == {"lab-a": "shut off"}  # its owner (this session) lives
 
 
-def test_it_reports_not_root_in_one_line(tmp_path):
-    env = dict(os.environ, KVMWEB_LAB_DIR=str(tmp_path / "lab"))
+NOBODY = 65534
+
+
+@pytest.fixture
+def lab_copy_for_nobody():
+    """A copy of lab/ that the unprivileged user can read, wherever the checkout lives (a
+    fresh clone under a 0700 temporary directory is unreadable to that user), and the
+    base interpreter, which stays outside the checkout even when the venv is inside it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (to run as another user)")
+    top = Path(tempfile.mkdtemp(prefix="kvmweb-nobody-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        shutil.copytree(ROOT / "lab", top / "lab", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+        yield top, python
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_it_reports_not_root_in_one_line(lab_copy_for_nobody):
+    top, python = lab_copy_for_nobody
+    env = dict(os.environ, KVMWEB_LAB_DIR=str(top / "lab-dir"))
     r = subprocess.run(
         [
             "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
             "--clear-groups",
-            sys.executable,
+            python,
+            "-I",  # no PYTHON* variables, no user site: nothing from the checkout
             "lab/labctl.py",
             "up",
         ],
-        cwd=ROOT,
+        cwd=top,
         env=env,
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 2
+    assert r.returncode == 2, r.stderr
     assert (
         r.stderr.strip()
         == "labctl: error: the KVM lab needs root (simulated hosts use mount namespaces and FUSE)"
@@ -153,7 +182,7 @@ def test_it_starts_once_when_started_twice_at_once_and_stops_without_leftovers(t
     racers = [
         subprocess.Popen([*cmd, "up"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
-    outputs = [r.communicate(timeout=60)[0] for r in racers]
+    outputs = [r.communicate(timeout=300)[0] for r in racers]  # a loaded machine starts hosts slowly
     try:
         assert [r.returncode for r in racers] == [0, 0], outputs
         started = [line.split(":")[0] for out in outputs for line in out.splitlines() if ": started" in line]
