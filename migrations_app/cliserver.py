@@ -76,19 +76,29 @@ def preload():
 
 
 def _recv_request(conn):
+    """(request, [fds]). The descriptors came with the first message: on a bad request
+    they are closed here (the caller only closes the ones it was handed)."""
     msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
-    if len(msg) < 4:
-        raise ValueError("short request")
-    (size,) = struct.unpack("!I", msg[:4])
-    if size > MAX_REQUEST:
-        raise ValueError("request too large")
-    data = msg[4:]
-    while len(data) < size:
-        chunk = conn.recv(min(65536, size - len(data)))
-        if not chunk:
-            raise ValueError("truncated request")
-        data += chunk
-    return json.loads(data), fds
+    try:
+        if len(msg) < 4:
+            raise ValueError("short request")
+        (size,) = struct.unpack("!I", msg[:4])
+        if size > MAX_REQUEST:
+            raise ValueError("request too large")
+        data = msg[4:]
+        while len(data) < size:
+            chunk = conn.recv(min(65536, size - len(data)))
+            if not chunk:
+                raise ValueError("truncated request")
+            data += chunk
+        return json.loads(data), fds
+    except BaseException:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
 
 
 def _peer_allowed(conn):
