@@ -158,3 +158,17 @@ def test_it_stores_a_certificate_for_a_host_not_registered_yet_and_hands_the_wiz
     # The wizard builds the URI with it; once registered, the host's page knows the certificate.
     page = web.get(response.url).content.decode()
     assert f"pkipath={directory}" in page
+
+
+def test_it_keeps_the_uploaded_key_out_of_error_reports(login, admin, tls_host, pem_bundle):
+    """Django's error reports (mail to ADMINS, the debug page) show POST data unless the
+    view marks it sensitive: the private key must never be in one."""
+    from django.views.debug import SafeExceptionReporterFilter
+
+    ca, cert, key = pem_bundle()
+    for url in (reverse("hosts:certificate", args=[tls_host.pk]), reverse("hosts:certificate_new")):
+        response = login(admin).post(url, {"ca_pem": ca, "cert_pem": "not pem", "key_pem": key})
+        assert response.status_code == 200  # refused: the form again
+        shown = SafeExceptionReporterFilter().get_post_parameters(response.wsgi_request)
+        assert shown["key_pem"] != key and set(shown["key_pem"]) == {"*"}
+        assert shown["cert_pem"] == "not pem"
