@@ -120,8 +120,12 @@ def port_range(host):
 
 
 def sample_ports(lo, hi):
-    """The ports probed in ``lo..hi``: the middle and the top (see the module docstring)."""
-    return sorted({lo + (hi - lo) // 2, hi})
+    """The ports probed in ``lo..hi``: the middle and the top (see the module docstring),
+    never the lowest unless the range is that one port (a two-port range's "middle" would
+    be its lowest: the port libvirt hands out first)."""
+    if hi <= lo:
+        return [hi]
+    return sorted({lo + max(1, (hi - lo) // 2), hi})
 
 
 def probe_timeout():

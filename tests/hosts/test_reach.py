@@ -43,6 +43,8 @@ def test_it_tells_an_open_port_from_a_closed_one_from_kvmweb(listening):
 def test_it_probes_the_middle_and_top_of_a_range_never_its_lowest_port():
     assert reach.sample_ports(49152, 49215) == [49183, 49215]
     assert reach.sample_ports(50000, 50000) == [50000]
+    assert reach.sample_ports(50000, 50001) == [50001]  # the "middle" of two is the lowest
+    assert reach.sample_ports(50000, 50002) == [50001, 50002]
     assert reach.port_range(Host(name="x", uri="test:///default")) == (49152, 49215)
     assert reach.port_range(Host(migration_port_min=50000, migration_port_max=50010)) == (50000, 50010)
 
