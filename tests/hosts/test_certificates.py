@@ -172,3 +172,18 @@ def test_it_keeps_the_uploaded_key_out_of_error_reports(login, admin, tls_host, 
         shown = SafeExceptionReporterFilter().get_post_parameters(response.wsgi_request)
         assert shown["key_pem"] != key and set(shown["key_pem"]) == {"*"}
         assert shown["cert_pem"] == "not pem"
+
+
+def test_it_never_deletes_the_directory_above_the_stored_certificates(admin, tls_host, pem_bundle):
+    """A host whose pkipath is <managed root>/.. (typed on the Edit page: nothing checks
+    the files there) is removed: the certificates kvmweb stored for the other hosts stay."""
+    services.do_set_tls_certificate(
+        tls_host, **dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(), strict=True))
+    )
+    tls_host.refresh_from_db()
+    kept = transport.tls_files(tls_host.uri)["key"]
+    root = transport.managed_pki_root()
+    odd = Host.objects.create(name="odd", uri=f"qemu+tls://10.0.0.6/system?pkipath={root}/..")
+    assert transport.managed_dir(odd.uri) is None
+    services.do_remove_host(odd, actor=admin)
+    assert kept.exists() and root.exists()
