@@ -308,14 +308,18 @@ def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath=
         refuse(str(exc), exc.remedy)
     previous = (transport.tls_files(host.uri) or {}).get("cert")
     previous_dir = transport.managed_dir(host.uri)
+    written = None  # a directory this call wrote: removed again (key included) on a refusal
     if directory is None:
         directory = str(transport.write_bundle(host.pk, ca_pem, cert_pem, key_pem, facts["fingerprint"]))
+        written = directory if directory != str(previous_dir or "") else None
     try:
         uri = validate_uri(transport.with_pkipath(host.uri, directory))
     except InvalidURI as exc:
+        transport.remove_bundle(written)
         refuse(str(exc), _("Use a directory path without spaces or quotes."))
     clash = Host.objects.filter(uri=uri).exclude(pk=host.pk).first()
     if clash is not None:
+        transport.remove_bundle(written)
         refuse(_("Host %(name)s already uses the URI %(uri)s.") % {"name": clash.name, "uri": uri})
     with transaction.atomic():
         Host.objects.filter(pk=host.pk).update(uri=uri)

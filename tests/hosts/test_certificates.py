@@ -12,6 +12,7 @@ from django.urls import reverse
 
 from hosts import services, transport
 from hosts.models import Host
+from hosts.uris import validate_uri
 from kvmweb.audit.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -187,3 +188,16 @@ def test_it_never_deletes_the_directory_above_the_stored_certificates(admin, tls
     assert transport.managed_dir(odd.uri) is None
     services.do_remove_host(odd, actor=admin)
     assert kept.exists() and root.exists()
+
+
+def test_it_removes_the_files_it_wrote_when_it_refuses_the_new_uri(admin, tls_host, pem_bundle):
+    """The bundle is written before the host's new URI is checked: a refusal then (the URI
+    clashes with another host's) leaves no copy of the key behind."""
+    ca, cert, key = pem_bundle()
+    fingerprint = transport.check_bundle(ca, cert, key)["fingerprint"]
+    directory = transport.managed_pki_root() / f"{tls_host.pk}-{fingerprint[:12]}"
+    Host.objects.create(name="twin", uri=validate_uri(transport.with_pkipath(tls_host.uri, str(directory))))
+    with pytest.raises(services.HostError, match="already uses the URI"):
+        services.do_set_tls_certificate(tls_host, ca_pem=ca, cert_pem=cert, key_pem=key, actor=admin)
+    assert not directory.exists()
+    assert AuditEvent.objects.get(action="host.tls_certificate").outcome != AuditEvent.SUCCESS
