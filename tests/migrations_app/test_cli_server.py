@@ -24,6 +24,12 @@ def test_it_refuses_other_settings_and_other_commands_but_not_per_run_values():
         {"argv": ["preflight"], "env": {**ours, "KVMWEB_DATA_DIR": "/e"}}, ours
     )
     assert cliserver.refusal({"argv": ["shell"], "env": ours}, ours) == "not a served command"
+    # Other settings on the command line (applied before Django's set-up, which a served
+    # command has behind it): run by manage.py itself, not against the server's database.
+    for flag in (["--settings=kvmweb.other"], ["--settings", "kvmweb.other"], ["--pythonpath=/x"]):
+        assert "--settings/--pythonpath" in cliserver.refusal(
+            {"argv": ["migrate_vm", "vm", *flag], "env": same}, ours
+        )
 
 
 @pytest.fixture
