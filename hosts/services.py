@@ -245,6 +245,7 @@ def do_update_host(
         "description": host.description,
         "migration_ports": _ports_text(host.migration_port_min, host.migration_port_max),
     }
+    stored = transport.managed_dir(host.uri)  # a certificate kvmweb stored for the old URI
     with transaction.atomic():
         host.name, host.uri, host.group, host.description = name, uri, group, description
         host.migration_port_min, host.migration_port_max = migration_port_min, migration_port_max
@@ -260,6 +261,9 @@ def do_update_host(
         }
         changes = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
         record("host.change", actor=actor, request=request, target=host, details={"changes": changes})
+    # A URI edited away from the stored certificate: its files (key included) go, as on a
+    # new upload or the host's removal, unless another host's URI still names them.
+    _forget_bundle(stored, keep=transport.managed_dir(uri))
     return host
 
 

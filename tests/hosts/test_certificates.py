@@ -201,3 +201,19 @@ def test_it_removes_the_files_it_wrote_when_it_refuses_the_new_uri(admin, tls_ho
         services.do_set_tls_certificate(tls_host, ca_pem=ca, cert_pem=cert, key_pem=key, actor=admin)
     assert not directory.exists()
     assert AuditEvent.objects.get(action="host.tls_certificate").outcome != AuditEvent.SUCCESS
+
+
+def test_it_removes_the_stored_certificate_when_the_uri_is_edited_away_from_it(admin, tls_host, pem_bundle):
+    services.do_set_tls_certificate(
+        tls_host, **dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(), strict=True))
+    )
+    tls_host.refresh_from_db()
+    directory = transport.managed_dir(tls_host.uri)
+    # Another parameter changed, the pkipath kept: the files stay.
+    services.do_update_host(
+        tls_host, name="kvm1", uri=tls_host.uri.replace("NORMAL", "SECURE256"), actor=admin
+    )
+    assert directory.exists()
+    services.do_update_host(tls_host, name="kvm1", uri="qemu+tls://10.0.0.5/system", actor=admin)
+    assert not directory.exists()
+    assert AuditEvent.objects.filter(action="host.change").count() == 2
