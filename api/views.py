@@ -290,10 +290,14 @@ class PreflightView(APIView):
         (docs/preflight.md). Nothing moves; nothing is written."""
         from migrations_app import preflight
         from migrations_app.plan import MigrationPlan, PlanError
+        from migrations_app.policy import refused_options
 
         data = _valid(s.PreflightRequestSerializer, request)
         vm = get_scoped_or_404(VM, request.user, "migrate", perm=ADD_JOB, pk=data["vm"])
         target = get_scoped_or_404(Host, request.user, "migrate", perm=ADD_JOB, pk=data["target"])
+        refused = refused_options(request.user, data["options"])
+        if refused:  # before the checklist measures anything the options name
+            return Response({"detail": refused}, status=403)
         if vm.host is None or vm.gone:
             return Response({"detail": f"{vm.name} is not on any known host; sync the inventory first."}, 400)
         try:

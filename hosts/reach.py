@@ -98,7 +98,7 @@ class Reach:
     elapsed_ms: int = 0
     cached: bool = False
     # On the source only: did `virsh -c TARGET-URI hostname` work there?
-    # {"uri", "ok", "said", "user"}; None when not tried.
+    # {"uri", "ok", "said", "user"} (ok None: virsh missing there); None when not tried.
     p2p: dict | None = None
 
     @property
@@ -120,8 +120,12 @@ def port_range(host):
 
 
 def sample_ports(lo, hi):
-    """The ports probed in ``lo..hi``: the middle and the top (see the module docstring)."""
-    return sorted({lo + (hi - lo) // 2, hi})
+    """The ports probed in ``lo..hi``: the middle and the top (see the module docstring),
+    never the lowest unless the range is that one port (a two-port range's "middle" would
+    be its lowest: the port libvirt hands out first)."""
+    if hi <= lo:
+        return [hi]
+    return sorted({lo + max(1, (hi - lo) // 2), hi})
 
 
 def probe_timeout():
@@ -223,9 +227,12 @@ def probe_from_source(source_uri, address, ports, timeout, connect_timeout=3.0, 
         if line.startswith("kvmweb-p2p ") and p2p_uri:
             words = line.split(" ", 2)
             said = words[2].strip() if len(words) > 2 else ""
+            ok = words[1] == "0"
             if words[1] == "124":
                 said = _("no answer within %(s)g s") % {"s": P2P_TIMEOUT}
-            p2p = {"uri": p2p_uri, "ok": words[1] == "0", "said": said, "user": target.user or ""}
+            elif words[1] == "127":  # no virsh on the source: nothing was tried, nothing failed
+                ok, said = None, _("virsh is not installed on the source, so it could not try")
+            p2p = {"uri": p2p_uri, "ok": ok, "said": said, "user": target.user or ""}
             continue
         words = line.split(" ", 3)
         if len(words) >= 3 and words[0] == "kvmweb-probe" and words[1].isdigit() and words[2].isdigit():

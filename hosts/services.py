@@ -245,6 +245,7 @@ def do_update_host(
         "description": host.description,
         "migration_ports": _ports_text(host.migration_port_min, host.migration_port_max),
     }
+    stored = transport.managed_dir(host.uri)  # a certificate kvmweb stored for the old URI
     with transaction.atomic():
         host.name, host.uri, host.group, host.description = name, uri, group, description
         host.migration_port_min, host.migration_port_max = migration_port_min, migration_port_max
@@ -260,6 +261,9 @@ def do_update_host(
         }
         changes = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
         record("host.change", actor=actor, request=request, target=host, details={"changes": changes})
+    # A URI edited away from the stored certificate: its files (key included) go, as on a
+    # new upload or the host's removal, unless another host's URI still names them.
+    _forget_bundle(stored, keep=transport.managed_dir(uri))
     return host
 
 
@@ -308,14 +312,18 @@ def do_set_tls_certificate(host, *, ca_pem="", cert_pem="", key_pem="", pkipath=
         refuse(str(exc), exc.remedy)
     previous = (transport.tls_files(host.uri) or {}).get("cert")
     previous_dir = transport.managed_dir(host.uri)
+    written = None  # a directory this call wrote: removed again (key included) on a refusal
     if directory is None:
         directory = str(transport.write_bundle(host.pk, ca_pem, cert_pem, key_pem, facts["fingerprint"]))
+        written = directory if directory != str(previous_dir or "") else None
     try:
         uri = validate_uri(transport.with_pkipath(host.uri, directory))
     except InvalidURI as exc:
+        transport.remove_bundle(written)
         refuse(str(exc), _("Use a directory path without spaces or quotes."))
     clash = Host.objects.filter(uri=uri).exclude(pk=host.pk).first()
     if clash is not None:
+        transport.remove_bundle(written)
         refuse(_("Host %(name)s already uses the URI %(uri)s.") % {"name": clash.name, "uri": uri})
     with transaction.atomic():
         Host.objects.filter(pk=host.pk).update(uri=uri)

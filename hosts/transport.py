@@ -302,14 +302,24 @@ def managed_dir(uri):
     if not files:
         return None
     directory = files["cert"].parent
-    return directory if directory.parent == managed_pki_root() else None
+    return directory if _is_managed(directory) else None
+
+
+def _is_managed(directory):
+    """True for a directory right inside the managed root. Compared after resolving: a
+    pkipath such as <root>/.. has the root as its textual parent but names the directory
+    above it (all hosts' certificates), which must never be deleted as one host's."""
+    path = Path(directory)
+    if path.name in ("", ".", ".."):
+        return False
+    return path.resolve().parent == managed_pki_root().resolve()
 
 
 def remove_bundle(directory):
     """Delete a directory kvmweb stored (key included); only inside the managed root."""
     import shutil
 
-    if directory is not None and Path(directory).parent == managed_pki_root():
+    if directory is not None and _is_managed(directory):
         shutil.rmtree(directory, ignore_errors=True)
 
 

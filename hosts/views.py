@@ -9,6 +9,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_POST
 
 from hosts import services, transport
@@ -145,6 +146,7 @@ def host_key_replace(request, pk):
     return redirect("hosts:detail", pk=host.pk)
 
 
+@sensitive_post_parameters("key_pem")  # never in an error report or a debug page
 @login_required
 def host_certificate(request, pk):
     """A qemu+tls host's own client certificate (administrators: hosts.change_host)."""
@@ -165,6 +167,7 @@ def host_certificate(request, pk):
     )
 
 
+@sensitive_post_parameters("key_pem")
 @login_required
 def host_certificate_new(request):
     """The Add host wizard's TLS certificate for a host not registered yet: the PEM texts

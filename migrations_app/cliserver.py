@@ -15,7 +15,7 @@ with the worker's claim, journal and heartbeats, and a killed child is a killed 
 Refused, so manage.py runs the command itself: another user than the server's (or root),
 a command not in ``SERVED``, or settings the server was not started with (the caller's
 KVMWEB_*, DJANGO_*, DATABASE_URL, REDIS_URL... differ: another data directory or
-database). The server must be restarted with the other services when the code changes,
+database), or ``--settings``/``--pythonpath`` on the command line. The server must be restarted with the other services when the code changes,
 as the workers are.
 
 The server stays single-threaded (a fork from a process with threads could inherit a
@@ -51,6 +51,11 @@ def refusal(request, server_env):
     argv = request.get("argv") or []
     if not argv or argv[0] not in SERVED:
         return "not a served command"
+    # Django applies these in the command's own process, before its set-up; a served
+    # command is already set up with the server's settings, so it would silently run
+    # against the server's database instead of the one asked for.
+    if any(str(a).split("=", 1)[0] in ("--settings", "--pythonpath") for a in argv[1:]):
+        return "--settings/--pythonpath given"
     theirs = settings_env(request.get("env") or {})
     ours = settings_env(server_env)
     # Values the settings module sets in the server's own environment at start-up.
@@ -76,19 +81,29 @@ def preload():
 
 
 def _recv_request(conn):
+    """(request, [fds]). The descriptors came with the first message: on a bad request
+    they are closed here (the caller only closes the ones it was handed)."""
     msg, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
-    if len(msg) < 4:
-        raise ValueError("short request")
-    (size,) = struct.unpack("!I", msg[:4])
-    if size > MAX_REQUEST:
-        raise ValueError("request too large")
-    data = msg[4:]
-    while len(data) < size:
-        chunk = conn.recv(min(65536, size - len(data)))
-        if not chunk:
-            raise ValueError("truncated request")
-        data += chunk
-    return json.loads(data), fds
+    try:
+        if len(msg) < 4:
+            raise ValueError("short request")
+        (size,) = struct.unpack("!I", msg[:4])
+        if size > MAX_REQUEST:
+            raise ValueError("request too large")
+        data = msg[4:]
+        while len(data) < size:
+            chunk = conn.recv(min(65536, size - len(data)))
+            if not chunk:
+                raise ValueError("truncated request")
+            data += chunk
+        return json.loads(data), fds
+    except BaseException:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        raise
 
 
 def _peer_allowed(conn):

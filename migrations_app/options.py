@@ -10,6 +10,7 @@ stored plan shows only what was used.
 """
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -96,6 +97,12 @@ class Option:
             return text
         if not text.startswith(("tcp://", "rdma://", "unix://")) or any(ch.isspace() for ch in text):
             raise OptionError(_("The migration URI must look like tcp://ADDRESS[:PORT]."), self.name)
+        try:
+            urlsplit(text).port  # noqa: B018 - raises for a port that is not 0-65535
+        except ValueError:  # the checklist reads the port (migration_ports), libvirt too
+            raise OptionError(
+                _("The migration URI must look like tcp://ADDRESS[:PORT]."), self.name
+            ) from None
         return text
 
 

@@ -84,6 +84,19 @@ def _bandwidth(options):
     return SCHEMA["bandwidth"].clean(value)
 
 
+def refused_options(user, options):
+    """Why ``user`` may not even run a checklist with ``options`` ("" when they may).
+
+    An explicit migration URI is an operator's tool: the source connects wherever it
+    says, and the checklist's "migration_ports" check measures that address and port
+    from the source host and from kvmweb's machine and reports what answered. For
+    anyone else that would be a port scanner behind the firewall, so the dry run, the
+    wizard and the API refuse it before the checklist runs, with check_request's words."""
+    if (options or {}).get("migrate_uri") and not is_staff_migrator(user):
+        return _("An explicit migration URI can only be set by an operator.")
+    return ""
+
+
 def check_request(user, vm, target, mode, options=None):
     """Decide whether ``user`` may migrate ``vm`` to ``target`` with ``mode`` and
     ``options`` (options["bandwidth"] in MiB/s; None or 0 = unlimited).

@@ -16,6 +16,7 @@ from kvmweb.access import get_scoped_or_404, require, scoped
 from migrations_app.masking import HostMask
 from migrations_app.models import MigrationJob
 from migrations_app.plan import DEFAULTS, MigrationPlan, PlanError
+from migrations_app.policy import refused_options
 from migrations_app.preflight import run_preflight
 from migrations_app.signals import announce
 
@@ -53,7 +54,10 @@ def preflight_check(request):
         if dry_run and "dry_run" not in request.GET:
             rerun_url += "&dry_run=1"
         context.update(vm=vm, target=target, options=options, rerun_url=rerun_url, dry_run=dry_run)
-        if vm.host is None or vm.gone:
+        refused = refused_options(request.user, options)
+        if refused:
+            context["error"] = refused
+        elif vm.host is None or vm.gone:
             context["error"] = _("%(vm)s is not on any known host; sync the inventory first.") % {
                 "vm": vm.name
             }

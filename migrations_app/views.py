@@ -242,11 +242,15 @@ def wizard(request):
 
 def _wizard_preflight(request, vm, target, mode, options, *, error="", status=200, ack=(), override=()):
     from migrations_app.plan import MigrationPlan, PlanError
+    from migrations_app.policy import refused_options
     from migrations_app.preflight import run_preflight
     from migrations_app.signals import announce
 
     context = {"step": "preflight", "vm": vm, "target": target, "mode": mode, "error": error}
     try:
+        refused = refused_options(request.user, options)
+        if refused:  # before the checklist measures anything the options name
+            raise PlanError(refused)
         plan = MigrationPlan(vm, vm.host, target, mode, options)
         plan.validate()
     except PlanError as exc:

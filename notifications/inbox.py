@@ -22,9 +22,10 @@ HOST = "hosts.host"
 JOB_ACTIONS = ("migration.finish", "migration.request", "migration.approve", "migration.reject")
 HOST_ACTIONS = ("host.status",)
 ACTIONS = JOB_ACTIONS + HOST_ACTIONS
-# Audit actions after which a user's bell may read differently: the above, and a
-# "mark read" (another tab of the same user).
-LIVE_ACTIONS = ACTIONS + ("notifications.read",)
+# Audit actions after which a user's bell may read differently: the above, a request
+# leaving "waiting for approval" without a decision (cancelled, its window passed: the
+# approvers' item goes), and a "mark read" (another tab of the same user).
+LIVE_ACTIONS = ACTIONS + ("migration.cancel", "migration.missed_window", "notifications.read")
 # How far back the bell looks (audit events of the actions above, newest first).
 WINDOW = 300
 

@@ -72,7 +72,8 @@ def newest_event_id():
 
 # Audit actions whose bell changes only for one user: a job's end (its requester) and a
 # "mark read" (its actor). The others (a request waiting for approval, a decision, which
-# also clears the approvers' item; a host going away or coming back) may change anyone's.
+# also clears the approvers' item, like a cancel or a missed window; a host going away or coming
+# back) may change anyone's.
 EVERYONE = object()
 
 

@@ -202,6 +202,10 @@ ROUTES = [
         data=_host_edit_data,
         action="host.change",
     ),
+    # A host's TLS certificate page (its POST on test:// hosts is a refusal; the upload,
+    # its audit and refusals are in tests/hosts/test_certificates.py).
+    Route("hosts:certificate", objects=("host_p1", "host_s1"), get=ADMIN),
+    Route("hosts:certificate_new", get=ADMIN),
     Route("hosts:remove", objects=("host_p1", "host_s1"), post=ADMIN, action="host.remove"),
     Route("hosts:sync", objects=("host_p1", "host_s1"), post=MIGRATORS, action="inventory.sync"),
     Route("hosts:vm_list", get=SIGNED_IN, lists=("vm_alice", "vm_bob", "vm_team", "vm_hidden")),

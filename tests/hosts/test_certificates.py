@@ -12,6 +12,7 @@ from django.urls import reverse
 
 from hosts import services, transport
 from hosts.models import Host
+from hosts.uris import validate_uri
 from kvmweb.audit.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -158,3 +159,61 @@ def test_it_stores_a_certificate_for_a_host_not_registered_yet_and_hands_the_wiz
     # The wizard builds the URI with it; once registered, the host's page knows the certificate.
     page = web.get(response.url).content.decode()
     assert f"pkipath={directory}" in page
+
+
+def test_it_keeps_the_uploaded_key_out_of_error_reports(login, admin, tls_host, pem_bundle):
+    """Django's error reports (mail to ADMINS, the debug page) show POST data unless the
+    view marks it sensitive: the private key must never be in one."""
+    from django.views.debug import SafeExceptionReporterFilter
+
+    ca, cert, key = pem_bundle()
+    for url in (reverse("hosts:certificate", args=[tls_host.pk]), reverse("hosts:certificate_new")):
+        response = login(admin).post(url, {"ca_pem": ca, "cert_pem": "not pem", "key_pem": key})
+        assert response.status_code == 200  # refused: the form again
+        shown = SafeExceptionReporterFilter().get_post_parameters(response.wsgi_request)
+        assert shown["key_pem"] != key and set(shown["key_pem"]) == {"*"}
+        assert shown["cert_pem"] == "not pem"
+
+
+def test_it_never_deletes_the_directory_above_the_stored_certificates(admin, tls_host, pem_bundle):
+    """A host whose pkipath is <managed root>/.. (typed on the Edit page: nothing checks
+    the files there) is removed: the certificates kvmweb stored for the other hosts stay."""
+    services.do_set_tls_certificate(
+        tls_host, **dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(), strict=True))
+    )
+    tls_host.refresh_from_db()
+    kept = transport.tls_files(tls_host.uri)["key"]
+    root = transport.managed_pki_root()
+    odd = Host.objects.create(name="odd", uri=f"qemu+tls://10.0.0.6/system?pkipath={root}/..")
+    assert transport.managed_dir(odd.uri) is None
+    services.do_remove_host(odd, actor=admin)
+    assert kept.exists() and root.exists()
+
+
+def test_it_removes_the_files_it_wrote_when_it_refuses_the_new_uri(admin, tls_host, pem_bundle):
+    """The bundle is written before the host's new URI is checked: a refusal then (the URI
+    clashes with another host's) leaves no copy of the key behind."""
+    ca, cert, key = pem_bundle()
+    fingerprint = transport.check_bundle(ca, cert, key)["fingerprint"]
+    directory = transport.managed_pki_root() / f"{tls_host.pk}-{fingerprint[:12]}"
+    Host.objects.create(name="twin", uri=validate_uri(transport.with_pkipath(tls_host.uri, str(directory))))
+    with pytest.raises(services.HostError, match="already uses the URI"):
+        services.do_set_tls_certificate(tls_host, ca_pem=ca, cert_pem=cert, key_pem=key, actor=admin)
+    assert not directory.exists()
+    assert AuditEvent.objects.get(action="host.tls_certificate").outcome != AuditEvent.SUCCESS
+
+
+def test_it_removes_the_stored_certificate_when_the_uri_is_edited_away_from_it(admin, tls_host, pem_bundle):
+    services.do_set_tls_certificate(
+        tls_host, **dict(zip(("ca_pem", "cert_pem", "key_pem"), pem_bundle(), strict=True))
+    )
+    tls_host.refresh_from_db()
+    directory = transport.managed_dir(tls_host.uri)
+    # Another parameter changed, the pkipath kept: the files stay.
+    services.do_update_host(
+        tls_host, name="kvm1", uri=tls_host.uri.replace("NORMAL", "SECURE256"), actor=admin
+    )
+    assert directory.exists()
+    services.do_update_host(tls_host, name="kvm1", uri="qemu+tls://10.0.0.5/system", actor=admin)
+    assert not directory.exists()
+    assert AuditEvent.objects.filter(action="host.change").count() == 2

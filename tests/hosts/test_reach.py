@@ -43,6 +43,8 @@ def test_it_tells_an_open_port_from_a_closed_one_from_kvmweb(listening):
 def test_it_probes_the_middle_and_top_of_a_range_never_its_lowest_port():
     assert reach.sample_ports(49152, 49215) == [49183, 49215]
     assert reach.sample_ports(50000, 50000) == [50000]
+    assert reach.sample_ports(50000, 50001) == [50001]  # the "middle" of two is the lowest
+    assert reach.sample_ports(50000, 50002) == [50001, 50002]
     assert reach.port_range(Host(name="x", uri="test:///default")) == (49152, 49215)
     assert reach.port_range(Host(migration_port_min=50000, migration_port_max=50010)) == (50000, 50010)
 
@@ -256,3 +258,20 @@ def test_it_verifies_peer_to_peer_on_the_source_or_names_what_the_source_said(mo
     monkeypatch.setattr(reach, "measure", measure)
     made = check_transport(ctx)
     assert made.status == "pass" and made.details["p2p_verified"] is None and "Verified" not in made.message
+
+
+def test_it_calls_peer_to_peer_not_verified_when_the_source_has_no_virsh(monkeypatch):
+    """virsh missing on the source (exit 127) says nothing about the source's libvirtd
+    opening the target's URI: "not verified", never a failure (as root not even
+    overridable) with virsh's "command not found" as the reason."""
+    target_uri = "qemu+tcp://10.0.0.2/system"
+    _scripted_ssh(monkeypatch, "kvmweb-p2p 127 virsh: command not found\nkvmweb-probe 16509 0 \n")
+    _states, p2p = reach.probe_from_source(SSH_URI, "10.0.0.2", [16509], timeout=1, p2p_uri=target_uri)
+    assert p2p["ok"] is None and "not installed" in p2p["said"]
+    ctx, _measure, _asked = _ctx((reach.SOURCE, {}))
+    monkeypatch.setattr(
+        reach, "measure", lambda src, address, ports, **kw: reach.Reach(reach.SOURCE, address, [], p2p=p2p)
+    )
+    made = check_transport(ctx)
+    assert made.status == "pass" and made.details["p2p_verified"] is None
+    assert "not installed" in made.details["p2p_not_verified"] and "failed" not in made.message

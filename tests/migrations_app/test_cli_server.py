@@ -24,6 +24,12 @@ def test_it_refuses_other_settings_and_other_commands_but_not_per_run_values():
         {"argv": ["preflight"], "env": {**ours, "KVMWEB_DATA_DIR": "/e"}}, ours
     )
     assert cliserver.refusal({"argv": ["shell"], "env": ours}, ours) == "not a served command"
+    # Other settings on the command line (applied before Django's set-up, which a served
+    # command has behind it): run by manage.py itself, not against the server's database.
+    for flag in (["--settings=kvmweb.other"], ["--settings", "kvmweb.other"], ["--pythonpath=/x"]):
+        assert "--settings/--pythonpath" in cliserver.refusal(
+            {"argv": ["migrate_vm", "vm", *flag], "env": same}, ours
+        )
 
 
 @pytest.fixture
@@ -82,3 +88,28 @@ def test_it_runs_the_command_itself_when_the_server_has_other_settings_or_is_swi
     off = _manage(dict(env, KVMWEB_CLI_SERVER="0"), "migrate_vm", "w", "h", "--mode", "live", "--user", "x")
     assert off.returncode == 2 and "no kvmweb user 'x'" in off.stderr
     assert "in process" not in log.read_text()
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("message", [b"x", b"\x00\x00\x00\x09{not json", b"\x00\x00\x00\x40{}"])
+def test_it_closes_the_streams_of_a_bad_request(message):
+    """A short, unreadable or truncated request: the descriptors that came with it are
+    closed, not kept open in the long-lived server (one leak per bad request)."""
+    ours, server_side = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        server_side.settimeout(5)
+        before = _open_fds()
+        socket.send_fds(ours, [message], [r, w, r])
+        ours.shutdown(socket.SHUT_WR)  # the truncated one ends here
+        with pytest.raises(ValueError):
+            cliserver._recv_request(server_side)
+        assert _open_fds() == before
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        ours.close()
+        server_side.close()

@@ -11,6 +11,7 @@ from kvmweb.accounts.models import SelfServicePolicy
 from migrations_app import options
 from migrations_app.forms import BandwidthForm, OptionsForm
 from migrations_app.models import MigrationJob
+from migrations_app.options import OptionError
 from migrations_app.plan import PlanError, parse_options
 from migrations_app.policy import check_request
 from migrations_app.services import JobError, do_set_bandwidth
@@ -82,3 +83,16 @@ def test_it_derives_every_mode_key_list_from_the_schema():
     assert options.MODE_KEYS["offline"] == {"persist", "undefine_source"}
     assert "start_on_target" in options.MODE_KEYS["cold"] and "bandwidth" not in options.MODE_KEYS["cold"]
     assert set(OptionsForm.base_fields) == {"mode"} | set(options.SCHEMA)
+
+
+def test_it_refuses_a_migration_uri_whose_port_is_not_a_port():
+    """The checklist reads the URI's port to probe it: a port out of range or not a number
+    is refused with the schema's words, not a crash of two checks ("The check itself
+    failed: Port out of range")."""
+    clean = options.SCHEMA["migrate_uri"].clean
+    assert clean("tcp://10.0.0.2:49152") == "tcp://10.0.0.2:49152" and clean("tcp://10.0.0.2")
+    for bad in ("tcp://10.0.0.2:99999", "tcp://10.0.0.2:port"):
+        with pytest.raises(OptionError, match="must look like tcp://ADDRESS"):
+            clean(bad)
+    with pytest.raises(PlanError, match="must look like tcp://ADDRESS"):
+        parse_options("live", {"migrate_uri": "tcp://10.0.0.2:99999"})

@@ -18,6 +18,7 @@ from hosts import services as host_services
 from hosts.models import VM, Host
 from kvmweb.asgi import application
 from kvmweb.audit import record
+from migrations_app import services as migration_services
 from migrations_app import streaming
 from migrations_app.models import MigrationJob
 from notifications import live
@@ -205,3 +206,26 @@ async def test_it_costs_one_small_read_per_interval_while_nothing_happens(world,
     assert feed.renders == renders  # read the newest audit id, rendered nothing
     assert await _drain(comm, settle=0) == []
     await comm.disconnect()
+
+
+async def test_it_takes_a_request_off_the_approvers_bell_when_it_is_cancelled(world, alice, operator):
+    """A request cancelled (or whose window passed) while waiting for approval leaves the
+    approvers' bells at once, not at the next unrelated event."""
+
+    def request():
+        job = world["jobs"]["alice-web"]
+        MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.PENDING_APPROVAL)
+        record("migration.request", actor=alice, target=job, details={"status": "pending_approval"})
+
+    await _write(request)
+    o = await _connect(operator)
+    assert "waiting for your approval" in await o.receive_from(timeout=TIMEOUT)
+    assert await _settled(live.get_feed())
+    job = await database_sync_to_async(MigrationJob.objects.get)(pk=world["jobs"]["alice-web"].pk)
+    await _write(lambda: migration_services.do_cancel_job(job, alice))
+    assert (
+        await database_sync_to_async(MigrationJob.objects.get)(pk=job.pk)
+    ).status == MigrationJob.CANCELLED
+    text = await _until(o, 'id="bell"')
+    assert "waiting for your approval" not in text and "bell-count" not in text
+    await o.disconnect()

@@ -133,8 +133,9 @@ def _with_p2p_probe(ctx, status, message, remedy, details):
         found = _source_probe(ctx)
     except (OSError, Unavailable):
         return status, message, remedy, details
-    if found.p2p is None:
-        details = {**details, "p2p_verified": None, "p2p_not_verified": found.fallback}
+    if found.p2p is None or found.p2p["ok"] is None:  # not tried, or virsh missing there
+        why = found.fallback if found.p2p is None else found.p2p["said"]
+        details = {**details, "p2p_verified": None, "p2p_not_verified": why}
         return status, message, remedy, details
     details = {
         **details,
