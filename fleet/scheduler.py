@@ -184,7 +184,6 @@ def _rescue_children(batch, now=None):
       whose window closed ends as missed, as windows.release_due does.
     Returns (requeued job ids, reconciled job ids)."""
     from migrations_app import reconcile, windows
-    from migrations_app.lifecycle import write_event
     from migrations_app.models import JobEvent
     from migrations_app.services import add_event, enqueue
 
@@ -217,13 +216,8 @@ def _rescue_children(batch, now=None):
             continue
         if windows.why_not_due(job, now):
             continue
-        with transaction.atomic():
-            if MigrationJob.objects.filter(
-                pk=job.pk, status=states.QUEUED, waiting_for=job.waiting_for
-            ).update(waiting_for=""):
-                write_event(job.pk, ("released", {}))
-                enqueue(job)
-                requeued.append(job.pk)
+        if windows.release(job):
+            requeued.append(job.pk)
     stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
     due = list(
         children.filter(

@@ -176,7 +176,6 @@ def release_due(now=None):
     """One pass: end the jobs whose window closed, queue the held jobs that may start.
     Returns {"missed": [ids], "released": [ids]}."""
     from migrations_app.models import MigrationJob
-    from migrations_app.services import enqueue
 
     now = now or timezone.now()
     out = {"missed": [], "released": []}
@@ -193,15 +192,25 @@ def release_due(now=None):
             if reason != job.waiting_for:
                 hold(job.pk, reason)
             continue
-        with transaction.atomic():
-            # Conditional on the reason it was held with: two passes release it once
-            # (and a duplicate message would be harmless: the claim lets one in).
-            if MigrationJob.objects.filter(
-                pk=job.pk, status=states.QUEUED, waiting_for=job.waiting_for
-            ).update(waiting_for=""):
-                from migrations_app.lifecycle import write_event
-
-                write_event(job.pk, ("released", {}))
-                enqueue(job)
-                out["released"].append(job.pk)
+        if release(job):
+            out["released"].append(job.pk)
     return out
+
+
+def release(job):
+    """Queue a held job (``waiting_for`` set) again; True when this call released it."""
+    from migrations_app.lifecycle import write_event
+    from migrations_app.models import MigrationJob
+    from migrations_app.services import enqueue
+
+    with transaction.atomic():
+        # Conditional on the reason it was held with: two passes (the reconcile pass and a
+        # batch's scheduler) release it once, and a duplicate message would be harmless:
+        # the claim lets one in.
+        if MigrationJob.objects.filter(pk=job.pk, status=states.QUEUED, waiting_for=job.waiting_for).update(
+            waiting_for=""
+        ):
+            write_event(job.pk, ("released", {}))
+            enqueue(job)
+            return True
+    return False
