@@ -22,7 +22,7 @@ from migrations_app import streaming
 from migrations_app.models import MigrationJob
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
-TIMEOUT = 5
+TIMEOUT = 30  # a backstop: every wait below ends as soon as its message arrives
 
 
 @pytest_asyncio.fixture(autouse=True)

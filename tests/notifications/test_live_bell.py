@@ -24,7 +24,7 @@ from migrations_app.models import MigrationJob
 from notifications import live
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
-TIMEOUT = 8
+TIMEOUT = 30  # a backstop: every wait below ends as soon as its message arrives
 
 
 @pytest_asyncio.fixture(autouse=True)
