@@ -497,3 +497,23 @@ def test_it_plans_and_starts_an_evacuation_through_the_api(fleet, make_vm, opera
     assert {row["vm_name"] for row in detail["items"]} == {"api0", "api1"}
     paused = client.post(f"/api/v1/batches/{batch.pk}/pause/")
     assert paused.status_code == 202 and paused.json()["status"] == Batch.PAUSED
+
+
+def test_it_does_not_queue_again_a_child_released_from_a_blackout_a_moment_ago(batch_of, monkeypatch):
+    """A child created long ago and held by a blackout is released (and queued) by a pass:
+    the next pass, a moment later, must not queue it again with a "no worker had taken it
+    for 15 s" line (its message was sent just now)."""
+    sent = []
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    job = MigrationJob.objects.get()
+    long_ago = timezone.now() - timedelta(minutes=5)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=long_ago, waiting_for="Blackout of rack-a.")
+    JobEvent.objects.filter(job=job).update(at=long_ago)
+    scheduler.tick(batch.pk)  # the blackout is over: released and queued
+    job.refresh_from_db()
+    assert job.waiting_for == "" and len(sent) == 2
+    scheduler.tick(batch.pk)
+    assert len(sent) == 2
+    assert not JobEvent.objects.filter(job=job, message__startswith="Queued again").exists()
