@@ -317,9 +317,10 @@ def _recent_report(item):
     return None if report.fails else report
 
 
-def _start_item(batch, item):
+def _start_item(batch, item, owner=None):
     """Preflight (outside any transaction), then create the child job and link it to the
-    item in one transaction. Returns True when a child was created."""
+    item in one transaction, while ``owner`` still holds the batch's lease. Returns True
+    when a child was created."""
     from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
     from migrations_app.services import JobError, do_create_job
@@ -347,6 +348,14 @@ def _start_item(batch, item):
         error = ""
     actor = batch.created_by
     with transaction.atomic():
+        # The preflight may outlast the lease (PREFLIGHT_TIMEOUT is as long): when another
+        # scheduler took the batch meanwhile, it counted the limits without this child and
+        # may fill them; starting it now would exceed them. Renewed only by its owner, in
+        # this transaction, so the other's claim sees the renewal or this one fails.
+        if owner is not None and not Batch.objects.filter(
+            pk=batch.pk, status=Batch.RUNNING, lease_owner=owner
+        ).update(lease_until=timezone.now() + timedelta(seconds=LEASE_SECONDS)):
+            return False
         # The conditional UPDATE is the claim of this item: a second scheduler (after a
         # lease expired mid-pass) finds it not pending and creates nothing.
         if not BatchItem.objects.filter(pk=item.pk, status=BatchItem.PENDING, job__isnull=True).update(
@@ -493,7 +502,7 @@ def _start_within_limits(batch, owner):
         # batch (it counts anew): start nothing more.
         if not claim(batch.pk, owner, status=Batch.RUNNING):
             return waiting
-        if _start_item(batch, item):
+        if _start_item(batch, item, owner):
             mine += 1
             total += 1
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1

@@ -517,3 +517,27 @@ def test_it_does_not_queue_again_a_child_released_from_a_blackout_a_moment_ago(b
     scheduler.tick(batch.pk)
     assert len(sent) == 2
     assert not JobEvent.objects.filter(job=job, message__startswith="Queued again").exists()
+
+
+def test_it_starts_no_child_after_losing_the_lease_during_its_preflight(batch_of, fake_preflight):
+    """A preflight may take as long as the lease lasts: when another scheduler took the
+    batch meanwhile (and counted the limits without this pass's child), the slow pass
+    creates nothing; the item stays pending for the scheduler that holds the batch."""
+    batch = batch_of(1)
+
+    def slow(plan):
+        # Meanwhile the lease ran out and another scheduler took the batch.
+        Batch.objects.filter(pk=batch.pk).update(
+            lease_owner="other", lease_until=timezone.now() + timedelta(seconds=20)
+        )
+        from tests.fleet.conftest import prediction, report
+
+        return report(prediction())
+
+    fake_preflight.answers["vm0"] = slow
+    scheduler.tick(batch.pk, owner="slow")
+    assert not MigrationJob.objects.exists()
+    assert batch.items.get().status == BatchItem.PENDING
+    assert not AuditEvent.objects.filter(action="batch.decision").exists()
+    batch.refresh_from_db()
+    assert batch.lease_owner == "other"  # its lease is left alone
