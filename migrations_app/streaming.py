@@ -590,7 +590,7 @@ class JobHub:
         ]
         if not subs:
             return
-        keys = {s.session_key for s in subs if s.session_key}
+        keys = {s.session_key: s.user.pk for s in subs if s.session_key}
         wanted = {}
         for s in subs:
             if s.job_id is not None:
@@ -801,18 +801,33 @@ async def send_all(sends):
             log.debug("sending job progress failed: %r", exc)
 
 
+def _session_signs_in(data, user):
+    """True when decoded session ``data`` still signs ``user`` in, as Django's get_user
+    decides for a page: the same user id and a session auth hash that matches the current
+    password (a password change ends the other sessions, whose rows stay)."""
+    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
+    from django.utils.crypto import constant_time_compare
+
+    if str(data.get(SESSION_KEY)) != str(user.pk):
+        return False
+    if not hasattr(user, "get_session_auth_hash"):
+        return True
+    session_hash = data.get(HASH_SESSION_KEY)
+    if not session_hash:
+        return False
+    hashes = [user.get_session_auth_hash(), *getattr(user, "get_session_auth_fallback_hash", list)()]
+    return any(constant_time_compare(session_hash, h) for h in hashes)
+
+
 def _still_allowed(session_keys, wanted):
     """(session keys still valid, {user pk: job ids of `wanted` still in scope},
-    {user pk: (fresh user, sees everything)}); users gone or deactivated are missing."""
+    {user pk: (fresh user, sees everything)}); users gone or deactivated are missing.
+    ``session_keys``: session key -> the pk of the user its watcher signed in as; a key
+    is valid while its session is unexpired and still signs that user in."""
     from django.contrib.auth import get_user_model
     from django.contrib.sessions.models import Session
     from django.utils import timezone
 
-    live = set(
-        Session.objects.filter(session_key__in=session_keys, expire_date__gt=timezone.now()).values_list(
-            "session_key", flat=True
-        )
-    )
     allowed, users = {}, {}
     for user in get_user_model().objects.filter(pk__in=list(wanted), is_active=True):
         users[user.pk] = (user, sees_everything(user))
@@ -822,6 +837,12 @@ def _still_allowed(session_keys, wanted):
             if job_ids
             else set()
         )
+    live = set()
+    sessions = Session.objects.filter(session_key__in=list(session_keys), expire_date__gt=timezone.now())
+    for session in sessions:
+        user = users.get(session_keys[session.session_key], (None,))[0]
+        if user is not None and _session_signs_in(session.get_decoded(), user):
+            live.add(session.session_key)
     return live, allowed, users
 
 

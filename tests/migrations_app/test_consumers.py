@@ -393,3 +393,25 @@ async def test_it_escapes_names_in_live_fragments(jobs, operator):
     assert "&lt;img src=x onerror=alert(2)&gt;" in texts[2]
     await detail.disconnect()
     await rows.disconnect()
+
+
+async def test_it_ends_streams_when_the_password_changes(jobs, alice, monkeypatch):
+    """A password change ends the user's other sessions for pages (Django checks the
+    session's auth hash on every request) although their rows stay: a watcher on such a
+    session is closed at the next re-check too, not streamed to for as long as it lives."""
+    monkeypatch.setattr(streaming, "RECHECK_INTERVAL", 0.2)
+    job = jobs["alice"]
+    comm = await connected(f"/ws/jobs/{job.pk}/", alice)
+    await comm.receive_from(timeout=TIMEOUT)
+
+    @database_sync_to_async
+    def change_password():
+        alice.set_password("a-new-long-password-42")
+        alice.save()
+
+    await change_password()
+    message = await comm.receive_output(timeout=TIMEOUT)
+    while message["type"] == "websocket.send":
+        message = await comm.receive_output(timeout=TIMEOUT)
+    assert message == {"type": "websocket.close", "code": 4401}
+    assert streaming.get_hub().watcher_count == 0
