@@ -83,20 +83,24 @@ def snapshot(user, batch_id, lang):
 
 
 def still_allowed(session_keys, wanted):
-    """(live session keys, {user pk: batch ids still in scope}) for the recheck."""
+    """(live session keys, {user pk: batch ids still in scope}) for the recheck.
+    ``session_keys``: session key -> the pk of its watcher's user; a key is live while
+    its session is unexpired and still signs that user in (not after a password change)."""
     from django.contrib.auth import get_user_model
     from django.contrib.sessions.models import Session
 
-    live = set(
-        Session.objects.filter(session_key__in=session_keys, expire_date__gt=timezone.now()).values_list(
-            "session_key", flat=True
-        )
-    )
-    allowed = {}
+    allowed, users = {}, {}
     for user in get_user_model().objects.filter(pk__in=list(wanted), is_active=True):
+        users[user.pk] = user
         allowed[user.pk] = set(
             Batch.objects.restrict(user).filter(pk__in=wanted[user.pk]).values_list("pk", flat=True)
         )
+    live = set()
+    sessions = Session.objects.filter(session_key__in=list(session_keys), expire_date__gt=timezone.now())
+    for session in sessions:
+        user = users.get(session_keys[session.session_key])
+        if user is not None and streaming.session_signs_in(session.get_decoded(), user):
+            live.add(session.session_key)
     return live, allowed
 
 
@@ -180,7 +184,7 @@ class BatchFeed:
         subs = [s for subs in self.subs.values() for s in subs if s.ready]
         if not subs:
             return
-        keys = {s.session_key for s in subs if s.session_key}
+        keys = {s.session_key: s.user.pk for s in subs if s.session_key}
         wanted = {}
         for s in subs:
             wanted.setdefault(s.user.pk, set()).add(s.job_id)

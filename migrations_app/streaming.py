@@ -801,7 +801,7 @@ async def send_all(sends):
             log.debug("sending job progress failed: %r", exc)
 
 
-def _session_signs_in(data, user):
+def session_signs_in(data, user):
     """True when decoded session ``data`` still signs ``user`` in, as Django's get_user
     decides for a page: the same user id and a session auth hash that matches the current
     password (a password change ends the other sessions, whose rows stay)."""
@@ -841,7 +841,7 @@ def _still_allowed(session_keys, wanted):
     sessions = Session.objects.filter(session_key__in=list(session_keys), expire_date__gt=timezone.now())
     for session in sessions:
         user = users.get(session_keys[session.session_key], (None,))[0]
-        if user is not None and _session_signs_in(session.get_decoded(), user):
+        if user is not None and session_signs_in(session.get_decoded(), user):
             live.add(session.session_key)
     return live, allowed, users
 

@@ -131,3 +131,23 @@ async def test_it_closes_sockets_out_of_scope_like_the_job_sockets(batch, operat
         message = await comm.receive_output(timeout=TIMEOUT)
     assert message == {"type": "websocket.close", "code": 4401}
     assert await _hub_stops()
+
+
+async def test_it_closes_a_batch_socket_when_its_users_password_changes(batch, operator, monkeypatch):
+    """The session row stays after a password change but no longer signs the user in
+    (as for pages): the batch socket on it is closed at the next recheck."""
+    monkeypatch.setattr(streaming, "RECHECK_INTERVAL", 0.2)
+    comm = await _connect(f"/ws/batches/{batch.pk}/", operator)
+    await comm.receive_from(timeout=TIMEOUT)
+
+    def change_password():
+        operator.set_password("a-new-long-password-42")
+        operator.save()
+
+    await _write(change_password)
+    await _write(lambda: Batch.objects.filter(pk=batch.pk).update(waiting_for="x"))
+    message = await comm.receive_output(timeout=TIMEOUT)
+    while message.get("type") != "websocket.close":
+        message = await comm.receive_output(timeout=TIMEOUT)
+    assert message == {"type": "websocket.close", "code": 4401}
+    assert await _hub_stops()
