@@ -192,11 +192,10 @@ def _rescue_children(batch, now=None):
     requeued = []
     cutoff = now - timedelta(seconds=child_requeue_seconds())
     for job in children.filter(status=states.QUEUED, waiting_for="", created_at__lt=cutoff):
-        # Queued since the cutoff: re-queued, or released from a hold (windows.release
-        # writes "released" and sends a fresh message): its worker has had no 15 s yet.
-        again = JobEvent.objects.filter(
-            Q(message__startswith=REQUEUED_PREFIX) | Q(code="released"), job=job, at__gte=cutoff
-        )
+        # Queued (again) since the cutoff: re-queued, released from a hold, approved; each
+        # writes a job-log line as it sends a fresh message. Its worker has had no
+        # child_requeue_seconds yet (created_at alone would send a duplicate at once).
+        again = JobEvent.objects.filter(job=job, at__gte=cutoff)
         if again.exists():
             continue
         with transaction.atomic():

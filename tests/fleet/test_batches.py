@@ -199,6 +199,7 @@ def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, s
     assert sent == [job.pk]  # a fresh child waits for its worker
     queued_at = job.created_at - timedelta(seconds=16)
     MigrationJob.objects.filter(pk=job.pk).update(created_at=queued_at)
+    JobEvent.objects.filter(job=job).update(at=queued_at)  # its "Requested ...; queued." line too
     scheduler.tick(batch.pk)
     assert sent == [job.pk, job.pk]
     assert JobEvent.objects.filter(job=job, message__startswith="Queued again by batch").count() == 1
@@ -541,3 +542,23 @@ def test_it_starts_no_child_after_losing_the_lease_during_its_preflight(batch_of
     assert not AuditEvent.objects.filter(action="batch.decision").exists()
     batch.refresh_from_db()
     assert batch.lease_owner == "other"  # its lease is left alone
+
+
+def test_it_does_not_queue_again_a_child_approved_a_moment_ago(batch_of, monkeypatch, admin):
+    """A child that waited for approval longer than the re-queue interval is queued by
+    its approval: the next pass must not queue it again as lost."""
+    from migrations_app.services import do_approve_job
+
+    sent = []
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    job = MigrationJob.objects.get()
+    long_ago = timezone.now() - timedelta(minutes=5)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=long_ago, status=MigrationJob.PENDING_APPROVAL)
+    JobEvent.objects.filter(job=job).update(at=long_ago)
+    do_approve_job(job, admin)
+    assert len(sent) == 2
+    scheduler.tick(batch.pk)
+    assert len(sent) == 2
+    assert not JobEvent.objects.filter(job=job, message__startswith="Queued again").exists()
