@@ -9,13 +9,14 @@ against channels-redis, where publish_job() wakes the poller.
 
 import asyncio
 import os
+import time
 import uuid
 
 import pytest
 import pytest_asyncio
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.db import connection, connections
+from django.db import OperationalError, connection, connections, transaction
 from django.db.models import F
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -91,17 +92,37 @@ async def connected(path, user):
     return comm
 
 
+def _retried(fn):
+    """Run a write in one transaction. The test database is in-memory SQLite with a
+    shared cache, where a reader (the hub's DB thread) makes a writer fail at once with
+    "table is locked" instead of waiting (a file database waits on busy_timeout): retry
+    the whole transaction like a busy timeout would (seen on a loaded machine)."""
+    for attempt in range(100):
+        try:
+            with transaction.atomic():
+                return fn()
+        except OperationalError:
+            if attempt == 99:
+                raise
+            time.sleep(0.02)
+
+
 @database_sync_to_async
 def write_progress(job, **fields):
     """What the worker does: update the row (bumping progress_seq), then publish."""
-    MigrationJob.objects.filter(pk=job.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+    _retried(
+        lambda: MigrationJob.objects.filter(pk=job.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+    )
     streaming.publish_job(job.pk)
 
 
 @database_sync_to_async
 def add_event(job, message):
-    JobEvent.objects.create(job=job, message=message)
-    MigrationJob.objects.filter(pk=job.pk).update(progress_seq=F("progress_seq") + 1)
+    def write():
+        JobEvent.objects.create(job=job, message=message)
+        MigrationJob.objects.filter(pk=job.pk).update(progress_seq=F("progress_seq") + 1)
+
+    _retried(write)
     streaming.publish_job(job.pk)
 
 
