@@ -66,6 +66,7 @@ CATALOG = {
     "timeout_abort": _("Completion timeout (%(timeout)s s) reached: aborting the migration."),
     "control_failed": _("%(what)s failed: %(error)s"),
     "aborting": _("Aborting the migration (cancel)."),
+    "cancel_ended_with": _("The cancelled migration ended with libvirt's error: %(error)s"),
     "bandwidth_now": _("Bandwidth now %(mibs)s MiB/s."),
     "bandwidth_unlimited": _("Bandwidth now unlimited."),
     "downtime_now": _("Maximum downtime now %(ms)s ms."),

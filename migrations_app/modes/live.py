@@ -488,7 +488,14 @@ def explain_failure(run, error):
     if code == hv.ERR_OPERATION_ABORTED and run.applied.get("ladder_abort") and not run.applied.get("cancel"):
         ms = run.applied.get("downtime") or job.max_downtime
         raise Failed(("err_policy_aborted", {"ms": ms, "place": place}))
-    if code == hv.ERR_OPERATION_ABORTED and run.applied.get("cancel"):
+    if run.applied.get("cancel") and (code == hv.ERR_OPERATION_ABORTED or (on_src and dst is None)):
+        # A cancel that lands before QEMU's migration runs (libvirt still setting it up)
+        # does not always come back as "operation aborted": QEMU may refuse the half-set-up
+        # migration ("Invalid argument"). The user asked to stop, and libvirt says the VM
+        # is still on the source and not on the target: that is a cancel, with libvirt's
+        # own words in the log.
+        if code != hv.ERR_OPERATION_ABORTED:
+            run.event(("cancel_ended_with", {"error": raw}), "warn")
         raise Cancelled(("err_cancelled_place", {"place": place}))
     if dst == "unreachable":
         raise Failed(("err_target_gone", {"place": place}))

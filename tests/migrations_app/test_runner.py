@@ -182,6 +182,22 @@ def test_it_explains_a_failure_where_the_source_stopped_answering(job, monkeypat
         live.explain_failure(run, Exception("End of file while reading data"))
 
 
+def test_it_calls_a_cancel_that_libvirt_reports_as_another_error_a_cancel(job, monkeypatch):
+    # Lab, at load ~20: a cancel that landed while libvirt was still setting the migration
+    # up came back as "Invalid argument", not "operation aborted", and the job ended failed.
+    _where(monkeypatch, source=("running", "unpaused"), target=None)
+    run = jobrun.JobRun(job, "w")
+    run.applied["cancel"] = True
+    with pytest.raises(jobrun.Cancelled, match="still running on ha"):
+        live.explain_failure(run, Exception("operation failed: migration failed: Invalid argument"))
+    line = JobEvent.objects.get(job=job, code="cancel_ended_with")
+    assert "Invalid argument" in line.message
+    # Without a cancel asked for, the same error stays a failure.
+    del run.applied["cancel"]
+    with pytest.raises(jobrun.Failed, match="Invalid argument"):
+        live.explain_failure(run, Exception("operation failed: migration failed: Invalid argument"))
+
+
 def test_it_does_nothing_for_a_job_it_cannot_claim(job):
     MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.SUCCEEDED)
     assert runner.run_job(job.pk) is None
