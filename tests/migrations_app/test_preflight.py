@@ -523,3 +523,23 @@ def test_it_answers_in_the_callers_language_from_its_worker_threads(fake, monkey
     with translation.override("zh-hans"):
         fake("live")
     assert seen and set(seen) == {"zh-hans"}
+
+
+def test_it_judges_a_plan_with_a_convergence_ladder_at_the_ladders_top_step(fake):
+    # 64 MiB to send at a 100 MiB/s cap while the guest dirties 200 MiB/s: what remains
+    # after each pass (64 MiB) needs about 640 ms of downtime.
+    small = {"domain": domain_facts(rss=64 * MIB), "dirty": 200}
+    plain = fake("live", source=small, bandwidth=100)["prediction"]
+    assert plain.status == "fail" and "will not converge" in plain.message
+    # The ladder raises the allowed downtime up to 1,000 ms: it converges there, a warning.
+    laddered = fake("live", bandwidth=100, convergence_policy="ladder", ladder_max_downtime=1000)[
+        "prediction"
+    ]
+    assert laddered.status == "warn", laddered.message
+    assert "up to 1000 ms" in laddered.message and laddered.details["ladder_top_downtime_ms"] == 1000
+    assert 600 <= laddered.details["estimated_downtime_ms"] <= 1000
+    # A ladder that stops below what is needed and then aborts: a fail that says so.
+    short = fake("live", bandwidth=100, convergence_policy="ladder-abort", ladder_max_downtime=500)[
+        "prediction"
+    ]
+    assert short.status == "fail" and "ladder will abort it" in short.message

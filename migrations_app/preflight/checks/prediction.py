@@ -14,6 +14,7 @@ from django.utils.translation import gettext_lazy
 
 from hosts import hypervisor
 from migrations_app import prediction as learned
+from migrations_app.convergence import Ladder
 from migrations_app.models import MigrationJob
 from migrations_app.preflight.context import Unavailable
 from migrations_app.preflight.context import setting as _setting
@@ -235,6 +236,25 @@ def check_prediction(ctx):
             details["dirty_rate_source"] = assumption
     details["dirty_rate_mib_s"] = dirty_mib
     model = predict_precopy(memory, bw, dirty_mib * MIB, downtime_ms / 1000)
+    # A convergence ladder (migrations_app/convergence.py) raises the allowed downtime in
+    # steps once the run stops converging: judge the plan at the ladder's top step too.
+    ladder = Ladder(opts, downtime_ms)
+    ladder_note = ""
+    if not model["converges"] and ladder.policy != "none" and ladder.steps:
+        top = ladder.steps[-1]
+        details["ladder_top_downtime_ms"] = top
+        at_top = predict_precopy(memory, bw, dirty_mib * MIB, top / 1000)
+        if at_top["converges"]:
+            model = at_top
+            ladder_note = _(
+                "Pre-copy does not converge within %(d)d ms of downtime; the convergence ladder raises it "
+                "step by step up to %(t)d ms, where it would (%(n)d step(s), up to %(w)d s apart)."
+            ) % {"d": downtime_ms, "t": top, "n": len(ladder.steps), "w": ladder.step_seconds}
+        elif ladder.policy == "ladder-abort":
+            ladder_note = _(
+                "Even at the ladder's top step (%(t)d ms) it would not converge: the ladder will abort it "
+                "and the VM stays on the source."
+            ) % {"t": top}
     model = learned.with_learned_costs(model, ctx.source, ctx.target, details)
     copy_s = disk_bytes / bw if bw else 0
     details.update(
@@ -257,6 +277,8 @@ def check_prediction(ctx):
     if assumption:
         facts += f" ({assumption})"
     if not model["converges"]:
+        if ladder_note:
+            facts += ". " + ladder_note.rstrip(".")
         advice = _(
             "Enable auto-converge (throttles the guest's CPU), raise or remove the bandwidth cap, allow a longer "
             "max downtime, enable post-copy, or migrate Cold."
@@ -287,6 +309,14 @@ def check_prediction(ctx):
         "i": model["iterations"],
         "f": facts,
     }
+    if ladder_note:
+        # Converges only thanks to the ladder: the downtime will be longer than asked for.
+        return result(
+            WARN,
+            message + " " + ladder_note,
+            _("Raise or remove the bandwidth cap, or enable auto-converge, to keep the downtime shorter."),
+            details,
+        )
     timeout = opts.get("completion_timeout")
     if timeout and total > timeout:
         return result(
