@@ -4,21 +4,15 @@ it): the job hub frames each update once and writes the bytes to every watcher's
 sent, and a socket the writer cannot use falls back to the ASGI send."""
 
 import asyncio
-import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 from collections import deque
-from pathlib import Path
 
 import pytest
 
 from kvmweb.handshake import FrameWriter, text_frame
 from tests.scaleout.wsclient import WebSocket
+from tests.sites import Site
 
-ROOT = Path(__file__).resolve().parents[2]
 SETUP = """
 import uuid
 from django.contrib.auth.models import User
@@ -39,7 +33,8 @@ job = MigrationJob.objects.create(
     vm=vm, vm_name=vm.name, source=src, source_name="src", target=dst, target_name="dst",
     mode=MigrationJob.LIVE, status=MigrationJob.RUNNING, started_at=timezone.now(), phase="memory",
 )
-print(session.session_key, job.pk)
+import json
+print(json.dumps([session.session_key, job.pk]))
 """
 WRITE = """
 from django.db.models import F
@@ -108,57 +103,18 @@ def test_it_writes_only_to_an_open_idle_socket():
 
 @pytest.fixture(scope="module")
 def daphne(tmp_path_factory):
-    data = tmp_path_factory.mktemp("framed")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "REDIS_URL", "KVMWEB_SQLITE_PATH", "DJANGO_SETTINGS_MODULE")
-    }
-    env.update(KVMWEB_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
-    manage = [sys.executable, "manage.py"]
-    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300)
-    out = subprocess.run(
-        [*manage, "shell", "-c", SETUP],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=120,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (data / "daphne.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmweb.serve", "-b", "127.0.0.1", "-p", str(port), "kvmweb.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, (data / "daphne.log").read_text()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "daphne did not listen within 60 s"
-            time.sleep(0.1)
+    """A real daphne (tests/sites.py) with a signed-in watcher and a running job."""
+    site = Site(tmp_path_factory.mktemp("framed"))
+    session, job = site.python(SETUP)
+    site.start_web(timeout=180)  # a backstop: a loaded machine starts daphne slowly
 
     def write(percent):
-        code = WRITE.format(job=out[-1], percent=percent)
-        subprocess.run([*manage, "shell", "-c", code], cwd=ROOT, env=env, check=True, timeout=120)
+        site.python(WRITE.format(job=job, percent=percent))
 
-    yield type("Daphne", (), {"port": port, "session": out[-2], "job": out[-1], "write": staticmethod(write)})
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    yield type(
+        "Daphne", (), {"port": site.port, "session": session, "job": job, "write": staticmethod(write)}
+    )
+    site.stop()
 
 
 def test_it_delivers_framed_updates_through_daphne(daphne):
