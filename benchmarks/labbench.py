@@ -8,6 +8,7 @@ Call ``setup(prefix)`` before importing anything that needs Django.
 import os
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,17 @@ def setup(prefix):
 
     django.setup()
     return TMP
+
+
+def p95_of(samples):
+    ordered = sorted(samples)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
+def stats(samples):
+    """One line: median, p95 and max of timings in ms."""
+    ordered = sorted(samples)
+    return f"median {statistics.median(ordered):7.1f} ms   p95 {p95_of(samples):7.1f} ms   max {ordered[-1]:7.1f} ms"
 
 
 def kvmweb(hosts):

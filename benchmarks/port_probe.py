@@ -19,21 +19,11 @@ Run (root; the lab is started if needed and torn down if this script started it)
 import argparse
 import os
 import secrets
-import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-TMP = Path(tempfile.mkdtemp(prefix="kvmweb-bench-probe-"))
-os.environ["KVMWEB_DATA_DIR"] = str(TMP)
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
+import labbench  # noqa: E402
 
-import django  # noqa: E402
-
-django.setup()
+TMP = labbench.setup("kvmweb-bench-probe-")
 
 from django.core.cache import cache  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -44,15 +34,7 @@ from hosts.models import VM, Host  # noqa: E402
 from migrations_app import preflight  # noqa: E402
 from migrations_app.plan import MigrationPlan  # noqa: E402
 
-
-def p95_of(samples):
-    ordered = sorted(samples)
-    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
-
-
-def stats(samples):
-    ordered = sorted(samples)
-    return f"median {statistics.median(ordered):7.1f} ms   p95 {p95_of(samples):7.1f} ms   max {ordered[-1]:7.1f} ms"
+p95_of, stats = labbench.p95_of, labbench.stats
 
 
 def register(kind):

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ os.environ["KVMWEB_DATA_DIR"] = str(TMP)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kvmweb.settings")
 
 import django  # noqa: E402
+import labbench  # noqa: E402
 
 django.setup()
 
@@ -52,16 +52,7 @@ from migrations_app.plan import MigrationPlan  # noqa: E402
 from migrations_app.preflight import run as preflight_run  # noqa: E402
 from migrations_app.preflight.checks import prediction  # noqa: E402
 
-
-def p95_of(samples):
-    ordered = sorted(samples)
-    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
-
-
-def stats(samples):
-    ordered = sorted(samples)
-    p95 = p95_of(samples)
-    return f"median {statistics.median(ordered):7.1f} ms   p95 {p95:7.1f} ms   max {ordered[-1]:7.1f} ms"
+p95_of, stats = labbench.p95_of, labbench.stats
 
 
 def timed(fn, runs):
