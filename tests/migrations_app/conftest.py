@@ -57,6 +57,37 @@ def passing_preflight(monkeypatch):
     return answer
 
 
+SECRET_URI = "test:///s1"
+
+
+@pytest.fixture
+def secret_move(alice, bob):
+    """secret_move(**fields) -> a job moving alice-web, now alice's, from the secret host
+    s1 (outside alice's scope; tests/accounts/world.py) to p1, its error and a log line
+    naming s1 and its URI: what host masking must hide from her."""
+    from migrations_app.models import JobEvent
+    from tests.accounts.world import build
+
+    def make(**fields):
+        w = build(alice, bob)
+        job = MigrationJob.objects.create(
+            vm=w.alice_web,
+            vm_name=w.alice_web.name,
+            source=w.s1,
+            source_name=w.s1.name,
+            target=w.p1,
+            target_name=w.p1.name,
+            mode=MigrationJob.LIVE,
+            status=MigrationJob.RUNNING,
+            error=f"libvirt at {SECRET_URI} answered slowly",
+            **fields,
+        )
+        JobEvent.objects.create(job=job, message=f"Connected to {w.s1.name} ({SECRET_URI}).")
+        return job
+
+    return make
+
+
 @pytest.fixture
 def make_job(db):
     """make_job(status="running", mode="live", **fields) -> a MigrationJob of web1 from

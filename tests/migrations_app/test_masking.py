@@ -11,29 +11,15 @@ from migrations_app import streaming
 from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob
 from tests.accounts.world import build
+from tests.migrations_app.conftest import SECRET_URI
 
 pytestmark = pytest.mark.django_db
 
-SECRET_URI = "test:///s1"
-
 
 @pytest.fixture
-def past(alice, bob):
+def past(secret_move):
     """alice-web, now alice's, was moved by an operator from the secret host s1."""
-    w = build(alice, bob)
-    job = MigrationJob.objects.create(
-        vm=w.alice_web,
-        vm_name=w.alice_web.name,
-        source=w.s1,
-        source_name=w.s1.name,
-        target=w.p1,
-        target_name=w.p1.name,
-        mode=MigrationJob.LIVE,
-        status=MigrationJob.RUNNING,
-        error=f"libvirt at {SECRET_URI} answered slowly",
-    )
-    JobEvent.objects.create(job=job, message=f"Connected to {w.s1.name} ({SECRET_URI}).")
-    return job
+    return secret_move()
 
 
 def test_it_masks_hidden_names_and_uris_by_viewer(past, admin, operator, alice):

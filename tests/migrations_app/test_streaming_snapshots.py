@@ -7,34 +7,17 @@ from django.db.models import F
 
 from migrations_app import streaming
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
-from tests.accounts.world import build
+from tests.migrations_app.conftest import SECRET_URI
 
 pytestmark = pytest.mark.django_db
 
-SECRET_URI = "test:///s1"
-
 
 @pytest.fixture
-def moved(alice, bob):
+def moved(secret_move):
     """alice-web, now alice's, is being moved by an operator from the secret host s1
     (outside alice's scope) to p1."""
     streaming.snapshots.clear()
-    w = build(alice, bob)
-    job = MigrationJob.objects.create(
-        vm=w.alice_web,
-        vm_name=w.alice_web.name,
-        source=w.s1,
-        source_name=w.s1.name,
-        target=w.p1,
-        target_name=w.p1.name,
-        mode=MigrationJob.LIVE,
-        status=MigrationJob.RUNNING,
-        phase="memory",
-        percent=40.0,
-        progress_seq=7,
-        error=f"libvirt at {SECRET_URI} answered slowly",
-    )
-    JobEvent.objects.create(job=job, message=f"Connected to {w.s1.name} ({SECRET_URI}).")
+    job = secret_move(phase="memory", percent=40.0, progress_seq=7)
     ProgressSample.objects.create(job=job, t=0.25, rate=1000, remaining=5000)
     yield job
     streaming.snapshots.clear()
