@@ -154,9 +154,6 @@ def child_requeue_seconds():
     return float(getattr(settings, "KVMWEB_FLEET_CHILD_REQUEUE_SECONDS", 15))
 
 
-# The prefix of the job-log line of a re-queued job (migrations_app/reconcile.py
-# requeue_lost writes the same): its time is when the job was last queued.
-REQUEUED_PREFIX = "Queued again"
 # A child in needs_reconcile is reconciled by this process at most this often (a host
 # that stays unreachable sends it back to needs_reconcile "will retry" every time).
 RECONCILE_EVERY_SECONDS = 5.0
@@ -184,30 +181,10 @@ def _rescue_children(batch, now=None):
       whose window closed ends as missed, as windows.release_due does.
     Returns (requeued job ids, reconciled job ids)."""
     from migrations_app import reconcile, windows
-    from migrations_app.models import JobEvent
-    from migrations_app.services import add_event, enqueue
 
     now = now or timezone.now()
     children = MigrationJob.objects.filter(batch_item__batch=batch, batch_item__status=BatchItem.STARTED)
-    requeued = []
-    cutoff = now - timedelta(seconds=child_requeue_seconds())
-    for job in children.filter(status=states.QUEUED, waiting_for="", created_at__lt=cutoff):
-        # Queued (again) since the cutoff: re-queued, released from a hold, approved; each
-        # writes a job-log line as it sends a fresh message. Its worker has had no
-        # child_requeue_seconds yet (created_at alone would send a duplicate at once).
-        again = JobEvent.objects.filter(job=job, at__gte=cutoff)
-        if again.exists():
-            continue
-        with transaction.atomic():
-            if not MigrationJob.objects.filter(pk=job.pk, status=states.QUEUED).exists():
-                continue  # claimed meanwhile
-            add_event(
-                job.pk,
-                f"{REQUEUED_PREFIX} by batch #{batch.pk}: no worker had taken it for "
-                f"{child_requeue_seconds():.0f} s (its message may have been lost).",
-            )
-            enqueue(job)
-        requeued.append(job.pk)
+    requeued = reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
     # A child held at its worker's claim (a blackout began between its creation and the
     # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
     # same for this batch's children, so a batch never depends on that cluster.

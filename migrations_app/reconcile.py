@@ -57,21 +57,39 @@ def mark_stale(now=None, stale_seconds=STALE_SECONDS, job_ids=None):
     return marked
 
 
-def requeue_lost(now=None):
-    """Queue again the jobs that waited in QUEUED too long (at most every 5 minutes)."""
+def requeue_lost(now=None, jobs=None, after=REQUEUE_AFTER_SECONDS, every=None):
+    """Queue again the queued jobs that no worker has taken for ``after`` seconds since
+    they were last queued, and at most once every ``every`` seconds (default ``after``).
+    ``jobs`` limits it to some jobs (fleet/scheduler.py: a batch's own children, at a
+    shorter interval). Returns the ids queued again.
+
+    A message can be lost: a worker killed after it took the message but before its claim
+    (django-q's ORM broker redelivers a locked message only after ``retry``), or a process
+    killed between the job's commit and its on-commit message. A duplicate message is
+    harmless: the claim is one conditional UPDATE, so one worker wins."""
     now = now or timezone.now()
+    cutoff = now - timedelta(seconds=after)
+    every = after if every is None else every
     requeued = []
-    waiting = MigrationJob.objects.filter(
-        status=MigrationJob.QUEUED, created_at__lt=now - timedelta(seconds=REQUEUE_AFTER_SECONDS)
-    ).filter(waiting_for="")  # held on purpose (windows.py): release_due queues them
+    waiting = (MigrationJob.objects if jobs is None else jobs).filter(
+        status=MigrationJob.QUEUED, created_at__lt=cutoff, waiting_for=""
+    )  # held on purpose (windows.py): release_due queues them
     for job in waiting.only("pk"):
-        recent = JobEvent.objects.filter(
-            job=job, message__startswith="Queued again", at__gt=now - timedelta(seconds=REQUEUE_EVERY_SECONDS)
-        )
-        if recent.exists():
+        # Queued since the cutoff (approved, released from a hold, queued again): each of
+        # these writes a job-log line as it sends a fresh message, so the job's worker has
+        # not had ``after`` seconds yet (created_at alone would send a duplicate at once).
+        if JobEvent.objects.filter(job=job, at__gte=cutoff).exists():
+            continue
+        again = now - timedelta(seconds=every)
+        if JobEvent.objects.filter(job=job, message__startswith="Queued again", at__gt=again).exists():
             continue
         with transaction.atomic():
-            add_event(job.pk, "Queued again: no worker had taken it yet (its message may have been lost).")
+            if not MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.QUEUED).exists():
+                continue  # claimed meanwhile
+            add_event(
+                job.pk,
+                f"Queued again: no worker had taken it for {after:.0f} s (its message may have been lost).",
+            )
             enqueue(job)
         requeued.append(job.pk)
     return requeued
@@ -89,7 +107,7 @@ def reconcile_jobs(now=None, stale_seconds=STALE_SECONDS, job_ids=None):
     mark_stale(now, stale_seconds, job_ids)
     if job_ids is None:
         windows.release_due(now)
-        requeue_lost(now)
+        requeue_lost(now, every=REQUEUE_EVERY_SECONDS)
     results = {}
     waiting = MigrationJob.objects.filter(status=MigrationJob.NEEDS_RECONCILE)
     if job_ids is not None:

@@ -161,7 +161,10 @@ def test_it_requeues_a_released_job_whose_message_was_lost(world, operator):
     job = _create(world, operator, not_before=later)
     windows.release_due(later + timedelta(seconds=1))  # on_commit not run: the message is lost
     assert not OrmQ.objects.exists()
-    MigrationJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(minutes=5))
+    # Five minutes pass without a worker taking it (its log lines age with it).
+    then = timezone.now() - timedelta(minutes=5)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=then)
+    JobEvent.objects.filter(job=job).update(at=then)
     assert reconcile.requeue_lost() == [job.pk]
 
 
