@@ -456,7 +456,7 @@ def _primed_reconcile(cluster, job_id):
 
 
 def test_it_reconciles_after_the_worker_is_killed_and_never_migrates_twice(cluster, lab_guest):
-    guest = lab_guest("mj-kill")
+    guest = lab_guest("mj-kill", **SLOW_DIRTIER)
     _sync_cli(cluster, "lab-a")
     # 4 MiB/s (~8 s for 32 MiB of dirtied RAM): the migration must still run in libvirt
     # when reconcile comes, which the primed reconcile process below makes a matter of
@@ -501,7 +501,7 @@ def test_it_fails_clearly_when_the_target_libvirtd_dies_mid_migration(cluster, l
     started = labkit.up(3)  # lab-c: killing its daemon disturbs nobody else's tests
     try:
         cluster.manage("add_host", "lab-c", labkit.uri("lab-c"), "--no-sync", check=False)
-        guest = lab_guest("mj-tgtkill")
+        guest = lab_guest("mj-tgtkill", **SLOW_DIRTIER)
         _sync_cli(cluster, "lab-a")
         job_id = cluster.migrate(guest, "lab-c", "--mode", "live", "--bandwidth", "8")
         cluster.wait(job_id, _running, STARTED, "running with progress")
@@ -567,7 +567,7 @@ def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_se
     from migrations_app.cliclient import ROOT
 
     env, log = cli_server
-    guest = lab_guest("mj-served")
+    guest = lab_guest("mj-served", **SLOW_DIRTIER)
     _sync_cli(cluster, "lab-a")
     before = cluster.q("select coalesce(max(id), 0) from migrations_app_migrationjob")[0][0]
     cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "8"]
