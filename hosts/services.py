@@ -385,6 +385,30 @@ def do_stage_tls_certificate(*, ca_pem, cert_pem, key_pem, actor=None, request=N
     return directory
 
 
+def do_sweep_staged_certificates(max_age=24 * 3600):
+    """Delete the certificate bundles the Add host wizard stored for a host that was never
+    registered (``new-*``, key included) once they are ``max_age`` seconds old and no
+    host's URI names them, and the leftovers of a write that crashed.  Each removal is
+    audited as ``host.tls_certificate`` (``removed``).  Returns the removed paths.
+
+    A day leaves an administrator who uploaded a bundle and stepped away time to finish
+    the wizard; the inventory schedule calls this, so nobody has to remember."""
+    removed = []
+    for directory in transport.staged_bundles(max_age):
+        if Host.objects.filter(uri__contains=f"pkipath={directory}").exists():
+            continue  # registered with the staged path: the host owns it now
+        transport.remove_bundle(directory)
+        removed.append(str(directory))
+        if directory.name.startswith("new-"):
+            record(
+                "host.tls_certificate",
+                target_type="hosts.host",
+                target_name=_("(new host)"),
+                details={"staged": True, "removed": True, "pkipath": str(directory)},
+            )
+    return removed
+
+
 def do_remove_host(host, *, actor=None, request=None):
     """Forget a host. Its VMs keep their rows (and history) and are marked gone."""
     with transaction.atomic():

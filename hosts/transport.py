@@ -12,8 +12,10 @@ kvmweb shows the date and warns ``TLS_EXPIRY_WARN_DAYS`` (30) days ahead.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -293,6 +295,22 @@ def write_bundle(owner, ca_pem, cert_pem, key_pem, fingerprint):
     shutil.rmtree(target, ignore_errors=True)  # the same bundle uploaded again
     os.replace(tmp, target)
     return target
+
+
+def staged_bundles(older_than):
+    """Directories in the managed root that the Add host wizard staged (``new-*``) or a
+    crashed write left (``.*.tmp``), last changed more than ``older_than`` seconds ago."""
+    root = managed_pki_root()
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    found = []
+    for path in root.iterdir():
+        staged = path.name.startswith("new-") or (path.name.startswith(".") and path.name.endswith(".tmp"))
+        with contextlib.suppress(FileNotFoundError):  # removed by a concurrent sweep
+            if staged and path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                found.append(path)
+    return sorted(found)
 
 
 def managed_dir(uri):

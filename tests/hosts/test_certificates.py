@@ -4,7 +4,9 @@ their own, the URI's pkipath pointing at it) or names a pkipath directory; audit
 way, refusals too; the host list warns before the certificate expires. The lab proof (a
 libvirtd accepting the stored files, an expired one named) is in test_transport_lab.py."""
 
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,25 @@ def test_it_removes_the_stored_certificate_when_the_uri_is_edited_away_from_it(a
     services.do_update_host(tls_host, name="kvm1", uri="qemu+tls://10.0.0.5/system", actor=admin)
     assert not directory.exists()
     assert AuditEvent.objects.filter(action="host.change").count() == 2
+
+
+def test_it_sweeps_staged_bundles_nobody_registered_after_a_day(admin, tls_host, pem_bundle):
+    ca, cert, key = pem_bundle()
+    abandoned = services.do_stage_tls_certificate(ca_pem=ca, cert_pem=cert, key_pem=key, actor=admin)
+    ca2, cert2, key2 = pem_bundle()
+    used = services.do_stage_tls_certificate(ca_pem=ca2, cert_pem=cert2, key_pem=key2, actor=admin)
+    Host.objects.create(name="kvm9", uri=validate_uri(f"qemu+tls://10.0.0.9/system?pkipath={used}"))
+    crashed = transport.managed_pki_root() / ".new-abc.4242.tmp"
+    crashed.mkdir()
+    day_old = time.time() - 25 * 3600
+    for path in (abandoned, used, crashed):
+        os.utime(path, (day_old, day_old))
+    ca3, cert3, key3 = pem_bundle()
+    fresh = services.do_stage_tls_certificate(ca_pem=ca3, cert_pem=cert3, key_pem=key3, actor=admin)
+
+    assert services.do_sweep_staged_certificates() == sorted([str(crashed), str(abandoned)])
+    assert not abandoned.exists() and not crashed.exists()
+    assert used.exists() and fresh.exists()  # named by a host; younger than a day
+    removed = AuditEvent.objects.filter(action="host.tls_certificate", details__removed=True)
+    assert [e.details["pkipath"] for e in removed] == [str(abandoned)]
+    assert services.do_sweep_staged_certificates() == []  # idempotent
