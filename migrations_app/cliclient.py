@@ -14,6 +14,7 @@ the server refuses (another data directory or settings), or KVMWEB_CLI_SERVER=0,
 runs the command itself as before.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -31,6 +32,27 @@ def socket_path(environ=None):
     """The server's socket: in the data directory, as settings.DATA_DIR computes it."""
     environ = os.environ if environ is None else environ
     return Path(environ.get("KVMWEB_DATA_DIR") or ROOT / "var") / SOCKET_NAME
+
+
+def secret_files(environ):
+    """The variables that name a secret file (KVMWEB_*_FILE, libpq's PGPASSFILE)."""
+    return sorted(
+        k for k in environ if (k.startswith("KVMWEB_") and k.endswith("_FILE")) or k == "PGPASSFILE"
+    )
+
+
+def file_digests(environ):
+    """{variable: SHA-256 of the file it names, or None when unreadable} for
+    ``secret_files``: the server compares contents, not paths (under systemd its own
+    secrets are in its private credentials directory, docs/deploy/kvmweb-cli.service)."""
+    digests = {}
+    for key in secret_files(environ):
+        try:
+            with open(environ[key], "rb") as f:
+                digests[key] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            digests[key] = None
+    return digests
 
 
 def _lines(sock):
@@ -61,7 +83,13 @@ def run(argv):
     except OSError:
         sock.close()
         return None  # no server (or not ours to use: the socket is 0600 in a 0700 dir)
-    request = json.dumps({"argv": list(argv[1:]), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+    request = {
+        "argv": list(argv[1:]),
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "files": file_digests(os.environ),
+    }
+    request = json.dumps(request).encode()
     try:
         socket.send_fds(sock, [struct.pack("!I", len(request)) + request], [0, 1, 2])
     except OSError:
