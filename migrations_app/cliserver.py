@@ -25,6 +25,7 @@ The server stays single-threaded (a fork from a process with threads could inher
 held lock) and opens no database or libvirt connection of its own.
 """
 
+import gc
 import json
 import logging
 import os
@@ -91,8 +92,9 @@ def refusal(request, server_env, server_files=None):
 
 def preload():
     """Import what a served command imports (the point of the server)."""
-    from django.core.management import load_command_class
+    from django.core.management import get_commands, load_command_class
 
+    get_commands()  # cached: the child's execute_from_command_line does not scan the apps again
     for name in SERVED:
         load_command_class("migrations_app", name)
     import libvirt  # noqa: F401 - hosts/hypervisor.py imports it lazily in places
@@ -200,6 +202,10 @@ def serve(stop=None):
 
     preload()
     connections.close_all()
+    # Everything loaded so far to the permanent generation: a child's garbage collections
+    # do not walk (and so copy-on-write) the server's whole heap.
+    gc.collect()
+    gc.freeze()
     path = socket_path()
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
