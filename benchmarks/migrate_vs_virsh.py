@@ -89,13 +89,15 @@ def run_kvmweb(user, name, target, bandwidth):
 
 def last_job_marks():
     """Where the newest job's time went (ms): created to claimed (queue pickup), claim to
-    the libvirt call, the call, the call's end to concluded."""
+    the checklist done (the worker's re-check; ~0 when the command's own stood in), claim
+    to the libvirt call, the call, the call's end to concluded."""
     job = MigrationJob.objects.order_by("-pk").first()
     t = (job.result or {}).get("timing_ms", {}) if job else {}
     if not t:
         return {}
     return {
         "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
+        "recheck": t.get("preflight_done", 0),
         "to_call": t.get("migrate_start", 0),
         "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
         "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),

@@ -173,6 +173,7 @@ class Command(BaseCommand):
         target = Host.objects.restrict(user).filter(name=o["target"]).first()
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
+        _timing("lookup")
         if not o["quick"] and o["mode"] in ("live", "live-copy") and dirtyrate.recall(vm.uuid) is None:
             # libvirt's dirty-rate measurement takes a second: started now, it runs while
             # the state is read and the plan checked; the checklist waits for this one
@@ -183,7 +184,13 @@ class Command(BaseCommand):
             window = clean_window(o["not_before"], o["not_after"])
         except WindowError as exc:
             raise CommandError(str(exc), returncode=2) from None
-        refresh_vm_state(vm)  # plan defaults follow the VM's state now, not the last sync
+        if o["mode"] not in ("live", "live-copy") or vm.state not in ("running", "paused", "blocked"):
+            # Plan defaults (start on the target) and the plan's state check follow the
+            # VM's state now, not the last sync. A live mode with a VM stored as running
+            # needs no extra round trip: the checklist reads the state itself and blocks
+            # a VM that stopped meanwhile (vm_state).
+            refresh_vm_state(vm)
+        _timing("state")
         try:
             plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
             plan.validate()
