@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
@@ -29,6 +30,7 @@ from django.db import connections
 
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
+from kvmweb import qbroker
 from migrations_app import runner
 from migrations_app.jobrun import Operation, worker_name
 from migrations_app.models import MigrationJob
@@ -204,20 +206,23 @@ class Command(BaseCommand):
         if o["ack_all"]:
             acks += warning_ids(report)
         try:
-            job = do_create_job(
-                vm,
-                target,
-                o["mode"],
-                options,
-                actor=user,
-                report=report,
-                acknowledged=acks,
-                overridden=o["override"],
-                reason=o["reason"],
-                not_before=window[0],
-                not_after=window[1],
-                ignore_blackouts=o["ignore_blackouts"],
-            )
+            # With --wait this process runs the job (run_here): its safety-net message must
+            # not wake a worker to race the claim below (kvmweb/qbroker.py).
+            with qbroker.quiet() if o["wait"] else nullcontext():
+                job = do_create_job(
+                    vm,
+                    target,
+                    o["mode"],
+                    options,
+                    actor=user,
+                    report=report,
+                    acknowledged=acks,
+                    overridden=o["override"],
+                    reason=o["reason"],
+                    not_before=window[0],
+                    not_after=window[1],
+                    ignore_blackouts=o["ignore_blackouts"],
+                )
         except JobError as exc:
             if o["json"]:
                 self.stdout.write(json.dumps({"error": str(exc)}))
