@@ -89,20 +89,27 @@ def run_kvmweb(user, name, target, bandwidth):
     return wall, detail
 
 
-def last_job_marks():
+def last_job_marks(clicked=None, shown=None):
     """Where the newest job's time went (ms): created to claimed (queue pickup), claim to
     the checklist done (the worker's re-check; ~0 when the command's own stood in), claim
-    to the libvirt call, the call, the call's end to concluded."""
+    to the libvirt call, the call, the call's end to concluded. With the wizard's click and
+    "succeeded" shown (epoch seconds): click to the job row ("post"), the job's end to
+    shown ("shown")."""
     job = MigrationJob.objects.order_by("-pk").first()
     t = (job.result or {}).get("timing_ms", {}) if job else {}
     if not t:
         return {}
+    post = {}
+    if clicked is not None and shown is not None and job.finished_at:
+        post["post"] = round((job.created_at.timestamp() - clicked) * 1000)
     return {
+        **post,
         "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
         "recheck": t.get("preflight_done", 0),
         "to_call": t.get("migrate_start", 0),
         "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
         "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),
+        **({"shown": round((shown - job.finished_at.timestamp()) * 1000)} if post else {}),
     }
 
 
@@ -257,6 +264,7 @@ class Wizard:
         for box in page.locator("input[name=ack]").all():
             box.check()
         t0 = time.monotonic()
+        self.clicked = time.time()
         page.click("[data-testid=wizard-start]")
         try:
             page.wait_for_selector(
@@ -267,6 +275,7 @@ class Wizard:
         except Exception as exc:
             raise SystemExit(f"wizard: no final state shown: {exc}") from None
         wall = time.monotonic() - t0
+        self.shown = time.time()
         status = page.inner_text("[data-testid=job-status]")
         if status != "succeeded":
             raise SystemExit(f"wizard job ended {status}: {page.url}")
@@ -348,7 +357,7 @@ def main():
                         pair[f"{side}_marks"] = last_job_marks()
                     elif side == "wizard":
                         pair["wizard"] = wizard.migrate(name, target, args.bandwidth)
-                        pair["wizard_marks"] = last_job_marks()
+                        pair["wizard_marks"] = last_job_marks(wizard.clicked, wizard.shown)
                     else:
                         pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
                         for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
