@@ -106,6 +106,7 @@ def last_job_marks(clicked=None, shown=None):
         **post,
         "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
         "recheck": t.get("preflight_done", 0),
+        "checklist": (job.preflight or {}).get("duration_ms", 0),  # the stored report's own run
         "to_call": t.get("migrate_start", 0),
         "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
         "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),
