@@ -32,6 +32,31 @@ def test_it_refuses_other_settings_and_other_commands_but_not_per_run_values():
         )
 
 
+def test_it_writes_the_request_as_json_the_server_reads_back_unchanged():
+    # The client writes its JSON by hand (no json import before the command runs): every
+    # value an environment or command line can hold must come back as it was sent.
+    import json
+
+    tricky = [
+        "plain",
+        'q"uote\\back',
+        "tab\tnew\nline",
+        "\x7f\x00",
+        "ünï €",
+        "\U0001f600",
+        "\udcff",
+        "\u2028",
+    ]
+    request = {
+        "argv": tricky,
+        "env": {f"K{i}": v for i, v in enumerate(tricky)},
+        "cwd": "/",
+        "files": {"X": None},
+    }
+    text = cliclient._json(request)
+    assert text.isascii() and json.loads(text) == request
+
+
 def test_it_matches_secret_files_by_content_not_path(tmp_path):
     # Under systemd the server reads its secrets from its credentials directory
     # (docs/deploy/kvmweb-cli.service); an operator's shell names the same files in
