@@ -19,7 +19,9 @@ order rotating from round to round (interleaved: the machine's load hits every s
   worker, with where the time goes (pickup, claim to call, call end to recorded).
 
 Prints every round, the load average, per side the median and the median of the per-round
-ratios to virsh, flags a side that completed nothing, and ends with one JSON line:
+ratios to virsh, per side kvmweb's own time (wall time minus libvirt's migrate call, which
+varies by up to a second between rounds on a loaded machine), flags a side that completed
+nothing, and ends with one JSON line:
 {"ratio": {"cli": ..., "wizard": ...}, ...}. Goal: ratios <= 1.10.
 
 Run as root with the lab available: .venv/bin/python benchmarks/migrate_vs_virsh.py
@@ -87,18 +89,28 @@ def run_kvmweb(user, name, target, bandwidth):
     return wall, detail
 
 
-def last_job_marks():
+def last_job_marks(clicked=None, shown=None):
     """Where the newest job's time went (ms): created to claimed (queue pickup), claim to
-    the libvirt call, the call, the call's end to concluded."""
+    the checklist done (the worker's re-check; ~0 when the command's own stood in), claim
+    to the libvirt call, the call, the call's end to concluded. With the wizard's click and
+    "succeeded" shown (epoch seconds): click to the job row ("post"), the job's end to
+    shown ("shown")."""
     job = MigrationJob.objects.order_by("-pk").first()
     t = (job.result or {}).get("timing_ms", {}) if job else {}
     if not t:
         return {}
+    post = {}
+    if clicked is not None and shown is not None and job.finished_at:
+        post["post"] = round((job.created_at.timestamp() - clicked) * 1000)
     return {
+        **post,
         "pickup": round((job.started_at - job.created_at).total_seconds() * 1000),
+        "recheck": t.get("preflight_done", 0),
+        "checklist": (job.preflight or {}).get("duration_ms", 0),  # the stored report's own run
         "to_call": t.get("migrate_start", 0),
         "call": t.get("migrate_end", 0) - t.get("migrate_start", 0),
         "conclude": t.get("concluded", 0) - t.get("migrate_end", 0),
+        **({"shown": round((shown - job.finished_at.timestamp()) * 1000)} if post else {}),
     }
 
 
@@ -253,6 +265,7 @@ class Wizard:
         for box in page.locator("input[name=ack]").all():
             box.check()
         t0 = time.monotonic()
+        self.clicked = time.time()
         page.click("[data-testid=wizard-start]")
         try:
             page.wait_for_selector(
@@ -263,6 +276,7 @@ class Wizard:
         except Exception as exc:
             raise SystemExit(f"wizard: no final state shown: {exc}") from None
         wall = time.monotonic() - t0
+        self.shown = time.time()
         status = page.inner_text("[data-testid=job-status]")
         if status != "succeeded":
             raise SystemExit(f"wizard job ended {status}: {page.url}")
@@ -344,7 +358,7 @@ def main():
                         pair[f"{side}_marks"] = last_job_marks()
                     elif side == "wizard":
                         pair["wizard"] = wizard.migrate(name, target, args.bandwidth)
-                        pair["wizard_marks"] = last_job_marks()
+                        pair["wizard_marks"] = last_job_marks(wizard.clicked, wizard.shown)
                     else:
                         pair["virsh"] = run_virsh(name, where, other, args.bandwidth)
                         for h in hosts.values():  # kvmweb must learn where virsh put it (not timed)
@@ -422,6 +436,18 @@ def main():
                 f"{LABELS[side]}: median {summary[f'{side}_s']:.3f} s, median ratio to virsh {med(ratios):.3f}"
                 f" (min {min(ratios):.3f}, max {max(ratios):.3f}; {len(got)} rounds; goal <= 1.10)"
             )
+        # kvmweb's own time: the side's wall time minus libvirt's migrate call (its
+        # migrateToURI3, which virsh makes too): less noisy than the ratio on a loaded
+        # machine, where the call alone varied by a second between rounds.
+        summary["own_s"] = {}
+        for side in ("cli", "cli_local", "wizard"):
+            own = [r[side] - r[f"{side}_marks"]["call"] / 1000 for r in rows if r.get(f"{side}_marks")]
+            if own:
+                summary["own_s"][side] = round(med(own), 3)
+                print(
+                    f"{side}: wall time minus the migrate call, median {med(own):.3f} s"
+                    f" (min {min(own):.3f}, max {max(own):.3f})"
+                )
         for side in ("cli", "cli_local"):
             times = [r[f"{side}_times"] for r in rows if r.get(f"{side}_times")]
             if times:

@@ -27,7 +27,8 @@ def _active_jobs(waiting):
 
 def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
     """A migrations worker that starts (e.g. after a crash) first reconciles jobs whose
-    worker died. In a thread: the worker must not wait for slow hosts before serving."""
+    worker died, then keeps looking for jobs whose queue message was lost
+    (tasks.watch_lost). In a thread: the worker must not wait for slow hosts before serving."""
     from django_q.conf import Conf
 
     if Conf.CLUSTER_NAME != "migrations":
@@ -38,6 +39,9 @@ def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
     from migrations_app import plan, preflight, runner, tasks  # noqa: F401
 
     hypervisor.ensure_event_loop()
+    from kvmweb import workers
+
+    workers.cluster_stop_event()  # found on this (main) thread's stack; watch_lost waits on it
 
     def run():
         from migrations_app.reconcile import reconcile_jobs
@@ -48,5 +52,6 @@ def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
             import logging
 
             logging.getLogger(__name__).exception("reconcile at worker start failed")
+        tasks.watch_lost()  # then, while the worker lives: lost messages (tasks.py)
 
     threading.Thread(target=run, name="reconcile-at-start", daemon=True).start()

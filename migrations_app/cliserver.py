@@ -15,13 +15,17 @@ with the worker's claim, journal and heartbeats, and a killed child is a killed 
 Refused, so manage.py runs the command itself: another user than the server's (or root),
 a command not in ``SERVED``, or settings the server was not started with (the caller's
 KVMWEB_*, DJANGO_*, DATABASE_URL, REDIS_URL... differ: another data directory or
-database), or ``--settings``/``--pythonpath`` on the command line. The server must be restarted with the other services when the code changes,
+database; a secret file variable such as KVMWEB_SECRET_KEY_FILE or PGPASSFILE matches
+when it names a file with the same content, as the server's systemd credentials live
+under another path: docs/deploy/kvmweb-cli.service), a working directory the server cannot
+see, or ``--settings``/``--pythonpath`` on the command line. The server must be restarted with the other services when the code changes,
 as the workers are.
 
 The server stays single-threaded (a fork from a process with threads could inherit a
 held lock) and opens no database or libvirt connection of its own.
 """
 
+import gc
 import json
 import logging
 import os
@@ -31,7 +35,7 @@ import struct
 import sys
 import traceback
 
-from migrations_app.cliclient import SERVED, socket_path
+from migrations_app.cliclient import SERVED, file_digests, secret_files, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,10 @@ def settings_env(environ):
     return {k: v for k, v in environ.items() if k.startswith(SETTINGS_PREFIXES) and k not in PER_RUN}
 
 
-def refusal(request, server_env):
-    """Why this server must not run ``request`` ("" when it may)."""
+def refusal(request, server_env, server_files=None):
+    """Why this server must not run ``request`` ("" when it may). Secret files (``*_FILE``,
+    PGPASSFILE) match when they name the same path or files with the same content
+    (``server_files``: the server's ``file_digests``; the request carries the caller's)."""
     argv = request.get("argv") or []
     if not argv or argv[0] not in SERVED:
         return "not a served command"
@@ -56,22 +62,39 @@ def refusal(request, server_env):
     # against the server's database instead of the one asked for.
     if any(str(a).split("=", 1)[0] in ("--settings", "--pythonpath") for a in argv[1:]):
         return "--settings/--pythonpath given"
-    theirs = settings_env(request.get("env") or {})
-    ours = settings_env(server_env)
+    if request.get("cwd") and not os.path.isdir(request["cwd"]):
+        # e.g. the caller's /tmp, hidden from a server with systemd's PrivateTmp
+        return "working directory not visible to the server"
+    env = request.get("env") or {}
+    theirs, ours = settings_env(env), settings_env(server_env)
+    files = set(secret_files(env)) | set(secret_files(server_env))
+    their_files, our_files = request.get("files") or {}, server_files or {}
+    differ_files = []
+    for key in files:
+        theirs.pop(key, None)
+        ours.pop(key, None)
+        if env.get(key) == server_env.get(key):
+            continue
+        digest = their_files.get(key)
+        if digest is None or digest != our_files.get(key) or key not in env or key not in server_env:
+            differ_files.append(key)
     # Values the settings module sets in the server's own environment at start-up.
     for key in ("PROMETHEUS_MULTIPROC_DIR",):
         if key not in theirs:
             ours.pop(key, None)
-    if theirs != ours:
-        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if theirs != ours or differ_files:
+        differ = sorted(
+            {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)} | set(differ_files)
+        )
         return "other settings: " + ", ".join(differ)
     return ""
 
 
 def preload():
     """Import what a served command imports (the point of the server)."""
-    from django.core.management import load_command_class
+    from django.core.management import get_commands, load_command_class
 
+    get_commands()  # cached: the child's execute_from_command_line does not scan the apps again
     for name in SERVED:
         load_command_class("migrations_app", name)
     import libvirt  # noqa: F401 - hosts/hypervisor.py imports it lazily in places
@@ -128,7 +151,10 @@ def _child(conn, fds, request):
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         env = dict(request["env"])
-        for key in ("PROMETHEUS_MULTIPROC_DIR",):  # set by settings in this process
+        # Set by settings in this process; and the secret files the caller names with the
+        # same content as ours (refusal): ours, which this process can read (libpq reads
+        # PGPASSFILE at each connect; a root caller's path may be root-only).
+        for key in ("PROMETHEUS_MULTIPROC_DIR", *secret_files(os.environ)):
             if key in os.environ:
                 env[key] = os.environ[key]
         os.environ.clear()
@@ -176,6 +202,10 @@ def serve(stop=None):
 
     preload()
     connections.close_all()
+    # Everything loaded so far to the permanent generation: a child's garbage collections
+    # do not walk (and so copy-on-write) the server's whole heap.
+    gc.collect()
+    gc.freeze()
     path = socket_path()
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -206,6 +236,7 @@ def serve(stop=None):
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     server_env = dict(os.environ)
+    server_files = file_digests(server_env)
     log.info("cli_server listening on %s", path)
     print(f"cli_server: listening on {path}", flush=True)
     try:
@@ -221,7 +252,9 @@ def serve(stop=None):
                     conn.sendall(b"R not allowed\n")
                     continue
                 request, fds = _recv_request(conn)
-                why = refusal(request, server_env) or ("" if len(fds) == 3 else "no standard streams")
+                why = refusal(request, server_env, server_files) or (
+                    "" if len(fds) == 3 else "no standard streams"
+                )
                 if why:
                     print(f"cli_server: refused {request.get('argv', ['?'])[:1]}: {why}", flush=True)
                     conn.sendall(f"R {why}\n".encode())

@@ -30,6 +30,13 @@ STALE_SECONDS = 10
 # `retry`, hours later): queue it again. Duplicates are harmless, the claim lets one in.
 REQUEUE_AFTER_SECONDS = 60
 REQUEUE_EVERY_SECONDS = 300
+# The migrations cluster's own, prompter pass (migrations_app/tasks.watch_lost, in each
+# idle migrations worker): a job queued and unclaimed, with no log line for this long while
+# a worker of the cluster sits idle, lost its message (an idle worker takes a live one
+# within the broker's poll). Sent again at most once a minute per job.
+LOST_AFTER_SECONDS = 15
+LOST_REPEAT_SECONDS = 60
+LOST_CHECK_SECONDS = 5
 
 
 def mark_stale(now=None, stale_seconds=STALE_SECONDS, job_ids=None):
@@ -74,18 +81,30 @@ def requeue_lost(now=None, jobs=None, after=REQUEUE_AFTER_SECONDS, every=None):
     waiting = (MigrationJob.objects if jobs is None else jobs).filter(
         status=MigrationJob.QUEUED, created_at__lt=cutoff, waiting_for=""
     )  # held on purpose (windows.py): release_due queues them
-    for job in waiting.only("pk"):
+    again = now - timedelta(seconds=every)
+
+    def recently_sent(job_id):
         # Queued since the cutoff (approved, released from a hold, queued again): each of
         # these writes a job-log line as it sends a fresh message, so the job's worker has
         # not had ``after`` seconds yet (created_at alone would send a duplicate at once).
-        if JobEvent.objects.filter(job=job, at__gte=cutoff).exists():
-            continue
-        again = now - timedelta(seconds=every)
-        if JobEvent.objects.filter(job=job, message__startswith="Queued again", at__gt=again).exists():
+        return (
+            JobEvent.objects.filter(job_id=job_id, at__gte=cutoff).exists()
+            or JobEvent.objects.filter(
+                job_id=job_id, message__startswith="Queued again", at__gt=again
+            ).exists()
+        )
+
+    for job in waiting.only("pk"):
+        if recently_sent(job.pk):
             continue
         with transaction.atomic():
-            if not MigrationJob.objects.filter(pk=job.pk, status=MigrationJob.QUEUED).exists():
-                continue  # claimed meanwhile
+            # Several processes run this (every idle migrations worker, the default
+            # cluster's reconcile, the batch scheduler): the row lock (PostgreSQL; SQLite's
+            # IMMEDIATE transactions serialize writers anyway) and the second look at the
+            # log make one of them send the message, not each.
+            locked = MigrationJob.objects.select_for_update().filter(pk=job.pk, status=MigrationJob.QUEUED)
+            if not list(locked.values_list("pk", flat=True)) or recently_sent(job.pk):
+                continue  # claimed, or queued again by another process, meanwhile
             add_event(
                 job.pk,
                 f"Queued again: no worker had taken it for {after:.0f} s (its message may have been lost).",

@@ -32,6 +32,65 @@ def test_it_refuses_other_settings_and_other_commands_but_not_per_run_values():
         )
 
 
+def test_it_writes_the_request_as_json_the_server_reads_back_unchanged():
+    # The client writes its JSON by hand (no json import before the command runs): every
+    # value an environment or command line can hold must come back as it was sent.
+    import json
+
+    tricky = [
+        "plain",
+        'q"uote\\back',
+        "tab\tnew\nline",
+        "\x7f\x00",
+        "ünï €",
+        "\U0001f600",
+        "\udcff",
+        "\u2028",
+    ]
+    request = {
+        "argv": tricky,
+        "env": {f"K{i}": v for i, v in enumerate(tricky)},
+        "cwd": "/",
+        "files": {"X": None},
+    }
+    text = cliclient._json(request)
+    assert text.isascii() and json.loads(text) == request
+
+
+def test_it_matches_secret_files_by_content_not_path(tmp_path):
+    # Under systemd the server reads its secrets from its credentials directory
+    # (docs/deploy/kvmweb-cli.service); an operator's shell names the same files in
+    # /etc/kvmweb/secrets/. Same content: served; other content or unreadable: refused.
+    (tmp_path / "ours").write_text("k1")
+    (tmp_path / "same").write_text("k1")
+    (tmp_path / "other").write_text("k2")
+    base = {"KVMWEB_DATA_DIR": "/d"}
+    ours = dict(base, KVMWEB_SECRET_KEY_FILE=str(tmp_path / "ours"))
+    server_files = cliclient.file_digests(ours)
+
+    def why(**env):
+        env = dict(base, **env)
+        request = {
+            "argv": ["migrate_vm"],
+            "env": env,
+            "files": cliclient.file_digests(env),
+            "cwd": str(tmp_path),
+        }
+        return cliserver.refusal(request, ours, server_files)
+
+    assert why(KVMWEB_SECRET_KEY_FILE=str(tmp_path / "same")) == ""
+    assert why(KVMWEB_SECRET_KEY_FILE=str(tmp_path / "ours")) == ""
+    for path in ("other", "missing"):
+        assert why(KVMWEB_SECRET_KEY_FILE=str(tmp_path / path)) == "other settings: KVMWEB_SECRET_KEY_FILE"
+    assert why() == "other settings: KVMWEB_SECRET_KEY_FILE"  # the caller names no key file
+    assert why(KVMWEB_SECRET_KEY_FILE=str(tmp_path / "same"), PGPASSFILE=str(tmp_path / "same")) == (
+        "other settings: PGPASSFILE"
+    )
+    # A working directory the server cannot see (its private /tmp under systemd).
+    request = {"argv": ["preflight"], "env": ours, "files": server_files, "cwd": str(tmp_path / "gone")}
+    assert cliserver.refusal(request, ours, server_files) == "working directory not visible to the server"
+
+
 @pytest.fixture
 def served(tmp_path):
     """A data dir with a migrated DB and a running cli_server (stopped by its PID)."""

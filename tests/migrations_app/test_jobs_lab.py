@@ -600,3 +600,32 @@ def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_se
     assert worker.startswith("migrate_vm:"), worker
     assert labkit.where(guest) == {"lab-a": "running"}
     labkit.wait_counter_moves("lab-a", guest)
+
+
+# A queued job whose message is gone (a worker killed between taking it and its claim:
+# the ORM broker would hand it out again only after `retry`, hours), its last log line
+# 20 s old; no default cluster runs here.
+LOST_MESSAGE = """
+from datetime import timedelta
+from django.utils import timezone
+from hosts.models import VM, Host
+from migrations_app.models import MigrationJob
+a, b = Host.objects.get(name="lab-a"), Host.objects.get(name="lab-b")
+vm = VM.objects.create(uuid="6695eb01-f6a4-8304-79aa-0000000105ef", name="mj-lost", host=a, state="running")
+job = MigrationJob.objects.create(vm=vm, vm_name=vm.name, source=a, source_name=a.name, target=b,
+    target_name=b.name, mode="live", status="queued")
+MigrationJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=20))
+print(job.pk)
+"""
+
+
+def test_it_queues_a_job_whose_message_was_lost_again_from_the_migrations_cluster(cluster):
+    job_id = int(cluster.manage("shell", "-c", LOST_MESSAGE).stdout.split()[-1])
+    # Taken by a worker (its checklist then fails: the VM exists only in the database).
+    cluster.wait(job_id, lambda j: j["status"] != "queued", STARTED, "taken by a worker")
+    messages = [m for _at, m in cluster.events(job_id)]
+    again = [m for m in messages if m.startswith("Queued again")]
+    # Once, by an idle migrations worker (the 15 s of tasks.watch_lost, not reconcile's
+    # 60 s), though every idle worker of the cluster looks.
+    assert len(again) == 1 and "for 15 s" in again[0], messages
+    assert any(m.startswith("Picked up") for m in messages), messages

@@ -217,6 +217,44 @@ def test_it_queues_a_long_waiting_job_again_once(job, django_capture_on_commit_c
     assert JobEvent.objects.filter(job=job, message__startswith="Queued again").count() == 1
 
 
+def test_it_queues_a_lost_job_again_from_an_idle_migrations_worker(job, django_capture_on_commit_callbacks):
+    from django_q.models import OrmQ
+
+    from migrations_app import tasks
+
+    def queued(seconds_ago):
+        at = timezone.now() - timedelta(seconds=seconds_ago)
+        MigrationJob.objects.filter(pk=job.pk).update(status=MigrationJob.QUEUED, created_at=at)
+        JobEvent.objects.filter(job=job).update(at=at)
+
+    queued(reconcile.LOST_AFTER_SECONDS - 5)  # its worker may still be on its way
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.requeue_lost_if_idle() == []
+        queued(reconcile.LOST_AFTER_SECONDS + 5)
+        tasks._running = 1  # busy: a queued job may be waiting for a free worker
+        try:
+            assert tasks.requeue_lost_if_idle() is None
+        finally:
+            tasks._running = 0
+        assert tasks.requeue_lost_if_idle() == [job.pk]
+        assert tasks.requeue_lost_if_idle() == []  # its own line restarts the wait
+    assert OrmQ.objects.filter(key="migrations").count() == 1
+    line = JobEvent.objects.get(job=job, message__startswith="Queued again")
+    assert f"for {reconcile.LOST_AFTER_SECONDS} s" in line.message
+    # Still not taken a while later: sent again, but not more than once a minute.
+    JobEvent.objects.filter(job=job).update(
+        at=timezone.now() - timedelta(seconds=reconcile.LOST_AFTER_SECONDS + 5)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.requeue_lost_if_idle() == []
+    JobEvent.objects.filter(job=job).update(
+        at=timezone.now() - timedelta(seconds=reconcile.LOST_REPEAT_SECONDS + 5)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.requeue_lost_if_idle() == [job.pk]
+    assert OrmQ.objects.filter(key="migrations").count() == 2
+
+
 def test_it_records_the_guest_memory_from_the_completed_statistics(job):
     # No progress poll saw the RAM phase (a short migration on a busy worker): the job
     # still ends with its guest's memory, from libvirt's completed-job statistics.

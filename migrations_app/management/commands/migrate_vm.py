@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
@@ -29,6 +30,7 @@ from django.db import connections
 
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
+from kvmweb import qbroker
 from migrations_app import runner
 from migrations_app.jobrun import Operation, worker_name
 from migrations_app.models import MigrationJob
@@ -173,6 +175,7 @@ class Command(BaseCommand):
         target = Host.objects.restrict(user).filter(name=o["target"]).first()
         if target is None:
             raise CommandError(f"no host {o['target']!r} visible to {user}", returncode=2)
+        _timing("lookup")
         if not o["quick"] and o["mode"] in ("live", "live-copy") and dirtyrate.recall(vm.uuid) is None:
             # libvirt's dirty-rate measurement takes a second: started now, it runs while
             # the state is read and the plan checked; the checklist waits for this one
@@ -183,7 +186,13 @@ class Command(BaseCommand):
             window = clean_window(o["not_before"], o["not_after"])
         except WindowError as exc:
             raise CommandError(str(exc), returncode=2) from None
-        refresh_vm_state(vm)  # plan defaults follow the VM's state now, not the last sync
+        if o["mode"] not in ("live", "live-copy") or vm.state not in ("running", "paused", "blocked"):
+            # Plan defaults (start on the target) and the plan's state check follow the
+            # VM's state now, not the last sync. A live mode with a VM stored as running
+            # needs no extra round trip: the checklist reads the state itself and blocks
+            # a VM that stopped meanwhile (vm_state).
+            refresh_vm_state(vm)
+        _timing("state")
         try:
             plan = MigrationPlan(vm, vm.host, target, o["mode"], options)
             plan.validate()
@@ -197,20 +206,23 @@ class Command(BaseCommand):
         if o["ack_all"]:
             acks += warning_ids(report)
         try:
-            job = do_create_job(
-                vm,
-                target,
-                o["mode"],
-                options,
-                actor=user,
-                report=report,
-                acknowledged=acks,
-                overridden=o["override"],
-                reason=o["reason"],
-                not_before=window[0],
-                not_after=window[1],
-                ignore_blackouts=o["ignore_blackouts"],
-            )
+            # With --wait this process runs the job (run_here): its safety-net message must
+            # not wake a worker to race the claim below (kvmweb/qbroker.py).
+            with qbroker.quiet() if o["wait"] else nullcontext():
+                job = do_create_job(
+                    vm,
+                    target,
+                    o["mode"],
+                    options,
+                    actor=user,
+                    report=report,
+                    acknowledged=acks,
+                    overridden=o["override"],
+                    reason=o["reason"],
+                    not_before=window[0],
+                    not_after=window[1],
+                    ignore_blackouts=o["ignore_blackouts"],
+                )
         except JobError as exc:
             if o["json"]:
                 self.stdout.write(json.dumps({"error": str(exc)}))

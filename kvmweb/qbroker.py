@@ -1,0 +1,138 @@
+"""django-q2's ORM broker, woken at once by a task queued on the same machine.
+
+The ORM broker's pusher (one process per cluster) reads the queue table, and when it
+finds nothing sleeps the cluster's ``poll`` before reading again. A migration waits for
+that: queue pickup was 50-150 ms of every wizard migration on a loaded host
+(benchmarks/migrate_vs_virsh.py). Here each pusher waits on a Unix datagram socket of its
+own, ``<data dir>/qwake/<queue>.<pid>`` (in the 0700 data directory, 0600), for at most
+``poll``; a process that queues a task (``enqueue``: the web request that created a job,
+a manage.py command) sends one byte to every socket of that queue, so the pusher reads
+the table at once. Pushers on other machines (several machines on PostgreSQL) get no
+datagram and find the message at their next poll, as before; a lost or refused datagram
+costs at most one poll. Nothing else changes: the message is the same row, taken by the
+same conditional UPDATE.
+
+Settings: Q_CLUSTER["broker_class"] = "kvmweb.qbroker.WakeableORM".
+"""
+
+import contextlib
+import contextvars
+import os
+import select
+import socket
+
+from django.conf import settings
+from django.utils import timezone
+from django_q.brokers.orm import ORM
+from django_q.conf import Conf
+
+WAKE_DIR = "qwake"
+_quiet = contextvars.ContextVar("kvmweb_qbroker_quiet", default=False)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Tasks queued inside this block wake nobody: the pushers find them at their next
+    poll. `migrate_vm --wait` runs its job in its own process and sends the message only
+    as a safety net; a woken worker would race the command's own claim (and, winning,
+    add the queue pickup and a second checklist to the command's wall time)."""
+    token = _quiet.set(True)
+    try:
+        yield
+    finally:
+        _quiet.reset(token)
+
+
+def wake_dir():
+    return os.path.join(str(settings.DATA_DIR), WAKE_DIR)
+
+
+def wake(queue):
+    """Wake every pusher of ``queue`` on this machine (best effort, never raises)."""
+    try:
+        names = [n for n in os.listdir(wake_dir()) if n.rpartition(".")[0] == queue]
+    except OSError:
+        return 0
+    woken = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        for name in names:
+            path = os.path.join(wake_dir(), name)
+            try:
+                sock.sendto(b"1", path)
+                woken += 1
+            except ConnectionRefusedError:
+                # Nobody bound: left by a pusher that was killed. Its successor binds a
+                # path of its own (its PID), so removing this one takes nothing away.
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            except OSError:
+                pass  # e.g. its buffer is full: it has been woken already
+    return woken
+
+
+class WakeableORM(ORM):
+    """The ORM broker; ``enqueue`` wakes the queue's pushers, ``dequeue`` waits for a
+    wake-up or ``poll`` (the ORM broker sleeps ``poll``)."""
+
+    _wake_socket = None
+    _wake_pid = None
+
+    def enqueue(self, task):
+        pk = super().enqueue(task)
+        if not _quiet.get():
+            wake(self.list_key or Conf.CLUSTER_NAME)
+        return pk
+
+    def dequeue(self):
+        # As ORM.dequeue (django-q2 1.11), with _wait instead of its sleep.
+        tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[0 : Conf.BULK]
+        if tasks:
+            task_list = []
+            for task in tasks:
+                if self.get_connection().filter(id=task.id, lock=task.lock).update(lock=self.timeout(task)):
+                    task_list.append((task.pk, task.payload))
+                # else another cluster was faster on that task
+            return task_list
+        self._wait(Conf.POLL)
+
+    def _wait(self, seconds):
+        sock = self._socket()
+        if sock is None:
+            select.select([], [], [], seconds)
+            return
+        readable, _, _ = select.select([sock], [], [], seconds)
+        if readable:
+            while True:  # every wake-up sent meanwhile: one read of the table answers all
+                try:
+                    sock.recv(64)
+                except OSError:
+                    break
+
+    def _socket(self):
+        """This process's wake-up socket (bound on first use: the pusher is forked from
+        the process that made the broker)."""
+        if self._wake_pid == os.getpid():
+            return self._wake_socket
+        self._wake_pid, self._wake_socket = os.getpid(), None
+        path = os.path.join(wake_dir(), f"{self.list_key}.{os.getpid()}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            os.makedirs(wake_dir(), mode=0o700, exist_ok=True)
+            try:
+                os.unlink(path)  # a PID reused after a killed pusher
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o077)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return None  # polls as the ORM broker does
+        self._wake_socket = sock
+        return sock
