@@ -218,6 +218,46 @@ def _rescue_children(batch, now=None):
     return requeued, due
 
 
+def _withdraw_unclaimed(batch):
+    """Children no worker claimed yet (pipelined, or their message still on its way) of a
+    batch that was paused, stops or is cancelled: their claim already refuses them (the
+    batch is not running, fleet/limits.py); here each job ends cancelled (nothing ran,
+    the VM untouched; it must not hold the VM's one active job for the whole pause) and,
+    in the same transaction, its item goes back to pending (paused: resume starts it
+    again, in its row's place) or ends skipped / cancelled. Conditional on the job still
+    being queued: a child a worker claimed first is a started child like any other."""
+    from migrations_app import events
+    from migrations_app.lifecycle import transition
+
+    to, reason = {
+        Batch.PAUSED: (BatchItem.PENDING, ""),
+        Batch.STOPPING: (BatchItem.SKIPPED, _("Not started: the batch stops after its first failure.")),
+    }.get(batch.status, (BatchItem.CANCELLED, _("Not started: the batch was cancelled.")))
+    parts = events.parts(("err_cancelled_before_start", {}))
+    for item in batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).select_related("job"):
+        job = item.job
+        with transaction.atomic():
+            if not transition(
+                job.pk,
+                states.CANCELLED,
+                from_=[states.QUEUED],
+                error=events.english(parts),
+                error_parts=parts,
+                waiting_for="",
+                event=f"Withdrawn before it started: batch #{batch.pk} is {batch.status}.",
+                level="warn",
+            ):
+                continue
+            if to == BatchItem.PENDING:
+                fields = {"job": None, "started_at": None, "previous_jobs": [*item.previous_jobs, job.pk]}
+            else:
+                fields = {"finished_at": timezone.now(), "reason": reason}
+            BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
+                status=to, **fields
+            )
+            _audit("batch.decision", batch, vm=item.vm_name, decision="withdrawn", job=job.pk, status=to)
+
+
 def _skip_pending(batch, reason, status=BatchItem.SKIPPED):
     with transaction.atomic():
         n = batch.items.filter(status=BatchItem.PENDING).update(
@@ -293,10 +333,11 @@ def _recent_report(item):
     return None if report.fails else report
 
 
-def _start_item(batch, item, owner=None):
+def _start_item(batch, item, owner=None, pipelined=False):
     """Preflight (outside any transaction), then create the child job and link it to the
     item in one transaction, while ``owner`` still holds the batch's lease. Returns True
-    when a child was created."""
+    when a child was created. ``pipelined``: created while the limits are full, to be
+    claimed when a slot frees (recorded in its audit event)."""
     from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
     from migrations_app.services import JobError, do_create_job
@@ -374,6 +415,7 @@ def _start_item(batch, item, owner=None):
             source=item.source_name,
             target=item.target_name,
             mode=item.mode,
+            pipelined=pipelined,
         )
     return True
 
@@ -404,6 +446,8 @@ def tick(batch_id, owner=None):
                 if Batch.objects.filter(pk=batch.pk, status=Batch.RUNNING).update(status=Batch.STOPPING):
                     batch.status = Batch.STOPPING
                     _audit("batch.stop", batch, AuditEvent.FAILURE, reason="stop on first failure")
+        if batch.status in (Batch.PAUSED, Batch.STOPPING, Batch.CANCELLING):
+            _withdraw_unclaimed(batch)
         if batch.status == Batch.STOPPING:
             _skip_pending(batch, _("Not started: the batch stops after its first failure."))
         if batch.status == Batch.CANCELLING:
@@ -453,26 +497,34 @@ def _start_next(batch, owner):
         Batch.objects.filter(pk=batch.pk).update(waiting_for=text)
 
 
+def pipeline_depth():
+    return int(getattr(settings, "KVMWEB_FLEET_PIPELINE", 1))
+
+
 def _start_within_limits(batch, owner):
-    """Start pending items, in order, while every limit has room. The lease is renewed
-    before each start, so a pass slowed by preflights never overlaps another's."""
+    """Start pending items, in order, while every limit has room; then pipeline: create
+    the next child(ren) ahead while the limits are full (``pipeline_depth`` unclaimed
+    children per batch at most), so the worker that frees a slot finds one ready to claim
+    (fleet/limits.py: the claim enforces the limits). The lease is renewed before each
+    start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
     now, waiting = timezone.now(), []
     # Children still active (an ended child not followed yet holds no slot).
     mine = batch.items.filter(status=BatchItem.STARTED).exclude(job__status__in=states.FINAL).count()
     limit = global_limit()
-    for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
-        if mine >= batch.max_parallel or total >= limit:
-            return waiting
-        if by_source.get(item.source_id, 0) >= batch.per_source:
+    pending = list(batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"))
+    ready = []  # not started now only for the limits: may be pipelined
+    for item in pending:
+        if (
+            mine >= batch.max_parallel
+            or total >= limit
+            or by_source.get(item.source_id, 0) >= batch.per_source
+            or by_target.get(item.target_id, 0) >= batch.per_target
+        ):
+            ready.append(item)
             continue
-        if by_target.get(item.target_id, 0) >= batch.per_target:
+        if _blacked_out(batch, item, now, waiting):
             continue
-        if not batch.ignore_blackouts:
-            blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
-            if blackout is not None:
-                waiting.append(blackout_text(blackout))
-                continue
         # One conditional UPDATE renews the lease and checks the batch still runs: paused
         # or cancelled meanwhile, or the lease ran out and another scheduler took the
         # batch (it counts anew): start nothing more.
@@ -483,7 +535,32 @@ def _start_within_limits(batch, owner):
             total += 1
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
             by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
+    # Pipelined children wait at their claim (held "waiting for a free slot") and count
+    # as queued here, so the next pass creates no other child for the same slot. Only
+    # while every child created so far was claimed: a child still queued (pipelined, or
+    # its message on its way) is already the next one to take a slot, and keeping one
+    # ahead per batch keeps the rows' order (fleet/limits.successor takes the first).
+    unclaimed = batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).count()
+    for item in ready:
+        if unclaimed >= pipeline_depth():
+            break
+        if _blacked_out(batch, item, now, []):
+            continue
+        if not claim(batch.pk, owner, status=Batch.RUNNING):
+            break
+        if _start_item(batch, item, owner, pipelined=True):
+            unclaimed += 1
     return waiting
+
+
+def _blacked_out(batch, item, now, waiting):
+    """True (and the reason appended to ``waiting``) when a blackout holds the item."""
+    if batch.ignore_blackouts:
+        return False
+    blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
+    if blackout is not None:
+        waiting.append(blackout_text(blackout))
+    return blackout is not None
 
 
 def run_active(owner=None):

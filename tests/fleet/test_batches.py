@@ -17,21 +17,6 @@ from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, MigrationJob
 
 
-@pytest.fixture
-def batch_of(fleet, make_vm, operator, fake_preflight):
-    """batch_of(n, **limits) -> a started evacuation batch of n running VMs on ha."""
-
-    def _make(n, stop_on_failure=False, **limits):
-        for i in range(n):
-            make_vm(f"vm{i}")
-        plan = make_plan(
-            VM.objects.filter(host=fleet["ha"]), operator, limits=limits or None, measure_dirty_rate=False
-        )
-        return services.do_create_batch(plan, operator, host=fleet["ha"], stop_on_failure=stop_on_failure)
-
-    return _make
-
-
 def _finish_children(status=MigrationJob.SUCCEEDED):
     """What the workers would do: the active children end (moving the VM on success)."""
     for job in MigrationJob.objects.filter(status=MigrationJob.QUEUED):
