@@ -68,7 +68,9 @@ def test_it_creates_the_next_child_ahead_and_lets_it_start_only_when_a_slot_free
     batch, first, second, third = _two_running_and_one_ahead(batch_of)
     item = third.batch_item
     # The first pending row, in order, is the one created ahead; audited as such.
-    assert item.position == min(batch.items.exclude(job__in=[first, second]).values_list("position", flat=True))
+    assert item.position == min(
+        batch.items.exclude(job__in=[first, second]).values_list("position", flat=True)
+    )
     assert AuditEvent.objects.filter(
         action="batch.decision", details__job=third.pk, details__pipelined=True
     ).exists()
@@ -137,7 +139,9 @@ def test_it_withdraws_a_child_created_ahead_when_the_batch_is_paused_or_cancelle
     scheduler.tick(batch.pk)
     row.refresh_from_db()
     again = row.job
-    assert row.status == BatchItem.STARTED and again.status == MigrationJob.QUEUED and again.vm_id == third.vm_id
+    assert (
+        row.status == BatchItem.STARTED and again.status == MigrationJob.QUEUED and again.vm_id == third.vm_id
+    )
     # Cancelled, letting running children finish: the unclaimed one never runs.
     services.do_cancel_batch(batch, operator, cancel_running=False)
     assert runner.run_job(again.pk) is None
