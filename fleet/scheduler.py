@@ -18,8 +18,15 @@ Crash safety:
   the commit and the on-commit message, or a migrations worker killed after taking the
   message and before its claim), and reconciles a child whose worker stopped
   heartbeating (``_rescue_children``).
-- Limits are counted from the database (active MigrationJobs by source, by target, in
-  total, and this batch's started items) at every pass, so a restart sees what runs.
+- Limits are enforced where a child starts: the worker's claim (fleet/limits.py, a
+  gate of migrations_app/windows.py: count subqueries in its conditional UPDATE,
+  serialized by a lock row). A pass counts them too (active MigrationJobs by source, by
+  target, in total, and this batch's started items, from the database, so a restart sees
+  what runs) to start children that may run now, and then creates the next one ahead
+  while they are full (pipelining, ``pipeline_depth``): it waits at its claim, held
+  "waiting for a free slot", until the worker that frees a slot runs it
+  (migrations_app/tasks.run_migration) or a pass releases it. Pause, stop and cancel
+  withdraw children no worker claimed (``_withdraw_unclaimed``).
 - libvirt (the preflight) is called before the transaction opens, never inside it.
 """
 
@@ -184,7 +191,11 @@ def _rescue_children(batch, now=None):
 
     now = now or timezone.now()
     children = MigrationJob.objects.filter(batch_item__batch=batch, batch_item__status=BatchItem.STARTED)
-    requeued = reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
+    requeued = (
+        []
+        if _messages_waiting()
+        else reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
+    )
     # A child held at its worker's claim (a blackout began between its creation and the
     # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
     # same for this batch's children, so a batch never depends on that cluster.
@@ -256,6 +267,23 @@ def _withdraw_unclaimed(batch):
                 status=to, **fields
             )
             _audit("batch.decision", batch, vm=item.vm_name, decision="withdrawn", job=job.pk, status=to)
+
+
+def _messages_waiting():
+    """True when the migrations queue holds messages no worker has taken yet (every
+    worker busy, or the cluster down). A lost message is never among them (never sent,
+    or taken by a worker that died: the ORM broker locks a taken message), so while any
+    wait, a child unclaimed for the re-queue interval may simply be queued behind them,
+    and a duplicate would only queue behind them too: with fewer workers than the
+    limits allow, a waiting child was re-sent every interval. Re-sent once the queue
+    drained and it is still unclaimed. One count query per pass."""
+    from django_q.brokers import get_broker
+
+    try:
+        return get_broker("migrations").queue_size() > 0
+    except Exception:  # a broker that cannot say: re-send as before
+        log.exception("cannot read the migrations queue's size")
+        return False
 
 
 def _skip_pending(batch, reason, status=BatchItem.SKIPPED):

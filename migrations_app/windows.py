@@ -18,7 +18,9 @@ How a job with a window runs (crash safe, no timer in any process's memory):
   migrations_app.reconcile.requeue_lost like any other queued job.
 
 Gates: other apps register a gate (``register_gate``); the fleet app registers the
-host-group blackouts (fleet/apps.py). This module does not import them.
+host-group blackouts and the batches' limits (fleet/apps.py, fleet/limits.py: its
+condition counts other jobs, so the claim runs inside ``claiming``, which takes the
+gates' locks first). This module does not import them.
 """
 
 from __future__ import annotations

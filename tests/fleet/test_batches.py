@@ -211,6 +211,29 @@ def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, s
     assert len(sent) == 3 and job.waiting_for == "" and job.status == MigrationJob.QUEUED
 
 
+def test_it_does_not_queue_again_a_child_waiting_behind_other_messages(batch_of, monkeypatch):
+    """Fewer workers than the limits allow: the child's message waits in the migrations
+    queue behind others. Re-sending it every interval would only add duplicates behind
+    them; it is re-sent once the queue drained and it is still unclaimed."""
+    from django_q.models import OrmQ
+
+    sent = []
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    monkeypatch.setattr("migrations_app.reconcile.enqueue", lambda job: sent.append(job.pk))
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    job = MigrationJob.objects.get()
+    queued_at = job.created_at - timedelta(seconds=60)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=queued_at)
+    JobEvent.objects.filter(job=job).update(at=queued_at)
+    waiting = OrmQ.objects.create(key="migrations", payload="another job's message", lock=timezone.now())
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk]  # only the first message
+    waiting.delete()  # a worker took it; this child is still unclaimed
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk, job.pk]
+
+
 def test_it_reconciles_a_child_whose_worker_died_after_the_last_reconcile(batch_of, monkeypatch):
     """The child's worker died and no reconcile pass runs (the default cluster is down):
     the batch's pass concludes it from libvirt (VM still on its source, no libvirt job)
