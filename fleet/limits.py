@@ -149,6 +149,7 @@ def successor(job_id):
 
 def limits_gate():
     """The limits as a gate of migrations_app/windows.py."""
+    from fleet.models import BatchItem
     from migrations_app.windows import Gate
 
     return Gate(
@@ -158,4 +159,5 @@ def limits_gate():
         lock=lock,
         holds=holds,
         successor=successor,
+        chains=lambda job_id: BatchItem.objects.filter(job_id=job_id).exists(),
     )

@@ -23,15 +23,18 @@ CHAIN_SECONDS = 600
 
 def run_migration(job_id):
     """Run one migration job (the worker's whole code path), then the jobs a freed slot
-    lets start (windows.successor; each through run_job's own claim)."""
+    lets start (windows.successor; each through run_job's own claim). A job a successor
+    may follow (windows.chains: a batch child) has its two hosts' full inventory sync
+    queued on the default cluster, as `migrate_vm --wait` does, instead of run here
+    before the next child could start (the moved VM's row is applied before it ends)."""
     started = time.monotonic()
-    status = runner.run_job(job_id)
+    status = runner.run_job(job_id, defer_sync=windows.chains(job_id))
     ran = status is not None
     while ran and time.monotonic() - started < CHAIN_SECONDS:
         job_id = windows.successor(job_id)
         if job_id is None:
             break
-        ran = runner.run_job(job_id) is not None
+        ran = runner.run_job(job_id, defer_sync=windows.chains(job_id)) is not None
     return status
 
 

@@ -56,7 +56,9 @@ class Gate:
     fleet/limits.py); ``holds(job, now)``, why the gate holds this queued job back ("" when
     it does not), for a condition that depends on more than the job's hosts;
     ``successor(job_id)``, a queued job the worker that just ended ``job_id`` may claim
-    and run at once (a slot it freed)."""
+    and run at once (a slot it freed); ``chains(job_id)``, True when such a successor may
+    follow this job (its worker then queues the full inventory sync instead of running
+    it, tasks.run_migration)."""
 
     name: str
     condition: object
@@ -64,6 +66,7 @@ class Gate:
     lock: object = None
     holds: object = None
     successor: object = None
+    chains: object = None
 
 
 def register_gate(gate):
@@ -137,6 +140,11 @@ def successor(job_id):
             if found is not None:
                 return found
     return None
+
+
+def chains(job_id):
+    """True when a gate says a successor may follow job ``job_id`` on its worker."""
+    return any(gate.chains(job_id) for gate in _gates if gate.chains is not None)
 
 
 def blocker(source, target, now=None):

@@ -90,11 +90,21 @@ def test_it_creates_the_next_child_ahead_and_lets_it_start_only_when_a_slot_free
     assert third.waiting_for == "" and _claimed().count() == 2
 
 
-def test_it_runs_the_next_child_in_the_worker_that_freed_the_slot(batch_of, worker):
+def test_it_runs_the_next_child_in_the_worker_that_freed_the_slot(batch_of, worker, monkeypatch):
     batch, first, second, third = _two_running_and_one_ahead(batch_of)
     MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
     worker.ends = {first.pk: MigrationJob.SUCCEEDED, third.pk: MigrationJob.SUCCEEDED}
+    run_job, deferred = runner.run_job, []
+
+    def recording(job_id, **kwargs):
+        deferred.append((job_id, kwargs.get("defer_sync")))
+        return run_job(job_id, **kwargs)
+
+    monkeypatch.setattr(runner, "run_job", recording)
     tasks.run_migration(first.pk)
+    # Each batch child's full inventory sync goes to the default cluster, so the worker
+    # is free for the next child at once.
+    assert deferred == [(first.pk, True), (third.pk, True)]
     # One task: the first job, then the child created ahead, claimed the moment the
     # first ended (no queue round trip), and nothing more (the fourth is not created yet).
     assert worker.ran[-2:] == [first.pk, third.pk]
