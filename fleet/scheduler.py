@@ -197,18 +197,21 @@ def _rescue_children(batch, now=None):
         else reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
     )
     # A child held at its worker's claim (a blackout began between its creation and the
-    # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
-    # same for this batch's children, so a batch never depends on that cluster.
-    for job in (
-        children.filter(status=states.QUEUED).exclude(waiting_for="").select_related("source", "target")
-    ):
+    # claim, or it was created ahead and waits for a slot) waits for windows.release_due,
+    # the default cluster's reconcile pass: do the same for this batch's children, so a
+    # batch never depends on that cluster. One per pass, in row order: two released for
+    # one free slot would race for it in any order.
+    held = children.filter(status=states.QUEUED).exclude(waiting_for="")
+    released = False
+    for job in held.select_related("source", "target").order_by("batch_item__position", "batch_item__id"):
         if job.not_after and now > job.not_after:
             windows.miss(job, now)
             continue
-        if windows.why_not_due(job, now):
+        if released or windows.why_not_due(job, now):
             continue
         if windows.release(job):
             requeued.append(job.pk)
+            released = True
     stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
     due = list(
         children.filter(
@@ -525,8 +528,10 @@ def _start_next(batch, owner):
         Batch.objects.filter(pk=batch.pk).update(waiting_for=text)
 
 
-def pipeline_depth():
-    return int(getattr(settings, "KVMWEB_FLEET_PIPELINE", 1))
+def pipeline_depth(batch):
+    """Children created ahead (unclaimed) per batch at most: KVMWEB_FLEET_PIPELINE (2),
+    never more than the batch runs at once (two children of a wave often end together)."""
+    return min(int(getattr(settings, "KVMWEB_FLEET_PIPELINE", 2)), batch.max_parallel)
 
 
 def _start_within_limits(batch, owner):
@@ -564,13 +569,13 @@ def _start_within_limits(batch, owner):
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
             by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
     # Pipelined children wait at their claim (held "waiting for a free slot") and count
-    # as queued here, so the next pass creates no other child for the same slot. Only
-    # while every child created so far was claimed: a child still queued (pipelined, or
-    # its message on its way) is already the next one to take a slot, and keeping one
-    # ahead per batch keeps the rows' order (fleet/limits.successor takes the first).
+    # as queued here, so the next pass creates no other child for the same slot. A child
+    # still queued (pipelined, or its message on its way) is already one of the next to
+    # take a slot: fewer than pipeline_depth of them, in row order (fleet/limits.successor
+    # and the release in _rescue_children take the first).
     unclaimed = batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).count()
     for item in ready:
-        if unclaimed >= pipeline_depth():
+        if unclaimed >= pipeline_depth(batch):
             break
         if _blacked_out(batch, item, now, []):
             continue

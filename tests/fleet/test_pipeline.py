@@ -17,6 +17,12 @@ from migrations_app import runner, tasks, windows
 from migrations_app.models import MigrationJob
 
 
+@pytest.fixture(autouse=True)
+def _one_ahead(settings):
+    """One child created ahead per batch, unless a test says otherwise (default 2)."""
+    settings.KVMWEB_FLEET_PIPELINE = 1
+
+
 @pytest.fixture
 def worker(monkeypatch):
     """runner.run_job through its real claim; the migration itself is replaced: the job
@@ -205,3 +211,26 @@ def test_it_never_exceeds_a_limit_when_workers_claim_at_once(batch_of, worker, s
     assert _claimed().count() == 2 and outcomes.count(MigrationJob.PREFLIGHT) <= 2
     held = MigrationJob.objects.filter(status=MigrationJob.QUEUED)
     assert held.count() == 4 and all("Waiting for a free slot" in j.waiting_for for j in held)
+
+
+def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_order(
+    batch_of, worker, settings
+):
+    """Two children of a wave often end together: two are created ahead (the default),
+    and the worker that frees a slot takes the first row."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    scheduler.tick(batch.pk)  # never more than two ahead
+    ahead = list(MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position"))
+    assert len(ahead) == 2 and MigrationJob.objects.count() == 4
+    _end(second)
+    assert windows.successor(second.pk) == ahead[0].pk
+    runner.run_job(ahead[0].pk)
+    assert windows.successor(second.pk) is None  # full again
+    _end(first)
+    assert windows.successor(first.pk) == ahead[1].pk
