@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from django.db.models import Exists, F, Func, OuterRef, Q, Subquery, Value
 from django.db.models.lookups import LessThan
-from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from migrations_app import states
@@ -55,10 +54,25 @@ def _count(queryset):
 
 def condition(now=None):
     """The limits as a Q on MigrationJob for the claim's UPDATE: not a batch child, or a
-    child of a running batch with room under all four limits. Subqueries on the job's
-    own columns only (transition(where=...) refuses joins: PostgreSQL would not re-check
-    a joined UPDATE ... WHERE id IN (SELECT ...) after a concurrent claim)."""
-    from fleet.models import Batch, BatchItem
+    child of a running batch, not held, with room under all four limits. Not held
+    (``waiting_for`` empty): a child created ahead, or refused once, starts only when it
+    is released (``successor``, the scheduler's pass), first rows first; otherwise the
+    first message of a child created later could take a freed slot before it."""
+    return ~Q(Exists(_item())) | (Q(waiting_for="") & room())
+
+
+def _item():
+    from fleet.models import BatchItem
+
+    return BatchItem.objects.filter(job_id=OuterRef("pk"))
+
+
+def room():
+    """Q on MigrationJob: a child of a running batch with room under all four limits.
+    Subqueries on the job's own columns only (transition(where=...) refuses joins:
+    PostgreSQL would not re-check a joined UPDATE ... WHERE id IN (SELECT ...) after a
+    concurrent claim)."""
+    from fleet.models import Batch
     from fleet.scheduler import global_limit
     from migrations_app.models import MigrationJob
 
@@ -68,7 +82,7 @@ def condition(now=None):
     def limit(field):
         return Subquery(batch.values(field)[:1])
 
-    room = (
+    return (
         Q(Exists(batch.filter(status=Batch.RUNNING)))
         & Q(
             LessThan(
@@ -79,7 +93,6 @@ def condition(now=None):
         & Q(LessThan(_count(claimed.filter(target_id=OuterRef("target_id"))), limit("per_target")))
         & Q(LessThan(_count(claimed), Value(global_limit())))
     )
-    return ~Q(Exists(BatchItem.objects.filter(job_id=OuterRef("pk")))) | room
 
 
 def lock(job_id):
@@ -102,7 +115,7 @@ def holds(job, now=None):
     from migrations_app.models import MigrationJob
 
     item = BatchItem.objects.filter(job_id=job.pk).select_related("batch").first()
-    if item is None or MigrationJob.objects.filter(pk=job.pk).filter(condition(now)).exists():
+    if item is None or MigrationJob.objects.filter(pk=job.pk).filter(room()).exists():
         return ""
     batch = item.batch
     if batch.status != Batch.RUNNING:
@@ -127,24 +140,31 @@ def holds(job, now=None):
 
 def successor(job_id):
     """The batch child a worker that just ended job ``job_id`` may start at once: the
-    first queued child (by batch, then row order) of a running batch that the claim
-    would let in now, or None. Only a hint, read without the lock: the claim decides."""
+    first queued child (by batch, then row order) of a running batch that the limits
+    let in now, released (``waiting_for`` cleared, no message: this worker claims it
+    next), or None. Read without the lock: the claim decides. A worker that dies
+    between the release and its claim leaves a queued child without a message, which
+    the batch's pass queues again (scheduler._rescue_children)."""
     from fleet.models import Batch, BatchItem
     from migrations_app.models import MigrationJob
-    from migrations_app.windows import claim_condition
 
-    return (
+    candidates = (
         MigrationJob.objects.filter(
             status=states.QUEUED,
             batch_item__status=BatchItem.STARTED,
             batch_item__batch__status=Batch.RUNNING,
         )
         .exclude(pk=job_id)
-        .filter(claim_condition(timezone.now()))
+        .filter(room())
         .order_by("batch_item__batch_id", "batch_item__position", "batch_item__id")
-        .values_list("pk", flat=True)
-        .first()
+        .values_list("pk", "waiting_for")
     )
+    for pk, waiting_for in candidates[:5]:
+        if waiting_for == "" or MigrationJob.objects.filter(
+            pk=pk, status=states.QUEUED, waiting_for=waiting_for
+        ).update(waiting_for=""):
+            return pk
+    return None
 
 
 def limits_gate():

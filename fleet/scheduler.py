@@ -437,6 +437,12 @@ def _start_item(batch, item, owner=None, pipelined=False):
             )
             return False
         BatchItem.objects.filter(pk=item.pk).update(job=job)
+        if pipelined:
+            # Held from the start: only a release (the worker that frees a slot, or a
+            # pass, first rows first) lets it be claimed, not its own first message.
+            from fleet.limits import holds
+
+            MigrationJob.objects.filter(pk=job.pk).update(waiting_for=holds(job)[:500])
         _audit(
             "batch.decision",
             batch,

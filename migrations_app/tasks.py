@@ -25,16 +25,20 @@ def run_migration(job_id):
     """Run one migration job (the worker's whole code path), then the jobs a freed slot
     lets start (windows.successor; each through run_job's own claim). A job a successor
     may follow (windows.chains: a batch child) has its two hosts' full inventory sync
-    queued on the default cluster, as `migrate_vm --wait` does, instead of run here
-    before the next child could start (the moved VM's row is applied before it ends)."""
+    queued as a task of its own (jobrun.queue_sync, as `migrate_vm --wait` does; another
+    worker runs it) instead of run here before the next child could start (the moved
+    VM's row is applied before the job ends)."""
     started = time.monotonic()
     status = runner.run_job(job_id, defer_sync=windows.chains(job_id))
-    ran = status is not None
-    while ran and time.monotonic() - started < CHAIN_SECONDS:
-        job_id = windows.successor(job_id)
-        if job_id is None:
+    ran, misses = status is not None, 0
+    while ran and misses < 3 and time.monotonic() - started < CHAIN_SECONDS:
+        following = windows.successor(job_id)
+        if following is None:
             break
-        ran = runner.run_job(job_id, defer_sync=windows.chains(job_id)) is not None
+        if runner.run_job(following, defer_sync=windows.chains(following)) is None:
+            misses += 1  # another worker claimed it first (or a gate held it): the next one
+        else:
+            job_id = following
     return status
 
 

@@ -228,7 +228,10 @@ def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_
     scheduler.tick(batch.pk)  # never more than two ahead
     ahead = list(MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position"))
     assert len(ahead) == 2 and MigrationJob.objects.count() == 4
+    assert all("Waiting for a free slot" in job.waiting_for for job in ahead)  # held from creation
     _end(second)
+    # The later row's own message, arriving now, does not take the freed slot first.
+    assert runner.run_job(ahead[1].pk) is None
     assert windows.successor(second.pk) == ahead[0].pk
     runner.run_job(ahead[0].pk)
     assert windows.successor(second.pk) is None  # full again
