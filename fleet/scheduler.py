@@ -199,19 +199,13 @@ def _rescue_children(batch, now=None):
     # A child held at its worker's claim (a blackout began between its creation and the
     # claim, or it was created ahead and waits for a slot) waits for windows.release_due,
     # the default cluster's reconcile pass: do the same for this batch's children, so a
-    # batch never depends on that cluster. One per pass, in row order: two released for
-    # one free slot would race for it in any order.
-    held = children.filter(status=states.QUEUED).exclude(waiting_for="")
-    released = False
-    for job in held.select_related("source", "target").order_by("batch_item__position", "batch_item__id"):
-        if job.not_after and now > job.not_after:
-            windows.miss(job, now)
-            continue
-        if released or windows.why_not_due(job, now):
-            continue
-        if windows.release(job):
-            requeued.append(job.pk)
-            released = True
+    # batch never depends on that cluster.
+    held = children.filter(status=states.QUEUED, not_after__lt=now).exclude(waiting_for="")
+    for job in held.select_related("source", "target"):
+        windows.miss(job, now)
+    released = _release_first_held(batch, now)
+    if released:
+        requeued.append(released)
     stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
     due = list(
         children.filter(
@@ -230,6 +224,28 @@ def _rescue_children(batch, now=None):
         _reconciled_at.update(dict.fromkeys(due, clock))
         reconcile.reconcile_jobs(now, job_ids=due)
     return requeued, due
+
+
+def _release_first_held(batch, now=None):
+    """Release (queue) the first held child of the batch, in row order, that may start
+    now: a child created ahead once a slot is free, or one a blackout held once it is
+    over. One at a time, and none while a child released (or created with room) is
+    still on its way to its claim: two released for one free slot would race for it in
+    any order. Returns the job id released, or None."""
+    from migrations_app import windows
+
+    now = now or timezone.now()
+    queued = MigrationJob.objects.filter(
+        batch_item__batch=batch, batch_item__status=BatchItem.STARTED, status=states.QUEUED
+    )
+    if queued.filter(waiting_for="").exists():
+        return None
+    held = queued.select_related("source", "target").order_by("batch_item__position", "batch_item__id")
+    for job in held:
+        if windows.why_not_due(job, now):
+            continue
+        return job.pk if windows.release(job) else None
+    return None
 
 
 def _withdraw_unclaimed(batch):
@@ -442,7 +458,10 @@ def _start_item(batch, item, owner=None, pipelined=False):
             # pass, first rows first) lets it be claimed, not its own first message.
             from fleet.limits import holds
 
-            MigrationJob.objects.filter(pk=job.pk).update(waiting_for=holds(job)[:500])
+            reason = holds(job) or _(
+                "Created ahead of a free slot: it starts when released, after the rows before it."
+            )
+            MigrationJob.objects.filter(pk=job.pk).update(waiting_for=reason[:500])
         _audit(
             "batch.decision",
             batch,
@@ -472,6 +491,9 @@ def tick(batch_id, owner=None):
         # failure that must stop the batch before anything else starts.
         early = _may_start(batch) and not batch.stop_on_failure
         if early:
+            # A child created ahead takes a freed slot first (when the worker that freed
+            # it did not: fleet/limits.successor).
+            _release_first_held(batch)
             _start_next(batch, owner)
         retried = _follow_children(batch)
         if (
