@@ -237,3 +237,30 @@ def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_
     assert windows.successor(second.pk) is None  # full again
     _end(first)
     assert windows.successor(first.pk) == ahead[1].pk
+
+
+def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(batch_of, worker, settings, monkeypatch):
+    """No worker chains them (the slots freed by reconcile, say): the passes release the
+    first row first, and the next only once the released one was claimed, so two
+    released children never race for one slot."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    sent = []
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    _end(first)
+    _end(second)
+    scheduler.tick(batch.pk)
+    scheduler.tick(batch.pk)
+    assert sent == [third.pk]  # both slots are free; the first row only, for now
+    assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
+    scheduler.tick(batch.pk)
+    assert sent[:2] == [third.pk, fourth.pk]
+    # The pass also created the last row ahead: its own first message is refused (held).
+    fifth = MigrationJob.objects.latest("pk")
+    assert sent[2:] == [fifth.pk] and runner.run_job(fifth.pk) is None
