@@ -239,7 +239,9 @@ def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_
     assert windows.successor(first.pk) == ahead[1].pk
 
 
-def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(batch_of, worker, settings, monkeypatch):
+def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(
+    batch_of, worker, settings, monkeypatch
+):
     """No worker chains them (the slots freed by reconcile, say): the passes release the
     first row first, and the next only once the released one was claimed, so two
     released children never race for one slot."""
