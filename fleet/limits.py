@@ -30,6 +30,11 @@ Why a lock as well as the condition (SQLite vs PostgreSQL):
   (one UPDATE and its log line); migrations themselves never hold it. Under REPEATABLE
   READ or SERIALIZABLE the second claim would fail with a serialization error instead
   (never exceed a limit either), but kvmweb does not use them.
+- Order: a child created ahead is held (``waiting_for`` set) from its creation, and the
+  claim refuses a held child, so it starts only once released: by the worker that
+  frees a slot (``successor``) or by the batch's pass (scheduler._release_first_held),
+  both first rows first. Its own first message, refused, can never take a freed slot
+  before an earlier row.
 - What changes counts without this lock is harmless: a job ending only frees room (a
   claim that missed it waits for the next chance), and reconcile moves a job between
   states that both count.
@@ -107,9 +112,10 @@ def lock(job_id):
 
 
 def holds(job, now=None):
-    """Why the limits hold back this queued job ("" when they do not): the job page and
-    windows.release_due read it. Decided by the same condition as the claim (so the hold
-    and the release never disagree); the sentence only names what is full."""
+    """Why the limits hold back this queued job ("" when they do not): the job page,
+    windows.release_due and the batch's pass (which release a held job only on "") read
+    it. Decided by ``room()``, the claim's own condition less the hold itself, so the
+    release and the claim never disagree; the sentence only names what is full."""
     from fleet.models import Batch, BatchItem
     from fleet.scheduler import global_limit
     from migrations_app.models import MigrationJob
