@@ -41,6 +41,7 @@ from fleet.planner import make_plan  # noqa: E402
 from fleet.services import do_create_batch  # noqa: E402
 from hosts import services as host_services  # noqa: E402
 from hosts.models import VM, Host  # noqa: E402
+from migrations_app.models import MigrationJob  # noqa: E402
 
 HOSTS = ("lab-a", "lab-b", "lab-c")
 virsh_migrate = labbench.virsh_migrate
@@ -79,7 +80,27 @@ def run_kvmweb(user, names, parallel, bandwidth):
             f"batch #{batch.pk} ended {batch.status}: {list(batch.items.values('vm_name', 'status', 'reason'))}"
         )
     placement = dict(batch.items.filter(status=BatchItem.SUCCEEDED).values_list("vm_name", "target_name"))
-    return wall, planning, plan.total_seconds, placement
+    return wall, planning, plan.total_seconds, placement, slot_gaps(batch)
+
+
+def slot_gaps(batch):
+    """Per child after the first wave: from the slot it took being freed (the latest
+    child end before its claim) to its claim (``started_at``), and to its row's creation
+    (negative: created ahead, pipelined). Returns (mean claim gap, mean creation gap) in s."""
+    jobs = sorted(
+        MigrationJob.objects.filter(batch_item__batch=batch, started_at__isnull=False).values(
+            "created_at", "started_at", "finished_at"
+        ),
+        key=lambda j: j["started_at"],
+    )
+    claim, create = [], []
+    for j in jobs:
+        ended = [o["finished_at"] for o in jobs if o["finished_at"] and o["finished_at"] <= j["started_at"]]
+        if ended:
+            claim.append((j["started_at"] - max(ended)).total_seconds())
+            create.append((j["created_at"] - max(ended)).total_seconds())
+    mean = statistics.mean
+    return (mean(claim), mean(create)) if claim else (float("nan"), float("nan"))
 
 
 def run_virsh(placement, parallel, bandwidth):
@@ -103,7 +124,7 @@ def run_rounds(args):
         host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
         worker = labbench.start_worker()
         for i in range(args.rounds):
-            kvm, planning, predicted, placement = run_kvmweb(user, names, args.parallel, args.bandwidth)
+            kvm, planning, predicted, placement, gaps = run_kvmweb(user, names, args.parallel, args.bandwidth)
             bring_back(placement)
             par = run_virsh(placement, args.parallel, args.bandwidth)
             bring_back(placement)
@@ -114,7 +135,8 @@ def run_rounds(args):
             print(
                 f"round {i + 1} (load average {load}): kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
                 f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
-                f"ratio kvmweb/virsh-parallel {kvm / par:.3f}",
+                f"ratio kvmweb/virsh-parallel {kvm / par:.3f}  "
+                f"slot freed -> next child claimed {gaps[0]:.3f} s (its row created {gaps[1]:+.3f} s)",
                 flush=True,
             )
     finally:

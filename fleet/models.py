@@ -89,6 +89,18 @@ def blackout_gate():
     return Gate("fleet-blackouts", condition, blocker)
 
 
+class ClaimLock(models.Model):
+    """One row (pk 1) that every migration job's claim updates first, inside the claim's
+    transaction: on PostgreSQL this serializes the claims, so the batch limits counted in
+    the claim's conditional UPDATE are never exceeded by two claims at once
+    (fleet/limits.py says why a conditional UPDATE alone is not enough)."""
+
+    claims = models.BigIntegerField(default=0)
+
+    def __str__(self):
+        return f"claim lock ({self.claims} claims)"
+
+
 class BatchQuerySet(models.QuerySet):
     def restrict(self, user, action="view"):
         """Scope rule for batches: the staff roles that see every host and VM see every

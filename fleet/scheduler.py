@@ -18,8 +18,15 @@ Crash safety:
   the commit and the on-commit message, or a migrations worker killed after taking the
   message and before its claim), and reconciles a child whose worker stopped
   heartbeating (``_rescue_children``).
-- Limits are counted from the database (active MigrationJobs by source, by target, in
-  total, and this batch's started items) at every pass, so a restart sees what runs.
+- Limits are enforced where a child starts: the worker's claim (fleet/limits.py, a
+  gate of migrations_app/windows.py: count subqueries in its conditional UPDATE,
+  serialized by a lock row). A pass counts them too (active MigrationJobs by source, by
+  target, in total, and this batch's started items, from the database, so a restart sees
+  what runs) to start children that may run now, and then creates the next one ahead
+  while they are full (pipelining, ``pipeline_depth``): it waits at its claim, held
+  "waiting for a free slot", until the worker that frees a slot runs it
+  (migrations_app/tasks.run_migration) or a pass releases it. Pause, stop and cancel
+  withdraw children no worker claimed (``_withdraw_unclaimed``).
 - libvirt (the preflight) is called before the transaction opens, never inside it.
 """
 
@@ -184,20 +191,21 @@ def _rescue_children(batch, now=None):
 
     now = now or timezone.now()
     children = MigrationJob.objects.filter(batch_item__batch=batch, batch_item__status=BatchItem.STARTED)
-    requeued = reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
+    requeued = (
+        []
+        if _messages_waiting()
+        else reconcile.requeue_lost(now, jobs=children, after=child_requeue_seconds())
+    )
     # A child held at its worker's claim (a blackout began between its creation and the
-    # claim) waits for windows.release_due, the default cluster's reconcile pass: do the
-    # same for this batch's children, so a batch never depends on that cluster.
-    for job in (
-        children.filter(status=states.QUEUED).exclude(waiting_for="").select_related("source", "target")
-    ):
-        if job.not_after and now > job.not_after:
-            windows.miss(job, now)
-            continue
-        if windows.why_not_due(job, now):
-            continue
-        if windows.release(job):
-            requeued.append(job.pk)
+    # claim, or it was created ahead and waits for a slot) waits for windows.release_due,
+    # the default cluster's reconcile pass: do the same for this batch's children, so a
+    # batch never depends on that cluster.
+    held = children.filter(status=states.QUEUED, not_after__lt=now).exclude(waiting_for="")
+    for job in held.select_related("source", "target"):
+        windows.miss(job, now)
+    released = _release_first_held(batch, now)
+    if released:
+        requeued.append(released)
     stale = now - timedelta(seconds=reconcile.STALE_SECONDS)
     due = list(
         children.filter(
@@ -216,6 +224,85 @@ def _rescue_children(batch, now=None):
         _reconciled_at.update(dict.fromkeys(due, clock))
         reconcile.reconcile_jobs(now, job_ids=due)
     return requeued, due
+
+
+def _release_first_held(batch, now=None):
+    """Release (queue) the first held child of the batch, in row order, that may start
+    now: a child created ahead once a slot is free, or one a blackout held once it is
+    over. One at a time, and none while a child released (or created with room) is
+    still on its way to its claim: two released for one free slot would race for it in
+    any order. Returns the job id released, or None."""
+    from migrations_app import windows
+
+    now = now or timezone.now()
+    queued = MigrationJob.objects.filter(
+        batch_item__batch=batch, batch_item__status=BatchItem.STARTED, status=states.QUEUED
+    )
+    if queued.filter(waiting_for="").exists():
+        return None
+    held = queued.select_related("source", "target").order_by("batch_item__position", "batch_item__id")
+    for job in held:
+        if windows.why_not_due(job, now):
+            continue
+        return job.pk if windows.release(job) else None
+    return None
+
+
+def _withdraw_unclaimed(batch):
+    """Children no worker claimed yet (pipelined, or their message still on its way) of a
+    batch that was paused, stops or is cancelled: their claim already refuses them (the
+    batch is not running, fleet/limits.py); here each job ends cancelled (nothing ran,
+    the VM untouched; it must not hold the VM's one active job for the whole pause) and,
+    in the same transaction, its item goes back to pending (paused: resume starts it
+    again, in its row's place) or ends skipped / cancelled. Conditional on the job still
+    being queued: a child a worker claimed first is a started child like any other."""
+    from migrations_app import events
+    from migrations_app.lifecycle import transition
+
+    to, reason = {
+        Batch.PAUSED: (BatchItem.PENDING, ""),
+        Batch.STOPPING: (BatchItem.SKIPPED, _("Not started: the batch stops after its first failure.")),
+    }.get(batch.status, (BatchItem.CANCELLED, _("Not started: the batch was cancelled.")))
+    parts = events.parts(("err_cancelled_before_start", {}))
+    for item in batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).select_related("job"):
+        job = item.job
+        with transaction.atomic():
+            if not transition(
+                job.pk,
+                states.CANCELLED,
+                from_=[states.QUEUED],
+                error=events.english(parts),
+                error_parts=parts,
+                waiting_for="",
+                event=f"Withdrawn before it started: batch #{batch.pk} is {batch.status}.",
+                level="warn",
+            ):
+                continue
+            if to == BatchItem.PENDING:
+                fields = {"job": None, "started_at": None, "previous_jobs": [*item.previous_jobs, job.pk]}
+            else:
+                fields = {"finished_at": timezone.now(), "reason": reason}
+            BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
+                status=to, **fields
+            )
+            _audit("batch.decision", batch, vm=item.vm_name, decision="withdrawn", job=job.pk, status=to)
+
+
+def _messages_waiting():
+    """True when the migrations queue holds messages no worker has taken yet (every
+    worker busy, or the cluster down). A lost message is never among them (never sent,
+    or taken by a worker that died: the ORM broker locks a taken message), so while any
+    wait, a child unclaimed for the re-queue interval may simply be queued behind them,
+    and a duplicate would only queue behind them too: with fewer workers than the
+    limits allow, a waiting child was re-sent every interval. Re-sent once the queue
+    drained and it is still unclaimed. One count query per pass."""
+    from django_q.brokers import get_broker
+
+    try:
+        return get_broker("migrations").queue_size() > 0
+    except Exception:  # a broker that cannot say: re-send as before
+        log.exception("cannot read the migrations queue's size")
+        return False
 
 
 def _skip_pending(batch, reason, status=BatchItem.SKIPPED):
@@ -293,10 +380,11 @@ def _recent_report(item):
     return None if report.fails else report
 
 
-def _start_item(batch, item, owner=None):
+def _start_item(batch, item, owner=None, pipelined=False):
     """Preflight (outside any transaction), then create the child job and link it to the
     item in one transaction, while ``owner`` still holds the batch's lease. Returns True
-    when a child was created."""
+    when a child was created. ``pipelined``: created while the limits are full, to be
+    claimed when a slot frees (recorded in its audit event)."""
     from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
     from migrations_app.services import JobError, do_create_job
@@ -365,6 +453,15 @@ def _start_item(batch, item, owner=None):
             )
             return False
         BatchItem.objects.filter(pk=item.pk).update(job=job)
+        if pipelined:
+            # Held from the start: only a release (the worker that frees a slot, or a
+            # pass, first rows first) lets it be claimed, not its own first message.
+            from fleet.limits import holds
+
+            reason = holds(job) or _(
+                "Created ahead of a free slot: it starts when released, after the rows before it."
+            )
+            MigrationJob.objects.filter(pk=job.pk).update(waiting_for=reason[:500])
         _audit(
             "batch.decision",
             batch,
@@ -374,6 +471,7 @@ def _start_item(batch, item, owner=None):
             source=item.source_name,
             target=item.target_name,
             mode=item.mode,
+            pipelined=pipelined,
         )
     return True
 
@@ -393,6 +491,9 @@ def tick(batch_id, owner=None):
         # failure that must stop the batch before anything else starts.
         early = _may_start(batch) and not batch.stop_on_failure
         if early:
+            # A child created ahead takes a freed slot first (when the worker that freed
+            # it did not: fleet/limits.successor).
+            _release_first_held(batch)
             _start_next(batch, owner)
         retried = _follow_children(batch)
         if (
@@ -404,6 +505,8 @@ def tick(batch_id, owner=None):
                 if Batch.objects.filter(pk=batch.pk, status=Batch.RUNNING).update(status=Batch.STOPPING):
                     batch.status = Batch.STOPPING
                     _audit("batch.stop", batch, AuditEvent.FAILURE, reason="stop on first failure")
+        if batch.status in (Batch.PAUSED, Batch.STOPPING, Batch.CANCELLING):
+            _withdraw_unclaimed(batch)
         if batch.status == Batch.STOPPING:
             _skip_pending(batch, _("Not started: the batch stops after its first failure."))
         if batch.status == Batch.CANCELLING:
@@ -453,26 +556,36 @@ def _start_next(batch, owner):
         Batch.objects.filter(pk=batch.pk).update(waiting_for=text)
 
 
+def pipeline_depth(batch):
+    """Children created ahead (unclaimed) per batch at most: KVMWEB_FLEET_PIPELINE (2),
+    never more than the batch runs at once (two children of a wave often end together)."""
+    return min(int(getattr(settings, "KVMWEB_FLEET_PIPELINE", 2)), batch.max_parallel)
+
+
 def _start_within_limits(batch, owner):
-    """Start pending items, in order, while every limit has room. The lease is renewed
-    before each start, so a pass slowed by preflights never overlaps another's."""
+    """Start pending items, in order, while every limit has room; then pipeline: create
+    the next child(ren) ahead while the limits are full (``pipeline_depth`` unclaimed
+    children per batch at most), so the worker that frees a slot finds one ready to claim
+    (fleet/limits.py: the claim enforces the limits). The lease is renewed before each
+    start, so a pass slowed by preflights never overlaps another's."""
     by_source, by_target, total = _active_counts()
     now, waiting = timezone.now(), []
     # Children still active (an ended child not followed yet holds no slot).
     mine = batch.items.filter(status=BatchItem.STARTED).exclude(job__status__in=states.FINAL).count()
     limit = global_limit()
-    for item in batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"):
-        if mine >= batch.max_parallel or total >= limit:
-            return waiting
-        if by_source.get(item.source_id, 0) >= batch.per_source:
+    pending = list(batch.items.filter(status=BatchItem.PENDING).select_related("vm", "source", "target"))
+    ready = []  # not started now only for the limits: may be pipelined
+    for item in pending:
+        if (
+            mine >= batch.max_parallel
+            or total >= limit
+            or by_source.get(item.source_id, 0) >= batch.per_source
+            or by_target.get(item.target_id, 0) >= batch.per_target
+        ):
+            ready.append(item)
             continue
-        if by_target.get(item.target_id, 0) >= batch.per_target:
+        if _blacked_out(batch, item, now, waiting):
             continue
-        if not batch.ignore_blackouts:
-            blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
-            if blackout is not None:
-                waiting.append(blackout_text(blackout))
-                continue
         # One conditional UPDATE renews the lease and checks the batch still runs: paused
         # or cancelled meanwhile, or the lease ran out and another scheduler took the
         # batch (it counts anew): start nothing more.
@@ -483,7 +596,32 @@ def _start_within_limits(batch, owner):
             total += 1
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
             by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
+    # Pipelined children wait at their claim (held "waiting for a free slot") and count
+    # as queued here, so the next pass creates no other child for the same slot. A child
+    # still queued (pipelined, or its message on its way) is already one of the next to
+    # take a slot: fewer than pipeline_depth of them, in row order (fleet/limits.successor
+    # and the release in _rescue_children take the first).
+    unclaimed = batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).count()
+    for item in ready:
+        if unclaimed >= pipeline_depth(batch):
+            break
+        if _blacked_out(batch, item, now, []):
+            continue
+        if not claim(batch.pk, owner, status=Batch.RUNNING):
+            break
+        if _start_item(batch, item, owner, pipelined=True):
+            unclaimed += 1
     return waiting
+
+
+def _blacked_out(batch, item, now, waiting):
+    """True (and the reason appended to ``waiting``) when a blackout holds the item."""
+    if batch.ignore_blackouts:
+        return False
+    blackout = blackout_for(item.source, now) or blackout_for(item.target, now)
+    if blackout is not None:
+        waiting.append(blackout_text(blackout))
+    return blackout is not None
 
 
 def run_active(owner=None):

@@ -40,7 +40,7 @@ from migrations_app.lifecycle import transition
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
 from migrations_app.preflight import run_preflight
-from migrations_app.windows import claim_condition, hold, miss, why_not_due
+from migrations_app.windows import claim_condition, claiming, hold, miss, why_not_due
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,20 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     instead of running it before returning (the moved VM is recorded either way)."""
     worker = worker or worker_name()
     now = timezone.now()
-    claimed = transition(
-        job_id,
-        MigrationJob.PREFLIGHT,
-        from_=[MigrationJob.QUEUED],
-        worker=worker,
-        heartbeat_at=now,
-        started_at=now,
-        where=claim_condition(now),
-        event=("picked_up", {"worker": worker}),
-    )
+    # In the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
+    # the reason a held job waited for.
+    with claiming(job_id):
+        claimed = transition(
+            job_id,
+            MigrationJob.PREFLIGHT,
+            from_=[MigrationJob.QUEUED],
+            worker=worker,
+            heartbeat_at=now,
+            started_at=now,
+            waiting_for="",
+            where=claim_condition(now),
+            event=("picked_up", {"worker": worker}),
+        )
     if not claimed:
         return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)

@@ -18,11 +18,14 @@ How a job with a window runs (crash safe, no timer in any process's memory):
   migrations_app.reconcile.requeue_lost like any other queued job.
 
 Gates: other apps register a gate (``register_gate``); the fleet app registers the
-host-group blackouts (fleet/apps.py). This module does not import them.
+host-group blackouts and the batches' limits (fleet/apps.py, fleet/limits.py: its
+condition counts other jobs, so the claim runs inside ``claiming``, which takes the
+gates' locks first). This module does not import them.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -47,11 +50,23 @@ class Gate:
 
     ``condition(now)``: a Q on MigrationJob that holds when the gate lets the job start
     (part of the claim's conditional UPDATE). ``blocker(source, target, now)``: the
-    sentence saying why it does not, or "" (the creation refusal, the job page)."""
+    sentence saying why it does not, or "" (the creation refusal, the job page).
+    Optional: ``lock(job_id)``, taken inside the claim's transaction before its UPDATE
+    (``claiming``: a condition that counts other rows needs it on PostgreSQL, see
+    fleet/limits.py); ``holds(job, now)``, why the gate holds this queued job back ("" when
+    it does not), for a condition that depends on more than the job's hosts;
+    ``successor(job_id)``, a queued job the worker that just ended ``job_id`` may claim
+    and run at once (a slot it freed); ``chains(job_id)``, True when such a successor may
+    follow this job (its worker then queues the full inventory sync instead of running
+    it, tasks.run_migration)."""
 
     name: str
     condition: object
     blocker: object
+    lock: object = None
+    holds: object = None
+    successor: object = None
+    chains: object = None
 
 
 def register_gate(gate):
@@ -106,6 +121,32 @@ def claim_condition(now):
     return cond
 
 
+@contextmanager
+def claiming(job_id):
+    """The transaction of a claim: every gate's lock first, then the caller's
+    conditional UPDATE (runner.run_job), committed together."""
+    with transaction.atomic():
+        for gate in _gates:
+            if gate.lock is not None:
+                gate.lock(job_id)
+        yield
+
+
+def successor(job_id):
+    """A queued job a gate lets the worker that just ended ``job_id`` run next, or None."""
+    for gate in _gates:
+        if gate.successor is not None:
+            found = gate.successor(job_id)
+            if found is not None:
+                return found
+    return None
+
+
+def chains(job_id):
+    """True when a gate says a successor may follow job ``job_id`` on its worker."""
+    return any(gate.chains(job_id) for gate in _gates if gate.chains is not None)
+
+
 def blocker(source, target, now=None):
     """Why a job from ``source`` to ``target`` may not start now ("" when it may)."""
     now = now or timezone.now()
@@ -124,7 +165,13 @@ def why_not_due(job, now=None):
     if job.not_before and now < job.not_before:
         return _("Scheduled: starts at %(t)s.") % {"t": fmt(job.not_before)}
     if not job.ignore_blackouts:
-        return blocker(job.source, job.target, now)
+        text = blocker(job.source, job.target, now)
+        if text:
+            return text
+    for gate in _gates:
+        text = gate.holds(job, now) if gate.holds is not None else ""
+        if text:
+            return text
     return ""
 
 

@@ -113,3 +113,20 @@ def _up_until_the_last_session_ends(n):
         with core._locked():
             auto = set(core._read(core.LAB_DIR / "auto-started").split()) | set(started)
             (core.LAB_DIR / "auto-started").write_text("\n".join(sorted(auto)) + "\n")
+
+
+@pytest.fixture
+def batch_of(fleet, make_vm, operator, fake_preflight):
+    """batch_of(n, **limits) -> a started evacuation batch of n running VMs on ha."""
+    from fleet import services
+    from fleet.planner import make_plan
+
+    def _make(n, stop_on_failure=False, **limits):
+        for i in range(n):
+            make_vm(f"vm{i}")
+        plan = make_plan(
+            VM.objects.filter(host=fleet["ha"]), operator, limits=limits or None, measure_dirty_rate=False
+        )
+        return services.do_create_batch(plan, operator, host=fleet["ha"], stop_on_failure=stop_on_failure)
+
+    return _make

@@ -17,19 +17,12 @@ from kvmweb.audit.models import AuditEvent
 from migrations_app.models import JobEvent, MigrationJob
 
 
-@pytest.fixture
-def batch_of(fleet, make_vm, operator, fake_preflight):
-    """batch_of(n, **limits) -> a started evacuation batch of n running VMs on ha."""
-
-    def _make(n, stop_on_failure=False, **limits):
-        for i in range(n):
-            make_vm(f"vm{i}")
-        plan = make_plan(
-            VM.objects.filter(host=fleet["ha"]), operator, limits=limits or None, measure_dirty_rate=False
-        )
-        return services.do_create_batch(plan, operator, host=fleet["ha"], stop_on_failure=stop_on_failure)
-
-    return _make
+@pytest.fixture(autouse=True)
+def _no_children_ahead(settings):
+    """These tests follow the scheduler's starts within the limits, with workers that end
+    queued children at once; children created ahead of a free slot (which wait at the
+    worker's claim) are tests/fleet/test_pipeline.py's."""
+    settings.KVMWEB_FLEET_PIPELINE = 0
 
 
 def _finish_children(status=MigrationJob.SUCCEEDED):
@@ -224,6 +217,29 @@ def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, s
     scheduler.tick(batch.pk)
     job.refresh_from_db()
     assert len(sent) == 3 and job.waiting_for == "" and job.status == MigrationJob.QUEUED
+
+
+def test_it_does_not_queue_again_a_child_waiting_behind_other_messages(batch_of, monkeypatch):
+    """Fewer workers than the limits allow: the child's message waits in the migrations
+    queue behind others. Re-sending it every interval would only add duplicates behind
+    them; it is re-sent once the queue drained and it is still unclaimed."""
+    from django_q.models import OrmQ
+
+    sent = []
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    monkeypatch.setattr("migrations_app.reconcile.enqueue", lambda job: sent.append(job.pk))
+    batch = batch_of(1)
+    scheduler.tick(batch.pk)
+    job = MigrationJob.objects.get()
+    queued_at = job.created_at - timedelta(seconds=60)
+    MigrationJob.objects.filter(pk=job.pk).update(created_at=queued_at)
+    JobEvent.objects.filter(job=job).update(at=queued_at)
+    waiting = OrmQ.objects.create(key="migrations", payload="another job's message", lock=timezone.now())
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk]  # only the first message
+    waiting.delete()  # a worker took it; this child is still unclaimed
+    scheduler.tick(batch.pk)
+    assert sent == [job.pk, job.pk]
 
 
 def test_it_reconciles_a_child_whose_worker_died_after_the_last_reconcile(batch_of, monkeypatch):

@@ -1,0 +1,268 @@
+"""Pipelined batch children: created ahead while the limits are full, held at the
+worker's claim (which enforces the limits, fleet/limits.py) until a slot frees, then
+claimed by the worker that freed it or released by the scheduler's pass; withdrawn when
+the batch is paused or cancelled. The claim is the real runner.run_job claim; only the
+migration after it is left out."""
+
+import threading
+
+import pytest
+from django.db import OperationalError, connections
+
+from fleet import limits, scheduler, services
+from fleet.models import Batch, BatchItem
+from hosts.models import VM
+from kvmweb.audit.models import AuditEvent
+from migrations_app import runner, tasks, windows
+from migrations_app.models import MigrationJob
+
+
+@pytest.fixture(autouse=True)
+def _one_ahead(settings):
+    """One child created ahead per batch, unless a test says otherwise (default 2)."""
+    settings.KVMWEB_FLEET_PIPELINE = 1
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """runner.run_job through its real claim; the migration itself is replaced: the job
+    stays claimed (preflight), or ends as ``worker.ends`` says (job id -> final status)."""
+
+    class Worker:
+        ran = []
+        ends = {}
+
+        def run(self, run):
+            self.ran.append(run.job.pk)
+            status = self.ends.get(run.job.pk)
+            if status:
+                _end(run.job, status)
+
+    w = Worker()
+    monkeypatch.setattr(runner, "_run", w.run)
+    return w
+
+
+def _end(job, status=MigrationJob.SUCCEEDED):
+    """What a worker's conclusion does to the row (and the VM, when it moved)."""
+    MigrationJob.objects.filter(pk=job.pk).update(status=status, waiting_for="")
+    if status == MigrationJob.SUCCEEDED:
+        VM.objects.filter(pk=job.vm_id).update(host=job.target)
+
+
+def _claimed():
+    return MigrationJob.objects.filter(status__in=limits.CLAIMED)
+
+
+def _two_running_and_one_ahead(batch_of, **limits_):
+    """A batch of 4 (2 per source): two children claimed, the third created ahead."""
+    batch = batch_of(4, per_source=2, **limits_)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    # Nothing ahead while the children created are not claimed yet: each of them is
+    # already the next one to take a slot.
+    assert MigrationJob.objects.count() == 2
+    assert runner.run_job(first.pk) == MigrationJob.PREFLIGHT
+    assert runner.run_job(second.pk) == MigrationJob.PREFLIGHT
+    scheduler.tick(batch.pk)
+    third = MigrationJob.objects.latest("pk")
+    assert MigrationJob.objects.count() == 3 and third.status == MigrationJob.QUEUED
+    return batch, first, second, third
+
+
+def test_it_creates_the_next_child_ahead_and_lets_it_start_only_when_a_slot_frees(batch_of, worker):
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    item = third.batch_item
+    # The first pending row, in order, is the one created ahead; audited as such.
+    assert item.position == min(
+        batch.items.exclude(job__in=[first, second]).values_list("position", flat=True)
+    )
+    assert AuditEvent.objects.filter(
+        action="batch.decision", details__job=third.pk, details__pipelined=True
+    ).exists()
+    # Its worker's claim is refused by the source limit: held with the reason.
+    assert runner.run_job(third.pk) is None
+    third.refresh_from_db()
+    assert third.status == MigrationJob.QUEUED and "Waiting for a free slot" in third.waiting_for
+    assert "ha sends 2" in third.waiting_for and _claimed().count() == 2
+    assert windows.successor(second.pk) is None  # nothing may start while both run
+    scheduler.tick(batch.pk)  # one ahead per batch: no fourth child, the third stays held
+    third.refresh_from_db()
+    assert MigrationJob.objects.count() == 3 and third.waiting_for
+    _end(first)
+    assert windows.successor(first.pk) == third.pk
+    assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
+    third.refresh_from_db()
+    assert third.waiting_for == "" and _claimed().count() == 2
+
+
+def test_it_runs_the_next_child_in_the_worker_that_freed_the_slot(batch_of, worker, monkeypatch):
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    worker.ends = {first.pk: MigrationJob.SUCCEEDED, third.pk: MigrationJob.SUCCEEDED}
+    run_job, deferred = runner.run_job, []
+
+    def recording(job_id, **kwargs):
+        deferred.append((job_id, kwargs.get("defer_sync")))
+        return run_job(job_id, **kwargs)
+
+    monkeypatch.setattr(runner, "run_job", recording)
+    tasks.run_migration(first.pk)
+    # Each batch child's full inventory sync goes to the default cluster, so the worker
+    # is free for the next child at once.
+    assert deferred == [(first.pk, True), (third.pk, True)]
+    # One task: the first job, then the child created ahead, claimed the moment the
+    # first ended (no queue round trip), and nothing more (the fourth is not created yet).
+    assert worker.ran[-2:] == [first.pk, third.pk]
+    assert MigrationJob.objects.get(pk=third.pk).status == MigrationJob.SUCCEEDED
+    assert MigrationJob.objects.get(pk=second.pk).status == MigrationJob.PREFLIGHT
+    # A worker whose claim found nothing to do does not go looking for more work.
+    ran = len(worker.ran)
+    assert tasks.run_migration(third.pk) is None and len(worker.ran) == ran
+
+
+def test_it_releases_a_held_child_at_the_next_pass_when_no_worker_chained_it(batch_of, worker, monkeypatch):
+    sent = []
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    runner.run_job(third.pk)  # held: the limit is full
+    for _ in range(3):
+        scheduler.tick(batch.pk)
+    assert sent == []  # no message while it cannot start (no re-send storm)
+    _end(first)  # its worker died after concluding it, say
+    scheduler.tick(batch.pk)
+    third.refresh_from_db()
+    assert sent == [third.pk] and third.waiting_for == "" and third.status == MigrationJob.QUEUED
+
+
+def test_it_withdraws_a_child_created_ahead_when_the_batch_is_paused_or_cancelled(batch_of, worker, operator):
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    row = third.batch_item
+    services.do_pause_batch(batch, operator)
+    assert runner.run_job(third.pk) is None  # a paused batch's child is not claimed
+    scheduler.tick(batch.pk)
+    third.refresh_from_db()
+    row.refresh_from_db()
+    assert third.status == MigrationJob.CANCELLED and third.started_at is None
+    assert row.status == BatchItem.PENDING and row.job is None and row.previous_jobs == [third.pk]
+    assert AuditEvent.objects.filter(
+        action="batch.decision", details__decision="withdrawn", details__job=third.pk
+    ).exists()
+    # The running children are left alone.
+    assert set(_claimed().values_list("pk", flat=True)) == {first.pk, second.pk}
+    # Resumed: the same row is created ahead again, in its place.
+    services.do_resume_batch(batch, operator)
+    scheduler.tick(batch.pk)
+    row.refresh_from_db()
+    again = row.job
+    assert (
+        row.status == BatchItem.STARTED and again.status == MigrationJob.QUEUED and again.vm_id == third.vm_id
+    )
+    # Cancelled, letting running children finish: the unclaimed one never runs.
+    services.do_cancel_batch(batch, operator, cancel_running=False)
+    assert runner.run_job(again.pk) is None
+    scheduler.tick(batch.pk)
+    again.refresh_from_db()
+    row.refresh_from_db()
+    assert again.status == MigrationJob.CANCELLED and row.status == BatchItem.CANCELLED
+    assert set(_claimed().values_list("pk", flat=True)) == {first.pk, second.pk}
+    _end(first)
+    _end(second)
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    assert batch.status == Batch.CANCELLED and batch.counts()[BatchItem.SUCCEEDED] == 2
+    assert not worker.ran.count(third.pk) and not worker.ran.count(again.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_never_exceeds_a_limit_when_workers_claim_at_once(batch_of, worker, settings):
+    """Six children queued, two slots free, six workers claiming at the same instant:
+    exactly two get in. On PostgreSQL this needs the claim lock (fleet/limits.py): two
+    count subqueries in concurrent UPDATEs of different rows would both see room."""
+    settings.KVMWEB_FLEET_GLOBAL_LIMIT = 6
+    batch = batch_of(6, max_parallel=6, per_source=6, per_target=6)
+    scheduler.tick(batch.pk)
+    children = list(MigrationJob.objects.values_list("pk", flat=True))
+    assert len(children) == 6
+    Batch.objects.filter(pk=batch.pk).update(per_source=2)
+    start, outcomes = threading.Barrier(len(children)), []
+
+    def claim(job_id):
+        try:
+            start.wait(timeout=60)
+            while True:
+                try:
+                    outcomes.append(runner.run_job(job_id))
+                    return
+                except OperationalError as exc:
+                    # SQLite's in-memory test database is shared-cache: a table lock is
+                    # refused at once instead of waited for. Nothing committed: again.
+                    if "locked" not in str(exc):
+                        raise
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=claim, args=(pk,)) for pk in children]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(outcomes) == 6
+    assert _claimed().count() == 2 and outcomes.count(MigrationJob.PREFLIGHT) <= 2
+    held = MigrationJob.objects.filter(status=MigrationJob.QUEUED)
+    assert held.count() == 4 and all("Waiting for a free slot" in j.waiting_for for j in held)
+
+
+def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_order(
+    batch_of, worker, settings
+):
+    """Two children of a wave often end together: two are created ahead (the default),
+    and the worker that frees a slot takes the first row."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    scheduler.tick(batch.pk)  # never more than two ahead
+    ahead = list(MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position"))
+    assert len(ahead) == 2 and MigrationJob.objects.count() == 4
+    assert all("Waiting for a free slot" in job.waiting_for for job in ahead)  # held from creation
+    _end(second)
+    # The later row's own message, arriving now, does not take the freed slot first.
+    assert runner.run_job(ahead[1].pk) is None
+    assert windows.successor(second.pk) == ahead[0].pk
+    runner.run_job(ahead[0].pk)
+    assert windows.successor(second.pk) is None  # full again
+    _end(first)
+    assert windows.successor(first.pk) == ahead[1].pk
+
+
+def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(
+    batch_of, worker, settings, monkeypatch
+):
+    """No worker chains them (the slots freed by reconcile, say): the passes release the
+    first row first, and the next only once the released one was claimed, so two
+    released children never race for one slot."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    sent = []
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    _end(first)
+    _end(second)
+    scheduler.tick(batch.pk)
+    scheduler.tick(batch.pk)
+    assert sent == [third.pk]  # both slots are free; the first row only, for now
+    assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
+    scheduler.tick(batch.pk)
+    assert sent[:2] == [third.pk, fourth.pk]
+    # The pass also created the last row ahead: its own first message is refused (held).
+    fifth = MigrationJob.objects.latest("pk")
+    assert sent[2:] == [fifth.pk] and runner.run_job(fifth.pk) is None
