@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import SynchronousOnlyOperation, ValidationError
 from django.db import DatabaseError, connection
 from django.db.models import Count, Max, Q
 from django.http import HttpRequest
@@ -356,7 +356,6 @@ class JobHub:
         self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
         self.channel = None
         self.listener = None
-        self._push_tasks = set()
         self.groups = set()
         self.feeds = {}  # name -> another app's live feed (fleet's batch pages), see feed()
         self.pushed = {}  # job_id -> progress_seq last rendered from a pushed row (scale-out)
@@ -469,6 +468,9 @@ class JobHub:
             if self.layer is not None and self.groups:
                 groups, channel, self.groups = self.groups, self.channel, set()
                 loop.create_task(self._discard(groups, channel))
+            # A fresh channel when the poller starts again: a cancelled receive on the
+            # pub/sub layer unsubscribes its channel and forgets it.
+            self.channel = None
             if not any(hub.is_polling for hub in list(_hubs.values())):
                 loop.create_task(close_poller_db())
 
@@ -524,7 +526,8 @@ class JobHub:
         """A 'job changed' message that carries the job's row (publish_job read it after
         the commit) is rendered from that row for the job's watchers at once, without a
         DB read (_push); any message then wakes the poller, whose read brings the new
-        log lines and list rows (and the progress itself when no row came)."""
+        log lines and list rows (and the progress itself when no row came). Messages are
+        handled one after another, in the order they came."""
         while True:
             try:
                 message = await self.layer.receive(self.channel)
@@ -536,20 +539,35 @@ class JobHub:
                 continue
             job_id, row = message.get("job"), message.get("row")
             if row and job_id in self.jobs:
-                # In order: pushes and ticks run one after another on the DB thread.
-                task = asyncio.get_running_loop().create_task(self._push(job_id, row))
-                self._push_tasks.add(task)
-                task.add_done_callback(self._push_tasks.discard)
+                await self._push(job_id, row)
             else:
                 self.wake.set()
 
     async def _push(self, job_id, row):
+        """Render ``row`` for the job's watchers and send it. On the event loop when the
+        watchers' masks are built (rendering a progress block reads nothing from the
+        database: ~1 ms per language and masking variant): a hop to the DB thread and
+        back cost more than the rendering on a loaded machine (each hop waits for the
+        thread to be scheduled). On the DB thread when a mask must be built first, or
+        when the rendering touched the database after all (Django refuses that on the
+        loop with SynchronousOnlyOperation; nothing is cached until a render succeeded).
+        The viewers are read and rendered for without an await in between, so a watcher
+        who subscribes meanwhile is left out of this result (see _dispatch), never given
+        another viewer's text."""
         subs = self.jobs.get(job_id)
         try:
             if subs:
                 viewers = {(s.lang, s.user.pk) for s in subs}
                 users = {s.user.pk: s.user for s in subs}
-                result = await poller_db(self._render_row, job_id, row, viewers, users)
+                result = None
+                on_loop = all(getattr(u, "_kvmweb_host_mask", None) is not None for u in users.values())
+                if on_loop:
+                    try:
+                        result = self._render_row(job_id, row, viewers, users)
+                    except SynchronousOnlyOperation:
+                        on_loop = False
+                if not on_loop:
+                    result = await poller_db(self._render_row, job_id, row, viewers, users)
                 if result is not None:
                     await self._dispatch(result)
         except Exception:
@@ -559,25 +577,29 @@ class JobHub:
 
     def _render_row(self, job_id, row, viewers, users):
         """A TickResult with the progress block of the job as ``row`` shows it, once per
-        language and masking variant of its watchers (DB thread); None when the poller
-        or an earlier push already had this state or a newer one. Nothing is read from
-        the database but what masking needs (a self-service viewer's hosts)."""
+        language and masking variant of its watchers; None when the poller or an earlier
+        push already had this state or a newer one. Nothing is read from the database
+        but what masking needs (a self-service viewer's hosts, the first time)."""
         job = job_from_row(row)
         if job is None or job.pk != job_id:
             return None
         seen = self.seen.get(job_id)
         if self.pushed.get(job_id, -1) >= job.progress_seq or (seen and seen[0] >= job.progress_seq):
             return None
-        self.pushed[job_id] = job.progress_seq
         result = TickResult()
+        renders = 0
         for lang, user_pk in viewers:
             mask = HostMask.for_user(users[user_pk])
             variant = mask.variant(job)
             result.variants[(job_id, user_pk)] = variant
             if (job_id, lang, variant) not in result.progress:
                 result.progress[(job_id, lang, variant)] = (job.progress_seq, render_masked(mask, job, lang))
-                self.renders += 1
-                self.pushes += 1
+                renders += 1
+        # Only once every render succeeded: a render refused on the loop is done again
+        # on the DB thread.
+        self.pushed[job_id] = job.progress_seq
+        self.renders += renders
+        self.pushes += renders
         return result
 
     async def _recheck(self):
