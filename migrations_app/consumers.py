@@ -89,13 +89,16 @@ class JobProgressConsumer(_HubConsumer):
         # On the pollers' DB thread (its connection stays open), not channels' one sync
         # thread: a thousand handshakes' session lookups are not queued behind a thousand
         # snapshots, and watchers of one job state share one rendering (SnapshotCache).
-        snapshot = await streaming.poller_db(streaming.job_snapshot, user, job_id, self.sub.lang)
+        snapshot = await streaming.shared_job_snapshot(user, job_id, self.sub.lang)
         if snapshot is None:
             hub.unsubscribe(self.sub)
             self.sub = None
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        await self.send(text_data=snapshot.html)
+        # The snapshot's frame is made once per cached snapshot: the socket gets the
+        # same bytes as the other watchers of that state (kvmweb/handshake.py FrameWriter).
+        if not (snapshot.frame and self.sub.write_frame is not None and self.sub.write_frame(snapshot.frame)):
+            await self.send(text_data=snapshot.html)
         await hub.activate(self.sub, snapshot.seq, snapshot.last_event_id)
 
 

@@ -62,7 +62,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone, translation
 
 from kvmweb.accounts.roles import sees_everything
-from kvmweb.handshake import close_ws_db, text_frame, ws_db
+from kvmweb.handshake import close_ws_db, shared_ws_db, text_frame, ws_db
 from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
@@ -147,6 +147,7 @@ class Snapshot:
     html: str
     seq: int
     last_event_id: int
+    frame: bytes = b""  # ``html`` as one WebSocket text frame (sent as is to every socket)
 
 
 class SnapshotCache:
@@ -239,7 +240,7 @@ def job_snapshot(user, job_id, lang):
             "migrations_app/partials/job_snapshot.html",
             {"job": mask.job(job), "events": mask.events(events, job), "samples": samples, "oob": True},
         )
-    snapshot = Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
+    snapshot = Snapshot(html, job.progress_seq, events[-1].pk if events else 0, text_frame(html))
     snapshots.put(key, snapshot)
     return snapshot
 
@@ -269,6 +270,13 @@ def list_snapshot(user, lang):
 async def poller_db(fn, *args):
     """Run sync DB code on the pollers' thread (never on the event loop)."""
     return await ws_db(fn, *args)
+
+
+async def shared_job_snapshot(user, job_id, lang):
+    """``job_snapshot`` on the pollers' thread; handshakes of the same user object, job
+    and language that wait for it together share one call (kvmweb/handshake.py Shared:
+    only a call not started yet is joined, so each of them subscribed before the read)."""
+    return await shared_ws_db((id(user), user.pk, int(job_id), lang), job_snapshot, user, job_id, lang)
 
 
 async def close_poller_db():
