@@ -273,10 +273,11 @@ async def poller_db(fn, *args):
 
 
 async def shared_job_snapshot(user, job_id, lang):
-    """``job_snapshot`` on the pollers' thread; handshakes of the same user object, job
-    and language that wait for it together share one call (kvmweb/handshake.py Shared:
-    only a call not started yet is joined, so each of them subscribed before the read)."""
-    return await shared_ws_db((id(user), user.pk, int(job_id), lang), job_snapshot, user, job_id, lang)
+    """``job_snapshot`` on the pollers' thread; handshakes of the same user, job and
+    language that wait for it together share one call (kvmweb/handshake.py Shared: only
+    a call not started yet is joined, so each of them subscribed before the read, and
+    the scope check is as fresh as if each had run its own)."""
+    return await shared_ws_db(("snapshot", user.pk, int(job_id), lang), job_snapshot, user, job_id, lang)
 
 
 async def close_poller_db():
@@ -376,18 +377,25 @@ class JobHub:
             self.lists.add(sub)
         else:
             self.jobs.setdefault(sub.job_id, set()).add(sub)
-        self._ensure_running()
+        self._ensure_running(JOBS_GROUP if sub.job_id is None else group_for_job(sub.job_id))
 
     def unsubscribe(self, sub):
+        emptied = False
         if sub.job_id is None:
             self.lists.discard(sub)
+            emptied = not self.lists
         else:
             subs = self.jobs.get(sub.job_id)
             if subs is not None:
                 subs.discard(sub)
                 if not subs:
                     del self.jobs[sub.job_id]
-        self.wake.set()  # let the poller notice at once when the last one left
+                    emptied = True
+        if emptied:
+            # The last watcher of a job or of the lists left: the poller leaves that
+            # group (or stops) at once. Not for every watcher: a thousand pages closing
+            # would each start a database read.
+            self.wake.set()
 
     async def activate(self, sub, seq=-1, last_event_id=0):
         """Mark a watcher ready after its snapshot went out, then send whatever the
@@ -425,13 +433,17 @@ class JobHub:
     def is_polling(self):
         return self.task is not None and not self.task.done()
 
-    def _ensure_running(self):
+    def _ensure_running(self, group=None):
         if not self.is_polling:
             self.poller_starts += 1
             self.wake.clear()
             self.task = asyncio.get_running_loop().create_task(self._run(), name="kvmweb-job-poller")
-        elif self.layer is not None:
-            self.wake.set()  # a new watcher: join its channel group promptly
+        elif self.layer is not None and (group is None or group not in self.groups):
+            # A watcher of a group this process has not joined: join it promptly. Only
+            # then: each wake is a tick (database reads), and a thousand handshakes of
+            # one job page would otherwise keep the poller's thread busy with ticks
+            # instead of their snapshots.
+            self.wake.set()
 
     # -- the poller --
 
