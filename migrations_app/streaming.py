@@ -17,18 +17,24 @@ size and time stamps every FILE_WATCH_INTERVAL (two stat() calls on the loop) an
 as soon as they change, so a write waits ~20 ms for the poller instead of half an
 interval, at no query cost.
 
-Scale-out (REDIS_URL set, channels-redis): the worker also calls :func:`publish_job`
-after each progress write; the hub of every daphne process listens on ONE channel of its
-own that it adds to the groups ``job-<id>`` / ``jobs`` it needs. The job's message carries
-its committed row: the hub renders it for the job's watchers at once without a DB read
-(JobHub._push), then wakes the poller, which reads new log lines and list rows. A lost or
-late message costs at most one poll interval, and a message never carries state the DB
-has not got (publish_job sends a row only outside a transaction).
+Scale-out (REDIS_URL set, channels-redis' Pub/Sub layer): the worker also calls
+:func:`publish_job` after each progress write (one PUBLISH per group); the hub of every
+daphne process listens on ONE channel of its own that it adds to the groups ``job-<id>``
+/ ``jobs`` it needs. The job's message carries its committed row: the hub renders it for
+the job's watchers at once, on the event loop, without a DB read (JobHub._push; on the
+DB thread only when masking must read hosts), then wakes the poller, which reads new log
+lines and list rows. A lost or late message costs at most one poll interval, and a
+message never carries state the DB has not got (publish_job sends a row only outside a
+transaction). Every hop on the way (a thread, a process, a Redis round trip) waits for
+the scheduler on a loaded host: the path has as few as it can.
 
 Sending: each distinct text is framed once and written as bytes to every daphne socket
-that shows it (kvmweb/handshake.py FrameWriter), not sent through the ASGI stack per
-socket. A job snapshot (what a watcher gets first) is rendered once per job state,
-language and masking variant (SnapshotCache); the scope check runs for every watcher.
+that shows it (kvmweb/handshake.py FrameWriter: one send() when the socket has nothing
+buffered), not sent through the ASGI stack per socket. A job snapshot (what a watcher
+gets first) is rendered once per job state, language and masking variant
+(SnapshotCache) and sent as one cached frame; the scope check runs for every watcher,
+once for the handshakes of one user and job that wait for it together
+(shared_job_snapshot).
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
 extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
