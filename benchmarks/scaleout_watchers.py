@@ -4,10 +4,11 @@ two daphne processes, on PostgreSQL + Redis (channels-redis).
 
 A writer process does what the migration worker does four times a second: update the
 job row (progress fields, progress_seq + 1) plus a ProgressSample in one transaction,
-note the commit time, call publish_job() (a Redis group message that wakes every daphne
-process's poller). Watchers are raw WebSocket clients on loopback (one asyncio process),
-signed in with a real session, connected round-robin to the daphne processes; each notes
-when the payload carrying each progress_seq arrives. Latency = arrival - commit (one
+note the commit time, call publish_job() (a Redis Pub/Sub message carrying the row to
+every daphne process, which renders it for its watchers). Watchers are raw WebSocket
+clients on loopback (one asyncio process), signed in with a real session, connected
+round-robin to the daphne processes; each notes when the payload carrying each
+progress_seq arrives. Latency = arrival - commit (one
 clock: everything runs on this machine). "coalesced" counts writes a watcher never saw as
 their own message (the poller sends the newest state, so a fast burst can fold two
 writes into one message; the browser still ends on the right figures). CPU per process

@@ -153,11 +153,19 @@ REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            # redis-py 8 made socket_timeout default to 5 s, the same as channels-redis's
-            # blocking BZPOPMIN: an idle consumer's receive then raises TimeoutError and
-            # daphne drops the socket every ~5 s (django/channels_redis#422). None, as
-            # before redis-py 8 (seen here: 15 s made cancelled receives hang at shutdown).
+            # Redis Pub/Sub: a group message is one PUBLISH, and each subscribed process
+            # gets it pushed on the connection it listens on. The list-based
+            # RedisChannelLayer took five round trips per job update on the way (group
+            # expiry, members, message expiry, the Lua send; the receiver's backup copy)
+            # and every one of them waits for a process to be scheduled: on a loaded host
+            # that alone put a watcher's p95 above 100 ms (benchmarks/progress_latency.py).
+            # Pub/Sub delivers at most once, to processes listening at that instant; the
+            # job hub's database poll is the catch-up for a lost message
+            # (migrations_app/streaming.py).
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # redis-py 8 made socket_timeout default to 5 s: a blocking read on an idle
+            # connection then raises TimeoutError (django/channels_redis#422). None, as
+            # before redis-py 8.
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
         }
     }

@@ -22,7 +22,15 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_NOT_FOUND = 4404
 
 
+# Every hub socket (job pages, lists, and the bell and batch pages built on this class)
+# gets everything from the hub, which listens on ONE channel per process: an alias with
+# no layer behind it spares each socket a channel of its own (on Redis Pub/Sub, a
+# SUBSCRIBE round trip in every handshake and one more subscription per open page).
+NO_CHANNEL_LAYER = "kvmweb-hub-only"
+
+
 class _HubConsumer(AsyncWebsocketConsumer):
+    channel_layer_alias = NO_CHANNEL_LAYER
     sub = None
 
     async def _accepted_user(self):
@@ -63,17 +71,8 @@ class _HubConsumer(AsyncWebsocketConsumer):
         """Watchers only listen; anything sent is ignored."""
 
 
-# The job sockets get everything from the hub, which listens on ONE channel per process:
-# an alias with no layer behind it spares each socket its own channel and its own
-# pending channel-layer receive (on Redis, one more waiter on channels-redis' shared
-# receive loop per open job page).
-NO_CHANNEL_LAYER = "kvmweb-hub-only"
-
-
 class JobProgressConsumer(_HubConsumer):
     """ws/jobs/<id>/: one job's progress, figures and event log."""
-
-    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()
@@ -89,20 +88,21 @@ class JobProgressConsumer(_HubConsumer):
         # On the pollers' DB thread (its connection stays open), not channels' one sync
         # thread: a thousand handshakes' session lookups are not queued behind a thousand
         # snapshots, and watchers of one job state share one rendering (SnapshotCache).
-        snapshot = await streaming.poller_db(streaming.job_snapshot, user, job_id, self.sub.lang)
+        snapshot = await streaming.shared_job_snapshot(user, job_id, self.sub.lang)
         if snapshot is None:
             hub.unsubscribe(self.sub)
             self.sub = None
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        await self.send(text_data=snapshot.html)
+        # The snapshot's frame is made once per cached snapshot: the socket gets the
+        # same bytes as the other watchers of that state (kvmweb/handshake.py FrameWriter).
+        if not (snapshot.frame and self.sub.write_frame is not None and self.sub.write_frame(snapshot.frame)):
+            await self.send(text_data=snapshot.html)
         await hub.activate(self.sub, snapshot.seq, snapshot.last_event_id)
 
 
 class JobListConsumer(_HubConsumer):
     """ws/jobs/: state changes of the jobs the user may see (job list, dashboard)."""
-
-    channel_layer_alias = NO_CHANNEL_LAYER
 
     async def connect(self):
         user = await self._accepted_user()

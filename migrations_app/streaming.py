@@ -17,18 +17,24 @@ size and time stamps every FILE_WATCH_INTERVAL (two stat() calls on the loop) an
 as soon as they change, so a write waits ~20 ms for the poller instead of half an
 interval, at no query cost.
 
-Scale-out (REDIS_URL set, channels-redis): the worker also calls :func:`publish_job`
-after each progress write; the hub of every daphne process listens on ONE channel of its
-own that it adds to the groups ``job-<id>`` / ``jobs`` it needs. The job's message carries
-its committed row: the hub renders it for the job's watchers at once without a DB read
-(JobHub._push), then wakes the poller, which reads new log lines and list rows. A lost or
-late message costs at most one poll interval, and a message never carries state the DB
-has not got (publish_job sends a row only outside a transaction).
+Scale-out (REDIS_URL set, channels-redis' Pub/Sub layer): the worker also calls
+:func:`publish_job` after each progress write (one PUBLISH per group); the hub of every
+daphne process listens on ONE channel of its own that it adds to the groups ``job-<id>``
+/ ``jobs`` it needs. The job's message carries its committed row: the hub renders it for
+the job's watchers at once, on the event loop, without a DB read (JobHub._push; on the
+DB thread only when masking must read hosts), then wakes the poller, which reads new log
+lines and list rows. A lost or late message costs at most one poll interval, and a
+message never carries state the DB has not got (publish_job sends a row only outside a
+transaction). Every hop on the way (a thread, a process, a Redis round trip) waits for
+the scheduler on a loaded host: the path has as few as it can.
 
 Sending: each distinct text is framed once and written as bytes to every daphne socket
-that shows it (kvmweb/handshake.py FrameWriter), not sent through the ASGI stack per
-socket. A job snapshot (what a watcher gets first) is rendered once per job state,
-language and masking variant (SnapshotCache); the scope check runs for every watcher.
+that shows it (kvmweb/handshake.py FrameWriter: one send() when the socket has nothing
+buffered), not sent through the ASGI stack per socket. A job snapshot (what a watcher
+gets first) is rendered once per job state, language and masking variant
+(SnapshotCache) and sent as one cached frame; the scope check runs for every watcher,
+once for the handshakes of one user and job that wait for it together
+(shared_job_snapshot).
 
 Payloads are HTML rendered from the same partials as the first page load; the htmx ws
 extension swaps them into the page by id (hx-swap-oob). What a watcher may read of hosts
@@ -54,7 +60,7 @@ from dataclasses import dataclass, field
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import SynchronousOnlyOperation, ValidationError
 from django.db import DatabaseError, connection
 from django.db.models import Count, Max, Q
 from django.http import HttpRequest
@@ -62,7 +68,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone, translation
 
 from kvmweb.accounts.roles import sees_everything
-from kvmweb.handshake import close_ws_db, text_frame, ws_db
+from kvmweb.handshake import close_ws_db, shared_ws_db, text_frame, ws_db
 from migrations_app.masking import HostMask
 from migrations_app.models import JobEvent, MigrationJob, ProgressSample
 
@@ -147,6 +153,7 @@ class Snapshot:
     html: str
     seq: int
     last_event_id: int
+    frame: bytes = b""  # ``html`` as one WebSocket text frame (sent as is to every socket)
 
 
 class SnapshotCache:
@@ -239,7 +246,7 @@ def job_snapshot(user, job_id, lang):
             "migrations_app/partials/job_snapshot.html",
             {"job": mask.job(job), "events": mask.events(events, job), "samples": samples, "oob": True},
         )
-    snapshot = Snapshot(html, job.progress_seq, events[-1].pk if events else 0)
+    snapshot = Snapshot(html, job.progress_seq, events[-1].pk if events else 0, text_frame(html))
     snapshots.put(key, snapshot)
     return snapshot
 
@@ -269,6 +276,14 @@ def list_snapshot(user, lang):
 async def poller_db(fn, *args):
     """Run sync DB code on the pollers' thread (never on the event loop)."""
     return await ws_db(fn, *args)
+
+
+async def shared_job_snapshot(user, job_id, lang):
+    """``job_snapshot`` on the pollers' thread; handshakes of the same user, job and
+    language that wait for it together share one call (kvmweb/handshake.py Shared: only
+    a call not started yet is joined, so each of them subscribed before the read, and
+    the scope check is as fresh as if each had run its own)."""
+    return await shared_ws_db(("snapshot", user.pk, int(job_id), lang), job_snapshot, user, job_id, lang)
 
 
 async def close_poller_db():
@@ -356,7 +371,6 @@ class JobHub:
         self.layer = None if layer is None or isinstance(layer, InMemoryChannelLayer) else layer
         self.channel = None
         self.listener = None
-        self._push_tasks = set()
         self.groups = set()
         self.feeds = {}  # name -> another app's live feed (fleet's batch pages), see feed()
         self.pushed = {}  # job_id -> progress_seq last rendered from a pushed row (scale-out)
@@ -369,18 +383,25 @@ class JobHub:
             self.lists.add(sub)
         else:
             self.jobs.setdefault(sub.job_id, set()).add(sub)
-        self._ensure_running()
+        self._ensure_running(JOBS_GROUP if sub.job_id is None else group_for_job(sub.job_id))
 
     def unsubscribe(self, sub):
+        emptied = False
         if sub.job_id is None:
             self.lists.discard(sub)
+            emptied = not self.lists
         else:
             subs = self.jobs.get(sub.job_id)
             if subs is not None:
                 subs.discard(sub)
                 if not subs:
                     del self.jobs[sub.job_id]
-        self.wake.set()  # let the poller notice at once when the last one left
+                    emptied = True
+        if emptied:
+            # The last watcher of a job or of the lists left: the poller leaves that
+            # group (or stops) at once. Not for every watcher: a thousand pages closing
+            # would each start a database read.
+            self.wake.set()
 
     async def activate(self, sub, seq=-1, last_event_id=0):
         """Mark a watcher ready after its snapshot went out, then send whatever the
@@ -418,13 +439,17 @@ class JobHub:
     def is_polling(self):
         return self.task is not None and not self.task.done()
 
-    def _ensure_running(self):
+    def _ensure_running(self, group=None):
         if not self.is_polling:
             self.poller_starts += 1
             self.wake.clear()
             self.task = asyncio.get_running_loop().create_task(self._run(), name="kvmweb-job-poller")
-        elif self.layer is not None:
-            self.wake.set()  # a new watcher: join its channel group promptly
+        elif self.layer is not None and (group is None or group not in self.groups):
+            # A watcher of a group this process has not joined: join it promptly. Only
+            # then: each wake is a tick (database reads), and a thousand handshakes of
+            # one job page would otherwise keep the poller's thread busy with ticks
+            # instead of their snapshots.
+            self.wake.set()
 
     # -- the poller --
 
@@ -469,6 +494,9 @@ class JobHub:
             if self.layer is not None and self.groups:
                 groups, channel, self.groups = self.groups, self.channel, set()
                 loop.create_task(self._discard(groups, channel))
+            # A fresh channel when the poller starts again: a cancelled receive on the
+            # pub/sub layer unsubscribes its channel and forgets it.
+            self.channel = None
             if not any(hub.is_polling for hub in list(_hubs.values())):
                 loop.create_task(close_poller_db())
 
@@ -524,7 +552,8 @@ class JobHub:
         """A 'job changed' message that carries the job's row (publish_job read it after
         the commit) is rendered from that row for the job's watchers at once, without a
         DB read (_push); any message then wakes the poller, whose read brings the new
-        log lines and list rows (and the progress itself when no row came)."""
+        log lines and list rows (and the progress itself when no row came). Messages are
+        handled one after another, in the order they came."""
         while True:
             try:
                 message = await self.layer.receive(self.channel)
@@ -536,20 +565,35 @@ class JobHub:
                 continue
             job_id, row = message.get("job"), message.get("row")
             if row and job_id in self.jobs:
-                # In order: pushes and ticks run one after another on the DB thread.
-                task = asyncio.get_running_loop().create_task(self._push(job_id, row))
-                self._push_tasks.add(task)
-                task.add_done_callback(self._push_tasks.discard)
+                await self._push(job_id, row)
             else:
                 self.wake.set()
 
     async def _push(self, job_id, row):
+        """Render ``row`` for the job's watchers and send it. On the event loop when the
+        watchers' masks are built (rendering a progress block reads nothing from the
+        database: ~1 ms per language and masking variant): a hop to the DB thread and
+        back cost more than the rendering on a loaded machine (each hop waits for the
+        thread to be scheduled). On the DB thread when a mask must be built first, or
+        when the rendering touched the database after all (Django refuses that on the
+        loop with SynchronousOnlyOperation; nothing is cached until a render succeeded).
+        The viewers are read and rendered for without an await in between, so a watcher
+        who subscribes meanwhile is left out of this result (see _dispatch), never given
+        another viewer's text."""
         subs = self.jobs.get(job_id)
         try:
             if subs:
                 viewers = {(s.lang, s.user.pk) for s in subs}
                 users = {s.user.pk: s.user for s in subs}
-                result = await poller_db(self._render_row, job_id, row, viewers, users)
+                result = None
+                on_loop = all(getattr(u, "_kvmweb_host_mask", None) is not None for u in users.values())
+                if on_loop:
+                    try:
+                        result = self._render_row(job_id, row, viewers, users)
+                    except SynchronousOnlyOperation:
+                        on_loop = False
+                if not on_loop:
+                    result = await poller_db(self._render_row, job_id, row, viewers, users)
                 if result is not None:
                     await self._dispatch(result)
         except Exception:
@@ -559,25 +603,29 @@ class JobHub:
 
     def _render_row(self, job_id, row, viewers, users):
         """A TickResult with the progress block of the job as ``row`` shows it, once per
-        language and masking variant of its watchers (DB thread); None when the poller
-        or an earlier push already had this state or a newer one. Nothing is read from
-        the database but what masking needs (a self-service viewer's hosts)."""
+        language and masking variant of its watchers; None when the poller or an earlier
+        push already had this state or a newer one. Nothing is read from the database
+        but what masking needs (a self-service viewer's hosts, the first time)."""
         job = job_from_row(row)
         if job is None or job.pk != job_id:
             return None
         seen = self.seen.get(job_id)
         if self.pushed.get(job_id, -1) >= job.progress_seq or (seen and seen[0] >= job.progress_seq):
             return None
-        self.pushed[job_id] = job.progress_seq
         result = TickResult()
+        renders = 0
         for lang, user_pk in viewers:
             mask = HostMask.for_user(users[user_pk])
             variant = mask.variant(job)
             result.variants[(job_id, user_pk)] = variant
             if (job_id, lang, variant) not in result.progress:
                 result.progress[(job_id, lang, variant)] = (job.progress_seq, render_masked(mask, job, lang))
-                self.renders += 1
-                self.pushes += 1
+                renders += 1
+        # Only once every render succeeded: a render refused on the loop is done again
+        # on the DB thread.
+        self.pushed[job_id] = job.progress_seq
+        self.renders += renders
+        self.pushes += renders
         return result
 
     async def _recheck(self):

@@ -2,7 +2,10 @@
 get the same text share one rendering, and a cached text never reaches a viewer of
 another masking variant, language or scope. The scope check runs for every watcher."""
 
+import asyncio
+
 import pytest
+from django.db import connection
 from django.db.models import F
 
 from migrations_app import streaming
@@ -133,3 +136,55 @@ def test_it_renders_a_pushed_row_like_the_database_row(moved, admin, operator, a
     MigrationJob.objects.filter(pk=moved.pk).update(progress_seq=F("progress_seq") + 1)
     assert hub._render_row(moved.pk, streaming.row_of(moved.pk), viewers, users) is not None
     assert hub._render_row(moved.pk, row, viewers, users) is None
+
+
+@pytest.mark.django_db(transaction=True)  # the DB thread reads committed rows
+def test_it_renders_a_pushed_row_on_the_loop_once_the_masks_are_built(moved, admin, alice, monkeypatch):
+    """Scale-out: a pushed row is rendered on the event loop (no hop to the DB thread)
+    when every watcher's mask is built; a mask still to build, or a render that needs
+    the database, goes to the DB thread instead, and the state is not marked pushed
+    before a render succeeded. alice never gets the admin's unmasked text."""
+    unsafe = "DJANGO_ALLOW_ASYNC_UNSAFE"  # this test's own DB writes, on the loop's thread
+    on_thread = []
+    real_poller_db = streaming.poller_db
+
+    async def poller_db(fn, *args):
+        on_thread.append(fn.__name__)
+        return await real_poller_db(fn, *args)
+
+    monkeypatch.setattr(streaming, "poller_db", poller_db)
+    got = {}
+
+    def watcher(user):
+        async def send(text):
+            got.setdefault(user.username, []).append(text)
+
+        return streaming.Subscriber(send=send, lang="en", job_id=moved.pk, user=user, ready=True)
+
+    def next_row(**fields):
+        with monkeypatch.context() as m:
+            m.setenv(unsafe, "true")
+            MigrationJob.objects.filter(pk=moved.pk).update(progress_seq=F("progress_seq") + 1, **fields)
+            return streaming.row_of(moved.pk)
+
+    async def scenario():
+        hub = streaming.JobHub()
+        hub.jobs[moved.pk] = {watcher(admin), watcher(alice)}
+        await hub._push(moved.pk, next_row(error=""))  # masks not built yet: the DB thread
+        assert on_thread == ["_render_row"] and hub.pushed[moved.pk] == 8
+        await hub._push(moved.pk, next_row())  # masks built: on the loop
+        assert on_thread == ["_render_row"] and hub.pushed[moved.pk] == 9
+        # An error naming the host: masking it for alice reads the job's host rows, which
+        # Django refuses on the loop (SynchronousOnlyOperation): done on the DB thread.
+        await hub._push(moved.pk, next_row(error=f"libvirt at {SECRET_URI} failed"))
+        assert on_thread == ["_render_row", "_render_row"] and hub.pushed[moved.pk] == 10
+        await streaming.close_poller_db()
+        with monkeypatch.context() as m:
+            m.setenv(unsafe, "true")
+            connection.close()  # this loop's own connection
+
+    asyncio.run(scenario())
+    assert [len(got[name]) for name in ("admin", "alice")] == [3, 3]
+    assert SECRET_URI in got["admin"][-1] and "failed" in got["alice"][-1]
+    assert not any(SECRET_URI in text or "s1-secret" in text for text in got["alice"])
+    assert ['data-seq="10"' in text for text in got["alice"]] == [False, False, True]
