@@ -104,6 +104,7 @@ class Processes:
 
     def qcluster(self, cluster="migrations", name=None, **env):
         extra = {"Q_CLUSTER_NAME": cluster} if cluster != "default" else {}
+        extra["KVMWEB_LOG_LEVEL"] = "INFO"  # its "running." line, which wait_running reads
         extra.update(env)
         return self.start([sys.executable, "manage.py", "qcluster"], name or f"qcluster-{cluster}", **extra)
 
