@@ -238,8 +238,18 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
 
         # Maintenance ends: move back through the same planner.
         c.manage("maintenance", "lab-a", "off")
+        # Bounded by the command's own --timeout: Cluster.manage's default 120 s limit would
+        # cut in first on a loaded machine (five moves back, a storage copy among them).
         back = c.manage(
-            "batch", str(batch_id), "move-back", "--wait", "--json", "--timeout", "300", check=False
+            "batch",
+            str(batch_id),
+            "move-back",
+            "--wait",
+            "--json",
+            "--timeout",
+            "300",
+            check=False,
+            timeout=330,
         )
         back = json.loads(back.stdout.strip().splitlines()[-1])
         assert back["status"] == "succeeded", back
