@@ -217,6 +217,7 @@ def _prepared(tmp):
         "-c",
         "from django.core.management import call_command; "
         f"call_command('migrate', '--noinput', verbosity=0); call_command('ensure_admin'); {hosts}",
+        timeout=300,  # every migration on a new DB: 43 s with two CPU burners beside other tests
     )
     template = tmp.parent / f"{tmp.name}-template.sqlite3"
     _copy_db(c.db, template)
