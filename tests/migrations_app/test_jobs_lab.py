@@ -7,6 +7,7 @@ the worker runs (cancel, target libvirtd killed) run against a real
 `Q_CLUSTER_NAME=migrations manage.py qcluster` subprocess with its own file SQLite DB.
 """
 
+import contextlib
 import json
 import os
 import queue
@@ -456,9 +457,13 @@ def test_it_runs_migrate_vm_with_wait_in_its_own_process(cluster, lab_guest):
     the message finds the job taken), with one "picked up" line."""
     guest = lab_guest("mj-cli", running=False)
     _sync_cli(cluster, "lab-a")
-    r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
+    # The worker gets the message only after the command claimed the job: on a loaded
+    # machine an idle worker otherwise claimed it first (the command then follows it).
+    with cluster.workers_paused():
+        r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
     job = json.loads(r.stdout.strip().splitlines()[-1])
     assert job["status"] == "succeeded" and job["target"] == "lab-b", r.stdout
+    cluster.queue_drained(ENDED)  # the worker's copy of the message was processed: it did nothing
     (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job["id"])[0]
     assert worker.startswith("migrate_vm:"), worker
     messages = [m for _at, m in cluster.events(job["id"])]
@@ -630,26 +635,31 @@ def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_se
     before = cluster.q("select coalesce(max(id), 0) from migrations_app_migrationjob")[0][0]
     # 4 MiB/s (~9 s): still running when Ctrl-C comes; the cancel ends it.
     cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "4"]
-    proc = subprocess.Popen(
-        [*cmd, "--ack-all", "--wait"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
-        cluster.wait(job_id, _running, STARTED, "running with progress")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with contextlib.ExitStack() as paused:
+        # The served process claims the job before the worker sees the message (as in
+        # test_it_runs_migrate_vm_with_wait_in_its_own_process); continued once it runs.
+        paused.enter_context(cluster.workers_paused())
+        proc = subprocess.Popen(
+            [*cmd, "--ack-all", "--wait"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
+            cluster.wait(job_id, _running, STARTED, "running with progress")
+            paused.close()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 1, (out, err)
     assert "cancelling job" in err
     assert "migrate_vm in process" in log.read_text()
