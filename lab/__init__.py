@@ -48,6 +48,7 @@ from .core import (
 )
 from .core import down as _down
 from .guests import (
+    QUIET,
     claim,
     conn,
     create_guest,
@@ -74,6 +75,7 @@ def down(purge: bool = False, hosts=None) -> list[str]:
 
 __all__ = [
     "CLIENT_DIRS",
+    "QUIET",
     "LIBVIRTD_TLS_PORT",
     "TRANSPORTS",
     "authorize_ssh_key",

@@ -101,7 +101,7 @@ class Site:
         self.procs.append((proc, log))
         return proc
 
-    def start_web(self, timeout=60, env=None):
+    def start_web(self, timeout=120, env=None):
         """Start daphne the way scripts/run.sh does (`python -m kvmweb.serve`: its limits
         and graceful stop) and wait until it accepts connections."""
         proc = self.start(

@@ -175,7 +175,7 @@ def test_it_streams_a_job_to_its_page_and_the_dashboard(site, browser):
     # The dashboard's row followed along in the other tab.
     dashboard.wait_for_function(
         f"() => document.querySelector('#job-row-{job} [data-testid=job-row-status]').innerText === 'succeeded'",
-        timeout=10000,
+        timeout=60000,
     )
     snap(dashboard, "dashboard")
     # A browser arriving now gets the same final state at once (snapshot).
@@ -216,9 +216,9 @@ def test_it_catches_up_after_the_server_restarts(site, browser):
     site.python(FINISH_JOB.format(job=job))
     assert page.get_attribute(".progress", "aria-valuenow") == "0"
     site.start_web()
-    page.wait_for_selector("#job-connection[data-state=open]", timeout=30000)
+    page.wait_for_selector("#job-connection[data-state=open]", timeout=60000)
     page.wait_for_function(
-        "() => document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=10000
+        "() => document.querySelector('.progress').getAttribute('aria-valuenow') === '100'", timeout=60000
     )
     assert page.inner_text("[data-testid=job-status]") == "succeeded"
     assert page.inner_text("[data-testid=job-downtime]") == "17 ms"

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.lab
 
 SMALL = {"memory_mib": 32, "fill_mib": 4}
 WORKING = "('preflight', 'running', 'cancelling', 'needs_reconcile')"
+# s: backstop of each readiness wait below (each returns as soon as the state is reached);
+# every step starts a manage.py process, which takes over 10 s on a loaded CI machine.
+READY = 180
 
 
 def _exec(cluster, sql, *args):
@@ -181,10 +184,10 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
                 )[0][0]
                 >= 1
             ),
-            60,
+            READY,
         )
         c.kill()  # the worker dies mid-batch
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + READY
         while c.q(f"select count(*) from migrations_app_migrationjob where status in {WORKING}")[0][0]:
             assert time.monotonic() < deadline, _jobs(c)
             c.manage("reconcile_jobs", "--stale", "1")
@@ -193,7 +196,9 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
         # Then the scheduler (the evacuate command) dies too; `batch ID wait` takes over once
         # its lease runs out.
         _wait_for(
-            "a second child", lambda: c.q("select count(*) from migrations_app_migrationjob")[0][0] >= 2, 60
+            "a second child",
+            lambda: c.q("select count(*) from migrations_app_migrationjob")[0][0] >= 2,
+            READY,
         )
         driver.send_signal(signal.SIGKILL)
         driver.wait(10)
@@ -247,8 +252,18 @@ def test_it_evacuates_lab_a_survives_killed_processes_and_moves_back(fleet_clust
 
         # Maintenance ends: move back through the same planner.
         c.manage("maintenance", "lab-a", "off")
+        # Bounded by the command's own --timeout: Cluster.manage's default 120 s limit would
+        # cut in first on a loaded machine (five moves back, a storage copy among them).
         back = c.manage(
-            "batch", str(batch_id), "move-back", "--wait", "--json", "--timeout", "300", check=False
+            "batch",
+            str(batch_id),
+            "move-back",
+            "--wait",
+            "--json",
+            "--timeout",
+            "300",
+            check=False,
+            timeout=330,
         )
         back = json.loads(back.stdout.strip().splitlines()[-1])
         assert back["status"] == "succeeded", back

@@ -5,8 +5,10 @@ tests drive through real processes: `manage.py` commands, a real migrations qclu
 tests/migrations_app/crash_worker.py (a worker that dies at a journal step).
 """
 
+import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -149,7 +151,9 @@ class Cluster:
         self.proc = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"],
             cwd=ROOT,
-            env=dict(self.env, Q_CLUSTER_NAME="migrations"),
+            env=dict(
+                self.env, Q_CLUSTER_NAME="migrations", KVMWEB_LOG_LEVEL="INFO"
+            ),  # workers_paused reads it
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: SIGKILL takes the workers too
@@ -159,6 +163,47 @@ class Cluster:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    @contextlib.contextmanager
+    def workers_paused(self):
+        """The worker processes of this qcluster stopped (SIGSTOP) for the block, then
+        continued. Idle, they wait on the cluster's in-memory queue and hold no database
+        lock; the pusher still takes messages off the broker. A job queued meanwhile and
+        claimed by the block's own process (migrate_vm --wait) is then not raced by a
+        worker, which on a loaded machine claimed it first; once continued, the worker's
+        copy of the message finds it taken. Only processes of this cluster's own process
+        group that its log names as workers are signalled."""
+        deadline = time.monotonic() + 120  # a cluster just (re)started logs its workers soon
+        while True:
+            log = (self.tmp / "qcluster.log").read_text(errors="replace")
+            pids = []
+            for pid in {int(p) for p in re.findall(r"ready for work at (\d+)", log)}:
+                try:
+                    if os.getpgid(pid) == self.proc.pid:
+                        pids.append(pid)
+                except ProcessLookupError:
+                    pass  # a worker of an earlier start of this cluster
+            if pids:
+                break
+            assert time.monotonic() < deadline, (
+                f"no worker of the running qcluster in its log:\n{log[-2000:]}"
+            )
+            time.sleep(0.1)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def queue_drained(self, timeout):
+        """Wait until the migrations queue holds no message (each one processed)."""
+        deadline = time.monotonic() + timeout
+        while self.q("select count(*) from django_q_ormq where key = 'migrations'")[0][0]:
+            assert time.monotonic() < deadline, "the migrations queue still holds messages"
+            time.sleep(0.1)
 
     def stop(self):
         """The end of the fixture: its DB is thrown away, so the cluster is killed at once
@@ -217,6 +262,7 @@ def _prepared(tmp):
         "-c",
         "from django.core.management import call_command; "
         f"call_command('migrate', '--noinput', verbosity=0); call_command('ensure_admin'); {hosts}",
+        timeout=300,  # every migration on a new DB: 43 s with two CPU burners beside other tests
     )
     template = tmp.parent / f"{tmp.name}-template.sqlite3"
     _copy_db(c.db, template)

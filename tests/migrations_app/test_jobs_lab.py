@@ -7,11 +7,14 @@ the worker runs (cancel, target libvirtd killed) run against a real
 `Q_CLUSTER_NAME=migrations manage.py qcluster` subprocess with its own file SQLite DB.
 """
 
+import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -301,25 +304,111 @@ STARTED = 120
 ENDED = 120
 
 
-# A guest that dirties 0.5 MiB/s (256 KiB every 500 ms): a 1 MiB/s cap is still enough
-# for the preflight's prediction, and the migration runs long enough for a control to
-# arrive mid-way however slowly manage.py starts.
-SLOW_DIRTIER = {"hot_mib": 0.25, "delay_ms": 500}
+# The guests of the tests below go through migrate_vm, whose preflight measures the dirty
+# rate; libvirt's page-sampling reads in steps of 2 MiB/s, so a guest dirtying 0.25 MiB/s
+# still read 2 or 4 MiB/s now and then and a 1 or 4 MiB/s cap was refused as
+# non-converging (lab/guests.py QUIET). lab.QUIET reads 0 (rarely 2): a 4 MiB/s cap is
+# always accepted. LONG fills 120 MiB: ~30 s at 4 MiB/s, so the migration still runs when
+# a control sent through a new manage.py (~2 s here, over 10 s on a loaded machine)
+# arrives; the control ends it, so the length costs nothing.
+QUIET = labkit.QUIET
+LONG = dict(labkit.QUIET, fill_mib=120)
 
 
 def _ended(job):
     return job["status"] in ("cancelled", "failed", "succeeded")
 
 
-def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
-    guest = lab_guest("mj-cancel", **SLOW_DIRTIER)
+# Run in a manage.py shell of the cluster: one line of Python per command, then "done"
+# (or its traceback and "failed").
+PRIMED = """
+import sys, traceback
+from django.core.management import call_command
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        exec(line)
+        print("done", flush=True)
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        print("failed", flush=True)
+"""
+
+
+class Primed:
+    """A manage.py process of the cluster, Django already loaded, that runs what it is
+    sent at once. A control sent through a new manage.py took 10-20 s to start on a
+    loaded machine: a migration the test meant to act on mid-way had ended by then (the
+    killed-worker test sent two, and its 8 s migration was over before the worker died)."""
+
+    def __init__(self, cluster):
+        self.proc = subprocess.Popen(
+            [sys.executable, "manage.py", "shell", "-c", PRIMED],
+            cwd=ROOT,
+            env=cluster.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._until(("ready",), STARTED)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # exited
+
+    def _until(self, markers, timeout):
+        said, deadline = [], time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"the primed manage.py did not answer in {timeout} s: {''.join(said)}"
+                ) from None
+            if line is None:
+                raise AssertionError(f"the primed manage.py exited ({self.proc.wait(30)}): {''.join(said)}")
+            if line.strip() in markers:
+                assert line.strip() != "failed", "".join(said)
+                return "".join(said)
+            said.append(line)
+
+    def python(self, code):
+        """Run one line of Python there; returns what it printed."""
+        self.proc.stdin.write(code + "\n")
+        self.proc.stdin.flush()
+        return self._until(("done", "failed"), ENDED)
+
+    def manage(self, *args):
+        """call_command(*args) there (what `manage.py ARGS` runs); returns its output."""
+        return self.python(f"call_command(*{[str(a) for a in args]!r})")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self.proc.stdin.close()
+
+
+@pytest.fixture
+def primed(cluster):
+    p = Primed(cluster)
+    yield p
+    p.close()
+
+
+def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest, primed):
+    guest = lab_guest("mj-cancel", **LONG)
     _sync_cli(cluster, "lab-a")
-    # 1 MiB/s: 32 MiB of dirtied RAM take over 30 s, so the migration still runs when the
-    # cancel arrives (a manage.py process starts in ~2 s here, in over 10 s on a loaded
-    # machine); the cancel ends it, so the slow cap costs nothing.
-    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "1")
+    # 4 MiB/s: 120 MiB of filled RAM take ~30 s, so the migration still runs when the
+    # cancel arrives; the cancel ends it, so the slow cap costs nothing.
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4")
     cluster.wait(job_id, _running, STARTED, "running with progress")
-    cluster.manage("migration_job", str(job_id), "cancel")
+    primed.manage("migration_job", job_id, "cancel")
     job = cluster.wait(job_id, _ended, ENDED, "final")
     assert job["status"] == "cancelled", job
     assert "still running on lab-a" in job["error"]
@@ -331,13 +420,13 @@ def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest):
     labkit.wait_counter_moves("lab-a", guest)
 
 
-def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_guest):
-    guest = lab_guest("mj-bw", **SLOW_DIRTIER)
+def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_guest, primed):
+    guest = lab_guest("mj-bw", **LONG)
     _sync_cli(cluster, "lab-a")
-    # 1 MiB/s: still running when the change arrives (it lifts the cap: no time lost).
-    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "1", "--max-downtime", "500")
+    # 4 MiB/s: still running when the change arrives (it lifts the cap: no time lost).
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4", "--max-downtime", "500")
     cluster.wait(job_id, _running, STARTED, "running with progress")
-    cluster.manage("migration_job", str(job_id), "bandwidth", "0")  # unlimited: it finishes at once
+    primed.manage("migration_job", job_id, "bandwidth", "0")  # unlimited: it finishes at once
     job = cluster.wait(job_id, _ended, ENDED, "final")
     assert job["status"] == "succeeded", job
     messages = [m for _at, m in cluster.events(job_id)]
@@ -345,15 +434,15 @@ def test_it_applies_a_bandwidth_change_while_the_migration_runs(cluster, lab_gue
     assert labkit.where(guest) == {"lab-b": "running"}
 
 
-def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_guest):
-    guest = lab_guest("mj-postcopy", **SLOW_DIRTIER)
+def test_it_switches_a_running_migration_to_post_copy_on_request(cluster, lab_guest, primed):
+    guest = lab_guest("mj-postcopy", **LONG)
     _sync_cli(cluster, "lab-a")
-    # 1 MiB/s: still in pre-copy when the switch arrives; post-copy then runs uncapped
+    # 4 MiB/s: still in pre-copy when the switch arrives; post-copy then runs uncapped
     # (libvirt sets no post-copy bandwidth unless asked).
-    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "1", "--postcopy")
+    job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4", "--postcopy")
     cluster.wait(job_id, _running, STARTED, "running with progress")
     before = labkit.read_counter("lab-a", guest)
-    cluster.manage("migration_job", str(job_id), "postcopy")
+    primed.manage("migration_job", job_id, "postcopy")
     job = cluster.wait(job_id, _ended, ENDED, "final")
     assert job["status"] == "succeeded", job
     messages = [m for _at, m in cluster.events(job_id)]
@@ -368,9 +457,13 @@ def test_it_runs_migrate_vm_with_wait_in_its_own_process(cluster, lab_guest):
     the message finds the job taken), with one "picked up" line."""
     guest = lab_guest("mj-cli", running=False)
     _sync_cli(cluster, "lab-a")
-    r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
+    # The worker gets the message only after the command claimed the job: on a loaded
+    # machine an idle worker otherwise claimed it first (the command then follows it).
+    with cluster.workers_paused():
+        r = cluster.manage("migrate_vm", guest, "lab-b", "--mode", "offline", "--wait", "--json", "--ack-all")
     job = json.loads(r.stdout.strip().splitlines()[-1])
     assert job["status"] == "succeeded" and job["target"] == "lab-b", r.stdout
+    cluster.queue_drained(ENDED)  # the worker's copy of the message was processed: it did nothing
     (worker,) = cluster.q("select worker from migrations_app_migrationjob where id=?", job["id"])[0]
     assert worker.startswith("migrate_vm:"), worker
     messages = [m for _at, m in cluster.events(job["id"])]
@@ -381,18 +474,18 @@ def test_it_runs_migrate_vm_with_wait_in_its_own_process(cluster, lab_guest):
     assert again.returncode != 0 and "Live migration needs a running VM" in again.stdout + again.stderr
 
 
-def test_it_cancels_a_cold_job_while_it_waits_for_the_shutdown(cluster, lab_guest):
+def test_it_cancels_a_cold_job_while_it_waits_for_the_shutdown(cluster, lab_guest, primed):
     guest = lab_guest("mj-coldcancel")  # ignores ACPI: the shutdown wait runs its course
     _sync_cli(cluster, "lab-a")
     job_id = cluster.migrate(guest, "lab-b", "--mode", "cold", "--shutdown-timeout", "60")
     cluster.wait(job_id, lambda j: j["status"] == "running", STARTED, "running")
-    cluster.manage("migration_job", str(job_id), "cancel")
+    primed.manage("migration_job", job_id, "cancel")
     job = cluster.wait(job_id, _ended, ENDED, "final")
     assert job["status"] == "cancelled" and "during the shutdown" in job["error"], job
     assert labkit.where(guest) == {"lab-a": "running"}
 
 
-def test_it_forces_off_now_a_guest_that_ignores_acpi_and_finishes_the_move(cluster, lab_guest):
+def test_it_forces_off_now_a_guest_that_ignores_acpi_and_finishes_the_move(cluster, lab_guest, primed):
     guest = lab_guest("mj-forceoff")  # ignores ACPI: without "Force off now" it would wait 120 s
     _sync_cli(cluster, "lab-a")
     job_id = cluster.migrate(guest, "lab-b", "--mode", "cold", "--shutdown-timeout", "120")
@@ -404,12 +497,10 @@ def test_it_forces_off_now_a_guest_that_ignores_acpi_and_finishes_the_move(clust
     stored = cluster.q("select shutdown_deadline from migrations_app_migrationjob where id=?", job_id)[0][0]
     assert stored  # every watcher counts down to this instant
     asked = time.monotonic()
-    cluster.manage(
-        "shell",
-        "-c",
+    primed.python(
         "from django.contrib.auth.models import User; from migrations_app import services; "
         "from migrations_app.models import MigrationJob; "
-        f"services.do_force_off_now(MigrationJob.objects.get(pk={job_id}), User.objects.get(username='admin'))",
+        f"services.do_force_off_now(MigrationJob.objects.get(pk={job_id}), User.objects.get(username='admin'))"
     )
     job = cluster.wait(job_id, _ended, ENDED, "final")
     took = time.monotonic() - asked
@@ -431,58 +522,29 @@ def _seconds(text):
     return datetime.fromisoformat(text.replace(" ", "T")).timestamp()
 
 
-def _primed_reconcile(cluster, job_id):
-    """A manage.py process, Django already loaded, that reconciles the job (only that
-    one, at once: ``--job ID --stale 0``) when it reads a line on stdin. Started before
-    the worker is killed, so reconcile meets the migration still running in libvirt
-    however slowly this machine starts a Python process."""
-    code = (
-        "import sys; from django.core.management import call_command; print('ready', flush=True); "
-        f"sys.stdin.readline(); call_command('reconcile_jobs', '--job', '{job_id}', '--stale', '0')"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", "shell", "-c", code],
-        cwd=ROOT,
-        env=cluster.env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    for line in proc.stdout:
-        if line.strip() == "ready":
-            return proc
-    raise AssertionError(f"the reconcile process exited before it was ready: {proc.wait(30)}")
-
-
-def test_it_reconciles_after_the_worker_is_killed_and_never_migrates_twice(cluster, lab_guest):
-    guest = lab_guest("mj-kill", **SLOW_DIRTIER)
+def test_it_reconciles_after_the_worker_is_killed_and_never_migrates_twice(cluster, lab_guest, primed):
+    guest = lab_guest("mj-kill", **QUIET)
     _sync_cli(cluster, "lab-a")
-    # 4 MiB/s (~8 s for 32 MiB of dirtied RAM): the migration must still run in libvirt
-    # when reconcile comes, which the primed reconcile process below makes a matter of
-    # milliseconds, not of a Python start-up.
+    # 4 MiB/s (~9 s for 32 MiB of filled RAM): the migration must still run in libvirt
+    # when reconcile comes, which the primed process makes a matter of milliseconds after
+    # the kill, not of a Python start-up.
     job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4")
     # A duplicate delivery of the same message (what the ORM broker does after `retry`).
-    cluster.manage(
-        "shell",
-        "-c",
-        f"from django_q.tasks import async_task; async_task('migrations_app.tasks.run_migration', {job_id}, cluster='migrations')",
+    primed.python(
+        "from django_q.tasks import async_task; "
+        f"async_task('migrations_app.tasks.run_migration', {job_id}, cluster='migrations')"
     )
-    reconcile = _primed_reconcile(cluster, job_id)
     try:
         cluster.wait(job_id, _running, STARTED, "running with progress")
         cluster.kill()
         killed_at = time.monotonic()
-        said = reconcile.communicate("go\n", timeout=ENDED)[0]
+        said = primed.manage("reconcile_jobs", "--job", job_id, "--stale", "0")
         deadline = killed_at + ENDED
         while not _ended(cluster.job(job_id)):  # backstop: more passes, as the scheduled task does
             assert time.monotonic() < deadline, f"not reconciled: {cluster.job(job_id)} {said}"
             cluster.manage("reconcile_jobs", "--job", str(job_id), "--stale", "0")
         took = time.monotonic() - killed_at
     finally:
-        if reconcile.poll() is None:
-            reconcile.kill()
-            reconcile.wait(10)
         cluster.start()
     job = cluster.job(job_id)
     where = labkit.where(guest)
@@ -501,9 +563,10 @@ def test_it_fails_clearly_when_the_target_libvirtd_dies_mid_migration(cluster, l
     started = labkit.up(3)  # lab-c: killing its daemon disturbs nobody else's tests
     try:
         cluster.manage("add_host", "lab-c", labkit.uri("lab-c"), "--no-sync", check=False)
-        guest = lab_guest("mj-tgtkill", **SLOW_DIRTIER)
+        guest = lab_guest("mj-tgtkill", **QUIET)
         _sync_cli(cluster, "lab-a")
-        job_id = cluster.migrate(guest, "lab-c", "--mode", "live", "--bandwidth", "8")
+        # 4 MiB/s (~9 s): still running when the daemon is killed; the kill ends it.
+        job_id = cluster.migrate(guest, "lab-c", "--mode", "live", "--bandwidth", "4")
         cluster.wait(job_id, _running, STARTED, "running with progress")
         from lab import core
 
@@ -567,30 +630,36 @@ def test_it_serves_migrate_vm_wait_and_cancels_the_job_on_ctrl_c(cluster, cli_se
     from migrations_app.cliclient import ROOT
 
     env, log = cli_server
-    guest = lab_guest("mj-served", **SLOW_DIRTIER)
+    guest = lab_guest("mj-served", **QUIET)
     _sync_cli(cluster, "lab-a")
     before = cluster.q("select coalesce(max(id), 0) from migrations_app_migrationjob")[0][0]
-    cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "8"]
-    proc = subprocess.Popen(
-        [*cmd, "--ack-all", "--wait"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
-        cluster.wait(job_id, _running, 60, "running with progress")
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # 4 MiB/s (~9 s): still running when Ctrl-C comes; the cancel ends it.
+    cmd = [sys.executable, "manage.py", "migrate_vm", guest, "lab-b", "--mode", "live", "--bandwidth", "4"]
+    with contextlib.ExitStack() as paused:
+        # The served process claims the job before the worker sees the message (as in
+        # test_it_runs_migrate_vm_with_wait_in_its_own_process); continued once it runs.
+        paused.enter_context(cluster.workers_paused())
+        proc = subprocess.Popen(
+            [*cmd, "--ack-all", "--wait"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not cluster.q("select id from migrations_app_migrationjob where id > ?", before):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            job_id = cluster.q("select id from migrations_app_migrationjob where id > ?", before)[0][0]
+            cluster.wait(job_id, _running, STARTED, "running with progress")
+            paused.close()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 1, (out, err)
     assert "cancelling job" in err
     assert "migrate_vm in process" in log.read_text()

@@ -49,7 +49,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, proc, timeout=30.0):
+def wait_port(port, proc, timeout=120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -104,8 +104,21 @@ class Processes:
 
     def qcluster(self, cluster="migrations", name=None, **env):
         extra = {"Q_CLUSTER_NAME": cluster} if cluster != "default" else {}
+        extra["KVMWEB_LOG_LEVEL"] = "INFO"  # its "running." line, which wait_running reads
         extra.update(env)
         return self.start([sys.executable, "manage.py", "qcluster"], name or f"qcluster-{cluster}", **extra)
+
+    def wait_running(self, *clusters, timeout=120.0):
+        """Wait until every qcluster in ``clusters`` logged "running." (its workers and
+        its poller started): a fixed sleep is too short on a loaded machine."""
+        deadline = time.monotonic() + timeout
+        for proc in clusters:
+            while "] running." not in proc.log_path.read_text(errors="replace"):
+                assert proc.poll() is None, f"{proc.name} exited\n{self.logs()}"
+                assert time.monotonic() < deadline, (
+                    f"{proc.name} not running after {timeout} s\n{self.logs()}"
+                )
+                time.sleep(0.1)
 
     def python(self, code, name, **env):
         return self.start([sys.executable, "-c", code], name, **env)

@@ -54,7 +54,7 @@ def test_it_migrates_once_with_two_clusters_and_streams_to_two_daphnes(
     web = [processes.daphne(f"daphne-{i}") for i in (1, 2)]
     client.force_login(operator)
     cookies = {"sessionid": client.cookies["sessionid"].value}
-    time.sleep(2.0)  # both clusters polling
+    processes.wait_running(*clusters)  # both polling
 
     vm = VM.objects.get(uuid=guest.uuid)
     options = {"bandwidth": 32}

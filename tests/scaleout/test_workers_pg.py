@@ -160,7 +160,7 @@ def test_it_lets_exactly_one_of_two_processes_claim_each_job(processes):
 def test_it_runs_each_job_once_with_two_migration_clusters_and_duplicate_messages(processes, capsys):
     jobs = queued_jobs(10)
     clusters = [processes.qcluster("migrations", name=f"qcluster-migrations-{i}") for i in (1, 2)]
-    time.sleep(2.0)  # let both clusters start polling, so they really compete
+    processes.wait_running(*clusters)  # both polling, so they really compete
     for job in jobs:
         for _copy in range(2):  # a duplicated / redelivered message per job
             with transaction.atomic():
