@@ -543,3 +543,16 @@ def test_it_judges_a_plan_with_a_convergence_ladder_at_the_ladders_top_step(fake
         "prediction"
     ]
     assert short.status == "fail" and "ladder will abort it" in short.message
+
+
+def test_it_warns_instead_of_refusing_when_one_sampling_step_decides_convergence(fake):
+    # 64 MiB to send at a 4 MiB/s cap. Page sampling reads in 2 MiB/s steps: a reading of
+    # 4 MiB/s may be 2 MiB/s, where the plan converges; a warning that says so.
+    small = {"domain": domain_facts(rss=64 * MIB), "dirty": 4}
+    borderline = fake("live", source=small, bandwidth=4)["prediction"]
+    assert borderline.status == "warn", borderline.message
+    assert "steps of 2 MiB/s" in borderline.message and "at 2 MiB/s it would" in borderline.message
+    assert borderline.details["dirty_rate_step_mib_s"] == 2
+    # The same reading at a 2 MiB/s cap: one step lower still does not converge, a refusal.
+    fast = fake("live", bandwidth=2)["prediction"]
+    assert fast.status == "fail" and "will not converge" in fast.message
