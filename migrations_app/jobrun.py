@@ -29,6 +29,22 @@ from migrations_app.services import add_event, publish_job
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
+# A heartbeat is written at most this often (any progress or row write is one too):
+# reconcile calls a job stale after migrations_app/reconcile.STALE_SECONDS (10 s) without
+# one. With eight jobs at once on SQLite, a heartbeat every poll (4/s per job) was a third
+# of the time the jobs' threads spent waiting for the database's write lock
+# (benchmarks/concurrent_migrations.py), and the runner noticed a finished checklist
+# only after its heartbeat got the lock.
+HEARTBEAT_SECONDS = 2.0
+# Progress sampling adapts to how many jobs run at once (every worker and process writes
+# to the same database): about SAMPLES_PER_SECOND samples a second in all, each job at
+# least every MAX_POLL_SECONDS and at most every POLL_SECONDS. One or two jobs: 4/s each;
+# eight: 1/s each. The count is read again every COUNT_SECONDS. A finished migration call
+# is noticed at once whatever the interval (the monitor waits on it), and so is a
+# control request on the next sample.
+SAMPLES_PER_SECOND = 8
+MAX_POLL_SECONDS = 1.0
+COUNT_SECONDS = 2.0
 STARTING_UP_SECONDS = 60
 MIB = 1048576
 
@@ -159,6 +175,9 @@ class JobRun:
         self.connections = None  # source connections opened while the checklist runs
         self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
         self.checked = None  # the checklist the caller just ran, instead of the re-check
+        self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
+        self.counted_at = None  # when poll_seconds last counted the running jobs
+        self.interval = POLL_SECONDS
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)
@@ -170,6 +189,7 @@ class JobRun:
         MigrationJob.objects.filter(pk=self.job_id).update(
             **fields, heartbeat_at=now, progress_seq=F("progress_seq") + 1
         )
+        self.beat_at = time.monotonic()
         publish_job(self.job_id)
 
     def event(self, message, level="info"):
@@ -178,7 +198,8 @@ class JobRun:
 
     def progress(self, fields, sample=True, mark=""):
         """One progress write (row + chart sample, ``mark`` labels a convergence-ladder
-        step on the chart) and the phase/iteration events."""
+        step on the chart) and the phase/iteration events, in one transaction: on SQLite
+        each transaction waits for the one write lock every job shares."""
         now = timezone.now()
         with transaction.atomic():
             MigrationJob.objects.filter(pk=self.job_id).update(
@@ -195,20 +216,35 @@ class JobRun:
                     iteration=fields.get("iteration", 0),
                     mark=mark,
                 )
-        phase = fields.get("phase")
-        if phase and phase != self.last_phase:
-            self.last_phase = phase
-            write_event(self.job_id, ("phase", {"phase": phase}))
-        iteration = fields.get("iteration", 0)
-        if iteration > self.last_iteration and iteration > 1:
-            # One line per job, updated in place: a job that makes 1,000 passes must not
-            # grow its page by 1,000 lines.
-            write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
+            phase = fields.get("phase")
+            if phase and phase != self.last_phase:
+                write_event(self.job_id, ("phase", {"phase": phase}))
+            iteration = fields.get("iteration", 0)
+            if iteration > self.last_iteration and iteration > 1:
+                # One line per job, updated in place: a job that makes 1,000 passes must
+                # not grow its page by 1,000 lines.
+                write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
+        self.last_phase = phase or self.last_phase
         self.last_iteration = max(self.last_iteration, iteration)
+        self.beat_at = time.monotonic()
         publish_job(self.job_id)
 
-    def heartbeat(self):
+    def poll_seconds(self):
+        """How long to wait before the next progress sample (see SAMPLES_PER_SECOND)."""
+        now = time.monotonic()
+        if self.counted_at is None or now - self.counted_at >= COUNT_SECONDS:
+            self.counted_at = now
+            running = MigrationJob.objects.filter(status__in=states.WORKING).count()
+            self.interval = min(MAX_POLL_SECONDS, max(POLL_SECONDS, running / SAMPLES_PER_SECOND))
+        return self.interval
+
+    def heartbeat(self, force=False):
+        """Tell reconcile this worker is alive: written when the last one is older than
+        HEARTBEAT_SECONDS (or ``force``), otherwise nothing to do."""
+        if not force and time.monotonic() - self.beat_at < HEARTBEAT_SECONDS:
+            return
         MigrationJob.objects.filter(pk=self.job_id).update(heartbeat_at=timezone.now())
+        self.beat_at = time.monotonic()
 
     def controls(self):
         """The control fields as they are on the row now."""
@@ -300,9 +336,6 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     result.update(extra or {})
     if live:
         result["link_mibs"] = link_sample(job, stats)
-        prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
-    if records is not None:
-        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration", partial=True)
     run.mark("concluded")
     result["timing_ms"] = dict(run.marks)
     fields = {
@@ -323,7 +356,15 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         # RAM phase (seen with 8 concurrent jobs on 2 CPUs): the completed statistics
         # still say how much memory the guest had.
         fields["memory_total"] = stats["memory_total"]
-    finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    # One transaction: the VM row moved to the target, the cost sample, the job's final
+    # state and its audit event. On SQLite each transaction waits for the write lock all
+    # running jobs share: three of them here took up to 3 s with eight jobs at once.
+    with transaction.atomic():
+        if live:
+            prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
+        if records is not None:
+            apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration", partial=True)
+        finish(run, MigrationJob.SUCCEEDED, "", **fields)
     if run.defer_sync:
         queue_sync(job)
     else:
