@@ -85,16 +85,17 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     instead of running it before returning (the moved VM is recorded either way)."""
     worker = worker or worker_name()
     now = timezone.now()
-    claimed = transition(
-        job_id,
-        MigrationJob.PREFLIGHT,
-        from_=[MigrationJob.QUEUED],
-        worker=worker,
-        heartbeat_at=now,
-        started_at=now,
-        where=claim_condition(now),
-        event=("picked_up", {"worker": worker}),
-    )
+    with writing():  # queued behind the other jobs' writes (jobrun.writing)
+        claimed = transition(
+            job_id,
+            MigrationJob.PREFLIGHT,
+            from_=[MigrationJob.QUEUED],
+            worker=worker,
+            heartbeat_at=now,
+            started_at=now,
+            where=claim_condition(now),
+            event=("picked_up", {"worker": worker}),
+        )
     if not claimed:
         return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)

@@ -347,7 +347,7 @@ def monitor(run, mon, op=None):
             if fields["phase"] == "memory":
                 judge_convergence(run, fields)
                 mark = ladder_step(run, mon, uuid, fields)
-            run.progress(fields, mark=mark)
+            run.progress(fields, mark=mark, optional=not mark)
         else:
             run.heartbeat()
         row = run.controls()
