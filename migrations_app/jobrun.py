@@ -58,6 +58,17 @@ def worker_name():
 _writer = threading.local()
 
 
+def writers_lock_path():
+    """The writers' lock file of a SQLite database file (next to it), or None: another
+    database, or an in-memory one (nobody else writes to it)."""
+    if connection.vendor != "sqlite":
+        return None
+    name = str(connection.settings_dict["NAME"])
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return f"{name}-writers.lock"
+
+
 @contextmanager
 def writing(wait=True):
     """Around one write transaction of a job's thread: on SQLite, queue behind the other
@@ -74,22 +85,15 @@ def writing(wait=True):
     (web requests, the queue) still meet them on SQLite's own lock, as before. The kernel
     drops it with its process. Nothing to do on other databases."""
     depth = getattr(_writer, "depth", 0)
-    name = str(connection.settings_dict["NAME"])
-    if (
-        depth
-        or connection.vendor != "sqlite"
-        or connection.in_atomic_block
-        or not name
-        or name == ":memory:"
-        or name.startswith("file:")
-    ):
+    path = None if depth or connection.in_atomic_block else writers_lock_path()
+    if path is None:
         _writer.depth = depth + 1
         try:
             yield True
         finally:
             _writer.depth = depth
         return
-    fd = os.open(f"{name}-writers.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
