@@ -69,6 +69,15 @@ def writers_lock_path():
     return f"{name}-writers.lock"
 
 
+def _without_lock(depth):
+    """writing() nested in itself or in a transaction, or with no lock to take."""
+    _writer.depth = depth + 1
+    try:
+        yield True
+    finally:
+        _writer.depth = depth
+
+
 @contextmanager
 def writing(wait=True):
     """Around one write transaction of a job's thread: on SQLite, queue behind the other
@@ -87,13 +96,16 @@ def writing(wait=True):
     depth = getattr(_writer, "depth", 0)
     path = None if depth or connection.in_atomic_block else writers_lock_path()
     if path is None:
-        _writer.depth = depth + 1
-        try:
-            yield True
-        finally:
-            _writer.depth = depth
+        yield from _without_lock(depth)
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Read-only is enough for flock: a process of another user (migrate_vm run by an
+        # administrator) can share a lock file the workers' user created.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:  # a lock file we may not open: write as before, unqueued
+        log.warning("writers' lock %s unusable (%s); writing without it", path, exc)
+        yield from _without_lock(depth)
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

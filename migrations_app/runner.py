@@ -8,11 +8,13 @@ Shape of a run (docs/architecture.md):
    got there first, or the job is not due: then it is held with the reason
    (windows.hold) and windows.release_due queues it when its time comes. A redelivered
    or duplicated task is harmless; a migration never starts twice.
-2. Preflight again, right before starting (the world may have changed since the wizard);
-   a blocking result fails the job with the new report stored.
+2. Preflight again, right before starting (the world may have changed since the wizard):
+   the checks of what can change, the static ones taken from a fresh checklist
+   (STATIC_CHECKS); a blocking result fails the job with the new report stored.
 3. The mode runs it (migrations_app/modes/): live modes call migrateToURI3 in a helper
-   thread while this thread polls jobStats about 4x/s, writes progress, heartbeats and
-   applies the controls; cold and offline walk their journal.
+   thread while this thread polls jobStats (4x/s, less often with many jobs running:
+   JobRun.poll_seconds), writes progress, heartbeats and applies the controls; cold and
+   offline walk their journal.
 4. Conclude from what libvirt says (migrations_app/jobrun.py): figures, inventory, audit,
    and a message that says in plain words where the VM is.
 """
