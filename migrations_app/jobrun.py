@@ -439,15 +439,17 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         # RAM phase (seen with 8 concurrent jobs on 2 CPUs): the completed statistics
         # still say how much memory the guest had.
         fields["memory_total"] = stats["memory_total"]
-    # One transaction: the VM row moved to the target, the cost sample, the job's final
-    # state and its audit event. On SQLite each transaction waits for the write lock all
-    # running jobs share: three of them here took up to 3 s with eight jobs at once.
+    # One transaction: the VM row moved to the target, the job's final state and its
+    # audit event. On SQLite each transaction waits for the write lock all running jobs
+    # share: three of them here took up to 3 s with eight jobs at once.
+    host = Host.objects.get(pk=job.target_id) if records is not None else None
     with writing(), transaction.atomic():
-        if live:
-            prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
         if records is not None:
-            apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration", partial=True)
+            apply_inventory(host, records, via="migration", partial=True)
         finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    if live:  # a prediction aid (fixed costs per host pair): after the job ended
+        with writing():
+            prediction.record(job, stats, result["link_mibs"])
     if run.defer_sync:
         queue_sync(job)
     else:
