@@ -246,6 +246,7 @@ class JobRun:
         self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
         self.counted_at = None  # when poll_seconds last counted the running jobs
         self.interval = POLL_SECONDS
+        self.sampled = 0  # progress samples written
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)
@@ -273,9 +274,10 @@ class JobRun:
         written when another job is writing right now (the next sample follows within a
         second) unless the last heartbeat is HEARTBEAT_SECONDS old; returns whether it
         was written. With eight jobs at once, a claim or a conclusion then waits behind
-        fewer progress samples."""
+        fewer progress samples. A job's first sample is always written (a short
+        migration would otherwise end without any)."""
         overdue = time.monotonic() - self.beat_at >= HEARTBEAT_SECONDS
-        with writing(wait=not optional or overdue) as free:
+        with writing(wait=not optional or overdue or not self.sampled) as free:
             if not free:
                 return False
             self._progress(fields, sample, mark)
@@ -299,6 +301,7 @@ class JobRun:
                     iteration=fields.get("iteration", 0),
                     mark=mark,
                 )
+                self.sampled += 1
             phase = fields.get("phase")
             if phase and phase != self.last_phase:
                 write_event(self.job_id, ("phase", {"phase": phase}))
@@ -312,7 +315,10 @@ class JobRun:
         self.beat_at = time.monotonic()
 
     def poll_seconds(self):
-        """How long to wait before the next progress sample (see SAMPLES_PER_SECOND)."""
+        """How long to wait before the next progress sample (see SAMPLES_PER_SECOND);
+        POLL_SECONDS until the job's first sample is written."""
+        if not self.sampled:
+            return POLL_SECONDS
         now = time.monotonic()
         if self.counted_at is None or now - self.counted_at >= COUNT_SECONDS:
             self.counted_at = now

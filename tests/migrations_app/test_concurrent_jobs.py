@@ -70,9 +70,14 @@ def test_it_writes_a_heartbeat_at_most_every_heartbeat_seconds(make_job):
 def test_it_samples_less_often_the_more_jobs_run(make_job):
     job = make_job()
     run = jobrun.JobRun(job, "w:1")
-    assert run.poll_seconds() == jobrun.POLL_SECONDS  # one job: 4 samples a second
     for i in range(7):
         make_job(vm_name=f"web{i + 2}", status=MigrationJob.RUNNING)
+    assert run.poll_seconds() == jobrun.POLL_SECONDS  # until the first sample is written
+    run.sampled = 1
+    run.counted_at = None
+    MigrationJob.objects.exclude(pk=job.pk).update(status=MigrationJob.SUCCEEDED)
+    assert run.poll_seconds() == jobrun.POLL_SECONDS  # one job: 4 samples a second
+    MigrationJob.objects.filter(status=MigrationJob.SUCCEEDED).update(status=MigrationJob.RUNNING)
     assert run.poll_seconds() == jobrun.POLL_SECONDS  # counted again only after COUNT_SECONDS
     run.counted_at -= jobrun.COUNT_SECONDS
     assert run.poll_seconds() == 8 / jobrun.SAMPLES_PER_SECOND == 1.0
@@ -86,6 +91,7 @@ def test_it_samples_less_often_the_more_jobs_run(make_job):
 def test_it_skips_an_optional_progress_sample_while_another_job_writes(make_job, other_writer):
     job = make_job()
     run = jobrun.JobRun(job, "w:1")
+    run.sampled = 1  # the job's first sample is always written (test below)
     fields = {"phase": "memory", "percent": 10.0, "iteration": 1}
     assert run.progress(fields, optional=True) is False
     assert not ProgressSample.objects.filter(job=job).exists()
@@ -98,10 +104,13 @@ def test_it_skips_an_optional_progress_sample_while_another_job_writes(make_job,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_waits_for_the_lock_when_the_heartbeat_is_due(make_job, other_writer):
+@pytest.mark.parametrize("why", ["heartbeat due", "first sample"])
+def test_it_waits_for_the_lock_when_the_heartbeat_is_due_or_for_the_first_sample(make_job, other_writer, why):
     job = make_job()
     run = jobrun.JobRun(job, "w:1")
-    run.beat_at -= jobrun.HEARTBEAT_SECONDS
+    if why == "heartbeat due":
+        run.sampled = 1
+        run.beat_at -= jobrun.HEARTBEAT_SECONDS
     waiting = threading.Event()
     done = {}
 
