@@ -95,8 +95,39 @@ def stop_cluster(proc):
         proc.wait(5)
 
 
-def kvmweb_round(user, guests, positions, bandwidth):
-    """All guests one host on, through kvmweb; returns (wall seconds, jobs, submit seconds)."""
+def machine_busy():
+    """CPU seconds the whole machine spent busy so far (every core, /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu(clusters):
+    """CPU seconds used so far by the migrations clusters' processes (each cluster is a
+    session of its own: the qcluster process, its workers, their helper threads) and by
+    this process (its confirmation threads and its polling), as (clusters, this process)."""
+    sessions = {proc.pid for proc in clusters}
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat[3]) in sessions:  # field 6 (session id), counted after the ")"
+            total += int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])
+    usage = os.times()
+    return total / tick, usage.user + usage.system
+
+
+def kvmweb_round(user, guests, positions, bandwidth, clusters):
+    """All guests one host on, through kvmweb; returns (wall seconds, jobs, submit seconds,
+    {"workers_cpu": CPU seconds of the clusters, "web_cpu": of the confirmations and this
+    process's polling, "busy_cpu": of the whole machine})."""
     from django.db import connections
 
     from hosts.models import VM, Host
@@ -133,6 +164,7 @@ def kvmweb_round(user, guests, positions, bandwidth):
     threads = [threading.Thread(target=confirm, args=(i, *p)) for i, p in enumerate(prepared)]
     for t in threads:
         t.start()
+    cpu0, busy0 = cluster_cpu(clusters), machine_busy()
     t0 = time.monotonic()
     go.wait()
     for t in threads:
@@ -147,7 +179,13 @@ def kvmweb_round(user, guests, positions, bandwidth):
             raise SystemExit("kvmweb jobs did not finish within 10 minutes")
         time.sleep(0.02)
     wall = time.monotonic() - t0
-    return wall, list(MigrationJob.objects.filter(pk__in=ids).order_by("pk")), submitted
+    cpu1 = cluster_cpu(clusters)
+    cpu = {
+        "workers_cpu": cpu1[0] - cpu0[0],
+        "web_cpu": cpu1[1] - cpu0[1],
+        "busy_cpu": machine_busy() - busy0,
+    }
+    return wall, list(MigrationJob.objects.filter(pk__in=ids).order_by("pk")), submitted, cpu
 
 
 def check_jobs(jobs, memory_of):
@@ -193,6 +231,7 @@ def virsh_round(guests, positions, bandwidth):
     import lab
 
     procs = []
+    busy0, children0 = machine_busy(), os.times()
     t0 = time.monotonic()
     for name in guests:
         src = positions[name]
@@ -206,9 +245,17 @@ def virsh_round(guests, positions, bandwidth):
         if proc.returncode != 0:
             failures.append(f"{name}: {err.strip()}")
     wall = time.monotonic() - t0
+    children = os.times()
+    cpu = {
+        "virsh_cpu": children.children_user
+        + children.children_system
+        - children0.children_user
+        - children0.children_system,
+        "busy_cpu": machine_busy() - busy0,
+    }
     if failures:
         raise SystemExit("virsh failed: " + "; ".join(failures))
-    return wall
+    return wall, cpu
 
 
 def main():
@@ -285,7 +332,9 @@ def main():
         for r in range(args.rounds):
             for side in ("kvmweb", "virsh") if r % 2 == 0 else ("virsh", "kvmweb"):
                 if side == "kvmweb":
-                    wall, jobs, submitted = kvmweb_round(user, guests, positions, args.bandwidth)
+                    wall, jobs, submitted, cpu = kvmweb_round(
+                        user, guests, positions, args.bandwidth, clusters
+                    )
                     problems = check_jobs(jobs, memory_of)
                     elapsed = [j.elapsed_ms / 1000 for j in jobs if j.elapsed_ms]
                     downtime = [j.downtime_ms for j in jobs if j.downtime_ms is not None]
@@ -305,25 +354,33 @@ def main():
                         + ("figures all correct" if not problems else f"PROBLEMS: {problems}")
                         + f"\n    where kvmweb's time goes (median): queue pickup {statistics.median(pickup):.2f} s, "
                         f"worker time around the libvirt migration (preflight again, stats, inventory "
-                        f"sync, audit) {statistics.median(around):.2f} s",
+                        f"sync, audit) {statistics.median(around):.2f} s; CPU during the round: kvmweb workers "
+                        f"{cpu['workers_cpu']:.2f} s, confirmations {cpu['web_cpu']:.2f} s, whole machine "
+                        f"{cpu['busy_cpu']:.2f} s",
                         flush=True,
                     )
                     rows.append(("kvmweb", wall, not problems))
                     figures.setdefault("pickup_s", []).append(round(statistics.median(pickup), 3))
                     figures.setdefault("pickup_max_s", []).append(round(max(pickup), 3))
                     figures.setdefault("around_s", []).append(round(statistics.median(around), 3))
+                    figures.setdefault("workers_cpu_s", []).append(round(cpu["workers_cpu"], 2))
+                    figures.setdefault("web_cpu_s", []).append(round(cpu["web_cpu"], 2))
+                    figures.setdefault("kvmweb_busy_s", []).append(round(cpu["busy_cpu"], 2))
                 else:
-                    wall = virsh_round(guests, positions, args.bandwidth)
+                    wall, cpu = virsh_round(guests, positions, args.bandwidth)
                     for h in hosts.values():  # kvmweb learns where virsh put them (not timed)
                         host_services.do_sync_inventory(h)
                     for name in guests:
                         dst = HOSTS[(HOSTS.index(positions[name]) + 1) % len(HOSTS)]
                         lab.wait_counter_moves(dst, name)
                     print(
-                        f"round {r + 1} virsh:  wall {wall:.2f} s ({len(guests)}/{len(guests)} succeeded)",
+                        f"round {r + 1} virsh:  wall {wall:.2f} s ({len(guests)}/{len(guests)} succeeded); "
+                        f"CPU during the round: virsh {cpu['virsh_cpu']:.2f} s, whole machine {cpu['busy_cpu']:.2f} s",
                         flush=True,
                     )
                     rows.append(("virsh", wall, True))
+                    figures.setdefault("virsh_cpu_s", []).append(round(cpu["virsh_cpu"], 2))
+                    figures.setdefault("virsh_busy_s", []).append(round(cpu["busy_cpu"], 2))
                 for name in guests:
                     positions[name] = HOSTS[(HOSTS.index(positions[name]) + 1) % len(HOSTS)]
     finally:

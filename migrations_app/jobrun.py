@@ -7,13 +7,15 @@ Only the helper thread talks to libvirt for a long call; only the job's own thre
 touches the database. libvirt is never called inside a transaction.
 """
 
+import fcntl
 import logging
 import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -29,12 +31,94 @@ from migrations_app.services import add_event, publish_job
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
+# A heartbeat is written at most this often (any progress or row write is one too):
+# reconcile calls a job stale after migrations_app/reconcile.STALE_SECONDS (10 s) without
+# one. With eight jobs at once on SQLite, a heartbeat every poll (4/s per job) was a third
+# of the time the jobs' threads spent waiting for the database's write lock
+# (benchmarks/concurrent_migrations.py), and the runner noticed a finished checklist
+# only after its heartbeat got the lock.
+HEARTBEAT_SECONDS = 2.0
+# Progress sampling adapts to how many jobs run at once (every worker and process writes
+# to the same database): about SAMPLES_PER_SECOND samples a second in all, each job at
+# least every MAX_POLL_SECONDS and at most every POLL_SECONDS. One or two jobs: 4/s each;
+# eight: 1/s each. The count is read again every COUNT_SECONDS. A finished migration call
+# is noticed at once whatever the interval (the monitor waits on it), and so is a
+# control request on the next sample.
+SAMPLES_PER_SECOND = 8
+MAX_POLL_SECONDS = 1.0
+COUNT_SECONDS = 2.0
 STARTING_UP_SECONDS = 60
 MIB = 1048576
 
 
 def worker_name():
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_writer = threading.local()
+
+
+def writers_lock_path():
+    """The writers' lock file of a SQLite database file (next to it), or None: another
+    database, or an in-memory one (nobody else writes to it)."""
+    if connection.vendor != "sqlite":
+        return None
+    name = str(connection.settings_dict["NAME"])
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    return f"{name}-writers.lock"
+
+
+def _without_lock(depth):
+    """writing() nested in itself or in a transaction, or with no lock to take."""
+    _writer.depth = depth + 1
+    try:
+        yield True
+    finally:
+        _writer.depth = depth
+
+
+@contextmanager
+def writing(wait=True):
+    """Around one write transaction of a job's thread: on SQLite, queue behind the other
+    jobs' writes on a lock file next to the database (``fcntl.flock``), then write.
+    Yields True; with ``wait=False`` yields False at once when another job is writing
+    (the caller skips a write that can wait: a progress sample).
+
+    SQLite has one write lock, and a writer that finds it taken polls for it, sleeping up
+    to 100 ms between tries: with eight jobs at once on a busy machine the newest writer
+    kept winning it and a job's claim, conclusion or progress write waited up to 3 s
+    (benchmarks/concurrent_migrations.py). A blocked flock wakes as soon as the holder is
+    done. Taken only at the start of a transaction (never inside one: a thread holding the
+    database's lock must not wait for this one) and only by these writes; other writers
+    (web requests, the queue) still meet them on SQLite's own lock, as before. The kernel
+    drops it with its process. Nothing to do on other databases."""
+    depth = getattr(_writer, "depth", 0)
+    path = None if depth or connection.in_atomic_block else writers_lock_path()
+    if path is None:
+        yield from _without_lock(depth)
+        return
+    try:
+        # Read-only is enough for flock: a process of another user (migrate_vm run by an
+        # administrator) can share a lock file the workers' user created.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:  # a lock file we may not open: write as before, unqueued
+        log.warning("writers' lock %s unusable (%s); writing without it", path, exc)
+        yield from _without_lock(depth)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        _writer.depth = 1
+        try:
+            yield True
+        finally:
+            _writer.depth = 0
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class _Coded(Exception):
@@ -159,6 +243,10 @@ class JobRun:
         self.connections = None  # source connections opened while the checklist runs
         self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
         self.checked = None  # the checklist the caller just ran, instead of the re-check
+        self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
+        self.counted_at = None  # when poll_seconds last counted the running jobs
+        self.interval = POLL_SECONDS
+        self.sampled = 0  # progress samples written
 
     def mark(self, name):
         self.marks[name] = round((time.monotonic() - self.t0) * 1000)
@@ -167,18 +255,36 @@ class JobRun:
 
     def update(self, **fields):
         now = timezone.now()
-        MigrationJob.objects.filter(pk=self.job_id).update(
-            **fields, heartbeat_at=now, progress_seq=F("progress_seq") + 1
-        )
+        with writing():
+            MigrationJob.objects.filter(pk=self.job_id).update(
+                **fields, heartbeat_at=now, progress_seq=F("progress_seq") + 1
+            )
+        self.beat_at = time.monotonic()
         publish_job(self.job_id)
 
     def event(self, message, level="info"):
-        add_event(self.job_id, message, level)
+        with writing():
+            add_event(self.job_id, message, level)
         publish_job(self.job_id)
 
-    def progress(self, fields, sample=True, mark=""):
+    def progress(self, fields, sample=True, mark="", optional=False):
         """One progress write (row + chart sample, ``mark`` labels a convergence-ladder
-        step on the chart) and the phase/iteration events."""
+        step on the chart) and the phase/iteration events, in one transaction: on SQLite
+        each transaction waits for the one write lock every job shares. ``optional``: not
+        written when another job is writing right now (the next sample follows within a
+        second) unless the last heartbeat is HEARTBEAT_SECONDS old; returns whether it
+        was written. With eight jobs at once, a claim or a conclusion then waits behind
+        fewer progress samples. A job's first sample is always written (a short
+        migration would otherwise end without any)."""
+        overdue = time.monotonic() - self.beat_at >= HEARTBEAT_SECONDS
+        with writing(wait=not optional or overdue or not self.sampled) as free:
+            if not free:
+                return False
+            self._progress(fields, sample, mark)
+        publish_job(self.job_id)
+        return True
+
+    def _progress(self, fields, sample, mark):
         now = timezone.now()
         with transaction.atomic():
             MigrationJob.objects.filter(pk=self.job_id).update(
@@ -195,20 +301,39 @@ class JobRun:
                     iteration=fields.get("iteration", 0),
                     mark=mark,
                 )
-        phase = fields.get("phase")
-        if phase and phase != self.last_phase:
-            self.last_phase = phase
-            write_event(self.job_id, ("phase", {"phase": phase}))
-        iteration = fields.get("iteration", 0)
-        if iteration > self.last_iteration and iteration > 1:
-            # One line per job, updated in place: a job that makes 1,000 passes must not
-            # grow its page by 1,000 lines.
-            write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
+                self.sampled += 1
+            phase = fields.get("phase")
+            if phase and phase != self.last_phase:
+                write_event(self.job_id, ("phase", {"phase": phase}))
+            iteration = fields.get("iteration", 0)
+            if iteration > self.last_iteration and iteration > 1:
+                # One line per job, updated in place: a job that makes 1,000 passes must
+                # not grow its page by 1,000 lines.
+                write_event(self.job_id, ("memory_pass", {"iteration": iteration}))
+        self.last_phase = phase or self.last_phase
         self.last_iteration = max(self.last_iteration, iteration)
-        publish_job(self.job_id)
+        self.beat_at = time.monotonic()
 
-    def heartbeat(self):
-        MigrationJob.objects.filter(pk=self.job_id).update(heartbeat_at=timezone.now())
+    def poll_seconds(self):
+        """How long to wait before the next progress sample (see SAMPLES_PER_SECOND);
+        POLL_SECONDS until the job's first sample is written."""
+        if not self.sampled:
+            return POLL_SECONDS
+        now = time.monotonic()
+        if self.counted_at is None or now - self.counted_at >= COUNT_SECONDS:
+            self.counted_at = now
+            running = MigrationJob.objects.filter(status__in=states.WORKING).count()
+            self.interval = min(MAX_POLL_SECONDS, max(POLL_SECONDS, running / SAMPLES_PER_SECOND))
+        return self.interval
+
+    def heartbeat(self, force=False):
+        """Tell reconcile this worker is alive: written when the last one is older than
+        HEARTBEAT_SECONDS (or ``force``), otherwise nothing to do."""
+        if not force and time.monotonic() - self.beat_at < HEARTBEAT_SECONDS:
+            return
+        with writing():
+            MigrationJob.objects.filter(pk=self.job_id).update(heartbeat_at=timezone.now())
+        self.beat_at = time.monotonic()
 
     def controls(self):
         """The control fields as they are on the row now."""
@@ -300,9 +425,6 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     result.update(extra or {})
     if live:
         result["link_mibs"] = link_sample(job, stats)
-        prediction.record(job, stats, result["link_mibs"])  # fixed costs per host pair
-    if records is not None:
-        apply_inventory(Host.objects.get(pk=job.target_id), records, via="migration", partial=True)
     run.mark("concluded")
     result["timing_ms"] = dict(run.marks)
     fields = {
@@ -323,7 +445,17 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
         # RAM phase (seen with 8 concurrent jobs on 2 CPUs): the completed statistics
         # still say how much memory the guest had.
         fields["memory_total"] = stats["memory_total"]
-    finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    # One transaction: the VM row moved to the target, the job's final state and its
+    # audit event. On SQLite each transaction waits for the write lock all running jobs
+    # share: three of them here took up to 3 s with eight jobs at once.
+    host = Host.objects.get(pk=job.target_id) if records is not None else None
+    with writing(), transaction.atomic():
+        if records is not None:
+            apply_inventory(host, records, via="migration", partial=True)
+        finish(run, MigrationJob.SUCCEEDED, "", **fields)
+    if live:  # a prediction aid (fixed costs per host pair): after the job ended
+        with writing():
+            prediction.record(job, stats, result["link_mibs"])
     if run.defer_sync:
         queue_sync(job)
     else:
@@ -346,8 +478,28 @@ def queue_sync(job):
 
 def sync_after(job):
     """Sync the target's then the source's inventory; a host that does not answer leaves
-    a warning line on the job."""
+    a warning line on the job.
+
+    A host on which another job is still under way is left to that job: the last of them
+    to succeed lists it (this job's VM row was moved before it ended; the periodic sync
+    catches up after one that fails). Eight jobs over four hosts made sixteen full
+    listings, each writing while the other jobs waited for SQLite's write lock to
+    conclude (benchmarks/concurrent_migrations.py). Read after this job's final state
+    was committed, so of two jobs ending together at least the later one syncs."""
+    busy = set()
+    for pair in (
+        MigrationJob.objects.filter(status__in=states.WORKING)
+        .exclude(pk=job.pk)
+        .filter(
+            Q(source_id__in=[job.source_id, job.target_id]) | Q(target_id__in=[job.source_id, job.target_id])
+        )
+        .values_list("source_id", "target_id")
+    ):
+        busy.update(pair)
     for host_id, name in ((job.target_id, job.target_name), (job.source_id, job.source_name)):
+        if host_id in busy:
+            log.info("job %s: %s's inventory is left to a job still under way there", job.pk, name)
+            continue
         host = Host.objects.filter(pk=host_id).first()
         if host is None:
             continue
@@ -455,27 +607,28 @@ def finish(run, status, error, **fields):
         # Coded sentences: stored with their English text, shown in the viewer's language.
         error_parts = events.parts(*(error if isinstance(error, list) else [error]))
         error = message = events.english(error_parts)
-    done = transition(
-        job.pk,
-        status,
-        from_=held,
-        error=error,
-        error_parts=error_parts,
-        finished_at=now,
-        heartbeat_at=now,
-        event=message,
-        level=level,
-        audit="migration.finish",
-        outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
-        details={
-            "error": error,
-            "downtime_ms": fields.get("downtime_ms"),
-            "elapsed_ms": fields.get("elapsed_ms"),
-            "result": fields.get("result") or {},
-            "worker": run.worker,
-        },
-        **fields,
-    )
+    with writing():
+        done = transition(
+            job.pk,
+            status,
+            from_=held,
+            error=error,
+            error_parts=error_parts,
+            finished_at=now,
+            heartbeat_at=now,
+            event=message,
+            level=level,
+            audit="migration.finish",
+            outcome=AuditEvent.SUCCESS if status == MigrationJob.SUCCEEDED else AuditEvent.FAILURE,
+            details={
+                "error": error,
+                "downtime_ms": fields.get("downtime_ms"),
+                "elapsed_ms": fields.get("elapsed_ms"),
+                "result": fields.get("result") or {},
+                "worker": run.worker,
+            },
+            **fields,
+        )
     if not done:
         return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
     return status

@@ -99,9 +99,12 @@ def write_event(job_id, event, level="info"):
     else:
         code, params, message = "", {}, str(event)
     message = message[:2000]
-    if code in COLLAPSING:
-        # Replaced by a new row (not updated in place): live watchers pick up new rows by
-        # id, and the page keeps only the newest line of the code (static/js/job.js).
-        JobEvent.objects.filter(job_id=job_id, code=code).delete()
-    JobEvent.objects.create(job_id=job_id, level=level, code=code, params=params, message=message)
-    MigrationJob.objects.filter(pk=job_id).update(progress_seq=F("progress_seq") + 1)
+    # One transaction (joined when the caller has one): on SQLite each takes the write
+    # lock every running job shares, and the line and its progress_seq bump go together.
+    with transaction.atomic(savepoint=False):
+        if code in COLLAPSING:
+            # Replaced by a new row (not updated in place): live watchers pick up new rows
+            # by id, and the page keeps only the newest line of the code (static/js/job.js).
+            JobEvent.objects.filter(job_id=job_id, code=code).delete()
+        JobEvent.objects.create(job_id=job_id, level=level, code=code, params=params, message=message)
+        MigrationJob.objects.filter(pk=job_id).update(progress_seq=F("progress_seq") + 1)

@@ -8,16 +8,19 @@ Shape of a run (docs/architecture.md):
    got there first, or the job is not due: then it is held with the reason
    (windows.hold) and windows.release_due queues it when its time comes. A redelivered
    or duplicated task is harmless; a migration never starts twice.
-2. Preflight again, right before starting (the world may have changed since the wizard);
-   a blocking result fails the job with the new report stored.
+2. Preflight again, right before starting (the world may have changed since the wizard):
+   the checks of what can change, the static ones taken from a fresh checklist
+   (STATIC_CHECKS); a blocking result fails the job with the new report stored.
 3. The mode runs it (migrations_app/modes/): live modes call migrateToURI3 in a helper
-   thread while this thread polls jobStats about 4x/s, writes progress, heartbeats and
-   applies the controls; cold and offline walk their journal.
+   thread while this thread polls jobStats (4x/s, less often with many jobs running:
+   JobRun.poll_seconds), writes progress, heartbeats and applies the controls; cold and
+   offline walk their journal.
 4. Conclude from what libvirt says (migrations_app/jobrun.py): figures, inventory, audit,
    and a message that says in plain words where the VM is.
 """
 
 import logging
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.utils import timezone
@@ -35,14 +38,45 @@ from migrations_app.jobrun import (
     finish,
     hand_to_reconcile,
     worker_name,
+    writing,
 )
 from migrations_app.lifecycle import transition
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
-from migrations_app.preflight import run_preflight
+from migrations_app.preflight import Report, run_preflight
 from migrations_app.windows import claim_condition, claiming, hold, miss, why_not_due
 
 log = logging.getLogger(__name__)
+
+# The worker's re-check runs again what can change between the checklist the job was
+# created with and the claim: reachability, the VM's state and jobs, its devices and
+# snapshots, the target's free memory, networks and name/UUID collisions, the options.
+# The checks below read what stays put for minutes (host versions and identity, CPU and
+# machine type support, storage and shared-storage proof, transport and migration ports,
+# the duration prediction the user acknowledged); their results are taken from that
+# checklist when it is younger than RECHECK_REUSE_SECONDS, the shared-storage proof only
+# within STORAGE_REUSE_SECONDS: whether the target sees the very same disk file is what
+# keeps a stale copy from being booted, so it is re-proved unless it is that fresh (a job
+# started at once, as eight started together are). With eight jobs at once the
+# full re-check (a probe volume, CPU comparisons, port probes on both hosts while eight
+# migrations start there) took 0.3-2.9 s before each migration
+# (benchmarks/concurrent_migrations.py).
+STATIC_CHECKS = frozenset(
+    {
+        "versions",
+        "same_host",
+        "cpu",
+        "machine",
+        "vcpus",
+        "storage",
+        "firmware",
+        "transport",
+        "migration_ports",
+        "prediction",
+    }
+)
+RECHECK_REUSE_SECONDS = 300
+STORAGE_REUSE_SECONDS = 60
 
 
 def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
@@ -57,9 +91,10 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     instead of running it before returning (the moved VM is recorded either way)."""
     worker = worker or worker_name()
     now = timezone.now()
-    # In the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
+    # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
+    # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
     # the reason a held job waited for.
-    with claiming(job_id):
+    with writing(), claiming(job_id):
         claimed = transition(
             job_id,
             MigrationJob.PREFLIGHT,
@@ -144,7 +179,10 @@ def _run(run):
     if checked is not None:
         report = checked
     else:
-        checking = Operation(lambda: run_preflight(plan, measure_dirty_rate=False), f"preflight job {job.pk}")
+        reuse = reusable_results(job.preflight, timezone.now())
+        checking = Operation(
+            lambda: run_preflight(plan, measure_dirty_rate=False, reuse=reuse), f"preflight job {job.pk}"
+        )
         while not checking.wait(POLL_SECONDS):
             run.heartbeat()
         if checking.error is not None:
@@ -157,14 +195,15 @@ def _run(run):
         run.update(preflight=report.to_dict())
         raise Failed(("err_preflight_blocks", {"checks": "; ".join(blocking), "host": job.source_name}))
     run.mark("preflight_done")
-    started = transition(
-        job.pk,
-        MigrationJob.RUNNING,
-        from_=[MigrationJob.PREFLIGHT],
-        preflight=report.to_dict(),
-        heartbeat_at=timezone.now(),
-        event=("preflight_passed" if checked is None else "preflight_passed_here", {}),
-    )
+    with writing():
+        started = transition(
+            job.pk,
+            MigrationJob.RUNNING,
+            from_=[MigrationJob.PREFLIGHT],
+            preflight=report.to_dict(),
+            heartbeat_at=timezone.now(),
+            event=("preflight_passed" if checked is None else "preflight_passed_here", {}),
+        )
     if not started:
         run.update(preflight=report.to_dict())
         raise Cancelled(("err_cancelled_before_migration", {"host": job.source_name}))
@@ -172,3 +211,24 @@ def _run(run):
         if r.id not in acknowledged:
             run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")
     mode.run(run, plan)
+
+
+def reusable_results(stored, now):
+    """{check id: CheckResult} of STATIC_CHECKS from ``stored`` (the checklist the job was
+    created with, as stored on the job) when it ran less than RECHECK_REUSE_SECONDS
+    before ``now`` (storage: STORAGE_REUSE_SECONDS); {} otherwise (no checklist, an old one, results reused already)."""
+    stored = stored or {}
+    try:
+        started = datetime.fromisoformat(stored.get("started_at") or "")
+    except ValueError:
+        return {}
+    if stored.get("reused") or started.tzinfo is None:
+        return {}
+    # A few seconds "in the future" are another machine's clock (the web server's).
+    if not timedelta(seconds=-5) <= now - started <= timedelta(seconds=RECHECK_REUSE_SECONDS):
+        return {}
+    report = Report.from_dict(stored)
+    reused = {r.id: r for r in report.results if r.id in STATIC_CHECKS}
+    if now - started > timedelta(seconds=STORAGE_REUSE_SECONDS):
+        reused.pop("storage", None)
+    return reused

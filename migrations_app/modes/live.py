@@ -15,7 +15,6 @@ from hosts import hypervisor as hv
 from migrations_app.convergence import Action, Ladder
 from migrations_app.jobrun import (
     MIB,
-    POLL_SECONDS,
     Cancelled,
     Failed,
     Operation,
@@ -301,8 +300,9 @@ def progress_from_stats(stats, state=None):
 
 
 def monitor(run, mon, op=None):
-    """Poll the source's job stats ~4×/s until the operation ends (``op``) or, when
-    re-attaching without an operation, until libvirt says the job is over."""
+    """Poll the source's job stats (4×/s, less often with many jobs running at once:
+    JobRun.poll_seconds) until the operation ends (``op``) or, when re-attaching without
+    an operation, until libvirt says the job is over."""
     job = run.job
     uuid = str(job.vm.uuid)
     errors = 0
@@ -315,10 +315,10 @@ def monitor(run, mon, op=None):
     run.ladder = Ladder(job.options, job.max_downtime)
     while True:
         if op is not None:
-            if op.wait(POLL_SECONDS):
+            if op.wait(run.poll_seconds()):
                 return
         else:
-            time.sleep(POLL_SECONDS)
+            time.sleep(run.poll_seconds())
         try:
             stats, state = mon.migration_snapshot(uuid)
             errors = 0
@@ -347,7 +347,7 @@ def monitor(run, mon, op=None):
             if fields["phase"] == "memory":
                 judge_convergence(run, fields)
                 mark = ladder_step(run, mon, uuid, fields)
-            run.progress(fields, mark=mark)
+            run.progress(fields, mark=mark, optional=not mark)
         else:
             run.heartbeat()
         row = run.controls()

@@ -34,13 +34,15 @@ class CheckResult:
 @dataclass
 class Report:
     """A whole checklist run: results in display order, the overall verdict (the worst
-    status; skip counts as pass), when it started, how long it took, and the plan."""
+    status; skip counts as pass), when it started, how long it took, the plan, and the ids
+    of the results taken from an earlier run instead of checked again (``reused``)."""
 
     results: list
     verdict: str
     started_at: str
     duration_ms: int
     plan: dict = field(default_factory=dict)
+    reused: list = field(default_factory=list)
 
     @staticmethod
     def verdict_of(results):
@@ -103,6 +105,7 @@ class Report:
             "counts": self.counts,
             "plan": self.plan,
             "results": [r.to_dict() for r in self.results],
+            "reused": list(self.reused),
         }
 
     @classmethod
@@ -114,4 +117,5 @@ class Report:
             started_at=data.get("started_at", ""),
             duration_ms=int(data.get("duration_ms") or 0),
             plan=data.get("plan") or {},
+            reused=list(data.get("reused") or []),
         )

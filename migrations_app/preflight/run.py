@@ -71,11 +71,15 @@ def _run_one_inner(spec, ctx):
         )
 
 
-def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, timeout=None):
+def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, timeout=None, reuse=None):
     """Run the whole checklist for ``plan`` (a MigrationPlan) and return a Report.
 
     Checks run concurrently; the run is bounded by ``timeout`` (KVMWEB_PREFLIGHT_TIMEOUT):
-    a check still waiting then is a fail. Never raises for host problems."""
+    a check still waiting then is a fail. Never raises for host problems.
+    ``reuse``: {check id: CheckResult} from an earlier run of the same plan, taken as they
+    are instead of running those checks (the worker's re-check, migrations_app/runner.py);
+    the facts only they need are then not read at all."""
+    reuse = reuse or {}
     if memory_margin_mib is None:
         memory_margin_mib = setting("KVMWEB_PREFLIGHT_MEMORY_MARGIN_MIB", 256)
     timeout = timeout or setting("PREFLIGHT_TIMEOUT", 20.0)
@@ -94,13 +98,17 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     ctx.stored_dirty_rate = dirtyrate.recall(plan.vm.uuid) if measure_dirty_rate else None
     specs = checks()
     order = [spec.id for spec in specs]
-    submit_order = sorted(specs, key=lambda spec: spec.id != FIRST)
-    results = {}
+    results = {cid: reuse[cid] for cid in order if cid in reuse}
+    submit_order = sorted(
+        (spec for spec in specs if spec.id not in results), key=lambda spec: spec.id != FIRST
+    )
     pool = ThreadPoolExecutor(max_workers=len(specs), thread_name_prefix="preflight")
     try:
         language = translation.get_language()
         futures = {spec.id: pool.submit(_run_one, spec, ctx, language) for spec in submit_order}
         for cid in order:
+            if cid not in futures:
+                continue
             try:
                 results[cid] = futures[cid].result(timeout=max(0.0, ctx.deadline - time.monotonic()))
             except FutureTimeout:
@@ -115,7 +123,7 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         pool.shutdown(wait=False, cancel_futures=True)
         ctx.close()
     ordered = [results[cid] for cid in order]
-    if measure_dirty_rate:  # a fresh measurement is stored for the next minute's checklists
+    if measure_dirty_rate and "prediction" not in reuse:  # stored for the next minute's checklists
         dirtyrate.remember(
             plan.vm.uuid, getattr(plan.source, "name", ""), results["prediction"].details.get("dirty_rate")
         )
@@ -129,4 +137,5 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         started_at=started.isoformat(timespec="seconds"),
         duration_ms=round((time.monotonic() - t0) * 1000),
         plan=plan_dict,
+        reused=[cid for cid in order if cid in reuse],
     )
