@@ -90,11 +90,14 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     ``defer_sync`` queues the two hosts' full inventory sync on the default cluster
     instead of running it before returning (the moved VM is recorded either way)."""
     worker = worker or worker_name()
-    now = timezone.now()
     # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
     # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
     # the reason a held job waited for.
     with writing(), claiming(job_id):
+        # The clock is read once both waits are over: read before them, a window that
+        # closed meanwhile would still let the claim in, and the claim's heartbeat would
+        # be as old as the wait (reconcile's stale limit is 10 s).
+        now = timezone.now()
         claimed = transition(
             job_id,
             MigrationJob.PREFLIGHT,

@@ -11,6 +11,7 @@ from django.utils import timezone, translation
 from django_q.models import OrmQ
 
 from fleet.models import Blackout
+from hosts.models import VM
 from kvmweb.audit.models import AuditEvent
 from migrations_app import reconcile, runner, services, windows
 from migrations_app.jobrun import Failed
@@ -229,3 +230,38 @@ def test_it_takes_the_window_from_the_api(world, operator, client, passing_prefl
     body["not_after"] = (later - timedelta(hours=2)).isoformat()
     refused = client.post("/api/v1/jobs/", body, content_type="application/json")
     assert refused.status_code == 400 and "closes before it opens" in str(refused.json())
+
+
+def test_it_reads_the_claims_clock_after_waiting_for_the_other_jobs_writes(world, operator, ran, monkeypatch):
+    from contextlib import contextmanager
+
+    closing = timezone.now() + timedelta(minutes=5)
+    job = _create(world, operator, not_after=closing)
+    other = services.do_create_job(
+        VM.objects.create(
+            uuid="6695eb01-f6a4-8304-79aa-97f2502e1940", name="web2", host=world["a"], state="running"
+        ),
+        world["b"],
+        "live",
+        {},
+        actor=operator,
+        report=_report(),
+    )
+    real_now, late = timezone.now, {"by": timedelta(0)}
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + late["by"])
+
+    @contextmanager
+    def busy_writers(wait=True):
+        late["by"] = timedelta(minutes=10)  # the other jobs' writes held the lock that long
+        yield True
+
+    monkeypatch.setattr(runner, "writing", busy_writers)
+    # The window closed while the claim waited: the claim refuses, the job ends missed.
+    assert runner.run_job(job.pk) is None and ran == []
+    job.refresh_from_db()
+    assert job.status == MigrationJob.CANCELLED and job.missed_window
+    # A job without a window is claimed with the time of the claim (its heartbeat too).
+    late["by"] = timedelta(0)
+    assert runner.run_job(other.pk) == MigrationJob.FAILED and ran == [other.pk]
+    other.refresh_from_db()
+    assert other.started_at >= real_now() + timedelta(minutes=9)
