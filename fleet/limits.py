@@ -151,9 +151,20 @@ def successor(job_id):
     next), or None. Read without the lock: the claim decides. A worker that dies
     between the release and its claim leaves a queued child without a message, which
     the batch's pass queues again (scheduler._rescue_children)."""
+    from django.utils import timezone
+
     from fleet.models import Batch, BatchItem
+    from migrations_app import windows
     from migrations_app.models import MigrationJob
 
+    # The rest of the claim's condition (its window, the other gates: a blackout): a child
+    # they hold would be released only to be refused at the claim and held again, and the
+    # worker would never get past it to a child that may start.
+    now = timezone.now()
+    others = windows.window_condition(now)
+    for gate in windows.gates():
+        if gate.condition is not condition:
+            others &= gate.condition(now)
     candidates = (
         MigrationJob.objects.filter(
             status=states.QUEUED,
@@ -162,6 +173,7 @@ def successor(job_id):
         )
         .exclude(pk=job_id)
         .filter(room())
+        .filter(others)
         .order_by("batch_item__batch_id", "batch_item__position", "batch_item__id")
         .values_list("pk", "waiting_for")
     )

@@ -266,3 +266,32 @@ def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(
     # The pass also created the last row ahead: its own first message is refused (held).
     fifth = MigrationJob.objects.latest("pk")
     assert sent[2:] == [fifth.pk] and runner.run_job(fifth.pk) is None
+
+
+def test_it_never_hands_a_freed_slot_to_a_child_a_blackout_holds(batch_of, worker):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.models import Blackout
+    from hosts.models import Host, HostGroup
+
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    group = HostGroup.objects.create(name="maintenance")
+    Host.objects.filter(pk=third.target_id).update(group=group)
+    now = timezone.now()
+    Blackout.objects.create(
+        group=group, starts_at=now - timedelta(minutes=1), ends_at=now + timedelta(hours=1), reason="firmware"
+    )
+    assert runner.run_job(third.pk) is None  # held: no slot, and its target is blacked out
+    third.refresh_from_db()
+    held_for, lines = third.waiting_for, third.events.count()
+    assert held_for
+    _end(first)
+    # The slot is free, but the blackout still holds the child: the worker that freed the
+    # slot gets nothing to run (it would only be refused at its claim), and the child
+    # keeps its hold and its log as they were.
+    assert windows.successor(first.pk) is None
+    third.refresh_from_db()
+    assert third.status == MigrationJob.QUEUED and third.waiting_for == held_for
+    assert third.events.count() == lines
