@@ -198,4 +198,8 @@ def limits_gate():
         holds=holds,
         successor=successor,
         chains=lambda job_id: BatchItem.objects.filter(job_id=job_id).exists(),
+        # A batch's held children are released by the batch (``successor``, the pass's
+        # scheduler._release_first_held), first rows first and one at a time: released by
+        # windows.release_due as well, two of them would race for one freed slot.
+        releases=lambda job: BatchItem.objects.filter(job_id=job.pk).exists(),
     )

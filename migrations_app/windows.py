@@ -58,7 +58,8 @@ class Gate:
     ``successor(job_id)``, a queued job the worker that just ended ``job_id`` may claim
     and run at once (a slot it freed); ``chains(job_id)``, True when such a successor may
     follow this job (its worker then queues the full inventory sync instead of running
-    it, tasks.run_migration)."""
+    it, tasks.run_migration); ``releases(job)``, True when the gate's owner releases this
+    held job itself, in an order of its own (``release_due`` then leaves it alone)."""
 
     name: str
     condition: object
@@ -67,6 +68,7 @@ class Gate:
     holds: object = None
     successor: object = None
     chains: object = None
+    releases: object = None
 
 
 def register_gate(gate):
@@ -234,6 +236,8 @@ def release_due(now=None):
             out["missed"].append(job.pk)
     held = MigrationJob.objects.filter(status=states.QUEUED).exclude(waiting_for="")
     for job in held.select_related("source", "target"):
+        if any(gate.releases(job) for gate in _gates if gate.releases is not None):
+            continue  # its owner releases it, in its order (a batch: first rows first)
         reason = why_not_due(job, now)
         if reason:
             if reason != job.waiting_for:

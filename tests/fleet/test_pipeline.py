@@ -295,3 +295,30 @@ def test_it_never_hands_a_freed_slot_to_a_child_a_blackout_holds(batch_of, worke
     third.refresh_from_db()
     assert third.status == MigrationJob.QUEUED and third.waiting_for == held_for
     assert third.events.count() == lines
+
+
+def test_it_leaves_children_created_ahead_to_their_batch_not_to_the_reconcile_pass(
+    batch_of, worker, settings, monkeypatch
+):
+    """windows.release_due (the default cluster's reconcile pass, every few seconds)
+    releases held single jobs; a batch's children created ahead are released by their
+    batch (the worker that frees a slot, or the pass), first rows first and one at a time:
+    released here, two of them would race for one freed slot in any order."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    sent = []
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    _end(first)
+    assert windows.release_due()["released"] == []
+    assert sent == [] and all(
+        j.waiting_for for j in MigrationJob.objects.filter(pk__in=[third.pk, fourth.pk])
+    )
+    # The batch's pass releases the first row.
+    scheduler.tick(batch.pk)
+    assert sent == [third.pk]
