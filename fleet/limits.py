@@ -174,6 +174,10 @@ def successor(job_id):
         .exclude(pk=job_id)
         .filter(room())
         .filter(others)
+        # "Stop on first failure": a failed child (its item not followed yet, or
+        # followed) must stop the batch before anything else starts, which the batch's
+        # pass does (scheduler.tick); the worker that ran it must not start the next.
+        .exclude(batch_item__batch__stop_on_failure=True, batch_item__batch__in=_failed_batches())
         .order_by("batch_item__batch_id", "batch_item__position", "batch_item__id")
         .values_list("pk", "waiting_for")
     )
@@ -183,6 +187,17 @@ def successor(job_id):
         ).update(waiting_for=""):
             return pk
     return None
+
+
+def _failed_batches():
+    """Batches with a failed child: its item failed, or its job ended failed or rejected
+    and the batch's pass has not followed it yet."""
+    from fleet.models import Batch, BatchItem
+
+    failed = Q(items__status=BatchItem.FAILED) | Q(
+        items__status=BatchItem.STARTED, items__job__status__in=[states.FAILED, states.REJECTED]
+    )
+    return Batch.objects.filter(failed).values("pk")
 
 
 def limits_gate():

@@ -322,3 +322,20 @@ def test_it_leaves_children_created_ahead_to_their_batch_not_to_the_reconcile_pa
     # The batch's pass releases the first row.
     scheduler.tick(batch.pk)
     assert sent == [third.pk]
+
+
+def test_it_starts_no_next_child_after_a_failure_when_the_batch_stops_on_failure(batch_of, worker):
+    batch, first, second, third = _two_running_and_one_ahead(batch_of, stop_on_failure=True)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    worker.ends = {first.pk: MigrationJob.FAILED, third.pk: MigrationJob.SUCCEEDED}
+    tasks.run_migration(first.pk)
+    # The failure must stop the batch before anything else starts: the worker that ran
+    # the failed child does not chain the one created ahead (the pass stops the batch).
+    assert third.pk not in worker.ran
+    third.refresh_from_db()
+    assert third.status == MigrationJob.QUEUED and third.waiting_for
+    assert windows.successor(second.pk) is None
+    scheduler.tick(batch.pk)
+    batch.refresh_from_db()
+    third.refresh_from_db()
+    assert batch.status == Batch.STOPPING and third.status == MigrationJob.CANCELLED
