@@ -339,3 +339,18 @@ def test_it_starts_no_next_child_after_a_failure_when_the_batch_stops_on_failure
     batch.refresh_from_db()
     third.refresh_from_db()
     assert batch.status == Batch.STOPPING and third.status == MigrationJob.CANCELLED
+
+
+def test_it_chains_no_next_child_once_its_cluster_is_asked_to_stop(batch_of, worker, monkeypatch):
+    from kvmweb import workers
+
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    worker.ends = {first.pk: MigrationJob.SUCCEEDED, third.pk: MigrationJob.SUCCEEDED}
+    # SIGTERM (a restart) while the first child ran: django-q2 waits for the task to end,
+    # so a chained migration would hold the restart for its whole length (or be killed).
+    monkeypatch.setattr(workers, "stopping", lambda: True)
+    tasks.run_migration(first.pk)
+    assert first.pk in worker.ran and third.pk not in worker.ran
+    third.refresh_from_db()
+    assert third.status == MigrationJob.QUEUED and third.waiting_for  # left to the pass
