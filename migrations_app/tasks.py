@@ -15,6 +15,7 @@ import logging
 import random
 import time
 
+from django.conf import settings
 from django.db import connection
 
 from kvmweb import workers
@@ -27,9 +28,14 @@ _running = 0
 
 # A worker that ended a job runs the next one a gate names (windows.successor: a batch
 # child created ahead, waiting for the slot this job freed) in the same task, without a
-# queue round trip; only within this long of the task's start, so a chained migration
-# keeps nearly the whole task timeout. Later, the batch scheduler's pass releases it.
+# queue round trip; only within this long of the task's start (and a tenth of the task
+# timeout, KVMWEB_MIGRATION_TIMEOUT, when that is shorter), so a chained migration keeps
+# nearly the whole task timeout. Later, the batch scheduler's pass releases it.
 CHAIN_SECONDS = 600
+
+
+def chain_seconds():
+    return min(CHAIN_SECONDS, settings.MIGRATION_TIMEOUT / 10)
 
 
 def run_migration(job_id):
@@ -47,7 +53,7 @@ def run_migration(job_id):
         ran, misses = status is not None, 0
         # Not once the cluster is asked to stop (a restart): django-q2 waits for this task,
         # and a chained migration would hold the restart for its whole length.
-        while ran and misses < 3 and time.monotonic() - started < CHAIN_SECONDS and not workers.stopping():
+        while ran and misses < 3 and time.monotonic() - started < chain_seconds() and not workers.stopping():
             following = windows.successor(job_id)
             if following is None:
                 break

@@ -354,3 +354,27 @@ def test_it_chains_no_next_child_once_its_cluster_is_asked_to_stop(batch_of, wor
     assert first.pk in worker.ran and third.pk not in worker.ran
     third.refresh_from_db()
     assert third.status == MigrationJob.QUEUED and third.waiting_for  # left to the pass
+
+
+def test_it_chains_a_child_only_early_enough_in_the_task_to_leave_it_the_task_timeout(
+    batch_of, worker, monkeypatch, settings
+):
+    from types import SimpleNamespace
+
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    worker.ends = {first.pk: MigrationJob.SUCCEEDED, third.pk: MigrationJob.SUCCEEDED}
+    # django-q2 kills the task at the migration timeout: the first child took 200 s of a
+    # 300 s timeout, and a chained child would be killed 100 s into its migration.
+    settings.MIGRATION_TIMEOUT = 300
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(tasks, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    run = worker.run
+
+    def slow(run_):
+        clock["now"] += 200
+        run(run_)
+
+    monkeypatch.setattr(runner, "_run", slow)
+    tasks.run_migration(first.pk)
+    assert first.pk in worker.ran and third.pk not in worker.ran
