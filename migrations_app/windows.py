@@ -236,13 +236,13 @@ def release_due(now=None):
             out["missed"].append(job.pk)
     held = MigrationJob.objects.filter(status=states.QUEUED).exclude(waiting_for="")
     for job in held.select_related("source", "target"):
-        if any(gate.releases(job) for gate in _gates if gate.releases is not None):
-            continue  # its owner releases it, in its order (a batch: first rows first)
         reason = why_not_due(job, now)
         if reason:
             if reason != job.waiting_for:
                 hold(job.pk, reason)
             continue
+        if any(gate.releases(job) for gate in _gates if gate.releases is not None):
+            continue  # its owner releases it, in its order (a batch: first rows first)
         if release(job):
             out["released"].append(job.pk)
     return out
