@@ -207,6 +207,23 @@ class FrameWriter:
         return True
 
 
+_plain_transports = None
+
+
+def _is_plain_socket_transport(transport):
+    """True for Twisted's own TCP and UNIX socket transports (tcp.Server, unix.Server and
+    their subclasses), nothing else. Not a look at attributes: a wrapper such as the TLS
+    one daphne uses for an ``ssl:`` endpoint (twisted.protocols.tls, a ProtocolWrapper)
+    passes every attribute it lacks on to the TCP transport below it, ``socket`` and
+    ``TLS = False`` included: a frame sent on that socket would bypass the encryption."""
+    global _plain_transports
+    if _plain_transports is None:
+        from twisted.internet import tcp  # here: the reactor is daphne's to install
+
+        _plain_transports = (tcp.Connection,)
+    return isinstance(transport, _plain_transports)
+
+
 def _send_now(transport, data):
     """Bytes of ``data`` sent at once on the socket of Twisted ``transport`` (0 when it
     is not a plain socket transport with an empty buffer, or the socket is full or
@@ -215,6 +232,7 @@ def _send_now(transport, data):
     sock = getattr(transport, "socket", None)
     if (
         sock is None
+        or not _is_plain_socket_transport(transport)
         or getattr(transport, "TLS", True)
         or not getattr(transport, "connected", False)
         or getattr(transport, "disconnecting", True)

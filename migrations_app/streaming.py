@@ -771,8 +771,10 @@ class JobHub:
         keep = set(job_langs) | self.active_ids
         for pk in [pk for pk in self.seen if pk not in keep]:
             del self.seen[pk]
-        for pk in [pk for pk in self.pushed if pk not in job_langs]:
-            del self.pushed[pk]
+        # ``pushed`` also changes on the event loop meanwhile (_push renders there): copy
+        # its keys in one step (list() of a dict holds the GIL) before looking at them.
+        for pk in [pk for pk in list(self.pushed) if pk not in job_langs]:
+            self.pushed.pop(pk, None)
         return result
 
     async def _dispatch(self, result):

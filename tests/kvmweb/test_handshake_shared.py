@@ -8,6 +8,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from twisted.internet import tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from kvmweb.handshake import Shared, _send_now
 
@@ -89,8 +91,9 @@ async def test_it_keeps_the_call_for_the_others_when_one_waiter_gives_up(executo
     await busy
 
 
-class Transport:
-    """The attributes of a Twisted TCP transport that _send_now reads."""
+class Transport(tcp.Connection):
+    """A Twisted TCP transport (not registered with a reactor) with the attributes that
+    _send_now reads."""
 
     TLS = False
     connected = True
@@ -130,3 +133,23 @@ def test_it_sends_a_frame_at_once_only_when_nothing_is_buffered():
         a.close()
         b.close()
     assert _send_now(Transport(a), b"frame") == 0  # closed: no exception
+
+
+def test_it_never_sends_around_a_tls_wrapper():
+    """daphne with an ``ssl:`` endpoint: the WebSocket's transport is Twisted's TLS
+    wrapper, which passes ``socket``, ``TLS`` (False) and the buffer attributes on to the
+    TCP transport below it. A frame sent on that socket would go out in clear text, in the
+    middle of the TLS stream: it must go through the wrapper's write instead."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+        tls = TLSMemoryBIOProtocol.__new__(TLSMemoryBIOProtocol)  # as makeConnection leaves it
+        tls.transport, tls.connected = Transport(a), 1
+        assert tls.socket is a and tls.TLS is False  # what a look at attributes would see
+        assert _send_now(tls, b"plain text") == 0
+        with pytest.raises(BlockingIOError):
+            b.recv(100)  # nothing went out on the raw socket
+    finally:
+        a.close()
+        b.close()

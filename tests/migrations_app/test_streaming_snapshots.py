@@ -188,3 +188,24 @@ def test_it_renders_a_pushed_row_on_the_loop_once_the_masks_are_built(moved, adm
     assert SECRET_URI in got["admin"][-1] and "failed" in got["alice"][-1]
     assert not any(SECRET_URI in text or "s1-secret" in text for text in got["alice"])
     assert ['data-seq="10"' in text for text in got["alice"]] == [False, False, True]
+
+
+def test_it_lets_the_loop_mark_a_push_while_a_tick_reads(moved, admin):
+    """A tick runs on the DB thread while the loop renders pushed rows (_push) and marks
+    them in ``hub.pushed`` at any moment. A mark added while the tick prunes the marks
+    (here: exactly then, as a thread switch can make it) must not fail the tick, which
+    would drop what it read (its new log lines are never sent again)."""
+    hub = streaming.JobHub()
+    hub.pushed = {moved.pk + 1000: 1}
+
+    class Watched(dict):
+        def __contains__(self, key):
+            hub.pushed[moved.pk + 2000] = 1  # the loop's _push, between two steps
+            return super().__contains__(key)
+
+    hub.last_event_id = JobEvent.objects.order_by("pk").last().pk
+    line = JobEvent.objects.create(job=moved, message="a new log line")
+    result = hub._read_and_render(Watched({moved.pk: {("en", admin.pk)}}), set(), {}, {admin.pk: admin})
+    assert result.progress[(moved.pk, "en", ())][0] == 7
+    assert [eid for eid, _html in result.events[moved.pk]] == [line.pk]
+    assert moved.pk + 1000 not in hub.pushed
