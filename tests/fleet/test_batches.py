@@ -177,17 +177,23 @@ def test_it_retries_once_a_child_lost_with_its_worker_before_libvirt_moved_anyth
     assert item.status == BatchItem.FAILED and MigrationJob.objects.count() == 2
 
 
-def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, settings):
-    """The scheduler was killed between the child's commit and its on-commit message (or
-    the migrations cluster died holding the message): no reconcile pass runs, yet the
-    batch's own passes queue the child again, once per interval, until a worker claims it."""
-    settings.KVMWEB_FLEET_CHILD_REQUEUE_SECONDS = 15
+def _one_child_messages_recorded(batch_of, monkeypatch):
+    """A batch of one whose child the first pass created; every message sent for a job
+    (first or again) is recorded instead."""
     sent = []
     monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
     monkeypatch.setattr("migrations_app.reconcile.enqueue", lambda job: sent.append(job.pk))
     batch = batch_of(1)
     scheduler.tick(batch.pk)
-    job = MigrationJob.objects.get()
+    return batch, MigrationJob.objects.get(), sent
+
+
+def test_it_queues_again_a_child_whose_message_was_lost(batch_of, monkeypatch, settings):
+    """The scheduler was killed between the child's commit and its on-commit message (or
+    the migrations cluster died holding the message): no reconcile pass runs, yet the
+    batch's own passes queue the child again, once per interval, until a worker claims it."""
+    settings.KVMWEB_FLEET_CHILD_REQUEUE_SECONDS = 15
+    batch, job, sent = _one_child_messages_recorded(batch_of, monkeypatch)
     assert sent == [job.pk]  # the first message, lost
     scheduler.tick(batch.pk)
     assert sent == [job.pk]  # a fresh child waits for its worker
@@ -225,12 +231,7 @@ def test_it_does_not_queue_again_a_child_waiting_behind_other_messages(batch_of,
     them; it is re-sent once the queue drained and it is still unclaimed."""
     from django_q.models import OrmQ
 
-    sent = []
-    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
-    monkeypatch.setattr("migrations_app.reconcile.enqueue", lambda job: sent.append(job.pk))
-    batch = batch_of(1)
-    scheduler.tick(batch.pk)
-    job = MigrationJob.objects.get()
+    batch, job, sent = _one_child_messages_recorded(batch_of, monkeypatch)
     queued_at = job.created_at - timedelta(seconds=60)
     MigrationJob.objects.filter(pk=job.pk).update(created_at=queued_at)
     JobEvent.objects.filter(job=job).update(at=queued_at)

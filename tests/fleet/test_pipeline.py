@@ -70,6 +70,22 @@ def _two_running_and_one_ahead(batch_of, **limits_):
     return batch, first, second, third
 
 
+def _two_running_and_two_ahead(batch_of, settings, monkeypatch):
+    """A batch of 5 (2 per source, 2 at once, 2 created ahead): two children claimed, the
+    third and fourth created ahead; the messages sent from then on are recorded."""
+    settings.KVMWEB_FLEET_PIPELINE = 2
+    sent = []
+    batch = batch_of(5, per_source=2, max_parallel=2)
+    scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    scheduler.tick(batch.pk)
+    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    return batch, first, second, third, fourth, sent
+
+
 def test_it_creates_the_next_child_ahead_and_lets_it_start_only_when_a_slot_frees(batch_of, worker):
     batch, first, second, third = _two_running_and_one_ahead(batch_of)
     item = third.batch_item
@@ -245,16 +261,7 @@ def test_it_releases_children_created_ahead_one_at_a_time_in_row_order(
     """No worker chains them (the slots freed by reconcile, say): the passes release the
     first row first, and the next only once the released one was claimed, so two
     released children never race for one slot."""
-    settings.KVMWEB_FLEET_PIPELINE = 2
-    sent = []
-    batch = batch_of(5, per_source=2, max_parallel=2)
-    scheduler.tick(batch.pk)
-    first, second = MigrationJob.objects.order_by("pk")
-    runner.run_job(first.pk)
-    runner.run_job(second.pk)
-    scheduler.tick(batch.pk)
-    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
-    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    batch, first, second, third, fourth, sent = _two_running_and_two_ahead(batch_of, settings, monkeypatch)
     _end(first)
     _end(second)
     scheduler.tick(batch.pk)
@@ -304,16 +311,7 @@ def test_it_leaves_children_created_ahead_to_their_batch_not_to_the_reconcile_pa
     releases held single jobs; a batch's children created ahead are released by their
     batch (the worker that frees a slot, or the pass), first rows first and one at a time:
     released here, two of them would race for one freed slot in any order."""
-    settings.KVMWEB_FLEET_PIPELINE = 2
-    sent = []
-    batch = batch_of(5, per_source=2, max_parallel=2)
-    scheduler.tick(batch.pk)
-    first, second = MigrationJob.objects.order_by("pk")
-    runner.run_job(first.pk)
-    runner.run_job(second.pk)
-    scheduler.tick(batch.pk)
-    third, fourth = MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position")
-    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    batch, first, second, third, fourth, sent = _two_running_and_two_ahead(batch_of, settings, monkeypatch)
     _end(first)
     assert windows.release_due()["released"] == []
     assert sent == [] and all(
