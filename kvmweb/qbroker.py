@@ -15,8 +15,6 @@ same conditional UPDATE.
 Settings: Q_CLUSTER["broker_class"] = "kvmweb.qbroker.WakeableORM".
 """
 
-import contextlib
-import contextvars
 import os
 import select
 import socket
@@ -27,20 +25,6 @@ from django_q.brokers.orm import ORM
 from django_q.conf import Conf
 
 WAKE_DIR = "qwake"
-_quiet = contextvars.ContextVar("kvmweb_qbroker_quiet", default=False)
-
-
-@contextlib.contextmanager
-def quiet():
-    """Tasks queued inside this block wake nobody: the pushers find them at their next
-    poll. `migrate_vm --wait` runs its job in its own process and sends the message only
-    as a safety net; a woken worker would race the command's own claim (and, winning,
-    add the queue pickup and a second checklist to the command's wall time)."""
-    token = _quiet.set(True)
-    try:
-        yield
-    finally:
-        _quiet.reset(token)
 
 
 def wake_dir():
@@ -82,8 +66,7 @@ class WakeableORM(ORM):
 
     def enqueue(self, task):
         pk = super().enqueue(task)
-        if not _quiet.get():
-            wake(self.list_key or Conf.CLUSTER_NAME)
+        wake(self.list_key or Conf.CLUSTER_NAME)
         return pk
 
     def dequeue(self):

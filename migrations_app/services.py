@@ -6,7 +6,9 @@ worker picks control requests up from the job row (see runner.py); these functio
 record what was asked, so they answer at once even while a host is slow.
 """
 
+import contextvars
 import logging
+from contextlib import contextmanager
 
 from django.db import IntegrityError, transaction
 from django.db.models import F
@@ -67,11 +69,34 @@ def _audit_job(action, job, *, actor=None, request=None, outcome=AuditEvent.SUCC
     )
 
 
+_held_messages = contextvars.ContextVar("kvmweb_held_messages", default=None)
+
+
+@contextmanager
+def messages_held():
+    """Inside this block ``enqueue`` records the jobs instead of queueing them; yields
+    that list. ``migrate_vm --wait`` runs its job in its own process: a message sent
+    before the command's own claim had an idle worker win the job about one time in
+    three on a loaded machine (the command then waited for the queue pickup and a second
+    checklist). The command sends the held messages itself when it does not run the job;
+    killed before its claim, the job is queued again by the lost-message watch
+    (tasks.watch_lost) within seconds."""
+    token = _held_messages.set([])
+    try:
+        yield _held_messages.get()
+    finally:
+        _held_messages.reset(token)
+
+
 def enqueue(job):
     """Queue the job's task on the dedicated "migrations" cluster once the surrounding
     transaction commits (a worker must never see a job id whose row is not there yet).
     The message carries only the id; the worker's conditional claim makes a redelivered
-    or duplicated message harmless."""
+    or duplicated message harmless. Inside ``messages_held`` only recorded."""
+    held = _held_messages.get()
+    if held is not None:
+        held.append(job)
+        return
     job_id = job.pk
 
     def push():

@@ -40,16 +40,13 @@ def test_it_wakes_the_queues_pusher_when_a_task_is_queued(data_dir):
     waiting.start()
     sleeping.start()
     assert oct(os.stat(data_dir / "qwake").st_mode & 0o777) == "0o700"
-    with qbroker.quiet():  # migrate_vm --wait's safety-net message wakes nobody
-        qbroker.WakeableORM("mig-test").enqueue("quiet")
     waiting.join(0.5)
-    assert waiting.is_alive()
+    assert waiting.is_alive()  # nothing queued: it waits
     qbroker.WakeableORM("mig-test").enqueue("payload")  # another process's broker, same queue
     waiting.join(30)  # a loaded machine: anything well under the 60 s poll proves the wake
     assert waiting.took is not None and waiting.took < 30
     assert sleeping.is_alive()  # another queue: no wake-up
-    taken = [payload for _ in range(2) for _pk, payload in pusher.dequeue() or []]  # BULK: 1 a read
-    assert sorted(taken) == ["payload", "quiet"]
+    assert [payload for _pk, payload in pusher.dequeue() or []] == ["payload"]
     qbroker.wake("other-test")
     sleeping.join(30)
     assert sleeping.took is not None and sleeping.took < 30

@@ -135,3 +135,22 @@ def test_it_leaves_a_job_that_waits_for_its_window_to_the_worker(shutoff_vm, adm
     assert job.status == MigrationJob.QUEUED and job.waiting_for
     assert migrate_vm.run_here(job, runs_here[0], 0.0) is None
     assert calls == []
+
+
+def test_it_sends_no_queue_message_for_a_job_it_runs_itself(
+    shutoff_vm, admin, runs_here, monkeypatch, django_capture_on_commit_callbacks
+):
+    """An idle worker woken by the message would race the command's own claim; a job the
+    command does not run (no --wait here) gets its message as before."""
+    import django_q.tasks
+
+    sent = []
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda func, job_id, **kw: sent.append(job_id))
+    argv = ["migrate_vm", "web1", "hb", "--mode", "offline", "--user", admin.username]
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command(*argv, "--wait", "--json")
+    assert MigrationJob.objects.get().status == MigrationJob.SUCCEEDED and sent == []
+    MigrationJob.objects.all().delete()
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command(*argv, "--json")
+    assert sent == [MigrationJob.objects.get().pk]

@@ -6,8 +6,9 @@ worker (`Q_CLUSTER_NAME=migrations manage.py qcluster`, started by scripts/run.s
 
 --wait runs the job in this process, as `virsh migrate` waits on its own migration:
 runner.run_job's conditional claim (the worker's), journal and heartbeats, so a job is
-never started twice (the queued message finds it claimed and does nothing) and a killed
-command leaves a job that reconcile concludes like a killed worker's. Why here and not
+never started twice and a killed command leaves a job that reconcile concludes like a
+killed worker's. Its queue message is held until the command knows it does not run the
+job (services.messages_held); killed before its claim, the lost-message watch queues it. Why here and not
 in the worker: the hand-over (queue pickup, the worker's second checklist) and the
 hosts' full inventory sync before the row says "succeeded" cost 0.5-1.5 s of every run
 on a loaded host (docs/migration-jobs.md). A job that is not due (--not-before), waits
@@ -30,12 +31,11 @@ from django.db import connections
 
 from hosts.models import VM, Host
 from hosts.services import refresh_vm_state
-from kvmweb import qbroker
 from migrations_app import runner
 from migrations_app.jobrun import Operation, worker_name
 from migrations_app.models import MigrationJob
 from migrations_app.options import MODES
-from migrations_app.services import JobError, do_cancel_job, do_create_job
+from migrations_app.services import JobError, do_cancel_job, do_create_job, enqueue, messages_held
 from migrations_app.windows import WindowError, clean_window
 
 
@@ -206,9 +206,9 @@ class Command(BaseCommand):
         if o["ack_all"]:
             acks += warning_ids(report)
         try:
-            # With --wait this process runs the job (run_here): its safety-net message must
-            # not wake a worker to race the claim below (kvmweb/qbroker.py).
-            with qbroker.quiet() if o["wait"] else nullcontext():
+            # With --wait this process runs the job (run_here): its message is held, so no
+            # idle worker races the claim below; sent only if the job is not run here.
+            with messages_held() if o["wait"] else nullcontext([]) as held:
                 job = do_create_job(
                     vm,
                     target,
@@ -234,6 +234,9 @@ class Command(BaseCommand):
             )
         if o["wait"]:
             running = run_here(job, report, checked_at)
+            if running is None:
+                for queued in held:  # approval, a window or a blackout: the workers' job
+                    enqueue(queued)
             job = self.follow(job, quiet=o["json"], running=running, user=user)
             _timing("final")
         if o["json"]:
