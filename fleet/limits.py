@@ -179,12 +179,13 @@ def successor(job_id):
         # pass does (scheduler.tick); the worker that ran it must not start the next.
         .exclude(batch_item__batch__stop_on_failure=True, batch_item__batch__in=_failed_batches())
         .order_by("batch_item__batch_id", "batch_item__position", "batch_item__id")
-        .values_list("pk", "waiting_for")
+        .values_list("pk", flat=True)
     )
-    for pk, waiting_for in candidates[:5]:
-        if waiting_for == "" or MigrationJob.objects.filter(
-            pk=pk, status=states.QUEUED, waiting_for=waiting_for
-        ).update(waiting_for=""):
+    # Released on its status alone: a hold reason refreshed meanwhile (its own message
+    # refused at the same moment) must not hand the slot to a later row. Whatever holds
+    # it now is checked again by the claim.
+    for pk in candidates[:5]:
+        if MigrationJob.objects.filter(pk=pk, status=states.QUEUED).update(waiting_for=""):
             return pk
     return None
 
