@@ -27,7 +27,7 @@ def _active_jobs(waiting):
 
 def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
     """A migrations worker that starts (e.g. after a crash) first reconciles jobs whose
-    worker died, then keeps looking for jobs whose queue message was lost
+    worker died and, while it lives, looks for jobs whose queue message was lost
     (tasks.watch_lost). In a thread: the worker must not wait for slow hosts before serving."""
     from django_q.conf import Conf
 
@@ -52,6 +52,7 @@ def _reconcile_at_worker_start(sender, proc_name=None, **kwargs):
             import logging
 
             logging.getLogger(__name__).exception("reconcile at worker start failed")
-        tasks.watch_lost()  # then, while the worker lives: lost messages (tasks.py)
 
     threading.Thread(target=run, name="reconcile-at-start", daemon=True).start()
+    # Its own thread: the start-up pass may follow a re-attached migration to its end.
+    threading.Thread(target=tasks.watch_lost, name="watch-lost", daemon=True).start()
