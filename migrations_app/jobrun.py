@@ -56,6 +56,7 @@ def worker_name():
 
 
 _writer = threading.local()
+_unusable = set()  # lock files that could not be opened (warned about once)
 
 
 def writers_lock_path():
@@ -103,7 +104,9 @@ def writing(wait=True):
         # administrator) can share a lock file the workers' user created.
         fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as exc:  # a lock file we may not open: write as before, unqueued
-        log.warning("writers' lock %s unusable (%s); writing without it", path, exc)
+        if path not in _unusable:  # once per file, not on every write
+            _unusable.add(path)
+            log.warning("writers' lock %s unusable (%s); writing without it", path, exc)
         yield from _without_lock(depth)
         return
     try:

@@ -189,3 +189,15 @@ def test_it_leaves_a_hosts_full_sync_to_a_job_still_under_way_there(make_job, mo
     MigrationJob.objects.filter(pk=other.pk).update(status=MigrationJob.SUCCEEDED)
     jobrun.sync_after(MigrationJob.objects.get(pk=other.pk))
     assert synced == ["ha", "hb", "hc"]
+
+
+def test_it_writes_without_a_lock_file_it_cannot_open_and_says_so_once(monkeypatch, tmp_path, caplog):
+    path = tmp_path / "missing-dir" / "db-writers.lock"  # its directory does not exist
+    monkeypatch.setattr(jobrun, "writers_lock_path", lambda: str(path))
+    monkeypatch.setattr(jobrun, "_unusable", set())
+    for _ in range(3):
+        with jobrun.writing() as free:
+            assert free is True
+    assert [r.message for r in caplog.records].count(
+        f"writers' lock {path} unusable ([Errno 2] No such file or directory: '{path}'); writing without it"
+    ) == 1
