@@ -191,10 +191,17 @@ def test_it_withdraws_a_child_created_ahead_when_the_batch_is_paused_or_cancelle
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connections["default"].vendor == "sqlite",
+    reason="PostgreSQL only (pass 2): SQLite serializes every writer, and the in-memory test "
+    "database refuses a locked table at once; under load its retrying threads outlived the test "
+    "and left the shared database locked for every later test",
+)
 def test_it_never_exceeds_a_limit_when_workers_claim_at_once(batch_of, worker, settings):
     """Six children queued, two slots free, six workers claiming at the same instant:
     exactly two get in. On PostgreSQL this needs the claim lock (fleet/limits.py): two
-    count subqueries in concurrent UPDATEs of different rows would both see room."""
+    count subqueries in concurrent UPDATEs of different rows would both see room; the
+    test failed there in 5 of 5 runs without the lock."""
     settings.KVMWEB_FLEET_GLOBAL_LIMIT = 6
     batch = batch_of(6, max_parallel=6, per_source=6, per_target=6)
     scheduler.tick(batch.pk)
