@@ -58,6 +58,14 @@ async def _connect(path, user=None):
     return comm
 
 
+async def _close_code(comm):
+    """The code the socket is closed with, after any updates sent before it."""
+    message = await comm.receive_output(timeout=TIMEOUT)
+    while message.get("type") != "websocket.close":
+        message = await comm.receive_output(timeout=TIMEOUT)
+    return message["code"]
+
+
 async def _until(comm, needle):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + TIMEOUT
@@ -126,10 +134,7 @@ async def test_it_closes_sockets_out_of_scope_like_the_job_sockets(batch, operat
     await comm.receive_from(timeout=TIMEOUT)
     await _write(lambda: Session.objects.all().delete())
     await _write(lambda: Batch.objects.filter(pk=batch.pk).update(waiting_for="x"))
-    message = await comm.receive_output(timeout=TIMEOUT)
-    while message.get("type") != "websocket.close":
-        message = await comm.receive_output(timeout=TIMEOUT)
-    assert message == {"type": "websocket.close", "code": 4401}
+    assert await _close_code(comm) == 4401
     assert await _hub_stops()
 
 
@@ -146,8 +151,5 @@ async def test_it_closes_a_batch_socket_when_its_users_password_changes(batch, o
 
     await _write(change_password)
     await _write(lambda: Batch.objects.filter(pk=batch.pk).update(waiting_for="x"))
-    message = await comm.receive_output(timeout=TIMEOUT)
-    while message.get("type") != "websocket.close":
-        message = await comm.receive_output(timeout=TIMEOUT)
-    assert message == {"type": "websocket.close", "code": 4401}
+    assert await _close_code(comm) == 4401
     assert await _hub_stops()

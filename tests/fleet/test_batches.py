@@ -522,11 +522,7 @@ def test_it_does_not_queue_again_a_child_released_from_a_blackout_a_moment_ago(b
     """A child created long ago and held by a blackout is released (and queued) by a pass:
     the next pass, a moment later, must not queue it again with a "no worker had taken it
     for 15 s" line (its message was sent just now)."""
-    sent = []
-    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
-    batch = batch_of(1)
-    scheduler.tick(batch.pk)
-    job = MigrationJob.objects.get()
+    batch, job, sent = _one_child_messages_recorded(batch_of, monkeypatch)
     long_ago = timezone.now() - timedelta(minutes=5)
     MigrationJob.objects.filter(pk=job.pk).update(created_at=long_ago, waiting_for="Blackout of rack-a.")
     JobEvent.objects.filter(job=job).update(at=long_ago)
@@ -567,11 +563,7 @@ def test_it_does_not_queue_again_a_child_approved_a_moment_ago(batch_of, monkeyp
     its approval: the next pass must not queue it again as lost."""
     from migrations_app.services import do_approve_job
 
-    sent = []
-    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
-    batch = batch_of(1)
-    scheduler.tick(batch.pk)
-    job = MigrationJob.objects.get()
+    batch, job, sent = _one_child_messages_recorded(batch_of, monkeypatch)
     long_ago = timezone.now() - timedelta(minutes=5)
     MigrationJob.objects.filter(pk=job.pk).update(created_at=long_ago, status=MigrationJob.PENDING_APPROVAL)
     JobEvent.objects.filter(job=job).update(at=long_ago)
