@@ -16,6 +16,7 @@ CATALOG = {
     "new_warning": _("New warning since the request: %(title)s: %(message)s"),
     "preflight_passed": _("Preflight passed again on the worker."),
     "preflight_passed_here": _("Preflight passed (the checklist migrate_vm ran just before the request)."),
+    "preflight_at_request": _("Preflight passed with the request, %(age)s s ago: not run twice in a row."),
     "migration_started": _("Migration started: %(virsh)s"),
     "phase": _("Phase: %(phase)s."),
     # Collapsed: one line per job, updated in place with the latest pass.

@@ -10,7 +10,8 @@ Shape of a run (docs/architecture.md):
    or duplicated task is harmless; a migration never starts twice.
 2. Preflight again, right before starting (the world may have changed since the wizard):
    the checks of what can change, the static ones taken from a fresh checklist
-   (STATIC_CHECKS); a blocking result fails the job with the new report stored.
+   (STATIC_CHECKS); a blocking result fails the job with the new report stored. A
+   checklist run for the job's own request seconds before stands in (request_check).
 3. The mode runs it (migrations_app/modes/): live modes call migrateToURI3 in a helper
    thread while this thread polls jobStats (4x/s, less often with many jobs running:
    JobRun.poll_seconds), writes progress, heartbeats and applies the controls; cold and
@@ -77,6 +78,16 @@ STATIC_CHECKS = frozenset(
 )
 RECHECK_REUSE_SECONDS = 300
 STORAGE_REUSE_SECONDS = 60
+# A checklist run for the request that created the job (services.do_create_job: the
+# wizard's confirm runs again what can change, the API the whole list) stands in for
+# this re-check when the claim follows it within REQUEST_CHECK_SECONDS, as migrate_vm
+# --wait's own checklist does: the same facts are not read twice within ~50 ms (the claim
+# follows the confirm by 20-60 ms) while the browser loads the job page on the same
+# machine. A job that waited longer for a worker (a busy queue, an approval, a window) is
+# checked again. Batch children are created ahead of their start without this mark and
+# are always checked at the claim. libvirt itself refuses the state changes that matter
+# in the remaining window (a live move of a shut-off VM, an offline move of a running one).
+REQUEST_CHECK_SECONDS = 3
 
 
 def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
@@ -179,18 +190,20 @@ def _run(run):
     # In a helper thread so this one keeps the heartbeat going (a slow host can make the
     # checklist take up to its timeout, longer than reconcile's stale limit) and writes
     # the "picked up" line meanwhile: every write here is on the migration's critical path.
+    now = timezone.now()
+    stands = None if checked is not None else request_check(job.preflight, now)
     if checked is not None:
-        report = checked
+        report, passed = checked, ("preflight_passed_here", {})
+    elif stands is not None:
+        age = max(0.0, now.timestamp() - job.preflight["at_request"])
+        report, passed = stands, ("preflight_at_request", {"age": f"{age:.1f}"})
     else:
-        reuse = reusable_results(job.preflight, timezone.now())
-        checking = Operation(
-            lambda: run_preflight(plan, measure_dirty_rate=False, reuse=reuse), f"preflight job {job.pk}"
-        )
+        checking = Operation(lambda: recheck(plan, job.preflight), f"preflight job {job.pk}")
         while not checking.wait(POLL_SECONDS):
             run.heartbeat()
         if checking.error is not None:
             raise checking.error
-        report = checking.value
+        report, passed = checking.value, ("preflight_passed", {})
     overridden = set(job.overridden or [])
     acknowledged = set(job.acknowledged or [])
     blocking = [f"{r.title}: {r.message}" for r in report.fails if not (r.overridable and r.id in overridden)]
@@ -205,7 +218,7 @@ def _run(run):
             from_=[MigrationJob.PREFLIGHT],
             preflight=report.to_dict(),
             heartbeat_at=timezone.now(),
-            event=("preflight_passed" if checked is None else "preflight_passed_here", {}),
+            event=passed,
         )
     if not started:
         run.update(preflight=report.to_dict())
@@ -214,6 +227,25 @@ def _run(run):
         if r.id not in acknowledged:
             run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")
     mode.run(run, plan)
+
+
+def recheck(plan, stored, now=None):
+    """The re-check of ``plan``: the checks of what can change run now, the static ones
+    taken from ``stored`` (the checklist dict the job was created with) when it is young
+    enough (reusable_results); no dirty-rate measurement (convergence was judged and
+    acknowledged on the checklist). Returns the Report."""
+    reuse = reusable_results(stored, now or timezone.now())
+    return run_preflight(plan, measure_dirty_rate=False, reuse=reuse)
+
+
+def request_check(stored, now):
+    """The checklist stored with the job (a Report) when it was run for the job's own
+    request (``at_request``, epoch seconds) at most REQUEST_CHECK_SECONDS before ``now``;
+    else None. A second in the future is another machine's clock (the web server's)."""
+    at = (stored or {}).get("at_request")
+    if not isinstance(at, int | float) or not -1 <= now.timestamp() - at <= REQUEST_CHECK_SECONDS:
+        return None
+    return Report.from_dict(stored)
 
 
 def reusable_results(stored, now):

@@ -8,6 +8,7 @@ record what was asked, so they answer at once even while a host is slow.
 
 import contextvars
 import logging
+import time
 from contextlib import contextmanager
 
 from django.db import IntegrityError, transaction
@@ -158,6 +159,7 @@ def do_create_job(
     not_before=None,
     not_after=None,
     ignore_blackouts=False,
+    recheck=False,
 ):
     """Create the migration job for ``vm`` to ``target`` and queue it (or park it for
     approval when the requester's policy says so).
@@ -168,7 +170,13 @@ def do_create_job(
     sets ``ignore_blackouts`` (audited with the request).
 
     Runs the preflight (unless ``report`` is given) before the transaction; refuses with
-    JobError when a check blocks (fail not overridden, warning not acknowledged). The
+    JobError when a check blocks (fail not overridden, warning not acknowledged).
+    ``recheck``: ``report`` is the checklist the user read, perhaps minutes ago; what can
+    change is checked again now (runner.recheck, what a worker's claim would run) and a
+    fail not overridden refuses here, on the page that asked, instead of failing the job.
+    A checklist run here is stored with the time it ended (``at_request``): the worker
+    takes it as its own re-check when it claims the job within seconds
+    (runner.request_check). The
     database's one-active-job-per-VM constraint makes double clicks and two browsers
     submitting at once create exactly one job: the loser gets JobError with active_job.
     """
@@ -236,9 +244,18 @@ def do_create_job(
                 details={"target": target.name, "mode": mode, "error": message, **window},
             )
         raise JobError(message)
+    at_request = None
     if report is None:
         report = run_preflight(plan)  # libvirt: outside any transaction
+        at_request = time.time()
     blocking = report.blocking_reasons(acknowledged, overridden)
+    if recheck and at_request is None and not blocking:
+        from migrations_app.runner import recheck as check_again
+
+        report = check_again(plan, report.to_dict())
+        at_request = time.time()
+        # As the worker's re-check: fails block; a new warning is logged on the job.
+        blocking = report.blocking_reasons([r.id for r in report.warnings], overridden)
     if blocking:
         with transaction.atomic():
             record(
@@ -255,6 +272,9 @@ def do_create_job(
         )
     needs_approval = bool(decision is not None and decision.needs_approval)
     status = MigrationJob.PENDING_APPROVAL if needs_approval else MigrationJob.QUEUED
+    checklist = report.to_dict()
+    if at_request is not None:
+        checklist["at_request"] = at_request
     try:
         with transaction.atomic():
             job = MigrationJob.objects.create(
@@ -270,7 +290,7 @@ def do_create_job(
                 requested_by=actor,
                 requested_by_name=actor.get_username() if actor else "",
                 reason=reason,
-                preflight=report.to_dict(),
+                preflight=checklist,
                 acknowledged=acknowledged,
                 overridden=overridden,
                 not_before=not_before,
@@ -300,7 +320,7 @@ def do_create_job(
                     "status": status,
                     "acknowledged": acknowledged,
                     "overridden": overridden,
-                    "preflight": report.to_dict(),
+                    "preflight": checklist,
                     **window,
                 },
             )

@@ -304,6 +304,7 @@ def _wizard_create(request):
             acknowledged=ack,
             overridden=override,
             report=report,
+            recheck=True,
             reason=request.POST.get("reason", "")[:2000],
             not_before=request.POST.get("not_before") or None,
             not_after=request.POST.get("not_after") or None,

@@ -162,10 +162,29 @@ def test_it_walks_the_wizard_and_creates_exactly_one_job(lab, lab_guest, db, ope
         "options": step4.context["options_json"],
         "ack": [r.id for r in report.warnings],
     }
+    # Between reading the checklist and confirming, somebody starts the VM: the confirm
+    # checks again what can change and refuses on the wizard's page; no job.
+    domain = lab.conn("lab-a").lookupByName(guest.name)
+    domain.create()
+    try:
+        refused = client.post(url, post)
+    finally:
+        domain.destroy()
+    assert refused.status_code == 400 and not MigrationJob.objects.filter(vm=vm).exists()
+    assert "blocks this migration" in refused.context["error"]
+    audit = AuditEvent.objects.get(action="migration.request", outcome=AuditEvent.FAILURE)
+    assert any(r.startswith("VM state") for r in audit.details["blocking"]), audit.details
+    # The refusal showed the checklist of that moment; the user reads it again (shut off
+    # again now) and confirms.
+    assert client.get(url, step4.wsgi_request.GET).context["report"].result("vm_state").status == "pass"
     first = client.post(url, post)
     job = MigrationJob.objects.get(vm=vm)
     assert first.status_code == 302 and first.url == reverse("migrations:detail", args=[job.pk])
     assert job.status == MigrationJob.QUEUED and job.requested_by == operator
+    # The confirm's re-check is stored for the worker (it stands in when claimed within
+    # seconds): the static checks taken from the checklist read, the others run again.
+    assert job.preflight["at_request"] and "storage" in job.preflight["reused"]
+    assert "vm_state" not in job.preflight["reused"]
     assert json.loads(step4.context["options_json"])["undefine_source"] is True
     second = client.post(url, post)  # a double click
     assert second.status_code == 302 and second.url == reverse("migrations:detail", args=[job.pk])

@@ -298,3 +298,53 @@ def test_it_runs_on_the_checklist_its_caller_just_made_and_queues_the_hosts_sync
     assert job.preflight["verdict"] == "pass"
     assert OrmQ.objects.count() == before + 1  # the sync, for the default cluster
     assert AuditEvent.objects.filter(action="migration.finish", outcome=AuditEvent.SUCCESS).count() == 1
+
+
+@pytest.mark.parametrize(
+    "age, checked_again",
+    [
+        (0.5, False),  # the confirm's re-check, half a second before the claim: it stands in
+        (runner.REQUEST_CHECK_SECONDS + 5, True),  # the job waited for a worker: run again
+        (-30.0, True),  # "from the future": another clock, trusted for a second at most
+        (None, True),  # no request-time checklist (a batch child, migrate_vm without --wait)
+    ],
+)
+def test_it_takes_the_checklist_of_the_request_only_when_claimed_within_seconds(
+    job, monkeypatch, age, checked_again
+):
+    import time
+
+    from migrations_app import modes
+    from migrations_app.preflight.report import CheckResult, Report
+
+    stored = Report(
+        results=[CheckResult("vm_state", "VM state", "pass", "running")],
+        verdict="pass",
+        started_at="",
+        duration_ms=0,
+    ).to_dict()
+    if age is not None:
+        stored["at_request"] = time.time() - age
+    MigrationJob.objects.filter(pk=job.pk).update(
+        status=MigrationJob.QUEUED, heartbeat_at=None, worker="", preflight=stored
+    )
+    ran = []
+
+    def checklist(plan, **kwargs):
+        ran.append(kwargs)
+        return Report.from_dict(stored)
+
+    def migrated(mode, run, plan):
+        jobrun.conclude_success(run, {"time_elapsed": 900, "downtime": 30, "data_processed": MiB})
+
+    monkeypatch.setattr(runner, "run_preflight", checklist)
+    monkeypatch.setattr(jobrun, "sync_after", lambda job: None)
+    monkeypatch.setattr(type(modes.get("live")), "run", migrated)
+    assert runner.run_job(job.pk, "w:1") == MigrationJob.SUCCEEDED
+    assert bool(ran) is checked_again
+    lines = list(JobEvent.objects.filter(job=job).values_list("message", flat=True))
+    if checked_again:
+        assert ran[0]["measure_dirty_rate"] is False
+        assert "Preflight passed again on the worker." in lines
+    else:
+        assert any(line.startswith("Preflight passed with the request, ") for line in lines), lines
