@@ -73,7 +73,7 @@ def run_kvmweb(user, names, parallel, bandwidth):
     host = vms[0].host
     t0 = time.monotonic()
     batch = do_create_batch(plan, user, host=host)
-    batch = scheduler.drive(batch.pk, timeout=900, every=0.1)
+    batch = scheduler.drive(batch.pk, timeout=900)  # as `manage.py evacuate --wait` drives it
     wall = time.monotonic() - t0
     if batch.status != Batch.SUCCEEDED:
         raise SystemExit(

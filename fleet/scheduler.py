@@ -32,6 +32,7 @@ Crash safety:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from fleet.limits import CLAIMED
 from fleet.models import Batch, BatchItem, blackout_for, blackout_text
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
@@ -226,6 +228,10 @@ def _rescue_children(batch, now=None):
     return requeued, due
 
 
+# Seconds a pass leaves a freed slot to the worker that freed it (see _release_first_held).
+SUCCESSOR_GRACE = 0.5
+
+
 def _release_first_held(batch, now=None):
     """Release (queue) the first held child of the batch, in row order, that may start
     now: a child created ahead once a slot is free, or one a blackout held once it is
@@ -239,6 +245,21 @@ def _release_first_held(batch, now=None):
         batch_item__batch=batch, batch_item__status=BatchItem.STARTED, status=states.QUEUED
     )
     if queued.filter(waiting_for="").exists():
+        return None
+    # The worker that ended a child claims the next one itself a few ms later
+    # (fleet/limits.successor). Released here too, its message would send a second worker
+    # to a claim that is refused, on the same locks at the same moment (benchmarks/
+    # evacuate.py: 50-70 ms on the next child's start). A worker that does not chain
+    # (stopping, out of chain time) leaves it to a pass SUCCESSOR_GRACE later.
+    ended = MigrationJob.objects.filter(
+        batch_item__batch=batch, finished_at__gt=now - timedelta(seconds=SUCCESSOR_GRACE)
+    )
+    if ended.exists():
+        return None
+    # The common case between two child ends: the batch's own children fill its
+    # max_parallel, so nothing may start; the per-child gate below (every limit, ~15 ms
+    # a child) is not asked.
+    if MigrationJob.objects.filter(batch_item__batch=batch, status__in=CLAIMED).count() >= batch.max_parallel:
         return None
     held = queued.select_related("source", "target").order_by("batch_item__position", "batch_item__id")
     for job in held:
@@ -387,7 +408,7 @@ def _start_item(batch, item, owner=None, pipelined=False):
     claimed when a slot frees (recorded in its audit event)."""
     from migrations_app.plan import MigrationPlan, PlanError
     from migrations_app.preflight import run_preflight
-    from migrations_app.services import JobError, do_create_job
+    from migrations_app.services import JobError, do_create_job, messages_held
 
     vm = item.vm
     vm.refresh_from_db()
@@ -428,20 +449,26 @@ def _start_item(batch, item, owner=None, pipelined=False):
             return False
         job = None
         if report is not None:
+            # A child created ahead gets no message: it could only be refused at a
+            # worker's claim (the limits are full) and held, while the running children's
+            # claims and conclusions wait on the same locks. A release sends it (the
+            # worker that frees a slot claims it directly: fleet/limits.successor).
+            unsent = messages_held() if pipelined else contextlib.nullcontext()
             try:
-                job = do_create_job(
-                    vm,
-                    item.target,
-                    item.mode,
-                    options,
-                    actor=actor,
-                    report=report,
-                    acknowledged=[r.id for r in report.warnings],
-                    reason=_("Batch #%(b)d (%(k)s)") % {"b": batch.pk, "k": batch.get_kind_display()},
-                    # The worker's claim enforces the batch's window end and blackouts too.
-                    not_after=batch.not_after,
-                    ignore_blackouts=batch.ignore_blackouts,
-                )
+                with unsent:
+                    job = do_create_job(
+                        vm,
+                        item.target,
+                        item.mode,
+                        options,
+                        actor=actor,
+                        report=report,
+                        acknowledged=[r.id for r in report.warnings],
+                        reason=_("Batch #%(b)d (%(k)s)") % {"b": batch.pk, "k": batch.get_kind_display()},
+                        # The worker's claim enforces the batch's window end and blackouts too.
+                        not_after=batch.not_after,
+                        ignore_blackouts=batch.ignore_blackouts,
+                    )
             except JobError as exc:
                 error = str(exc)
         if job is None:

@@ -5,9 +5,11 @@ the batch is paused or cancelled. The claim is the real runner.run_job claim; on
 migration after it is left out."""
 
 import threading
+from datetime import timedelta
 
 import pytest
 from django.db import OperationalError, connections
+from django.utils import timezone
 
 from fleet import limits, scheduler, services
 from fleet.models import Batch, BatchItem
@@ -145,10 +147,44 @@ def test_it_releases_a_held_child_at_the_next_pass_when_no_worker_chained_it(bat
     for _ in range(3):
         scheduler.tick(batch.pk)
     assert sent == []  # no message while it cannot start (no re-send storm)
-    _end(first)  # its worker died after concluding it, say
+    _end(first)
+    # Just ended: left to the worker that ended it (it claims the next child itself), so
+    # no second worker gets a message only to be refused.
+    MigrationJob.objects.filter(pk=first.pk).update(finished_at=timezone.now())
+    scheduler.tick(batch.pk)
+    assert sent == [] and MigrationJob.objects.get(pk=third.pk).waiting_for
+    # That worker died after concluding it, say: the next pass releases the child.
+    MigrationJob.objects.filter(pk=first.pk).update(
+        finished_at=timezone.now() - timedelta(seconds=scheduler.SUCCESSOR_GRACE + 0.1)
+    )
     scheduler.tick(batch.pk)
     third.refresh_from_db()
     assert sent == [third.pk] and third.waiting_for == "" and third.status == MigrationJob.QUEUED
+
+
+def test_it_sends_no_message_for_a_child_created_ahead(batch_of, worker, django_capture_on_commit_callbacks):
+    """A child created while the limits are full could only be refused at a worker's
+    claim: it is created held and without a message; its release sends one."""
+    from django_q.models import OrmQ
+
+    def messages():
+        return OrmQ.objects.filter(key="migrations").count()
+
+    batch = batch_of(4, per_source=2)
+    with django_capture_on_commit_callbacks(execute=True):
+        scheduler.tick(batch.pk)
+    first, second = MigrationJob.objects.order_by("pk")
+    assert messages() == 2
+    runner.run_job(first.pk)
+    runner.run_job(second.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        scheduler.tick(batch.pk)
+    third = MigrationJob.objects.latest("pk")
+    assert third.status == MigrationJob.QUEUED and third.waiting_for and messages() == 2
+    _end(first)
+    with django_capture_on_commit_callbacks(execute=True):
+        scheduler.tick(batch.pk)
+    assert MigrationJob.objects.get(pk=third.pk).waiting_for == "" and messages() == 3
 
 
 def test_it_withdraws_a_child_created_ahead_when_the_batch_is_paused_or_cancelled(batch_of, worker, operator):
