@@ -190,6 +190,32 @@ def successor(job_id):
     return None
 
 
+def upcoming(job_id):
+    """The child ``successor`` will most likely return once job ``job_id`` (a batch
+    child still running) has freed its slot: the first queued child, in row order, of
+    the same running batch. Read while the slot is still taken, so without the limits:
+    the worker re-checks that child meanwhile (tasks.run_migration), and uses the result
+    only if it then claims that very child."""
+    from fleet.models import Batch, BatchItem
+    from migrations_app.models import MigrationJob
+
+    batch_id = BatchItem.objects.filter(job_id=job_id).values_list("batch_id", flat=True).first()
+    if batch_id is None:
+        return None
+    return (
+        MigrationJob.objects.filter(
+            status=states.QUEUED,
+            batch_item__batch_id=batch_id,
+            batch_item__status=BatchItem.STARTED,
+            batch_item__batch__status=Batch.RUNNING,
+        )
+        .exclude(pk=job_id)
+        .order_by("batch_item__position", "batch_item__id")
+        .values_list("pk", flat=True)
+        .first()
+    )
+
+
 def _failed_batches():
     """Batches with a failed child: its item failed, or its job ended failed or rejected
     and the batch's pass has not followed it yet."""
@@ -213,6 +239,7 @@ def limits_gate():
         lock=lock,
         holds=holds,
         successor=successor,
+        upcoming=upcoming,
         chains=lambda job_id: BatchItem.objects.filter(job_id=job_id).exists(),
         # A batch's held children are released by the batch (``successor``, the pass's
         # scheduler._release_first_held), first rows first and one at a time: released by

@@ -246,6 +246,8 @@ class JobRun:
         self.connections = None  # source connections opened while the checklist runs
         self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
         self.checked = None  # the checklist the caller just ran, instead of the re-check
+        self.lookahead = None  # started when the VM has moved (runner.Lookahead)
+        self.rechecking = None  # this job's re-check, started by the job before (Lookahead)
         self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
         self.counted_at = None  # when poll_seconds last counted the running jobs
         self.interval = POLL_SECONDS
@@ -404,6 +406,8 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     took up to a second and held the batch slot (benchmarks/evacuate.py).
     ``live``: read libvirt's completed-job statistics and learn the link speed from them."""
     job = run.job
+    if run.lookahead is not None:
+        run.lookahead.start()
     if stats is None:
         stats = {}
     records = None

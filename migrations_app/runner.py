@@ -21,6 +21,7 @@ Shape of a run (docs/architecture.md):
 """
 
 import logging
+import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -45,7 +46,7 @@ from migrations_app.lifecycle import transition
 from migrations_app.models import MigrationJob
 from migrations_app.plan import MigrationPlan
 from migrations_app.preflight import Report, run_preflight
-from migrations_app.windows import claim_condition, claiming, hold, miss, why_not_due
+from migrations_app.windows import claim_condition, claiming, hold, miss, upcoming, why_not_due
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ STORAGE_REUSE_SECONDS = 60
 REQUEST_CHECK_SECONDS = 3
 
 
-def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
+def run_job(job_id, worker=None, *, checked=None, defer_sync=False, rechecking=None, lookahead=None):
     """The task body: claim the job, run it, conclude it. Returns the final status, or
     None when the claim found nothing to do (redelivery, duplicate, cancelled).
 
@@ -99,7 +100,10 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     ``checked`` is the checklist that process ran for this job moments before creating it
     (the re-check is skipped: it would run the same checks again within a second), and
     ``defer_sync`` queues the two hosts' full inventory sync on the default cluster
-    instead of running it before returning (the moved VM is recorded either way)."""
+    instead of running it before returning (the moved VM is recorded either way).
+    A worker chaining batch children (tasks.run_migration) passes ``lookahead``, started
+    once this job's VM has moved, and gives the next job the re-check it ran
+    (``rechecking``, an Operation; Lookahead.for_job)."""
     worker = worker or worker_name()
     # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
     # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
@@ -125,6 +129,7 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False):
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     run.defer_sync, run.checked = defer_sync, checked
+    run.lookahead, run.rechecking = lookahead, rechecking
     try:
         _run(run)
     except Cancelled as exc:
@@ -198,7 +203,9 @@ def _run(run):
         age = max(0.0, now.timestamp() - job.preflight["at_request"])
         report, passed = stands, ("preflight_at_request", {"age": f"{age:.1f}"})
     else:
-        checking = Operation(lambda: recheck(plan, job.preflight), f"preflight job {job.pk}")
+        checking = run.rechecking or Operation(
+            lambda: recheck(plan, job.preflight), f"preflight job {job.pk}"
+        )
         while not checking.wait(POLL_SECONDS):
             run.heartbeat()
         if checking.error is not None:
@@ -227,6 +234,45 @@ def _run(run):
         if r.id not in acknowledged:
             run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")
     mode.run(run, plan)
+
+
+class Lookahead:
+    """The re-check of the batch child a worker will most likely run next
+    (windows.upcoming), started the moment the job before it has moved its VM
+    (jobrun.conclude_success calls ``start``) and run while that job concludes, so the
+    next child's start does not wait for both one after the other. The claim still
+    decides: the result is used only for the child this worker then claims, and only
+    when it started at most REQUEST_CHECK_SECONDS before (``for_job``)."""
+
+    def __init__(self, job_id):
+        self.after = job_id
+        self.job_id = None
+        self.checking = None
+        self.started = None
+
+    def start(self):
+        """Start the re-check of the expected next child (never raises: the next claim
+        re-checks as usual)."""
+        try:
+            job_id = upcoming(self.after)
+            job = MigrationJob.objects.select_related("vm", "source", "target").filter(pk=job_id).first()
+            if job is None or job.status != MigrationJob.QUEUED or job.source is None or job.target is None:
+                return
+            plan = MigrationPlan.from_job(job)
+        except Exception:
+            log.warning("job %s: no look-ahead re-check", self.after, exc_info=True)
+            return
+        self.job_id, self.started = job.pk, time.monotonic()
+        self.checking = Operation(lambda: recheck(plan, job.preflight), f"lookahead job {job.pk}")
+
+    def for_job(self, job_id):
+        """The running or finished re-check (an Operation) when it is for ``job_id`` and
+        fresh enough to stand in for the claim's own; else None."""
+        if self.checking is None or job_id != self.job_id:
+            return None
+        if time.monotonic() - self.started > REQUEST_CHECK_SECONDS:
+            return None
+        return self.checking
 
 
 def recheck(plan, stored, now=None):

@@ -59,7 +59,9 @@ class Gate:
     and run at once (a slot it freed); ``chains(job_id)``, True when such a successor may
     follow this job (its worker then queues the full inventory sync instead of running
     it, tasks.run_migration); ``releases(job)``, True when the gate's owner releases this
-    held job itself, in an order of its own (``release_due`` then leaves it alone)."""
+    held job itself, in an order of its own (``release_due`` then leaves it alone);
+    ``upcoming(job_id)``, the job ``successor`` will most likely name once ``job_id`` has
+    ended, asked while it still runs (its worker checks that job meanwhile)."""
 
     name: str
     condition: object
@@ -69,6 +71,7 @@ class Gate:
     successor: object = None
     chains: object = None
     releases: object = None
+    upcoming: object = None
 
 
 def register_gate(gate):
@@ -139,6 +142,17 @@ def successor(job_id):
     for gate in _gates:
         if gate.successor is not None:
             found = gate.successor(job_id)
+            if found is not None:
+                return found
+    return None
+
+
+def upcoming(job_id):
+    """The queued job a gate expects to name as ``job_id``'s successor once it ends
+    (a guess: ``successor`` and the claim decide), or None."""
+    for gate in _gates:
+        if gate.upcoming is not None:
+            found = gate.upcoming(job_id)
             if found is not None:
                 return found
     return None

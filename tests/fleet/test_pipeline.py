@@ -5,6 +5,7 @@ the batch is paused or cancelled. The claim is the real runner.run_job claim; on
 migration after it is left out."""
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -16,7 +17,7 @@ from fleet.models import Batch, BatchItem
 from hosts.models import VM
 from kvmweb.audit.models import AuditEvent
 from migrations_app import runner, tasks, windows
-from migrations_app.models import MigrationJob
+from migrations_app.models import JobEvent, MigrationJob
 
 
 @pytest.fixture(autouse=True)
@@ -419,3 +420,47 @@ def test_it_chains_a_child_only_early_enough_in_the_task_to_leave_it_the_task_ti
     monkeypatch.setattr(runner, "_run", slow)
     tasks.run_migration(first.pk)
     assert first.pk in worker.ran and third.pk not in worker.ran
+
+
+def test_it_rechecks_the_next_child_while_the_one_before_concludes(batch_of, fake_preflight, monkeypatch):
+    """The worker that ends a child starts the next child's re-check the moment the VM
+    has moved (runner.Lookahead), while it concludes, and then runs that child on it:
+    one re-check per child, none waited for between the two."""
+    from migrations_app import jobrun, modes
+
+    real_run = runner._run
+    monkeypatch.setattr(runner, "_run", lambda run: None)  # the first two: claimed, left so
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr(runner, "_run", real_run)
+    monkeypatch.setattr(runner, "run_preflight", fake_preflight)
+
+    def migrated(mode, run, plan):
+        jobrun.conclude_success(run, {"time_elapsed": 900, "downtime": 30, "data_processed": 1 << 20})
+
+    monkeypatch.setattr(type(modes.get("live")), "run", migrated)
+    run_job, given = runner.run_job, {}
+
+    def recording(job_id, **kwargs):
+        given[job_id] = kwargs.get("rechecking")
+        return run_job(job_id, **kwargs)
+
+    monkeypatch.setattr(runner, "run_job", recording)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    fake_preflight.calls.clear()
+    tasks.run_migration(first.pk)
+    assert MigrationJob.objects.get(pk=third.pk).status == MigrationJob.SUCCEEDED
+    # The first's re-check at its claim, the third's started while the first concluded
+    # and handed to the third's claim.
+    assert given[first.pk] is None and given[third.pk] is not None and given[third.pk].done
+    assert [vm for vm, _t, _m in fake_preflight.calls] == [first.vm_name, third.vm_name]
+    assert JobEvent.objects.filter(job=third, message="Preflight passed again on the worker.").exists()
+
+
+def test_it_gives_a_look_ahead_only_to_the_child_it_checked_and_only_while_fresh():
+    ahead = runner.Lookahead(1)
+    assert ahead.for_job(2) is None  # nothing started (no child was queued)
+    ahead.job_id, ahead.checking = 2, object()
+    ahead.started = time.monotonic() - runner.REQUEST_CHECK_SECONDS - 1
+    assert ahead.for_job(2) is None  # the claim came too late: checked again there
+    ahead.started = time.monotonic()
+    assert ahead.for_job(3) is None and ahead.for_job(2) is ahead.checking
