@@ -11,8 +11,12 @@ coming back to lab-a with virsh between rounds (not timed):
    `virsh migrate --live --p2p --persistent --undefinesource [--bandwidth B]`, each guest
    to the target kvmweb chose for it.
 3. virsh, one after another.
-Prints the walls, kvmweb / parallel virsh (goal <= 1.15) and the planner's predicted
-total against kvmweb's actual wall.
+Prints the walls, kvmweb / parallel virsh (goal <= 1.15), the planner's predicted total
+against kvmweb's actual wall, and each side's time beyond its migrations per lane (the
+wall minus the sum of kvmweb's libvirt migrate calls, resp. of the virsh processes, over
+the parallelism: the call alone varies round to round by more than kvmweb's own share);
+ends with one JSON line of the medians. The scheduler is driven as
+`manage.py evacuate --wait` drives it.
 
 Only this benchmark's guests are planned (the lab is shared: other sessions' guests on
 lab-a are left alone). Run as root with the lab available:
@@ -21,6 +25,7 @@ Uses a throwaway SQLite database and data dir; creates and removes its own guest
 """
 
 import argparse
+import json
 import os
 import secrets
 import statistics
@@ -80,7 +85,16 @@ def run_kvmweb(user, names, parallel, bandwidth):
             f"batch #{batch.pk} ended {batch.status}: {list(batch.items.values('vm_name', 'status', 'reason'))}"
         )
     placement = dict(batch.items.filter(status=BatchItem.SUCCEEDED).values_list("vm_name", "target_name"))
-    return wall, planning, plan.total_seconds, placement, slot_gaps(batch)
+    return wall, planning, plan.total_seconds, placement, slot_gaps(batch), call_seconds(batch)
+
+
+def call_seconds(batch):
+    """The sum of the children's libvirt migrate calls (their ``timing_ms``), in s."""
+    total = 0
+    for result in MigrationJob.objects.filter(batch_item__batch=batch).values_list("result", flat=True):
+        t = (result or {}).get("timing_ms", {})
+        total += t.get("migrate_end", 0) - t.get("migrate_start", 0)
+    return total / 1000
 
 
 def slot_gaps(batch):
@@ -104,10 +118,13 @@ def slot_gaps(batch):
 
 
 def run_virsh(placement, parallel, bandwidth):
+    """(wall, sum of the virsh processes' own walls) of a loop of ``parallel`` threads."""
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(lambda item: virsh_migrate(item[0], "lab-a", item[1], bandwidth), placement.items()))
-    return time.monotonic() - t0
+        each = list(
+            pool.map(lambda item: virsh_migrate(item[0], "lab-a", item[1], bandwidth), placement.items())
+        )
+    return time.monotonic() - t0, sum(each)
 
 
 def run_rounds(args):
@@ -124,19 +141,26 @@ def run_rounds(args):
         host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
         worker = labbench.start_worker()
         for i in range(args.rounds):
-            kvm, planning, predicted, placement, gaps = run_kvmweb(user, names, args.parallel, args.bandwidth)
+            kvm, planning, predicted, placement, gaps, calls = run_kvmweb(
+                user, names, args.parallel, args.bandwidth
+            )
             bring_back(placement)
-            par = run_virsh(placement, args.parallel, args.bandwidth)
+            par, processes = run_virsh(placement, args.parallel, args.bandwidth)
             bring_back(placement)
-            seq = run_virsh(placement, 1, args.bandwidth)
+            seq, _each = run_virsh(placement, 1, args.bandwidth)
             bring_back(placement)
-            results.append((kvm, par, seq, predicted, planning))
+            # Each side's time beyond its migrations, per lane: the wall minus the sum of
+            # kvmweb's migrate calls (of the virsh processes) over the parallelism. The
+            # migrate call alone varies round to round by more than kvmweb's own share.
+            own = (kvm - calls / args.parallel, par - processes / args.parallel)
+            results.append((kvm, par, seq, predicted, planning, own))
             load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(
                 f"round {i + 1} (load average {load}): kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
                 f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
                 f"ratio kvmweb/virsh-parallel {kvm / par:.3f}  "
-                f"slot freed -> next child claimed {gaps[0]:.3f} s (its row created {gaps[1]:+.3f} s)",
+                f"slot freed -> next child claimed {gaps[0]:.3f} s (its row created {gaps[1]:+.3f} s)  "
+                f"beyond the migrations: kvmweb {own[0]:.2f} s, virsh {own[1]:.2f} s",
                 flush=True,
             )
     finally:
@@ -174,6 +198,22 @@ def main():
         )
     ratios = [r[0] / r[1] for r in results]
     print(f"median ratio kvmweb / virsh parallel {statistics.median(ratios):.3f} over {len(ratios)} rounds")
+    kvm_own, virsh_own = (statistics.median(r[5][i] for r in results) for i in (0, 1))
+    print(
+        f"time beyond the migrate calls per lane (median): kvmweb {kvm_own:.2f} s, virsh {virsh_own:.2f} s "
+        f"(wall minus the sum of the calls, resp. of the virsh processes, over the parallelism)"
+    )
+    print(
+        json.dumps(
+            {
+                "ratio": round(statistics.median(ratios), 3),
+                "kvmweb_s": round(statistics.median(r[0] for r in results), 2),
+                "virsh_parallel_s": round(statistics.median(r[1] for r in results), 2),
+                "own_s": {"kvmweb": round(kvm_own, 2), "virsh": round(virsh_own, 2)},
+                "load": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
