@@ -250,7 +250,9 @@ def _release_first_held(batch, now=None):
     # (fleet/limits.successor). Released here too, its message would send a second worker
     # to a claim that is refused, on the same locks at the same moment (benchmarks/
     # evacuate.py: 50-70 ms on the next child's start). A worker that does not chain
-    # (stopping, out of chain time) leaves it to a pass SUCCESSOR_GRACE later.
+    # (stopping, out of chain time, killed) leaves it to the first pass after the grace:
+    # the next interval's (0.25 s with evacuate --wait, 2 s with the periodic watcher).
+    # finished_at is the worker's clock: a skewed one lengthens or shortens the grace.
     ended = MigrationJob.objects.filter(
         batch_item__batch=batch, finished_at__gt=now - timedelta(seconds=SUCCESSOR_GRACE)
     )

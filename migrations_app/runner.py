@@ -91,7 +91,7 @@ STORAGE_REUSE_SECONDS = 60
 REQUEST_CHECK_SECONDS = 3
 
 
-def run_job(job_id, worker=None, *, checked=None, defer_sync=False, rechecking=None, lookahead=None):
+def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=None, lookahead=None):
     """The task body: claim the job, run it, conclude it. Returns the final status, or
     None when the claim found nothing to do (redelivery, duplicate, cancelled).
 
@@ -102,8 +102,9 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, rechecking=N
     ``defer_sync`` queues the two hosts' full inventory sync on the default cluster
     instead of running it before returning (the moved VM is recorded either way).
     A worker chaining batch children (tasks.run_migration) passes ``lookahead``, started
-    once this job's VM has moved, and gives the next job the re-check it ran
-    (``rechecking``, an Operation; Lookahead.for_job)."""
+    once this job's VM has moved, and gives it to the next job as ``ahead_of_it``: the
+    re-check it ran stands in when it was for that job and is fresh at the claim
+    (Lookahead.for_job)."""
     worker = worker or worker_name()
     # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
     # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
@@ -129,7 +130,8 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, rechecking=N
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     run.defer_sync, run.checked = defer_sync, checked
-    run.lookahead, run.rechecking = lookahead, rechecking
+    run.lookahead = lookahead
+    run.rechecking = ahead_of_it.for_job(job_id) if ahead_of_it is not None else None
     try:
         _run(run)
     except Cancelled as exc:
@@ -244,30 +246,35 @@ class Lookahead:
     decides: the result is used only for the child this worker then claims, and only
     when it started at most REQUEST_CHECK_SECONDS before (``for_job``)."""
 
-    def __init__(self, job_id):
+    def __init__(self, job_id, chaining=None):
         self.after = job_id
+        self.chaining = chaining  # () -> whether the worker will still chain a successor
         self.job_id = None
         self.checking = None
         self.started = None
 
     def start(self):
-        """Start the re-check of the expected next child (never raises: the next claim
-        re-checks as usual)."""
+        """Start the re-check of the expected next child, unless the worker will not run
+        one (stopping, out of chain time). Never raises: the next claim re-checks as
+        usual, and the job that calls this has already moved its VM."""
         try:
+            if self.chaining is not None and not self.chaining():
+                return
             job_id = upcoming(self.after)
             job = MigrationJob.objects.select_related("vm", "source", "target").filter(pk=job_id).first()
             if job is None or job.status != MigrationJob.QUEUED or job.source is None or job.target is None:
                 return
             plan = MigrationPlan.from_job(job)
+            started = time.monotonic()
+            self.checking = Operation(lambda: recheck(plan, job.preflight), f"lookahead job {job.pk}")
+            self.job_id, self.started = job.pk, started
         except Exception:
             log.warning("job %s: no look-ahead re-check", self.after, exc_info=True)
-            return
-        self.job_id, self.started = job.pk, time.monotonic()
-        self.checking = Operation(lambda: recheck(plan, job.preflight), f"lookahead job {job.pk}")
 
     def for_job(self, job_id):
         """The running or finished re-check (an Operation) when it is for ``job_id`` and
-        fresh enough to stand in for the claim's own; else None."""
+        fresh enough to stand in for the claim's own; else None. Asked once the job is
+        claimed (runner._run): its age counts the claim's wait for the locks."""
         if self.checking is None or job_id != self.job_id:
             return None
         if time.monotonic() - self.started > REQUEST_CHECK_SECONDS:
@@ -279,9 +286,14 @@ def recheck(plan, stored, now=None):
     """The re-check of ``plan``: the checks of what can change run now, the static ones
     taken from ``stored`` (the checklist dict the job was created with) when it is young
     enough (reusable_results); no dirty-rate measurement (convergence was judged and
-    acknowledged on the checklist). Returns the Report."""
+    acknowledged on the checklist). Returns the Report; its reused results keep the age
+    of the checklist they came from (``reused_from``), so a later re-check may take them
+    again within the same limits."""
     reuse = reusable_results(stored, now or timezone.now())
-    return run_preflight(plan, measure_dirty_rate=False, reuse=reuse)
+    report = run_preflight(plan, measure_dirty_rate=False, reuse=reuse)
+    if reuse:
+        report.reused_from = (stored or {}).get("reused_from") or stored["started_at"]
+    return report
 
 
 def request_check(stored, now):
@@ -297,13 +309,17 @@ def request_check(stored, now):
 def reusable_results(stored, now):
     """{check id: CheckResult} of STATIC_CHECKS from ``stored`` (the checklist the job was
     created with, as stored on the job) when it ran less than RECHECK_REUSE_SECONDS
-    before ``now`` (storage: STORAGE_REUSE_SECONDS); {} otherwise (no checklist, an old one, results reused already)."""
+    before ``now`` (storage: STORAGE_REUSE_SECONDS); for a re-check, counted from the
+    checklist its static results came from (``reused_from``); {} otherwise (no
+    checklist, an old one, a re-check that does not say where its results came from)."""
     stored = stored or {}
+    # A re-check's static results are as old as the checklist they came from.
+    anchor = stored.get("reused_from") if stored.get("reused") else stored.get("started_at")
     try:
-        started = datetime.fromisoformat(stored.get("started_at") or "")
+        started = datetime.fromisoformat(anchor or "")
     except ValueError:
         return {}
-    if stored.get("reused") or started.tzinfo is None:
+    if started.tzinfo is None:
         return {}
     # A few seconds "in the future" are another machine's clock (the web server's).
     if not timedelta(seconds=-5) <= now - started <= timedelta(seconds=RECHECK_REUSE_SECONDS):

@@ -244,16 +244,22 @@ def do_create_job(
                 details={"target": target.name, "mode": mode, "error": message, **window},
             )
         raise JobError(message)
+    # When the checklist run here began: what it read is at most that old (the worker
+    # counts from it, runner.request_check).
     at_request = None
     if report is None:
-        report = run_preflight(plan)  # libvirt: outside any transaction
         at_request = time.time()
+        report = run_preflight(plan)  # libvirt: outside any transaction
     blocking = report.blocking_reasons(acknowledged, overridden)
-    if recheck and at_request is None and not blocking:
+    needs_approval = bool(decision is not None and decision.needs_approval)
+    # Only for a job that starts now: one that waits for its window or an approval is
+    # checked by the worker when it starts, and must not be refused for a host that is
+    # briefly away now.
+    if recheck and at_request is None and not blocking and not held and not needs_approval:
         from migrations_app.runner import recheck as check_again
 
-        report = check_again(plan, report.to_dict())
         at_request = time.time()
+        report = check_again(plan, report.to_dict())
         # As the worker's re-check: fails block; a new warning is logged on the job.
         blocking = report.blocking_reasons([r.id for r in report.warnings], overridden)
     if blocking:
@@ -270,7 +276,6 @@ def do_create_job(
             _("The preflight checklist blocks this migration: %(why)s") % {"why": "; ".join(blocking)},
             report=report,
         )
-    needs_approval = bool(decision is not None and decision.needs_approval)
     status = MigrationJob.PENDING_APPROVAL if needs_approval else MigrationJob.QUEUED
     checklist = report.to_dict()
     if at_request is not None:

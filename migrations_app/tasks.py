@@ -49,22 +49,25 @@ def run_migration(job_id):
     _running += 1
     try:
         started = time.monotonic()
+
+        def chaining():
+            # Not once the cluster is asked to stop (a restart): django-q2 waits for this
+            # task, and a chained migration would hold the restart for its whole length.
+            return time.monotonic() - started < chain_seconds() and not workers.stopping()
+
         chains = windows.chains(job_id)
         # A chaining worker re-checks the child it expects to run next while this job
         # concludes (runner.Lookahead).
-        ahead = runner.Lookahead(job_id) if chains else None
+        ahead = runner.Lookahead(job_id, chaining) if chains else None
         status = runner.run_job(job_id, defer_sync=chains, lookahead=ahead)
         ran, misses = status is not None, 0
-        # Not once the cluster is asked to stop (a restart): django-q2 waits for this task,
-        # and a chained migration would hold the restart for its whole length.
-        while ran and misses < 3 and time.monotonic() - started < chain_seconds() and not workers.stopping():
+        while ran and misses < 3 and chaining():
             following = windows.successor(job_id)
             if following is None:
                 break
-            rechecking = ahead.for_job(following) if ahead is not None else None
-            ahead = runner.Lookahead(following)
+            previous, ahead = ahead, runner.Lookahead(following, chaining)
             status_next = runner.run_job(
-                following, defer_sync=windows.chains(following), rechecking=rechecking, lookahead=ahead
+                following, defer_sync=windows.chains(following), ahead_of_it=previous, lookahead=ahead
             )
             if status_next is None:
                 misses += 1  # another worker claimed it first (or a gate held it): the next one

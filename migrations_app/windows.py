@@ -139,20 +139,20 @@ def claiming(job_id):
 
 def successor(job_id):
     """A queued job a gate lets the worker that just ended ``job_id`` run next, or None."""
-    for gate in _gates:
-        if gate.successor is not None:
-            found = gate.successor(job_id)
-            if found is not None:
-                return found
-    return None
+    return _first_answer("successor", job_id)
 
 
 def upcoming(job_id):
     """The queued job a gate expects to name as ``job_id``'s successor once it ends
     (a guess: ``successor`` and the claim decide), or None."""
+    return _first_answer("upcoming", job_id)
+
+
+def _first_answer(hook, job_id):
     for gate in _gates:
-        if gate.upcoming is not None:
-            found = gate.upcoming(job_id)
+        ask = getattr(gate, hook)
+        if ask is not None:
+            found = ask(job_id)
             if found is not None:
                 return found
     return None

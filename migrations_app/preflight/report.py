@@ -43,6 +43,9 @@ class Report:
     duration_ms: int
     plan: dict = field(default_factory=dict)
     reused: list = field(default_factory=list)
+    # When the checklist the ``reused`` results were taken from started (a re-check's
+    # static results are as old as that one, not as this run): runner.reusable_results.
+    reused_from: str = ""
 
     @staticmethod
     def verdict_of(results):
@@ -106,6 +109,7 @@ class Report:
             "plan": self.plan,
             "results": [r.to_dict() for r in self.results],
             "reused": list(self.reused),
+            "reused_from": self.reused_from,
         }
 
     @classmethod
@@ -118,4 +122,5 @@ class Report:
             duration_ms=int(data.get("duration_ms") or 0),
             plan=data.get("plan") or {},
             reused=list(data.get("reused") or []),
+            reused_from=data.get("reused_from") or "",
         )

@@ -152,12 +152,12 @@ def test_it_releases_a_held_child_at_the_next_pass_when_no_worker_chained_it(bat
     # Just ended: left to the worker that ended it (it claims the next child itself), so
     # no second worker gets a message only to be refused.
     MigrationJob.objects.filter(pk=first.pk).update(finished_at=timezone.now())
+    monkeypatch.setattr(scheduler, "SUCCESSOR_GRACE", 60.0)  # however slow this machine is
     scheduler.tick(batch.pk)
     assert sent == [] and MigrationJob.objects.get(pk=third.pk).waiting_for
-    # That worker died after concluding it, say: the next pass releases the child.
-    MigrationJob.objects.filter(pk=first.pk).update(
-        finished_at=timezone.now() - timedelta(seconds=scheduler.SUCCESSOR_GRACE + 0.1)
-    )
+    # That worker died after concluding it, say: a pass after the grace releases the child.
+    monkeypatch.setattr(scheduler, "SUCCESSOR_GRACE", 0.5)
+    MigrationJob.objects.filter(pk=first.pk).update(finished_at=timezone.now() - timedelta(seconds=1))
     scheduler.tick(batch.pk)
     third.refresh_from_db()
     assert sent == [third.pk] and third.waiting_for == "" and third.status == MigrationJob.QUEUED
@@ -438,10 +438,11 @@ def test_it_rechecks_the_next_child_while_the_one_before_concludes(batch_of, fak
         jobrun.conclude_success(run, {"time_elapsed": 900, "downtime": 30, "data_processed": 1 << 20})
 
     monkeypatch.setattr(type(modes.get("live")), "run", migrated)
+    monkeypatch.setattr(runner, "REQUEST_CHECK_SECONDS", 60)  # however slow this machine is
     run_job, given = runner.run_job, {}
 
     def recording(job_id, **kwargs):
-        given[job_id] = kwargs.get("rechecking")
+        given[job_id] = kwargs.get("ahead_of_it")
         return run_job(job_id, **kwargs)
 
     monkeypatch.setattr(runner, "run_job", recording)
@@ -451,14 +452,16 @@ def test_it_rechecks_the_next_child_while_the_one_before_concludes(batch_of, fak
     assert MigrationJob.objects.get(pk=third.pk).status == MigrationJob.SUCCEEDED
     # The first's re-check at its claim, the third's started while the first concluded
     # and handed to the third's claim.
-    assert given[first.pk] is None and given[third.pk] is not None and given[third.pk].done
+    ahead = given[third.pk]
+    assert given[first.pk] is None and ahead.job_id == third.pk and ahead.checking.done
     assert [vm for vm, _t, _m in fake_preflight.calls] == [first.vm_name, third.vm_name]
     assert JobEvent.objects.filter(job=third, message="Preflight passed again on the worker.").exists()
 
 
 def test_it_gives_a_look_ahead_only_to_the_child_it_checked_and_only_while_fresh():
-    ahead = runner.Lookahead(1)
-    assert ahead.for_job(2) is None  # nothing started (no child was queued)
+    ahead = runner.Lookahead(1, chaining=lambda: False)
+    ahead.start()  # the worker will not chain (stopping, out of chain time): nothing runs
+    assert ahead.checking is None and ahead.for_job(2) is None
     ahead.job_id, ahead.checking = 2, object()
     ahead.started = time.monotonic() - runner.REQUEST_CHECK_SECONDS - 1
     assert ahead.for_job(2) is None  # the claim came too late: checked again there

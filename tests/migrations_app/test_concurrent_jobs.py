@@ -160,6 +160,13 @@ def test_it_reuses_only_the_static_checks_of_a_fresh_checklist():
     old = dict(fresh, started_at=(now - timedelta(seconds=runner.RECHECK_REUSE_SECONDS + 1)).isoformat())
     assert runner.reusable_results(old, now) == {}
     assert runner.reusable_results(dict(fresh, reused=["cpu"]), now) == {}  # a re-check's own
+    # A re-check that says where its static results came from: as old as that checklist.
+    recheck = dict(fresh, started_at=now.isoformat(), reused=["cpu"])
+    assert set(runner.reusable_results(dict(recheck, reused_from=fresh["started_at"]), now)) == {
+        "cpu",
+        "storage",
+    }
+    assert runner.reusable_results(dict(recheck, reused_from=old["started_at"]), now) == {}
     assert runner.reusable_results({}, now) == {}
     assert runner.reusable_results(None, now) == {}
     assert runner.reusable_results(dict(fresh, started_at="2026-05-01T11:59:30"), now) == {}  # no zone

@@ -184,6 +184,7 @@ def test_it_walks_the_wizard_and_creates_exactly_one_job(lab, lab_guest, db, ope
     # The confirm's re-check is stored for the worker (it stands in when claimed within
     # seconds): the static checks taken from the checklist read, the others run again.
     assert job.preflight["at_request"] and "storage" in job.preflight["reused"]
+    assert job.preflight["reused_from"] == report.started_at  # as old as the checklist read
     assert "vm_state" not in job.preflight["reused"]
     assert json.loads(step4.context["options_json"])["undefine_source"] is True
     second = client.post(url, post)  # a double click
