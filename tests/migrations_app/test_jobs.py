@@ -176,7 +176,8 @@ def test_it_walks_the_wizard_and_creates_exactly_one_job(lab, lab_guest, db, ope
     assert any(r.startswith("VM state") for r in audit.details["blocking"]), audit.details
     # The refusal showed the checklist of that moment; the user reads it again (shut off
     # again now) and confirms.
-    assert client.get(url, step4.wsgi_request.GET).context["report"].result("vm_state").status == "pass"
+    reread = client.get(url, step4.wsgi_request.GET).context["report"]
+    assert reread.result("vm_state").status == "pass"
     first = client.post(url, post)
     job = MigrationJob.objects.get(vm=vm)
     assert first.status_code == 302 and first.url == reverse("migrations:detail", args=[job.pk])
@@ -184,7 +185,7 @@ def test_it_walks_the_wizard_and_creates_exactly_one_job(lab, lab_guest, db, ope
     # The confirm's re-check is stored for the worker (it stands in when claimed within
     # seconds): the static checks taken from the checklist read, the others run again.
     assert job.preflight["at_request"] and "storage" in job.preflight["reused"]
-    assert job.preflight["reused_from"] == report.started_at  # as old as the checklist read
+    assert job.preflight["reused_from"] == reread.started_at  # as old as the checklist read
     assert "vm_state" not in job.preflight["reused"]
     assert json.loads(step4.context["options_json"])["undefine_source"] is True
     second = client.post(url, post)  # a double click
