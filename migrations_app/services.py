@@ -174,9 +174,10 @@ def do_create_job(
     ``recheck``: ``report`` is the checklist the user read, perhaps minutes ago; what can
     change is checked again now (runner.recheck, what a worker's claim would run) and a
     fail not overridden refuses here, on the page that asked, instead of failing the job.
-    A checklist run here is stored with the time it ended (``at_request``): the worker
-    takes it as its own re-check when it claims the job within seconds
-    (runner.request_check). The
+    A checklist run here is stored with the time it began (``at_request``): the worker
+    takes it as its own re-check when it claims the job within seconds of it
+    (runner.request_check); a job that waits for its window or an approval is not
+    re-checked here (the worker checks it when it starts). The
     database's one-active-job-per-VM constraint makes double clicks and two browsers
     submitting at once create exactly one job: the loser gets JobError with active_job.
     """
