@@ -274,20 +274,14 @@ def test_it_never_exceeds_a_limit_when_workers_claim_at_once(batch_of, worker, s
 
 
 def test_it_creates_as_many_ahead_as_the_pipeline_allows_and_starts_them_in_row_order(
-    batch_of, worker, settings
+    batch_of, worker, settings, monkeypatch
 ):
     """Two children of a wave often end together: two are created ahead (the default),
     and the worker that frees a slot takes the first row."""
-    settings.KVMWEB_FLEET_PIPELINE = 2
-    batch = batch_of(5, per_source=2, max_parallel=2)
-    scheduler.tick(batch.pk)
-    first, second = MigrationJob.objects.order_by("pk")
-    runner.run_job(first.pk)
-    runner.run_job(second.pk)
-    scheduler.tick(batch.pk)
+    batch, first, second, *ahead, _sent = _two_running_and_two_ahead(batch_of, settings, monkeypatch)
     scheduler.tick(batch.pk)  # never more than two ahead
-    ahead = list(MigrationJob.objects.filter(status=MigrationJob.QUEUED).order_by("batch_item__position"))
-    assert len(ahead) == 2 and MigrationJob.objects.count() == 4
+    assert MigrationJob.objects.filter(status=MigrationJob.QUEUED).count() == 2
+    assert MigrationJob.objects.count() == 4
     assert all("Waiting for a free slot" in job.waiting_for for job in ahead)  # held from creation
     _end(second)
     # The later row's own message, arriving now, does not take the freed slot first.
