@@ -16,11 +16,14 @@ against kvmweb's actual wall, and each side's time beyond its migrations per lan
 wall minus the sum of kvmweb's libvirt migrate calls, resp. of the virsh processes, over
 the parallelism: the call alone varies round to round by more than kvmweb's own share);
 ends with one JSON line of the medians. The scheduler is driven as
-`manage.py evacuate --wait` drives it.
+`manage.py evacuate --wait` drives it. ``--trace`` prints each child's timeline (row
+created, claimed, checklist done, libvirt call start and end, concluded, final, in ms
+from the batch's start) and the CPU each side used (this process: the scheduler's
+passes; the worker's processes; the libvirt daemons; the virsh processes).
 
 Only this benchmark's guests are planned (the lab is shared: other sessions' guests on
 lab-a are left alone). Run as root with the lab available:
-  .venv/bin/python benchmarks/evacuate.py [--guests 6] [--parallel 2] [--memory 128] [--bandwidth 32]
+  .venv/bin/python benchmarks/evacuate.py [--guests 6] [--parallel 2] [--memory 128] [--bandwidth 32] [--trace]
 Uses a throwaway SQLite database and data dir; creates and removes its own guests.
 """
 
@@ -63,7 +66,7 @@ def bring_back(placement):
     host_services.do_sync_inventory(Host.objects.get(name="lab-a"))
 
 
-def run_kvmweb(user, names, parallel, bandwidth):
+def run_kvmweb(user, names, parallel, bandwidth, trace=False, worker=None):
     vms = list(VM.objects.filter(name__in=names, gone=False).select_related("host"))
     t0 = time.monotonic()
     plan = make_plan(
@@ -76,16 +79,41 @@ def run_kvmweb(user, names, parallel, bandwidth):
     if plan.blocked:
         raise SystemExit(f"the planner left VMs behind: {[(r.vm.name, r.reasons) for r in plan.blocked]}")
     host = vms[0].host
+    cpu = labbench.cpu_snapshot(worker)
     t0 = time.monotonic()
     batch = do_create_batch(plan, user, host=host)
     batch = scheduler.drive(batch.pk, timeout=900)  # as `manage.py evacuate --wait` drives it
     wall = time.monotonic() - t0
+    cpu = labbench.cpu_delta(cpu, labbench.cpu_snapshot(worker))
     if batch.status != Batch.SUCCEEDED:
         raise SystemExit(
             f"batch #{batch.pk} ended {batch.status}: {list(batch.items.values('vm_name', 'status', 'reason'))}"
         )
     placement = dict(batch.items.filter(status=BatchItem.SUCCEEDED).values_list("vm_name", "target_name"))
+    if trace:
+        print_trace(batch)
+        print(f"  cpu kvmweb (s): {cpu}", flush=True)
     return wall, planning, plan.total_seconds, placement, slot_gaps(batch), call_seconds(batch)
+
+
+def print_trace(batch):
+    """Each child's timeline in ms from the batch's start: row created, claimed, checklist
+    done, libvirt call start and end, concluded (the job's own marks), final."""
+    t0 = batch.started_at
+    jobs = MigrationJob.objects.filter(batch_item__batch=batch).order_by("started_at")
+    for job in jobs:
+        marks = (job.result or {}).get("timing_ms", {})
+
+        def at(when):
+            return round((when - t0).total_seconds() * 1000) if when else None
+
+        claimed = at(job.started_at)
+        steps = " ".join(f"{name} {claimed + ms}" for name, ms in marks.items())
+        print(
+            f"  trace {job.vm_name:<22} {job.target_name}: created {at(job.created_at)} claimed {claimed} "
+            f"{steps} final {at(job.finished_at)}",
+            flush=True,
+        )
 
 
 def call_seconds(batch):
@@ -117,14 +145,18 @@ def slot_gaps(batch):
     return (mean(claim), mean(create)) if claim else (float("nan"), float("nan"))
 
 
-def run_virsh(placement, parallel, bandwidth):
+def run_virsh(placement, parallel, bandwidth, trace=False):
     """(wall, sum of the virsh processes' own walls) of a loop of ``parallel`` threads."""
+    cpu = labbench.cpu_snapshot()
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         each = list(
             pool.map(lambda item: virsh_migrate(item[0], "lab-a", item[1], bandwidth), placement.items())
         )
-    return time.monotonic() - t0, sum(each)
+    wall = time.monotonic() - t0
+    if trace:
+        print(f"  cpu virsh x{parallel} (s): {labbench.cpu_delta(cpu, labbench.cpu_snapshot())}", flush=True)
+    return wall, sum(each)
 
 
 def run_rounds(args):
@@ -142,10 +174,10 @@ def run_rounds(args):
         worker = labbench.start_worker()
         for i in range(args.rounds):
             kvm, planning, predicted, placement, gaps, calls = run_kvmweb(
-                user, names, args.parallel, args.bandwidth
+                user, names, args.parallel, args.bandwidth, trace=args.trace, worker=worker
             )
             bring_back(placement)
-            par, processes = run_virsh(placement, args.parallel, args.bandwidth)
+            par, processes = run_virsh(placement, args.parallel, args.bandwidth, trace=args.trace)
             bring_back(placement)
             seq, _each = run_virsh(placement, 1, args.bandwidth)
             bring_back(placement)
@@ -177,6 +209,7 @@ def main():
     ap.add_argument("--memory", type=int, default=128)
     ap.add_argument("--bandwidth", type=int, default=32, help="MiB/s cap per migration (0: none)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--trace", action="store_true", help="print each child's timeline")
     args = ap.parse_args()
 
     # lab.session: hosts this run had to start (lab-c) are stopped at the end only when no

@@ -46,6 +46,44 @@ def stats(samples):
     return f"median {statistics.median(ordered):7.1f} ms   p95 {p95_of(samples):7.1f} ms   max {ordered[-1]:7.1f} ms"
 
 
+def _cpu_seconds(pid):
+    """utime + stime of one process, in s (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(worker=None):
+    """CPU seconds used so far, by group: this process ("bench": the scheduler's passes
+    in evacuate.py), its waited-for children ("virsh"), the worker's process group
+    ("worker") and the lab's libvirt daemons (not QEMU: a migration ends the source's
+    process, and its CPU with it). Subtract two snapshots (``cpu_delta``) for what a
+    phase used."""
+    times = os.times()
+    found = {"bench": times.user + times.system, "virsh": times.children_user + times.children_system}
+    found.update(worker=0.0, libvirt=0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            pgid = os.getpgid(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if worker is not None and pgid == worker.pid:
+            found["worker"] += _cpu_seconds(entry.name)
+        elif comm in ("libvirtd", "virtqemud"):
+            found["libvirt"] += _cpu_seconds(entry.name)
+    return found
+
+
+def cpu_delta(before, after):
+    """{group: CPU seconds used between two ``cpu_snapshot``s}."""
+    return {k: round(max(0.0, after[k] - before[k]), 2) for k in after}
+
+
 def kvmweb(hosts):
     """Migrate the DB, create an operator and register ``hosts`` (no inventory sync).
     Returns (user, {name: Host})."""
