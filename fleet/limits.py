@@ -9,7 +9,12 @@ conditional UPDATE, through a gate registered in fleet/apps.py
 
 What counts against a limit: the jobs a worker (or reconcile) holds, i.e. claimed and
 not ended (preflight, running, cancelling, needs_reconcile), of all kvmweb, not only
-batch children; per batch, that batch's claimed children. A queued job holds no slot.
+batch children; per batch, that batch's claimed children. A queued job holds no slot,
+nor does a batch child whose VM has landed on the target while its worker concludes it
+beside the next child's start (phase ``states.LANDED``, migrations_app/jobrun.py
+conclude_success): its migration stream is over. The batch's pass counts such a child
+until it ends (fleet/scheduler.py): it starts and releases nothing on a landing; the
+worker that concluded it does (``successor``).
 
 Why a lock as well as the condition (SQLite vs PostgreSQL):
 
@@ -48,8 +53,15 @@ from django.utils.translation import gettext as _
 
 from migrations_app import states
 
-# Held by a worker or reconcile: what fills a slot.
+# Held by a worker or reconcile: what fills a slot (less a landed child: ``holding``).
 CLAIMED = tuple(s for s in states.ACTIVE if s not in (states.QUEUED, states.PENDING_APPROVAL))
+
+
+def holding():
+    """The jobs that fill a slot now: claimed, not ended, not landed (module docstring)."""
+    from migrations_app.models import MigrationJob
+
+    return MigrationJob.objects.filter(status__in=CLAIMED).exclude(phase=states.LANDED)
 
 
 def _count(queryset):
@@ -79,10 +91,9 @@ def room():
     concurrent claim)."""
     from fleet.models import Batch
     from fleet.scheduler import global_limit
-    from migrations_app.models import MigrationJob
 
     batch = Batch.objects.filter(items__job_id=OuterRef("pk"))
-    claimed = MigrationJob.objects.filter(status__in=CLAIMED)
+    claimed = holding()
 
     def limit(field):
         return Subquery(batch.values(field)[:1])
@@ -129,7 +140,7 @@ def holds(job, now=None):
             "b": batch.pk,
             "s": batch.get_status_display(),
         }
-    claimed = MigrationJob.objects.filter(status__in=CLAIMED)
+    claimed = holding()
     full = []
     if claimed.filter(batch_item__batch=batch).count() >= batch.max_parallel:
         full.append(_("batch #%(b)d runs %(n)d") % {"b": batch.pk, "n": batch.max_parallel})

@@ -253,8 +253,12 @@ def _release_first_held(batch, now=None):
     # (stopping, out of chain time, killed) leaves it to the first pass after the grace:
     # the next interval's (0.25 s with evacuate --wait, 2 s with the periodic watcher).
     # finished_at is the worker's clock: a skewed one lengthens or shortens the grace.
-    ended = MigrationJob.objects.filter(
-        batch_item__batch=batch, finished_at__gt=now - timedelta(seconds=SUCCESSOR_GRACE)
+    # A child that has landed (jobrun.conclude_success) frees its slot before it ends,
+    # and its worker claims the next child at that moment: the same holds until it ends
+    # (a worker killed meanwhile: reconcile ends it, and the grace follows).
+    ended = MigrationJob.objects.filter(batch_item__batch=batch).filter(
+        Q(finished_at__gt=now - timedelta(seconds=SUCCESSOR_GRACE))
+        | Q(status__in=CLAIMED, phase=states.LANDED)
     )
     if ended.exists():
         return None

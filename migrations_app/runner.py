@@ -239,12 +239,14 @@ def _run(run):
 
 
 class Lookahead:
-    """The re-check of the batch child a worker will most likely run next
-    (windows.upcoming), started the moment the job before it has moved its VM
-    (jobrun.conclude_success calls ``start``) and run while that job concludes, so the
-    next child's start does not wait for both one after the other. The claim still
-    decides: the result is used only for the child this worker then claims, and only
-    when it started at most REQUEST_CHECK_SECONDS before (``for_job``)."""
+    """What a worker chaining batch children (tasks.run_migration) does beside the end of
+    one: the re-check of the child it will most likely run next (windows.upcoming),
+    started in the last second of the job before it (``start``, called by the live
+    monitor and again by jobrun.conclude_success once the VM has moved), and that job's
+    conclusion, run in a thread while the worker claims the next child (``concluding``).
+    The next child's start waits for neither. The claim still decides: the re-check is
+    used only for the child this worker then claims, and only when it started at most
+    REQUEST_CHECK_SECONDS before (``for_job``)."""
 
     def __init__(self, job_id, chaining=None):
         self.after = job_id
@@ -252,15 +254,32 @@ class Lookahead:
         self.job_id = None
         self.checking = None
         self.started = None
+        # Job ``job_id``'s own conclusion (an Operation), when it runs beside the next
+        # child's start (jobrun.conclude_success); the task waits for it before it ends.
+        self.concluding = None
+
+    def will_chain(self):
+        """Whether the worker will look for a next child once this job has concluded."""
+        return self.chaining is None or self.chaining()
+
+    def concluded(self):
+        """Wait for the conclusion run beside the next child (if any) to end. Bounded by
+        its libvirt calls' timeouts; the database writes queue like any job's."""
+        if self.concluding is not None:
+            self.concluding.thread.join()
 
     def start(self):
         """Start the re-check of the expected next child, unless the worker will not run
-        one (stopping, out of chain time). Never raises: the next claim re-checks as
-        usual, and the job that calls this has already moved its VM."""
+        one (stopping, out of chain time) or it runs already for that child: the monitor
+        starts it in the migration's last second (live.LOOKAHEAD_ETA_SECONDS), the
+        conclusion again once the VM has moved, when the child expected then is another.
+        Never raises: the next claim re-checks as usual."""
         try:
-            if self.chaining is not None and not self.chaining():
+            if not self.will_chain():
                 return
             job_id = upcoming(self.after)
+            if self.checking is not None and job_id == self.job_id:
+                return
             job = MigrationJob.objects.select_related("vm", "source", "target").filter(pk=job_id).first()
             if job is None or job.status != MigrationJob.QUEUED or job.source is None or job.target is None:
                 return

@@ -24,6 +24,11 @@ CANCELLED = "cancelled"
 REJECTED = "rejected"
 NEEDS_RECONCILE = "needs_reconcile"
 
+# The phase (not a status) of a running batch child whose VM has landed on the target
+# while its worker concludes it beside the next child's start (jobrun.conclude_success):
+# its migration stream is over, so it fills no slot of a batch's limits (fleet/limits.py).
+LANDED = "landed"
+
 ALL = (
     PENDING_APPROVAL,
     QUEUED,

@@ -55,25 +55,35 @@ def run_migration(job_id):
             # task, and a chained migration would hold the restart for its whole length.
             return time.monotonic() - started < chain_seconds() and not workers.stopping()
 
-        chains = windows.chains(job_id)
-        # A chaining worker re-checks the child it expects to run next while this job
-        # concludes (runner.Lookahead).
+        first, chains = job_id, windows.chains(job_id)
+        # A chaining worker re-checks the child it expects to run next, and concludes a
+        # live child, while it claims that next child (runner.Lookahead): the landed
+        # child's conclusion runs in a thread, waited for before the task ends.
         ahead = runner.Lookahead(job_id, chaining) if chains else None
-        status = runner.run_job(job_id, defer_sync=chains, lookahead=ahead)
-        ran, misses = status is not None, 0
-        while ran and misses < 3 and chaining():
-            following = windows.successor(job_id)
-            if following is None:
-                break
-            previous, ahead = ahead, runner.Lookahead(following, chaining)
-            status_next = runner.run_job(
-                following, defer_sync=windows.chains(following), ahead_of_it=previous, lookahead=ahead
-            )
-            if status_next is None:
-                misses += 1  # another worker claimed it first (or a gate held it): the next one
-                ahead = None
-            else:
-                job_id = following
+        started_ahead = [ahead]
+        try:
+            status = runner.run_job(job_id, defer_sync=chains, lookahead=ahead)
+            ran, misses = status is not None, 0
+            while ran and misses < 3 and chaining():
+                following = windows.successor(job_id)
+                if following is None:
+                    break
+                previous, ahead = ahead, runner.Lookahead(following, chaining)
+                started_ahead.append(ahead)
+                status_next = runner.run_job(
+                    following, defer_sync=windows.chains(following), ahead_of_it=previous, lookahead=ahead
+                )
+                if status_next is None:
+                    misses += 1  # another worker claimed it first (or a gate held it): the next one
+                    ahead = None
+                else:
+                    job_id = following
+        finally:
+            for each in started_ahead:
+                if each is not None:
+                    each.concluded()
+        if started_ahead[0] is not None and started_ahead[0].concluding is not None:
+            status = MigrationJob.objects.filter(pk=first).values_list("status", flat=True).first()
         return status
     finally:
         _running -= 1

@@ -299,6 +299,13 @@ def progress_from_stats(stats, state=None):
     }
 
 
+# A chaining worker starts the next batch child's re-check (runner.Lookahead) once this
+# job's ETA is this short: it then runs beside the migration's last second, not between
+# the two migrations. The target's free memory it reads already holds most of this VM
+# (the incoming QEMU fills its RAM as pages arrive).
+LOOKAHEAD_ETA_SECONDS = 1.0
+
+
 def monitor(run, mon, op=None):
     """Poll the source's job stats (4×/s, less often with many jobs running at once:
     JobRun.poll_seconds) until the operation ends (``op``) or, when re-attaching without
@@ -348,6 +355,15 @@ def monitor(run, mon, op=None):
                 judge_convergence(run, fields)
                 mark = ladder_step(run, mon, uuid, fields)
             run.progress(fields, mark=mark, optional=not mark)
+            eta = fields["eta_seconds"]
+            ahead = run.lookahead
+            if (
+                ahead is not None
+                and ahead.checking is None
+                and eta is not None
+                and eta <= LOOKAHEAD_ETA_SECONDS
+            ):
+                ahead.start()
         else:
             run.heartbeat()
         row = run.controls()

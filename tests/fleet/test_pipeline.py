@@ -461,3 +461,74 @@ def test_it_gives_a_look_ahead_only_to_the_child_it_checked_and_only_while_fresh
     assert ahead.for_job(2) is None  # the claim came too late: checked again there
     ahead.started = time.monotonic()
     assert ahead.for_job(3) is None and ahead.for_job(2) is ahead.checking
+
+
+def test_it_frees_a_slot_once_the_child_has_landed_and_leaves_the_release_to_its_worker(
+    batch_of, worker, monkeypatch
+):
+    """A child whose VM has landed (phase "landed", concluding beside the next child's
+    start) fills no slot: its worker's successor may claim the held child at once. The
+    batch's pass still counts it until it ends: it releases nothing on a landing."""
+    from migrations_app import states
+
+    sent = []
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    assert runner.run_job(third.pk) is None  # held: ha sends 2
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.RUNNING, phase=states.LANDED)
+    assert limits.holds(third) == ""
+    scheduler.tick(batch.pk)
+    third.refresh_from_db()
+    assert sent == [] and third.waiting_for  # not released by the pass
+    assert windows.successor(first.pk) == third.pk
+    assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
+    # Three claimed, two of them migrating: the limit (2 per source) holds.
+    assert _claimed().count() == 3 and limits.holding().count() == 2
+    assert limits.holding().filter(source_id=first.source_id).count() == 2
+
+
+def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of, fake_preflight, monkeypatch):
+    """A live child's worker that chains writes "landed" first, then claims the next
+    child while the first one's conclusion runs (here at once, in place of its thread:
+    what matters is what the row said when it ran); the task waits for every conclusion
+    and returns the first job's final status."""
+    from migrations_app import jobrun, modes, states
+
+    real_run = runner._run
+    monkeypatch.setattr(runner, "_run", lambda run: None)  # the first two: claimed, left so
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr(runner, "_run", real_run)
+    monkeypatch.setattr(runner, "run_preflight", fake_preflight)
+    seen, concluding = [], []
+
+    def migrated(mode, run, plan):
+        jobrun.conclude_success(
+            run, {"time_elapsed": 900, "downtime": 30, "data_processed": 1 << 20}, live=True
+        )
+        seen.append(MigrationJob.objects.filter(pk=run.job_id).values_list("status", "phase").get())
+
+    class Deferred:
+        """Runs the conclusion when the task waits for it (after the next claim)."""
+
+        def __init__(self, fn, name):
+            self.fn, self.ran = fn, False
+            self.thread = self
+            concluding.append(self)
+
+        def join(self):
+            if not self.ran:
+                self.ran = True
+                self.fn()
+
+    monkeypatch.setattr(type(modes.get("live")), "run", migrated)
+    monkeypatch.setattr(jobrun, "Operation", Deferred)
+    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
+    assert tasks.run_migration(first.pk) == MigrationJob.SUCCEEDED
+    # Each ran its migration and landed; the first's conclusion had not run when the
+    # third was claimed (its slot was free from the landing).
+    assert seen == [(MigrationJob.RUNNING, states.LANDED)] * 2
+    assert len(concluding) == 2 and all(c.ran for c in concluding)
+    for job in (first, third):
+        job.refresh_from_db()
+        assert job.status == MigrationJob.SUCCEEDED and job.phase == "done"
+    assert AuditEvent.objects.filter(action="migration.finish", outcome=AuditEvent.SUCCESS).count() == 2
