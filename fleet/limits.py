@@ -11,10 +11,10 @@ What counts against a limit: the jobs a worker (or reconcile) holds, i.e. claime
 not ended (preflight, running, cancelling, needs_reconcile), of all kvmweb, not only
 batch children; per batch, that batch's claimed children. A queued job holds no slot,
 nor does a batch child whose VM has landed on the target while its worker concludes it
-beside the next child's start (phase ``states.LANDED``, migrations_app/jobrun.py
-conclude_success): its migration stream is over. The batch's pass counts such a child
-until it ends (fleet/scheduler.py): it starts and releases nothing on a landing; the
-worker that concluded it does (``successor``).
+beside the next child's start (``landed_at`` set, phase ``states.LANDED``,
+migrations_app/jobrun.py conclude_success): its migration stream is over. The batch's
+pass counts such a child until it ends (fleet/scheduler.py): it starts and releases
+nothing on a fresh landing; the worker that landed it does (``successor``).
 
 Why a lock as well as the condition (SQLite vs PostgreSQL):
 
@@ -61,7 +61,7 @@ def holding():
     """The jobs that fill a slot now: claimed, not ended, not landed (module docstring)."""
     from migrations_app.models import MigrationJob
 
-    return MigrationJob.objects.filter(status__in=CLAIMED).exclude(phase=states.LANDED)
+    return MigrationJob.objects.filter(status__in=CLAIMED, landed_at__isnull=True)
 
 
 def _count(queryset):

@@ -228,8 +228,12 @@ def _rescue_children(batch, now=None):
     return requeued, due
 
 
-# Seconds a pass leaves a freed slot to the worker that freed it (see _release_first_held).
+# Seconds a pass leaves a freed slot to the worker that freed it (see _release_first_held);
+# a slot freed by a landing (the child concludes beside the next child's start) for
+# LANDED_GRACE: its worker claims the next child within ~0.1 s of the landing, and one
+# killed meanwhile must not keep the batch's releases waiting for reconcile.
 SUCCESSOR_GRACE = 0.5
+LANDED_GRACE = 3.0
 
 
 def _release_first_held(batch, now=None):
@@ -254,11 +258,12 @@ def _release_first_held(batch, now=None):
     # the next interval's (1 s with evacuate --wait, 2 s with the periodic watcher).
     # finished_at is the worker's clock: a skewed one lengthens or shortens the grace.
     # A child that has landed (jobrun.conclude_success) frees its slot before it ends,
-    # and its worker claims the next child at that moment: the same holds until it ends
-    # (a worker killed meanwhile: reconcile ends it, and the grace follows).
+    # and its worker claims the next child at that moment: the same holds from the
+    # landing, for LANDED_GRACE (a worker killed meanwhile leaves a job that only
+    # reconcile ends, maybe much later: its freed slot is released then).
     ended = MigrationJob.objects.filter(batch_item__batch=batch).filter(
         Q(finished_at__gt=now - timedelta(seconds=SUCCESSOR_GRACE))
-        | Q(status__in=CLAIMED, phase=states.LANDED)
+        | Q(status__in=CLAIMED, landed_at__gt=now - timedelta(seconds=LANDED_GRACE))
     )
     if ended.exists():
         return None
@@ -512,8 +517,8 @@ def _start_item(batch, item, owner=None, pipelined=False):
 def tick(batch_id, owner=None, rescue=True):
     """One pass over batch ``batch_id``; returns the batch's status after it (or None
     when another scheduler holds the batch or it is not active). ``rescue=False`` leaves
-    out the crash cases (``_rescue_children``: they wait seconds by design), for a pass
-    that follows a child's end within a second of one that looked (``drive``)."""
+    out the crash cases (``_rescue_children``: they wait seconds by design): ``drive``
+    looks at them at most once a second."""
     owner = owner or uuid.uuid4().hex
     if not claim(batch_id, owner):
         return None

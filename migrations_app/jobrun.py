@@ -249,6 +249,7 @@ class JobRun:
         self.defer_sync = False  # full inventory sync queued, not run (runner.run_job)
         self.checked = None  # the checklist the caller just ran, instead of the re-check
         self.lookahead = None  # the next child's re-check and this job's conclusion (runner.Lookahead)
+        self.landed_at = None  # written when the conclusion runs beside the next child's start
         self.rechecking = None  # this job's re-check, started by the job before (Lookahead)
         self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
         self.counted_at = None  # when poll_seconds last counted the running jobs
@@ -420,7 +421,8 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     concludes it succeeded, as for any worker killed after the move."""
     ahead = run.lookahead
     if live and ahead is not None and ahead.will_chain():
-        run.update(phase=states.LANDED)
+        run.landed_at = timezone.now()
+        run.update(phase=states.LANDED, landed_at=run.landed_at)
         run.mark("landed")
         ahead.start()
         ahead.concluding = Operation(
@@ -470,7 +472,7 @@ def _conclude_success(run, stats, extra, *, live):
     }
     result.update(extra or {})
     if live:
-        result["link_mibs"] = link_sample(job, stats)
+        result["link_mibs"] = link_sample(job, stats, until=run.landed_at)
     run.mark("concluded")
     result["timing_ms"] = dict(run.marks)
     fields = {
@@ -555,11 +557,14 @@ def sync_after(job):
             publish_job(job.pk)
 
 
-def link_sample(job, stats):
+def link_sample(job, stats, until=None):
     """What this job says about the link between its hosts, in MiB/s (bytes moved / time),
     or None when it says nothing: a bandwidth cap (set at the start or on the way) or
     another migration sharing a host at the same time would understate the link, and
-    one capped job must never make later preflights predict that nothing converges."""
+    one capped job must never make later preflights predict that nothing converges.
+    ``until``: when this job's stream ended (its landing, for a batch child concluded
+    beside the next child's start, which is claimed meanwhile); else now. A job that
+    had landed before this one started streamed nothing beside it."""
     capped = (job.options or {}).get("bandwidth") or MigrationJob.objects.filter(
         pk=job.pk, requested_bandwidth__gt=0
     ).exists()
@@ -567,10 +572,13 @@ def link_sample(job, stats):
     if capped or not data or elapsed <= 0:
         return None
     hosts = [job.source_id, job.target_id]
+    streamed_until = Q(landed_at__gte=job.started_at) | Q(
+        Q(landed_at__isnull=True), Q(finished_at__isnull=True) | Q(finished_at__gte=job.started_at)
+    )
     overlapping = (
         MigrationJob.objects.exclude(pk=job.pk)
-        .filter(Q(source_id__in=hosts) | Q(target_id__in=hosts), started_at__lte=timezone.now())
-        .filter(Q(finished_at__isnull=True) | Q(finished_at__gte=job.started_at))
+        .filter(Q(source_id__in=hosts) | Q(target_id__in=hosts), started_at__lte=until or timezone.now())
+        .filter(streamed_until)
         .exclude(status__in=[MigrationJob.PENDING_APPROVAL, MigrationJob.QUEUED, MigrationJob.REJECTED])
     )
     if overlapping.exists():

@@ -116,6 +116,9 @@ class MigrationJob(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When libvirt's migrate call of a batch child concluded beside the next child's start
+    # returned (jobrun.conclude_success): from then on it holds no slot of the limits.
+    landed_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=100, blank=True)
 

@@ -101,9 +101,10 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
     (the re-check is skipped: it would run the same checks again within a second), and
     ``defer_sync`` queues the two hosts' full inventory sync on the default cluster
     instead of running it before returning (the moved VM is recorded either way).
-    A worker chaining batch children (tasks.run_migration) passes ``lookahead``, started
-    once this job's VM has moved, and gives it to the next job as ``ahead_of_it``: the
-    re-check it ran stands in when it was for that job and is fresh at the claim
+    A worker chaining batch children (tasks.run_migration) passes ``lookahead`` (the next
+    child's re-check, started near this job's end, and this job's conclusion when it
+    runs beside the next child's start) and gives it to the next job as ``ahead_of_it``:
+    the re-check it ran stands in when it was for that job and is fresh at the claim
     (Lookahead.for_job)."""
     worker = worker or worker_name()
     # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
@@ -257,6 +258,7 @@ class Lookahead:
         # Job ``job_id``'s own conclusion (an Operation), when it runs beside the next
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
+        self.tried_early = False  # the monitor asked for the re-check before the landing
 
     def will_chain(self):
         """Whether the worker will look for a next child once this job has concluded."""
@@ -264,24 +266,37 @@ class Lookahead:
 
     def concluded(self):
         """Wait for the conclusion run beside the next child (if any) to end. Bounded by
-        its libvirt calls' timeouts; the database writes queue like any job's."""
+        its libvirt calls' timeouts; the database writes queue like any job's. Its own
+        errors end the job (jobrun._conclude_in_thread); one that escaped that too is
+        logged here (the job is then left to reconcile)."""
         if self.concluding is not None:
             self.concluding.thread.join()
+            if self.concluding.error is not None:
+                log.error("job %s: conclusion failed: %s", self.after, self.concluding.error)
 
-    def start(self):
+    def start(self, before_landing=None):
         """Start the re-check of the expected next child, unless the worker will not run
-        one (stopping, out of chain time) or it runs already for that child: the monitor
-        starts it in the migration's last second (live.LOOKAHEAD_ETA_SECONDS), the
-        conclusion again once the VM has moved, when the child expected then is another.
-        Never raises: the next claim re-checks as usual."""
+        one (stopping, out of chain time) or a fresh one runs already for that child.
+
+        The live monitor calls it in the migration's last second with ``before_landing``
+        (this job's target id): started then only for a child bound elsewhere, since the
+        target's free memory does not yet hold all of the landing VM. The conclusion
+        calls it once the VM has moved: started again when the child expected now is
+        another, or the early one is older than half REQUEST_CHECK_SECONDS (a VM whose
+        ETA stayed short for seconds). Never raises: the next claim re-checks as usual."""
         try:
+            if before_landing is not None:
+                self.tried_early = True
             if not self.will_chain():
                 return
             job_id = upcoming(self.after)
-            if self.checking is not None and job_id == self.job_id:
+            fresh = self.started is not None and time.monotonic() - self.started <= REQUEST_CHECK_SECONDS / 2
+            if self.checking is not None and job_id == self.job_id and fresh:
                 return
             job = MigrationJob.objects.select_related("vm", "source", "target").filter(pk=job_id).first()
             if job is None or job.status != MigrationJob.QUEUED or job.source is None or job.target is None:
+                return
+            if before_landing is not None and job.target_id == before_landing:
                 return
             plan = MigrationPlan.from_job(job)
             started = time.monotonic()

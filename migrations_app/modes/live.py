@@ -301,8 +301,7 @@ def progress_from_stats(stats, state=None):
 
 # A chaining worker starts the next batch child's re-check (runner.Lookahead) once this
 # job's ETA is this short: it then runs beside the migration's last second, not between
-# the two migrations. The target's free memory it reads already holds most of this VM
-# (the incoming QEMU fills its RAM as pages arrive).
+# the two migrations (only for a child bound to another target: Lookahead.start).
 LOOKAHEAD_ETA_SECONDS = 1.0
 
 
@@ -359,11 +358,11 @@ def monitor(run, mon, op=None):
             ahead = run.lookahead
             if (
                 ahead is not None
-                and ahead.checking is None
+                and not ahead.tried_early
                 and eta is not None
                 and eta <= LOOKAHEAD_ETA_SECONDS
             ):
-                ahead.start()
+                ahead.start(before_landing=job.target_id)
         else:
             run.heartbeat()
         row = run.controls()

@@ -475,7 +475,9 @@ def test_it_frees_a_slot_once_the_child_has_landed_and_leaves_the_release_to_its
     batch, first, second, third = _two_running_and_one_ahead(batch_of)
     monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
     assert runner.run_job(third.pk) is None  # held: ha sends 2
-    MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.RUNNING, phase=states.LANDED)
+    MigrationJob.objects.filter(pk=first.pk).update(
+        status=MigrationJob.RUNNING, phase=states.LANDED, landed_at=timezone.now()
+    )
     assert limits.holds(third) == ""
     scheduler.tick(batch.pk)
     third.refresh_from_db()
@@ -485,6 +487,24 @@ def test_it_frees_a_slot_once_the_child_has_landed_and_leaves_the_release_to_its
     # Three claimed, two of them migrating: the limit (2 per source) holds.
     assert _claimed().count() == 3 and limits.holding().count() == 2
     assert limits.holding().filter(source_id=first.source_id).count() == 2
+
+
+def test_it_releases_the_slot_of_a_child_whose_worker_died_after_its_landing(batch_of, worker, monkeypatch):
+    """The pass leaves a landing's slot to its worker for LANDED_GRACE only: a worker
+    killed after the landing leaves a job that only reconcile ends (maybe much later,
+    its target unreachable), and the batch must not wait for that."""
+    sent = []
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr("migrations_app.services.enqueue", lambda job: sent.append(job.pk))
+    monkeypatch.setattr(scheduler, "_reconciled_at", {})  # the pass reconciles it: not for later tests
+    assert runner.run_job(third.pk) is None  # held: ha sends 2
+    landed = timezone.now() - timedelta(seconds=scheduler.LANDED_GRACE + 1)
+    MigrationJob.objects.filter(pk=first.pk).update(
+        status=MigrationJob.NEEDS_RECONCILE, phase="landed", landed_at=landed, heartbeat_at=landed
+    )
+    scheduler.tick(batch.pk)
+    third.refresh_from_db()
+    assert sent == [third.pk] and third.waiting_for == "" and third.status == MigrationJob.QUEUED
 
 
 def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of, fake_preflight, monkeypatch):
@@ -511,7 +531,7 @@ def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of,
         """Runs the conclusion when the task waits for it (after the next claim)."""
 
         def __init__(self, fn, name):
-            self.fn, self.ran = fn, False
+            self.fn, self.ran, self.error = fn, False, None
             self.thread = self
             concluding.append(self)
 
@@ -522,6 +542,8 @@ def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of,
 
     monkeypatch.setattr(type(modes.get("live")), "run", migrated)
     monkeypatch.setattr(jobrun, "Operation", Deferred)
+    # Run on this thread, the conclusion must not close the test's own connection.
+    monkeypatch.setattr(jobrun.connections, "close_all", lambda: None)
     MigrationJob.objects.filter(pk=first.pk).update(status=MigrationJob.QUEUED)  # its message arrives
     assert tasks.run_migration(first.pk) == MigrationJob.SUCCEEDED
     # Each ran its migration and landed; the first's conclusion had not run when the
@@ -531,4 +553,7 @@ def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of,
     for job in (first, third):
         job.refresh_from_db()
         assert job.status == MigrationJob.SUCCEEDED and job.phase == "done"
+        assert job.started_at < job.landed_at <= job.finished_at
+    third.refresh_from_db()
+    assert third.started_at >= first.landed_at  # claimed once the first had landed
     assert AuditEvent.objects.filter(action="migration.finish", outcome=AuditEvent.SUCCESS).count() == 2

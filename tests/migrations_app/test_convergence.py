@@ -53,6 +53,25 @@ def test_it_learns_the_link_only_from_uncapped_jobs_that_ran_alone(make_job):
     assert jobrun.link_sample(later, stats) is None  # capped on the way
 
 
+def test_it_learns_the_link_from_a_batch_child_concluded_beside_the_next_ones_start(make_job):
+    """A child that landed before this one started streamed nothing beside it, though it
+    ended later; the child claimed after this one landed did not either."""
+    now = timezone.now()
+    stats = {"data_processed": 200 * MIB, "time_elapsed": 2000}
+    started, landed = now - timedelta(seconds=2), now - timedelta(seconds=0.1)
+    make_job(  # the one before: landed as this one was claimed, concluded 50 ms later
+        status=MigrationJob.SUCCEEDED,
+        started_at=started - timedelta(seconds=2),
+        landed_at=started - timedelta(seconds=0.01),
+        finished_at=started + timedelta(seconds=0.05),
+        vm_name="before",
+    )
+    job = make_job(status=MigrationJob.RUNNING, started_at=started, landed_at=landed, vm_name="this")
+    make_job(status=MigrationJob.RUNNING, started_at=landed + timedelta(seconds=0.05), vm_name="after")
+    assert jobrun.link_sample(job, stats, until=landed) == 100.0
+    assert jobrun.link_sample(job, stats) is None  # until now: "after" streams beside it
+
+
 def test_it_keeps_the_learned_link_speed_after_a_capped_job(make_job):
     now = timezone.now()
     first = make_job(
