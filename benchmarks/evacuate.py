@@ -127,17 +127,19 @@ def call_seconds(batch):
 
 def slot_gaps(batch):
     """Per child after the first wave: from the slot it took being freed (the latest
-    child end before its claim) to its claim (``started_at``), and to its row's creation
-    (negative: created ahead, pipelined). Returns (mean claim gap, mean creation gap) in s."""
+    child landing, or end, before its claim) to its claim (``started_at``), and to its
+    row's creation (negative: created ahead, pipelined). Returns (mean claim gap, mean
+    creation gap) in s."""
     jobs = sorted(
         MigrationJob.objects.filter(batch_item__batch=batch, started_at__isnull=False).values(
-            "created_at", "started_at", "finished_at"
+            "created_at", "started_at", "finished_at", "landed_at"
         ),
         key=lambda j: j["started_at"],
     )
     claim, create = [], []
     for j in jobs:
-        ended = [o["finished_at"] for o in jobs if o["finished_at"] and o["finished_at"] <= j["started_at"]]
+        freed = [o["landed_at"] or o["finished_at"] for o in jobs]
+        ended = [t for t in freed if t and t <= j["started_at"]]
         if ended:
             claim.append((j["started_at"] - max(ended)).total_seconds())
             create.append((j["created_at"] - max(ended)).total_seconds())

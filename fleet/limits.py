@@ -192,20 +192,29 @@ def successor(job_id):
         .order_by("batch_item__batch_id", "batch_item__position", "batch_item__id")
         .values_list("pk", flat=True)
     )
-    # Released on its status alone: a hold reason refreshed meanwhile (its own message
-    # refused at the same moment) must not hand the slot to a later row. Whatever holds
-    # it now is checked again by the claim.
+    # Released while queued and held, whatever the hold's words: a reason refreshed
+    # meanwhile (its own message refused at the same moment) must not hand the slot to a
+    # later row; whatever holds it now is checked again by the claim. A child no longer
+    # held is another worker's: released by it a moment ago (two children of a wave land
+    # together and both workers ask at once: the second one's claim of the same child
+    # was refused, and it re-checked the next one at its claim, ~200 ms per wave), or
+    # started with room, its message on the way. This worker takes the next one.
     for pk in candidates[:5]:
-        if MigrationJob.objects.filter(pk=pk, status=states.QUEUED).update(waiting_for=""):
+        if (
+            MigrationJob.objects.filter(pk=pk, status=states.QUEUED)
+            .exclude(waiting_for="")
+            .update(waiting_for="")
+        ):
             return pk
     return None
 
 
 def upcoming(job_id):
     """The child ``successor`` will most likely return once job ``job_id`` (a batch
-    child still running) has freed its slot: the first queued child, in row order, of
-    the same running batch. Read while the slot is still taken, so without the limits:
-    the worker re-checks that child meanwhile (tasks.run_migration), and uses the result
+    child still running) has freed its slot: the first queued child still held, in row
+    order, of the same running batch (one released a moment ago is another worker's, as
+    in ``successor``). Read while the slot is still taken, so without the limits: the
+    worker re-checks that child meanwhile (tasks.run_migration), and uses the result
     only if it then claims that very child."""
     from fleet.models import Batch, BatchItem
     from migrations_app.models import MigrationJob
@@ -221,6 +230,7 @@ def upcoming(job_id):
             batch_item__batch__status=Batch.RUNNING,
         )
         .exclude(pk=job_id)
+        .exclude(waiting_for="")
         .order_by("batch_item__position", "batch_item__id")
         .values_list("pk", flat=True)
         .first()

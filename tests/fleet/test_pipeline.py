@@ -557,3 +557,23 @@ def test_it_concludes_a_landed_live_child_beside_the_next_childs_start(batch_of,
     third.refresh_from_db()
     assert third.started_at >= first.landed_at  # claimed once the first had landed
     assert AuditEvent.objects.filter(action="migration.finish", outcome=AuditEvent.SUCCESS).count() == 2
+
+
+def test_it_gives_two_workers_whose_children_landed_together_two_different_successors(
+    batch_of, worker, settings, monkeypatch
+):
+    """Both children of a wave land at once and both workers ask for a successor: the
+    first one released is the first worker's, the second worker gets the next one
+    (asking again for the same child, its claim would be refused)."""
+    batch, first, second, third, fourth, _sent = _two_running_and_two_ahead(batch_of, settings, monkeypatch)
+    now = timezone.now()
+    MigrationJob.objects.filter(pk__in=[first.pk, second.pk]).update(
+        status=MigrationJob.RUNNING, phase="landed", landed_at=now
+    )
+    assert limits.upcoming(second.pk) == third.pk  # both held: the first in row order
+    assert windows.successor(first.pk) == third.pk
+    assert limits.upcoming(second.pk) == fourth.pk  # the third is the first worker's now
+    assert windows.successor(second.pk) == fourth.pk
+    assert runner.run_job(fourth.pk) == MigrationJob.PREFLIGHT
+    assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
+    assert limits.holding().count() == 2
