@@ -639,6 +639,7 @@ def _start_within_limits(batch, owner):
             return waiting
         if _start_item(batch, item, owner):
             mine += 1
+            unclaimed += 1  # queued (a claim meanwhile: one fewer ahead now, counted next pass)
             total += 1
             by_source[item.source_id] = by_source.get(item.source_id, 0) + 1
             by_target[item.target_id] = by_target.get(item.target_id, 0) + 1
@@ -647,8 +648,6 @@ def _start_within_limits(batch, owner):
     # still queued (pipelined, or its message on its way) is already one of the next to
     # take a slot: fewer than pipeline_depth of them, in row order (fleet/limits.successor
     # and the release in _rescue_children take the first).
-    # Counted again: the children started above are queued too.
-    unclaimed = batch.items.filter(status=BatchItem.STARTED, job__status=states.QUEUED).count()
     for item in ready:
         if unclaimed >= pipeline_depth(batch):
             break
