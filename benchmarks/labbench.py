@@ -46,13 +46,17 @@ def stats(samples):
     return f"median {statistics.median(ordered):7.1f} ms   p95 {p95_of(samples):7.1f} ms   max {ordered[-1]:7.1f} ms"
 
 
-def _cpu_seconds(pid):
-    """utime + stime of one process, in s (0 when it is gone)."""
+def _cpu_seconds(pid, reaped=False):
+    """utime + stime of one process, in s (0 when it is gone); ``reaped``: plus those of
+    the children it has waited for (a process that ended is counted by its parent)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_snapshot(worker=None):
@@ -79,9 +83,29 @@ def cpu_snapshot(worker=None):
     return found
 
 
+def cpu_by_group(groups):
+    """CPU seconds used so far by every process on the machine, summed per label: for a
+    Python process, the label of its process group when ``groups`` ({pgid: label}) names
+    it; otherwise its command name (chromium, qemu-system-x86, libvirtd, ...). A process
+    that ended counts for the parent that waited for it (virsh for this one). Subtract
+    two (``cpu_delta``) for what one side of a comparison cost the machine while it ran."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            pgid = os.getpgid(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+        label = groups.get(pgid, comm) if comm.startswith("python") else comm
+        found[label] = found.get(label, 0.0) + _cpu_seconds(entry.name, reaped=True)
+    return found
+
+
 def cpu_delta(before, after):
     """{group: CPU seconds used between two ``cpu_snapshot``s}."""
-    return {k: round(max(0.0, after[k] - before[k]), 2) for k in after}
+    return {k: round(max(0.0, after[k] - before.get(k, 0.0)), 2) for k in after}
 
 
 def kvmweb(hosts):

@@ -345,6 +345,9 @@ def main():
     ap.add_argument("--cli-local", action="store_true", help="also migrate_vm without the cli_server")
     ap.add_argument("--no-wizard", action="store_true", help="leave out the browser side")
     ap.add_argument("--job", action="store_true", help="also the in-process job side")
+    ap.add_argument(
+        "--cpu", action="store_true", help="print the CPU each side cost the machine, by process (group)"
+    )
     ap.add_argument("--no-job", action="store_true", help=argparse.SUPPRESS)  # the default now
     args = ap.parse_args()
     if args.quick:
@@ -380,6 +383,13 @@ def main():
             for side in order:
                 other = "lab-b" if where == "lab-a" else "lab-a"
                 target = Host.objects.get(name=other)
+                if args.cpu:
+                    groups = {os.getpgid(0): "bench"}
+                    for label, proc in (("worker", worker), ("cli_server", server)):
+                        groups[proc.pid] = label
+                    if wizard is not None:
+                        groups[wizard.web.pid] = "daphne"
+                    cpu_before = labbench.cpu_by_group(groups)
                 try:
                     if side == "kvmweb":
                         pair["kvmweb"], pair["detail"] = run_kvmweb(user, name, target, args.bandwidth)
@@ -403,6 +413,9 @@ def main():
                         host_services.do_sync_inventory(h)
                     where = VM.objects.get(name=name, gone=False).host.name
                     continue
+                if args.cpu:
+                    used = labbench.cpu_delta(cpu_before, labbench.cpu_by_group(groups))
+                    pair[f"{side}_cpu"] = {k: v for k, v in used.items() if v >= 0.01}
                 where = other
                 lab.wait_counter_moves(where, name)
             if "virsh" not in pair:
@@ -429,6 +442,15 @@ def main():
                     f" call end to recorded {d['after_call'] * 1000:.0f} ms)"
                 )
             print(line, flush=True)
+            for side in sides:
+                if f"{side}_cpu" in pair:
+                    used = sorted(pair[f"{side}_cpu"].items(), key=lambda kv: -kv[1])
+                    print(
+                        f"  cpu {side}: {sum(v for _, v in used):.2f} s ("
+                        + ", ".join(f"{k} {v:.2f}" for k, v in used)
+                        + ")",
+                        flush=True,
+                    )
     finally:
         if wizard is not None:
             wizard.close()

@@ -60,8 +60,8 @@ def test_it_answers_over_daphne_with_a_token_from_the_command(site):
 def test_it_runs_a_lab_migration_requested_only_through_the_api(site, lab, lab_guest, webhook):
     import lab as labkit
 
-    # Workers first: django-q2's scheduler starts the notification dispatcher's loop within
-    # its first scheduling pass (up to ~30 s after a cluster starts), meanwhile we set up.
+    # Workers first: a default-cluster worker queues the due watch loops (the notification
+    # dispatcher among them) as it starts (migrations_app/apps.py); meanwhile we set up.
     site.start_workers()
     # POST /jobs/ measures the dirty rate and needs every warning acknowledged, from the
     # quick report made before it: a guest read near half the link rate kvmweb learned
@@ -119,8 +119,8 @@ def test_it_runs_a_lab_migration_requested_only_through_the_api(site, lab, lab_g
     assert sample(metrics, "kvmweb_migration_duration_seconds_count", mode="live") == 1
     assert sample(metrics, "kvmweb_migration_bytes_total", mode="live") > 0
     assert sample(metrics, "kvmweb_host_up", host="lab-b") == 1
-    # Back to lab-a with the dispatcher's loop already running: the steady-state delay
-    # between a job's end and its webhook (the first one waited for the scheduler's pass).
+    # Back to lab-a with the dispatcher's loop surely running: the steady-state delay
+    # between a job's end and its webhook.
     source = next(h for h in hosts["results"] if h["name"] == "lab-a")
     back = dict(plan, target=source["id"], acknowledged=warnings)
     status, headers, job2 = site.request("POST", "/api/v1/jobs/", back, token=token)
@@ -143,6 +143,6 @@ def test_it_runs_a_lab_migration_requested_only_through_the_api(site, lab, lab_g
     assert sample(metrics, "kvmweb_migrations_total", mode="live", outcome="succeeded") == 2
     print(
         f"\nAPI lab migration: {took:.1f} s from POST to succeeded, downtime {final['downtime_ms']} ms; "
-        f"webhook {webhook_after:.1f} s after the first job's end (dispatcher starting), "
+        f"webhook {webhook_after:.1f} s after the first job's end (workers just started), "
         f"{steady:.1f} s after the second's (dispatcher running)"
     )
