@@ -38,16 +38,44 @@ def cluster_stop_event():
     return _event
 
 
+# How often a waiting loop looks at the stop event (wait): the longest a SIGTERM waits
+# for it, beyond the loop's current pass.
+STOP_CHECK_SECONDS = 0.2
+
+
+def _is_set(event):
+    """The event's flag, read without its lock. ``Event.is_set`` takes the event's
+    Condition lock, and a worker killed while holding it (SIGTERM to the whole process
+    group, the OOM killer) would leave the cluster's ``stop()`` blocked on it forever;
+    the flag's semaphore value is read atomically without taking anything."""
+    try:
+        return event._flag._semlock._get_value() > 0
+    except (AttributeError, NotImplementedError):  # not CPython's multiprocessing Event
+        return event.is_set()
+
+
 def stopping():
     """Whether this worker's cluster was asked to stop."""
     event = cluster_stop_event()
-    return event is not None and event.is_set()
+    return event is not None and _is_set(event)
 
 
 def wait(seconds):
-    """Sleep ``seconds`` or until the cluster is asked to stop; True when it was."""
+    """Sleep ``seconds`` or until the cluster is asked to stop; True when it was.
+
+    Looks at the event every STOP_CHECK_SECONDS instead of ``event.wait``: a process
+    waiting in ``Event.wait`` counts as a sleeper of the event's Condition, and
+    ``Event.set`` (the cluster's stop) waits until every counted sleeper has woken. A
+    worker killed in that wait (SIGTERM to the whole process group, `pkill -f qcluster`)
+    never wakes, and the cluster hung in its stop for good (seen: over 10 minutes)."""
     event = cluster_stop_event()
     if event is None:
         time.sleep(seconds)
         return False
-    return event.wait(seconds)
+    deadline = time.monotonic() + seconds
+    while not _is_set(event):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(STOP_CHECK_SECONDS, left))
+    return True
