@@ -13,6 +13,10 @@ costs at most one poll. Nothing else changes: the message is the same row, taken
 same conditional UPDATE.
 
 Settings: Q_CLUSTER["broker_class"] = "kvmweb.qbroker.WakeableORM".
+
+The same wake-up serves other loops that would poll the database: ``Listener(name)``
+binds ``<data dir>/qwake/<name>.<pid>`` and ``wake(name)`` reaches it (the batch
+scheduler, woken when a job ends: migrations_app/lifecycle.py ENDED).
 """
 
 import os
@@ -32,7 +36,8 @@ def wake_dir():
 
 
 def wake(queue):
-    """Wake every pusher of ``queue`` on this machine (best effort, never raises)."""
+    """Wake every pusher (or Listener) of ``queue`` on this machine (best effort, never
+    raises); returns how many were sent a wake-up."""
     try:
         names = [n for n in os.listdir(wake_dir()) if n.rpartition(".")[0] == queue]
     except OSError:
@@ -55,6 +60,71 @@ def wake(queue):
             except OSError:
                 pass  # e.g. its buffer is full: it has been woken already
     return woken
+
+
+def _bind(name):
+    """A non-blocking datagram socket bound to ``<wake dir>/<name>.<pid>`` (0600 in the
+    0700 data directory), or None when it cannot be bound (then the caller polls)."""
+    path = os.path.join(wake_dir(), f"{name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        os.makedirs(wake_dir(), mode=0o700, exist_ok=True)
+        try:
+            os.unlink(path)  # a PID reused after a killed process
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _drain(sock):
+    """Read every wake-up sent meanwhile: one look at the database answers them all."""
+    while True:
+        try:
+            sock.recv(64)
+        except OSError:
+            return
+
+
+class Listener:
+    """Wake-ups sent to ``name`` (``wake(name)``) by processes on this machine, for a loop
+    that would otherwise poll the database: ``wait(seconds)`` returns True when woken,
+    False when the time ran out. Bound on entry, removed on exit (with ``with``)."""
+
+    def __init__(self, name):
+        self.name = name
+        self.sock = None
+
+    def __enter__(self):
+        self.sock = _bind(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        if self.sock is not None:
+            path = self.sock.getsockname()
+            self.sock.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return False
+
+    def wait(self, seconds):
+        if self.sock is None:
+            select.select([], [], [], seconds)
+            return False
+        readable, _, _ = select.select([self.sock], [], [], seconds)
+        if readable:
+            _drain(self.sock)
+        return bool(readable)
 
 
 class WakeableORM(ORM):
@@ -88,34 +158,12 @@ class WakeableORM(ORM):
             return
         readable, _, _ = select.select([sock], [], [], seconds)
         if readable:
-            while True:  # every wake-up sent meanwhile: one read of the table answers all
-                try:
-                    sock.recv(64)
-                except OSError:
-                    break
+            _drain(sock)
 
     def _socket(self):
         """This process's wake-up socket (bound on first use: the pusher is forked from
-        the process that made the broker)."""
+        the process that made the broker); None: it polls as the ORM broker does."""
         if self._wake_pid == os.getpid():
             return self._wake_socket
-        self._wake_pid, self._wake_socket = os.getpid(), None
-        path = os.path.join(wake_dir(), f"{self.list_key}.{os.getpid()}")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            os.makedirs(wake_dir(), mode=0o700, exist_ok=True)
-            try:
-                os.unlink(path)  # a PID reused after a killed pusher
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o077)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            return None  # polls as the ORM broker does
-        self._wake_socket = sock
-        return sock
+        self._wake_pid, self._wake_socket = os.getpid(), _bind(self.list_key)
+        return self._wake_socket

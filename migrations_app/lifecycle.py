@@ -13,12 +13,18 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone, translation
 
+from kvmweb import qbroker
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
 from migrations_app.events import COLLAPSING, render
 from migrations_app.models import JobEvent, MigrationJob
 from migrations_app.streaming import publish_job
+
+# Sent (kvmweb/qbroker.py wake) to the processes on this machine listening for a job's
+# end once a final state is committed: fleet/scheduler.py wait_for_work, which otherwise
+# finds it by polling the database.
+ENDED = "job-ended"
 
 
 class IllegalTransition(ValueError):
@@ -84,6 +90,8 @@ def transition(
                 outcome = AuditEvent.FAILURE if to in (states.FAILED,) else AuditEvent.SUCCESS
             record(audit, actor=actor, request=request, target=job, outcome=outcome, details=base)
         transaction.on_commit(lambda: publish_job(job_id))
+        if to in states.FINAL:
+            transaction.on_commit(lambda: qbroker.wake(ENDED))
     return True
 
 
