@@ -50,6 +50,7 @@ from kvmweb import qbroker
 from kvmweb.audit import record
 from kvmweb.audit.models import AuditEvent
 from migrations_app import states
+from migrations_app.jobrun import writing
 from migrations_app.lifecycle import ENDED
 from migrations_app.models import MigrationJob
 
@@ -71,16 +72,18 @@ def global_limit():
 def claim(batch_id, owner, seconds=LEASE_SECONDS, status=None):
     """Take the batch's lease (conditional UPDATE). True when this caller owns the pass.
     ``status``: only while the batch is in that state."""
-    now = timezone.now()
-    return bool(
-        Batch.objects.filter(pk=batch_id, status__in=[status] if status else Batch.ACTIVE_STATES)
-        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
-        .update(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
-    )
+    with writing():
+        now = timezone.now()
+        return bool(
+            Batch.objects.filter(pk=batch_id, status__in=[status] if status else Batch.ACTIVE_STATES)
+            .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now) | Q(lease_owner=owner))
+            .update(lease_owner=owner, lease_until=now + timedelta(seconds=seconds))
+        )
 
 
 def release(batch_id, owner):
-    Batch.objects.filter(pk=batch_id, lease_owner=owner).update(lease_until=None, lease_owner="")
+    with writing():
+        Batch.objects.filter(pk=batch_id, lease_owner=owner).update(lease_until=None, lease_owner="")
 
 
 def _audit(action, batch, outcome=AuditEvent.SUCCESS, **details):
@@ -127,7 +130,7 @@ def _follow_children(batch):
         job = item.job
         outcome = BatchItem.MISSED if job.missed_window else JOB_TO_ITEM[job.status]
         if lost_with_its_worker(item, job):
-            with transaction.atomic():
+            with writing(), transaction.atomic():
                 if BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED, job=job).update(
                     status=BatchItem.PENDING,
                     job=None,
@@ -145,7 +148,7 @@ def _follow_children(batch):
                         error=job.error,
                     )
             continue
-        with transaction.atomic():
+        with writing(), transaction.atomic():
             moved = BatchItem.objects.filter(pk=item.pk, status=BatchItem.STARTED).update(
                 status=outcome, finished_at=job.finished_at or timezone.now(), reason=job.error or ""
             )
@@ -363,7 +366,7 @@ def _finish(batch):
         final = Batch.FAILED
     else:
         final = Batch.SUCCEEDED
-    with transaction.atomic():
+    with writing(), transaction.atomic():
         if Batch.objects.filter(pk=batch.pk, status=batch.status).update(
             status=final, finished_at=timezone.now()
         ):
@@ -445,7 +448,7 @@ def _start_item(batch, item, owner=None, pipelined=False):
     else:
         error = ""
     actor = batch.created_by
-    with transaction.atomic():
+    with writing(), transaction.atomic():
         # The preflight may outlast the lease (PREFLIGHT_TIMEOUT is as long): when another
         # scheduler took the batch meanwhile, it counted the limits without this child and
         # may fill them; starting it now would exceed them. Renewed only by its owner, in

@@ -93,8 +93,10 @@ def writing(wait=True):
     kept winning it and a job's claim, conclusion or progress write waited up to 3 s
     (benchmarks/concurrent_migrations.py). A blocked flock wakes as soon as the holder is
     done. Taken only at the start of a transaction (never inside one: a thread holding the
-    database's lock must not wait for this one) and only by these writes; other writers
-    (web requests, the queue) still meet them on SQLite's own lock, as before. The kernel
+    database's lock must not wait for this one) and only by these writes and the batch
+    scheduler's (fleet/scheduler.py, fleet/limits.py successor: left out, they lost the
+    lock again and again to the queued writers); other writers (web requests, the queue)
+    still meet them on SQLite's own lock, as before. The kernel
     drops it with its process. Nothing to do on other databases."""
     depth = getattr(_writer, "depth", 0)
     path = None if depth or connection.in_atomic_block else writers_lock_path()
@@ -519,7 +521,8 @@ def queue_sync(job):
     from django_q.tasks import async_task
 
     try:
-        async_task("migrations_app.tasks.sync_hosts_after_job", job.pk, task_name=f"sync-after-{job.pk}")
+        with writing():  # the queue's row: a write like the job's own
+            async_task("migrations_app.tasks.sync_hosts_after_job", job.pk, task_name=f"sync-after-{job.pk}")
     except Exception:  # a queue that cannot take it: the periodic sync catches up
         log.warning("job %s: could not queue the inventory sync", job.pk, exc_info=True)
 
