@@ -87,7 +87,7 @@ def cpu_by_group(groups):
     """CPU seconds used so far by every process on the machine, summed per label: for a
     Python process, the label of its process group when ``groups`` ({pgid: label}) names
     it; otherwise its command name (chromium, qemu-system-x86, libvirtd, ...). A process
-    that ended counts for the parent that waited for it (virsh for this one). Subtract
+    that ended counts for a named group's process that waited for it (virsh for this one). Subtract
     two (``cpu_delta``) for what one side of a comparison cost the machine while it ran."""
     found = {}
     for entry in Path("/proc").iterdir():
@@ -98,8 +98,12 @@ def cpu_by_group(groups):
             pgid = os.getpgid(int(entry.name))
         except (OSError, ProcessLookupError):
             continue
-        label = groups.get(pgid, comm) if comm.startswith("python") else comm
-        found[label] = found.get(label, 0.0) + _cpu_seconds(entry.name, reaped=True)
+        named = pgid in groups
+        label = groups[pgid] if named and comm.startswith("python") else comm
+        # Reaped children count only in the named groups (virsh for the bench, the
+        # served commands for the cli_server): elsewhere a shell that reaps a long
+        # unrelated job would add its CPU to the figures.
+        found[label] = found.get(label, 0.0) + _cpu_seconds(entry.name, reaped=named)
     return found
 
 

@@ -680,10 +680,9 @@ def run_active(owner=None):
     return {b: tick(b, owner) for b in Batch.objects.active().values_list("pk", flat=True)}
 
 
-# Between full passes, a watcher asks this often whether a child ended (one indexed
-# query): the next child then starts within this time, not a pass interval later. A
-# freed slot waiting for the next pass was most of kvmweb's extra time per wave of an
-# evacuation (benchmarks/evacuate.py, docs/fleet.md).
+# Between full passes, a watcher on PostgreSQL (workers on other machines send it no
+# wake-up) asks this often whether a child ended (one indexed query): the next pass then
+# runs within this time, not a pass interval later.
 REACT_SECONDS = 0.03
 # On SQLite every worker runs on this machine and wakes the watcher when a job ends
 # (migrations_app/lifecycle.py ENDED): it then asks only this often, for a wake-up that
@@ -709,23 +708,18 @@ def wait_for_work(batch_id, seconds, stop=None, react=None):
     stop = stop or (lambda t: time.sleep(t))
     react = react or REACT_SECONDS
     deadline = time.monotonic() + seconds
-    with qbroker.Listener(ENDED) as listener:
-        woken = listener.sock is not None and connection.vendor == "sqlite"
-        if woken:  # a child that ended before the listener was bound sent it nothing
+    listener = qbroker.Listener(ENDED) if connection.vendor == "sqlite" else None
+    woken = listener is not None and listener.sock is not None
+    while time.monotonic() < deadline:
+        left = max(0.0, deadline - time.monotonic())
+        if woken:
+            listener.wait(min(WOKEN_POLL_SECONDS, left))
             if stop(0):
                 return True
-            if child_ended(batch_id):
-                return False
-        while time.monotonic() < deadline:
-            left = max(0.0, deadline - time.monotonic())
-            if woken:
-                listener.wait(min(WOKEN_POLL_SECONDS, left))
-                if stop(0):
-                    return True
-            elif stop(min(react, left)):
-                return True
-            if child_ended(batch_id):
-                return False
+        elif stop(min(react, left)):
+            return True
+        if child_ended(batch_id):
+            return False
     return False
 
 
@@ -740,8 +734,8 @@ def drive(batch_id, *, timeout=None, every=1.0, on_tick=None):
     the periodic task may run passes too (the lease keeps them apart).
 
     Between two child ends a pass has little to do: the worker that ends a child starts
-    the next one itself (fleet/limits.successor), and a child's end wakes this loop
-    within REACT_SECONDS. Passing every 0.25 s, with the crash cases looked at in each
+    the next one itself (fleet/limits.successor), and a child's end wakes this loop (a
+    datagram on SQLite; within REACT_SECONDS on PostgreSQL: ``wait_for_work``). Passing every 0.25 s, with the crash cases looked at in each
     pass, the scheduler used ~0.8 s of CPU in a 6 s evacuation of six VMs two at a
     time, beside the migrations it waited for (benchmarks/evacuate.py --trace)."""
     owner = uuid.uuid4().hex

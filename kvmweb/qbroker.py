@@ -15,8 +15,8 @@ same conditional UPDATE.
 Settings: Q_CLUSTER["broker_class"] = "kvmweb.qbroker.WakeableORM".
 
 The same wake-up serves other loops that would poll the database: ``Listener(name)``
-binds ``<data dir>/qwake/<name>.<pid>`` and ``wake(name)`` reaches it (the batch
-scheduler, woken when a job ends: migrations_app/lifecycle.py ENDED).
+binds ``<data dir>/qwake/<name>.<pid>`` once per process and ``wake(name)`` reaches it
+(the batch scheduler, woken when a job ends: migrations_app/lifecycle.py ENDED).
 """
 
 import os
@@ -24,6 +24,7 @@ import select
 import socket
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 from django_q.brokers.orm import ORM
 from django_q.conf import Conf
@@ -63,21 +64,23 @@ def wake(queue):
 
 
 def _bind(name):
-    """A non-blocking datagram socket bound to ``<wake dir>/<name>.<pid>`` (0600 in the
-    0700 data directory), or None when it cannot be bound (then the caller polls)."""
+    """A non-blocking datagram socket bound to ``<wake dir>/<name>.<pid>``, or None when
+    it cannot be bound (then the caller polls). The socket file is made 0600 after the
+    bind, not through the umask (process-wide: another thread's files would get it); in
+    between it is in the 0700 wake directory of the 0700 data directory."""
     path = os.path.join(wake_dir(), f"{name}.{os.getpid()}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    except OSError:
+        return None
     try:
         os.makedirs(wake_dir(), mode=0o700, exist_ok=True)
         try:
             os.unlink(path)  # a PID reused after a killed process
         except FileNotFoundError:
             pass
-        old = os.umask(0o077)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
+        sock.bind(path)
+        os.chmod(path, 0o600)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -94,28 +97,25 @@ def _drain(sock):
             return
 
 
+_listeners = {}  # socket path -> (pid, socket or None)
+
+
 class Listener:
     """Wake-ups sent to ``name`` (``wake(name)``) by processes on this machine, for a loop
     that would otherwise poll the database: ``wait(seconds)`` returns True when woken,
-    False when the time ran out. Bound on entry, removed on exit (with ``with``)."""
+    False when the time ran out. One socket per process and name, bound on first use and
+    kept (as a pusher's is): binding and removing it around every wait would let a
+    sender that found it closed remove the next one's path. A wake-up sent while nobody
+    waited is read by the next ``wait``, which then returns at once (the caller looks at
+    the database once more: harmless)."""
 
     def __init__(self, name):
-        self.name = name
-        self.sock = None
-
-    def __enter__(self):
-        self.sock = _bind(self.name)
-        return self
-
-    def __exit__(self, *exc):
-        if self.sock is not None:
-            path = self.sock.getsockname()
-            self.sock.close()
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        return False
+        key = os.path.join(wake_dir(), name)
+        pid, sock = _listeners.get(key, (None, None))
+        if pid != os.getpid():  # first use in this process (or a fork of its owner)
+            sock = _bind(name)
+            _listeners[key] = (os.getpid(), sock)
+        self.sock = sock
 
     def wait(self, seconds):
         if self.sock is None:
@@ -136,7 +136,10 @@ class WakeableORM(ORM):
 
     def enqueue(self, task):
         pk = super().enqueue(task)
-        wake(self.list_key or Conf.CLUSTER_NAME)
+        # After the commit: woken before it, the pusher would read a table without the
+        # row and sleep its whole poll (django-q2's scheduler queues inside a transaction).
+        queue = self.list_key or Conf.CLUSTER_NAME
+        transaction.on_commit(lambda: wake(queue), using=Conf.ORM)
         return pk
 
     def dequeue(self):

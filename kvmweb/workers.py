@@ -40,7 +40,7 @@ def cluster_stop_event():
 
 # How often a waiting loop looks at the stop event (wait): the longest a SIGTERM waits
 # for it, beyond the loop's current pass.
-STOP_CHECK_SECONDS = 0.2
+STOP_CHECK_SECONDS = 0.5
 
 
 def _is_set(event):

@@ -34,7 +34,7 @@ class Waiting(threading.Thread):
         self.took = time.monotonic() - t0
 
 
-def test_it_wakes_the_queues_pusher_when_a_task_is_queued(data_dir):
+def test_it_wakes_the_queues_pusher_when_a_task_is_queued(data_dir, django_capture_on_commit_callbacks):
     pusher, other = qbroker.WakeableORM("mig-test"), qbroker.WakeableORM("other-test")
     waiting, sleeping = Waiting(pusher, 60), Waiting(other, 60)
     waiting.start()
@@ -42,7 +42,11 @@ def test_it_wakes_the_queues_pusher_when_a_task_is_queued(data_dir):
     assert oct(os.stat(data_dir / "qwake").st_mode & 0o777) == "0o700"
     waiting.join(0.5)
     assert waiting.is_alive()  # nothing queued: it waits
-    qbroker.WakeableORM("mig-test").enqueue("payload")  # another process's broker, same queue
+    with django_capture_on_commit_callbacks(execute=True) as sent:
+        qbroker.WakeableORM("mig-test").enqueue("payload")  # another process's broker, same queue
+        waiting.join(0.5)
+        assert waiting.is_alive()  # not woken before the row is committed
+    assert len(sent) == 1
     waiting.join(30)  # a loaded machine: anything well under the 60 s poll proves the wake
     assert waiting.took is not None and waiting.took < 30
     assert sleeping.is_alive()  # another queue: no wake-up

@@ -1,6 +1,7 @@
 """A real `manage.py qcluster` stops promptly on SIGTERM while its workers run the
-minute-long watch loops (reconcile, notification dispatch): the loops wait on the
-cluster's stop event (kvmweb/workers.py) instead of sleeping through it."""
+minute-long watch loops (reconcile, notification dispatch): the loops look at the
+cluster's stop event (kvmweb/workers.py) instead of sleeping through it, also after one
+of its workers was killed in that wait."""
 
 import os
 import re

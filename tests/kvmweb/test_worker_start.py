@@ -46,6 +46,13 @@ def test_it_queues_the_due_schedules_when_a_default_worker_starts(due, monkeypat
     assert due.next_run > timezone.now() > before
 
 
+def test_it_is_connected_to_the_workers_start():
+    from django_q.signals import post_spawn
+
+    sync_receivers, _async = post_spawn._live_receivers("django_q")
+    assert apps._schedule_at_worker_start in sync_receivers
+
+
 def test_it_leaves_the_schedules_to_the_default_cluster(due, monkeypatch):
     monkeypatch.setattr(Conf, "CLUSTER_NAME", "migrations")
     assert apps._schedule_at_worker_start("django_q", proc_name="Process-1") is None
