@@ -59,6 +59,17 @@ def _cpu_seconds(pid, reaped=False):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _processes():
+    """(pid, command name, process group) of every process still running."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            yield entry.name, (entry / "comm").read_text().strip(), os.getpgid(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def cpu_snapshot(worker=None):
     """CPU seconds used so far, by group: this process ("bench": the scheduler's passes
     in evacuate.py), its waited-for children ("virsh"), the worker's process group
@@ -68,18 +79,11 @@ def cpu_snapshot(worker=None):
     times = os.times()
     found = {"bench": times.user + times.system, "virsh": times.children_user + times.children_system}
     found.update(worker=0.0, libvirt=0.0)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            pgid = os.getpgid(int(entry.name))
-        except (OSError, ProcessLookupError):
-            continue
+    for pid, comm, pgid in _processes():
         if worker is not None and pgid == worker.pid:
-            found["worker"] += _cpu_seconds(entry.name)
+            found["worker"] += _cpu_seconds(pid)
         elif comm in ("libvirtd", "virtqemud"):
-            found["libvirt"] += _cpu_seconds(entry.name)
+            found["libvirt"] += _cpu_seconds(pid)
     return found
 
 
@@ -87,23 +91,17 @@ def cpu_by_group(groups):
     """CPU seconds used so far by every process on the machine, summed per label: for a
     Python process, the label of its process group when ``groups`` ({pgid: label}) names
     it; otherwise its command name (chromium, qemu-system-x86, libvirtd, ...). A process
-    that ended counts for a named group's process that waited for it (virsh for this one). Subtract
-    two (``cpu_delta``) for what one side of a comparison cost the machine while it ran."""
+    that ended counts for a named group's process that waited for it (virsh for this
+    one). Subtract two (``cpu_delta``) for what one side of a comparison cost the
+    machine while it ran."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            pgid = os.getpgid(int(entry.name))
-        except (OSError, ProcessLookupError):
-            continue
+    for pid, comm, pgid in _processes():
         named = pgid in groups
         label = groups[pgid] if named and comm.startswith("python") else comm
         # Reaped children count only in the named groups (virsh for the bench, the
         # served commands for the cli_server): elsewhere a shell that reaps a long
         # unrelated job would add its CPU to the figures.
-        found[label] = found.get(label, 0.0) + _cpu_seconds(entry.name, reaped=named)
+        found[label] = found.get(label, 0.0) + _cpu_seconds(pid, reaped=named)
     return found
 
 

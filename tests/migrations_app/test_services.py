@@ -25,7 +25,11 @@ def test_it_creates_a_queued_job_and_enqueues_it_after_the_commit(
         job = services.do_create_job(
             world["vm"], world["b"], "live", {"bandwidth": 16}, actor=operator, report=_report()
         )
-    assert len(callbacks) == 1
+    # The message is queued after the commit, and the pusher woken after that one's.
+    assert [c.__qualname__ for c in callbacks] == [
+        "enqueue.<locals>.push",
+        "WakeableORM.enqueue.<locals>.<lambda>",
+    ]
     assert job.status == MigrationJob.QUEUED and job.options["bandwidth"] == 16
     assert job.options["undefine_source"] is True  # normalized by the plan
     assert job.preflight["verdict"] == "pass" and job.requested_by == operator
