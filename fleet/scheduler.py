@@ -735,9 +735,10 @@ def drive(batch_id, *, timeout=None, every=1.0, on_tick=None):
 
     Between two child ends a pass has little to do: the worker that ends a child starts
     the next one itself (fleet/limits.successor), and a child's end wakes this loop (a
-    datagram on SQLite; within REACT_SECONDS on PostgreSQL: ``wait_for_work``). Passing every 0.25 s, with the crash cases looked at in each
-    pass, the scheduler used ~0.8 s of CPU in a 6 s evacuation of six VMs two at a
-    time, beside the migrations it waited for (benchmarks/evacuate.py --trace)."""
+    datagram on SQLite; within REACT_SECONDS on PostgreSQL: ``wait_for_work``). Passing
+    every 0.25 s, with the crash cases looked at in each pass, the scheduler used ~0.8 s
+    of CPU in a 6 s evacuation of six VMs two at a time, beside the migrations it waited
+    for (benchmarks/evacuate.py --trace)."""
     owner = uuid.uuid4().hex
     deadline = None if timeout is None else time.monotonic() + timeout
     rescued_at = None
