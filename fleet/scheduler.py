@@ -709,10 +709,11 @@ def wait_for_work(batch_id, seconds, stop=None, react=None):
     react = react or REACT_SECONDS
     deadline = time.monotonic() + seconds
     listener = qbroker.Listener(ENDED) if connection.vendor == "sqlite" else None
-    woken = listener is not None and listener.sock is not None
+    if listener is not None and listener.sock is None:
+        listener = None  # no socket: polls as on PostgreSQL
     while time.monotonic() < deadline:
         left = max(0.0, deadline - time.monotonic())
-        if woken:
+        if listener is not None:
             listener.wait(min(WOKEN_POLL_SECONDS, left))
             if stop(0):
                 return True

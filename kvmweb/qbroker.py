@@ -103,9 +103,9 @@ _listeners = {}  # socket path -> (pid, socket or None)
 class Listener:
     """Wake-ups sent to ``name`` (``wake(name)``) by processes on this machine, for a loop
     that would otherwise poll the database: ``wait(seconds)`` returns True when woken,
-    False when the time ran out. One socket per process and name, bound on first use and
-    kept (as a pusher's is): binding and removing it around every wait would let a
-    sender that found it closed remove the next one's path. A wake-up sent while nobody
+    False when the time ran out (the queue's pushers wait on one too). One socket per
+    process and name, bound on first use and kept: binding and removing it around every
+    wait would let a sender that found it closed remove the next one's path. A wake-up sent while nobody
     waited is read by the next ``wait``, which then returns at once (the caller looks at
     the database once more: harmless)."""
 
@@ -131,9 +131,6 @@ class WakeableORM(ORM):
     """The ORM broker; ``enqueue`` wakes the queue's pushers, ``dequeue`` waits for a
     wake-up or ``poll`` (the ORM broker sleeps ``poll``)."""
 
-    _wake_socket = None
-    _wake_pid = None
-
     def enqueue(self, task):
         pk = super().enqueue(task)
         # After the commit: woken before it, the pusher would read a table without the
@@ -155,18 +152,7 @@ class WakeableORM(ORM):
         self._wait(Conf.POLL)
 
     def _wait(self, seconds):
-        sock = self._socket()
-        if sock is None:
-            select.select([], [], [], seconds)
-            return
-        readable, _, _ = select.select([sock], [], [], seconds)
-        if readable:
-            _drain(sock)
-
-    def _socket(self):
-        """This process's wake-up socket (bound on first use: the pusher is forked from
-        the process that made the broker); None: it polls as the ORM broker does."""
-        if self._wake_pid == os.getpid():
-            return self._wake_socket
-        self._wake_pid, self._wake_socket = os.getpid(), _bind(self.list_key)
-        return self._wake_socket
+        # This process's wake-up socket for the queue, bound on first use (the pusher is
+        # forked from the process that made the broker); without one it polls as the
+        # ORM broker does.
+        Listener(self.list_key).wait(seconds)

@@ -415,8 +415,9 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     runner.Lookahead) concludes beside that child's start: the row says "landed" first
     (one write: a landed job fills no slot of the limits, fleet/limits.py, as its
     migration stream is over and the VM runs on the target), the next child's re-check
-    starts (unless the monitor started it in the migration's last second), and the rest of the conclusion runs in a thread of its own while this thread
-    returns to claim the next child. Concluded one after the other, the conclusion
+    starts (unless the monitor started it in the migration's last second), and the rest
+    of the conclusion runs in a thread of its own while this thread returns to claim the
+    next child. Concluded one after the other, the conclusion
     (statistics, the VM's record, the final write, its audit line: 70-270 ms with two
     migrations running) sat between every two children of a lane. A worker killed
     meanwhile leaves a running job whose VM libvirt shows on the target: reconcile
