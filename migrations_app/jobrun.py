@@ -40,6 +40,9 @@ POLL_SECONDS = 0.25
 # (benchmarks/concurrent_migrations.py), and the runner noticed a finished checklist
 # only after its heartbeat got the lock.
 HEARTBEAT_SECONDS = 2.0
+# The longest a landed batch child's conclusion waits for the next child's migration to
+# start (_conclude_in_thread); a re-check that outlasts it shares the writers' queue.
+CONCLUDE_AFTER_SECONDS = 3.0
 # Progress sampling adapts to how many jobs run at once (every worker and process writes
 # to the same database): about SAMPLES_PER_SECOND samples a second in all, each job at
 # least every MAX_POLL_SECONDS and at most every POLL_SECONDS. One or two jobs: 4/s each;
@@ -253,6 +256,7 @@ class JobRun:
         self.lookahead = None  # the next child's re-check and this job's conclusion (runner.Lookahead)
         self.landed_at = None  # written when the conclusion runs beside the next child's start
         self.rechecking = None  # this job's re-check, started by the job before (Lookahead)
+        self.ahead_of_it = None  # the Lookahead of the job before, whose conclusion waits for this start
         self.beat_at = self.t0  # when the last heartbeat was written (the claim wrote one)
         self.counted_at = None  # when poll_seconds last counted the running jobs
         self.interval = POLL_SECONDS
@@ -440,8 +444,16 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
 def _conclude_in_thread(run, stats, extra):
     """The conclusion of a landed job in a thread of its own (conclude_success); it ends
     the job as runner.run_job would when it fails, and closes this thread's database
-    connection."""
+    connection.
+
+    It first waits until the next child's migration has started, or will not (runner.
+    Lookahead.next_moving), for at most CONCLUDE_AFTER_SECONDS. Run at once, its reads and
+    its three writes (the final one, the prediction aid, the queued sync) took the
+    writers' queue and the CPU between the next child's claim and its libvirt call; run
+    while that migration streams, they cost its lane nothing. The landed job already
+    shows "landed" and holds no slot meanwhile (fleet/limits.py)."""
     try:
+        run.lookahead.moving.wait(CONCLUDE_AFTER_SECONDS)
         _conclude_success(run, stats, extra, live=True)
     except Exception as exc:  # never leave a job hanging in an active state
         log.exception("job %s: conclusion crashed", run.job_id)

@@ -21,6 +21,7 @@ Shape of a run (docs/architecture.md):
 """
 
 import logging
+import threading
 import time
 from datetime import datetime, timedelta
 
@@ -131,7 +132,7 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
     run.defer_sync, run.checked = defer_sync, checked
-    run.lookahead = lookahead
+    run.lookahead, run.ahead_of_it = lookahead, ahead_of_it
     run.rechecking = ahead_of_it.for_job(job_id) if ahead_of_it is not None else None
     try:
         _run(run)
@@ -236,6 +237,8 @@ def _run(run):
     for r in report.warnings:
         if r.id not in acknowledged:
             run.event(("new_warning", {"title": str(r.title), "message": str(r.message)}), "warn")
+    if not mode.live and run.ahead_of_it is not None:
+        run.ahead_of_it.next_moving()  # a live mode says so at its migrate call (modes/live.py)
     mode.run(run, plan)
 
 
@@ -259,6 +262,14 @@ class Lookahead:
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
         self.tried_early = False  # the monitor asked for the re-check before the landing
+        # Set once the next child's migration started, or none will: the conclusion waits
+        # for it (jobrun._conclude_in_thread).
+        self.moving = threading.Event()
+
+    def next_moving(self):
+        """The next child's migration started, or no next child will start here: the
+        conclusion of job ``after`` may write now."""
+        self.moving.set()
 
     def will_chain(self):
         """Whether the worker will look for a next child once this job has concluded."""
@@ -269,6 +280,7 @@ class Lookahead:
         its libvirt calls' timeouts; the database writes queue like any job's. Its own
         errors end the job (jobrun._conclude_in_thread); one that escaped that too is
         logged here (the job is then left to reconcile)."""
+        self.next_moving()  # no next child waits for it any more
         if self.concluding is not None:
             self.concluding.thread.join()
             if self.concluding.error is not None:

@@ -73,6 +73,8 @@ def run_migration(job_id):
                 status_next = runner.run_job(
                     following, defer_sync=windows.chains(following), ahead_of_it=previous, lookahead=ahead
                 )
+                if previous is not None:  # its conclusion waited for this child's start
+                    previous.next_moving()
                 if status_next is None:
                     misses += 1  # another worker claimed it first (or a gate held it): the next one
                     ahead = None

@@ -224,6 +224,8 @@ def run_live(mode, run, plan):
     try:
         run.mark("migrate_start")
         op = Operation(lambda: mig.migrate(uuid, dst_uri, flags, params), f"migrate job {job.pk}")
+        if run.ahead_of_it is not None:
+            run.ahead_of_it.next_moving()  # the batch child before concludes now (jobrun.py)
         run.event(("migration_started", {"virsh": plan.virsh_command()}))  # while libvirt already works
         monitor(run, mon, op)
         # The monitor also stops when the domain left the source; the call itself may

@@ -577,3 +577,28 @@ def test_it_gives_two_workers_whose_children_landed_together_two_different_succe
     assert runner.run_job(fourth.pk) == MigrationJob.PREFLIGHT
     assert runner.run_job(third.pk) == MigrationJob.PREFLIGHT
     assert limits.holding().count() == 2
+
+
+def test_it_holds_a_landed_childs_conclusion_until_the_next_childs_migration_starts(monkeypatch):
+    """The landed child's conclusion (its writes and CPU) waits in its thread until the
+    next child's migration call started (Lookahead.next_moving, called by the live mode at
+    its migrate call and by the task once that child ended or was not claimed), and at
+    most CONCLUDE_AFTER_SECONDS when nothing says so."""
+    from types import SimpleNamespace
+
+    from migrations_app import jobrun
+
+    concluded = []
+    monkeypatch.setattr(jobrun, "_conclude_success", lambda run, *a, **k: concluded.append(run.job_id))
+    monkeypatch.setattr(jobrun.connections, "close_all", lambda: None)
+    ahead = runner.Lookahead(1)
+    run = SimpleNamespace(job_id=1, lookahead=ahead)
+    op = jobrun.Operation(lambda: jobrun._conclude_in_thread(run, {}, {}), "conclude")
+    assert not op.wait(0.3) and concluded == []  # the next child is still on its way
+    ahead.next_moving()
+    assert op.wait(30) and concluded == [1]
+
+    monkeypatch.setattr(jobrun, "CONCLUDE_AFTER_SECONDS", 0.05)
+    run = SimpleNamespace(job_id=2, lookahead=runner.Lookahead(2))
+    op = jobrun.Operation(lambda: jobrun._conclude_in_thread(run, {}, {}), "conclude")
+    assert op.wait(30) and concluded == [1, 2]  # nobody said so: it goes on after the bound
