@@ -262,6 +262,8 @@ class Lookahead:
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
         self.tried_early = False  # the monitor asked for the re-check before the landing
+        self.plan = None  # the plan the re-check is for
+        self.landing_on_target = False  # the early re-check ran while a VM landed on its target
         # Set once the next child's migration started, or none will: the conclusion waits
         # for it (jobrun._conclude_in_thread).
         self.moving = threading.Event()
@@ -291,11 +293,13 @@ class Lookahead:
         one (stopping, out of chain time) or a fresh one runs already for that child.
 
         The live monitor calls it in the migration's last second with ``before_landing``
-        (this job's target id): started then only for a child bound elsewhere, since the
-        target's free memory does not yet hold all of the landing VM. The conclusion
-        calls it once the VM has moved: started again when the child expected now is
-        another, or the early one is older than half REQUEST_CHECK_SECONDS (a VM whose
-        ETA stayed short for seconds). Never raises: the next claim re-checks as usual."""
+        (this job's target id). For a child bound to that same target, what the landing
+        changes there (its free memory, the names it holds: AFTER_LANDING) is checked
+        again once the VM has moved, the rest taken from the early re-check. The
+        conclusion calls it once the VM has moved: that second look, or a whole re-check
+        when the child expected now is another, or the early one is older than half
+        REQUEST_CHECK_SECONDS (a VM whose ETA stayed short for seconds). Never raises:
+        the next claim re-checks as usual."""
         try:
             if before_landing is not None:
                 self.tried_early = True
@@ -304,16 +308,19 @@ class Lookahead:
             job_id = upcoming(self.after)
             fresh = self.started is not None and time.monotonic() - self.started <= REQUEST_CHECK_SECONDS / 2
             if self.checking is not None and job_id == self.job_id and fresh:
+                if before_landing is None and self.landing_on_target:
+                    early, plan = self.checking, self.plan
+                    self.checking = Operation(lambda: after_landing(early, plan), f"lookahead job {job_id}")
+                    self.landing_on_target = False
                 return
             job = MigrationJob.objects.select_related("vm", "source", "target").filter(pk=job_id).first()
             if job is None or job.status != MigrationJob.QUEUED or job.source is None or job.target is None:
                 return
-            if before_landing is not None and job.target_id == before_landing:
-                return
             plan = MigrationPlan.from_job(job)
             started = time.monotonic()
             self.checking = Operation(lambda: recheck(plan, job.preflight), f"lookahead job {job.pk}")
-            self.job_id, self.started = job.pk, started
+            self.job_id, self.started, self.plan = job.pk, started, plan
+            self.landing_on_target = before_landing is not None and job.target_id == before_landing
         except Exception:
             log.warning("job %s: no look-ahead re-check", self.after, exc_info=True)
 
@@ -340,6 +347,26 @@ def recheck(plan, stored, now=None):
     if reuse:
         report.reused_from = (stored or {}).get("reused_from") or stored["started_at"]
     return report
+
+
+# What a VM landing on a host changes for the next child bound there: checked again
+# once it has landed when the rest was checked in the last second before (Lookahead).
+AFTER_LANDING = frozenset({"memory", "collision"})
+
+
+def after_landing(early, plan):
+    """The re-check ``early`` (an Operation, started while a VM was still landing on
+    ``plan``'s target) with AFTER_LANDING run again now: one free-memory and one name
+    lookup instead of the whole re-check, on the next child's critical path. Its other
+    results are as old as ``early``'s (``reused_from``)."""
+    early.wait(None)  # bounded by the checklist's own timeout
+    if early.error is not None:
+        raise early.error
+    report = early.value
+    reuse = {r.id: r for r in report.results if r.id not in AFTER_LANDING}
+    again = run_preflight(plan, measure_dirty_rate=False, reuse=reuse)
+    again.reused_from = report.reused_from or report.started_at
+    return again
 
 
 def request_check(stored, now):

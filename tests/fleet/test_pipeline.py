@@ -602,3 +602,60 @@ def test_it_holds_a_landed_childs_conclusion_until_the_next_childs_migration_sta
     run = SimpleNamespace(job_id=2, lookahead=runner.Lookahead(2))
     op = jobrun.Operation(lambda: jobrun._conclude_in_thread(run, {}, {}), "conclude")
     assert op.wait(30) and concluded == [1, 2]  # nobody said so: it goes on after the bound
+
+
+def test_it_checks_again_only_what_a_landing_changes_for_a_child_bound_to_the_same_target(
+    batch_of, monkeypatch
+):
+    """The next child bound to the host a VM is landing on is re-checked in the
+    migration's last second like any other; once the VM has landed, only what the
+    landing changes there (free memory, names: runner.AFTER_LANDING) runs again, the rest
+    is taken from that early re-check, and the claim gets the result."""
+    from migrations_app.preflight import CheckResult, Report
+
+    real_run = runner._run
+    monkeypatch.setattr(runner, "_run", lambda run: None)  # the first two: claimed, left so
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    monkeypatch.setattr(runner, "_run", real_run)
+    MigrationJob.objects.filter(pk=third.pk).update(target=first.target, target_name=first.target_name)
+    ran = []
+
+    def preflight(plan, **kwargs):
+        reused = kwargs.get("reuse") or {}
+        ran.append(sorted(set(("memory", "collision", "vm_state", "storage")) - set(reused)))
+        results = [
+            reused.get(cid) or CheckResult(cid, cid, "pass", f"checked {len(ran)}")
+            for cid in ("memory", "collision", "vm_state", "storage")
+        ]
+        return Report(results=results, verdict="pass", started_at="2026-12-07T21:00:00+00:00", duration_ms=1)
+
+    monkeypatch.setattr(runner, "run_preflight", preflight)
+    monkeypatch.setattr(runner, "REQUEST_CHECK_SECONDS", 60)  # however slow this machine is
+    ahead = runner.Lookahead(first.pk)
+    ahead.start(before_landing=first.target_id)  # the live monitor, ETA under a second
+    assert ahead.job_id == third.pk and ahead.checking.wait(30)
+    early = ahead.checking
+    ahead.start()  # the VM has landed (jobrun.conclude_success)
+    assert ahead.checking is not early and ahead.checking.wait(30) and ahead.checking.error is None
+    assert ran == [["collision", "memory", "storage", "vm_state"], ["collision", "memory"]]
+    again = ahead.checking.value
+    assert {r.id: r.message for r in again.results} == {
+        "memory": "checked 2",
+        "collision": "checked 2",
+        "vm_state": "checked 1",
+        "storage": "checked 1",
+    }
+    assert again.reused_from == "2026-12-07T21:00:00+00:00"  # as old as the early one
+    assert ahead.for_job(third.pk) is ahead.checking
+    ahead.start()  # asked again (another landing pass): nothing more runs
+    assert len(ran) == 2
+
+    # A child bound elsewhere: the early re-check stands as it is.
+    assert second.target_id != first.target_id
+    MigrationJob.objects.filter(pk=third.pk).update(target=second.target, target_name=second.target_name)
+    other = runner.Lookahead(first.pk)
+    other.start(before_landing=first.target_id)
+    assert other.checking.wait(30)
+    early = other.checking
+    other.start()
+    assert other.checking is early and len(ran) == 3
