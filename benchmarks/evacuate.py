@@ -127,24 +127,29 @@ def call_seconds(batch):
 
 def slot_gaps(batch):
     """Per child after the first wave: from the slot it took being freed (the latest
-    child landing, or end, before its claim) to its claim (``started_at``), and to its
-    row's creation (negative: created ahead, pipelined). Returns (mean claim gap, mean
-    creation gap) in s."""
+    child landing, or end, before its claim) to its claim (``started_at``), to its
+    libvirt migrate call (the claim plus its ``migrate_start`` mark: the lane's whole
+    hand-over), and to its row's creation (negative: created ahead, pipelined). Returns
+    (mean claim gap, mean call gap, mean creation gap) in s."""
     jobs = sorted(
         MigrationJob.objects.filter(batch_item__batch=batch, started_at__isnull=False).values(
-            "created_at", "started_at", "finished_at", "landed_at"
+            "created_at", "started_at", "finished_at", "landed_at", "result"
         ),
         key=lambda j: j["started_at"],
     )
-    claim, create = [], []
+    claim, call, create = [], [], []
     for j in jobs:
         freed = [o["landed_at"] or o["finished_at"] for o in jobs]
         ended = [t for t in freed if t and t <= j["started_at"]]
         if ended:
             claim.append((j["started_at"] - max(ended)).total_seconds())
             create.append((j["created_at"] - max(ended)).total_seconds())
+            started = ((j["result"] or {}).get("timing_ms") or {}).get("migrate_start")
+            if started is not None:
+                call.append(claim[-1] + started / 1000)
     mean = statistics.mean
-    return (mean(claim), mean(create)) if claim else (float("nan"), float("nan"))
+    nan = float("nan")
+    return (mean(claim) if claim else nan, mean(call) if call else nan, mean(create) if create else nan)
 
 
 def run_virsh(placement, parallel, bandwidth, trace=False):
@@ -187,13 +192,14 @@ def run_rounds(args):
             # kvmweb's migrate calls (of the virsh processes) over the parallelism. The
             # migrate call alone varies round to round by more than kvmweb's own share.
             own = (kvm - calls / args.parallel, par - processes / args.parallel)
-            results.append((kvm, par, seq, predicted, planning, own))
+            results.append((kvm, par, seq, predicted, planning, own, gaps))
             load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             print(
                 f"round {i + 1} (load average {load}): kvmweb {kvm:.2f} s (predicted {predicted:.1f} s; planning {planning:.1f} s)  "
                 f"virsh x{args.parallel} {par:.2f} s  virsh sequential {seq:.2f} s  "
                 f"ratio kvmweb/virsh-parallel {kvm / par:.3f}  "
-                f"slot freed -> next child claimed {gaps[0]:.3f} s (its row created {gaps[1]:+.3f} s)  "
+                f"slot freed -> next child claimed {gaps[0]:.3f} s, its migrate call {gaps[1]:.3f} s "
+                f"(its row created {gaps[2]:+.3f} s)  "
                 f"beyond the migrations: kvmweb {own[0]:.2f} s, virsh {own[1]:.2f} s",
                 flush=True,
             )
@@ -238,10 +244,13 @@ def main():
         f"time beyond the migrate calls per lane (median): kvmweb {kvm_own:.2f} s, virsh {virsh_own:.2f} s "
         f"(wall minus the sum of the calls, resp. of the virsh processes, over the parallelism)"
     )
+    handover = statistics.median(r[6][1] for r in results)
+    print(f"slot freed -> next child's migrate call (median of the rounds' means): {handover:.3f} s")
     print(
         json.dumps(
             {
                 "ratio": round(statistics.median(ratios), 3),
+                "handover_s": round(handover, 3),
                 "kvmweb_s": round(statistics.median(r[0] for r in results), 2),
                 "virsh_parallel_s": round(statistics.median(r[1] for r in results), 2),
                 "own_s": {"kvmweb": round(kvm_own, 2), "virsh": round(virsh_own, 2)},
