@@ -419,9 +419,10 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     runner.Lookahead) concludes beside that child's start: the row says "landed" first
     (one write: a landed job fills no slot of the limits, fleet/limits.py, as its
     migration stream is over and the VM runs on the target), the next child's re-check
-    starts (unless the monitor started it in the migration's last second), and the rest
-    of the conclusion runs in a thread of its own while this thread returns to claim the
-    next child. Concluded one after the other, the conclusion
+    starts (unless the monitor started it in the migration's last second; for a child
+    bound to this target, what the landing changes there is looked at again: runner.
+    after_landing), and the rest of the conclusion runs in a thread of its own, once the
+    next child's migration has started, while this thread returns to claim it. Concluded one after the other, the conclusion
     (statistics, the VM's record, the final write, its audit line: 70-270 ms with two
     migrations running) sat between every two children of a lane. A worker killed
     meanwhile leaves a running job whose VM libvirt shows on the target: reconcile
@@ -451,9 +452,13 @@ def _conclude_in_thread(run, stats, extra):
     its three writes (the final one, the prediction aid, the queued sync) took the
     writers' queue and the CPU between the next child's claim and its libvirt call; run
     while that migration streams, they cost its lane nothing. The landed job already
-    shows "landed" and holds no slot meanwhile (fleet/limits.py)."""
+    shows "landed" meanwhile and holds no slot of the limits (fleet/limits.py); the
+    batch's own pass still counts it for its first seconds (scheduler.LANDED_GRACE).
+    The heartbeat after the wait keeps reconcile's stale limit away from a conclusion
+    whose target then answers slowly."""
     try:
         run.lookahead.moving.wait(CONCLUDE_AFTER_SECONDS)
+        run.heartbeat()
         _conclude_success(run, stats, extra, live=True)
     except Exception as exc:  # never leave a job hanging in an active state
         log.exception("job %s: conclusion crashed", run.job_id)

@@ -327,8 +327,10 @@ class Lookahead:
     def for_job(self, job_id):
         """The running or finished re-check (an Operation) when it is for ``job_id`` and
         fresh enough to stand in for the claim's own; else None. Asked once the job is
-        claimed (runner._run): its age counts the claim's wait for the locks."""
-        if self.checking is None or job_id != self.job_id:
+        claimed (runner._run): its age counts the claim's wait for the locks. Not one
+        started while a VM was landing on the child's target that never landed (failed,
+        cancelled): its free memory was read while that VM's memory was still held there."""
+        if self.checking is None or job_id != self.job_id or self.landing_on_target:
             return None
         if time.monotonic() - self.started > REQUEST_CHECK_SECONDS:
             return None
@@ -357,8 +359,10 @@ AFTER_LANDING = frozenset({"memory", "collision"})
 def after_landing(early, plan):
     """The re-check ``early`` (an Operation, started while a VM was still landing on
     ``plan``'s target) with AFTER_LANDING run again now: one free-memory and one name
-    lookup instead of the whole re-check, on the next child's critical path. Its other
-    results are as old as ``early``'s (``reused_from``)."""
+    lookup instead of the whole re-check, on the next child's critical path. The report
+    lists the others as reused, from ``early``'s anchor (``reused_from``: the checklist
+    its static results came from, or its own start), which is all a later re-check may
+    reuse them by (only STATIC_CHECKS, reusable_results)."""
     early.wait(None)  # bounded by the checklist's own timeout
     if early.error is not None:
         raise early.error

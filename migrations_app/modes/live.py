@@ -303,7 +303,8 @@ def progress_from_stats(stats, state=None):
 
 # A chaining worker starts the next batch child's re-check (runner.Lookahead) once this
 # job's ETA is this short: it then runs beside the migration's last second, not between
-# the two migrations (only for a child bound to another target: Lookahead.start).
+# the two migrations (for a child bound to this job's target, free memory and names are
+# looked at again once the VM has landed: runner.after_landing).
 LOOKAHEAD_ETA_SECONDS = 1.0
 
 

@@ -592,14 +592,15 @@ def test_it_holds_a_landed_childs_conclusion_until_the_next_childs_migration_sta
     monkeypatch.setattr(jobrun, "_conclude_success", lambda run, *a, **k: concluded.append(run.job_id))
     monkeypatch.setattr(jobrun.connections, "close_all", lambda: None)
     ahead = runner.Lookahead(1)
-    run = SimpleNamespace(job_id=1, lookahead=ahead)
+    beats = []
+    run = SimpleNamespace(job_id=1, lookahead=ahead, heartbeat=lambda: beats.append(1))
     op = jobrun.Operation(lambda: jobrun._conclude_in_thread(run, {}, {}), "conclude")
     assert not op.wait(0.3) and concluded == []  # the next child is still on its way
     ahead.next_moving()
-    assert op.wait(30) and concluded == [1]
+    assert op.wait(30) and concluded == [1] and beats == [1]  # a heartbeat before it goes on
 
     monkeypatch.setattr(jobrun, "CONCLUDE_AFTER_SECONDS", 0.05)
-    run = SimpleNamespace(job_id=2, lookahead=runner.Lookahead(2))
+    run = SimpleNamespace(job_id=2, lookahead=runner.Lookahead(2), heartbeat=lambda: None)
     op = jobrun.Operation(lambda: jobrun._conclude_in_thread(run, {}, {}), "conclude")
     assert op.wait(30) and concluded == [1, 2]  # nobody said so: it goes on after the bound
 
@@ -610,7 +611,8 @@ def test_it_checks_again_only_what_a_landing_changes_for_a_child_bound_to_the_sa
     """The next child bound to the host a VM is landing on is re-checked in the
     migration's last second like any other; once the VM has landed, only what the
     landing changes there (free memory, names: runner.AFTER_LANDING) runs again, the rest
-    is taken from that early re-check, and the claim gets the result."""
+    is taken from that early re-check, and that result is the one the claim is offered
+    (Lookahead.for_job). One whose VM never landed is not offered."""
     from migrations_app.preflight import CheckResult, Report
 
     real_run = runner._run
@@ -650,6 +652,12 @@ def test_it_checks_again_only_what_a_landing_changes_for_a_child_bound_to_the_sa
     ahead.start()  # asked again (another landing pass): nothing more runs
     assert len(ran) == 2
 
+    # The VM never landed (its migration failed): the early re-check is not offered,
+    # the claim checks again.
+    failed = runner.Lookahead(first.pk)
+    failed.start(before_landing=first.target_id)
+    assert failed.checking.wait(30) and failed.for_job(third.pk) is None
+
     # A child bound elsewhere: the early re-check stands as it is.
     assert second.target_id != first.target_id
     MigrationJob.objects.filter(pk=third.pk).update(target=second.target, target_name=second.target_name)
@@ -658,4 +666,31 @@ def test_it_checks_again_only_what_a_landing_changes_for_a_child_bound_to_the_sa
     assert other.checking.wait(30)
     early = other.checking
     other.start()
-    assert other.checking is early and len(ran) == 3
+    assert other.checking is early and len(ran) == 4 and other.for_job(third.pk) is early
+
+
+def test_it_lets_a_landed_childs_conclusion_go_on_once_its_successor_is_past_its_start(monkeypatch):
+    """The task tells a child's Lookahead as soon as the successor it ran there returned
+    (claimed and ended, or not claimed at all), so no conclusion waits out
+    CONCLUDE_AFTER_SECONDS for a start that will not come; each is told again before the
+    task waits for the conclusions."""
+    seen = []
+
+    class Spy(runner.Lookahead):
+        def next_moving(self):
+            seen.append(("moving", self.after))
+            super().next_moving()
+
+    def run_job(job_id, **kwargs):
+        seen.append(("run", job_id))
+        return None if job_id == 3 else MigrationJob.SUCCEEDED  # 3: another worker claimed it
+
+    successors = iter([2, 3, 4, None])
+    monkeypatch.setattr(runner, "Lookahead", Spy)
+    monkeypatch.setattr(runner, "run_job", run_job)
+    monkeypatch.setattr(tasks.windows, "successor", lambda job_id: next(successors))
+    monkeypatch.setattr(tasks.windows, "chains", lambda job_id: True)
+    tasks.run_migration(1)
+    assert seen[:6] == [("run", 1), ("run", 2), ("moving", 1), ("run", 3), ("moving", 2), ("run", 4)]
+    # 3 was not run here: 4 follows nobody's conclusion. At the end every one is told.
+    assert seen[6:] == [("moving", 1), ("moving", 2), ("moving", 3), ("moving", 4)]
