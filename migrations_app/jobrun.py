@@ -422,11 +422,12 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     starts (unless the monitor started it in the migration's last second; for a child
     bound to this target, what the landing changes there is looked at again: runner.
     after_landing), and the rest of the conclusion runs in a thread of its own, once the
-    next child's migration has started, while this thread returns to claim it. Concluded one after the other, the conclusion
-    (statistics, the VM's record, the final write, its audit line: 70-270 ms with two
-    migrations running) sat between every two children of a lane. A worker killed
-    meanwhile leaves a running job whose VM libvirt shows on the target: reconcile
-    concludes it succeeded, as for any worker killed after the move."""
+    next child's migration has started, while this thread returns to claim it.
+    Concluded one after the other, the conclusion (statistics, the VM's record, the
+    final write, its audit line: 70-270 ms with two migrations running) sat between
+    every two children of a lane. A worker killed meanwhile leaves a running job whose
+    VM libvirt shows on the target: reconcile concludes it succeeded, as for any worker
+    killed after the move."""
     ahead = run.lookahead
     if live and ahead is not None and ahead.will_chain():
         run.landed_at = timezone.now()
