@@ -105,9 +105,9 @@ class Listener:
     that would otherwise poll the database: ``wait(seconds)`` returns True when woken,
     False when the time ran out (the queue's pushers wait on one too). One socket per
     process and name, bound on first use and kept: binding and removing it around every
-    wait would let a sender that found it closed remove the next one's path. A wake-up sent while nobody
-    waited is read by the next ``wait``, which then returns at once (the caller looks at
-    the database once more: harmless)."""
+    wait would let a sender that found it closed remove the next one's path. A wake-up
+    sent while nobody waited is read by the next ``wait``, which then returns at once
+    (the caller looks at the database once more: harmless)."""
 
     def __init__(self, name):
         key = os.path.join(wake_dir(), name)
