@@ -592,10 +592,16 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
             vm.gone = False
             to_update.append(vm)
         VM.objects.bulk_create(to_create)
-        if to_update:
+        changed = VM_FIELDS + ["host", "gone", "stale_hosts"]
+        if len(to_update) == 1:
+            # The VM a migration just moved (partial): a plain UPDATE of one row. Django
+            # builds bulk_update's CASE expressions per field even for one row, and this
+            # write sits between the migration's end and the job's final state.
+            to_update[0].save(update_fields=changed)
+        elif to_update:
             # bulk_update writes CASE expressions per field: keep it to the rows that changed.
-            VM.objects.bulk_update(to_update, VM_FIELDS + ["host", "gone", "stale_hosts"], batch_size=200)
-            summary["updated"] = len(to_update)
+            VM.objects.bulk_update(to_update, changed, batch_size=200)
+        summary["updated"] = len(to_update)
         VM.objects.filter(host=host, uuid__in=list(by_uuid)).update(last_seen_at=now)
         # Stale copies that vanished from this host (a partial read cannot tell).
         vanished = VM.objects.none() if partial else VM.objects.exclude(stale_hosts=[])
