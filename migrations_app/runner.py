@@ -26,6 +26,7 @@ import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import connections
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -108,6 +109,7 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
     the re-check it ran stands in when it was for that job and is fresh at the claim
     (Lookahead.for_job)."""
     worker = worker or worker_name()
+    opening = _open_ahead(job_id)
     # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
     # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
     # the reason a held job waited for.
@@ -128,9 +130,11 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
             event=("picked_up", {"worker": worker}),
         )
     if not claimed:
+        _close_opening(opening)
         return _not_claimed(job_id, now)
     job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
     run = JobRun(job, worker)
+    run.connections = opening
     run.defer_sync, run.checked = defer_sync, checked
     run.lookahead, run.ahead_of_it = lookahead, ahead_of_it
     run.rechecking = ahead_of_it.for_job(job_id) if ahead_of_it is not None else None
@@ -166,9 +170,39 @@ def _not_claimed(job_id, now):
     return None
 
 
+def _open_ahead(job_id):
+    """The source host's two connections for a live job that looks claimable, opening in
+    a thread while the claim runs (the migration needs them right after it): a few ms
+    each on a quiet host, up to 40 ms while a browser loads the job page beside QEMU
+    starting on the target (benchmarks/migrate_vs_virsh.py). None for another mode or a
+    job the claim will not take (held, taken, ended): a held batch child's first message
+    must not cost two connections."""
+    row = (
+        MigrationJob.objects.filter(pk=job_id, status=MigrationJob.QUEUED, waiting_for="")
+        .values_list("mode", "source__uri")
+        .first()
+    )
+    if row is None or not row[1] or row[0] not in modes.REGISTRY or not modes.REGISTRY[row[0]].live:
+        return None
+    return _connecting(row[1], job_id)
+
+
+def _connecting(uri, job_id):
+    """The live mode's two source connections (the migrate call's, the monitor's),
+    opening in a thread: modes/live.run_live takes them."""
+    return Operation(
+        lambda: (hv.connect(uri, call_timeout=settings.MIGRATION_TIMEOUT), hv.connect(uri)),
+        f"connect job {job_id}",
+    )
+
+
 def _close_unused(run):
     """Close connections opened ahead for a live run that never used them."""
     opening, run.connections = run.connections, None
+    _close_opening(opening)
+
+
+def _close_opening(opening):
     if opening is None:
         return
     opening.wait(settings.LIBVIRT_CONNECT_TIMEOUT * 2 + 1)
@@ -183,16 +217,10 @@ def _run(run):
         raise Failed(("err_host_removed_before", {}))
     plan = MigrationPlan.from_job(job)
     mode = modes.get(job.mode)
-    if mode.live:
-        # Open the source connections while the checklist runs (they are needed right
-        # after it; a few ms each, on the critical path of every live migration).
-        run.connections = Operation(
-            lambda: (
-                hv.connect(job.source.uri, call_timeout=settings.MIGRATION_TIMEOUT),
-                hv.connect(job.source.uri),
-            ),
-            f"connect job {job.pk}",
-        )
+    if mode.live and run.connections is None:
+        # Not opened before the claim (runner._open_ahead): open them while the checklist
+        # runs (needed right after it; a few ms each, on every live migration's path).
+        run.connections = _connecting(job.source.uri, job.pk)
     # No dirty-rate measurement here: convergence was judged (and acknowledged) in the
     # wizard, and measuring again would add a second to every migration. What can change
     # in the meantime (VM state, host reachability, memory, collisions) is re-checked.
@@ -261,12 +289,15 @@ class Lookahead:
         # Job ``job_id``'s own conclusion (an Operation), when it runs beside the next
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
-        self.tried_early = False  # the monitor asked for the re-check before the landing
+        self.tried_early = False  # the early re-check was asked for (early(), or start())
         self.plan = None  # the plan the re-check is for
         self.landing_on_target = False  # the early re-check ran while a VM landed on its target
         # Set once the next child's migration started, or none will: the conclusion waits
         # for it (jobrun._conclude_in_thread).
         self.moving = threading.Event()
+        # start() runs in the worker's thread and, once per job, in one started from
+        # libvirt's event loop (modes/live.watch_passes).
+        self._lock = threading.Lock()
 
     def next_moving(self):
         """The next child's migration started, or no next child will start here: the
@@ -288,6 +319,25 @@ class Lookahead:
             if self.concluding.error is not None:
                 log.error("job %s: conclusion failed: %s", self.after, self.concluding.error)
 
+    def early(self):
+        """True the first time it is asked: the caller then starts the early re-check
+        (``start(before_landing=...)``). Asked by the live monitor when the ETA is short
+        and from libvirt's event loop when the second pass over memory begins, whichever
+        comes first; the other gets False."""
+        with self._lock:
+            if self.tried_early:
+                return False
+            self.tried_early = True
+            return True
+
+    def start_early(self, before_landing):
+        """``start(before_landing)`` in a thread of its own (modes/live.watch_passes),
+        which closes its database connection."""
+        try:
+            self.start(before_landing=before_landing)
+        finally:
+            connections.close_all()
+
     def start(self, before_landing=None):
         """Start the re-check of the expected next child, unless the worker will not run
         one (stopping, out of chain time) or a fresh one runs already for that child.
@@ -300,6 +350,10 @@ class Lookahead:
         when the child expected now is another, or the early one is older than half
         REQUEST_CHECK_SECONDS (a VM whose ETA stayed short for seconds). Never raises:
         the next claim re-checks as usual."""
+        with self._lock:
+            self._start(before_landing)
+
+    def _start(self, before_landing):
         try:
             if before_landing is not None:
                 self.tried_early = True
@@ -330,11 +384,12 @@ class Lookahead:
         claimed (runner._run): its age counts the claim's wait for the locks. Not one
         started while a VM was landing on the child's target that never landed (failed,
         cancelled): its free memory was read while that VM's memory was still held there."""
-        if self.checking is None or job_id != self.job_id or self.landing_on_target:
-            return None
-        if time.monotonic() - self.started > REQUEST_CHECK_SECONDS:
-            return None
-        return self.checking
+        with self._lock:
+            if self.checking is None or job_id != self.job_id or self.landing_on_target:
+                return None
+            if time.monotonic() - self.started > REQUEST_CHECK_SECONDS:
+                return None
+            return self.checking
 
 
 def recheck(plan, stored, now=None):

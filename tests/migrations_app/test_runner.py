@@ -5,6 +5,8 @@ Plus the progress maths, on jobStats dicts shaped like the lab's."""
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone, translation
 
 from hosts.models import VM, Host
@@ -350,3 +352,48 @@ def test_it_takes_the_checklist_of_the_request_only_when_claimed_within_seconds(
         assert "Preflight passed again on the worker." in lines
     else:
         assert any(line.startswith("Preflight passed with the request, ") for line in lines), lines
+
+
+def test_it_opens_the_source_connections_before_the_claim_only_for_a_live_job_it_may_take(make_job):
+    """The live mode's two source connections open in a thread while the claim runs; not
+    for a job the claim will not take (held) nor for a mode that needs none."""
+    live_job = make_job(status=MigrationJob.QUEUED)
+    opening = runner._open_ahead(live_job.pk)
+    assert opening is not None and opening.wait(10) and opening.error is None
+    mig, mon = opening.value
+    assert mig.uri == mon.uri == "test:///default" and mig.call_timeout == settings.MIGRATION_TIMEOUT
+    runner._close_opening(opening)
+    MigrationJob.objects.filter(pk=live_job.pk).update(waiting_for="Waiting for a free slot")
+    assert runner._open_ahead(live_job.pk) is None
+    MigrationJob.objects.filter(pk=live_job.pk).update(waiting_for="", status=MigrationJob.RUNNING)
+    assert runner._open_ahead(live_job.pk) is None
+    offline = make_job(status=MigrationJob.QUEUED, mode="offline")
+    assert runner._open_ahead(offline.pk) is None
+
+
+def test_it_hands_the_connections_opened_before_the_claim_to_the_run_or_closes_them(make_job, monkeypatch):
+    opened, closed = [], []
+    real = runner._open_ahead
+
+    def recording(job_id):
+        opening = real(job_id)
+        opened.append(opening)
+        return opening
+
+    monkeypatch.setattr(runner, "_open_ahead", recording)
+    monkeypatch.setattr(runner, "_close_opening", lambda opening: closed.append(opening))
+    taken = []
+    monkeypatch.setattr(runner, "_run", lambda run: taken.append(run.connections))
+    job = make_job(status=MigrationJob.QUEUED)
+    runner.run_job(job.pk, "w:1")
+    assert taken == [opened[0]] and opened[0] is not None
+    assert closed == [opened[0]]  # unused by the stand-in run: closed at its end
+    # A claim that fails (taken meanwhile) closes what it opened.
+    other = make_job(status=MigrationJob.QUEUED)
+    monkeypatch.setattr(runner, "claim_condition", lambda now: Q(pk__in=[]))
+    assert runner.run_job(other.pk, "w:2") is None
+    assert closed[-1] is opened[-1] and opened[-1] is not None
+    for opening in opened:
+        opening.wait(10)
+        for conn in opening.value:
+            conn.close()
