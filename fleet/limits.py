@@ -217,18 +217,30 @@ def successor(job_id):
 
 def upcoming(job_id):
     """The child ``successor`` will most likely return once job ``job_id`` (a batch
-    child still running) has freed its slot: the first queued child still held, in row
-    order, of the same running batch (one released a moment ago is another worker's, as
-    in ``successor``). Read while the slot is still taken, so without the limits: the
-    worker re-checks that child meanwhile (tasks.run_migration), and uses the result
-    only if it then claims that very child."""
+    child) has freed its slot: of the same running batch's queued children still held,
+    in row order (one released a moment ago is another worker's, as in ``successor``),
+    the one at job ``job_id``'s own place among the batch's children that still hold a
+    slot, by their start (the first started lands first, as a rule, and its worker
+    takes the first held child). Read while the slot may still be taken, so without the
+    limits: the worker re-checks that child meanwhile (tasks.run_migration), and uses
+    the result only if it then claims that very child.
+
+    Two workers whose children land within a second of each other both guessed the
+    first held child (its early re-check ran twice, and the other worker's next child
+    was checked only after its landing: benchmarks/evacuate.py --trace)."""
     from fleet.models import Batch, BatchItem
     from migrations_app.models import MigrationJob
 
     batch_id = BatchItem.objects.filter(job_id=job_id).values_list("batch_id", flat=True).first()
     if batch_id is None:
         return None
-    return (
+    started = MigrationJob.objects.filter(pk=job_id).values_list("started_at", flat=True).first()
+    place = 0
+    if started is not None:
+        place = (
+            holding().filter(batch_item__batch_id=batch_id, started_at__lt=started).exclude(pk=job_id).count()
+        )
+    held = (
         MigrationJob.objects.filter(
             status=states.QUEUED,
             batch_item__batch_id=batch_id,
@@ -239,8 +251,9 @@ def upcoming(job_id):
         .exclude(waiting_for="")
         .order_by("batch_item__position", "batch_item__id")
         .values_list("pk", flat=True)
-        .first()
     )
+    guesses = list(held[: place + 1])  # fewer held than running: the last one left
+    return guesses[-1] if guesses else None
 
 
 def _failed_batches():

@@ -16,6 +16,7 @@ Rules kept here so nobody else has to remember them:
   callbacks and keepalive never fire otherwise).
 """
 
+import logging
 import threading
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from django.conf import settings
 from django.utils.translation import gettext as _
 
 from hosts.domxml import parse_guest
+
+log = logging.getLogger(__name__)
 
 libvirt.registerErrorHandler(lambda ctx, err: None, None)
 
@@ -867,6 +870,39 @@ class HostConnection:
             return stats, _state_names(*dom.state())
 
         return self.call(_("Reading migration progress"), read)
+
+    def watch_migration_passes(self, uuid, callback):
+        """Call ``callback(iteration)`` each time a migration of domain ``uuid`` begins
+        another pass over memory (libvirt's migration-iteration event, from QEMU's
+        MIGRATION_PASS: iteration 2 onwards). Returns the handle for unwatch().
+
+        It runs on libvirt's event loop thread (ensure_event_loop), which also answers
+        the keepalives of every connection: it must return at once. An exception in it
+        is logged, never raised into libvirt."""
+
+        def on_pass(_conn, _dom, iteration, _opaque):
+            try:
+                callback(iteration)
+            except Exception:
+                log.exception("migration-pass callback failed")
+
+        return self.call(
+            _("Watching the migration's passes"),
+            lambda c: c.domainEventRegisterAny(
+                c.lookupByUUIDString(str(uuid)),
+                libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION,
+                on_pass,
+                None,
+            ),
+        )
+
+    def unwatch(self, handle):
+        """Stop a watch_migration_passes(); a connection that went away meanwhile took
+        its callbacks with it."""
+        try:
+            self.call(_("Stopping a watch"), lambda c: c.domainEventDeregisterAny(handle))
+        except HypervisorError:
+            pass
 
     def abort_job(self, uuid):
         """Abort the domain's running job (the migrate call then fails with

@@ -694,3 +694,80 @@ def test_it_lets_a_landed_childs_conclusion_go_on_once_its_successor_is_past_its
     assert seen[:6] == [("run", 1), ("run", 2), ("moving", 1), ("run", 3), ("moving", 2), ("run", 4)]
     # 3 was not run here: 4 follows nobody's conclusion. At the end every one is told.
     assert seen[6:] == [("moving", 1), ("moving", 2), ("moving", 3), ("moving", 4)]
+
+
+def test_it_guesses_each_running_child_its_own_next_child_by_their_start_order(
+    batch_of, settings, monkeypatch
+):
+    """Two children running: the first started is guessed the first held child, the
+    second the next one (both guessing the first, one early re-check ran twice and the
+    other worker checked its own only after its landing). Once the first landed and its
+    worker took the third, the second's guess stays the fourth; with fewer held children
+    than running ones, the last held child is the guess."""
+    batch, first, second, third, fourth, _sent = _two_running_and_two_ahead(batch_of, settings, monkeypatch)
+    now = timezone.now()
+    running = {"status": MigrationJob.RUNNING, "landed_at": None}
+    MigrationJob.objects.filter(pk=first.pk).update(started_at=now - timedelta(seconds=2), **running)
+    MigrationJob.objects.filter(pk=second.pk).update(started_at=now - timedelta(seconds=1), **running)
+    BatchItem.objects.filter(job__in=[first, second]).update(status=BatchItem.STARTED)
+    MigrationJob.objects.filter(pk__in=[third.pk, fourth.pk]).update(waiting_for="Created ahead of a free slot")
+    assert limits.upcoming(first.pk) == third.pk
+    assert limits.upcoming(second.pk) == fourth.pk
+    MigrationJob.objects.filter(pk=first.pk).update(phase="landed", landed_at=now)
+    assert windows.successor(first.pk) == third.pk
+    assert limits.upcoming(second.pk) == fourth.pk
+    MigrationJob.objects.filter(pk=first.pk).update(landed_at=None)  # as if still running
+    assert limits.upcoming(second.pk) == fourth.pk  # place 1, one held child left: that one
+
+
+def test_it_starts_the_early_recheck_once_when_the_second_pass_begins(monkeypatch):
+    """libvirt's migration-pass event starts the next child's early re-check from a thread
+    of its own, once: not for the first pass, not again for the third, not when the ETA
+    asked first (Lookahead.early)."""
+    from types import SimpleNamespace
+
+    from migrations_app.modes import live
+
+    class Monitor:
+        def watch_migration_passes(self, uuid, callback):
+            self.callback = callback
+            return 7
+
+    ahead = runner.Lookahead(1)
+    started = []
+    done = threading.Event()
+
+    def start_early(target_id):
+        started.append((target_id, threading.current_thread().name))
+        done.set()
+
+    monkeypatch.setattr(ahead, "start_early", start_early)
+    run = SimpleNamespace(lookahead=ahead, job=SimpleNamespace(target_id=5), job_id=1)
+    mon = Monitor()
+    assert live.watch_passes(run, mon, "uuid") == 7
+    mon.callback(1)
+    assert not started and not ahead.tried_early
+    mon.callback(2)
+    assert done.wait(10)
+    mon.callback(3)
+    mon.callback(2)
+    assert started == [(5, "lookahead after 1")]
+    assert not ahead.early()  # the monitor's ETA comes second: nothing more
+    # Without a chaining worker nothing is watched.
+    assert live.watch_passes(SimpleNamespace(lookahead=None), mon, "uuid") is None
+
+
+def test_it_says_yes_to_exactly_one_of_many_threads_asking_for_the_early_recheck():
+    ahead = runner.Lookahead(1)
+    answers, gate = [], threading.Barrier(8)
+
+    def ask():
+        gate.wait()
+        answers.append(ahead.early())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [False] * 7 + [True]
