@@ -102,10 +102,10 @@ class Context:
         return self.fact(f"host:{side}", conn.preflight_host)
 
     def domain(self):
-        """The source's view of the VM; Unavailable when it is not there."""
-        conn = self.need_conn("source")
+        """The source's view of the VM; Unavailable when it is not there. A run given it
+        (``known``) opens no source connection for it."""
         try:
-            return self.fact("domain", lambda: conn.preflight_domain(self.vm.uuid))
+            return self.fact("domain", lambda: self.need_conn("source").preflight_domain(self.vm.uuid))
         except hypervisor.DomainNotFound:
             raise Unavailable(
                 _("Not checked: the VM was not found on %(host)s (see VM state).")
@@ -137,6 +137,20 @@ class Context:
         )
         src, dst = self.need_conn("source"), self.need_conn("target")
         return self.fact("shared_dirs", lambda: src.probe_shared(dst, dirs))
+
+    def seed(self, known):
+        """Facts another run of the same plan read a moment ago ({key: value}), taken as
+        they are (runner.after_landing)."""
+        for key, value in known.items():
+            memo = self._memo[key] = _Memo()
+            memo.value = value
+            memo.done.set()
+
+    def settled(self, keys):
+        """{key: value} of the facts among ``keys`` this run read without an error."""
+        with self._lock:
+            memos = {k: m for k, m in self._memo.items() if k in keys}
+        return {k: m.value for k, m in memos.items() if m.done.is_set() and m.error is None}
 
     def close(self):
         for conn in self._conns:

@@ -46,6 +46,9 @@ class Report:
     # When the checklist the ``reused`` results were taken from started (a re-check's
     # static results are as old as that one, not as this run): runner.reusable_results.
     reused_from: str = ""
+    # In memory only (never in to_dict): the source's facts this run read, for a second
+    # look at the same plan moments later (preflight/run.py SOURCE_FACTS).
+    facts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     def verdict_of(results):

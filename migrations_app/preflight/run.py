@@ -71,14 +71,23 @@ def _run_one_inner(spec, ctx):
         )
 
 
-def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, timeout=None, reuse=None):
+# Facts of the source's VM that a migration landing on the target does not change: a run
+# hands them on in its Report (``facts``, in memory only) to a second look at the same
+# plan moments later (runner.after_landing, ``known``).
+SOURCE_FACTS = ("domain", "guest")
+
+
+def run_preflight(
+    plan, *, memory_margin_mib=None, measure_dirty_rate=True, timeout=None, reuse=None, known=None
+):
     """Run the whole checklist for ``plan`` (a MigrationPlan) and return a Report.
 
     Checks run concurrently; the run is bounded by ``timeout`` (KVMWEB_PREFLIGHT_TIMEOUT):
     a check still waiting then is a fail. Never raises for host problems.
     ``reuse``: {check id: CheckResult} from an earlier run of the same plan, taken as they
     are instead of running those checks (the worker's re-check, migrations_app/runner.py);
-    the facts only they need are then not read at all."""
+    the facts only they need are then not read at all. ``known``: facts (SOURCE_FACTS)
+    an earlier run of the same plan read, taken as they are."""
     reuse = reuse or {}
     if memory_margin_mib is None:
         memory_margin_mib = setting("KVMWEB_PREFLIGHT_MEMORY_MARGIN_MIB", 256)
@@ -91,6 +100,7 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         deadline=t0 + timeout,
         measure_dirty_rate=measure_dirty_rate,
     )
+    ctx.seed(known or {})
     # Database facts are read here, on the caller's thread and connection (the checks
     # run on pool threads with connections of their own).
     ctx.left_copies = _left_copies(plan.target)
@@ -122,6 +132,7 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         ctx.close()
+    facts = ctx.settled(SOURCE_FACTS)
     ordered = [results[cid] for cid in order]
     if measure_dirty_rate and "prediction" not in reuse:  # stored for the next minute's checklists
         dirtyrate.remember(
@@ -138,4 +149,5 @@ def run_preflight(plan, *, memory_margin_mib=None, measure_dirty_rate=True, time
         duration_ms=round((time.monotonic() - t0) * 1000),
         plan=plan_dict,
         reused=[cid for cid in order if cid in reuse],
+        facts=facts,
     )

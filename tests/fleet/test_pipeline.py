@@ -710,7 +710,9 @@ def test_it_guesses_each_running_child_its_own_next_child_by_their_start_order(
     MigrationJob.objects.filter(pk=first.pk).update(started_at=now - timedelta(seconds=2), **running)
     MigrationJob.objects.filter(pk=second.pk).update(started_at=now - timedelta(seconds=1), **running)
     BatchItem.objects.filter(job__in=[first, second]).update(status=BatchItem.STARTED)
-    MigrationJob.objects.filter(pk__in=[third.pk, fourth.pk]).update(waiting_for="Created ahead of a free slot")
+    MigrationJob.objects.filter(pk__in=[third.pk, fourth.pk]).update(
+        waiting_for="Created ahead of a free slot"
+    )
     assert limits.upcoming(first.pk) == third.pk
     assert limits.upcoming(second.pk) == fourth.pk
     MigrationJob.objects.filter(pk=first.pk).update(phase="landed", landed_at=now)

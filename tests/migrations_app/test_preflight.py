@@ -269,6 +269,38 @@ def test_it_never_raises_against_the_test_driver_and_says_what_it_could_not_chec
     assert report.verdict == "fail"
 
 
+def test_it_takes_the_source_facts_a_run_moments_before_read_and_hands_them_on(db, node_xml, monkeypatch):
+    """A second look at the same plan (runner.after_landing: free memory and names on the
+    target once a VM landed there) takes the VM's facts from the run before instead of
+    reading them again; the target's facts are read afresh."""
+    a = Host.objects.create(name="t-a", uri=f"test://{node_xml('a')}")
+    b = Host.objects.create(name="t-b", uri=f"test://{node_xml('b')}")
+    vm = VM.objects.create(uuid="11111111-2222-3333-4444-555555555501", name="web1", host=a, state=VM.RUNNING)
+    plan = MigrationPlan(vm=vm, source=a, target=b, mode="live")
+    first = run_preflight(plan, measure_dirty_rate=False)
+    assert set(first.facts) == {"domain", "guest"} and first.facts["domain"]["memory"] > 0
+    assert "facts" not in first.to_dict()
+    read, hosts = [], []
+    real_domain, real_host = (
+        hypervisor.HostConnection.preflight_domain,
+        hypervisor.HostConnection.preflight_host,
+    )
+    monkeypatch.setattr(
+        hypervisor.HostConnection,
+        "preflight_domain",
+        lambda self, uuid: read.append(uuid) or real_domain(self, uuid),
+    )
+    monkeypatch.setattr(
+        hypervisor.HostConnection, "preflight_host", lambda self: hosts.append(self.uri) or real_host(self)
+    )
+    reuse = {r.id: r for r in first.results if r.id not in ("memory", "collision")}
+    again = run_preflight(plan, measure_dirty_rate=False, reuse=reuse, known=first.facts)
+    assert read == [] and hosts == [b.uri]
+    memory = {r.id: r for r in again.results}["memory"]
+    assert memory.details["guest_memory_mib"] == first.facts["domain"]["memory"] // MIB
+    assert sorted(again.reused) == sorted(reuse)
+
+
 def test_it_fails_connection_and_skips_the_rest_for_an_unreachable_source(fake):
     results = fake("live", source={"down": True})
     assert results["connection"].status == "fail"
