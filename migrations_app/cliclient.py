@@ -125,10 +125,13 @@ def run(argv):
     except OSError:
         sock.close()
         return None  # no server (or not ours to use: the socket is 0600 in a 0700 dir)
+    here = os.stat(".")
     request = {
         "argv": list(argv[1:]),
         "env": dict(os.environ),
         "cwd": os.getcwd(),
+        # Which directory that is: the server may see another one at the same path.
+        "cwd_id": [here.st_dev, here.st_ino],
         "files": file_digests(os.environ),
     }
     request = _json(request).encode("ascii")

@@ -18,8 +18,10 @@ KVMWEB_*, DJANGO_*, DATABASE_URL, REDIS_URL... differ: another data directory or
 database; a secret file variable such as KVMWEB_SECRET_KEY_FILE or PGPASSFILE matches
 when it names a file with the same content, as the server's systemd credentials live
 under another path: docs/deploy/kvmweb-cli.service), a working directory the server cannot
-see, or ``--settings``/``--pythonpath`` on the command line. The server must be restarted with the other services when the code changes,
-as the workers are.
+see or sees as another directory (systemd's PrivateTmp, another mount namespace: the
+caller sends which directory it is, ``cwd_id``), or ``--settings``/``--pythonpath`` on
+the command line. The server must be restarted with the other services when the code
+changes, as the workers are.
 
 The server stays single-threaded (a fork from a process with threads could inherit a
 held lock) and opens no database or libvirt connection of its own.
@@ -31,6 +33,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import traceback
@@ -62,9 +65,20 @@ def refusal(request, server_env, server_files=None):
     # against the server's database instead of the one asked for.
     if any(str(a).split("=", 1)[0] in ("--settings", "--pythonpath") for a in argv[1:]):
         return "--settings/--pythonpath given"
-    if request.get("cwd") and not os.path.isdir(request["cwd"]):
-        # e.g. the caller's /tmp, hidden from a server with systemd's PrivateTmp
-        return "working directory not visible to the server"
+    cwd = request.get("cwd")
+    if cwd:
+        try:
+            seen = os.stat(cwd)
+        except OSError:
+            seen = None
+        if seen is None or not stat.S_ISDIR(seen.st_mode):
+            # e.g. the caller's /tmp, hidden from a server with systemd's PrivateTmp
+            return "working directory not visible to the server"
+        same = request.get("cwd_id")
+        if same is not None and list(same) != [seen.st_dev, seen.st_ino]:
+            # The path names another directory here: PrivateTmp's own /tmp/x, another
+            # mount namespace. Relative paths would mean other files than the caller's.
+            return "working directory not the caller's (the server sees another one at that path)"
     env = request.get("env") or {}
     theirs, ours = settings_env(env), settings_env(server_env)
     files = set(secret_files(env)) | set(secret_files(server_env))

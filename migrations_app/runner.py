@@ -182,7 +182,8 @@ def _open_ahead(job_id):
         .values_list("mode", "source__uri")
         .first()
     )
-    if row is None or not row[1] or row[0] not in modes.REGISTRY or not modes.REGISTRY[row[0]].live:
+    mode = modes.REGISTRY.get(row[0]) if row is not None else None  # no PlanError here
+    if mode is None or not mode.live or not row[1]:
         return None
     return _connecting(row[1], job_id)
 
