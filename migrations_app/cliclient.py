@@ -131,7 +131,7 @@ def run(argv):
         "env": dict(os.environ),
         "cwd": os.getcwd(),
         # Which directory that is: the server may see another one at the same path.
-        "cwd_id": [here.st_dev, here.st_ino],
+        "cwd_id": f"{here.st_dev}:{here.st_ino}",
         "files": file_digests(os.environ),
     }
     request = _json(request).encode("ascii")

@@ -75,7 +75,7 @@ def refusal(request, server_env, server_files=None):
             # e.g. the caller's /tmp, hidden from a server with systemd's PrivateTmp
             return "working directory not visible to the server"
         same = request.get("cwd_id")
-        if same is not None and list(same) != [seen.st_dev, seen.st_ino]:
+        if same is not None and same != f"{seen.st_dev}:{seen.st_ino}":
             # The path names another directory here: PrivateTmp's own /tmp/x, another
             # mount namespace. Relative paths would mean other files than the caller's.
             return "working directory not the caller's (the server sees another one at that path)"

@@ -92,10 +92,10 @@ def test_it_matches_secret_files_by_content_not_path(tmp_path):
     # One it sees, but another directory than the caller's at that path (PrivateTmp's
     # own /tmp/x, another mount namespace): refused too. The caller's own: served.
     here = tmp_path.stat()
-    request.update(cwd=str(tmp_path), cwd_id=[here.st_dev, here.st_ino])
+    request.update(cwd=str(tmp_path), cwd_id=f"{here.st_dev}:{here.st_ino}")
     assert cliserver.refusal(request, ours, server_files) == ""
     elsewhere = (tmp_path / "other").stat()
-    request.update(cwd_id=[elsewhere.st_dev, elsewhere.st_ino])
+    request.update(cwd_id=f"{elsewhere.st_dev}:{elsewhere.st_ino}")
     assert cliserver.refusal(request, ours, server_files) == (
         "working directory not the caller's (the server sees another one at that path)"
     )
