@@ -267,9 +267,18 @@ def _failed_batches():
     return Batch.objects.filter(failed).values("pk")
 
 
+def is_child(job_id):
+    """Whether job ``job_id`` is a batch child. Fixed from its creation: the scheduler
+    creates a child and links its item in one transaction (scheduler._start_item), and
+    no item is linked to a job later. So the limits never hold a job without one, and
+    its claim leaves them out (windows.claim_condition)."""
+    from fleet.models import BatchItem
+
+    return BatchItem.objects.filter(job_id=job_id).exists()
+
+
 def limits_gate():
     """The limits as a gate of migrations_app/windows.py."""
-    from fleet.models import BatchItem
     from migrations_app.windows import Gate
 
     return Gate(
@@ -280,9 +289,10 @@ def limits_gate():
         holds=holds,
         successor=successor,
         upcoming=upcoming,
-        chains=lambda job_id: BatchItem.objects.filter(job_id=job_id).exists(),
+        chains=is_child,
         # A batch's held children are released by the batch (``successor``, the pass's
         # scheduler._release_first_held), first rows first and one at a time: released by
         # windows.release_due as well, two of them would race for one freed slot.
-        releases=lambda job: BatchItem.objects.filter(job_id=job.pk).exists(),
+        releases=lambda job: is_child(job.pk),
+        applies=is_child,
     )

@@ -126,7 +126,7 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
             heartbeat_at=now,
             started_at=now,
             waiting_for="",
-            where=claim_condition(now),
+            where=claim_condition(now, job_id),
             event=("picked_up", {"worker": worker}),
         )
     if not claimed:

@@ -61,7 +61,9 @@ class Gate:
     it, tasks.run_migration); ``releases(job)``, True when the gate's owner releases this
     held job itself, in an order of its own (``release_due`` then leaves it alone);
     ``upcoming(job_id)``, the job ``successor`` will most likely name once ``job_id`` has
-    ended, asked while it still runs (its worker checks that job meanwhile)."""
+    ended, asked while it still runs (its worker checks that job meanwhile);
+    ``applies(job_id)``, False when the gate can never hold that job, whatever happens
+    later (its condition is then left out of that job's claim)."""
 
     name: str
     condition: object
@@ -72,6 +74,7 @@ class Gate:
     chains: object = None
     releases: object = None
     upcoming: object = None
+    applies: object = None
 
 
 def register_gate(gate):
@@ -118,10 +121,15 @@ def window_condition(now):
     )
 
 
-def claim_condition(now):
-    """What the runner's claim requires besides the state: window open, no gate holding."""
+def claim_condition(now, job_id=None):
+    """What the runner's claim requires besides the state: window open, no gate holding.
+    With ``job_id``, a gate that says it can never hold that job (``applies``) is left
+    out: compiling the batch limits' subqueries was 3-4 of a single job's 5-6 ms claim
+    (Django's SQL compiler; the query itself takes ~1 ms)."""
     cond = window_condition(now)
     for gate in _gates:
+        if job_id is not None and gate.applies is not None and not gate.applies(job_id):
+            continue
         cond &= gate.condition(now)
     return cond
 

@@ -773,3 +773,34 @@ def test_it_says_yes_to_exactly_one_of_many_threads_asking_for_the_early_recheck
     for t in threads:
         t.join()
     assert sorted(answers) == [False] * 7 + [True]
+
+
+def test_it_leaves_the_limits_out_of_a_single_jobs_claim_and_keeps_them_in_a_childs(
+    batch_of, worker, monkeypatch
+):
+    """A job without a batch item can never get one (the scheduler links a child in the
+    transaction that creates it): its claim's UPDATE leaves the limits' subqueries out.
+    A child's keeps them: its claim is still refused while its source's slots are full."""
+    batch, first, second, third = _two_running_and_one_ahead(batch_of)
+    free_vm = VM.objects.exclude(pk__in=MigrationJob.objects.values("vm_id")).first()  # the 4th row's
+    single = MigrationJob.objects.create(
+        vm=free_vm,
+        vm_name=free_vm.name,
+        source=third.source,
+        source_name=third.source_name,
+        target=third.target,
+        target_name=third.target_name,
+        mode="live",
+        status=MigrationJob.QUEUED,
+    )
+    real_room, asked = limits.room, []
+    monkeypatch.setattr(limits, "room", lambda: asked.append(1) or real_room())
+    windows.claim_condition(timezone.now(), single.pk)
+    assert asked == []
+    windows.claim_condition(timezone.now(), third.pk)
+    windows.claim_condition(timezone.now())
+    assert asked == [1, 1]
+    monkeypatch.setattr(runner, "_run", lambda run: None)
+    assert runner.run_job(third.pk) is None  # ha sends 2 already: held
+    assert runner.run_job(single.pk) == MigrationJob.PREFLIGHT  # a single job is never held by them
+    assert limits.is_child(third.pk) and not limits.is_child(single.pk)

@@ -390,7 +390,7 @@ def test_it_hands_the_connections_opened_before_the_claim_to_the_run_or_closes_t
     assert closed == [opened[0]]  # unused by the stand-in run: closed at its end
     # A claim that fails (taken meanwhile) closes what it opened.
     other = make_job(status=MigrationJob.QUEUED)
-    monkeypatch.setattr(runner, "claim_condition", lambda now: Q(pk__in=[]))
+    monkeypatch.setattr(runner, "claim_condition", lambda now, job_id=None: Q(pk__in=[]))
     assert runner.run_job(other.pk, "w:2") is None
     assert closed[-1] is opened[-1] and opened[-1] is not None
     for opening in opened:
