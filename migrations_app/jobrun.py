@@ -551,11 +551,11 @@ def sync_after(job):
     a warning line on the job.
 
     A host on which another job is still under way is left to that job: the last of them
-    to succeed lists it (this job's VM row was moved before it ended; the periodic sync
-    catches up after one that fails). Eight jobs over four hosts made sixteen full
-    listings, each writing while the other jobs waited for SQLite's write lock to
-    conclude (benchmarks/concurrent_migrations.py). Read after this job's final state
-    was committed, so of two jobs ending together at least the later one syncs."""
+    to end lists it (this job's VM row was moved before it ended; one that fails or is
+    cancelled queues this sync as it ends: finish). Eight jobs over four hosts made
+    sixteen full listings, each writing while the other jobs waited for SQLite's write
+    lock to conclude (benchmarks/concurrent_migrations.py). Read after this job's final
+    state was committed, so of two jobs ending together at least the later one syncs."""
     busy = set()
     for pair in (
         MigrationJob.objects.filter(status__in=states.WORKING)
@@ -707,4 +707,10 @@ def finish(run, status, error, **fields):
         )
     if not done:
         return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
+    if status != MigrationJob.SUCCEEDED:
+        # A job that succeeded beside this one left these hosts' full sync to it
+        # (sync_after lists a host only once no job is under way there): this end, too,
+        # has them listed, by a task of the default cluster (the moved VM's own row is
+        # not in question). Before, only the periodic sync caught up after a failure.
+        queue_sync(job)
     return status

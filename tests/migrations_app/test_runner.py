@@ -397,3 +397,25 @@ def test_it_hands_the_connections_opened_before_the_claim_to_the_run_or_closes_t
         opening.wait(10)
         for conn in opening.value:
             conn.close()
+
+
+def test_it_queues_the_hosts_sync_as_a_job_fails_that_another_left_it_to(make_job, monkeypatch):
+    """A job that succeeded beside a running one left their hosts' full listing to it
+    (jobrun.sync_after); when that one then fails or is cancelled, its end queues the
+    listing. Before, only the periodic sync caught up."""
+    import django_q.tasks
+
+    sent = []
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda func, job_id, **kw: sent.append((func, job_id)))
+    failing = make_job(status=MigrationJob.RUNNING)
+    assert jobrun.finish(jobrun.JobRun(failing, "w:1"), MigrationJob.FAILED, "libvirt said no") == "failed"
+    assert sent == [("migrations_app.tasks.sync_hosts_after_job", failing.pk)]
+    cancelled = make_job(vm_name="web2", status=MigrationJob.RUNNING)
+    jobrun.finish(jobrun.JobRun(cancelled, "w:1"), MigrationJob.CANCELLED, "cancelled by bob")
+    assert sent[-1] == ("migrations_app.tasks.sync_hosts_after_job", cancelled.pk)
+    # A success lists its hosts in its own conclusion (sync_after, or queue_sync for
+    # migrate_vm --wait), not here; and a job already ended by another finisher queues none.
+    done = make_job(vm_name="web3", status=MigrationJob.RUNNING)
+    jobrun.finish(jobrun.JobRun(done, "w:1"), MigrationJob.SUCCEEDED, "")
+    jobrun.finish(jobrun.JobRun(done, "w:1"), MigrationJob.FAILED, "too late")
+    assert len(sent) == 2
