@@ -221,7 +221,8 @@ def upcoming(job_id):
     in row order (one released a moment ago is another worker's, as in ``successor``),
     the one at job ``job_id``'s own place among the batch's children that still hold a
     slot, by their start (the first started lands first, as a rule, and its worker
-    takes the first held child). Read while the slot may still be taken, so without the
+    takes the first held child); the first one once job ``job_id`` has landed (whatever
+    the others do, its worker asks for a successor now). Read while the slot may still be taken, so without the
     limits: the worker re-checks that child meanwhile (tasks.run_migration), and uses
     the result only if it then claims that very child.
 
@@ -234,9 +235,11 @@ def upcoming(job_id):
     batch_id = BatchItem.objects.filter(job_id=job_id).values_list("batch_id", flat=True).first()
     if batch_id is None:
         return None
-    started = MigrationJob.objects.filter(pk=job_id).values_list("started_at", flat=True).first()
+    started, landed = MigrationJob.objects.filter(pk=job_id).values_list(
+        "started_at", "landed_at"
+    ).first() or (None, None)
     place = 0
-    if started is not None:
+    if started is not None and landed is None:  # landed: its worker asks for a successor now
         place = (
             holding().filter(batch_item__batch_id=batch_id, started_at__lt=started).exclude(pk=job_id).count()
         )

@@ -871,7 +871,7 @@ class HostConnection:
 
         return self.call(_("Reading migration progress"), read)
 
-    def watch_migration_passes(self, uuid, callback):
+    def watch_migration_passes(self, uuid, callback, timeout=None):
         """Call ``callback(iteration)`` each time a migration of domain ``uuid`` begins
         another pass over memory (libvirt's migration-iteration event, from QEMU's
         MIGRATION_PASS: iteration 2 onwards). Returns the handle for unwatch().
@@ -894,13 +894,14 @@ class HostConnection:
                 on_pass,
                 None,
             ),
+            timeout=timeout,
         )
 
-    def unwatch(self, handle):
+    def unwatch(self, handle, timeout=None):
         """Stop a watch_migration_passes(); a connection that went away meanwhile took
         its callbacks with it."""
         try:
-            self.call(_("Stopping a watch"), lambda c: c.domainEventDeregisterAny(handle))
+            self.call(_("Stopping a watch"), lambda c: c.domainEventDeregisterAny(handle), timeout=timeout)
         except HypervisorError:
             pass
 

@@ -594,9 +594,9 @@ def apply_inventory(host, records, *, actor=None, request=None, via="sync", list
         VM.objects.bulk_create(to_create)
         changed = VM_FIELDS + ["host", "gone", "stale_hosts"]
         if len(to_update) == 1:
-            # The VM a migration just moved (partial): a plain UPDATE of one row. Django
-            # builds bulk_update's CASE expressions per field even for one row, and this
-            # write sits between the migration's end and the job's final state.
+            # One changed row (the VM a migration just moved, among others): a plain
+            # UPDATE. Django builds bulk_update's CASE expressions per field even for one
+            # row, and a migration's write sits between its end and the job's final state.
             to_update[0].save(update_fields=changed)
         elif to_update:
             # bulk_update writes CASE expressions per field: keep it to the rows that changed.

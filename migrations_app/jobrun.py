@@ -419,7 +419,7 @@ def conclude_success(run, stats=None, extra=None, *, live=False):
     runner.Lookahead) concludes beside that child's start: the row says "landed" first
     (one write: a landed job fills no slot of the limits, fleet/limits.py, as its
     migration stream is over and the VM runs on the target), the next child's re-check
-    starts (unless the monitor started it in the migration's last second; for a child
+    starts (unless it started as the migration was about to land; for a child
     bound to this target, what the landing changes there is looked at again: runner.
     after_landing), and the rest of the conclusion runs in a thread of its own, once the
     next child's migration has started, while this thread returns to claim it.
@@ -707,10 +707,11 @@ def finish(run, status, error, **fields):
         )
     if not done:
         return MigrationJob.objects.filter(pk=job.pk).values_list("status", flat=True).first()
-    if status != MigrationJob.SUCCEEDED:
+    if status != MigrationJob.SUCCEEDED and "preflight_done" in run.marks:
         # A job that succeeded beside this one left these hosts' full sync to it
         # (sync_after lists a host only once no job is under way there): this end, too,
-        # has them listed, by a task of the default cluster (the moved VM's own row is
-        # not in question). Before, only the periodic sync caught up after a failure.
+        # has them listed, by a task of the default cluster, once the job got past its
+        # checklist (one refused there touched no host and made nobody wait for it).
+        # Before, only the periodic sync caught up after a failure.
         queue_sync(job)
     return status

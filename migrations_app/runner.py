@@ -110,29 +110,33 @@ def run_job(job_id, worker=None, *, checked=None, defer_sync=False, ahead_of_it=
     (Lookahead.for_job)."""
     worker = worker or worker_name()
     opening = _open_ahead(job_id)
-    # Queued behind the other jobs' writes (jobrun.writing, never inside a transaction),
-    # then in the gates' locks (a batch's limits count other jobs: fleet/limits.py); clears
-    # the reason a held job waited for.
-    with writing(), claiming(job_id):
-        # The clock is read once both waits are over: read before them, a window that
-        # closed meanwhile would still let the claim in, and the claim's heartbeat would
-        # be as old as the wait (reconcile's stale limit is 10 s).
-        now = timezone.now()
-        claimed = transition(
-            job_id,
-            MigrationJob.PREFLIGHT,
-            from_=[MigrationJob.QUEUED],
-            worker=worker,
-            heartbeat_at=now,
-            started_at=now,
-            waiting_for="",
-            where=claim_condition(now, job_id),
-            event=("picked_up", {"worker": worker}),
-        )
-    if not claimed:
-        _close_opening(opening)
-        return _not_claimed(job_id, now)
-    job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
+    try:
+        # Queued behind the other jobs' writes (jobrun.writing, never inside a
+        # transaction), then in the gates' locks (a batch's limits count other jobs:
+        # fleet/limits.py); clears the reason a held job waited for.
+        with writing(), claiming(job_id):
+            # The clock is read once both waits are over: read before them, a window that
+            # closed meanwhile would still let the claim in, and the claim's heartbeat
+            # would be as old as the wait (reconcile's stale limit is 10 s).
+            now = timezone.now()
+            claimed = transition(
+                job_id,
+                MigrationJob.PREFLIGHT,
+                from_=[MigrationJob.QUEUED],
+                worker=worker,
+                heartbeat_at=now,
+                started_at=now,
+                waiting_for="",
+                where=claim_condition(now, job_id),
+                event=("picked_up", {"worker": worker}),
+            )
+        if not claimed:
+            _close_later(opening)
+            return _not_claimed(job_id, now)
+        job = MigrationJob.objects.select_related("vm", "source", "target").get(pk=job_id)
+    except BaseException:
+        _close_later(opening)
+        raise
     run = JobRun(job, worker)
     run.connections = opening
     run.defer_sync, run.checked = defer_sync, checked
@@ -175,8 +179,9 @@ def _open_ahead(job_id):
     a thread while the claim runs (the migration needs them right after it): a few ms
     each on a quiet host, up to 40 ms while a browser loads the job page beside QEMU
     starting on the target (benchmarks/migrate_vs_virsh.py). None for another mode or a
-    job the claim will not take (held, taken, ended): a held batch child's first message
-    must not cost two connections."""
+    job the claim will not take as far as its row says (held, taken, ended): a held batch
+    child's first message costs no connection. A claim refused after all (a duplicate
+    message, a window not open yet) closes them from a thread (_close_later)."""
     row = (
         MigrationJob.objects.filter(pk=job_id, status=MigrationJob.QUEUED, waiting_for="")
         .values_list("mode", "source__uri")
@@ -201,6 +206,13 @@ def _close_unused(run):
     """Close connections opened ahead for a live run that never used them."""
     opening, run.connections = run.connections, None
     _close_opening(opening)
+
+
+def _close_later(opening):
+    """_close_opening in a thread of its own: the claim's caller does not wait for a slow
+    host's connections to open only to close them."""
+    if opening is not None:
+        threading.Thread(target=_close_opening, args=(opening,), name="close unused", daemon=True).start()
 
 
 def _close_opening(opening):
@@ -274,8 +286,9 @@ def _run(run):
 class Lookahead:
     """What a worker chaining batch children (tasks.run_migration) does beside the end of
     one: the re-check of the child it will most likely run next (windows.upcoming),
-    started in the last second of the job before it (``start``, called by the live
-    monitor and again by jobrun.conclude_success once the VM has moved), and that job's
+    started as the job before it is about to land (``start``, called when the live
+    monitor's ETA is short or libvirt reports its second pass over memory, and again by
+    jobrun.conclude_success once the VM has moved), and that job's
     conclusion, run in a thread while the worker claims the next child (``concluding``).
     The next child's start waits for neither. The claim still decides: the re-check is
     used only for the child this worker then claims, and only when it started at most
@@ -290,15 +303,18 @@ class Lookahead:
         # Job ``job_id``'s own conclusion (an Operation), when it runs beside the next
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
-        self.tried_early = False  # the early re-check was asked for (early(), or start())
+        self.tried_early = False  # early() said yes at least once
         self.plan = None  # the plan the re-check is for
         self.landing_on_target = False  # the early re-check ran while a VM landed on its target
         # Set once the next child's migration started, or none will: the conclusion waits
         # for it (jobrun._conclude_in_thread).
         self.moving = threading.Event()
-        # start() runs in the worker's thread and, once per job, in one started from
-        # libvirt's event loop (modes/live.watch_passes).
+        # start() runs in the worker's thread and in ones started from libvirt's event
+        # loop (modes/live.watch_passes). early() has a lock of its own: the event loop
+        # asks it and must never wait for a start() under way.
         self._lock = threading.Lock()
+        self._early_lock = threading.Lock()
+        self._early_at = None  # when early() last said yes (monotonic)
 
     def next_moving(self):
         """The next child's migration started, or no next child will start here: the
@@ -321,13 +337,18 @@ class Lookahead:
                 log.error("job %s: conclusion failed: %s", self.after, self.concluding.error)
 
     def early(self):
-        """True the first time it is asked: the caller then starts the early re-check
-        (``start(before_landing=...)``). Asked by the live monitor when the ETA is short
-        and from libvirt's event loop when the second pass over memory begins, whichever
-        comes first; the other gets False."""
-        with self._lock:
-            if self.tried_early:
+        """True when the caller should start the early re-check
+        (``start(before_landing=...)``): the first time it is asked, and again once that
+        one is older than REQUEST_CHECK_SECONDS / 2 (the age at which the landing would
+        start a new one anyway). Asked by the live monitor when the ETA is short and from
+        libvirt's event loop at each pass over memory after the first: of two asking at
+        once one gets True, and a big guest whose second pass began long before its
+        landing gets a fresh re-check in its last second too."""
+        with self._early_lock:
+            now = time.monotonic()
+            if self._early_at is not None and now - self._early_at <= REQUEST_CHECK_SECONDS / 2:
                 return False
+            self._early_at = now
             self.tried_early = True
             return True
 
@@ -343,8 +364,8 @@ class Lookahead:
         """Start the re-check of the expected next child, unless the worker will not run
         one (stopping, out of chain time) or a fresh one runs already for that child.
 
-        The live monitor calls it in the migration's last second with ``before_landing``
-        (this job's target id). For a child bound to that same target, what the landing
+        The live mode calls it as the migration is about to land (``early``) with
+        ``before_landing`` (this job's target id). For a child bound to that same target, what the landing
         changes there (its free memory, the names it holds: AFTER_LANDING) is checked
         again once the VM has moved, the rest taken from the early re-check. The
         conclusion calls it once the VM has moved: that second look, or a whole re-check
@@ -356,8 +377,6 @@ class Lookahead:
 
     def _start(self, before_landing):
         try:
-            if before_landing is not None:
-                self.tried_early = True
             if not self.will_chain():
                 return
             job_id = upcoming(self.after)
@@ -408,7 +427,7 @@ def recheck(plan, stored, now=None):
 
 
 # What a VM landing on a host changes for the next child bound there: checked again
-# once it has landed when the rest was checked in the last second before (Lookahead).
+# once it has landed when the rest was checked just before the landing (Lookahead).
 AFTER_LANDING = frozenset({"memory", "collision"})
 
 

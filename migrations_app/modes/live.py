@@ -236,7 +236,7 @@ def run_live(mode, run, plan):
         run.mark("migrate_end")
     finally:
         if watch is not None:
-            mon.unwatch(watch)
+            mon.unwatch(watch, timeout=WATCH_TIMEOUT_SECONDS)
         mon.close()
         if op is None or op.done:
             mig.close()
@@ -311,6 +311,7 @@ def progress_from_stats(stats, state=None):
 # between the two migrations (for a child bound to this job's target, free memory and
 # names are looked at again once the VM has landed: runner.after_landing).
 LOOKAHEAD_ETA_SECONDS = 1.0
+WATCH_TIMEOUT_SECONDS = 3.0
 
 
 def watch_passes(run, mon, uuid):
@@ -339,8 +340,9 @@ def watch_passes(run, mon, uuid):
             ).start()
 
     try:
-        return mon.watch_migration_passes(uuid, on_pass)
-    except hv.HypervisorError as exc:  # the ETA still starts it (monitor)
+        # Bounded well under reconcile's stale limit: the monitor's first heartbeat waits.
+        return mon.watch_migration_passes(uuid, on_pass, timeout=WATCH_TIMEOUT_SECONDS)
+    except Exception as exc:  # best effort: the ETA still starts it (monitor)
         log.info("job %s: no migration-pass events: %s", run.job_id, exc)
         return None
 

@@ -720,6 +720,11 @@ def test_it_guesses_each_running_child_its_own_next_child_by_their_start_order(
     assert limits.upcoming(second.pk) == fourth.pk
     MigrationJob.objects.filter(pk=first.pk).update(landed_at=None)  # as if still running
     assert limits.upcoming(second.pk) == fourth.pk  # place 1, one held child left: that one
+    # Landed before the first (a smaller VM): its worker asks for a successor now and
+    # gets the first held child, whatever its place.
+    MigrationJob.objects.filter(pk=third.pk).update(waiting_for="Created ahead of a free slot")
+    MigrationJob.objects.filter(pk=second.pk).update(phase="landed", landed_at=now)
+    assert limits.upcoming(second.pk) == third.pk
 
 
 def test_it_starts_the_early_recheck_once_when_the_second_pass_begins(monkeypatch):
@@ -731,7 +736,7 @@ def test_it_starts_the_early_recheck_once_when_the_second_pass_begins(monkeypatc
     from migrations_app.modes import live
 
     class Monitor:
-        def watch_migration_passes(self, uuid, callback):
+        def watch_migration_passes(self, uuid, callback, timeout=None):
             self.callback = callback
             return 7
 
@@ -757,6 +762,16 @@ def test_it_starts_the_early_recheck_once_when_the_second_pass_begins(monkeypatc
     assert not ahead.early()  # the monitor's ETA comes second: nothing more
     # Without a chaining worker nothing is watched.
     assert live.watch_passes(SimpleNamespace(lookahead=None), mon, "uuid") is None
+
+
+def test_it_asks_for_a_fresh_early_recheck_once_the_last_one_would_be_too_old(monkeypatch):
+    """A big guest's second pass may begin long before its landing: once the early
+    re-check is older than the landing would take (REQUEST_CHECK_SECONDS / 2), the ETA in
+    its last second gets a yes again."""
+    ahead = runner.Lookahead(1)
+    assert ahead.early() and not ahead.early()
+    monkeypatch.setattr(runner, "REQUEST_CHECK_SECONDS", 0.0)  # every yes is old at once
+    assert ahead.early() and ahead.tried_early
 
 
 def test_it_says_yes_to_exactly_one_of_many_threads_asking_for_the_early_recheck():

@@ -382,6 +382,7 @@ def test_it_hands_the_connections_opened_before_the_claim_to_the_run_or_closes_t
 
     monkeypatch.setattr(runner, "_open_ahead", recording)
     monkeypatch.setattr(runner, "_close_opening", lambda opening: closed.append(opening))
+    monkeypatch.setattr(runner, "_close_later", lambda opening: closed.append(opening))  # no thread here
     taken = []
     monkeypatch.setattr(runner, "_run", lambda run: taken.append(run.connections))
     job = make_job(status=MigrationJob.QUEUED)
@@ -393,6 +394,16 @@ def test_it_hands_the_connections_opened_before_the_claim_to_the_run_or_closes_t
     monkeypatch.setattr(runner, "claim_condition", lambda now, job_id=None: Q(pk__in=[]))
     assert runner.run_job(other.pk, "w:2") is None
     assert closed[-1] is opened[-1] and opened[-1] is not None
+    # So does a claim that raises (the database gone, a lock wait timed out).
+    third = make_job(status=MigrationJob.QUEUED)
+
+    def broken(now, job_id=None):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(runner, "claim_condition", broken)
+    with pytest.raises(RuntimeError):
+        runner.run_job(third.pk, "w:3")
+    assert closed[-1] is opened[-1] and len(opened) == 3
     for opening in opened:
         opening.wait(10)
         for conn in opening.value:
@@ -407,15 +418,25 @@ def test_it_queues_the_hosts_sync_as_a_job_fails_that_another_left_it_to(make_jo
 
     sent = []
     monkeypatch.setattr(django_q.tasks, "async_task", lambda func, job_id, **kw: sent.append((func, job_id)))
+
+    def past_its_checklist(job):
+        run = jobrun.JobRun(job, "w:1")
+        run.mark("preflight_done")
+        return run
+
     failing = make_job(status=MigrationJob.RUNNING)
-    assert jobrun.finish(jobrun.JobRun(failing, "w:1"), MigrationJob.FAILED, "libvirt said no") == "failed"
+    assert jobrun.finish(past_its_checklist(failing), MigrationJob.FAILED, "libvirt said no") == "failed"
     assert sent == [("migrations_app.tasks.sync_hosts_after_job", failing.pk)]
     cancelled = make_job(vm_name="web2", status=MigrationJob.RUNNING)
-    jobrun.finish(jobrun.JobRun(cancelled, "w:1"), MigrationJob.CANCELLED, "cancelled by bob")
+    jobrun.finish(past_its_checklist(cancelled), MigrationJob.CANCELLED, "cancelled by bob")
     assert sent[-1] == ("migrations_app.tasks.sync_hosts_after_job", cancelled.pk)
     # A success lists its hosts in its own conclusion (sync_after, or queue_sync for
-    # migrate_vm --wait), not here; and a job already ended by another finisher queues none.
+    # migrate_vm --wait), not here; a job already ended by another finisher queues none;
+    # nor does one refused by its checklist (it touched no host).
     done = make_job(vm_name="web3", status=MigrationJob.RUNNING)
-    jobrun.finish(jobrun.JobRun(done, "w:1"), MigrationJob.SUCCEEDED, "")
-    jobrun.finish(jobrun.JobRun(done, "w:1"), MigrationJob.FAILED, "too late")
+    jobrun.finish(past_its_checklist(done), MigrationJob.SUCCEEDED, "")
+    jobrun.finish(past_its_checklist(done), MigrationJob.FAILED, "too late")
+    refused = make_job(vm_name="web4", status=MigrationJob.PREFLIGHT)
+    jobrun.finish(jobrun.JobRun(refused, "w:1"), MigrationJob.FAILED, "the checklist blocks it")
+    assert MigrationJob.objects.get(pk=refused.pk).status == MigrationJob.FAILED
     assert len(sent) == 2
