@@ -341,7 +341,7 @@ class Lookahead:
         (``start(before_landing=...)``): the first time it is asked, and again once that
         one is older than REQUEST_CHECK_SECONDS / 2 (the age at which the landing would
         start a new one anyway). Asked by the live monitor when the ETA is short and from
-        libvirt's event loop at each pass over memory after the first: of two asking at
+        libvirt's event loop when the second pass over memory begins: of two asking at
         once one gets True, and a big guest whose second pass began long before its
         landing gets a fresh re-check in its last second too."""
         with self._early_lock:

@@ -332,9 +332,13 @@ def watch_passes(run, mon, uuid):
     if ahead is None:
         return None
     target_id = run.job.target_id
+    seen = []  # only the first pass after the first: a guest that never converges passes on and on
 
     def on_pass(iteration):
-        if iteration >= 2 and ahead.early():
+        if iteration < 2 or seen:
+            return
+        seen.append(iteration)
+        if ahead.early():
             threading.Thread(
                 target=ahead.start_early, args=(target_id,), name=f"lookahead after {run.job_id}", daemon=True
             ).start()
