@@ -212,7 +212,7 @@ def _close_later(opening):
     """_close_opening in a thread of its own: the claim's caller does not wait for a slow
     host's connections to open only to close them."""
     if opening is not None:
-        threading.Thread(target=_close_opening, args=(opening,), name="close unused", daemon=True).start()
+        Operation(lambda: _close_opening(opening), "close unused connections")
 
 
 def _close_opening(opening):
@@ -303,7 +303,6 @@ class Lookahead:
         # Job ``job_id``'s own conclusion (an Operation), when it runs beside the next
         # child's start (jobrun.conclude_success); the task waits for it before it ends.
         self.concluding = None
-        self.tried_early = False  # early() said yes at least once
         self.plan = None  # the plan the re-check is for
         self.landing_on_target = False  # the early re-check ran while a VM landed on its target
         # Set once the next child's migration started, or none will: the conclusion waits
@@ -349,8 +348,12 @@ class Lookahead:
             if self._early_at is not None and now - self._early_at <= REQUEST_CHECK_SECONDS / 2:
                 return False
             self._early_at = now
-            self.tried_early = True
             return True
+
+    @property
+    def tried_early(self):
+        """Whether early() said yes at least once."""
+        return self._early_at is not None
 
     def start_early(self, before_landing):
         """``start(before_landing)`` in a thread of its own (modes/live.watch_passes),

@@ -5,7 +5,6 @@ shows the VM."""
 
 import logging
 import shlex
-import threading
 import time
 
 from django.conf import settings
@@ -339,9 +338,7 @@ def watch_passes(run, mon, uuid):
             return
         seen.append(iteration)
         if ahead.early():
-            threading.Thread(
-                target=ahead.start_early, args=(target_id,), name=f"lookahead after {run.job_id}", daemon=True
-            ).start()
+            Operation(lambda: ahead.start_early(target_id), f"lookahead after {run.job_id}")
 
     try:
         # Bounded well under reconcile's stale limit: the monitor's first heartbeat waits.
