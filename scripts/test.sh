@@ -16,7 +16,7 @@ status=0
 # the scale-out lab test (a real migration through two clusters and two daphnes).
 shopt -s nullglob
 also=(tests/audit/test_*.py tests/kvmweb/test_health.py tests/api/test_*.py tests/notifications/test_*.py
-  tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,consumer,progress,lifecycle}*.py
+  tests/migrations_app/test_{services,tasks,runner,claim,jobs,streaming,consumer,progress,lifecycle,cli_server,migrate_vm_cli}*.py
   tests/fleet/test_pipeline.py)
 shopt -u nullglob
 KVMWEB_SERVICES_DIR=$(mktemp -d /tmp/kvmweb-services.XXXXXX)

@@ -89,6 +89,10 @@ def runs_here(monkeypatch):
     report = Report(results=[], verdict="pass", started_at="", duration_ms=0)
     monkeypatch.setattr(preflight, "run_preflight", lambda plan, **kw: report)
     monkeypatch.setattr(migrate_vm, "Operation", Inline)
+    # The command closes its thread's and its own connections when done; here both are
+    # the test's one connection, whose transaction a close would end on PostgreSQL
+    # (pass 2 of scripts/test.sh; SQLite ignores a close of its in-memory database).
+    monkeypatch.setattr(migrate_vm.connections, "close_all", lambda: None)
     calls = []
 
     def fake_run_job(job_id, worker=None, **kwargs):
