@@ -18,7 +18,6 @@ from django.utils.translation import gettext as _
 from hosts import hypervisor as hv
 from migrations_app.jobrun import (
     MIB,
-    POLL_SECONDS,
     Cancelled,
     Failed,
     Operation,
@@ -281,7 +280,10 @@ def copy_disks(run, journal, src, dst):
             ),
             f"copy job {job.pk}",
         )
-        while not op.wait(POLL_SECONDS):
+        # Sampled as the live mode samples (JobRun.poll_seconds: less often the more jobs
+        # run at once), each sample optional: with many copies at once a claim or a
+        # conclusion waits behind fewer progress writes.
+        while not op.wait(run.poll_seconds()):
             done = state["done"]
             rate = int(done / max(time.monotonic() - copy_started, 0.001))
             run.progress(
@@ -294,7 +296,8 @@ def copy_disks(run, journal, src, dst):
                     "data_remaining": total - done,
                     "rate": rate,
                     "eta_seconds": round((total - done) / rate, 1) if rate else None,
-                }
+                },
+                optional=True,
             )
             row = run.controls()
             if row and row["cancel_requested"]:

@@ -7,7 +7,9 @@ inventory sync left to the last job still under way on a host."""
 import fcntl
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from django.db import connection
@@ -85,6 +87,46 @@ def test_it_samples_less_often_the_more_jobs_run(make_job):
         make_job(vm_name=f"more{i}", status=MigrationJob.RUNNING)
     run.counted_at -= jobrun.COUNT_SECONDS
     assert run.poll_seconds() == jobrun.MAX_POLL_SECONDS
+
+
+def test_it_samples_a_cold_disk_copy_as_a_live_migration_is_sampled(make_job, monkeypatch):
+    """The copy loop waits JobRun.poll_seconds between samples (less often with many jobs
+    at once) and its samples give way to other writers. The copy itself is a stand-in
+    here (the test driver has no volume streams); the lab tests copy real disks."""
+    from migrations_app.journal import Journal
+    from migrations_app.modes import cold
+
+    job = make_job(mode="cold")
+    job.vm.disks = [{"device": "disk", "source": "/pool/web1.qcow2"}]
+    job.vm.save()
+    run = jobrun.JobRun(job, "w:1")
+    copied, waits, written = threading.Event(), [], []
+
+    def copy_volume(src, dst, path, progress, should_stop):
+        for done in (1, 2, 3):
+            progress(done * 1024, 4096)
+            time.sleep(0.02)
+        copied.wait(5)
+
+    def poll_seconds():
+        waits.append(True)
+        if len(waits) >= 3:
+            copied.set()
+        return 0.01
+
+    def progress(fields, optional=False, **kwargs):
+        written.append((fields["phase"], optional))
+
+    monkeypatch.setattr(cold.hv, "create_copy_volume", lambda src, dst, path: None)
+    monkeypatch.setattr(cold.hv, "copy_volume", copy_volume)
+    monkeypatch.setattr(run, "poll_seconds", poll_seconds)
+    monkeypatch.setattr(run, "progress", progress)
+    src = SimpleNamespace(volume_at=lambda path: {"physical": 4096})
+    dst = SimpleNamespace(call=lambda what, fn: fn(None))
+    cold.copy_disks(run, Journal(job.pk), src, dst)
+    assert len(waits) >= 3
+    assert written[:-1] and all(optional for _phase, optional in written[:-1])  # the samples
+    assert written[-1] == ("disk copy", False)  # the copy's end is always written
 
 
 @pytest.mark.django_db(transaction=True)  # outside a transaction, as in a worker
