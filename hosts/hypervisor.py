@@ -873,8 +873,9 @@ class HostConnection:
 
     def watch_migration_passes(self, uuid, callback, timeout=None):
         """Call ``callback(iteration)`` each time a migration of domain ``uuid`` begins
-        another pass over memory (libvirt's migration-iteration event, from QEMU's
-        MIGRATION_PASS: iteration 2 onwards). Returns the handle for unwatch().
+        a pass over memory (libvirt's migration-iteration event, from QEMU's
+        MIGRATION_PASS: iteration 1 as the stream starts, once QEMU runs on the target,
+        then each further pass). Returns the handle for unwatch().
 
         It runs on libvirt's event loop thread (ensure_event_loop), which also answers
         the keepalives of every connection: it must return at once. An exception in it
