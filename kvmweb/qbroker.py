@@ -14,14 +14,31 @@ same conditional UPDATE.
 
 Settings: Q_CLUSTER["broker_class"] = "kvmweb.qbroker.WakeableORM".
 
+One task per free worker (``ONE_PER_WORKER`` queues: migrations). django-q2's pusher
+takes every task it can get and queues it locally for its cluster's workers: woken
+together, one cluster's pusher took five of eight migrations queued at once while the
+other cluster had idle workers, and the fifth waited for a whole migration on a busy
+worker (benchmarks/concurrent_migrations.py, two clusters of four: 8 jobs on 7 worker
+processes, pickup up to 2.8 s; a long migration would hold it until reconcile's lost-
+message check queued it again, ~20 s). Here such a queue's pusher takes a task only
+while a worker of its own cluster is free: each worker marks the task it runs in a file
+of its own, ``<data dir>/qbusy/<queue>.<cluster pid>.<worker pid>`` (its start count,
+under an exclusive flock held while it runs: ``working``), and the pusher counts its
+cluster's workers (same parent process) that hold one, plus the tasks it handed out that
+no worker has started yet. A worker killed mid-task lets go of its flock with its
+process. A worker that ends a task wakes the pusher.
+
 The same wake-up serves other loops that would poll the database: ``Listener(name)``
 binds ``<data dir>/qwake/<name>.<pid>`` once per process and ``wake(name)`` reaches it
 (the batch scheduler, woken when a job ends: migrations_app/lifecycle.py ENDED).
 """
 
+import fcntl
 import os
 import select
 import socket
+import time
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.db import transaction
@@ -30,6 +47,12 @@ from django_q.brokers.orm import ORM
 from django_q.conf import Conf
 
 WAKE_DIR = "qwake"
+BUSY_DIR = "qbusy"
+# Queues whose tasks run long: their pushers take a task only for a free worker.
+ONE_PER_WORKER = ("migrations",)
+# The longest a pusher waits for a worker to start the task it handed out before it looks
+# at its workers again (a worker that took it starts within milliseconds).
+START_WAIT_SECONDS = 0.5
 
 
 def wake_dir():
@@ -127,9 +150,118 @@ class Listener:
         return bool(readable)
 
 
+def busy_dir():
+    return os.path.join(str(settings.DATA_DIR), BUSY_DIR)
+
+
+def cluster_id():
+    """The cluster a pusher or worker process belongs to: its parent (django-q2's
+    sentinel forks both)."""
+    return os.getppid()
+
+
+_marks = {}  # <busy dir>/<queue> -> (pid, fd, start count) of this worker process's busy file
+
+
+@contextmanager
+def working(queue):
+    """Around one task of ``queue`` in a worker process of a cluster: its busy file holds
+    this worker's start count under an exclusive flock while the task runs (module
+    docstring); the queue's pusher is woken once it ends. Nothing for a queue that is not
+    ONE_PER_WORKER. Best effort: without a file the pusher's wait for the task to start
+    runs out, and it goes on as django-q2's would."""
+    if queue not in ONE_PER_WORKER:
+        yield
+        return
+    key = os.path.join(busy_dir(), queue)
+    pid, fd, count = _marks.get(key, (None, None, 0))
+    if pid != os.getpid():  # first task of this process (or a fork of its owner)
+        fd, count = None, 0
+        try:
+            os.makedirs(busy_dir(), mode=0o700, exist_ok=True)
+            fd = os.open(
+                os.path.join(busy_dir(), f"{queue}.{cluster_id()}.{os.getpid()}"),
+                os.O_RDWR | os.O_CREAT | os.O_TRUNC,
+                0o600,
+            )
+        except OSError:
+            fd = None
+    if fd is not None:
+        count += 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.pwrite(fd, str(count).encode(), 0)
+        except OSError:
+            pass
+    _marks[key] = (os.getpid(), fd, count)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        wake(queue)
+
+
+def workers_of(queue, cluster):
+    """(busy, started) of the cluster whose processes have parent ``cluster``: how many
+    of its workers run a task of ``queue`` now, and how many tasks they started in all
+    (workers gone included: their count stays in their file)."""
+    busy = started = 0
+    prefix = f"{queue}.{cluster}."
+    try:
+        names = [n for n in os.listdir(busy_dir()) if n.startswith(prefix)]
+    except OSError:
+        return 0, 0
+    for name in names:
+        try:
+            fd = os.open(os.path.join(busy_dir(), name), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                started += int(os.pread(fd, 32, 0) or b"0")
+            except ValueError:
+                pass
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy += 1
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return busy, started
+
+
+def _sweep(queue):
+    """Remove the busy files of clusters that are gone (their parent process ended): a
+    pusher starting looks once."""
+    try:
+        names = [n for n in os.listdir(busy_dir()) if n.startswith(f"{queue}.")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name.split(".")[-2]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(busy_dir(), name))
+            except OSError:
+                pass
+        except (ValueError, OSError):
+            pass  # not ours to judge (another user's process: PermissionError)
+
+
 class WakeableORM(ORM):
     """The ORM broker; ``enqueue`` wakes the queue's pushers, ``dequeue`` waits for a
-    wake-up or ``poll`` (the ORM broker sleeps ``poll``)."""
+    wake-up or ``poll`` (the ORM broker sleeps ``poll``), and for a ONE_PER_WORKER queue
+    takes a task only while a worker of its cluster is free (module docstring)."""
+
+    handed = 0  # tasks this pusher returned (ONE_PER_WORKER queues)
+    started_before = None  # its workers' start count when it began
 
     def enqueue(self, task):
         pk = super().enqueue(task)
@@ -140,16 +272,48 @@ class WakeableORM(ORM):
         return pk
 
     def dequeue(self):
-        # As ORM.dequeue (django-q2 1.11), with _wait instead of its sleep.
-        tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[0 : Conf.BULK]
+        # As ORM.dequeue (django-q2 1.11), with _wait instead of its sleep, and one task
+        # at a time for a free worker on a ONE_PER_WORKER queue.
+        free = self._free_workers()
+        if free is not None and free < 1:
+            self._wait(Conf.POLL)  # a worker that ends a task wakes it
+            return None
+        tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[
+            0 : Conf.BULK if free is None else 1
+        ]
         if tasks:
             task_list = []
             for task in tasks:
                 if self.get_connection().filter(id=task.id, lock=task.lock).update(lock=self.timeout(task)):
                     task_list.append((task.pk, task.payload))
                 # else another cluster was faster on that task
+            if free is not None:
+                self.handed += len(task_list)
             return task_list
         self._wait(Conf.POLL)
+
+    def _free_workers(self):
+        """How many of this pusher's cluster's workers are free, less the tasks it
+        handed out that none has started yet (waited for, briefly); None for a queue
+        whose pusher takes what it can (not ONE_PER_WORKER)."""
+        if self.list_key not in ONE_PER_WORKER:
+            return None
+        cluster = cluster_id()
+        if self.started_before is None:
+            _sweep(self.list_key)
+        busy, started = workers_of(self.list_key, cluster)
+        if self.started_before is None:
+            self.started_before = started
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while self.handed > started - self.started_before and time.monotonic() < deadline:
+            time.sleep(0.005)  # a worker is taking it from the local queue
+            busy, started = workers_of(self.list_key, cluster)
+        if self.handed > started - self.started_before:
+            # Not started within the wait: a worker killed as it took it (the claim's
+            # lost-message check sends it again). Forgotten, or it would hold a worker's
+            # place for good.
+            self.handed = started - self.started_before
+        return Conf.WORKERS - busy
 
     def _wait(self, seconds):
         # This process's wake-up socket for the queue, bound on first use (the pusher is

@@ -17,8 +17,9 @@ import time
 
 from django.conf import settings
 from django.db import connection
+from django_q.conf import Conf
 
-from kvmweb import workers
+from kvmweb import qbroker, workers
 from migrations_app import jobrun, reconcile, runner, windows
 from migrations_app.models import MigrationJob
 
@@ -45,6 +46,14 @@ def run_migration(job_id):
     queued as a task of its own (jobrun.queue_sync, as `migrate_vm --wait` does; another
     worker runs it) instead of run here before the next child could start (the moved
     VM's row is applied before the job ends)."""
+    # In a worker of the migrations cluster, marked busy while it runs: its pusher takes
+    # a task only for a free worker (kvmweb/qbroker.py ONE_PER_WORKER).
+    with qbroker.working(Conf.CLUSTER_NAME):
+        return _run_migration(job_id)
+
+
+def _run_migration(job_id):
+    """run_migration's body."""
     global _running
     _running += 1
     try:
