@@ -294,26 +294,29 @@ class WakeableORM(ORM):
 
     def _free_workers(self):
         """How many of this pusher's cluster's workers are free, less the tasks it
-        handed out that none has started yet (waited for, briefly); None for a queue
-        whose pusher takes what it can (not ONE_PER_WORKER)."""
+        handed out that none has started yet; None for a queue whose pusher takes what
+        it can (not ONE_PER_WORKER). When those tasks are all that fills the cluster, it
+        waits briefly for them to start, then forgets one that did not (a worker killed
+        as it took it: the lost-message check sends it again)."""
         if self.list_key not in ONE_PER_WORKER:
             return None
-        cluster = cluster_id()
         if self.started_before is None:
             _sweep(self.list_key)
-        busy, started = workers_of(self.list_key, cluster)
-        if self.started_before is None:
-            self.started_before = started
         deadline = time.monotonic() + START_WAIT_SECONDS
-        while self.handed > started - self.started_before and time.monotonic() < deadline:
-            time.sleep(0.005)  # a worker is taking it from the local queue
-            busy, started = workers_of(self.list_key, cluster)
-        if self.handed > started - self.started_before:
-            # Not started within the wait: a worker killed as it took it (the claim's
-            # lost-message check sends it again). Forgotten, or it would hold a worker's
-            # place for good.
-            self.handed = started - self.started_before
-        return Conf.WORKERS - busy
+        while True:
+            busy, started = workers_of(self.list_key, cluster_id())
+            if self.started_before is None or started - self.started_before > self.handed:
+                # First look, or started tasks another pusher of this cluster handed out
+                # (one that died and was replaced): count from here.
+                self.started_before = started - self.handed
+            waiting = self.handed - (started - self.started_before)
+            free = Conf.WORKERS - busy - waiting
+            if free >= 1 or not waiting:
+                return free
+            if time.monotonic() >= deadline:
+                self.handed -= waiting  # forgotten
+                return Conf.WORKERS - busy
+            time.sleep(0.005)  # a worker is taking one from the local queue
 
     def _wait(self, seconds):
         # This process's wake-up socket for the queue, bound on first use (the pusher is

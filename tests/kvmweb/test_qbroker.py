@@ -88,26 +88,30 @@ class Worker:
 
 
 def test_it_takes_a_migration_only_for_a_free_worker_of_its_own_cluster(data_dir, monkeypatch):
-    """Two workers: the pusher takes one task, waits for a worker to start it, takes the
-    second, and none while both run; one ending frees a place. Another queue's pusher
-    takes what it can, as django-q2's does."""
+    """Two workers: the pusher takes two tasks, none while both run (or are about to
+    start one it handed out: it waits for that start), and one as soon as one ends.
+    Another queue's pusher takes what it can, as django-q2's does."""
     monkeypatch.setattr(qbroker.Conf, "WORKERS", 2)
     monkeypatch.setattr(qbroker.Conf, "POLL", 0.01)
     pusher = qbroker.WakeableORM("migrations")
-    for n in range(3):
+    for n in range(4):
         pusher.enqueue(f"job {n}")
     first, second = Worker(data_dir, 101), Worker(data_dir, 102)
     assert [p for _pk, p in pusher.dequeue()] == ["job 0"]
-    threading.Timer(0.2, first.start).start()  # a worker takes it from the local queue
-    t0 = time.monotonic()
-    assert [p for _pk, p in pusher.dequeue()] == ["job 1"]  # once it started
-    assert time.monotonic() - t0 >= 0.15
+    assert [p for _pk, p in pusher.dequeue()] == ["job 1"]  # a second worker is free
+    first.start()
     second.start()
-    assert pusher.dequeue() is None  # both run: the third waits in the table
+    assert pusher.dequeue() is None  # both run: the others wait in the table
     assert qbroker.workers_of("migrations", qbroker.cluster_id()) == (2, 2)
     assert qbroker.workers_of("migrations", qbroker.cluster_id() + 1) == (0, 0)  # another cluster's
     first.end()
     assert [p for _pk, p in pusher.dequeue()] == ["job 2"]
+    threading.Timer(0.2, first.start).start()  # a worker takes job 2 from the local queue
+    t0 = time.monotonic()
+    assert pusher.dequeue() is None  # full once job 2 starts: it waited for that start
+    assert time.monotonic() - t0 >= 0.15
+    second.end()
+    assert [p for _pk, p in pusher.dequeue()] == ["job 3"]
 
     other = qbroker.WakeableORM("other-test")
     for n in range(3):
