@@ -401,6 +401,28 @@ def primed(cluster):
     p.close()
 
 
+BUSY = (
+    "import json, os; from kvmweb import qbroker; print(json.dumps({c: qbroker.workers_of('migrations', "
+    "int(c))[0] for c in {n.split('.')[1] for n in os.listdir(qbroker.busy_dir()) if n.startswith('migrations.')}}))"
+)
+
+
+def _parent(pid):
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # gone
+
+
+def _busy_workers(cluster, primed):
+    """How many workers of this cluster's qcluster run a migration now, as its pusher
+    counts them (the busy files of its sentinel, the qcluster process's child)."""
+    busy = json.loads(primed.python(BUSY).strip().splitlines()[-1])
+    mine = [n for c, n in busy.items() if _parent(int(c)) == cluster.proc.pid]
+    assert len(mine) == 1, (busy, cluster.proc.pid)
+    return mine[0]
+
+
 def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest, primed):
     guest = lab_guest("mj-cancel", **LONG)
     _sync_cli(cluster, "lab-a")
@@ -408,6 +430,10 @@ def test_it_cancels_a_running_migration_within_two_seconds(cluster, lab_guest, p
     # cancel arrives; the cancel ends it, so the slow cap costs nothing.
     job_id = cluster.migrate(guest, "lab-b", "--mode", "live", "--bandwidth", "4")
     cluster.wait(job_id, _running, STARTED, "running with progress")
+    # Its worker marks the task it runs under its own cluster (the qcluster's sentinel):
+    # that cluster's pusher takes another migration only for a free worker
+    # (kvmweb/qbroker.py ONE_PER_WORKER).
+    assert _busy_workers(cluster, primed) == 1
     primed.manage("migration_job", job_id, "cancel")
     job = cluster.wait(job_id, _ended, ENDED, "final")
     assert job["status"] == "cancelled", job
